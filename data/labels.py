@@ -1,0 +1,85 @@
+"""Label vocabularies: AudioSet MIDs, class names, and the ontology.
+
+A `Vocabulary` is the ordered list of classes a dataset, a cache and a head agree on. Keys are
+stable identifiers (AudioSet MIDs such as ``/m/09x0r``, or class names for ESC-50 and folder
+datasets); names are what a person reads.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+
+class LabelError(ValueError):
+    """A label that is not in the vocabulary, or a malformed label field."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    keys: tuple[str, ...]
+    names: tuple[str, ...]
+
+    def __post_init__(self):
+        if len(self.keys) != len(self.names):
+            raise LabelError(f"{len(self.keys)} keys but {len(self.names)} names")
+        if len(set(self.keys)) != len(self.keys):
+            raise LabelError("vocabulary keys are not unique")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def _positions(self) -> dict[str, int]:
+        # frozen dataclass: cache the lookup table on first use
+        table = self.__dict__.get("_table")
+        if table is None:
+            table = {k: i for i, k in enumerate(self.keys)}
+            object.__setattr__(self, "_table", table)
+        return table
+
+    def index(self, key: str) -> int:
+        try:
+            return self._positions[key.strip()]
+        except KeyError:
+            raise LabelError(f"unknown label {key.strip()!r} (not among the {len(self)} classes)") from None
+
+    def parse(self, text: str, sep: str = ",") -> tuple[int, ...]:
+        """`"/m/09x0r,/m/05zppz"` -> sorted unique indices. Empty text gives no labels."""
+        parts = [p.strip() for p in text.split(sep)]
+        return tuple(sorted({self.index(p) for p in parts if p}))
+
+    def to_json(self) -> str:
+        return json.dumps({"keys": list(self.keys), "names": list(self.names)})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Vocabulary":
+        d = json.loads(text)
+        return cls(tuple(d["keys"]), tuple(d["names"]))
+
+    @classmethod
+    def from_names(cls, names) -> "Vocabulary":
+        names = tuple(names)
+        return cls(names, names)
+
+
+def _package_file(name: str):
+    return resources.files("wat.data").joinpath("audioset", name)
+
+
+@lru_cache(maxsize=1)
+def audioset_vocabulary() -> Vocabulary:
+    """The 527 AudioSet evaluation classes in their conventional order."""
+    with _package_file("class_labels_indices.csv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    rows.sort(key=lambda r: int(r["index"]))
+    return Vocabulary(tuple(r["mid"] for r in rows), tuple(r["display_name"] for r in rows))
+
+
+@lru_cache(maxsize=1)
+def audioset_ontology() -> dict[str, dict]:
+    """AudioSet ontology nodes by id (CC BY-SA 4.0, Google; see audioset/README.md)."""
+    with _package_file("ontology.json").open(encoding="utf-8") as f:
+        return {node["id"]: node for node in json.load(f)}
