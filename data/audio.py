@@ -1,0 +1,201 @@
+"""Audio decoding: any common file -> float32 mono at 16 kHz, or a typed `AudioError`.
+
+soundfile (libsndfile) reads wav/flac/ogg and can read just the frames a segment needs; PyAV
+(ffmpeg's libraries, in-process) reads everything else (mp3, m4a, opus, webm...) and is the
+fallback when libsndfile refuses a file. Resampling is soxr's high-quality mode.
+
+Every way a file can be unusable (missing, empty, truncated, corrupt, no channels, NaN/inf samples,
+absurdly long, silent, offset past the end) raises `AudioError`, so a run over a whole dataset
+records the clip and goes on.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+SAMPLE_RATE = 16_000
+# libsndfile handles these natively (and can seek to a segment without decoding what precedes it)
+SEEK_PREROLL = 0.5  # seconds decoded and dropped before a PyAV segment
+SOUNDFILE_EXTS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".au", ".w64", ".rf64", ".caf"}
+
+
+class AudioError(Exception):
+    """A file that cannot give usable audio; `reason` is short and stable enough to count by."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def load_audio(path, *, sample_rate: int = SAMPLE_RATE, offset: float = 0.0, duration: float | None = None,
+               max_seconds: float = 4 * 3600) -> np.ndarray:
+    """Decode `duration` seconds (None = to the end) from `offset` of `path` as float32 mono at `sample_rate`.
+
+    `max_seconds` bounds the span to decode; it is checked against the file header before decoding
+    so a corrupt or enormous file cannot exhaust memory.
+    """
+    path = str(path)
+    if offset < 0 or (duration is not None and duration <= 0):
+        raise AudioError(path, f"bad segment: offset={offset} duration={duration}")
+    if not os.path.isfile(path):
+        raise AudioError(path, "file not found")
+    if os.path.getsize(path) == 0:
+        raise AudioError(path, "empty file (0 bytes)")
+
+    if Path(path).suffix.lower() in SOUNDFILE_EXTS:
+        try:
+            audio, rate = _read_soundfile(path, offset, duration, max_seconds)
+        except sf.LibsndfileError as e:
+            sf_reason = _sf_reason(e)
+            if sf_reason.startswith("no audio channels"):
+                raise AudioError(path, sf_reason) from None
+            # libsndfile refused the container; ffmpeg knows more formats (e.g. a wav holding mp3)
+            try:
+                audio, rate = _read_av(path, offset, duration, max_seconds)
+            except AudioError as av_err:
+                raise AudioError(path, f"{sf_reason}; {av_err.reason}") from None
+    else:
+        audio, rate = _read_av(path, offset, duration, max_seconds)
+
+    if audio.shape[0] == 0 or audio.shape[1] == 0:
+        raise AudioError(path, "no samples decoded" if audio.shape[1] else "no audio channels")
+    if not np.isfinite(audio).all():
+        raise AudioError(path, "non-finite samples (NaN or inf)")
+    mono = audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0]
+    if not np.any(mono):
+        raise AudioError(path, "silent (all samples are zero)")
+    if rate != sample_rate:
+        mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def fit_length(audio: np.ndarray, n_samples: int) -> np.ndarray:
+    """Zero-pad or trim the end so that `len(audio) == n_samples`."""
+    if len(audio) >= n_samples:
+        return audio[:n_samples]
+    return np.pad(audio, (0, n_samples - len(audio)))
+
+
+def _span(path, rate: float, total: int | None, offset: float, duration: float | None, max_seconds: float):
+    """(first frame, frame count or None) of the requested segment, checked against the file length."""
+    start = int(round(offset * rate))
+    if total is not None:
+        if total == 0:
+            raise AudioError(path, "empty (0 samples)")
+        if start >= total:
+            raise AudioError(path, f"offset {offset:g}s is past the end ({total / rate:.3f}s)")
+        avail = total - start
+        count = avail if duration is None else min(avail, int(round(duration * rate)))
+    else:
+        count = None if duration is None else int(round(duration * rate))
+    if count is not None and count > max_seconds * rate:
+        raise AudioError(path, f"too long: {count / rate:.0f}s to decode exceeds max_seconds={max_seconds:g}")
+    return start, count
+
+
+def _read_soundfile(path, offset, duration, max_seconds):
+    with sf.SoundFile(path) as f:
+        if f.channels <= 0:
+            raise AudioError(path, "no audio channels")
+        if f.format in ("WAV", "WAVEX"):
+            _check_wav_length(path)
+        start, count = _span(path, f.samplerate, f.frames, offset, duration, max_seconds)
+        if start:
+            f.seek(start)
+        audio = f.read(count, dtype="float32", always_2d=True)
+        if len(audio) < count:
+            raise AudioError(path, f"truncated: read {len(audio)} of {count} frames")
+        return audio, f.samplerate
+
+
+def _check_wav_length(path) -> None:
+    """libsndfile silently shortens a WAV whose data chunk runs past the end of the file: refuse it."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if f.read(4) != b"RIFF" or (f.seek(8), f.read(4))[1] != b"WAVE":
+            return  # RF64 and friends: leave to libsndfile
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            tag, length = struct.unpack("<4sI", f.read(8))
+            if tag == b"data":
+                # 0 and 0xFFFFFFFF mean "unknown" (streamed output): not a truncation
+                if length not in (0, 0xFFFFFFFF) and pos + 8 + length > size:
+                    raise AudioError(path, f"truncated: data chunk declares {length} bytes, file holds {size - pos - 8}")
+                return
+            pos += 8 + length + (length & 1)
+
+
+def _sf_reason(err: sf.LibsndfileError) -> str:
+    text = str(err.error_string if hasattr(err, "error_string") else err).strip()
+    if "Channel count is zero" in text:
+        return "no audio channels"
+    if "not a regular file" in text or "Format not recognised" in text:
+        return "not a recognised audio file"
+    return f"corrupt or unsupported ({text})"
+
+
+def _read_av(path, offset, duration, max_seconds):
+    import av  # imported on demand: most datasets are wav/flac
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise AudioError(path, "no audio stream")
+            stream = container.streams.audio[0]
+            rate = stream.codec_context.sample_rate or stream.rate
+            channels = stream.codec_context.channels
+            if not rate:
+                raise AudioError(path, "no sample rate in header")
+            if channels == 0:
+                raise AudioError(path, "no audio channels")
+            total = None
+            if stream.duration is not None and stream.time_base is not None:
+                total = int(stream.duration * stream.time_base * rate)
+            elif container.duration is not None:
+                total = int(container.duration / av.time_base * rate)
+            start, count = _span(path, rate, total or None, offset, duration, max_seconds)
+            limit = count if count is not None else int(max_seconds * rate) + 1
+            if offset > SEEK_PREROLL:
+                # lands on a packet at or before the target; the pre-roll lets decoders that carry state
+                # across frames (mp3 bit reservoir, AAC overlap) settle; the exact sample is cut below
+                container.seek(int((offset - SEEK_PREROLL) / stream.time_base), stream=stream, backward=True)
+            t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+            to_float = av.AudioResampler(format="fltp")  # keeps rate and layout; gives [channels, n] float32
+            chunks, have, pos = [], 0, None
+            for frame in container.decode(stream):
+                if pos is None:
+                    pos = max(0, int(round(((t0 if frame.time is None else frame.time) - t0) * rate)))
+                converted = [f.to_ndarray() for f in to_float.resample(frame)]
+                if not converted:
+                    continue
+                data = np.concatenate(converted, axis=1)
+                skip = max(0, start - pos)
+                pos += data.shape[1]
+                if skip >= data.shape[1]:
+                    continue
+                data = data[:, skip:]
+                chunks.append(np.asarray(data, dtype=np.float32))
+                have += data.shape[1]
+                if have >= limit:
+                    break
+    except AudioError:
+        raise
+    except Exception as e:  # PyAV raises many types (FFmpegError, ValueError, OSError...): all mean "unreadable"
+        raise AudioError(path, f"cannot decode ({type(e).__name__}: {e})") from None
+    if count is None and have > max_seconds * rate:
+        raise AudioError(path, f"too long: more than max_seconds={max_seconds:g} decoded")
+    if not chunks:
+        if total is None and offset > 0:
+            raise AudioError(path, f"offset {offset:g}s is past the end")
+        raise AudioError(path, "empty (0 samples)")
+    audio = np.concatenate(chunks, axis=1)
+    if count is not None:
+        audio = audio[:, :count]
+    return audio.T, rate
