@@ -83,3 +83,43 @@ def audioset_ontology() -> dict[str, dict]:
     """AudioSet ontology nodes by id (CC BY-SA 4.0, Google; see audioset/README.md)."""
     with _package_file("ontology.json").open(encoding="utf-8") as f:
         return {node["id"]: node for node in json.load(f)}
+
+
+def parent_labels(vocab: Vocabulary) -> tuple[Vocabulary, list[tuple[int, ...]]]:
+    """Extend `vocab` with the ontology ancestors of its classes.
+
+    Returns the extended vocabulary (the original classes in their order, then every ancestor not
+    already a class, in ontology-file order, abstract ones included) and, per original class, the
+    sorted extended indices of all nodes above it. Keys that are not ontology nodes (ESC-50 names,
+    folder classes) have no ancestors. Training on the 527 AudioSet classes plus these ancestors is
+    the Whisper-AT seed's parent-label trick; evaluation stays on the original classes.
+    """
+    ontology = audioset_ontology()
+    parents: dict[str, list[str]] = {}
+    for node in ontology.values():
+        for child in node["child_ids"]:
+            parents.setdefault(child, []).append(node["id"])
+
+    def above(mid: str) -> set[str]:
+        seen, stack = set(), [mid]
+        while stack:
+            for p in parents.get(stack.pop(), ()):
+                if p not in seen:
+                    seen.add(p)
+                    stack.append(p)
+        return seen
+
+    per_class = [above(k) for k in vocab.keys]
+    known = set(vocab.keys)
+    wanted = set().union(*per_class) - known
+    extra = [mid for mid in ontology if mid in wanted]
+    extended = Vocabulary(vocab.keys + tuple(extra), vocab.names + tuple(ontology[m]["name"] for m in extra))
+    return extended, [tuple(sorted(extended.index(m) for m in a)) for a in per_class]
+
+
+def expand_labels(labels, ancestors: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """A clip's label indices plus the indices of all their ancestors (sorted, unique)."""
+    out = set(labels)
+    for i in labels:
+        out.update(ancestors[i])
+    return tuple(sorted(out))
