@@ -1,0 +1,531 @@
+"""The feature cache: HDF5 shards plus one index file. This module owns the schema.
+
+A cache is a folder of shards (each a contiguous slice of the sorted clip list, written by
+`write_shard`) and an index file (`feats.h5`, written by `build_index`) that users pass around.
+
+Shard file (`shard-00000.h5`), N clips, L layers, T pooled frames, D dims, C classes:
+
+    =============== ======== ============ ============================== ===========================
+    dataset         dtype    shape        chunks                         notes
+    =============== ======== ============ ============================== ===========================
+    ids             utf-8    [N]          -                              variable-length strings
+    features        f16      [N, L, T, D] (k, L, T, D), k = 1..4         k*record ~ <= 1 MiB
+    mean            f16      [N, L, D]    (min(256, N), 1, D)            time mean, computed in fp32
+    label_indptr    int32    [N + 1]      -                              CSR: clip i has labels
+    label_indices   int32    [nnz]        -                              indices[indptr[i]:indptr[i+1]]
+    fold            int16    [N]          -                              -1 = no fold
+    duration        f32      [N]          -                              seconds of real audio
+    =============== ======== ============ ============================== ===========================
+
+    No compression: fp16 activations gain only ~1.1x from gzip+shuffle and reads get slower.
+
+Attributes (shard and index alike): `schema_version`, `kind` ("shard" | "index"), `model`,
+`fingerprint`, `n_layers`, `n_frames`, `dim`, `policy`, `pooling`, `sample_rate`, `clip_seconds`,
+`vocab` (Vocabulary JSON), `multilabel`, `dataset`, `versions` (JSON); shards also `n_clips` and
+`digest` (sha256 of the ids and the meta, so a shard swapped for another is detected).
+
+Index file (`feats.h5`): `features` and `mean` are HDF5 virtual datasets over the shards with
+source paths relative to the index's folder (HDF5 resolves them there, so the folder can be moved;
+missing sources read as NaN, never zeros); `ids`, `label_indptr`, `label_indices`, `fold`,
+`duration` are copied in; `shard_paths` (utf-8, relative), `shard_rows` (int64) and `shard_digests`
+(utf-8) record the shards. `open_cache` checks every shard against these records before any read,
+and `Cache.read` reads the shards directly, so a VDS fill value can never reach a caller.
+
+Atomicity: every file is written as `NAME.partial`, flushed, fsynced, closed and `os.replace`d onto
+NAME (then the folder is fsynced): a file with the final name is always whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .labels import LabelError, Vocabulary
+
+SCHEMA_VERSION = 1
+FIELDS = ("features", "mean")
+_META_KEYS = ("model", "fingerprint", "n_layers", "n_frames", "dim", "policy", "pooling",
+              "sample_rate", "clip_seconds", "multilabel", "dataset")
+_STR = h5py.string_dtype("utf-8")
+
+
+class CacheError(Exception):
+    """A cache that cannot be used as asked: missing/partial/mismatched shard, bad schema, bad input."""
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    model: str
+    fingerprint: str
+    n_layers: int
+    n_frames: int
+    dim: int
+    policy: str          # "pad30" | "trim"
+    pooling: str         # e.g. "mean:25"
+    sample_rate: int
+    clip_seconds: float
+    vocab: Vocabulary
+    multilabel: bool
+    dataset: str
+    versions: dict = field(default_factory=dict)  # package versions, informative only
+
+    def to_attrs(self) -> dict:
+        d = {k: getattr(self, k) for k in _META_KEYS}
+        d.update(schema_version=SCHEMA_VERSION, vocab=self.vocab.to_json(),
+                 versions=json.dumps(self.versions, sort_keys=True))
+        return d
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "CacheMeta":
+        try:
+            version = int(attrs["schema_version"])
+        except KeyError:
+            raise CacheError("not a wat cache file: attribute 'schema_version' missing") from None
+        if version != SCHEMA_VERSION:
+            raise CacheError(f"schema version {version}, this wat reads version {SCHEMA_VERSION}")
+        try:
+            return cls(model=_s(attrs["model"]), fingerprint=_s(attrs["fingerprint"]),
+                       n_layers=int(attrs["n_layers"]), n_frames=int(attrs["n_frames"]),
+                       dim=int(attrs["dim"]), policy=_s(attrs["policy"]), pooling=_s(attrs["pooling"]),
+                       sample_rate=int(attrs["sample_rate"]), clip_seconds=float(attrs["clip_seconds"]),
+                       vocab=Vocabulary.from_json(_s(attrs["vocab"])), multilabel=bool(attrs["multilabel"]),
+                       dataset=_s(attrs["dataset"]), versions=json.loads(_s(attrs.get("versions", "{}"))))
+        except KeyError as e:
+            raise CacheError(f"not a wat cache file: attribute {e.args[0]!r} missing") from None
+        except (ValueError, LabelError) as e:
+            raise CacheError(f"unreadable cache attributes: {e}") from None
+
+    def incompatibilities(self, other: "CacheMeta") -> list[str]:
+        """What makes features of `other` unusable next to ours (model name/versions don't count)."""
+        out = [f"{k}: {getattr(self, k)!r} != {getattr(other, k)!r}"
+               for k in ("fingerprint", "policy", "pooling", "n_layers", "n_frames", "dim",
+                         "sample_rate", "multilabel")
+               if getattr(self, k) != getattr(other, k)]
+        if self.vocab != other.vocab:
+            out.append(f"vocab: {len(self.vocab)} classes != {len(other.vocab)} classes"
+                       if len(self.vocab) != len(other.vocab) else "vocab: different classes")
+        return out
+
+    def digest(self) -> str:
+        """Hash of everything that matters for compatibility (not model name/versions)."""
+        d = asdict(self)
+        d.pop("versions"), d.pop("model")
+        d["vocab"] = self.vocab.to_json()
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def _s(v) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def shard_path(shard_dir, i: int) -> Path:
+    return Path(shard_dir) / f"shard-{i:05d}.h5"
+
+
+def _digest(ids, meta: CacheMeta) -> str:
+    h = hashlib.sha256(meta.digest().encode())
+    for s in ids:
+        h.update(s.encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def _features_chunks(shape) -> tuple:
+    n, l, t, d = shape
+    k = max(1, min(4, (1 << 20) // max(1, l * t * d * 2)))  # ~<=1 MiB chunks: one record for large
+    return (max(1, min(k, n)), l, t, d)
+
+
+def _atomic_h5(path: Path):
+    """Context manager: yields an h5py.File on PATH.partial, renames it onto PATH when whole."""
+    class _Writer:
+        def __enter__(self):
+            self.tmp = path.with_name(path.name + ".partial")
+            self.f = h5py.File(self.tmp, "w")
+            return self.f
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc_type is not None:
+                self.f.close()
+                self.tmp.unlink(missing_ok=True)
+                return False
+            self.f.flush()
+            self.f.close()
+            fd = os.open(self.tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(self.tmp, path)
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            return False
+    return _Writer()
+
+
+def _csr(labels, n_classes: int):
+    indptr = np.zeros(len(labels) + 1, np.int64)
+    flat = []
+    for i, lab in enumerate(labels):
+        lab = [int(x) for x in lab]
+        if any(x < 0 or x >= n_classes for x in lab):
+            raise CacheError(f"clip {i}: label out of range 0..{n_classes - 1}: {lab}")
+        flat.extend(lab)
+        indptr[i + 1] = len(flat)
+    if indptr[-1] >= 2**31:
+        raise CacheError("too many labels for int32 CSR")
+    return indptr.astype(np.int32), np.asarray(flat, np.int32)
+
+
+def write_shard(path, meta: CacheMeta, ids, features, labels, folds=None, durations=None, mean=None) -> None:
+    """Write one shard atomically. features [N, L, T, D] any float (stored f16); labels: index tuples."""
+    path = Path(path)
+    ids = [str(i) for i in ids]
+    n = len(ids)
+    features = np.asarray(features)
+    want = (n, meta.n_layers, meta.n_frames, meta.dim)
+    if features.shape != want:
+        raise CacheError(f"{path}: features shape {features.shape}, meta says {want}")
+    if n == 0:
+        raise CacheError(f"{path}: empty shard")
+    if len(set(ids)) != n:
+        raise CacheError(f"{path}: duplicate ids in shard")
+    if len(labels) != n:
+        raise CacheError(f"{path}: {len(labels)} label rows for {n} clips")
+    if mean is None:
+        mean = features.astype(np.float32).mean(axis=2)
+    mean = np.asarray(mean)
+    if mean.shape != (n, meta.n_layers, meta.dim):
+        raise CacheError(f"{path}: mean shape {mean.shape}, expected {(n, meta.n_layers, meta.dim)}")
+    indptr, indices = _csr(labels, len(meta.vocab))
+    folds = np.full(n, -1, np.int16) if folds is None else np.asarray(folds, np.int16)
+    durations = np.full(n, meta.clip_seconds, np.float32) if durations is None else np.asarray(durations, np.float32)
+    if folds.shape != (n,) or durations.shape != (n,):
+        raise CacheError(f"{path}: folds/durations must have {n} entries")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_h5(path) as f:
+        f.attrs.update(meta.to_attrs())
+        f.attrs.update(kind="shard", n_clips=n, digest=_digest(ids, meta))
+        f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
+        f.create_dataset("features", data=features.astype(np.float16, copy=False),
+                         chunks=_features_chunks(features.shape))
+        f.create_dataset("mean", data=mean.astype(np.float16),
+                         chunks=(min(256, n), 1, meta.dim))
+        f.create_dataset("label_indptr", data=indptr)
+        f.create_dataset("label_indices", data=indices)
+        f.create_dataset("fold", data=folds)
+        f.create_dataset("duration", data=durations)
+
+
+def _open_h5(path) -> h5py.File:
+    path = Path(path)
+    if path.name.endswith(".partial"):
+        raise CacheError(f"{path}: unfinished file (.partial), not a shard")
+    if not path.is_file():
+        raise CacheError(f"{path}: file missing")
+    try:
+        # default locking: HDF5 refuses a second open of one file with other locking flags (a VDS read
+        # opens the shards itself). On network filesystems set HDF5_USE_FILE_LOCKING=FALSE instead.
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise CacheError(f"{path}: unreadable HDF5 file ({e})") from None
+
+
+def _shard_record(path: Path) -> tuple[CacheMeta, int, str]:
+    with _open_h5(path) as f:
+        if _s(f.attrs.get("kind", "")) != "shard":
+            raise CacheError(f"{path}: not a shard file")
+        try:
+            meta = CacheMeta.from_attrs(f.attrs)
+        except CacheError as e:
+            raise CacheError(f"{path}: {e}") from None
+        return meta, int(f.attrs["n_clips"]), _s(f.attrs["digest"])
+
+
+def build_index(index_path, shard_paths) -> None:
+    """Write the index file over the given shards (in that order), atomically."""
+    index_path = Path(index_path)
+    root = index_path.parent.resolve()
+    shard_paths = [Path(p) for p in shard_paths]
+    if not shard_paths:
+        raise CacheError(f"{index_path}: no shards to index")
+    records = [_shard_record(p) for p in shard_paths]
+    meta = records[0][0]
+    for p, (m, _, _) in zip(shard_paths, records):
+        bad = meta.incompatibilities(m)
+        if bad:
+            raise CacheError(f"{p}: incompatible with {shard_paths[0]}: {'; '.join(bad)}")
+    rel = [os.path.relpath(p.resolve(), root) for p in shard_paths]
+    rows = [r[1] for r in records]
+    n = sum(rows)
+    L, T, D = meta.n_layers, meta.n_frames, meta.dim
+    ids, indptr, indices, folds, durs = [], [np.zeros(1, np.int64)], [], [], []
+    offset = 0
+    for p in shard_paths:
+        with _open_h5(p) as f:
+            ids.extend(f["ids"].asstr()[:])
+            ip = f["label_indptr"][:].astype(np.int64)
+            indptr.append(ip[1:] + offset)
+            offset += int(ip[-1])
+            indices.append(f["label_indices"][:])
+            folds.append(f["fold"][:])
+            durs.append(f["duration"][:])
+    if len(set(ids)) != len(ids):
+        raise CacheError(f"{index_path}: clip ids repeat across shards")
+    layouts = {"features": h5py.VirtualLayout((n, L, T, D), np.float16),
+               "mean": h5py.VirtualLayout((n, L, D), np.float16)}
+    start = 0
+    for r, k in zip(rel, rows):
+        for name, lay in layouts.items():
+            lay[start:start + k] = h5py.VirtualSource(r, name, shape=(k,) + lay.shape[1:], dtype=np.float16)
+        start += k
+    with _atomic_h5(index_path) as f:
+        f.attrs.update(meta.to_attrs())
+        f.attrs.update(kind="index", n_clips=n)
+        for name, lay in layouts.items():
+            f.create_virtual_dataset(name, lay, fillvalue=np.float16(np.nan))  # missing source -> NaN, not 0
+        f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
+        f.create_dataset("label_indptr", data=np.concatenate(indptr).astype(np.int32))
+        f.create_dataset("label_indices", data=np.concatenate(indices).astype(np.int32))
+        f.create_dataset("fold", data=np.concatenate(folds).astype(np.int16))
+        f.create_dataset("duration", data=np.concatenate(durs).astype(np.float32))
+        f.create_dataset("shard_paths", data=np.array(rel, dtype=object), dtype=_STR)
+        f.create_dataset("shard_rows", data=np.asarray(rows, np.int64))
+        f.create_dataset("shard_digests", data=np.array([r[2] for r in records], dtype=object), dtype=_STR)
+
+
+# Open read-only files, per process: h5py handles never cross a fork or a pickle.
+_HANDLES: dict[str, tuple[int, h5py.File]] = {}
+
+
+def _handle(path: str) -> h5py.File:
+    entry = _HANDLES.get(path)
+    if entry is None or entry[0] != os.getpid() or not entry[1].id.valid:
+        _HANDLES[path] = entry = (os.getpid(), _open_h5(path))
+    return entry[1]
+
+
+def _forget(path: str) -> None:
+    entry = _HANDLES.pop(path, None)
+    if entry is not None and entry[0] == os.getpid() and entry[1].id.valid:
+        entry[1].close()
+
+
+class Cache:
+    """An opened, validated cache. Picklable: it holds paths, and files are opened per process."""
+
+    def __init__(self, path, meta, ids, label_indptr, label_indices, folds, durations, shards):
+        self.path = Path(path)
+        self.meta: CacheMeta = meta
+        self.ids: np.ndarray = ids
+        self._indptr, self._indices = label_indptr, label_indices
+        self.folds: np.ndarray = folds
+        self.durations: np.ndarray = durations
+        self.shards: list[tuple[Path, int, int]] = shards  # (path, start, stop)
+        self._starts = np.array([s[1] for s in shards], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"Cache({str(self.path)!r}, {len(self)} clips, {len(self.shards)} shards)"
+
+    @property
+    def labels(self) -> list[tuple[int, ...]]:
+        ip, ix = self._indptr, self._indices
+        return [tuple(int(x) for x in ix[ip[i]:ip[i + 1]]) for i in range(len(self))]
+
+    def label_matrix(self) -> np.ndarray:
+        y = np.zeros((len(self), len(self.meta.vocab)), bool)
+        rows = np.repeat(np.arange(len(self)), np.diff(self._indptr))
+        y[rows, self._indices] = True
+        return y
+
+    def shape(self, field: str) -> tuple[int, ...]:
+        m = self.meta
+        per = {"features": (m.n_layers, m.n_frames, m.dim), "mean": (m.n_layers, m.dim)}
+        if field not in per:
+            raise CacheError(f"unknown field {field!r}; one of {FIELDS}")
+        return (len(self),) + per[field]
+
+    def dataset(self, shard: int, field: str) -> h5py.Dataset:
+        """The h5py dataset of one shard, opened lazily in this process."""
+        return _handle(str(self.shards[shard][0]))[field]
+
+    def shard_of(self, indices) -> np.ndarray:
+        return np.searchsorted(self._starts, indices, side="right") - 1
+
+    def read(self, field: str, indices) -> np.ndarray:
+        """Rows `indices` (any order, repeats allowed) of `field` as f16, read shard by shard."""
+        shape = self.shape(field)
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"index out of range for a cache of {len(self)} clips")
+        out = np.empty((idx.size,) + shape[1:], np.float16)
+        shard = self.shard_of(idx)
+        for s in np.unique(shard):
+            where = np.flatnonzero(shard == s)
+            local = idx[where] - self.shards[s][1]
+            uniq, inverse = np.unique(local, return_inverse=True)
+            out[where] = _read_rows(self.dataset(int(s), field), uniq)[inverse]
+        return out
+
+    def close(self) -> None:
+        for p, _, _ in self.shards:
+            _forget(str(p))
+
+
+def _read_rows(dset: h5py.Dataset, rows: np.ndarray, max_gap: int = 8) -> np.ndarray:
+    """Sorted unique rows, read as few contiguous slices (small gaps are read and dropped)."""
+    out = np.empty((len(rows),) + dset.shape[1:], dset.dtype)
+    breaks = np.flatnonzero(np.diff(rows) > max_gap) + 1
+    for run in np.split(np.arange(len(rows)), breaks):
+        a, b = int(rows[run[0]]), int(rows[run[-1]]) + 1
+        out[run] = dset[a:b][rows[run] - a] if b - a != len(run) else dset[a:b]
+    return out
+
+
+def open_cache(path) -> Cache:
+    """Open an index file or a single shard; every shard is checked before anything is read."""
+    path = Path(path)
+    with _open_h5(path) as f:
+        kind = _s(f.attrs.get("kind", ""))
+        if kind not in ("index", "shard"):
+            raise CacheError(f"{path}: not a wat cache file")
+        try:
+            meta = CacheMeta.from_attrs(f.attrs)
+        except CacheError as e:
+            raise CacheError(f"{path}: {e}") from None
+        ids = np.array(f["ids"].asstr()[:], dtype=str)
+        indptr, indices = f["label_indptr"][:], f["label_indices"][:]
+        folds, durs = f["fold"][:], f["duration"][:]
+        if kind == "shard":
+            if int(f.attrs["n_clips"]) != len(ids) or _s(f.attrs["digest"]) != _digest(ids, meta):
+                raise CacheError(f"{path}: shard content does not match its own digest")
+            records = [(path, len(ids), _s(f.attrs["digest"]))]
+        else:
+            records = [(path.parent / p, int(r), d) for p, r, d in zip(
+                f["shard_paths"].asstr()[:], f["shard_rows"][:], f["shard_digests"].asstr()[:])]
+    shards, start = [], 0
+    for p, rows, digest in records:
+        _forget(str(p))  # a re-written shard must not be read through an old handle
+        if kind == "index":
+            m, n, d = _shard_record(p)
+            bad = meta.incompatibilities(m)
+            if bad:
+                raise CacheError(f"{p}: incompatible with index {path}: {'; '.join(bad)}")
+            if n != rows:
+                raise CacheError(f"{p}: {n} clips, index {path} expects {rows}")
+            if d != digest:
+                raise CacheError(f"{p}: not the shard the index {path} was built from (digest differs)")
+        shards.append((p, start, start + rows))
+        start += rows
+    if start != len(ids):
+        raise CacheError(f"{path}: shards hold {start} clips, index lists {len(ids)}")
+    return Cache(path, meta, ids, indptr, indices, folds, durs, shards)
+
+
+def _check_shard(p: Path, meta: CacheMeta, probe_rows: int, rng) -> tuple[list[str], list[str]]:
+    """(problems, ids) of one shard; reads features/mean in blocks, bounded memory."""
+    problems = []
+    try:
+        f = _open_h5(p)
+    except CacheError as e:
+        return [str(e)], []
+    with f:
+        try:
+            m = CacheMeta.from_attrs(f.attrs)
+        except CacheError as e:
+            return [f"{p}: {e}"], []
+        bad = meta.incompatibilities(m)
+        if bad:
+            problems.append(f"{p}: attributes differ: {'; '.join(bad)}")
+        try:
+            ids = list(f["ids"].asstr()[:])
+            n = len(ids)
+            want = {"features": ((n, m.n_layers, m.n_frames, m.dim), np.float16),
+                    "mean": ((n, m.n_layers, m.dim), np.float16), "fold": ((n,), np.int16),
+                    "duration": ((n,), np.float32), "label_indptr": ((n + 1,), np.int32)}
+            for name, (shape, dtype) in want.items():
+                d = f[name]
+                if d.shape != shape or d.dtype != dtype:
+                    problems.append(f"{p}: {name} is {d.dtype}{list(d.shape)}, expected {np.dtype(dtype)}{list(shape)}")
+            if problems:
+                return problems, ids
+            if int(f.attrs["n_clips"]) != n or _s(f.attrs["digest"]) != _digest(ids, m):
+                problems.append(f"{p}: ids do not match the shard's digest")
+            ip, ix = f["label_indptr"][:], f["label_indices"][:]
+            if ip[0] != 0 or np.any(np.diff(ip) < 0) or ip[-1] != len(ix) or (
+                    len(ix) and (ix.min() < 0 or ix.max() >= len(m.vocab))):
+                problems.append(f"{p}: malformed labels (CSR)")
+            feats, mean = f["features"], f["mean"]
+            step = max(1, (64 << 20) // max(1, feats.dtype.itemsize * int(np.prod(feats.shape[1:]))))
+            for a in range(0, n, step):
+                for name, block in (("features", feats[a:a + step]), ("mean", mean[a:a + step])):
+                    finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+                    if not finite.all():
+                        bad_ids = [ids[a + i] for i in np.flatnonzero(~finite)[:5]]
+                        problems.append(f"{p}: NaN/inf in {name} of clip(s) {', '.join(bad_ids)}")
+            sample = np.sort(rng.choice(n, size=min(probe_rows, n), replace=False))
+            expect = feats[sample].astype(np.float32).mean(axis=2)
+            got = mean[sample].astype(np.float32)
+            if not np.allclose(got, expect, rtol=1e-2, atol=1e-2, equal_nan=True):
+                problems.append(f"{p}: mean disagrees with the time mean of features")
+        except (OSError, KeyError) as e:
+            problems.append(f"{p}: unreadable ({e})")
+            return problems, []
+    return problems, ids
+
+
+def verify(path, *, probe_rows: int = 16) -> list[str]:
+    """Every problem found in the cache at `path` (empty list = OK)."""
+    try:
+        cache = open_cache(path)
+    except CacheError as e:
+        return [str(e)]
+    problems, seen = [], {}
+    rng = np.random.default_rng(0)
+    for p, a, b in cache.shards:
+        probs, ids = _check_shard(p, cache.meta, probe_rows, rng)
+        problems += probs
+        if ids and list(ids) != list(cache.ids[a:b]):
+            problems.append(f"{p}: ids differ from the index")
+        for i in ids:
+            if i in seen:
+                problems.append(f"{p}: duplicate id {i!r} (also in {seen[i]})")
+            else:
+                seen[i] = p
+    return problems
+
+
+def info(path) -> dict:
+    """A summary of the cache for people and scripts (JSON-serialisable)."""
+    cache = open_cache(path)
+    m = cache.meta
+    y = cache.label_matrix()
+    per_class = y.sum(axis=0)
+    per_clip = y.sum(axis=1)
+    files = {cache.path.resolve()} | {p.resolve() for p, _, _ in cache.shards}
+    folds, counts = np.unique(cache.folds, return_counts=True)
+    return {
+        "path": str(cache.path), "clips": len(cache), "shards": len(cache.shards),
+        "features": list(cache.shape("features")), "mean": list(cache.shape("mean")),
+        "dtype": "float16", "model": m.model, "fingerprint": m.fingerprint, "policy": m.policy,
+        "pooling": m.pooling, "sample_rate": m.sample_rate, "clip_seconds": m.clip_seconds,
+        "dataset": m.dataset, "classes": len(m.vocab), "multilabel": m.multilabel,
+        "labels": {"total": int(per_clip.sum()), "unlabeled_clips": int((per_clip == 0).sum()),
+                   "max_per_clip": int(per_clip.max(initial=0)),
+                   "classes_without_clips": int((per_class == 0).sum()),
+                   "min_per_class": int(per_class.min()) if per_class.size else 0,
+                   "max_per_class": int(per_class.max(initial=0))},
+        "folds": {int(k): int(v) for k, v in zip(folds, counts)},
+        "bytes_on_disk": int(sum(p.stat().st_size for p in files)),
+        "versions": m.versions,
+    }

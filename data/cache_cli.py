@@ -1,0 +1,53 @@
+"""wat-cache: inspect and check a feature cache (index file or single shard)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .cache import CacheError, info, verify
+
+
+def _print_info(d: dict) -> None:
+    gb = d["bytes_on_disk"] / 1e9
+    print(f"{d['path']}: {d['clips']} clips in {d['shards']} shard(s), {gb:.3f} GB on disk")
+    print(f"  features {d['features']} {d['dtype']}, mean {d['mean']}")
+    print(f"  model {d['model']} (fingerprint {d['fingerprint']}), policy {d['policy']}, pooling {d['pooling']}")
+    print(f"  dataset {d['dataset']}, {d['clip_seconds']} s clips at {d['sample_rate']} Hz")
+    lab = d["labels"]
+    kind = "multi-label" if d["multilabel"] else "single-label"
+    print(f"  {d['classes']} classes ({kind}), {lab['total']} labels, {lab['unlabeled_clips']} unlabeled clips, "
+          f"per class {lab['min_per_class']}..{lab['max_per_class']}, {lab['classes_without_clips']} classes without clips")
+    print("  folds " + ", ".join(f"{k}: {v}" for k, v in d["folds"].items()))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="wat-cache", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="counts, shapes, model, policy, labels, size on disk")
+    p_info.add_argument("file", help="index file (feats.h5) or shard")
+    p_info.add_argument("--json", action="store_true", help="print JSON")
+    p_verify = sub.add_parser("verify", help="check every shard; exit 1 listing each problem")
+    p_verify.add_argument("file", help="index file (feats.h5) or shard")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        try:
+            d = info(args.file)
+        except CacheError as e:
+            print(f"wat-cache: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(d, indent=2)) if args.json else _print_info(d)
+        return 0
+    problems = verify(args.file)
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        print(f"wat-cache: {len(problems)} problem(s) in {args.file}", file=sys.stderr)
+        return 1
+    d = info(args.file)
+    print(f"OK: {d['clips']} clips, {d['shards']} shards")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

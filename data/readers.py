@@ -1,0 +1,196 @@
+"""Readers over a feature cache: random access for training (`FeatureStore`) and a dask view.
+
+`FeatureStore` keeps the whole field in one f16 tensor when it fits the memory budget (loaded once,
+shard by shard, sequential reads) and otherwise streams: requested rows grouped by shard, shards and
+blocks visited in a seeded random order, one h5py read per block, a background thread reading the
+next block while the caller computes, and a shuffle buffer of several blocks. h5py serialises calls
+behind one lock, so one reader thread is all that helps; parallel reads need processes (dask).
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import numpy as np
+import torch
+
+from .cache import Cache, CacheError, _handle, open_cache
+
+
+def available_memory() -> int:
+    """Bytes of RAM available now (MemAvailable), without psutil."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class FeatureStore:
+    """Random access to `features` or `mean` as f16 torch tensors on `device`."""
+
+    def __init__(self, cache, field: str = "features", *, memory_budget: int | None = None, device="cpu",
+                 block_bytes: int = 64 << 20, buffer_blocks: int = 8):
+        self.cache: Cache = cache if isinstance(cache, Cache) else open_cache(cache)
+        self.field = field
+        self.device = torch.device(device)
+        full = self.cache.shape(field)
+        self.shape = tuple(full[1:])
+        row_bytes = 2 * int(np.prod(self.shape))
+        if memory_budget is None:
+            if self.device.type == "cuda":
+                memory_budget = torch.cuda.mem_get_info(self.device)[0] // 2
+            else:
+                memory_budget = available_memory() // 2
+        self.in_memory = row_bytes * len(self.cache) <= memory_budget
+        self.block_rows = max(1, block_bytes // row_bytes)
+        self.buffer_blocks = max(1, buffer_blocks)
+        self._data = self._load() if self.in_memory else None
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def _load(self) -> torch.Tensor:
+        pin = self.device.type == "cpu" and torch.cuda.is_available()
+        host = torch.empty((len(self.cache),) + self.shape, dtype=torch.float16, pin_memory=pin)
+        out = host if self.device.type == "cpu" else torch.empty_like(host, device=self.device)
+        view = host.numpy()
+        for s, (_, start, stop) in enumerate(self.cache.shards):
+            dset = self.cache.dataset(s, self.field)
+            for a in range(0, stop - start, self.block_rows):
+                b = min(a + self.block_rows, stop - start)
+                dset.read_direct(view, np.s_[a:b], np.s_[start + a:start + b])
+                if out is not host:
+                    out[start + a:start + b].copy_(host[start + a:start + b], non_blocking=False)
+        if out is not host:
+            del host
+        return out
+
+    def get(self, indices) -> torch.Tensor:
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        if self.in_memory:
+            return self._data[torch.from_numpy(idx).to(self._data.device)].to(self.device)
+        return torch.from_numpy(self.cache.read(self.field, idx)).to(self.device)
+
+    def iter_batches(self, indices, batch_size: int, *, shuffle: bool = True, seed: int = 0):
+        """Yield (idx, tensor) batches covering `indices` exactly (repeats kept as repeats)."""
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"index out of range for a cache of {len(self)} clips")
+        rng = np.random.default_rng(seed)
+        if self.in_memory:
+            order = rng.permutation(idx) if shuffle else idx
+            for a in range(0, len(order), batch_size):
+                b = order[a:a + batch_size]
+                yield b, self.get(b)
+            return
+        yield from self._stream(idx, batch_size, shuffle, rng)
+
+    def _plan(self, idx: np.ndarray, shuffle: bool, rng) -> list[tuple[int, np.ndarray]]:
+        """(shard, sorted global indices) per block, in visiting order."""
+        shard = self.cache.shard_of(idx)
+        shards = np.unique(shard)
+        if shuffle:
+            shards = rng.permutation(shards)
+        plan = []
+        for s in shards:
+            start = self.cache.shards[s][1]
+            rows = np.sort(idx[shard == s])
+            block_of = (rows - start) // self.block_rows
+            blocks = [rows[block_of == k] for k in np.unique(block_of)]
+            if shuffle:
+                blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+            plan += [(int(s), b) for b in blocks]
+        return plan
+
+    def _read_block(self, s: int, rows: np.ndarray) -> np.ndarray:
+        start = self.cache.shards[s][1]
+        a, b = int(rows[0]) - start, int(rows[-1]) - start + 1
+        return self.cache.dataset(s, self.field)[a:b][rows - start - a]  # one read per block
+
+    def _stream(self, idx, batch_size, shuffle, rng):
+        plan = self._plan(idx, shuffle, rng)
+        blocks: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():  # never block forever: the consumer may have stopped early
+                try:
+                    blocks.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def reader():
+            try:
+                for s, rows in plan:
+                    if not put((rows, self._read_block(s, rows))):
+                        return
+                put(None)
+            except BaseException as e:  # surfaced in the consumer
+                put(e)
+
+        thread = threading.Thread(target=reader, daemon=True, name="wat-block-reader")
+        thread.start()
+        pool_idx, pool_x, pooled, done = [], [], 0, False
+        try:
+            while not done:
+                item = blocks.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    done = True
+                else:
+                    pool_idx.append(item[0]), pool_x.append(item[1])
+                    pooled += len(item[0])
+                if not done and len(pool_idx) < self.buffer_blocks:
+                    continue
+                if not pool_idx:
+                    break
+                i, x = np.concatenate(pool_idx), np.concatenate(pool_x)
+                if shuffle:
+                    perm = rng.permutation(len(i))
+                    i, x = i[perm], x[perm]
+                cut = len(i) if done else len(i) - len(i) % batch_size
+                for a in range(0, cut, batch_size):
+                    yield i[a:a + batch_size], torch.from_numpy(x[a:a + batch_size]).to(self.device)
+                pool_idx, pool_x = ([i[cut:]], [x[cut:]]) if cut < len(i) else ([], [])
+        finally:
+            stop.set()
+            thread.join()
+
+
+class _ShardField:
+    """Array-like over one shard's dataset for dask: pickles as a path, opens lazily per process."""
+
+    def __init__(self, path, field, shape):
+        self.path, self.field, self.shape = str(path), field, tuple(shape)
+        self.dtype, self.ndim = np.dtype(np.float16), len(shape)
+
+    def __getitem__(self, key):
+        return _handle(self.path)[self.field][key]
+
+    def __dask_tokenize__(self):
+        return (self.path, self.field, self.shape, os.stat(self.path).st_mtime_ns)
+
+
+def dask_view(cache_or_path, field: str = "mean"):
+    """The field as one dask array (f16), chunks aligned with shards and HDF5 chunks."""
+    import dask.array as da
+
+    cache = cache_or_path if isinstance(cache_or_path, Cache) else open_cache(cache_or_path)
+    per_row = cache.shape(field)[1:]
+    parts = []
+    for s, (path, start, stop) in enumerate(cache.shards):
+        n = stop - start
+        hdf5_rows = (cache.dataset(s, field).chunks or (n,))[0]
+        # ~128 MiB per task, a whole number of HDF5 chunks
+        rows = max(hdf5_rows, ((128 << 20) // (2 * int(np.prod(per_row)))) // hdf5_rows * hdf5_rows)
+        src = _ShardField(path, field, (n,) + per_row)
+        parts.append(da.from_array(src, chunks=(min(rows, n),) + per_row, lock=False, asarray=True,
+                                   meta=np.empty((0,) * len(src.shape), np.float16)))
+    return da.concatenate(parts, axis=0)
