@@ -1,0 +1,68 @@
+"""wat-extract: run a frozen Whisper encoder once over a dataset into a resumable HDF5 feature cache."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DATASETS = ("esc50", "as20k", "as2m", "aseval", "json", "folder", "csv")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wat-extract", description=__doc__,
+        epilog="Rerunning the same command resumes: finished shards are kept, unfinished ones redone.")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--root", required=True, help="dataset folder")
+    p.add_argument("--manifest", help="CSV/JSON manifest (AudioSet segment CSV, AST JSON, path,labels CSV)")
+    p.add_argument("--model", required=True, help="Whisper name (tiny.en, base, large-v1...), .pt file or CTranslate2 folder")
+    p.add_argument("--out", required=True, help="index file to write, e.g. feats.h5 (shards go to feats.shards/)")
+    p.add_argument("--policy", choices=("pad30", "trim"), default="pad30",
+                   help="pad30: encode 30 s windows like transcription does (default); trim: encode only the clip, faster")
+    p.add_argument("--frames", type=int, default=25, help="pooled frames per clip (default 25)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=None, help="audio decoding processes (default: 1 on CPU, up to 8 on CUDA)")
+    p.add_argument("--shard-size", type=int, default=1000, help="clips per shard (default 1000)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N clips (sorted by id)")
+    p.add_argument("--clip-seconds", type=float, default=None, help="pad/trim every clip to this length (default: the dataset's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache made differently")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", help="run one task per shard on this dask scheduler (tcp://HOST:PORT)")
+    where.add_argument("--local-workers", type=int, metavar="N", help="run on a local dask cluster of N worker processes")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from wat.data.cache import CacheError
+    from wat.data.datasets import DatasetError, load_dataset
+
+    from .load import WhisperLoadError
+    from .pipeline import ExtractError, ExtractOptions, extract_dataset
+
+    options = ExtractOptions(
+        model=args.model, policy=args.policy, frames=args.frames, device=args.device, batch_size=args.batch_size,
+        num_workers=args.num_workers, shard_size=args.shard_size, limit=args.limit, overwrite=args.overwrite,
+        clip_seconds=args.clip_seconds)
+    try:
+        dataset = load_dataset(args.dataset, args.root, args.manifest, clip_seconds=args.clip_seconds)
+        if args.scheduler or args.local_workers:
+            if args.local_workers is not None and args.local_workers < 1:
+                raise ExtractError("--local-workers must be >= 1")
+            from .cluster import connect
+            with connect(args.scheduler, args.local_workers, options.device) as client:
+                summary = extract_dataset(dataset, options, args.out, client=client)
+        else:
+            summary = extract_dataset(dataset, options, args.out)
+    except (DatasetError, ExtractError, WhisperLoadError, CacheError, OSError) as e:
+        print(f"wat-extract: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("wat-extract: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,488 @@
+"""The batched extractor: a dataset in, a folder of HDF5 shards plus an index out.
+
+Shard i holds clips[i*S:(i+1)*S] of the sorted clip list, so every run cuts the same shards and a
+rerun only has to redo the ones that are not finished. A shard is finished when its record
+`shard-NNNNN.json` exists; the record is written (atomically) after the shard file, and lists the
+clips that could not be used. A shard whose clips all failed has a record and no HDF5 file.
+
+Data path: DataLoader worker processes decode, resample and fit each clip to `clip_seconds`
+(returning the error instead of raising), the main process computes the log-mel per clip on the
+device and runs the encoder with pooling inside the forward hooks (`encode_layers`), and a writer
+thread turns each completed shard into a file so the encoder never waits on the disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from wat.data import cache as wcache
+from wat.data.audio import SAMPLE_RATE, fit_length, load_audio
+from wat.data.datasets import Clip, Dataset
+
+from .layers import encode_layers
+from .load import fingerprint, load_whisper, model_name
+
+MANIFEST = "manifest.json"
+ERRORS = "errors.tsv"
+PROBLEMS = "problems.tsv"
+MAX_SECONDS = 30.0  # the encoder has 1500 positions = 30 s
+
+
+class ExtractError(Exception):
+    """The run cannot start or finish: mismatched output, bad options, failed shards."""
+
+
+@dataclass
+class ExtractOptions:
+    model: str = "tiny.en"            # anything load_whisper accepts
+    policy: str = "pad30"             # "pad30" | "trim"
+    frames: int = 25                  # pooled frames per clip
+    device: str = "cpu"
+    batch_size: int = 16
+    num_workers: int | None = None    # decode processes; None = 1 on CPU, up to 8 on CUDA
+    shard_size: int = 1000
+    limit: int | None = None          # only the first N clips (sorted by id)
+    overwrite: bool = False
+    clip_seconds: float | None = None  # None = the dataset's nominal length
+    progress: bool | None = None      # tqdm's disable=None: a bar on a TTY only
+
+    def check(self) -> None:
+        if self.policy not in ("pad30", "trim"):
+            raise ExtractError(f"unknown policy {self.policy!r} (pad30 or trim)")
+        for name in ("frames", "batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ExtractError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 0:
+            raise ExtractError(f"limit must be >= 0, got {self.limit}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ExtractError(f"device {self.device!r} requested but CUDA is not available")
+
+
+@dataclass
+class ShardResult:
+    index: int
+    path: str | None                  # None when every clip of the shard failed
+    n_clips: int
+    n_written: int
+    errors: list[tuple[str, str, str]]  # (id, path, reason)
+    seconds: float = 0.0
+
+
+@dataclass
+class Summary:
+    index: str
+    shard_dir: str
+    n_clips: int                      # clips in the (limited) dataset
+    written: int                      # rows in the cache, all shards
+    processed: int                    # clips encoded or attempted in this run
+    resumed_shards: int               # finished shards found and kept
+    shards: int
+    errors: list[tuple[str, str, str]] = field(default_factory=list)
+    problems: int = 0                 # dataset rows skipped before extraction (no audio, bad label)
+    wall_s: float = 0.0
+    bytes: int = 0
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.processed / self.wall_s if self.wall_s > 0 else 0.0
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.written} clips in {self.index} ({self.shards} shards, {self.resumed_shards} resumed), "
+            f"{len(self.errors)} skipped, {self.problems} dataset rows without usable audio",
+            f"{self.processed} clips processed in {self.wall_s:.1f} s ({self.clips_per_s:.1f} clips/s), "
+            f"{self.bytes / 1e6:.1f} MB on disk",
+        ]
+        if self.errors:
+            lines.append(f"skipped clips are listed in {Path(self.shard_dir) / ERRORS}:")
+            for reason, n in _reason_counts(self.errors).most_common(5):
+                lines.append(f"  {n:6d}  {reason}")
+        return "\n".join(lines)
+
+
+def _reason_counts(errors) -> Counter:
+    # reasons often start with the file name; count the part that says what went wrong
+    return Counter(r.split(": ")[-1][:100] for _, _, r in errors)
+
+
+def shard_dir_for(index_path) -> Path:
+    """`feats.h5` -> `feats.shards/` beside it."""
+    p = Path(index_path)
+    return p.with_name(p.stem + ".shards")
+
+
+def resolve_clip_seconds(dataset: Dataset, options: ExtractOptions) -> float:
+    seconds = float(options.clip_seconds or dataset.clip_seconds)
+    if not 0 < seconds <= MAX_SECONDS:
+        raise ExtractError(f"clip length must be in (0, {MAX_SECONDS:g}] s for Whisper's encoder, got {seconds:g}")
+    return seconds
+
+
+def plan_shards(clips: list[Clip], shard_size: int) -> list[list[Clip]]:
+    return [clips[i:i + shard_size] for i in range(0, len(clips), shard_size)]
+
+
+def _ids_digest(clips: list[Clip]) -> str:
+    h = hashlib.sha256()
+    for c in clips:
+        h.update(c.id.encode() + b"\0" + str(c.path).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def run_manifest(dataset: Dataset, clips: list[Clip], meta: wcache.CacheMeta, options: ExtractOptions) -> dict:
+    """What a rerun must agree on to reuse the shards already written."""
+    return {
+        "model": meta.model, "fingerprint": meta.fingerprint, "policy": meta.policy,
+        "frames": meta.n_frames, "pooling": meta.pooling, "clip_seconds": meta.clip_seconds,
+        "shard_size": options.shard_size, "dataset": dataset.name, "n_clips": len(clips),
+        "clips_sha256": _ids_digest(clips),
+    }
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_output(index_path, manifest: dict, overwrite: bool) -> Path:
+    """Create the shard folder, or check that the one there was made the same way."""
+    index_path, shard_dir = Path(index_path), shard_dir_for(index_path)
+    mpath = shard_dir / MANIFEST
+    old = json.loads(mpath.read_text()) if mpath.exists() else None
+    if old is not None and old != manifest and not overwrite:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in manifest.items() if old.get(k) != v)
+        raise ExtractError(f"{shard_dir} was extracted differently ({diff}); use --overwrite to replace it "
+                           f"or choose another --out")
+    if old is None and index_path.exists() and not overwrite:
+        raise ExtractError(f"{index_path} exists and was not made by this extractor run; use --overwrite or another --out")
+    if overwrite:
+        _clear(index_path, shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(mpath, manifest)
+    return shard_dir
+
+
+def _clear(index_path: Path, shard_dir: Path) -> None:
+    # only remove what this module writes: never a user's other files
+    if index_path.exists():
+        index_path.unlink()
+    if shard_dir.is_dir():
+        for p in shard_dir.iterdir():
+            if p.name.startswith("shard-") or p.name in (MANIFEST, ERRORS, PROBLEMS) or p.name.endswith(".partial"):
+                p.unlink()
+
+
+def record_path(shard_dir, i: int) -> Path:
+    return Path(shard_dir) / f"shard-{i:05d}.json"
+
+
+def finished(shard_dir, i: int) -> dict | None:
+    """The shard's record if the shard is complete on disk, else None (to be redone)."""
+    rp = record_path(shard_dir, i)
+    if not rp.exists():
+        return None
+    try:
+        rec = json.loads(rp.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("n_written", 0) > 0 and not wcache.shard_path(shard_dir, i).exists():
+        return None
+    return rec
+
+
+def cache_meta(model, dataset: Dataset, options: ExtractOptions, clip_seconds: float) -> wcache.CacheMeta:
+    import whisper
+
+    versions = {"torch": torch.__version__, "numpy": np.__version__,
+                "openai-whisper": getattr(whisper, "__version__", "?")}
+    dims = model.dims
+    return wcache.CacheMeta(
+        model=model_name(model), fingerprint=fingerprint(model), n_layers=dims.n_audio_layer,
+        n_frames=options.frames, dim=dims.n_audio_state, policy=options.policy,
+        pooling=f"mean:{options.frames}", sample_rate=SAMPLE_RATE, clip_seconds=clip_seconds,
+        vocab=dataset.vocab, multilabel=dataset.multilabel, dataset=dataset.name, versions=versions,
+    )
+
+
+# ---------------------------------------------------------------- decoding (worker processes)
+
+class _ClipAudio(torch.utils.data.Dataset):
+    """Item k: (k, float32 audio of exactly n_samples | None, reason, seconds of real audio)."""
+
+    def __init__(self, clips: list[Clip], n_samples: int):
+        self.clips, self.n_samples = clips, n_samples
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, k):
+        clip = self.clips[k]
+        try:
+            audio = load_audio(clip.path, offset=clip.offset, duration=clip.duration)
+        except Exception as e:  # any decoder failure is this clip's problem, not the run's
+            return k, None, _reason(e), 0.0
+        seconds = min(audio.size, self.n_samples) / SAMPLE_RATE
+        return k, fit_length(audio, self.n_samples).astype(np.float32, copy=False), "", seconds
+
+
+def _reason(e: Exception) -> str:
+    reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+    return " ".join(str(reason).split())  # one line, no tabs
+
+
+def _collate(items):
+    ok = [it for it in items if it[1] is not None]
+    return {
+        "index": torch.tensor([it[0] for it in ok], dtype=torch.long),
+        "audio": torch.from_numpy(np.stack([it[1] for it in ok])) if ok else torch.empty(0),
+        "seconds": [it[3] for it in ok],
+        "errors": [(it[0], it[2]) for it in items if it[1] is None],
+    }
+
+
+def _worker_init(_):
+    # decode workers must not fight the encoder for cores
+    torch.set_num_threads(1)
+
+
+def _can_fork_workers() -> bool:
+    import multiprocessing
+
+    return not multiprocessing.current_process().daemon  # dask workers are daemonic
+
+
+def default_workers(options: ExtractOptions) -> int:
+    if options.num_workers is not None:
+        return options.num_workers
+    return min(8, max(1, (os.cpu_count() or 2) - 1)) if options.device.startswith("cuda") else 1
+
+
+def _loader(clips, batches, n_samples, options):
+    workers = default_workers(options) if _can_fork_workers() else 0
+    return torch.utils.data.DataLoader(
+        _ClipAudio(clips, n_samples), batch_sampler=batches, num_workers=workers,
+        collate_fn=_collate, pin_memory=options.device.startswith("cuda"),
+        worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None,
+    )
+
+
+# ---------------------------------------------------------------- encoding (main process)
+
+class _ShardBuffer:
+    """A shard's rows, filled in clip order into one preallocated host array."""
+
+    def __init__(self, index: int, clips: list[Clip], meta: wcache.CacheMeta):
+        self.index, self.clips = index, clips
+        self.features = np.empty((len(clips), meta.n_layers, meta.n_frames, meta.dim), np.float16)
+        self.rows: list[int] = []       # clip positions written, in order
+        self.seconds: list[float] = []
+        self.errors: dict[int, str] = {}
+        self.done = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, k: int, row: np.ndarray, seconds: float):
+        self.features[len(self.rows)] = row
+        self.rows.append(k)
+        self.seconds.append(seconds)
+
+    def write(self, shard_dir, meta) -> ShardResult:
+        n, path = len(self.rows), wcache.shard_path(shard_dir, self.index)
+        if n:
+            clips = [self.clips[k] for k in self.rows]
+            wcache.write_shard(path, meta, [c.id for c in clips], self.features[:n], [c.labels for c in clips],
+                               folds=[c.fold for c in clips], durations=self.seconds)
+        elif path.exists():
+            path.unlink()  # left by an earlier run of a different dataset version; the record says empty
+        errors = [(self.clips[k].id, str(self.clips[k].path), r) for k, r in sorted(self.errors.items())]
+        result = ShardResult(self.index, str(path) if n else None, len(self.clips), n, errors,
+                             time.perf_counter() - self.t0)
+        _write_json(record_path(shard_dir, self.index), asdict(result))
+        return result
+
+
+def _autocast(device: str):
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.inference_mode()
+def encode_batch(model, audio: torch.Tensor, options: ExtractOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """audio [B, S] on the device -> (features f16 [B, L, T, D], finite [B] bool), still on the device."""
+    with _autocast(options.device):
+        feats = encode_layers(model, audio, frames=options.frames, policy=options.policy)
+    feats = feats.to(torch.float16)  # the stored type: a value that overflows f16 is non-finite too
+    return feats, torch.isfinite(feats).flatten(1).all(1)
+
+
+def encode_shards(model, shards: list[tuple[int, list[Clip]]], options: ExtractOptions, meta: wcache.CacheMeta,
+                  n_samples: int, bar=None):
+    """Yield a filled `_ShardBuffer` per shard, in order. Decoding runs ahead in the loader workers."""
+    flat: list[Clip] = []
+    batches, owner = [], []
+    for i, clips in shards:
+        start = len(flat)
+        flat.extend(clips)
+        for b in range(start, len(flat), options.batch_size):  # batches never straddle two shards
+            batches.append(list(range(b, min(b + options.batch_size, len(flat)))))
+            owner.append((i, start))
+    by_index = dict(shards)
+    buffers: dict[int, _ShardBuffer] = {}
+    for (i, start), batch in zip(owner, _loader(flat, batches, n_samples, options)):
+        if i not in buffers:  # allocated lazily: one shard buffer is being filled at a time
+            buffers[i] = _ShardBuffer(i, by_index[i], meta)
+        buf = buffers[i]
+        for k, reason in batch["errors"]:
+            buf.errors[k - start] = reason
+        idx = batch["index"]
+        if len(idx):
+            feats, ok = encode_batch(model, batch["audio"].to(options.device, non_blocking=True), options)
+            feats, ok = feats.cpu().numpy(), ok.cpu().numpy()
+            for j, k in enumerate(idx.tolist()):
+                if ok[j]:
+                    buf.add(k - start, feats[j], batch["seconds"][j])
+                else:
+                    buf.errors[k - start] = "non-finite encoder output"
+        n = len(idx) + len(batch["errors"])
+        buf.done += n
+        if bar is not None:
+            bar.update(n)
+        if buf.done == len(buf.clips):
+            yield buffers.pop(i)
+
+
+class _Writer:
+    """Writes finished shard buffers on a thread; the bounded queue caps host memory at ~3 shards."""
+
+    def __init__(self, shard_dir, meta, maxsize: int = 1):
+        self.shard_dir, self.meta = shard_dir, meta
+        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.results: list[ShardResult] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="wat-shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (buf := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.results.append(buf.write(self.shard_dir, self.meta))
+                except BaseException as e:  # surfaced in the main thread
+                    self.error = e
+
+    def put(self, buf):
+        self._raise()
+        self.queue.put(buf)
+
+    def close(self):
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self):
+        if self.error is not None:
+            raise ExtractError(f"writing a shard failed: {self.error}") from self.error
+
+
+# ---------------------------------------------------------------- entry points
+
+def extract_shard(model, clips: list[Clip], options: ExtractOptions, path, meta: wcache.CacheMeta,
+                  n_samples: int | None = None) -> ShardResult:
+    """Encode one shard's clips and write shard `path` (`.../shard-NNNNN.h5`) plus its record.
+
+    The unit of work for the dask driver; `path` fixes the shard folder and the shard number."""
+    path = Path(path)
+    index = int(path.stem.split("-")[-1])
+    n_samples = n_samples or round(meta.clip_seconds * SAMPLE_RATE)
+    buf = next(encode_shards(model, [(index, clips)], options, meta, n_samples))
+    return buf.write(path.parent, meta)
+
+
+_MODELS: dict = {}
+_MODEL_LOCK = threading.Lock()
+
+
+def get_model(spec: str, device: str):
+    """The model for `spec`, loaded once per process (the last one used stays loaded)."""
+    key = (spec, device)
+    with _MODEL_LOCK:
+        if key not in _MODELS:
+            _MODELS.clear()
+            _MODELS[key] = load_whisper(spec, device=device)
+        return _MODELS[key]
+
+
+def extract_dataset(dataset: Dataset, options: ExtractOptions, out_index, *, model=None, client=None) -> Summary:
+    """Extract `dataset` into shards beside `out_index` and build the index. Resumes by default.
+
+    `model`: an already loaded Whisper (else `options.model` is loaded once). `client`: a
+    dask.distributed Client to run shards on (see `wat.extract.cluster`)."""
+    t0 = time.perf_counter()
+    options.check()
+    clip_seconds = resolve_clip_seconds(dataset, options)
+    clips = dataset.clips[: options.limit] if options.limit is not None else list(dataset.clips)
+    shards = plan_shards(clips, options.shard_size)
+    if client is not None:
+        from .cluster import model_meta
+        meta = model_meta(client, dataset, options, clip_seconds)
+    else:
+        model = model or get_model(options.model, options.device)
+        meta = cache_meta(model, dataset, options, clip_seconds)
+    shard_dir = prepare_output(out_index, run_manifest(dataset, clips, meta, options), options.overwrite)
+
+    todo = [(i, c) for i, c in enumerate(shards) if finished(shard_dir, i) is None]
+    n_todo = sum(len(c) for _, c in todo)
+    if client is not None:
+        from .cluster import run_shards
+        run_shards(client, todo, options, shard_dir, meta)
+    elif todo:
+        n_samples = round(clip_seconds * SAMPLE_RATE)
+        writer = _Writer(shard_dir, meta)
+        with tqdm(total=n_todo, unit="clip", desc="extract", disable=None if options.progress is None
+                  else not options.progress, smoothing=0.1) as bar:
+            try:
+                for buf in encode_shards(model, todo, options, meta, n_samples, bar):
+                    writer.put(buf)
+            finally:
+                writer.close()
+    return finish(out_index, shard_dir, len(shards), len(shards) - len(todo), n_todo, clips, dataset, t0)
+
+
+def finish(out_index, shard_dir: Path, n_shards: int, resumed: int, processed: int, clips, dataset, t0) -> Summary:
+    """Merge the shard records into errors.tsv and build the index over the non-empty shards."""
+    records = [finished(shard_dir, i) for i in range(n_shards)]
+    missing = [i for i, r in enumerate(records) if r is None]
+    if missing:
+        raise ExtractError(f"{len(missing)} shard(s) not finished ({', '.join(map(str, missing[:10]))}); "
+                           f"rerun the same command to resume")
+    errors = sorted((tuple(e) for r in records for e in r["errors"]), key=lambda e: e[0])
+    with open(shard_dir / ERRORS, "w") as f:
+        f.write("id\tpath\treason\n")
+        f.writelines(f"{i}\t{p}\t{r}\n" for i, p, r in errors)
+    with open(shard_dir / PROBLEMS, "w") as f:  # dataset rows that never became clips (no audio...)
+        f.write("row\treason\n")
+        f.writelines(f"{r}\t{' '.join(str(why).split())}\n" for r, why in dataset.problems)
+    written = [wcache.shard_path(shard_dir, i) for i, r in enumerate(records) if r["n_written"] > 0]
+    if not written:
+        raise ExtractError(f"no clip could be extracted (all {len(clips)} failed; see {shard_dir / ERRORS})")
+    wcache.build_index(out_index, written)
+    size = Path(out_index).stat().st_size + sum(p.stat().st_size for p in written)
+    return Summary(index=str(out_index), shard_dir=str(shard_dir), n_clips=len(clips),
+                   written=sum(r["n_written"] for r in records), processed=processed, resumed_shards=resumed,
+                   shards=n_shards, errors=[tuple(e) for e in errors], problems=len(dataset.problems),
+                   wall_s=time.perf_counter() - t0, bytes=size)
