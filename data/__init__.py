@@ -1,0 +1,9 @@
+from .cache import SCHEMA_VERSION, Cache, CacheError, CacheMeta, build_index, info, open_cache, shard_path, verify, write_shard
+
+
+def __getattr__(name):
+    # readers import torch; load them only when asked for
+    if name in ("FeatureStore", "dask_view"):
+        from . import readers
+        return getattr(readers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
