@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import h5py
@@ -199,8 +200,13 @@ def write_shard(path, meta: CacheMeta, ids, features, labels, folds=None, durati
         raise CacheError(f"{path}: duplicate ids in shard")
     if len(labels) != n:
         raise CacheError(f"{path}: {len(labels)} label rows for {n} clips")
+    for a in range(0, n, 256):  # a NaN in a cache poisons every model trained on it: refuse here
+        finite = np.isfinite(features[a:a + 256]).reshape(min(256, n - a), -1).all(axis=1)
+        if not finite.all():
+            bad = [ids[a + i] for i in np.flatnonzero(~finite)[:5]]
+            raise CacheError(f"{path}: NaN/inf in features of clip(s) {', '.join(bad)}")
     if mean is None:
-        mean = features.astype(np.float32).mean(axis=2)
+        mean = features.mean(axis=2, dtype=np.float32)  # fp32 accumulation, no fp32 copy of features
     mean = np.asarray(mean)
     if mean.shape != (n, meta.n_layers, meta.dim):
         raise CacheError(f"{path}: mean shape {mean.shape}, expected {(n, meta.n_layers, meta.dim)}")
@@ -337,10 +343,10 @@ class Cache:
     def __repr__(self) -> str:
         return f"Cache({str(self.path)!r}, {len(self)} clips, {len(self.shards)} shards)"
 
-    @property
+    @cached_property
     def labels(self) -> list[tuple[int, ...]]:
-        ip, ix = self._indptr, self._indices
-        return [tuple(int(x) for x in ix[ip[i]:ip[i + 1]]) for i in range(len(self))]
+        ip, ix = self._indptr, self._indices.tolist()
+        return [tuple(ix[ip[i]:ip[i + 1]]) for i in range(len(self))]
 
     def label_matrix(self) -> np.ndarray:
         y = np.zeros((len(self), len(self.meta.vocab)), bool)

@@ -216,8 +216,13 @@ def test_verify_catches_nan_and_duplicates(tmp_path):
     assert verify(_one(tmp_path / "ok.h5", meta, ids, feats, labels)) == []
     bad = feats.copy()
     bad[3, 1, 2, 0] = np.nan
-    problems = verify(_one(tmp_path / "nan.h5", meta, ids, bad, labels))
-    assert any("NaN" in p and ids[3] in p for p in problems)
+    with pytest.raises(CacheError, match="NaN.*" + ids[3]):
+        write_shard(tmp_path / "nan.h5", meta, ids, bad, labels)
+    nan = _one(tmp_path / "nan.h5", meta, ids, feats, labels)
+    with h5py.File(nan, "r+") as f:  # damage after writing (bit rot, another tool)
+        f["features"][3, 1, 2, 0] = np.nan
+    problems = verify(nan)
+    assert any("NaN" in p and "features" in p and ids[3] in p for p in problems)
     a = _one(tmp_path / "s0.h5", meta, ids[:5], feats[:5], labels[:5])
     b = _one(tmp_path / "s1.h5", meta, ids[4:9], feats[4:9], labels[4:9])  # ids[4] in both
     with pytest.raises(CacheError, match="repeat"):
