@@ -1,3 +1,8 @@
+"""wat.data: labels, audio decoding, dataset adapters, demo data, and the feature cache."""
+from .audio import SAMPLE_RATE, AudioError, fit_length, load_audio
+from .datasets import Clip, Dataset, DatasetError, load_dataset
+from .demo import make_demo
+from .labels import LabelError, Vocabulary, audioset_vocabulary, expand_labels, parent_labels
 from .cache import SCHEMA_VERSION, Cache, CacheError, CacheMeta, build_index, info, open_cache, shard_path, verify, write_shard
 
 

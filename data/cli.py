@@ -1,0 +1,58 @@
+"""`wat-data`: write the demo dataset, or load a dataset and summarise it."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+from .audio import AudioError
+from .datasets import KINDS, DatasetError, load_dataset, problem_counts
+from .demo import CLASSES, make_demo
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="wat-data", description="Datasets for wat: demo data and manifest checks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="write a synthetic ESC-50-layout dataset")
+    demo.add_argument("--out", required=True, help="output folder (gets audio/ and meta/esc50.csv)")
+    demo.add_argument("--clips-per-class", type=int, default=8)
+    demo.add_argument("--seed", type=int, default=0)
+    show = sub.add_parser("list", help="load a dataset and print counts, classes and skipped rows")
+    show.add_argument("--dataset", required=True, choices=KINDS)
+    show.add_argument("--root", required=True, help="dataset folder (audio is looked up under it)")
+    show.add_argument("--manifest", help="manifest file or folder, when not in the default place")
+    show.add_argument("--problems", type=int, default=5, help="how many skipped rows to show (default 5)")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "demo":
+            out = make_demo(args.out, clips_per_class=args.clips_per_class, seed=args.seed)
+            print(f"wrote {len(CLASSES)} classes x {args.clips_per_class} clips to {out}")
+        else:
+            _list(load_dataset(args.dataset, args.root, args.manifest), args.problems)
+    except (DatasetError, AudioError, ValueError, OSError) as e:
+        print(f"wat-data: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _list(ds, n_problems: int) -> None:
+    per_class = Counter(i for clip in ds.clips for i in clip.labels)
+    folds = Counter(clip.fold for clip in ds.clips)
+    print(f"{ds.name}: {len(ds.clips)} clips, {len(ds.vocab)} classes, "
+          f"{'multi' if ds.multilabel else 'single'}-label, {ds.clip_seconds:g} s per clip")
+    if set(folds) != {-1}:
+        print("folds: " + ", ".join(f"{k}: {v}" for k, v in sorted(folds.items())))
+    used = sum(1 for i in range(len(ds.vocab)) if per_class[i])
+    print(f"classes with clips: {used}/{len(ds.vocab)}")
+    for i, n in per_class.most_common(10 if len(ds.vocab) > 20 else None):
+        print(f"  {n:8d}  {ds.vocab.names[i]}")
+    if ds.problems:
+        counts = ", ".join(f"{n} {reason}" for reason, n in problem_counts(ds.problems).most_common())
+        print(f"skipped {len(ds.problems)} rows: {counts}")
+        for where, reason in ds.problems[:n_problems]:
+            print(f"  {where}: {reason}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
