@@ -189,6 +189,10 @@ def _read_av(path, offset, duration, max_seconds):
         raise
     except Exception as e:  # PyAV raises many types (FFmpegError, ValueError, OSError...): all mean "unreadable"
         raise AudioError(path, f"cannot decode ({type(e).__name__}: {e})") from None
+    if count is not None and have < 0.9 * count and count - have > 0.5 * rate:
+        # the header (e.g. an mp3 Xing frame, an mp4 moov atom) promised much more than the stream holds;
+        # the tolerance covers encoder padding and bitrate-estimated durations
+        raise AudioError(path, f"truncated: decoded {have / rate:.2f}s of {count / rate:.2f}s in the header")
     if count is None and have > max_seconds * rate:
         raise AudioError(path, f"too long: more than max_seconds={max_seconds:g} decoded")
     if not chunks:
