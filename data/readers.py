@@ -72,7 +72,8 @@ class FeatureStore:
     def get(self, indices) -> torch.Tensor:
         idx = np.asarray(indices, np.int64).reshape(-1)
         if self.in_memory:
-            return self._data[torch.from_numpy(idx).to(self._data.device)].to(self.device)
+            # index_select: several times faster than advanced indexing for f16 rows on CPU
+            return self._data.index_select(0, torch.from_numpy(idx).to(self._data.device)).to(self.device)
         return torch.from_numpy(self.cache.read(self.field, idx)).to(self.device)
 
     def iter_batches(self, indices, batch_size: int, *, shuffle: bool = True, seed: int = 0):
@@ -109,7 +110,8 @@ class FeatureStore:
     def _read_block(self, s: int, rows: np.ndarray) -> np.ndarray:
         start = self.cache.shards[s][1]
         a, b = int(rows[0]) - start, int(rows[-1]) - start + 1
-        return self.cache.dataset(s, self.field)[a:b][rows - start - a]  # one read per block
+        block = self.cache.dataset(s, self.field)[a:b]  # one read per block
+        return block if b - a == len(rows) else block[rows - start - a]
 
     def _stream(self, idx, batch_size, shuffle, rng):
         plan = self._plan(idx, shuffle, rng)
@@ -151,17 +153,29 @@ class FeatureStore:
                     continue
                 if not pool_idx:
                     break
-                i, x = np.concatenate(pool_idx), np.concatenate(pool_x)
-                if shuffle:
-                    perm = rng.permutation(len(i))
-                    i, x = i[perm], x[perm]
+                # gather each batch straight from the pooled blocks: one copy per row
+                i = np.concatenate(pool_idx)
+                src = np.concatenate([np.full(len(b), k) for k, b in enumerate(pool_idx)])
+                pos = np.concatenate([np.arange(len(b)) for b in pool_idx])
+                order = rng.permutation(len(i)) if shuffle else np.arange(len(i))
                 cut = len(i) if done else len(i) - len(i) % batch_size
                 for a in range(0, cut, batch_size):
-                    yield i[a:a + batch_size], torch.from_numpy(x[a:a + batch_size]).to(self.device)
-                pool_idx, pool_x = ([i[cut:]], [x[cut:]]) if cut < len(i) else ([], [])
+                    take = order[a:a + batch_size]
+                    yield i[take], torch.from_numpy(_gather(pool_x, src[take], pos[take])).to(self.device)
+                rest = order[cut:]
+                pool_idx = [i[rest]] if len(rest) else []
+                pool_x = [_gather(pool_x, src[rest], pos[rest])] if len(rest) else []
         finally:
             stop.set()
             thread.join()
+
+
+def _gather(blocks: list[np.ndarray], src: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    out = np.empty((len(src),) + blocks[0].shape[1:], blocks[0].dtype)
+    for k in np.unique(src):
+        sel = np.flatnonzero(src == k)
+        out[sel] = blocks[k][pos[sel]]
+    return out
 
 
 class _ShardField:
