@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -141,34 +142,30 @@ def _features_chunks(shape) -> tuple:
     return (max(1, min(k, n)), l, t, d)
 
 
-def _atomic_h5(path: Path):
-    """Context manager: yields an h5py.File on PATH.partial, renames it onto PATH when whole."""
-    class _Writer:
-        def __enter__(self):
-            self.tmp = path.with_name(path.name + ".partial")
-            self.f = h5py.File(self.tmp, "w")
-            return self.f
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-        def __exit__(self, exc_type, exc, tb):
-            if exc_type is not None:
-                self.f.close()
-                self.tmp.unlink(missing_ok=True)
-                return False
-            self.f.flush()
-            self.f.close()
-            fd = os.open(self.tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(self.tmp, path)
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            return False
-    return _Writer()
+
+@contextmanager
+def _atomic_h5(path: Path):
+    """Yields an h5py.File on PATH.partial; renames it onto PATH only once it is whole on disk."""
+    tmp = path.with_name(path.name + ".partial")
+    f = h5py.File(tmp, "w")
+    try:
+        yield f
+        f.flush()
+    except BaseException:
+        f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    f.close()
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)  # make the rename itself durable
 
 
 def _csr(labels, n_classes: int):

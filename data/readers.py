@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import queue
 import threading
+
 import numpy as np
 import torch
 
-from .cache import Cache, CacheError, _handle, open_cache
+from .cache import Cache, _handle, open_cache
 
 
 def available_memory() -> int:
