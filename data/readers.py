@@ -55,19 +55,22 @@ class FeatureStore:
         return len(self.cache)
 
     def _load(self) -> torch.Tensor:
-        pin = self.device.type == "cpu" and torch.cuda.is_available()
-        host = torch.empty((len(self.cache),) + self.shape, dtype=torch.float16, pin_memory=pin)
-        out = host if self.device.type == "cpu" else torch.empty_like(host, device=self.device)
-        view = host.numpy()
+        on_cpu = self.device.type == "cpu"
+        shape = (len(self.cache),) + self.shape
+        if on_cpu:  # pinned when a GPU may consume it: faster, async host-to-device copies
+            out = torch.empty(shape, dtype=torch.float16, pin_memory=torch.cuda.is_available())
+        else:  # stage block by block: the host never holds the whole field
+            out = torch.empty(shape, dtype=torch.float16, device=self.device)
+            stage = torch.empty((self.block_rows,) + self.shape, dtype=torch.float16, pin_memory=True)
         for s, (_, start, stop) in enumerate(self.cache.shards):
             dset = self.cache.dataset(s, self.field)
             for a in range(0, stop - start, self.block_rows):
                 b = min(a + self.block_rows, stop - start)
-                dset.read_direct(view, np.s_[a:b], np.s_[start + a:start + b])
-                if out is not host:
-                    out[start + a:start + b].copy_(host[start + a:start + b], non_blocking=False)
-        if out is not host:
-            del host
+                if on_cpu:
+                    dset.read_direct(out.numpy(), np.s_[a:b], np.s_[start + a:start + b])
+                else:
+                    dset.read_direct(stage.numpy(), np.s_[a:b], np.s_[:b - a])
+                    out[start + a:start + b].copy_(stage[:b - a])
         return out
 
     def get(self, indices) -> torch.Tensor:
