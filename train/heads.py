@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,7 +214,7 @@ def load_head(path, n_layers: int | None = None, map_location="cpu") -> tuple[nn
     the features it will see; a different one is a HeadError."""
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise HeadError(f"{path}: cannot read head checkpoint ({e})") from None
     if not isinstance(obj, dict):
         raise HeadError(f"{path}: not a head checkpoint")

@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+from wat.train.heads import (HeadError, HeadInfo, build_head, load_head, n_parameters, official_to_state_dict,
+                             save_head)
+
+
+def block(d):  # whisper ResidualAttentionBlock: q,k(no bias),v,out + 2 LN + 4x MLP
+    return 12 * d * d + 12 * d
+
+
+def classifier(d, c=527):
+    return 2 * d + d * c + c
+
+
+# (L, D, dim) -> exact count from the official architecture, and the paper's rounded figure (M)
+TLTR = [
+    ((32, 1280, None), 2 * block(1280) + classifier(1280), 40.0),
+    ((32, 1280, 512), 2 * 1280 + 1280 * 512 + 512 + 2 * block(512) + classifier(512), 7.2),
+    ((32, 1280, 128), 2 * 1280 + 1280 * 128 + 128 + 2 * block(128) + classifier(128), 0.6),
+    ((32, 1280, 256), 2 * 1280 + 1280 * 256 + 256 + 2 * block(256) + classifier(256), 2.1),
+    ((32, 1280, 768), 2 * 1280 + 1280 * 768 + 768 + 2 * block(768) + classifier(768), 15.6),
+    ((4, 384, None), 2 * block(384) + classifier(384), 3.8),
+    ((6, 512, None), 2 * block(512) + classifier(512), 6.6),
+    ((12, 768, None), 2 * block(768) + classifier(768), 14.6),
+    ((24, 1024, None), 2 * block(1024) + classifier(1024), 25.8),
+]
+
+
+@pytest.mark.parametrize("shape,exact,paper", TLTR)
+def test_tltr_parameter_counts(shape, exact, paper):
+    with torch.device("meta"):  # no allocation: counts only
+        n = n_parameters(build_head("tl-tr", *shape[:2], 527, shape[2]))
+    assert n == exact
+    # the paper's table rounds loosely: 256 -> 2.045M printed 2.1, medium 25.73M printed 25.8
+    assert abs(n / 1e6 - paper) < 0.07
+
+
+def test_mlp_and_wa_tr_parameter_counts():
+    with torch.device("meta"):
+        wa_mlp, last_mlp, wa_tr = (n_parameters(build_head(k, 32, 1280, 527)) for k in ("wa-mlp", "last-mlp", "wa-tr"))
+    assert wa_mlp == 32 + classifier(1280) and abs(wa_mlp / 1e6 - 0.7) < 0.05
+    assert last_mlp == classifier(1280)
+    assert wa_tr == 32 + block(1280) + classifier(1280)
+
+
+@pytest.mark.parametrize("kind,dim", [("last-mlp", None), ("wa-mlp", None), ("wa-tr", None), ("wa-tr", 16),
+                                      ("tl-tr", None), ("tl-tr", 16)])
+def test_forward_shapes(kind, dim):
+    torch.manual_seed(0)
+    head = build_head(kind, 3, 24, 7, dim)
+    x = torch.randn(5, 3, 4, 24, dtype=torch.float16)
+    assert head(x).shape == (5, 7)
+    if kind.endswith("mlp"):  # time-mean input gives the same logits
+        torch.testing.assert_close(head(x.float().mean(2)), head(x.float()), rtol=1e-5, atol=1e-5)
+    with pytest.raises(HeadError, match="L=3"):
+        head(torch.randn(5, 2, 4, 24))
+
+
+def test_wa_mlp_is_weighted_layer_average():
+    head = build_head("wa-mlp", 2, 4, 3)
+    with torch.no_grad():
+        head.layer_weight.copy_(torch.tensor([3.0, 1.0]))
+    x = torch.randn(2, 2, 5, 4)
+    want = head.mlp_layer((3 * x[:, 0].mean(1) + x[:, 1].mean(1)) / 4)
+    torch.testing.assert_close(head(x), want)
+
+
+def test_bad_kind_and_dim():
+    with pytest.raises(HeadError, match="unknown head"):
+        build_head("cnn", 2, 8, 3)
+    with pytest.raises(HeadError, match="no projection"):
+        build_head("wa-mlp", 2, 8, 3, dim=16)
+    with pytest.raises(HeadError, match="multiple of 8"):
+        build_head("tl-tr", 2, 8, 3, dim=12)
+
+
+def test_save_load_roundtrip(tmp_path):
+    torch.manual_seed(1)
+    head = build_head("tl-tr", 3, 16, 5, 8)
+    info = HeadInfo("tl-tr", 3, 16, 5, 8, 4, '{"keys": [], "names": []}', "tiny.en", "f00d", "trim", False,
+                    thresholds=[0.5] * 5)
+    save_head(tmp_path / "h.pt", head, info)
+    raw = torch.load(tmp_path / "h.pt", weights_only=True)  # plain types only
+    assert raw["info"]["fingerprint"] == "f00d"
+    head2, info2 = load_head(tmp_path / "h.pt")
+    assert info2 == info
+    x = torch.randn(2, 3, 4, 16)
+    assert torch.equal(head.eval()(x), head2(x))
+    with pytest.raises(HeadError, match="3-layer features"):
+        load_head(tmp_path / "h.pt", n_layers=4)
+
+
+def _official(head, prefix="at_model."):
+    """The state dict of an official Whisper-AT head, spelled out with the official key names."""
+    sd = head.state_dict()
+    names = ["time_tr", "layer_tr"]
+    keys = [f"{b}.{k}" for b in names for k in (
+        "attn.query.weight", "attn.query.bias", "attn.key.weight", "attn.value.weight", "attn.value.bias",
+        "attn.out.weight", "attn.out.bias", "attn_ln.weight", "attn_ln.bias", "mlp.0.weight", "mlp.0.bias",
+        "mlp.2.weight", "mlp.2.bias", "mlp_ln.weight", "mlp_ln.bias")]
+    keys += ["mlp_layer.0.weight", "mlp_layer.0.bias", "mlp_layer.1.weight", "mlp_layer.1.bias"]
+    if head.down_layer is not None:
+        keys += ["down_layer.0.weight", "down_layer.0.bias", "down_layer.1.weight", "down_layer.1.bias"]
+    assert sorted(keys) == sorted(sd)
+    return {prefix + k: sd[k].clone() for k in keys}
+
+
+@pytest.mark.parametrize("dim_in,n_layers,dim", [(384, 4, None), (512, 6, 64)])
+def test_official_checkpoint(tmp_path, dim_in, n_layers, dim):
+    torch.manual_seed(2)
+    head = build_head("tl-tr", n_layers, dim_in, 527, dim).eval()
+    torch.save(_official(head), tmp_path / "official.pth")
+    loaded, info = load_head(tmp_path / "official.pth")
+    assert (info.kind, info.n_layers, info.dim_in, info.dim, info.n_classes) == ("tl-tr", n_layers, dim_in, dim, 527)
+    assert info.multilabel and '"/m/09x0r"' in info.vocab_json
+    x = torch.randn(2, n_layers, 25, dim_in)
+    assert torch.equal(head(x), loaded(x))
+    with pytest.raises(HeadError, match=f"{n_layers}-layer features"):
+        load_head(tmp_path / "official.pth", n_layers=32)
+    # DataParallel training checkpoints use module. instead of at_model.
+    assert official_to_state_dict(_official(head, "module.")).keys() == head.state_dict().keys()
+
+
+def test_not_a_head(tmp_path):
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "x.pt")
+    with pytest.raises(HeadError, match="not a wat head"):
+        load_head(tmp_path / "x.pt")
+    (tmp_path / "y.pt").write_bytes(b"garbage")
+    with pytest.raises(HeadError, match="cannot read"):
+        load_head(tmp_path / "y.pt")
