@@ -1,0 +1,94 @@
+"""Training-time augmentation of pooled features, and the consistency-regularisation loss.
+
+Pure torch on whole batches `x [B, L, T, D]` (or time-mean `[B, L, D]`); every random draw comes
+from an explicit `torch.Generator` (a CPU one: draws are tiny and then moved to `x.device`), so a
+run is reproducible and resumable from the generator's state.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def smooth_targets(targets: Tensor, eps: float, multilabel: bool = True) -> Tensor:
+    """Multi-label: positives 1-eps, negatives eps/C (official Whisper-AT). Single-label: the
+    usual (1-eps)*onehot + eps/C, so rows still sum to 1 for cross-entropy."""
+    targets = targets.float()
+    if eps == 0:
+        return targets
+    c = targets.shape[-1]
+    if multilabel:
+        return targets * (1 - eps) + (1 - targets) * (eps / c)
+    return targets * (1 - eps) + eps / c
+
+
+def beta(n: int, a: float, b: float, generator: torch.Generator) -> Tensor:
+    """n draws of Beta(a, b). torch's Beta takes no generator: seed numpy from ours."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.from_numpy(np.random.default_rng(seed).beta(a, b, n).astype(np.float32))
+
+
+def mixup(x: Tensor, targets: Tensor, prob: float, generator: torch.Generator, alpha: float = 10.0):
+    """With probability `prob` per clip, replace (x_i, y_i) by lam*(x_i, y_i) + (1-lam)*(x_j, y_j),
+    j a random clip of the batch and lam ~ Beta(alpha, alpha); others keep lam = 1.
+    Returns (x, targets, lam [B], partner [B])."""
+    n = x.shape[0]
+    lam = beta(n, alpha, alpha, generator)
+    use = torch.rand(n, generator=generator) < prob
+    partner = torch.randint(0, n, (n,), generator=generator)
+    lam = torch.where(use, lam, torch.ones_like(lam))
+    lx = lam.to(x.device).view((n,) + (1,) * (x.dim() - 1))
+    ly = lam.to(targets.device).view(n, 1)
+    p = partner.to(x.device)
+    x = (lx * x.float() + (1 - lx) * x[p].float()).to(x.dtype)
+    targets = ly * targets.float() + (1 - ly) * targets[p.to(targets.device)].float()
+    return x, targets, lam, partner
+
+
+def _block_mask(n: int, size: int, max_width: int, generator: torch.Generator) -> Tensor:
+    """[n, size] bool, True on one contiguous block per row of width uniform in 0..max_width."""
+    max_width = min(max_width, size)
+    width = torch.randint(0, max_width + 1, (n,), generator=generator)
+    start = (torch.rand(n, generator=generator) * (size - width + 1)).long()
+    pos = torch.arange(size)
+    return (pos >= start[:, None]) & (pos < (start + width)[:, None])
+
+
+def time_mask(x: Tensor, max_width: int, generator: torch.Generator) -> Tensor:
+    """Zero up to `max_width` consecutive frames of each clip; the same frames on every layer.
+    x [B, L, T, D]."""
+    if max_width <= 0:
+        return x
+    m = _block_mask(x.shape[0], x.shape[2], max_width, generator).to(x.device)
+    return x.masked_fill(m[:, None, :, None], 0)
+
+
+def feature_mask(x: Tensor, max_width: int, generator: torch.Generator) -> Tensor:
+    """Zero up to `max_width` consecutive feature dims of each clip, on every layer and frame.
+    x [B, L, T, D] or [B, L, D]."""
+    if max_width <= 0:
+        return x
+    m = _block_mask(x.shape[0], x.shape[-1], max_width, generator).to(x.device)
+    return x.masked_fill(m.view((x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)), 0)
+
+
+def consistency_loss(views: list[Tensor], multilabel: bool = True) -> Tensor:
+    """Mean over ordered pairs (i, j), i != j, of the cross-entropy of view i's probabilities
+    against view j's stop-gradient probabilities: sigmoid + BCE (multi-label, averaged over classes)
+    or softmax + CE (single-label). Each unordered pair counts in both directions."""
+    if len(views) < 2:
+        raise ValueError("consistency regularisation needs at least 2 views")
+    total, pairs = 0.0, 0
+    for i, zi in enumerate(views):
+        for j, zj in enumerate(views):
+            if i == j:
+                continue
+            zi, zj = zi.float(), zj.float()
+            if multilabel:
+                total = total + F.binary_cross_entropy_with_logits(zi, torch.sigmoid(zj).detach())
+            else:
+                total = total + F.cross_entropy(zi, torch.softmax(zj, -1).detach())
+            pairs += 1
+    return total / pairs
