@@ -27,10 +27,12 @@ def _t() -> np.ndarray:
 
 def _colored(rng, exponent: float) -> np.ndarray:
     """Noise with power ~ 1/f**exponent (0 white, 1 pink, 2 brown), unit peak."""
-    spec = np.fft.rfft(rng.standard_normal(N))
-    f = np.fft.rfftfreq(N, 1 / RATE)
-    f[0] = f[1]
-    x = np.fft.irfft(spec / f ** (exponent / 2), N)
+    # white Gaussian noise has i.i.d. complex Gaussian Fourier coefficients: shape them directly
+    m = N // 2 + 1
+    spec = rng.standard_normal(m) + 1j * rng.standard_normal(m)
+    f = np.arange(m, dtype=np.float64)
+    f[0] = 1
+    x = np.fft.irfft(spec * f ** (-exponent / 2), N)
     return x / np.abs(x).max()
 
 
@@ -78,7 +80,8 @@ def click_train(rng):
     times = np.arange(rng.uniform(0, 0.2), SECONDS, 1 / rate)
     times = times + rng.normal(0, 0.05 / rate, len(times))  # slight jitter, never reordering clicks
     x[np.clip((times * RATE).astype(int), 0, N - 1)] = 1.0
-    click = rng.standard_normal(int(0.002 * RATE)) * np.exp(-np.arange(int(0.002 * RATE)) / 20)
+    t = np.arange(int(0.003 * RATE)) / RATE
+    click = (np.sin(2 * np.pi * rng.uniform(1000, 4000) * t) + 0.5 * rng.standard_normal(len(t))) * np.exp(-t / 5e-4)
     return _convolve(x, click) * _envelope(rng)
 
 
@@ -102,11 +105,13 @@ def engine(rng):
 
 
 def rain(rng):
-    x = np.zeros(N)
-    n = int(rng.uniform(300, 1200) * SECONDS)
-    x[rng.integers(0, N, n)] = rng.uniform(0.2, 1.0, n) * rng.choice([-1, 1], n)
-    drop = np.diff(rng.standard_normal(int(0.004 * RATE))) * np.exp(-np.arange(int(0.004 * RATE) - 1) / 30)
-    return (_convolve(x, drop) + 0.05 * rng.uniform(-1, 1, N)) * _envelope(rng)
+    # many short damped resonances (drops) at random times and pitches, over a soft wash of noise
+    n, length = int(rng.uniform(200, 800) * SECONDS), int(0.006 * RATE)
+    t = np.arange(length) / RATE
+    drops = np.sin(2 * np.pi * rng.uniform(700, 5000, (n, 1)) * t) * np.exp(-t / rng.uniform(0.0005, 0.002, (n, 1)))
+    x = np.zeros(N + length)
+    np.add.at(x, rng.integers(0, N, n)[:, None] + np.arange(length), drops * rng.uniform(0.2, 1.0, (n, 1)))
+    return (x[:N] + 0.1 * _colored(rng, 1.0)) * _envelope(rng)
 
 
 def birds(rng):
