@@ -67,9 +67,9 @@ def load_audio(path, *, sample_rate: int = SAMPLE_RATE, offset: float = 0.0, dur
         raise AudioError(path, "no samples decoded" if audio.shape[1] else "no audio channels")
     if not np.isfinite(audio).all():
         raise AudioError(path, "non-finite samples (NaN or inf)")
-    mono = audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0]
-    if not np.any(mono):
+    if not np.any(audio):
         raise AudioError(path, "silent (all samples are zero)")
+    mono = audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0]
     if rate != sample_rate:
         mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
