@@ -152,7 +152,7 @@ def _audioset(kind: str, root: Path, manifest: Path) -> Dataset:
     audio = index_audio(root)
     problems, clips = [], []
     for file in files:
-        with open(file, encoding="utf-8", errors="replace") as f:
+        with open(file, encoding="utf-8-sig", errors="replace") as f:
             for lineno, line in enumerate(f, 1):
                 line = line.strip()
                 if not line or line.startswith("#"):
@@ -266,7 +266,7 @@ def _labelled_clips(name, entries, problems, base: Path, clip_seconds=10.0) -> D
 
 def _json(manifest: Path) -> Dataset:
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))["data"]
+        data = json.loads(manifest.read_text(encoding="utf-8-sig"))["data"]
         if not isinstance(data, list):
             raise TypeError("'data' is not a list")
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -308,7 +308,7 @@ def _read_csv(path: Path, required) -> tuple[list[tuple[str, dict]], list[tuple[
     """A headed CSV, line by line so that one bad quote cannot swallow the rest of the file."""
     if not path.is_file():
         raise DatasetError(f"manifest {path} not found")
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
         lines = f.read().splitlines()
     if not lines:
         raise DatasetError(f"{path}: empty file")

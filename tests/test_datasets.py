@@ -284,7 +284,8 @@ def test_csv_manifest(tmp_path):
     assert problems["m.csv:4"].startswith("malformed") and problems["m.csv:5"].startswith("malformed")
     assert problems["m.csv:7"].startswith("no audio") and problems["a"].startswith("duplicate id")
 
-    (tmp_path / "single.csv").write_text("path,labels\nclips/a.wav,dog\nclips/b.wav,cat\nclips/c.wav,\n")
+    # a spreadsheet-exported file: byte-order mark and CRLF line ends
+    (tmp_path / "single.csv").write_bytes(b"\xef\xbb\xbfpath,labels\r\nclips/a.wav,dog\r\nclips/b.wav,cat\r\nclips/c.wav,\r\n")
     ds = load_dataset("csv", tmp_path, tmp_path / "single.csv")
     assert not ds.multilabel and [c.labels for c in ds.clips] == [(1,), (0,)]
     assert _reasons(ds) == {"single.csv:4": "no label"}  # single-label sets keep exactly one label per clip
