@@ -114,7 +114,7 @@ def write_ct2(path, variables: dict[str, np.ndarray], aliases: dict[str, str] | 
 
     out = [struct.pack("<I", VERSION), string(spec), struct.pack("<II", revision, len(variables))]
     for name, value in variables.items():
-        arr = np.ascontiguousarray(value)
+        arr = np.array(value, order="C")  # (ascontiguousarray would make scalars 1-D)
         if arr.dtype not in _CODES:
             raise CT2Error(f"cannot write {name!r}: dtype {arr.dtype} has no CTranslate2 id")
         raw = arr.astype(arr.dtype.newbyteorder("<")).tobytes()

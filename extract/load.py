@@ -37,6 +37,10 @@ class WhisperLoadError(Exception):
     """The model cannot be loaded; the message says why and what to do."""
 
 
+def _brief(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]
+
+
 def _cache_root(sub: str) -> Path:
     default = os.path.join(os.path.expanduser("~"), ".cache")
     return Path(os.getenv("XDG_CACHE_HOME", default)) / sub
@@ -78,7 +82,7 @@ def _from_checkpoint(ckpt, device, alignment_heads=None) -> Whisper:
         model.load_state_dict(ckpt["model_state_dict"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise WhisperLoadError(f"not an openai-whisper checkpoint ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:200]})") from None
+                               f"{_brief(e)})") from None
     heads = alignment_heads or ckpt.get("alignment_heads")
     if isinstance(heads, bytes):  # openai-whisper's base85 form
         model.set_alignment_heads(heads)
@@ -95,7 +99,7 @@ def _load_pt(path: Path, device) -> Whisper:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
         raise WhisperLoadError(f"{path}: cannot read the checkpoint "
-                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                               f"({type(e).__name__}: {_brief(e)})") from None
     if not isinstance(ckpt, dict):
         raise WhisperLoadError(f"{path}: not an openai-whisper checkpoint (a {type(ckpt).__name__})")
     try:
