@@ -1,0 +1,177 @@
+"""The one metrics module (train and eval): AP/mAP, AUC/mAUC, d', accuracy, F1, confusion matrix.
+
+Classes that make a metric undefined (no positives for AP/F1, no positives or no negatives for
+AUC) are skipped and listed, never averaged in as NaN or zero.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy.stats import norm
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+
+@dataclass
+class Scores:
+    n_clips: int
+    n_classes: int
+    mAP: float | None                    # mean AP over classes with positives (None: no such class)
+    mAUC: float | None                   # mean AUC over classes with positives and negatives
+    d_prime: float | None                # sqrt(2) * Phi^-1(mAUC), as in the AudioSet papers
+    per_class: list[float | None]        # AP per class, None where skipped
+    per_class_auc: list[float | None]
+    skipped_classes: list[int] = field(default_factory=list)      # no positives: no AP
+    skipped_auc_classes: list[int] = field(default_factory=list)  # no positives or no negatives: no AUC
+    accuracy: float | None = None        # single-label only
+    macro_f1: float | None = None        # single-label only: mean F1 over classes present in the targets
+    per_class_f1: list[float | None] | None = None
+
+    @property
+    def skipped(self) -> list[int]:
+        return self.skipped_classes
+
+    def to_dict(self) -> dict:
+        """JSON-safe: non-finite floats (d' of a perfect AUC is infinite) become None."""
+        return _json_safe(asdict(self))
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _check(targets, scores) -> tuple[np.ndarray, np.ndarray]:
+    targets = np.asarray(targets).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if targets.ndim != 2 or targets.shape != scores.shape:
+        raise ValueError(f"targets {targets.shape} and scores {scores.shape} must both be [N, C]")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf")
+    return targets, scores
+
+
+def one_hot(labels, n_classes: int) -> np.ndarray:
+    """[N] class indices (or a list of label tuples) -> [N, C] bool."""
+    out = np.zeros((len(labels), n_classes), dtype=bool)
+    for i, lab in enumerate(labels):
+        out[i, list(lab) if isinstance(lab, (tuple, list, np.ndarray)) else int(lab)] = True
+    return out
+
+
+def d_prime(auc):
+    """sqrt(2) * Phi^-1(AUC); +-inf at AUC 1 / 0."""
+    return float(np.sqrt(2.0) * norm.ppf(auc)) if np.ndim(auc) == 0 else np.sqrt(2.0) * norm.ppf(auc)
+
+
+def per_class_ap(targets, scores) -> tuple[list[float | None], list[int]]:
+    targets, scores = _check(targets, scores)
+    ap, skipped = [], []
+    for c in range(targets.shape[1]):
+        if targets[:, c].any():
+            ap.append(float(average_precision_score(targets[:, c], scores[:, c])))
+        else:
+            ap.append(None)
+            skipped.append(c)
+    return ap, skipped
+
+
+def per_class_auc(targets, scores) -> tuple[list[float | None], list[int]]:
+    targets, scores = _check(targets, scores)
+    auc, skipped = [], []
+    for c in range(targets.shape[1]):
+        pos = int(targets[:, c].sum())
+        if 0 < pos < len(targets):
+            auc.append(float(roc_auc_score(targets[:, c], scores[:, c])))
+        else:
+            auc.append(None)
+            skipped.append(c)
+    return auc, skipped
+
+
+def multilabel_scores(targets, scores) -> Scores:
+    """targets [N, C] bool, scores [N, C] (probabilities or logits: only the ranking matters)."""
+    targets, scores = _check(targets, scores)
+    ap, skip_ap = per_class_ap(targets, scores)
+    auc, skip_auc = per_class_auc(targets, scores)
+    m_auc = _mean(auc)
+    return Scores(n_clips=len(targets), n_classes=targets.shape[1], mAP=_mean(ap), mAUC=m_auc,
+                  d_prime=None if m_auc is None else d_prime(m_auc), per_class=ap, per_class_auc=auc,
+                  skipped_classes=skip_ap, skipped_auc_classes=skip_auc)
+
+
+def singlelabel_scores(labels, probs) -> Scores:
+    """labels [N] class indices, probs [N, C]: accuracy, macro-F1, plus the one-vs-rest AP/AUC figures."""
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs)
+    n_classes = probs.shape[1]
+    s = multilabel_scores(one_hot(labels, n_classes), probs)
+    pred = probs.argmax(1)
+    f1 = per_class_f1(labels, pred, n_classes)
+    s.accuracy = accuracy(labels, pred)
+    s.per_class_f1 = [None if math.isnan(v) else float(v) for v in f1]
+    s.macro_f1 = _mean(s.per_class_f1)
+    return s
+
+
+def accuracy(y_true, y_pred) -> float:
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1 or len(y_true) == 0:
+        raise ValueError(f"accuracy needs two equal non-empty 1-D arrays, got {y_true.shape} and {y_pred.shape}")
+    return float((y_true == y_pred).mean())
+
+
+def confusion_matrix(y_true, y_pred, n_classes: int) -> np.ndarray:
+    """[C, C] int64 counts; rows are true classes, columns predicted classes."""
+    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+def per_class_f1(y_true, y_pred, n_classes: int) -> np.ndarray:
+    """F1 per class; NaN for classes absent from y_true (undefined recall) — macro_f1 skips them."""
+    cm = confusion_matrix(y_true, y_pred, n_classes)
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(1), cm.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = 2 * tp / (support + predicted)
+    f1[support == 0] = np.nan
+    return f1
+
+
+def macro_f1(y_true, y_pred, n_classes: int) -> tuple[float | None, list[int]]:
+    """Mean F1 over the classes present in y_true, and the skipped (absent) classes."""
+    f1 = per_class_f1(y_true, y_pred, n_classes)
+    present = ~np.isnan(f1)
+    return (float(f1[present].mean()) if present.any() else None), np.flatnonzero(~present).tolist()
+
+
+def best_f1_threshold(target, score) -> tuple[float, float]:
+    """Threshold maximising F1 for one class: (threshold, F1). Predict positive when score >= threshold."""
+    target = np.asarray(target, bool)
+    score = np.asarray(score, np.float64)
+    if not target.any():
+        raise ValueError("no positives: F1 threshold undefined")
+    order = np.argsort(-score, kind="stable")
+    s, t = score[order], target[order]
+    tp = np.cumsum(t)
+    fp = np.cumsum(~t)
+    last = np.r_[s[1:] != s[:-1], True]     # cut only between distinct scores (ties go together)
+    tp, fp, cut = tp[last], fp[last], s[last]
+    f1 = 2 * tp / (tp + fp + t.sum())
+    k = int(np.argmax(f1))
+    return float(cut[k]), float(f1[k])
