@@ -1,0 +1,78 @@
+"""wat-train: fit an audio-tagging head on a feature cache."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from wat.data.cache import CacheError
+from wat.data.labels import LabelError
+
+from .heads import KINDS, HeadError
+from .loop import Interrupted, TrainError, TrainOptions, train
+
+
+def _range(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END epochs, got {text!r}") from None
+    return a, b
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wat-train", description=__doc__)
+    p.add_argument("--features", required=True, help="training cache (feats.h5)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--eval-features", help="evaluation cache, scored every epoch (chooses best.pt)")
+    g.add_argument("--folds", type=int, default=0, help="cross-validate over the cache's K folds (ESC-50: 5)")
+    p.add_argument("--head", choices=KINDS, default="tl-tr")
+    p.add_argument("--dim", type=int, help="TL-Tr/WA-Tr projection width (default: the encoder width)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=48)
+    p.add_argument("--mixup", type=float, default=0.5, help="mixup probability per clip (0 = off)")
+    p.add_argument("--time-mask", type=int, default=10, help="mask up to N frames (same on all layers)")
+    p.add_argument("--feature-mask", type=int, help="mask up to N feature dims (default off; width/10 with CR)")
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--balanced", action="store_true", help="sample clips by inverse class frequency")
+    p.add_argument("--cr-views", type=int, default=1, help="K augmented views per clip for consistency regularisation")
+    p.add_argument("--cr-weight", type=float, default=1.0)
+    p.add_argument("--unlabeled-features", help="cache of unlabeled clips for semi-supervised CR")
+    p.add_argument("--cr-unlabeled-weight", type=float, default=1.0)
+    p.add_argument("--unlabeled-ratio", type=int, default=4, help="unlabeled clips per labeled clip per step")
+    p.add_argument("--parent-labels", action="store_true", help="also train on ontology ancestors")
+    p.add_argument("--weight-average", type=_range, metavar="START:END",
+                   help="average these epochs' weights into wa.pt (default: the second half)")
+    p.add_argument("--init", help="start from a head checkpoint (ours or official Whisper-AT)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    opts = TrainOptions(
+        features=a.features, out=a.out, head=a.head, eval_features=a.eval_features, folds=a.folds,
+        dim=a.dim, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, mixup=a.mixup, time_mask=a.time_mask,
+        feature_mask=a.feature_mask, label_smoothing=a.label_smoothing, balanced=a.balanced,
+        cr_views=a.cr_views, cr_weight=a.cr_weight, unlabeled_features=a.unlabeled_features,
+        cr_unlabeled_weight=a.cr_unlabeled_weight, unlabeled_ratio=a.unlabeled_ratio,
+        parent_labels=a.parent_labels, weight_average=a.weight_average, init=a.init, device=a.device,
+        seed=a.seed, resume=a.resume)
+    try:
+        final = train(opts)
+    except (TrainError, HeadError, CacheError, LabelError, Interrupted) as e:
+        print(f"wat-train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wat-train: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    print(json.dumps({k: v for k, v in final.items() if k != "skipped_classes"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
