@@ -1,0 +1,189 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from wat.data.cache import CacheMeta, build_index, shard_path, write_shard
+from wat.data.labels import Vocabulary, audioset_vocabulary
+from wat.train import cli
+from wat.train.heads import build_head, load_head
+from wat.train.loop import (Interrupted, TrainError, TrainOptions, _balanced_weights, milestones, train,
+                            wa_range)
+
+L, T, D = 3, 5, 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny matrices: a second intra-op thread only adds synchronisation (and stalls on a busy machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_cache(folder, vocab, labels, multilabel, seed=0, folds=None, n_shards=2, means_seed=0):
+    """A cache whose clips are noise plus the mean vectors of their classes (learnable, not trivial)."""
+    rng = np.random.default_rng(seed)
+    means = np.random.default_rng(means_seed).normal(size=(len(vocab), D))
+    n = len(labels)
+    x = rng.normal(size=(n, L, T, D))
+    for i, lab in enumerate(labels):
+        x[i] += means[list(lab)].sum(0)
+    meta = CacheMeta("tiny-test", "f1ng3r", L, T, D, "trim", f"mean:{T}", 16000, 5.0, vocab, multilabel, "synthetic")
+    folder.mkdir()
+    bounds = np.linspace(0, n, n_shards + 1).astype(int)
+    paths = []
+    for s in range(n_shards):
+        a, b = bounds[s], bounds[s + 1]
+        paths.append(shard_path(folder, s))
+        write_shard(paths[-1], meta, [f"clip{i:04d}" for i in range(a, b)], x[a:b], labels[a:b],
+                    folds=None if folds is None else folds[a:b])
+    build_index(folder / "feats.h5", paths)
+    return folder / "feats.h5"
+
+
+@pytest.fixture(scope="module")
+def esc_like(tmp_path_factory):
+    """Single-label, 4 classes x 20 clips, 5 folds."""
+    vocab = Vocabulary.from_names(["dog", "rain", "siren", "clock"])
+    n = 80
+    labels = [(i % 4,) for i in range(n)]
+    folds = (np.arange(n) // 4) % 5 + 1
+    return write_cache(tmp_path_factory.mktemp("esc") / "c", vocab, labels, False, folds=folds)
+
+
+def multilabel(tmp, name, n, seed, vocab=None):
+    vocab = vocab or Vocabulary.from_names([f"k{i}" for i in range(6)])
+    rng = np.random.default_rng(seed)
+    labels = [tuple(sorted({int(a), int(b)})) for a, b in rng.integers(0, 6, (n, 2))]
+    return write_cache(tmp / name, vocab, labels, True, seed=seed)
+
+
+def opts(features, out, **kw):
+    base = dict(epochs=3, lr=1e-3, batch_size=16, progress=False)
+    base.update(kw)
+    return TrainOptions(features=str(features), out=str(out), **base)
+
+
+def test_five_fold_protocol_outputs(esc_like, tmp_path):
+    final = train(opts(esc_like, tmp_path / "run", head="tl-tr", folds=5, epochs=4))
+    assert final["metric"] == "accuracy" and final["best"] > 0.5  # chance is 0.25
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(m["epochs"]) == 4 and set(m["epochs"][0]["folds"]) == {f"fold{k}" for k in range(1, 6)}
+    # one epoch chosen by the fold-averaged score
+    means = [e["score"] for e in m["epochs"]]
+    assert m["final"]["best_epoch"] == int(np.argmax(means)) + 1
+    chosen = m["epochs"][m["final"]["best_epoch"] - 1]
+    assert final["best"] == pytest.approx(np.mean([chosen["folds"][f]["score"] for f in chosen["folds"]]))
+    rows = list(csv.DictReader(open(tmp_path / "run" / "per_class.csv")))
+    assert [r["name"] for r in rows] == ["dog", "rain", "siren", "clock"]
+    assert all(int(r["support"]) == 20 and 0 <= float(r["F1"]) <= 1 for r in rows)
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    head, info = load_head(tmp_path / "run" / "fold3" / "best.pt", n_layers=L)
+    assert (info.kind, info.n_classes, info.fingerprint, info.policy, info.multilabel) == ("tl-tr", 4, "f1ng3r", "trim", False)
+    assert json.loads(info.vocab_json)["names"] == ["dog", "rain", "siren", "clock"]
+    load_head(tmp_path / "run" / "fold3" / "wa.pt")
+
+
+def test_wa_mlp_trains_from_the_mean_field(esc_like, tmp_path):
+    final = train(opts(esc_like, tmp_path / "run", head="wa-mlp", folds=5, epochs=6, lr=3e-3))
+    assert final["best"] > 0.5
+
+
+def test_multilabel_split_streaming_and_cli(tmp_path, capsys):
+    tr, te = multilabel(tmp_path, "tr", 160, 1), multilabel(tmp_path, "te", 60, 2)
+    out = tmp_path / "run"
+    rc = cli.main(["--features", str(tr), "--eval-features", str(te), "--head", "tl-tr", "--dim", "16",
+                   "--epochs", "4", "--lr", "1e-3", "--batch-size", "16", "--balanced", "--out", str(out)])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["metric"] == "mAP" and printed["best"] > 0.6  # random scores give ~0.3
+    rows = list(csv.DictReader(open(out / "per_class.csv")))
+    assert len(rows) == 6 and all(float(r["AP"]) > 0 for r in rows)
+    # streaming (memory budget 0) trains as well
+    final = train(opts(tr, tmp_path / "stream", eval_features=str(te), head="tl-tr", dim=16, epochs=4, memory_budget=0))
+    assert final["best"] > 0.6
+
+
+def test_cr_unlabeled_and_parent_labels(tmp_path):
+    vocab = audioset_vocabulary()
+    speech, music, dog = vocab.index("/m/09x0r"), vocab.index("/m/04rlf"), vocab.index("/m/0bt9lr")
+    rng = np.random.default_rng(0)
+    labels = [tuple(sorted({int(a), int(b)})) for a, b in rng.choice([speech, music, dog], (64, 2))]
+    tr = write_cache(tmp_path / "tr", vocab, labels, True, seed=1, n_shards=1)
+    te = write_cache(tmp_path / "te", vocab, labels[:32], True, seed=2, n_shards=1)
+    un = write_cache(tmp_path / "un", vocab, [()] * 64, True, seed=3, n_shards=1)
+    final = train(opts(tr, tmp_path / "run", eval_features=str(te), head="wa-tr", dim=16, cr_views=3,
+                       unlabeled_features=str(un), unlabeled_ratio=2, parent_labels=True, epochs=2))
+    head, info = load_head(tmp_path / "run" / "best.pt")
+    assert info.primary_classes == 527 and info.n_classes > 527  # ancestors appended
+    names = json.loads(info.vocab_json)["names"]
+    assert "Human sounds" in names[527:] and names[:527] == list(vocab.names)
+    assert len(final["skipped_classes"]) == 524  # evaluated on the 527 only
+    assert sum(1 for _ in open(tmp_path / "run" / "per_class.csv")) == 528
+
+
+def test_resume_is_bit_identical_and_wa_averages(tmp_path):
+    tr, te = multilabel(tmp_path, "tr", 64, 1), multilabel(tmp_path, "te", 32, 2)
+    kw = dict(eval_features=str(te), head="tl-tr", dim=16, epochs=4, cr_views=2, balanced=True,
+              weight_average=(2, 3), seed=5)
+    train(opts(tr, tmp_path / "full", **kw))
+    with pytest.raises(Interrupted):
+        train(opts(tr, tmp_path / "cut", max_epochs_this_run=2, **kw))
+    epoch2 = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["fits"][0]["head"]
+    with pytest.raises(Interrupted):  # resume one more epoch, then the rest
+        train(opts(tr, tmp_path / "cut", max_epochs_this_run=1, resume=True, **kw))
+    epoch3 = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["fits"][0]["head"]
+    train(opts(tr, tmp_path / "cut", resume=True, **kw))
+    for name in ("best.pt", "wa.pt", "last.pt"):
+        a = torch.load(tmp_path / "full" / name, weights_only=True)
+        b = torch.load(tmp_path / "cut" / name, weights_only=True)
+        sa = a["state_dict"] if "state_dict" in a else a["fits"][0]["head"]
+        sb = b["state_dict"] if "state_dict" in b else b["fits"][0]["head"]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
+    wa = torch.load(tmp_path / "full" / "wa.pt", weights_only=True)["state_dict"]
+    for k in wa:  # uniform average of epochs 2 and 3
+        torch.testing.assert_close(wa[k], (epoch2[k].double() + epoch3[k].double()).div(2).float(), rtol=0, atol=1e-7)
+    ma = json.loads((tmp_path / "full" / "metrics.json").read_text())["epochs"]
+    mb = json.loads((tmp_path / "cut" / "metrics.json").read_text())["epochs"]
+    assert ma == mb
+    with pytest.raises(TrainError, match="different options"):
+        train(opts(tr, tmp_path / "cut", resume=True, **{**kw, "lr": 0.5}))
+
+
+def test_errors(esc_like, tmp_path, capsys):
+    tr = multilabel(tmp_path, "tr", 32, 1)
+    other = multilabel(tmp_path, "other", 32, 2, vocab=Vocabulary.from_names([f"z{i}" for i in range(6)]))
+    unl = write_cache(tmp_path / "unl", Vocabulary.from_names(["a", "b"]), [()] * 8, True, n_shards=1)
+
+    def fails(argv, match):
+        assert cli.main(argv + ["--out", str(tmp_path / "err"), "--epochs", "1"]) == 2
+        err = capsys.readouterr().err
+        assert match in err and "Traceback" not in err
+        return err
+
+    fails(["--features", str(unl)], "has no labels")
+    fails(["--features", str(tr), "--eval-features", str(other)], "vocabulary mismatch")
+    fails(["--features", str(tr), "--eval-features", str(esc_like)], "vocabulary mismatch")
+    fails(["--features", str(tr), "--folds", "5"], "--folds 5")
+    fails(["--features", str(tmp_path / "missing.h5")], "--features")
+    fails(["--features", str(tr), "--weight-average", "3:9"], "--weight-average")
+    # an official Whisper-AT head (tiny: 4 layers of 384) does not fit these 3-layer features
+    official = {f"at_model.{k}": v for k, v in build_head("tl-tr", 4, 384, 527).state_dict().items()}
+    torch.save(official, tmp_path / "tiny.pth")
+    fails(["--features", str(tr), "--init", str(tmp_path / "tiny.pth")], "expects 4-layer features")
+    with pytest.raises(TrainError, match="differ"):
+        train(opts(tr, tmp_path / "x", head="wa-mlp", cr_views=2, feature_mask=0))
+
+
+def test_schedule_and_sampler_weights():
+    assert milestones(30) == [15, 20, 25] and milestones(50)[:2] == [15, 20]
+    assert milestones(6) == [3, 4, 5] and milestones(12) == [6, 8, 10]
+    assert wa_range(TrainOptions("f", "o", epochs=30)) == (16, 30)
+    y = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0]], bool)
+    w = _balanced_weights(y).numpy()
+    c = 1000 / (np.array([3, 1, 1]) + 0.01)
+    np.testing.assert_allclose(w, [c[0], c[0] + c[1], c[2], c[0]])
