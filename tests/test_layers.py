@@ -1,0 +1,110 @@
+"""Layer taps on tiny.en: shapes, per-clip independence, pad30 vs trim, pooling = window means of
+the block outputs before ln_post, and LayerTaps on a plain encoder call."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import whisper
+
+from wat.extract import LayerTaps, encode_layers, log_mel
+
+SR = 16000
+
+
+def clip(speech, seconds):
+    out = np.zeros(int(seconds * SR), np.float32)
+    n = min(len(speech), len(out))
+    out[:n] = speech[:n]
+    return out
+
+
+def loud_tone(n, hz=1000.0):
+    # a pure tone puts its energy in few mel bins: a much higher log-mel maximum than speech
+    return (0.9 * np.sin(2 * np.pi * hz * np.arange(n) / SR)).astype(np.float32)
+
+
+def test_log_mel_is_per_clip(speech_audio):
+    a = torch.from_numpy(clip(speech_audio, 5))
+    b = torch.from_numpy(loud_tone(len(a)))
+    mel = log_mel(torch.stack([a, b]), 80)
+    assert mel.shape == (2, 80, len(a) // 160)
+    assert torch.equal(mel[0], whisper.log_mel_spectrogram(a, 80))
+    # a batched call would clamp the quiet clip against the loud one's maximum
+    assert not torch.equal(mel[0], whisper.log_mel_spectrogram(torch.stack([a, b]), 80)[0])
+
+
+def test_shapes_and_frames(tiny_model, speech_audio):
+    for seconds in (5, 10):
+        for policy in ("pad30", "trim"):
+            x = clip(speech_audio, seconds)[None]
+            f = encode_layers(tiny_model, x, policy=policy)
+            assert f.shape == (1, 4, 25, 384) and f.dtype == torch.float32, (seconds, policy)
+            assert torch.isfinite(f).all() and f.abs().max() > 0.1
+    x = torch.from_numpy(np.stack([clip(speech_audio, 3)] * 3))
+    assert encode_layers(tiny_model, x, frames=5, policy="trim").shape == (3, 4, 5, 384)
+
+
+def test_batch_independence(tiny_model, speech_audio):
+    a = clip(speech_audio, 5)
+    for policy in ("pad30", "trim"):
+        alone = encode_layers(tiny_model, a[None], policy=policy)
+        batched = encode_layers(tiny_model, np.stack([a, loud_tone(len(a))]), policy=policy)
+        assert (alone[0] - batched[0]).abs().max() < 1e-4, policy
+        assert (batched[0] - batched[1]).abs().max() > 1.0
+
+
+def test_pad30_and_trim_differ(tiny_model, speech_audio):
+    x = clip(speech_audio, 10)[None]
+    pad, trim = encode_layers(tiny_model, x, policy="pad30"), encode_layers(tiny_model, x, policy="trim")
+    assert pad.shape == trim.shape == (1, 4, 25, 384)
+    assert (pad - trim).abs().max() > 0.05
+    # but they describe the same audio: per-layer time means stay strongly correlated
+    r = np.corrcoef(pad.mean(2).flatten().numpy(), trim.mean(2).flatten().numpy())[0, 1]
+    assert r > 0.9
+    assert tiny_model.encoder.positional_embedding.shape == (1500, 384)  # trim restored it
+
+
+def test_pooling_is_window_means_of_block_outputs(tiny_model, speech_audio):
+    """10 s pad30: 500 encoder frames cover the clip -> 25 windows of 20 frames, pre-ln_post."""
+    x = clip(speech_audio, 10)
+    enc = tiny_model.encoder
+    full = []
+    hooks = [b.register_forward_hook(lambda m, i, o: full.append(o.detach().clone())) for b in enc.blocks]
+    try:
+        mel = log_mel(whisper.pad_or_trim(torch.from_numpy(x[None]), whisper.audio.N_SAMPLES), 80)
+        with torch.no_grad():
+            enc(mel)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert math.ceil(len(x) / 320) == 500
+    want = torch.stack([o[:, :500].reshape(1, 25, 20, 384).mean(2) for o in full], 1)
+    got = encode_layers(tiny_model, x[None])
+    assert torch.allclose(got, want, atol=1e-5)
+    # the last layer is before ln_post: its mean is not ~0 per frame as after a LayerNorm would be
+    assert got[0, -1].mean(-1).abs().max() > 0.05
+
+
+def test_layer_taps_on_plain_encoder_calls(tiny_model, speech_audio):
+    x = clip(speech_audio, 5)
+    y = loud_tone(len(x))
+    mel = log_mel(whisper.pad_or_trim(torch.from_numpy(np.stack([x, y])), whisper.audio.N_SAMPLES), 80)
+    with torch.no_grad(), LayerTaps(tiny_model.encoder, frames=25, n_valid=250) as taps:
+        tiny_model.encoder(mel[:1])
+        tiny_model.encoder(mel[1:])
+    assert [r.shape for r in taps.results] == [(1, 4, 25, 384), (1, 4, 25, 384)]
+    assert taps.pooled is taps.results[-1]
+    assert torch.allclose(taps.results[0], encode_layers(tiny_model, x[None]), atol=1e-5)
+    assert torch.allclose(taps.results[1], encode_layers(tiny_model, y[None]), atol=1e-5)
+    # the hooks are gone after the block
+    with torch.no_grad():
+        tiny_model.encoder(mel[:1])
+    assert len(taps.results) == 2
+
+
+def test_bad_inputs(tiny_model):
+    with pytest.raises(ValueError, match="unknown policy"):
+        encode_layers(tiny_model, np.zeros((1, 16000), np.float32), policy="crop")
+    with pytest.raises(ValueError, match=r"\[batch, samples\]"):
+        encode_layers(tiny_model, np.zeros(16000, np.float32))
