@@ -36,7 +36,8 @@ class LayerTaps:
         taps.results                     # one [B, L, frames, D] float32 tensor per encoder call
         taps.pooled                      # the last one
 
-    Works on any call of the encoder (every 30 s window of a transcription adds one result);
+    Works on any call of the encoder: every 30 s window of `whisper.transcribe` adds one result, and
+    so does each temperature-fallback retry of a window (it re-runs the encoder on the same mel).
     `n_valid` may be changed between calls. Results stay on the encoder's device. The hooks are
     removed on exit; a model with taps attached should not be used from several threads at once.
     """

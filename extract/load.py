@@ -133,6 +133,7 @@ def _load_ct2(model_dir: Path, device, parts=None, alignment_heads=None) -> Whis
         fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=cached.name, suffix=".partial")
         with os.fdopen(fd, "wb") as f:
             torch.save(ckpt, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
         os.replace(tmp, cached)
     except OSError:  # a read-only cache only costs a re-conversion next time
         if tmp:

