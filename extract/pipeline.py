@@ -315,17 +315,11 @@ class _ShardBuffer:
         return result
 
 
-def _autocast(device: str):
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.float16)
-    return torch.autocast("cpu", enabled=False)
-
-
 @torch.inference_mode()
 def encode_batch(model, audio: torch.Tensor, options: ExtractOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """audio [B, S] on the device -> (features f16 [B, L, T, D], finite [B] bool), still on the device."""
-    with _autocast(options.device):
-        feats = encode_layers(model, audio, frames=options.frames, policy=options.policy)
+    """audio [B, S] on the device -> (features f16 [B, L, T, D], finite [B] bool), still on the device.
+    `encode_layers` computes the log-mel per clip and runs the encoder under fp16 autocast on CUDA."""
+    feats = encode_layers(model, audio, frames=options.frames, policy=options.policy)
     feats = feats.to(torch.float16)  # the stored type: a value that overflows f16 is non-finite too
     return feats, torch.isfinite(feats).flatten(1).all(1)
 

@@ -1,0 +1,143 @@
+"""wat-extract end to end on demo data with tiny.en: shapes, values, errors, refusal, resume after kill -9."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wat.data.audio import fit_length, load_audio
+from wat.data.cache import open_cache
+from wat.data.datasets import load_dataset
+from wat.data.demo import make_demo
+from wat.extract.cli import main
+from wat.extract.layers import encode_layers
+from wat.extract.pipeline import ERRORS, ExtractError, ExtractOptions, extract_dataset, get_model, shard_dir_for
+
+# 2 s of each 5 s demo clip: the same code path at 40% of the encoder cost
+OPTS = dict(model="tiny.en", policy="trim", clip_seconds=2.0, shard_size=8, batch_size=4, num_workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A small ESC-50-layout set (11 classes x 2 clips) with one clip replaced by garbage bytes."""
+    root = tmp_path_factory.mktemp("demo")
+    make_demo(root, clips_per_class=2, seed=0)
+    ds = load_dataset("esc50", root)
+    bad = ds.clips[5]
+    Path(bad.path).write_bytes(b"RIFF\x10\x00\x00\x00WAVEthis is not audio" * 7)
+    return root, bad
+
+
+@pytest.fixture(scope="module")
+def model():
+    return get_model("tiny.en", "cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(demo, model, tmp_path_factory):
+    root, _ = demo
+    out = tmp_path_factory.mktemp("ref") / "feats.h5"
+    summary = extract_dataset(load_dataset("esc50", root), ExtractOptions(**OPTS), out, model=model)
+    return out, summary
+
+
+def test_cache_shapes_ids_and_labels(demo, reference):
+    root, bad = demo
+    out, summary = reference
+    ds = load_dataset("esc50", root)
+    cache = open_cache(out)
+    want = [c for c in ds.clips if c.id != bad.id]
+    assert len(cache) == summary.written == len(want) == 21
+    assert list(cache.ids) == [c.id for c in want]
+    assert cache.labels == [c.labels for c in want]
+    assert list(cache.folds) == [c.fold for c in want]
+    feats = cache.read("features", np.arange(len(cache)))
+    assert feats.shape == (21, 4, 25, 384) and feats.dtype == np.float16
+    assert np.isfinite(feats).all() and np.abs(feats).max() > 0
+    assert cache.meta.policy == "trim" and cache.meta.model == "tiny.en" and cache.meta.n_frames == 25
+    assert cache.meta.clip_seconds == 2.0 and np.allclose(cache.durations, 2.0)
+    assert summary.shards == 3 and summary.resumed_shards == 0 and summary.processed == 22
+
+
+def test_features_equal_encode_layers(demo, reference, model):
+    root, _ = demo
+    cache = open_cache(reference[0])
+    ds = {c.id: c for c in load_dataset("esc50", root).clips}
+    rows = [0, 9, 20]
+    n = round(cache.meta.clip_seconds * 16000)
+    audio = np.stack([fit_length(load_audio(ds[cache.ids[r]].path), n) for r in rows])
+    with torch.inference_mode():
+        want = encode_layers(model, torch.from_numpy(audio), frames=25, policy="trim").numpy()
+    got = cache.read("features", np.array(rows)).astype(np.float32)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * scale)
+    # the mean field is the time mean of the same features
+    np.testing.assert_allclose(cache.read("mean", np.array(rows)).astype(np.float32), want.mean(2),
+                               rtol=2e-3, atol=2e-3 * scale)
+
+
+def test_corrupt_clip_only_in_errors_file(demo, reference):
+    root, bad = demo
+    out, summary = reference
+    lines = (shard_dir_for(out) / ERRORS).read_text().splitlines()
+    assert lines[0] == "id\tpath\treason"
+    assert len(lines) == 2
+    cid, path, reason = lines[1].split("\t")
+    assert (cid, path) == (bad.id, bad.path) and reason
+    assert [e[0] for e in summary.errors] == [bad.id]
+    assert bad.id not in set(open_cache(out).ids)
+    assert "1 skipped" in str(summary)
+
+
+def test_rerun_resumes_everything_and_other_policy_refuses(demo, reference, model, capsys):
+    root, _ = demo
+    out, first = reference
+    again = extract_dataset(load_dataset("esc50", root), ExtractOptions(**OPTS), out, model=model)
+    assert again.processed == 0 and again.resumed_shards == 3 and again.written == first.written
+    with pytest.raises(ExtractError, match="policy: 'trim' -> 'pad30'"):
+        extract_dataset(load_dataset("esc50", root), ExtractOptions(**{**OPTS, "policy": "pad30"}), out, model=model)
+    argv = ["--dataset", "esc50", "--root", str(root), "--model", "tiny.en", "--out", str(out), "--shard-size", "8",
+            "--clip-seconds", "2"]
+    assert main(argv) == 1  # default policy pad30 into a trim cache
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wat-extract: error:") and "--overwrite" in err and "\n" not in err
+    assert len(open_cache(out)) == first.written  # the refused run left the cache alone
+
+
+def test_resume_after_kill_9(demo, reference, model, tmp_path):
+    """Kill a real wat-extract process once its first shard is finished; a rerun completes the cache
+    with exactly the ids and features of the uninterrupted reference run."""
+    root, _ = demo
+    out = tmp_path / "killed.h5"
+    argv = ["--dataset", "esc50", "--root", str(root), "--model", "tiny.en", "--out", str(out), "--policy", "trim",
+            "--clip-seconds", str(OPTS["clip_seconds"]), "--shard-size", "8", "--batch-size", "4", "--num-workers", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "wat.extract.cli", *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = shard_dir_for(out) / "shard-00000.json"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    assert first.exists() and not out.exists()  # killed mid-run: a shard done, no index yet
+
+    resumed = extract_dataset(load_dataset("esc50", root), ExtractOptions(**OPTS), out, model=model)
+    assert 1 <= resumed.resumed_shards < 3 and resumed.processed < 22
+    a, b = open_cache(reference[0]), open_cache(out)
+    assert list(a.ids) == list(b.ids) and len(b) == 21
+    np.testing.assert_array_equal(a.read("features", np.arange(len(a))), b.read("features", np.arange(len(b))))
+    assert (shard_dir_for(out) / ERRORS).read_text() == (shard_dir_for(reference[0]) / ERRORS).read_text()
+    assert not list(shard_dir_for(out).glob("*.partial"))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["--dataset", "esc50", "--root", str(tmp_path / "nowhere"), "--model", "tiny.en",
+                 "--out", str(tmp_path / "f.h5")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wat-extract: error:") and "\n" not in err
