@@ -177,6 +177,12 @@ def _load_name(name: str, device) -> Whisper:
 def load_whisper(spec, device="cpu") -> Whisper:
     """An openai-whisper model in eval mode from an official name (e.g. "tiny.en", "large-v2"),
     a `.pt` checkpoint path or a CTranslate2 (faster-whisper) model directory."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise WhisperLoadError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WhisperLoadError(f"device {device!r} requested but CUDA is not available")
     spec_str = os.fspath(spec)
     if spec_str in whisper._MODELS:
         model = _load_name(spec_str, device)

@@ -97,6 +97,11 @@ def test_corrupt_model_bin(ct2_dir):
         load_whisper(d)
 
 
+def test_bad_device():
+    with pytest.raises(WhisperLoadError, match="unknown device 'gpu0'"):
+        load_whisper("tiny.en", device="gpu0")
+
+
 def test_bad_pt_files(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(WhisperLoadError, match="cannot read the checkpoint"):
