@@ -1,0 +1,125 @@
+"""wat-probe (layer-wise linear probes) and wat-eval (score a trained head on a cache)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from wat.data.cache import CacheError
+from wat.data.labels import LabelError
+
+
+def probe_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wat-probe", description="Linear probe on every encoder layer's time-mean "
+                                "features (and fusion baselines); reads only the cache's `mean` dataset.")
+    p.add_argument("--features", action="append", required=True, metavar="FEATS_H5",
+                   help="cache to probe; repeat to also probe the concatenation of several caches "
+                        "(same clip ids in the same order)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--eval-features", action="append", metavar="TEST_H5",
+                   help="train on --features, test on this cache (one per --features)")
+    g.add_argument("--folds", type=int, default=5,
+                   help="K-fold protocol: the cache's own folds when it has them, else a seeded K-fold split")
+    p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
+    p.add_argument("--fusion", default="mean,concat", help="baselines: none, or any of mean,concat")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--jobs", type=int, help="worker processes (default: the CPUs available)")
+    g.add_argument("--scheduler", metavar="ADDRESS", help="run the fits on this dask scheduler")
+    p.add_argument("--C", type=float, default=1.0, help="inverse L2 regularisation strength")
+    p.add_argument("--max-iter", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="multi-label probe device (default: cuda when present)")
+    p.add_argument("--out", required=True, metavar="PROBE_DIR")
+    return p
+
+
+def probe_main(argv=None) -> int:
+    from .probe import ProbeError, ProbeOptions, default_jobs, parse_fusion, parse_layers, probe
+    from .report import write_probe
+
+    a = probe_parser().parse_args(argv)
+    try:
+        if a.jobs is not None and a.jobs < 1:
+            raise ProbeError("--jobs must be at least 1")
+        opts = ProbeOptions(layers=parse_layers(a.layers), fusion=parse_fusion(a.fusion), folds=a.folds,
+                            jobs=a.jobs or default_jobs(), scheduler=a.scheduler, C=a.C, max_iter=a.max_iter,
+                            seed=a.seed, device=a.device)
+        rep = probe(a.features, a.eval_features, opts)
+        summary = write_probe(rep, a.out)
+    except (ProbeError, CacheError, LabelError, OSError) as e:
+        print(f"wat-probe: error: {e}", file=sys.stderr)
+        return 2
+    b = summary["best_layer"]
+    print(f"{rep.protocol}: best layer {b['layer']}"
+          + (f" of features {b['features']}" if len(rep.caches) > 1 else "")
+          + f" {rep.metric} {b['score']:.4f} (+-{b['score_std']:.4f}), macro-F1 {b['macro_f1']:.4f}; chance {rep.chance:.4f}")
+    for f in summary["fusion"]:
+        print(f"  fusion {f['fusion']} of features {'+'.join(map(str, f['features']))}: {rep.metric} {f['score']:.4f}")
+    print(f"outputs in {a.out}: {', '.join(summary['files'])}")
+    return 0
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wat-eval", description="Score a trained head on a feature cache.")
+    p.add_argument("--features", required=True, metavar="TEST_H5")
+    p.add_argument("--head", required=True, metavar="HEAD_PT", help="wat head (RUN_DIR/wa.pt) or official Whisper-AT head")
+    p.add_argument("--top-k", type=int, default=5, help="top-k class indices saved per clip (and top-k accuracy)")
+    p.add_argument("--threshold", type=float, help="decision threshold for every class (multi-label)")
+    p.add_argument("--tune-thresholds-on", metavar="CACHE",
+                   help="tune per-class max-F1 thresholds on this cache (never the eval set; e.g. a validation "
+                        "cache) and save them with a copy of the head")
+    p.add_argument("--tune-folds", metavar="F,..",
+                   help="tune only on these folds of that cache (the folds the head did not train on)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", help="default: cuda when present")
+    p.add_argument("--out", required=True, metavar="EVAL_DIR")
+    return p
+
+
+def eval_main(argv=None) -> int:
+    from wat.train.heads import HeadError
+    from .evaluate import EvalError, EvalOptions, evaluate
+
+    a = eval_parser().parse_args(argv)
+    try:
+        folds = tuple(int(f) for f in a.tune_folds.split(",") if f.strip()) if a.tune_folds else None
+    except ValueError:
+        print(f"wat-eval: error: --tune-folds must be comma-separated integers, got {a.tune_folds!r}", file=sys.stderr)
+        return 2
+    if folds and not a.tune_thresholds_on:
+        print("wat-eval: error: --tune-folds needs --tune-thresholds-on", file=sys.stderr)
+        return 2
+    opts = EvalOptions(top_k=a.top_k, threshold=a.threshold, tune_on=a.tune_thresholds_on, tune_folds=folds,
+                       batch_size=a.batch_size, device=a.device)
+    try:
+        r = evaluate(a.features, a.head, a.out, opts)
+    except (EvalError, HeadError, CacheError, LabelError, OSError) as e:
+        print(f"wat-eval: error: {e}", file=sys.stderr)
+        return 2
+    line = f"{r['n_clips']} clips: mAP {_f(r['mAP'])}, mAUC {_f(r['mAUC'])}, d' {_f(r['d_prime'])}"
+    if r.get("accuracy") is not None:
+        line += f", accuracy {_f(r['accuracy'])}, top-{r['top_k']} {_f(r['top_k_accuracy'])}"
+    if r["skipped_classes"]:
+        line += f"; {len(r['skipped_classes'])} class(es) without positives skipped"
+    print(line)
+    if "decisions" in r:
+        d = r["decisions"]
+        print(f"thresholds {d['thresholds']}: macro-F1 {_f(d['macro_f1'])}, micro-F1 {_f(d['micro_f1'])}")
+    print(f"outputs in {a.out}")
+    return 0
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def main(argv=None) -> int:
+    """`python -m wat.eval.cli probe|eval ...`"""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("probe", "eval"):
+        print("usage: python -m wat.eval.cli probe|eval [options]", file=sys.stderr)
+        return 2
+    return (probe_main if argv[0] == "probe" else eval_main)(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

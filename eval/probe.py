@@ -1,0 +1,391 @@
+"""Layer-wise linear probing on the cache's time-mean features (paper figures 1-3).
+
+Every (feature, fold) pair is one task: the task reads only the columns it needs from the
+`mean` dataset through the dask view (one layer for a layer probe), standardises them, fits a
+linear classifier and returns test-set probabilities. Tasks run in `jobs` processes or on a dask
+cluster, so memory stays bounded by one layer's matrix per worker.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from wat.data.cache import Cache, CacheError, open_cache
+
+from . import metrics
+
+FUSIONS = ("mean", "concat")
+
+
+class ProbeError(Exception):
+    """Inputs that cannot be probed as asked (mismatched caches, bad layer list, no labels)."""
+
+
+@dataclass
+class ProbeOptions:
+    layers: list[int] | None = None      # None = all layers of every cache
+    fusion: tuple[str, ...] = FUSIONS    # baselines besides the single layers
+    folds: int = 5                       # K-fold when the cache has no folds and no eval cache is given
+    jobs: int = 1                        # worker processes
+    scheduler: str | None = None         # address of a running dask scheduler (overrides jobs)
+    C: float = 1.0                       # inverse L2 strength (sklearn convention), both probes
+    max_iter: int = 200
+    seed: int = 0
+    device: str | None = None            # multi-label probe device; None = cuda when present
+
+
+@dataclass(frozen=True)
+class Feature:
+    """What one probe sees: layer(s) of one cache, or a fusion over layers and/or caches."""
+    kind: str                             # "layer" | "mean" | "concat"
+    caches: tuple[int, ...]
+    layers: tuple[tuple[int, ...], ...]   # per cache in `caches`
+
+    @property
+    def name(self) -> str:
+        c = "+".join(map(str, self.caches))
+        return f"{c}:{self.layers[0][0]}" if self.kind == "layer" else f"{self.kind}[{c}]"
+
+
+@dataclass
+class FeatureResult:
+    feature: Feature
+    fold_scores: list[float]
+    fold_macro_f1: list[float]
+    classwise_f1: np.ndarray              # [C] on the pooled test predictions, NaN where undefined
+    classwise_ap: np.ndarray | None       # [C] multi-label only, NaN where no positives
+
+    @property
+    def score(self) -> float:
+        return float(np.mean(self.fold_scores))
+
+    @property
+    def score_std(self) -> float:
+        return float(np.std(self.fold_scores))
+
+    @property
+    def macro_f1(self) -> float:
+        return float(np.mean(self.fold_macro_f1))
+
+
+@dataclass
+class ProbeReport:
+    metric: str                           # "accuracy" | "mAP"
+    protocol: str                         # "5-fold (cache folds)", "eval cache", ...
+    n_folds: int
+    caches: list[str]
+    eval_caches: list[str]
+    keys: tuple[str, ...]
+    names: tuple[str, ...]
+    chance: float
+    results: list[FeatureResult] = field(default_factory=list)
+    skipped_classes: list[int] = field(default_factory=list)   # no positives in some test fold
+
+    def layer_results(self, cache: int = 0) -> list[FeatureResult]:
+        return [r for r in self.results if r.feature.kind == "layer" and r.feature.caches == (cache,)]
+
+    def fusion_results(self) -> list[FeatureResult]:
+        return [r for r in self.results if r.feature.kind != "layer"]
+
+    def best(self) -> FeatureResult:
+        return max((r for r in self.results if r.feature.kind == "layer"), key=lambda r: r.score)
+
+
+# ---------------------------------------------------------------- inputs
+
+def _open(paths) -> list[Cache]:
+    return [p if isinstance(p, Cache) else open_cache(p) for p in paths]
+
+
+def check_aligned(caches: list[Cache], what: str = "--features") -> None:
+    """Several caches are fused clip by clip: same ids in the same order, same labels."""
+    first = caches[0]
+    for c in caches[1:]:
+        if len(c) != len(first) or not np.array_equal(c.ids, first.ids):
+            n_diff = (sum(a != b for a, b in zip(c.ids, first.ids)) + abs(len(c) - len(first)))
+            raise ProbeError(f"{what}: {c.path} and {first.path} do not hold the same clip ids in the same "
+                             f"order ({len(c)} vs {len(first)} clips, {n_diff} positions differ)")
+        if c.meta.vocab != first.meta.vocab or c.labels != first.labels:
+            raise ProbeError(f"{what}: {c.path} and {first.path} have different labels")
+
+
+def _check_eval(train: list[Cache], test: list[Cache]) -> None:
+    if len(test) != len(train):
+        raise ProbeError(f"{len(train)} --features but {len(test)} --eval-features: give one eval cache per train cache")
+    check_aligned(test, "--eval-features")
+    for a, b in zip(train, test):
+        bad = a.meta.incompatibilities(b.meta)
+        if bad:
+            raise ProbeError(f"eval cache {b.path} does not match {a.path}: {'; '.join(bad)}")
+
+
+def select_layers(caches: list[Cache], layers) -> list[tuple[int, ...]]:
+    out = []
+    for c in caches:
+        n = c.meta.n_layers
+        if layers is None:
+            out.append(tuple(range(n)))
+            continue
+        bad = [l for l in layers if not 0 <= l < n]
+        if bad:
+            raise ProbeError(f"layer(s) {bad} out of range: {c.path} has layers 0..{n - 1}")
+        out.append(tuple(dict.fromkeys(layers)))
+    return out
+
+
+def features_to_probe(layers: list[tuple[int, ...]], fusion) -> list[Feature]:
+    bad = set(fusion) - set(FUSIONS)
+    if bad:
+        raise ProbeError(f"unknown fusion {sorted(bad)}; choose from none, {', '.join(FUSIONS)}")
+    out = [Feature("layer", (c,), ((l,),)) for c, ls in enumerate(layers) for l in ls]
+    for kind in fusion:
+        out += [Feature(kind, (c,), (ls,)) for c, ls in enumerate(layers) if len(ls) > 1]
+        if len(layers) > 1:
+            out.append(Feature(kind, tuple(range(len(layers))), tuple(layers)))
+    return out
+
+
+def targets(cache: Cache) -> np.ndarray:
+    """Single-label: [N] class indices; multi-label: [N, C] bool."""
+    if cache.meta.multilabel:
+        return cache.label_matrix()
+    bad = [cache.ids[i] for i, lab in enumerate(cache.labels) if len(lab) != 1]
+    if bad:
+        raise ProbeError(f"{cache.path}: single-label cache with {len(bad)} clip(s) not having exactly one "
+                         f"label (e.g. {', '.join(bad[:3])})")
+    return np.array([lab[0] for lab in cache.labels], np.int64)
+
+
+def make_folds(cache: Cache, y: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, str]:
+    """Fold id per clip: the cache's own folds when every clip has one, else a seeded K-fold split."""
+    f = np.asarray(cache.folds)
+    if len(f) and (f >= 0).all() and len(np.unique(f)) > 1:
+        return f.astype(np.int64), f"{len(np.unique(f))}-fold (cache folds)"
+    if k < 2:
+        raise ProbeError("--folds must be at least 2 (or give --eval-features)")
+    from sklearn.model_selection import KFold, StratifiedKFold
+    if y.ndim == 1 and np.bincount(y).min(initial=k) >= k:
+        split = StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+    else:
+        split = KFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)))
+    out = np.empty(len(y), np.int64)
+    for i, (_, test) in enumerate(split):
+        out[test] = i
+    return out, f"{k}-fold (seeded split)"
+
+
+# ---------------------------------------------------------------- one task (runs in a worker)
+
+def load_matrix(caches: list[Cache], feat: Feature) -> np.ndarray:
+    """[N, D'] float32 of one feature, read through the dask view of the `mean` dataset."""
+    from wat.data.readers import dask_view
+
+    parts = []
+    for c, layers in zip(feat.caches, feat.layers):
+        v = dask_view(caches[c], "mean")
+        sel = v[:, layers[0], :] if len(layers) == 1 else v[:, list(layers), :]
+        if feat.kind == "mean":
+            x = sel.astype(np.float32).mean(axis=1)
+        elif feat.kind == "concat":
+            x = sel.reshape(sel.shape[0], -1)
+        else:
+            x = sel
+        parts.append(x.astype(np.float32).compute(scheduler="synchronous"))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def _logistic(xtr, ytr, xte, n_classes, opts: ProbeOptions) -> np.ndarray:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    import warnings
+
+    clf = LogisticRegression(C=opts.C, max_iter=opts.max_iter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)   # a probe, not a final model
+        clf.fit(xtr, ytr)
+    out = np.zeros((len(xte), n_classes), np.float32)
+    out[:, clf.classes_] = clf.predict_proba(xte)
+    return out
+
+
+def _bce_probe(xtr, ytr, xte, opts: ProbeOptions) -> np.ndarray:
+    """Independent logistic regressions per class (= sklearn's objective with C), fitted jointly by LBFGS."""
+    import torch
+
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.from_numpy(xtr).to(device)
+    y = torch.from_numpy(ytr.astype(np.float32)).to(device)
+    w = torch.zeros(x.shape[1], y.shape[1], device=device, requires_grad=True)
+    b = torch.zeros(y.shape[1], device=device, requires_grad=True)
+    l2 = 1.0 / (2.0 * opts.C * len(x))
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=opts.max_iter, history_size=20,
+                            tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y, reduction="sum") / len(x)
+        loss = loss + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return torch.sigmoid(torch.from_numpy(xte).to(device) @ w + b).cpu().numpy()
+
+
+def fit_task(train: list[Cache], test: list[Cache] | None, feat: Feature, tr_idx, te_idx, y,
+             multilabel: bool, n_classes: int, opts: ProbeOptions) -> np.ndarray:
+    """Probabilities [len(te_idx), C] of one probe. `test` None: test rows come from the train caches."""
+    from sklearn.preprocessing import StandardScaler
+
+    x = load_matrix(train, feat)
+    xtr = x[tr_idx]
+    xte = (x if test is None else load_matrix(test, feat))[te_idx]
+    del x
+    scaler = StandardScaler().fit(xtr)
+    xtr, xte = scaler.transform(xtr).astype(np.float32), scaler.transform(xte).astype(np.float32)
+    if multilabel:
+        return _bce_probe(xtr, y[tr_idx], xte, opts)
+    return _logistic(xtr, y[tr_idx], xte, n_classes, opts)
+
+
+def _call(i, args):
+    # one fit per core: BLAS/torch threads oversubscribe a shared machine and slow small fits many
+    # times over; parallelism comes from running several tasks
+    from threadpoolctl import threadpool_limits
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            return i, fit_task(*args)
+    finally:
+        torch.set_num_threads(n)
+
+
+def run_tasks(tasks: list[tuple], opts: ProbeOptions):
+    """Yield (task index, result) in completion order: dask cluster, process pool, or in-process."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc="probe", unit="fit", disable=None)
+    if opts.scheduler:
+        from distributed import Client, as_completed
+        with Client(opts.scheduler, set_as_default=False) as client:
+            futures = [client.submit(_call, i, t, pure=False) for i, t in enumerate(tasks)]
+            for fut in as_completed(futures):
+                yield fut.result()
+                bar.update()
+    elif opts.jobs > 1 and len(tasks) > 1:
+        from joblib import Parallel, delayed
+        par = Parallel(n_jobs=opts.jobs, return_as="generator_unordered")
+        for out in par(delayed(_call)(i, t) for i, t in enumerate(tasks)):
+            yield out
+            bar.update()
+    else:
+        for i, t in enumerate(tasks):
+            yield _call(i, t)
+            bar.update()
+    bar.close()
+
+
+# ---------------------------------------------------------------- the whole probe
+
+def _binary_f1(t: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Per-class F1 of multi-label decisions; NaN where a class has no positives."""
+    tp = (t & p).sum(0).astype(np.float64)
+    denom = t.sum(0) + p.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = 2 * tp / denom
+    f1[t.sum(0) == 0] = np.nan
+    return f1
+
+
+def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> ProbeReport:
+    """Probe every selected layer (and the fusion baselines) of one or more aligned caches."""
+    opts = opts or ProbeOptions()
+    train = _open(features)
+    if not train:
+        raise ProbeError("no --features given")
+    check_aligned(train)
+    test = _open(eval_features) if eval_features else None
+    if test:
+        _check_eval(train, test)
+    meta = train[0].meta
+    multilabel, n_classes = meta.multilabel, len(meta.vocab)
+    y = targets(train[0])
+    feats = features_to_probe(select_layers(train, opts.layers), opts.fusion)
+
+    if test:
+        y_test = targets(test[0])
+        folds = [(np.arange(len(y)), np.arange(len(y_test)))]
+        protocol = "eval cache"
+    else:
+        fold_of, protocol = make_folds(train[0], y, opts.folds, opts.seed)
+        folds = [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in np.unique(fold_of)]
+        y_test = y
+    tasks = [(train, test, feat, tr, te, y, multilabel, n_classes, opts)
+             for feat in feats for tr, te in folds]
+
+    n_test = len(y_test)
+    pooled = {f: np.zeros((n_test, n_classes), np.float32) for f in feats}
+    fold_scores = {f: [None] * len(folds) for f in feats}
+    fold_f1 = {f: [None] * len(folds) for f in feats}
+    skipped: set[int] = set()
+    for i, probs in run_tasks(tasks, opts):
+        feat, k = feats[i // len(folds)], i % len(folds)
+        te = folds[k][1]
+        pooled[feat][te] = probs
+        if multilabel:
+            s = metrics.multilabel_scores(y_test[te], probs)
+            skipped.update(s.skipped_classes)
+            fold_scores[feat][k] = s.mAP
+            fold_f1[feat][k] = float(np.nanmean(_binary_f1(y_test[te], probs >= 0.5))) if s.mAP is not None else None
+        else:
+            pred = probs.argmax(1)
+            fold_scores[feat][k] = metrics.accuracy(y_test[te], pred)
+            fold_f1[feat][k] = metrics.macro_f1(y_test[te], pred, n_classes)[0]
+    if multilabel and any(v is None for f in feats for v in fold_scores[f]):
+        raise ProbeError("a test fold has no positive label at all: too few labelled clips to probe")
+
+    results = []
+    for f in feats:
+        if multilabel:
+            cw = _binary_f1(y_test, pooled[f] >= 0.5)
+            ap = np.array([np.nan if v is None else v for v in metrics.per_class_ap(y_test, pooled[f])[0]])
+        else:
+            cw, ap = metrics.per_class_f1(y_test, pooled[f].argmax(1), n_classes), None
+        results.append(FeatureResult(f, fold_scores[f], fold_f1[f], cw, ap))
+
+    chance = float(y_test.mean()) if multilabel else float(np.bincount(y_test, minlength=n_classes).max() / n_test)
+    return ProbeReport(metric="mAP" if multilabel else "accuracy", protocol=protocol, n_folds=len(folds),
+                       caches=[str(c.path) for c in train], eval_caches=[str(c.path) for c in test or []],
+                       keys=meta.vocab.keys, names=meta.vocab.names, chance=chance, results=results,
+                       skipped_classes=sorted(skipped))
+
+
+def parse_layers(text: str) -> list[int] | None:
+    if text.strip() in ("", "all"):
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ProbeError(f"--layers must be 'all' or comma-separated integers, got {text!r}") from None
+
+
+def parse_fusion(text: str) -> tuple[str, ...]:
+    parts = tuple(t.strip() for t in text.split(",") if t.strip() and t.strip() != "none")
+    bad = set(parts) - set(FUSIONS)
+    if bad:
+        raise ProbeError(f"unknown fusion {sorted(bad)}; choose from none, {', '.join(FUSIONS)}")
+    return parts
+
+
+def default_jobs() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+__all__ = ["ProbeError", "ProbeOptions", "Feature", "FeatureResult", "ProbeReport", "probe", "load_matrix",
+           "check_aligned", "make_folds", "parse_layers", "parse_fusion", "CacheError"]

@@ -1,0 +1,178 @@
+"""Files a person reads: CSV tables, summary JSON and PNG plots (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return f"{v:.6g}" if isinstance(v, (float, np.floating)) else str(v)
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_csv(path, header, rows) -> None:
+    def w(tmp):
+        with open(tmp, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(header)
+            out.writerows([_fmt(v) for v in r] for r in rows)
+    _atomic(Path(path), w)
+
+
+def write_json(path, obj) -> None:
+    def w(tmp):
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    _atomic(Path(path), w)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".partial" + path.suffix)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+
+
+def best_layers(classwise: np.ndarray) -> np.ndarray:
+    """classwise [C, L] -> best layer index per class (earliest on ties), -1 where undefined everywhere."""
+    defined = ~np.isnan(classwise).all(1)
+    out = np.full(len(classwise), -1, np.int64)
+    out[defined] = np.nanargmax(classwise[defined], axis=1)
+    return out
+
+
+# ---------------------------------------------------------------- probe outputs
+
+def write_probe(report, out_dir) -> dict:
+    """layers.csv, classwise_f1.csv (+ classwise_ap.csv multi-label), fusion.csv, PNGs, summary.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    several = len(report.caches) > 1
+    rows = [(r.feature.caches[0], r.feature.layers[0][0], r.score, r.score_std, r.macro_f1)
+            for c in range(len(report.caches)) for r in report.layer_results(c)]
+    write_csv(out / "layers.csv", ["features", "layer", "score", "score_std", "macro_f1"], rows)
+
+    per_cache = [report.layer_results(c) for c in range(len(report.caches))]
+    cols = [(f"c{c}_layer_{r.feature.layers[0][0]}" if several else f"layer_{r.feature.layers[0][0]}", r)
+            for c, rs in enumerate(per_cache) for r in rs]
+    tables = [("classwise_f1.csv", lambda r: r.classwise_f1)]
+    if report.metric == "mAP":
+        tables.append(("classwise_ap.csv", lambda r: r.classwise_ap))
+    for name, get in tables:
+        write_csv(out / name, ["class", "name"] + [c for c, _ in cols],
+                  [(k, n, *[get(r)[i] for _, r in cols]) for i, (k, n) in enumerate(zip(report.keys, report.names))])
+
+    fusion = report.fusion_results()
+    if fusion:
+        write_csv(out / "fusion.csv", ["fusion", "features", "layers", "score", "score_std", "macro_f1"],
+                  [(r.feature.kind, "+".join(map(str, r.feature.caches)),
+                    ";".join(",".join(map(str, ls)) for ls in r.feature.layers), r.score, r.score_std, r.macro_f1)
+                   for r in fusion])
+
+    # best layer per class: AP for multi-label (F1 at 0.5 is degenerate for rare classes), else F1
+    hist = []
+    for c, rs in enumerate(per_cache):
+        mat = np.stack([(r.classwise_ap if report.metric == "mAP" else r.classwise_f1) for r in rs], 1)
+        best = best_layers(mat)
+        layers = [r.feature.layers[0][0] for r in rs]
+        counts = [int((best == j).sum()) for j in range(len(layers))]
+        hist.append({"features": c, "layers": layers, "classes_per_layer": counts,
+                     "classes_undefined": int((best < 0).sum())})
+    plot_best_layer_hist(hist, out / "best_layer_hist.png",
+                         "AP" if report.metric == "mAP" else "F1")
+    plot_layers(report, out / "layers.png")
+
+    best = report.best()
+    summary = {
+        "metric": report.metric, "protocol": report.protocol, "n_folds": report.n_folds,
+        "features": report.caches, "eval_features": report.eval_caches, "n_classes": len(report.keys),
+        "chance": report.chance,
+        "best_layer": {"features": best.feature.caches[0], "layer": best.feature.layers[0][0],
+                       "score": best.score, "score_std": best.score_std, "macro_f1": best.macro_f1},
+        "layers": [{"features": r[0], "layer": r[1], "score": r[2], "score_std": r[3], "macro_f1": r[4]}
+                   for r in rows],
+        "fusion": [{"fusion": r.feature.kind, "features": list(r.feature.caches), "score": r.score,
+                    "score_std": r.score_std, "macro_f1": r.macro_f1} for r in fusion],
+        "best_layer_hist": hist,
+        "skipped_classes": report.skipped_classes,
+        "files": sorted(p.name for p in out.iterdir() if not p.name.endswith(".partial")) + ["summary.json"],
+    }
+    write_json(out / "summary.json", _finite(summary))
+    return summary
+
+
+def _finite(x):
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def plot_layers(report, path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for c in range(len(report.caches)):
+        rs = report.layer_results(c)
+        x = [r.feature.layers[0][0] for r in rs]
+        ax.errorbar(x, [r.score for r in rs], yerr=[r.score_std for r in rs], marker="o", capsize=3,
+                    label=Path(report.caches[c]).parent.name or f"features {c}")
+    for i, r in enumerate(report.fusion_results()):
+        ax.axhline(r.score, ls="--", lw=1, color=f"C{i + len(report.caches)}", label=r.feature.name)
+    ax.axhline(report.chance, color="grey", lw=1, ls=":", label="chance")
+    ax.set_xlabel("encoder layer")
+    ax.set_ylabel(report.metric)
+    ax.set_title(f"linear probe per layer ({report.protocol})")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_best_layer_hist(hist: list[dict], path, by: str) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(hist), figsize=(6 * len(hist), 4), squeeze=False)
+    for ax, h in zip(axes[0], hist):
+        ax.bar([str(l) for l in h["layers"]], h["classes_per_layer"])
+        ax.set_xlabel("encoder layer")
+        ax.set_ylabel("classes whose best layer it is")
+        ax.set_title(f"best layer per class (by {by}), features {h['features']}")
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------- eval outputs
+
+def plot_confusion(cm: np.ndarray, names, path) -> None:
+    plt = _pyplot()
+    n = len(names)
+    size = max(5.0, 0.22 * n)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), names, rotation=90, fontsize=max(4, 9 - n // 15))
+    ax.set_yticks(range(n), names, fontsize=max(4, 9 - n // 15))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    _save(fig, path)

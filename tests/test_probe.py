@@ -1,0 +1,134 @@
+"""wat-probe on synthetic caches: one informative layer among noise layers."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from wat.data.cache import CacheMeta, build_index, shard_path, write_shard
+from wat.data.labels import Vocabulary
+from wat.eval import probe as P
+from wat.eval.cli import probe_main
+from wat.eval.report import write_probe
+
+
+def write_synthetic_cache(root, *, n=150, n_layers=4, dim=12, n_classes=5, informative=2, multilabel=False,
+                          folds=True, seed=0, ids=None, n_frames=1, model="synthetic", fingerprint="f" * 16,
+                          shards=2, scale=2.0):
+    """Class-dependent means on layer `informative` only, unit noise everywhere. Returns feats.h5."""
+    rng = np.random.default_rng(seed)
+    vocab = Vocabulary(tuple(f"k{i}" for i in range(n_classes)), tuple(f"class {i}" for i in range(n_classes)))
+    meta = CacheMeta(model=model, fingerprint=fingerprint, n_layers=n_layers, n_frames=n_frames, dim=dim,
+                     policy="trim", pooling=f"mean:{n_frames}", sample_rate=16000, clip_seconds=5.0,
+                     vocab=vocab, multilabel=multilabel, dataset="synthetic")
+    # caches with the same seed share labels (whatever their shape) and class centres (whatever n)
+    if multilabel:
+        y = rng.random((n, n_classes)) < 0.3
+        labels = [tuple(int(c) for c in np.flatnonzero(r)) for r in y]
+    else:
+        y = rng.permutation(np.arange(n) % n_classes)
+        labels = [(int(c),) for c in y]
+    centers = np.random.default_rng([seed, 1]).normal(size=(n_classes, dim)) * scale
+    signal = y.astype(float) @ centers if multilabel else centers[y]
+    x = rng.normal(size=(n, n_layers, n_frames, dim))
+    x[:, informative] += signal[:, None, :]
+    ids = ids or [f"clip{i:05d}" for i in range(n)]
+    fold = np.arange(n) % 5 + 1 if folds else None
+    bounds = np.linspace(0, n, shards + 1).astype(int)
+    paths = []
+    for s in range(shards):
+        a, b = bounds[s], bounds[s + 1]
+        paths.append(shard_path(root / "shards", s))
+        write_shard(paths[-1], meta, ids[a:b], x[a:b], labels[a:b], folds=None if fold is None else fold[a:b])
+    build_index(root / "feats.h5", paths)
+    return root / "feats.h5"
+
+
+def test_single_label_probe_finds_informative_layer(tmp_path):
+    feats = write_synthetic_cache(tmp_path / "c", informative=2)
+    rep = P.probe([feats], None, P.ProbeOptions(jobs=1))
+    assert rep.metric == "accuracy" and rep.n_folds == 5 and "cache folds" in rep.protocol
+    layers = rep.layer_results()
+    assert [r.feature.layers[0][0] for r in layers] == [0, 1, 2, 3]
+    assert rep.best().feature.layers[0][0] == 2
+    assert layers[2].score > 0.9 and rep.chance == pytest.approx(0.2)
+    assert all(r.score < 0.5 for i, r in enumerate(layers) if i != 2)   # noise layers near chance
+    fusion = {r.feature.kind: r for r in rep.fusion_results()}
+    assert set(fusion) == {"mean", "concat"} and fusion["concat"].score > 0.8
+
+    s = write_probe(rep, tmp_path / "out")
+    out = tmp_path / "out"
+    for name in ("layers.csv", "classwise_f1.csv", "fusion.csv", "best_layer_hist.png", "layers.png", "summary.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "layers.png").read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader(open(out / "layers.csv")))
+    assert [int(r["layer"]) for r in rows] == [0, 1, 2, 3]
+    assert float(rows[2]["score"]) == pytest.approx(layers[2].score)
+    cw = list(csv.DictReader(open(out / "classwise_f1.csv")))
+    assert len(cw) == 5 and set(cw[0]) == {"class", "name", "layer_0", "layer_1", "layer_2", "layer_3"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_layer"]["layer"] == 2
+    # every class peaks at the informative layer
+    assert summary["best_layer_hist"][0]["classes_per_layer"] == [0, 0, 5, 0] == s["best_layer_hist"][0]["classes_per_layer"]
+
+
+def test_parallel_jobs_match_serial_and_layer_subset(tmp_path):
+    feats = write_synthetic_cache(tmp_path / "c", informative=1)
+    opts = dict(layers=[1, 3], fusion=("mean",), folds=2)
+    a = P.probe([feats], None, P.ProbeOptions(jobs=1, **opts))
+    b = P.probe([feats], None, P.ProbeOptions(jobs=2, **opts))
+    assert [r.feature.name for r in a.results] == ["0:1", "0:3", "mean[0]"]
+    np.testing.assert_allclose([r.fold_scores for r in a.results], [r.fold_scores for r in b.results])
+
+
+def test_kfold_without_cache_folds_and_eval_cache(tmp_path):
+    train = write_synthetic_cache(tmp_path / "tr", folds=False, informative=0, seed=1)
+    rep = P.probe([train], None, P.ProbeOptions(folds=3, fusion=()))
+    assert rep.n_folds == 3 and "seeded" in rep.protocol and rep.best().feature.layers[0][0] == 0
+    # the same class centres (seed) with fresh noise: test on a separate eval cache
+    test = write_synthetic_cache(tmp_path / "te", folds=False, informative=0, seed=1, n=60,
+                                 ids=[f"eval{i}" for i in range(60)])
+    rep = P.probe([train], [test], P.ProbeOptions(fusion=()))
+    assert rep.protocol == "eval cache" and rep.n_folds == 1
+    assert rep.layer_results()[0].score > 0.9
+
+
+def test_multilabel_probe(tmp_path):
+    feats = write_synthetic_cache(tmp_path / "m", multilabel=True, informative=3, n=200)
+    rep = P.probe([feats], None, P.ProbeOptions(fusion=(), device="cpu", max_iter=50))
+    assert rep.metric == "mAP"
+    layers = rep.layer_results()
+    assert rep.best().feature.layers[0][0] == 3
+    assert layers[3].score > 0.9 and all(layers[i].score < 0.6 for i in (0, 1, 2))
+    assert 0.2 < rep.chance < 0.4    # label prevalence: the AP of a random ranking
+    write_probe(rep, tmp_path / "out")
+    assert (tmp_path / "out" / "classwise_ap.csv").exists()
+
+
+def test_several_caches_concat_and_id_mismatch(tmp_path):
+    a = write_synthetic_cache(tmp_path / "a", informative=0, seed=3)
+    b = write_synthetic_cache(tmp_path / "b", informative=2, seed=3, n_layers=3, dim=8, model="other",
+                              fingerprint="e" * 16)
+    rep = P.probe([a, b], None, P.ProbeOptions(fusion=("mean",)))
+    names = [r.feature.name for r in rep.results]
+    assert names[:7] == ["0:0", "0:1", "0:2", "0:3", "1:0", "1:1", "1:2"]
+    assert "mean[0+1]" in names and rep.layer_results(1)[2].score > 0.9
+
+    shuffled = [f"clip{i:05d}" for i in range(150)]
+    shuffled[3], shuffled[4] = shuffled[4], shuffled[3]
+    c = write_synthetic_cache(tmp_path / "c", seed=3, ids=shuffled)
+    with pytest.raises(P.ProbeError, match="same clip ids in the same order"):
+        P.probe([a, c], None, P.ProbeOptions())
+
+
+def test_cli_outputs_and_errors(tmp_path, capsys):
+    feats = write_synthetic_cache(tmp_path / "c", informative=1)
+    assert probe_main(["--features", str(feats), "--layers", "0,1", "--fusion", "none", "--jobs", "1",
+                       "--out", str(tmp_path / "p")]) == 0
+    assert "best layer 1" in capsys.readouterr().out
+    assert not (tmp_path / "p" / "fusion.csv").exists()
+    assert probe_main(["--features", str(feats), "--layers", "0,9", "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "layer(s) [9] out of range" in err and "Traceback" not in err
+    assert probe_main(["--features", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "q")]) == 2
+    assert probe_main(["--features", str(feats), "--fusion", "max", "--out", str(tmp_path / "q")]) == 2
