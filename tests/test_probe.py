@@ -14,21 +14,22 @@ from wat.eval.report import write_probe
 
 def write_synthetic_cache(root, *, n=150, n_layers=4, dim=12, n_classes=5, informative=2, multilabel=False,
                           folds=True, seed=0, ids=None, n_frames=1, model="synthetic", fingerprint="f" * 16,
-                          shards=2, scale=2.0):
+                          shards=2, scale=2.0, centers_seed=None):
     """Class-dependent means on layer `informative` only, unit noise everywhere. Returns feats.h5."""
     rng = np.random.default_rng(seed)
     vocab = Vocabulary(tuple(f"k{i}" for i in range(n_classes)), tuple(f"class {i}" for i in range(n_classes)))
     meta = CacheMeta(model=model, fingerprint=fingerprint, n_layers=n_layers, n_frames=n_frames, dim=dim,
                      policy="trim", pooling=f"mean:{n_frames}", sample_rate=16000, clip_seconds=5.0,
                      vocab=vocab, multilabel=multilabel, dataset="synthetic")
-    # caches with the same seed share labels (whatever their shape) and class centres (whatever n)
+    # caches with the same seed share labels (whatever their shape) and class centres (whatever n);
+    # centers_seed: the same classes with other clips
     if multilabel:
         y = rng.random((n, n_classes)) < 0.3
         labels = [tuple(int(c) for c in np.flatnonzero(r)) for r in y]
     else:
         y = rng.permutation(np.arange(n) % n_classes)
         labels = [(int(c),) for c in y]
-    centers = np.random.default_rng([seed, 1]).normal(size=(n_classes, dim)) * scale
+    centers = np.random.default_rng([seed if centers_seed is None else centers_seed, 1]).normal(size=(n_classes, dim)) * scale
     signal = y.astype(float) @ centers if multilabel else centers[y]
     x = rng.normal(size=(n, n_layers, n_frames, dim))
     x[:, informative] += signal[:, None, :]

@@ -1,0 +1,215 @@
+"""`wat-eval`: run a trained head over a cache, score it, save predictions, tune thresholds.
+
+Thresholds are tuned (max F1 per class) on a cache the head did not train on — a validation
+cache, or the held-out fold(s) of a K-fold training cache (`tune_folds`) — and never on the clips
+being evaluated: a tuning set that shares any clip id with the eval set is refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from wat.data.cache import Cache, CacheError, CacheMeta, open_cache
+from wat.data.labels import Vocabulary
+from wat.train.heads import HeadError, HeadInfo, load_head, save_head
+
+from . import metrics, report
+
+
+class EvalError(Exception):
+    """A head and a cache that do not go together, or options that cannot be honoured."""
+
+
+@dataclass
+class EvalOptions:
+    top_k: int = 5
+    threshold: float | None = None          # one decision threshold for every class (multi-label)
+    tune_on: str | None = None              # cache to tune per-class thresholds on (not the eval set)
+    tune_folds: tuple[int, ...] | None = None  # only these folds of `tune_on` (the head's held-out folds)
+    batch_size: int = 256
+    device: str | None = None               # None: cuda when present
+
+
+def head_problems(info: HeadInfo, meta: CacheMeta) -> list[str]:
+    """Why the features of a cache are not what the head was trained on (empty: they are)."""
+    out = []
+    if (info.n_layers, info.dim_in) != (meta.n_layers, meta.dim):
+        out.append(f"layers x width: head {info.n_layers} x {info.dim_in}, cache {meta.n_layers} x {meta.dim}")
+    if info.kind in ("wa-tr", "tl-tr") and info.n_frames != meta.n_frames:
+        out.append(f"frames: head {info.n_frames}, cache {meta.n_frames}")
+    if info.fingerprint and meta.fingerprint and info.fingerprint != meta.fingerprint:
+        out.append(f"Whisper weights: head trained on {info.model or '?'} ({info.fingerprint[:12]}), "
+                   f"cache from {meta.model} ({meta.fingerprint[:12]})")
+    if info.policy != meta.policy:
+        out.append(f"input policy: head {info.policy}, cache {meta.policy}")
+    if info.multilabel != meta.multilabel:
+        out.append(f"label type: head {'multi' if info.multilabel else 'single'}-label, "
+                   f"cache {'multi' if meta.multilabel else 'single'}-label")
+    head_vocab = Vocabulary.from_json(info.vocab_json) if info.vocab_json else None
+    primary = info.primary_classes or info.n_classes
+    if head_vocab is None or head_vocab.keys[:primary] != meta.vocab.keys:
+        n = "?" if head_vocab is None else primary
+        out.append(f"classes: head has {n} classes, cache {len(meta.vocab)}"
+                   + ("" if head_vocab is None or primary != len(meta.vocab) else " (different keys or order)"))
+    return out
+
+
+def _field(info: HeadInfo) -> str:
+    return "mean" if info.kind in ("last-mlp", "wa-mlp") else "features"
+
+
+def predict(head, info: HeadInfo, cache: Cache, indices=None, *, batch_size=256, device="cpu") -> np.ndarray:
+    """Probabilities [N, n_vocab] float32 over `indices` (default all), read in order in blocks."""
+    import torch
+    from tqdm import tqdm
+
+    idx = np.arange(len(cache)) if indices is None else np.asarray(indices, np.int64)
+    n_out = len(cache.meta.vocab)
+    out = np.empty((len(idx), n_out), np.float32)
+    head = head.to(device).eval()
+    with torch.no_grad():
+        for a in tqdm(range(0, len(idx), batch_size), desc="eval", unit="batch", disable=None):
+            x = torch.from_numpy(cache.read(_field(info), idx[a:a + batch_size])).to(device)
+            z = head(x).float()
+            # parent-label heads: the first outputs are the vocabulary (softmax heads have none)
+            p = torch.sigmoid(z[:, :n_out]) if info.multilabel else torch.softmax(z, -1)[:, :n_out]
+            out[a:a + len(x)] = p.cpu().numpy()
+    return out
+
+
+def tune_thresholds(targets: np.ndarray, probs: np.ndarray, default: float) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Per-class max-F1 thresholds; classes without positives keep `default` (listed)."""
+    thr = np.full(targets.shape[1], default, np.float64)
+    f1 = np.full(targets.shape[1], np.nan)
+    skipped = []
+    for c in range(targets.shape[1]):
+        if targets[:, c].any():
+            thr[c], f1[c] = metrics.best_f1_threshold(targets[:, c], probs[:, c])
+        else:
+            skipped.append(c)
+    return thr, f1, skipped
+
+
+def _f1_at(targets, probs, thr) -> tuple[float | None, float | None]:
+    """(macro-F1 over classes with positives, micro-F1) of the decisions probs >= thr."""
+    pred = probs >= thr[None, :]
+    tp, pos, called = (targets & pred).sum(0), targets.sum(0), pred.sum(0)
+    has = pos > 0
+    macro = float(np.mean(2 * tp[has] / (pos[has] + called[has]))) if has.any() else None
+    micro = float(2 * tp.sum() / (pos.sum() + called.sum())) if pos.sum() + called.sum() else None
+    return macro, micro
+
+
+def _export_thresholds(out: Path, head, info: HeadInfo, tuned: dict, vocab: Vocabulary, head_path) -> None:
+    thr, f1 = tuned["thresholds"], tuned["f1"]
+    report.write_csv(out / "thresholds.csv", ["class", "name", "threshold", "tune_f1"],
+                     [(vocab.keys[c], vocab.names[c], thr[c], None if np.isnan(f1[c]) else f1[c])
+                      for c in range(len(vocab))])
+    save_head(out / "head_thresholds.pt", head.cpu(), replace(info, thresholds=[float(t) for t in thr]))
+
+
+def _open(path, what) -> Cache:
+    try:
+        return open_cache(path)
+    except (CacheError, OSError) as e:
+        raise EvalError(f"{what}: {e}") from None
+
+
+def evaluate(features, head_path, out_dir, opts: EvalOptions | None = None) -> dict:
+    import torch
+
+    opts = opts or EvalOptions()
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache = _open(features, "--features")
+    try:
+        head, info = load_head(head_path, map_location="cpu")
+    except HeadError as e:
+        raise EvalError(str(e)) from None
+    bad = head_problems(info, cache.meta)
+    if bad:
+        raise EvalError(f"head {head_path} does not fit cache {cache.path}: " + "; ".join(bad))
+    if opts.top_k < 1:
+        raise EvalError("--top-k must be at least 1")
+    tuned = None
+    if opts.tune_on:
+        if not info.multilabel:
+            raise EvalError("thresholds apply to multi-label heads; a single-label head predicts the arg-max")
+        tuned = _tune(head, info, cache, opts, device)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    probs = predict(head, info, cache, batch_size=opts.batch_size, device=device)
+    vocab, n = cache.meta.vocab, len(cache.meta.vocab)
+    k = min(opts.top_k, n)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    np.savez_compressed(out / "predictions.npz", ids=cache.ids.astype(str), keys=np.array(vocab.keys),
+                        probs=probs.astype(np.float16), top_k=top.astype(np.int32))
+
+    y = cache.label_matrix()
+    if info.multilabel:
+        s = metrics.multilabel_scores(y, probs)
+    else:
+        labels = y.argmax(1)
+        s = metrics.singlelabel_scores(labels, probs)
+        cm = metrics.confusion_matrix(labels, probs.argmax(1), n)
+        report.write_csv(out / "confusion.csv", ["true \\ predicted"] + list(vocab.names),
+                         [(name, *row) for name, row in zip(vocab.names, cm.tolist())])
+        report.plot_confusion(cm, vocab.names, out / "confusion.png")
+    result = {"features": str(cache.path), "head": str(head_path), "kind": info.kind, "n_clips": len(cache),
+              "metric": "mAP" if info.multilabel else "accuracy", **s.to_dict()}
+    result["skipped_class_names"] = [vocab.names[c] for c in s.skipped_classes]
+    if not info.multilabel:
+        result["top_k"] = k
+        result["top_k_accuracy"] = float(np.mean([l in t for l, t in zip(y.argmax(1), top)]))
+
+    # decisions: tuned thresholds > --threshold > thresholds stored in the head
+    thr, source = None, None
+    if tuned is not None:
+        thr, source = tuned["thresholds"][:n], f"tuned on {len(tuned['ids'])} clips of {opts.tune_on}"
+        _export_thresholds(out, head, info, tuned, vocab, head_path)
+        result["tuning"] = {"cache": str(opts.tune_on), "folds": list(opts.tune_folds or []),
+                            "n_clips": len(tuned["ids"]), "classes_without_positives": tuned["skipped"],
+                            "head": str(out / "head_thresholds.pt")}
+    elif opts.threshold is not None:
+        thr, source = np.full(n, opts.threshold), f"--threshold {opts.threshold}"
+    elif info.thresholds:
+        thr, source = np.asarray(info.thresholds[:n], np.float64), "stored in the head"
+    if thr is not None and info.multilabel:
+        macro, micro = _f1_at(y, probs, thr)
+        result["decisions"] = {"thresholds": source, "macro_f1": macro, "micro_f1": micro}
+
+    order = sorted(range(n), key=lambda c: (s.per_class[c] is None, -(s.per_class[c] or 0.0)))
+    report.write_csv(out / "per_class.csv", ["rank", "class", "name", "AP", "AUC", "support"] +
+                     (["F1"] if s.per_class_f1 else []),
+                     [(r + 1, vocab.keys[c], vocab.names[c], s.per_class[c], s.per_class_auc[c], int(y[:, c].sum()))
+                      + ((s.per_class_f1[c],) if s.per_class_f1 else ()) for r, c in enumerate(order)])
+    result["per_class_top"] = [{"name": vocab.names[c], "AP": s.per_class[c]} for c in order[:10]]
+    for key in ("per_class", "per_class_auc", "per_class_f1"):
+        result.pop(key, None)     # in per_class.csv
+    report.write_json(out / "metrics.json", report._finite(result))
+    return result
+
+
+def _tune(head, info: HeadInfo, eval_cache: Cache, opts: EvalOptions, device) -> dict:
+    """Per-class thresholds over all head outputs, from clips of the tuning cache that are not evaluated."""
+    tcache = _open(opts.tune_on, "--tune-thresholds-on")
+    bad = head_problems(info, tcache.meta)
+    if bad:
+        raise EvalError(f"head does not fit tuning cache {tcache.path}: " + "; ".join(bad))
+    idx = np.arange(len(tcache))
+    if opts.tune_folds:
+        idx = np.flatnonzero(np.isin(tcache.folds, opts.tune_folds))
+        if not len(idx):
+            raise EvalError(f"--tune-folds {list(opts.tune_folds)}: no clip of {tcache.path} is in those folds")
+    shared = np.intersect1d(tcache.ids[idx], eval_cache.ids)
+    if len(shared):
+        raise EvalError(f"thresholds must not be tuned on evaluated clips: {len(shared)} tuning clip(s) are in "
+                        f"{eval_cache.path} (e.g. {shared[0]}); use a validation cache or --tune-folds")
+    probs = predict(head, info, tcache, idx, batch_size=opts.batch_size, device=device)
+    default = 0.5 if opts.threshold is None else opts.threshold
+    thr, f1, skipped = tune_thresholds(tcache.label_matrix()[idx], probs, default)
+    full = np.full(info.n_classes, default)   # parent-label outputs beyond the vocabulary keep the default
+    full[:len(thr)] = thr
+    return {"thresholds": full, "f1": f1, "skipped": skipped, "ids": tcache.ids[idx], "cache": tcache}
