@@ -1,0 +1,94 @@
+"""HEAR 2021 API over Whisper's encoder layers (check with `hear-validator wat.extract.hear -m tiny.en`).
+
+Timestamp embeddings are the encoder frames themselves (one per 20 ms, centred at 10, 30, 50 ms ...),
+each the mean (or concatenation) of the chosen layers' outputs before `ln_post`; the scene
+embedding is their mean over time. Audio longer than 30 s is encoded in consecutive 30 s windows.
+Lives in `wat.extract` because `wat.eval` never imports the encoder.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from whisper.audio import N_SAMPLES
+
+from .layers import POLICIES, encode_layers
+from .load import fingerprint, load_whisper, model_name
+
+DEFAULT_MODEL = "base"
+# HEAR clips are short and only the embeddings are used: feeding only the clip ("trim", as in the
+# Whisper-AT research features) costs 1/15 of padding 2 s to 30 s ("pad30", what wat-tag sees)
+DEFAULT_POLICY = "trim"
+SAMPLES_PER_FRAME = 320   # one encoder frame: 2 mel hops of 160 samples = 20 ms
+
+
+class WhisperHEAR(nn.Module):
+    """The object `load_model` returns: Whisper's encoder plus the HEAR attributes.
+
+    It carries `dims` and `encoder` like a Whisper model (the decoder is dropped), so
+    `encode_layers` runs on it directly."""
+
+    sample_rate = 16000
+
+    def __init__(self, whisper_model, layers="all", reduce: str = "mean", policy: str = DEFAULT_POLICY,
+                 batch_size: int = 16):
+        super().__init__()
+        n = whisper_model.dims.n_audio_layer
+        self.layers = tuple(range(n)) if layers == "all" else tuple(int(l) for l in layers)
+        if not self.layers or any(not 0 <= l < n for l in self.layers):
+            raise ValueError(f"layers must be 'all' or indices in 0..{n - 1}, got {layers!r}")
+        if reduce not in ("mean", "concat"):
+            raise ValueError(f"reduce must be 'mean' or 'concat', got {reduce!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.reduce, self.policy, self.batch_size = reduce, policy, batch_size
+        self.dims = whisper_model.dims
+        self.encoder = whisper_model.encoder
+        self.name, self.fingerprint = model_name(whisper_model), fingerprint(whisper_model)
+        width = self.dims.n_audio_state
+        self.scene_embedding_size = width * (len(self.layers) if reduce == "concat" else 1)
+        self.timestamp_embedding_size = self.scene_embedding_size
+
+    def frames(self, audio: torch.Tensor) -> torch.Tensor:
+        """[n, samples] -> [n, T, size] float32, T = ceil(samples / 320) encoder frames."""
+        n, samples = audio.shape
+        outs = []
+        for a in range(0, samples, N_SAMPLES):       # 30 s windows; the last may be shorter
+            window = audio[:, a:a + N_SAMPLES]
+            t = math.ceil(window.shape[1] / SAMPLES_PER_FRAME)
+            parts = [encode_layers(self, window[b:b + self.batch_size], frames=t, policy=self.policy)
+                     for b in range(0, n, self.batch_size)]
+            x = torch.cat(parts)[:, list(self.layers)]        # [n, L', T, D]
+            outs.append(x.mean(1) if self.reduce == "mean" else x.permute(0, 2, 1, 3).reshape(n, t, -1))
+        return torch.cat(outs, dim=1)
+
+
+def load_model(model_file_path: str = "", *, layers="all", reduce: str = "mean", policy: str = DEFAULT_POLICY,
+               device: str = "cpu", batch_size: int = 16) -> WhisperHEAR:
+    """`model_file_path`: anything `wat.extract.load_whisper` accepts (a name such as tiny.en, a .pt file,
+    a CTranslate2 directory); empty = the offline `base` model."""
+    return WhisperHEAR(load_whisper(model_file_path or DEFAULT_MODEL, device=device), layers, reduce, policy,
+                       batch_size).eval()
+
+
+def _audio(audio, model: WhisperHEAR) -> torch.Tensor:
+    audio = torch.as_tensor(np.asarray(audio) if not torch.is_tensor(audio) else audio)
+    if audio.ndim != 2 or audio.shape[1] == 0:
+        raise ValueError(f"audio must be [n_sounds, n_samples] at {model.sample_rate} Hz, got {tuple(audio.shape)}")
+    return audio.float()
+
+
+def get_timestamp_embeddings(audio, model: WhisperHEAR) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n, T, timestamp_embedding_size] float32, centre of each frame in ms [n, T])."""
+    audio = _audio(audio, model)
+    emb = model.frames(audio)
+    step_ms = 1000.0 * SAMPLES_PER_FRAME / model.sample_rate
+    ts = (torch.arange(emb.shape[1], dtype=torch.float32, device=emb.device) + 0.5) * step_ms
+    return emb, ts.expand(emb.shape[0], -1).contiguous()
+
+
+def get_scene_embeddings(audio, model: WhisperHEAR) -> torch.Tensor:
+    """[n, scene_embedding_size] float32: the time mean of the timestamp embeddings."""
+    return model.frames(_audio(audio, model)).mean(1)
