@@ -33,7 +33,7 @@ from wat.data.labels import Vocabulary, parent_labels
 from wat.data.readers import FeatureStore
 
 from . import augment
-from .heads import HeadError, HeadInfo, build_head, load_head, n_parameters, save_head
+from .heads import HeadInfo, build_head, load_head, n_parameters, save_head
 
 
 class TrainError(ValueError):
@@ -226,7 +226,9 @@ def predict(head, store: FeatureStore, indices: np.ndarray, multilabel: bool, ba
             autocast=None) -> np.ndarray:
     """Probabilities [len(indices), C] (sigmoid or softmax), rows in the order of `indices`."""
     head.eval()
-    pos = {int(i): r for r, i in enumerate(indices)}
+    indices = np.asarray(indices)
+    row = np.empty(int(indices.max()) + 1, np.int64)  # eval indices are unique: invert once
+    row[indices] = np.arange(len(indices))
     out = None
     try:
         for idx, x in store.iter_batches(indices, batch_size, shuffle=False):
@@ -235,7 +237,7 @@ def predict(head, store: FeatureStore, indices: np.ndarray, multilabel: bool, ba
             p = (torch.sigmoid(z) if multilabel else torch.softmax(z, -1)).cpu().numpy()
             if out is None:
                 out = np.empty((len(indices), p.shape[1]), np.float32)
-            out[[pos[int(i)] for i in idx]] = p
+            out[row[idx]] = p
     finally:
         head.train()
     return out
@@ -290,7 +292,7 @@ class Fit:
         self.opt.load_state_dict(s["opt"])
         self.sched.load_state_dict(s["sched"])
         self.wa_sum, self.wa_n = s["wa_sum"], s["wa_n"]
-        self.best_probs = None if s["best_probs"] is None else s["best_probs"].numpy()
+        self.best_probs = None if s["best_probs"] is None else s["best_probs"].cpu().numpy()
 
 
 # ---------------------------------------------------------------- RNG state for resume
@@ -387,50 +389,57 @@ def _build(opts: TrainOptions, cache: Cache, n_classes: int, device):
     return head
 
 
-def train(opts: TrainOptions) -> dict:
-    """Run the whole recipe; writes RUN_DIR outputs and returns the final metrics dict."""
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(opts.device)
+@dataclass
+class Setup:
+    """Everything `train` needs, opened and checked before any training starts."""
+
+    cache: Cache
+    data: Data                     # training store and targets
+    y: np.ndarray                  # [N, C] bool labels of the training cache (original vocabulary)
+    ev: Data | None                # where held-out clips are scored (the training data for folds)
+    ev_y: np.ndarray | None
+    splits: list                   # (name, train indices, eval indices or None)
+    unlabeled: FeatureStore | None
+    cfg: StepConfig
+    info: HeadInfo
+
+
+def prepare(opts: TrainOptions, device) -> Setup:
     if opts.cr_views < 1 or opts.epochs < 1 or opts.batch_size < 1:
         raise TrainError("--epochs, --batch-size and --cr-views must be >= 1")
     if opts.folds and opts.eval_features:
         raise TrainError("use either --eval-features or --folds, not both")
-    a_wa, b_wa = wa_range(opts)
-
+    wa_range(opts)
     cache = _open(opts.features, "--features")
     meta = cache.meta
-    multilabel = meta.multilabel
     y = _check_labels(cache, "--features")
-    ext = _ancestor_matrix(meta.vocab) if opts.parent_labels else None
-    if ext is not None and not multilabel:
+    if opts.parent_labels and not meta.multilabel:
         raise TrainError("--parent-labels needs a multi-label cache")
+    ext = _ancestor_matrix(meta.vocab) if opts.parent_labels else None
     field = _field(opts.head)
-    primary = len(meta.vocab) if ext is not None else None
     data = _load_data(cache, y, ext, field, opts, device)
-    n_classes = len(data.vocab)
 
+    ev, ev_y = None, None
     if opts.folds:
         folds = np.unique(cache.folds)
         if (folds < 0).any() or len(folds) != opts.folds:
             raise TrainError(f"--folds {opts.folds}: the cache's clips have folds {folds.tolist()}")
         splits = [(f"fold{f}", np.flatnonzero(cache.folds != f), np.flatnonzero(cache.folds == f)) for f in folds]
         ev, ev_y = data, y
+    elif opts.eval_features:
+        ecache = _open(opts.eval_features, "--eval-features")
+        if ecache.meta.vocab != meta.vocab:
+            raise TrainError(f"vocabulary mismatch: {opts.features} has {len(meta.vocab)} classes, "
+                             f"{opts.eval_features} has {len(ecache.meta.vocab)}"
+                             + (" (different classes)" if len(ecache.meta.vocab) == len(meta.vocab) else ""))
+        bad = meta.incompatibilities(ecache.meta)
+        if bad:
+            raise TrainError(f"--eval-features {opts.eval_features} does not match {opts.features}: {'; '.join(bad)}")
+        ev_y = _check_labels(ecache, "--eval-features")
+        ev = _load_data(ecache, ev_y, ext, field, opts, device)
+        splits = [("main", np.arange(len(cache)), np.arange(len(ecache)))]
     else:
         splits = [("main", np.arange(len(cache)), None)]
-        ev, ev_y = None, None
-        if opts.eval_features:
-            ecache = _open(opts.eval_features, "--eval-features")
-            if ecache.meta.vocab != meta.vocab:
-                raise TrainError(f"vocabulary mismatch: {opts.features} has {len(meta.vocab)} classes, "
-                                 f"{opts.eval_features} has {len(ecache.meta.vocab)}"
-                                 + (" (different classes)" if len(ecache.meta.vocab) == len(meta.vocab) else ""))
-            bad = meta.incompatibilities(ecache.meta)
-            if bad:
-                raise TrainError(f"--eval-features {opts.eval_features} does not match {opts.features}: {'; '.join(bad)}")
-            ev_y = _check_labels(ecache, "--eval-features")
-            ev = _load_data(ecache, ev_y, ext, field, opts, device)
-            splits = [("main", np.arange(len(cache)), np.arange(len(ecache)))]
 
     unl = None
     if opts.unlabeled_features:
@@ -444,19 +453,49 @@ def train(opts: TrainOptions) -> dict:
             raise TrainError(f"--unlabeled-features has {len(unl)} clips, fewer than one step's "
                              f"{opts.unlabeled_ratio} x {opts.batch_size}")
 
-    fmask = opts.feature_mask if opts.feature_mask is not None else (meta.dim // 10 if opts.cr_views > 1 or unl else 0)
-    if (opts.cr_views > 1 or unl) and fmask == 0 and (opts.time_mask == 0 or field == "mean"):
+    cr = opts.cr_views > 1 or unl is not None
+    fmask = opts.feature_mask if opts.feature_mask is not None else (meta.dim // 10 if cr else 0)
+    tmask = opts.time_mask if field == "features" else 0  # MLP heads see time means: nothing to mask
+    if cr and fmask == 0 and tmask == 0:
         raise TrainError("consistency regularisation needs views that differ: set --time-mask or --feature-mask")
-    cfg = StepConfig(multilabel, opts.time_mask if field == "features" else 0, fmask, opts.mixup,
-                     opts.label_smoothing, opts.cr_views, opts.cr_weight, opts.cr_unlabeled_weight)
+    cfg = StepConfig(meta.multilabel, tmask, fmask, opts.mixup, opts.label_smoothing, opts.cr_views,
+                     opts.cr_weight, opts.cr_unlabeled_weight)
+    info = _info(opts, cache, data.vocab, len(meta.vocab) if ext is not None else None)
+    return Setup(cache, data, y, ev, ev_y, splits, unl, cfg, info)
 
+
+def _train_epoch(fit: Fit, s: Setup, opts: TrainOptions, weights, gen, scaler, autocast, title: str) -> float:
+    data, n_classes = s.data, s.info.n_classes
+    order = _epoch_order(fit, weights, gen)
+    ubatches = _unlabeled_batches(s.unlabeled, opts.unlabeled_ratio * opts.batch_size, gen) if s.unlabeled else None
+    total, steps = torch.zeros((), device=data.targets.device), 0
+    bar = tqdm(_batches(data.store, order, opts.batch_size, gen), total=math.ceil(len(order) / opts.batch_size),
+               desc=title, leave=False, disable=None if opts.progress is None else not opts.progress)
+    for idx, x in bar:
+        it = torch.from_numpy(idx).to(data.targets.device)
+        tgt = data.targets[it] if s.cfg.multilabel else F.one_hot(data.classes[it], n_classes).float()
+        u = next(ubatches) if ubatches is not None else None
+        total += train_step(fit.head, fit.opt, x, tgt, s.cfg, gen, scaler=scaler, autocast=autocast, unlabeled=u)
+        steps += 1
+    fit.sched.step()
+    return float(total) / max(steps, 1)  # one host sync per epoch
+
+
+def train(opts: TrainOptions) -> dict:
+    """Run the whole recipe; writes RUN_DIR outputs and returns the final metrics dict."""
+    out = Path(opts.out)
+    device = torch.device(opts.device)
+    s = prepare(opts, device)
+    out.mkdir(parents=True, exist_ok=True)
+    a_wa, b_wa = wa_range(opts)
+    n_primary = len(s.cache.meta.vocab)
     gen = _seed_all(opts.seed)
-    fits = [Fit(name, _build(opts, cache, n_classes, device), opts, tr, te, device) for name, tr, te in splits]
-    weights = _balanced_weights(y) if opts.balanced else None
+    fits = [Fit(name, _build(opts, s.cache, s.info.n_classes, device), opts, tr, te, device)
+            for name, tr, te in s.splits]
+    weights = _balanced_weights(s.y) if opts.balanced else None
     autocast, scaler = _amp(device)
-    info = _info(opts, cache, data.vocab, primary)
     history: list[dict] = []
-    best = {"epoch": 0, "score": -math.inf}
+    best = {"epoch": 0, "score": None}
     start = 0
 
     last = out / "last.pt"
@@ -464,66 +503,46 @@ def train(opts: TrainOptions) -> dict:
         ck = torch.load(last, map_location=device, weights_only=True)
         if ck["options"] != _resume_key(opts):
             raise TrainError(f"--resume: {last} was written with different options")
-        for f, s in zip(fits, ck["fits"]):
-            f.restore(s)
+        for f, state in zip(fits, ck["fits"]):
+            f.restore(state)
         if scaler is not None and ck["scaler"]:
             scaler.load_state_dict(ck["scaler"])
         _set_rng_state(gen, ck["rng"])
         history, best, start = ck["history"], ck["best"], ck["epoch"]
 
-    show = opts.progress
-    run_epochs = 0
     for epoch in range(start, opts.epochs):
-        if opts.max_epochs_this_run is not None and run_epochs >= opts.max_epochs_this_run:
+        if opts.max_epochs_this_run is not None and epoch - start >= opts.max_epochs_this_run:
             raise Interrupted(f"stopped after epoch {epoch} of {opts.epochs}; continue with --resume")
         rec = {"epoch": epoch + 1, "lr": fits[0].opt.param_groups[0]["lr"], "folds": {}}
+        probs = {}
         for fit in fits:
-            order = _epoch_order(fit, weights, gen)
-            ubatches = _unlabeled_batches(unl, opts.unlabeled_ratio * opts.batch_size, gen) if unl else None
-            total, steps = torch.zeros((), device=device), 0
-            bar = tqdm(_batches(data.store, order, opts.batch_size, gen), total=math.ceil(len(order) / opts.batch_size),
-                       desc=f"epoch {epoch + 1}/{opts.epochs} {fit.name}", leave=False,
-                       disable=None if show is None else not show)
-            for idx, x in bar:
-                it = torch.from_numpy(idx).to(device)
-                tgt = data.targets[it] if multilabel else F.one_hot(data.classes[it], n_classes).float()
-                u = next(ubatches) if ubatches is not None else None
-                total += train_step(fit.head, fit.opt, x, tgt, cfg, gen, scaler=scaler, autocast=autocast, unlabeled=u)
-                steps += 1
-            fit.sched.step()
+            r = {"train_loss": _train_epoch(fit, s, opts, weights, gen, scaler, autocast,
+                                            f"epoch {epoch + 1}/{opts.epochs} {fit.name}")}
             if a_wa <= epoch + 1 <= b_wa:
                 fit.accumulate()
-            r = {"train_loss": float(total) / max(steps, 1)}
-            if fit.eval_idx is not None and ev is not None:
-                p = predict(fit.head, ev.store, fit.eval_idx, multilabel, autocast=autocast)
-                s = score(ev_y[fit.eval_idx], p[:, :len(meta.vocab)], multilabel)
-                r.update(score=s["score"], _probs=p)
+            if fit.eval_idx is not None:
+                probs[fit.name] = predict(fit.head, s.ev.store, fit.eval_idx, s.cfg.multilabel, autocast=autocast)
+                r["score"] = score(s.ev_y[fit.eval_idx], probs[fit.name][:, :n_primary], s.cfg.multilabel)["score"]
             rec["folds"][fit.name] = r
-        scores = [r["score"] for r in rec["folds"].values() if "score" in r]
-        rec["train_loss"] = float(np.mean([r["train_loss"] for r in rec["folds"].values()]))
-        if scores:
-            rec["score"] = float(np.mean(scores))
-        improved = scores and rec["score"] > best["score"]
+        folds = rec["folds"].values()
+        rec["train_loss"] = float(np.mean([r["train_loss"] for r in folds]))
+        if probs:
+            rec["score"] = float(np.mean([r["score"] for r in folds]))  # folds: one epoch for all
         # without an eval set the last epoch is the best one
-        if improved or not scores:
-            best = {"epoch": epoch + 1, "score": rec.get("score", -math.inf)}
+        if not probs or best["score"] is None or rec["score"] > best["score"]:
+            best = {"epoch": epoch + 1, "score": rec.get("score")}
             for fit in fits:
-                r = rec["folds"][fit.name]
-                fit.best_probs = r.get("_probs")
-                save_head(_fit_dir(out, fit, fits) / "best.pt", fit.head, info)
-        for r in rec["folds"].values():
-            r.pop("_probs", None)
+                fit.best_probs = probs.get(fit.name)
+                save_head(_fit_dir(out, fit, fits) / "best.pt", fit.head, s.info)
         if len(fits) == 1:  # one split: no per-fold level
             rec.update(rec.pop("folds")["main"])
         history.append(rec)
-        run_epochs += 1
         _atomic_save({"epoch": epoch + 1, "options": _resume_key(opts), "fits": [f.state() for f in fits],
                       "scaler": scaler.state_dict() if scaler is not None else {}, "rng": _rng_state(gen),
                       "history": history, "best": best}, last)
-        _write_metrics(out, opts, info, fits, history, best, None)
+        _write_metrics(out, opts, s.info, fits, history, best, None)
 
-    final = _finish(out, opts, info, fits, ev, ev_y, history, best, multilabel, meta, autocast)
-    return final
+    return _finish(out, opts, s, fits, history, best, autocast)
 
 
 def _resume_key(opts: TrainOptions) -> dict:
@@ -540,39 +559,50 @@ def _fit_dir(out: Path, fit: Fit, fits: list) -> Path:
     return d
 
 
-def _finish(out, opts, info, fits, ev, ev_y, history, best, multilabel, meta, autocast) -> dict:
-    vocab = meta.vocab
+def _finish(out, opts, s: Setup, fits, history, best, autocast) -> dict:
+    vocab, info, multilabel = s.cache.meta.vocab, s.info, s.cfg.multilabel
     wa_scores = {}
     for fit in fits:
         wa = build_head(info.kind, info.n_layers, info.dim_in, info.n_classes, info.dim)
-        wa.to(next(fit.head.parameters()).device)
-        wa.load_state_dict(fit.averaged())
+        wa.to(next(fit.head.parameters()).device).load_state_dict(fit.averaged())
         save_head(_fit_dir(out, fit, fits) / "wa.pt", wa, info)
-        if fit.eval_idx is not None and ev is not None:
-            p = predict(wa, ev.store, fit.eval_idx, multilabel, autocast=autocast)
-            wa_scores[fit.name] = score(ev_y[fit.eval_idx], p[:, :len(vocab)], multilabel)["score"]
+        if fit.eval_idx is not None:
+            p = predict(wa, s.ev.store, fit.eval_idx, multilabel, autocast=autocast)
+            wa_scores[fit.name] = score(s.ev_y[fit.eval_idx], p[:, :len(vocab)], multilabel)["score"]
     final = {"best_epoch": best["epoch"]}
-    if ev is not None:
+    if s.ev is not None:
         # per-class values of the chosen epoch: over the eval set, or over all held-out folds pooled
         idx = np.concatenate([f.eval_idx for f in fits])
         probs = np.concatenate([f.best_probs for f in fits])
-        s = score(ev_y[idx], probs[:, :len(vocab)], multilabel)
-        final.update(metric=s["metric"], best=best["score"], wa=float(np.mean(list(wa_scores.values()))))
+        sc = score(s.ev_y[idx], probs[:, :len(vocab)], multilabel)
+        final.update(metric=sc["metric"], best=best["score"], wa=float(np.mean(list(wa_scores.values()))))
         if len(fits) > 1:
             chosen = history[best["epoch"] - 1]["folds"]
             final["folds"] = {f.name: {"best": chosen[f.name]["score"], "wa": wa_scores[f.name]} for f in fits}
-            final["pooled_heldout"] = s["score"]
+            final["pooled_heldout"] = sc["score"]
         if multilabel:
-            final.update(mAUC=s["mAUC"], d_prime=s["d_prime"], skipped_classes=s["skipped_classes"])
-        support = ev_y[idx].sum(0)
+            final.update(mAUC=sc["mAUC"], d_prime=sc["d_prime"], skipped_classes=sc["skipped_classes"])
+        support = s.ev_y[idx].sum(0)
         with open(out / "per_class.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["name", "AP" if multilabel else "F1", "support"])
-            for name, v, n in zip(vocab.names, s["per_class"], support):
+            for name, v, n in zip(vocab.names, sc["per_class"], support):
                 w.writerow([name, "" if v is None else f"{v:.6f}", int(n)])
+    final = _json_safe(final)
     _write_metrics(out, opts, info, fits, history, best, final)
     _plot(out, history, len(fits) > 1)
     return final
+
+
+def _json_safe(x):
+    """Strict JSON: non-finite floats (d' of a perfect AUC) become None."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return int(x) if isinstance(x, np.integer) else x
 
 
 def _write_metrics(out, opts, info, fits, history, best, final):
@@ -584,7 +614,7 @@ def _write_metrics(out, opts, info, fits, history, best, final):
          "lr_milestones": milestones(opts.epochs), "weight_average": list(wa_range(opts)),
          "epochs": history, "best": best, "final": final}
     tmp = out / "metrics.json.partial"
-    tmp.write_text(json.dumps(d, indent=1, default=float))
+    tmp.write_text(json.dumps(_json_safe(d), indent=1, allow_nan=False))
     os.replace(tmp, out / "metrics.json")
 
 

@@ -1,0 +1,147 @@
+"""Training throughput: end to end (cache on disk, the trainer's data path, all augmentation)
+versus compute only (the same batches already on the device, no augmentation).
+
+    python bench/train_throughput.py                       # CPU, TL-Tr, base-sized 6x25x512 cache
+    python bench/train_throughput.py --device cuda --size large --clips 2000 --steps 200 --per-round 20
+    python bench/train_throughput.py --device cuda --size large --head wa-mlp --clips 20000 --steps 400 --per-round 50
+
+Prints samples/s for compute only, compute + augmentation on resident batches, end to end with the
+cache in memory (on the device) and end to end streaming from disk (memory budget 0), and the
+ratios end-to-end / compute-only (target >= 0.9). MLP heads read the cache's `mean` field, as the
+trainer does. A synthetic cache is written to a temporary folder (or --cache-dir) once.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wat.data.cache import CacheMeta, build_index, open_cache, shard_path, write_shard
+from wat.data.labels import audioset_vocabulary
+from wat.data.readers import FeatureStore
+from wat.train.heads import build_head
+from wat.train.loop import StepConfig, _amp, _batches, _field, make_optimizer, train_step
+
+SIZES = {"tiny": (4, 384), "base": (6, 512), "small": (12, 768), "medium": (24, 1024), "large": (32, 1280)}
+
+
+def make_cache(folder: Path, n: int, n_layers: int, dim: int, shard_clips: int = 512) -> Path:
+    index = folder / "feats.h5"
+    if index.exists():
+        return index
+    vocab = audioset_vocabulary()
+    meta = CacheMeta("synthetic", "0" * 16, n_layers, 25, dim, "trim", "mean:25", 16000, 10.0, vocab, True, "bench")
+    rng = np.random.default_rng(0)
+    paths = []
+    for s, a in enumerate(range(0, n, shard_clips)):
+        b = min(n, a + shard_clips)
+        x = rng.standard_normal((b - a, n_layers, 25, dim), dtype=np.float32).astype(np.float16)
+        labels = [tuple(sorted(set(rng.integers(0, len(vocab), 2).tolist()))) for _ in range(b - a)]
+        paths.append(shard_path(folder, s))
+        write_shard(paths[-1], meta, [f"c{i:07d}" for i in range(a, b)], x, labels)
+    build_index(index, paths)
+    return index
+
+
+class Mode:
+    """One way of feeding the trainer; `advance(k)` runs k steps and returns (samples, seconds)."""
+
+    def __init__(self, head, batches, cfg, device, targets):
+        self.head, self.batches, self.cfg, self.device, self.targets = head, batches, cfg, device, targets
+        self.opt = make_optimizer(head, 1e-4)
+        self.autocast, self.scaler = _amp(device)
+        self.gen = torch.Generator().manual_seed(0)
+        self.samples, self.seconds = 0, 0.0
+
+    def advance(self, k: int, timed: bool = True):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0, n = time.perf_counter(), 0
+        for _ in range(k):
+            idx, x = next(self.batches)
+            y = self.targets[torch.as_tensor(idx, device=self.device)]
+            loss = train_step(self.head, self.opt, x, y, self.cfg, self.gen, scaler=self.scaler, autocast=self.autocast)
+            n += len(idx)
+        float(loss)  # waits for the device
+        if timed:
+            self.samples, self.seconds = self.samples + n, self.seconds + time.perf_counter() - t0
+
+    @property
+    def rate(self) -> float:
+        return self.samples / self.seconds
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=SIZES, default="base")
+    p.add_argument("--head", default="tl-tr")
+    p.add_argument("--dim", type=int)
+    p.add_argument("--clips", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per mode")
+    p.add_argument("--per-round", type=int, default=2, help="steps per mode per interleaved round")
+    p.add_argument("--batch-size", type=int, default=48)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--cache-dir", help="keep the synthetic cache here (reused when present)")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    n_layers, dim = SIZES[a.size]
+    tmp = None if a.cache_dir else tempfile.TemporaryDirectory(prefix="wat-bench-")
+    folder = Path(a.cache_dir or tmp.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    cache = open_cache(make_cache(folder, a.clips, n_layers, dim))
+    print(f"cache: {len(cache)} clips {n_layers}x25x{dim} ({time.perf_counter() - t:.1f} s to make/open); "
+          f"head {a.head} dim {a.dim}; batch {a.batch_size}; {a.steps} timed steps; device {device}; "
+          f"torch threads {torch.get_num_threads()}")
+    field = _field(a.head)
+    targets = torch.from_numpy(cache.label_matrix().astype(np.float32)).to(device)
+    aug = StepConfig(True, 10 if field == "features" else 0, 0, 0.5, 0.1)
+    none = StepConfig(True, 0, 0, 0.0, 0.0)
+    n_batches = a.steps + 1
+    order = np.random.default_rng(1).permutation(len(cache))
+    if len(order) < n_batches * a.batch_size:  # more steps than clips: cycle through epochs
+        order = np.concatenate([order] * (n_batches * a.batch_size // len(order) + 1))
+    order = order[: n_batches * a.batch_size]
+
+    def head():
+        torch.manual_seed(0)
+        return build_head(a.head, n_layers, dim, len(cache.meta.vocab), a.dim).to(device)
+
+    t = time.perf_counter()
+    resident = FeatureStore(cache, field, device=device)
+    print(f"in-memory store: {resident.in_memory} ({time.perf_counter() - t:.1f} s to load)")
+    pre = [(b, resident.get(b)) for b in np.array_split(order, n_batches)]
+    streaming = FeatureStore(cache, field, memory_budget=0, device=device)
+    gen = torch.Generator().manual_seed(0)
+    modes = {
+        "compute only": Mode(head(), iter(pre), none, device, targets),
+        "compute + augmentation": Mode(head(), iter(pre), aug, device, targets),
+        "end to end, in memory": Mode(head(), _batches(resident, order, a.batch_size, gen), aug, device, targets),
+        "end to end, streaming": Mode(head(), _batches(streaming, order, a.batch_size, gen), aug, device, targets),
+    }
+    for m in modes.values():  # warm-up: first-call costs, the streaming reader's first fill
+        m.advance(1, timed=False)
+    # interleaved rounds, so a change in machine load hits every mode alike
+    rounds = max(1, a.steps // a.per_round)
+    for _ in range(rounds):
+        for m in modes.values():
+            m.advance(a.per_round)
+    results = {k: m.rate for k, m in modes.items()}
+    base = results["compute only"]
+    for k, v in results.items():
+        print(f"{k:28s} {v:10.1f} samples/s   ratio {v / base:.2f}")
+    if tmp is not None:
+        cache.close()
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
