@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, metavar="RUN_DIR")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt (same options; a fresh start if there is none)")
     return p
 
 
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         seed=a.seed, resume=a.resume)
     try:
         final = train(opts)
-    except (TrainError, HeadError, CacheError, LabelError, Interrupted) as e:
+    except (TrainError, HeadError, CacheError, LabelError, Interrupted, OSError) as e:
         print(f"wat-train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -216,7 +216,8 @@ def train_step(head, opt, x, targets, cfg: StepConfig, gen: torch.Generator, *, 
 
 
 def make_optimizer(head, lr: float) -> torch.optim.Adam:
-    return torch.optim.Adam(head.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=5e-7)
+    fused = next(head.parameters()).is_cuda  # one kernel for all parameters: small heads are launch-bound
+    return torch.optim.Adam(head.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=5e-7, fused=fused or None)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -291,7 +292,9 @@ class Fit:
         self.head.load_state_dict(s["head"])
         self.opt.load_state_dict(s["opt"])
         self.sched.load_state_dict(s["sched"])
-        self.wa_sum, self.wa_n = s["wa_sum"], s["wa_n"]
+        dev = next(self.head.parameters()).device
+        self.wa_sum = None if s["wa_sum"] is None else {k: v.to(dev) for k, v in s["wa_sum"].items()}
+        self.wa_n = s["wa_n"]
         self.best_probs = None if s["best_probs"] is None else s["best_probs"].cpu().numpy()
 
 
@@ -500,7 +503,7 @@ def train(opts: TrainOptions) -> dict:
 
     last = out / "last.pt"
     if opts.resume and last.exists():
-        ck = torch.load(last, map_location=device, weights_only=True)
+        ck = torch.load(last, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
         if ck["options"] != _resume_key(opts):
             raise TrainError(f"--resume: {last} was written with different options")
         for f, state in zip(fits, ck["fits"]):
@@ -590,7 +593,7 @@ def _finish(out, opts, s: Setup, fits, history, best, autocast) -> dict:
                 w.writerow([name, "" if v is None else f"{v:.6f}", int(n)])
     final = _json_safe(final)
     _write_metrics(out, opts, info, fits, history, best, final)
-    _plot(out, history, len(fits) > 1)
+    _plot(out, history, len(fits) > 1, final.get("metric", "score"))
     return final
 
 
@@ -618,7 +621,7 @@ def _write_metrics(out, opts, info, fits, history, best, final):
     os.replace(tmp, out / "metrics.json")
 
 
-def _plot(out: Path, history: list[dict], per_fold: bool):
+def _plot(out: Path, history: list[dict], per_fold: bool, metric: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -633,7 +636,7 @@ def _plot(out: Path, history: list[dict], per_fold: bool):
             for name in history[0]["folds"]:
                 b.plot(ep, [h["folds"][name].get("score", np.nan) for h in history], alpha=0.4, label=name)
         b.legend()
-    b.set(xlabel="epoch", ylabel="score")
+    b.set(xlabel="epoch", ylabel=f"held-out {metric}")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
