@@ -205,10 +205,13 @@ def dask_view(cache_or_path, field: str = "mean"):
     parts = []
     for s, (path, start, stop) in enumerate(cache.shards):
         n = stop - start
-        hdf5_rows = (cache.dataset(s, field).chunks or (n,))[0]
+        hdf5 = cache.dataset(s, field).chunks or (n,) + per_row
+        hdf5_rows = hdf5[0]
+        # the HDF5 chunk's layer extent (1 for `mean`): slicing one layer then reads only that layer
+        block = (hdf5[1],) + per_row[1:]
         # ~128 MiB per task, a whole number of HDF5 chunks
-        rows = max(hdf5_rows, ((128 << 20) // (2 * int(np.prod(per_row)))) // hdf5_rows * hdf5_rows)
+        rows = max(hdf5_rows, ((128 << 20) // (2 * int(np.prod(block)))) // hdf5_rows * hdf5_rows)
         src = _ShardField(path, field, (n,) + per_row)
-        parts.append(da.from_array(src, chunks=(min(rows, n),) + per_row, lock=False, asarray=True,
+        parts.append(da.from_array(src, chunks=(min(rows, n),) + block, lock=False, asarray=True,
                                    meta=np.empty((0,) * len(src.shape), np.float16)))
     return da.concatenate(parts, axis=0)
