@@ -8,6 +8,7 @@ cluster, so memory stays bounded by one layer's matrix per worker.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -252,8 +253,14 @@ def fit_task(train: list[Cache], test: list[Cache] | None, feat: Feature, tr_idx
 
 
 def _call(i, args):
-    # one fit per core: BLAS/torch threads oversubscribe a shared machine and slow small fits many
-    # times over; parallelism comes from running several tasks
+    return i, fit_task(*args)
+
+
+@contextmanager
+def _one_thread():
+    """One BLAS/torch thread per fit: extra threads oversubscribe a shared machine and slow small
+    fits many times over; parallelism comes from running several fits (loky and dask workers
+    already start with one thread each)."""
     from threadpoolctl import threadpool_limits
     import torch
 
@@ -261,7 +268,7 @@ def _call(i, args):
     torch.set_num_threads(1)
     try:
         with threadpool_limits(1):
-            return i, fit_task(*args)
+            yield
     finally:
         torch.set_num_threads(n)
 
@@ -273,7 +280,7 @@ def run_tasks(tasks: list[tuple], opts: ProbeOptions):
     bar = tqdm(total=len(tasks), desc="probe", unit="fit", disable=None)
     if opts.scheduler:
         from distributed import Client, as_completed
-        with Client(opts.scheduler, set_as_default=False) as client:
+        with Client(opts.scheduler) as client:
             futures = [client.submit(_call, i, t, pure=False) for i, t in enumerate(tasks)]
             for fut in as_completed(futures):
                 yield fut.result()
@@ -285,9 +292,10 @@ def run_tasks(tasks: list[tuple], opts: ProbeOptions):
             yield out
             bar.update()
     else:
-        for i, t in enumerate(tasks):
-            yield _call(i, t)
-            bar.update()
+        with _one_thread():
+            for i, t in enumerate(tasks):
+                yield _call(i, t)
+                bar.update()
     bar.close()
 
 

@@ -133,3 +133,33 @@ def test_cli_outputs_and_errors(tmp_path, capsys):
     assert "layer(s) [9] out of range" in err and "Traceback" not in err
     assert probe_main(["--features", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "q")]) == 2
     assert probe_main(["--features", str(feats), "--fusion", "max", "--out", str(tmp_path / "q")]) == 2
+
+
+def test_layer_probe_reads_only_its_layer(tmp_path, monkeypatch):
+    from wat.data import readers
+    feats = write_synthetic_cache(tmp_path / "c", n_layers=5)
+    seen = []
+    real = readers._ShardField.__getitem__
+
+    def spy(self, key):
+        out = real(self, key)
+        seen.append(out.shape)
+        return out
+
+    monkeypatch.setattr(readers._ShardField, "__getitem__", spy)
+    x = P.load_matrix(P._open([feats]), P.Feature("layer", (0,), ((3,),)))
+    assert x.shape == (150, 12) and x.dtype == np.float32
+    assert seen and all(s[1] == 1 for s in seen)          # one layer per read, never [rows, L, D]
+    ref = P._open([feats])[0].read("mean", np.arange(150))[:, 3].astype(np.float32)
+    np.testing.assert_array_equal(x, ref)
+
+
+def test_dask_scheduler(tmp_path):
+    from distributed import LocalCluster
+    feats = write_synthetic_cache(tmp_path / "c", informative=1)
+    opts = dict(layers=[0, 1], fusion=())
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster:
+        a = P.probe([feats], None, P.ProbeOptions(scheduler=cluster.scheduler_address, **opts))
+    b = P.probe([feats], None, P.ProbeOptions(jobs=1, **opts))
+    assert a.best().feature.layers[0][0] == 1
+    np.testing.assert_allclose([r.fold_scores for r in a.results], [r.fold_scores for r in b.results])
