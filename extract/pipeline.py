@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import queue
+import sys
 import threading
 import time
 from collections import Counter
@@ -272,12 +273,22 @@ def default_workers(options: ExtractOptions) -> int:
     return min(8, max(1, (os.cpu_count() or 2) - 1)) if options.device.startswith("cuda") else 1
 
 
+def _mp_context():
+    # processes started by spawn (dask workers) make spawn the default: every DataLoader would then
+    # re-import torch and whisper in its workers (seconds per shard). Decode workers only need numpy
+    # and soundfile, so forking is safe even after CUDA is initialised in the parent.
+    import multiprocessing
+
+    return multiprocessing.get_context("fork") if sys.platform == "linux" else None
+
+
 def _loader(clips, batches, n_samples, options):
     workers = default_workers(options) if _can_fork_workers() else 0
     return torch.utils.data.DataLoader(
         _ClipAudio(clips, n_samples), batch_sampler=batches, num_workers=workers,
         collate_fn=_collate, pin_memory=options.device.startswith("cuda"),
         worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None,
+        multiprocessing_context=_mp_context() if workers else None,
     )
 
 
