@@ -33,7 +33,7 @@ def beta(n: int, a: float, b: float, generator: torch.Generator) -> Tensor:
 def mixup(x: Tensor, targets: Tensor, prob: float, generator: torch.Generator, alpha: float = 10.0):
     """With probability `prob` per clip, replace (x_i, y_i) by lam*(x_i, y_i) + (1-lam)*(x_j, y_j),
     j a random clip of the batch and lam ~ Beta(alpha, alpha); others keep lam = 1.
-    Returns (x, targets, lam [B], partner [B])."""
+    Returns (x as float32, targets, lam [B], partner [B])."""
     n = x.shape[0]
     lam = beta(n, alpha, alpha, generator)
     use = torch.rand(n, generator=generator) < prob
@@ -42,7 +42,8 @@ def mixup(x: Tensor, targets: Tensor, prob: float, generator: torch.Generator, a
     lx = lam.to(x.device).view((n,) + (1,) * (x.dim() - 1))
     ly = lam.to(targets.device).view(n, 1)
     p = partner.to(x.device)
-    x = (lx * x.float() + (1 - lx) * x[p].float()).to(x.dtype)
+    x = x.float()
+    x = torch.lerp(x[p], x, lx)  # heads compute in fp32 anyway: no cast back to fp16
     targets = ly * targets.float() + (1 - ly) * targets[p.to(targets.device)].float()
     return x, targets, lam, partner
 
