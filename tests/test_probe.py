@@ -163,3 +163,13 @@ def test_dask_scheduler(tmp_path):
     b = P.probe([feats], None, P.ProbeOptions(jobs=1, **opts))
     assert a.best().feature.layers[0][0] == 1
     np.testing.assert_allclose([r.fold_scores for r in a.results], [r.fold_scores for r in b.results])
+
+
+def test_demo_cache_best_layer_far_above_chance(demo_cache_trim, tmp_path):
+    """Real tiny.en features of the synthetic demo sounds (ESC-50 layout, 5 folds)."""
+    rep = P.probe([demo_cache_trim], None, P.ProbeOptions(fusion=("mean",)))
+    s = write_probe(rep, tmp_path / "p")
+    assert rep.n_folds == 5 and rep.chance < 0.15
+    best = rep.best()
+    assert best.score > 0.8 and best.score > 5 * rep.chance
+    assert s["best_layer"]["score"] == best.score and len(s["layers"]) == 4   # tiny: 4 layers
