@@ -1,0 +1,105 @@
+"""Encoder frames pooled onto absolute time windows `[k*res, (k+1)*res)`.
+
+Whisper's transcription seeks by decoded timestamps, so its 30 s encoder windows start at arbitrary
+offsets and overlap. Here every encoder frame is placed by its absolute position in the file, so a
+tag window covers the same stretch of audio whatever the transcription did. Each tag window is split
+into `n_frames` equal parts (the head's time axis: 25 parts of 0.4 s for a 10 s window, as in the
+training cache); a part's features are the mean of the encoder frames that start in it. For
+`res != 10` the head thus sees a resampled time axis (parts of res/25 s); the last, partial window is
+split into `n_frames` parts of its own length, as the cache pools a short clip. A part no frame
+starts in (windows shorter than `n_frames` encoder frames) takes the nearest non-empty part.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from whisper.audio import FRAMES_PER_SECOND
+
+MIN_RES = 0.1  # seconds; below ~5 encoder frames per window tags mean little
+
+
+class WindowPool:
+    """Running sums of encoder frames per (window, part), fed one encoder call at a time.
+
+    `content_frames` is the audio length in mel frames (10 ms); `duration` (seconds) is where the
+    last window ends. Where two successive calls overlap, the frames of the later call are used.
+    A window is handed out once, when no later call can reach it (whisper seeks forward); frames
+    that arrive for a window already handed out are ignored."""
+
+    def __init__(self, content_frames: int, duration: float, res: float, n_frames: int = 25):
+        if not res >= MIN_RES:
+            raise ValueError(f"time resolution must be at least {MIN_RES} s, got {res}")
+        self.content_frames, self.duration, self.n_frames = content_frames, duration, n_frames
+        self.res = res
+        self.res_mel = round(res * FRAMES_PER_SECOND, 6)  # 0.3 s -> 30.0, not 30.000000000000004
+        self.n_windows = max(1, math.ceil(content_frames / self.res_mel - 1e-9))
+        self._sums: dict[int, torch.Tensor] = {}    # k -> [n_frames, L, D] float32, on the features' device
+        self._counts: dict[int, torch.Tensor] = {}  # k -> [n_frames] int64, CPU
+        self._done: set[int] = set()
+        self._pending: tuple[int, torch.Tensor] | None = None
+
+    def bounds(self, k: int) -> tuple[float, float]:
+        """Window k in seconds; the last one ends at `duration`."""
+        start = round(k * self.res, 6)
+        end = self.duration if k == self.n_windows - 1 else round((k + 1) * self.res, 6)
+        return float(start), float(end)
+
+    def add_call(self, seek: int, size: int, feats: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """One encoder call on mel frames [seek, seek + size): `feats` [ceil(size/2), L, D] are its
+        block outputs for those frames (frame j starts at mel frame seek + 2j). Returns the windows
+        finished so far, as `finish` does."""
+        self._commit(seek, size)
+        self._pending = (seek, feats)
+        return self._finish(before=seek)
+
+    def close(self) -> list[tuple[int, torch.Tensor]]:
+        """After the last call: every window that has frames and was not handed out yet."""
+        self._commit()
+        return self._finish()
+
+    def place(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Absolute frame starts (mel frames) -> (window, part) indices."""
+        a = starts.double()
+        k = torch.floor(a / self.res_mel).long().clamp_(0, self.n_windows - 1)
+        first = k.double() * self.res_mel
+        length = torch.clamp(self.content_frames - first, max=self.res_mel)
+        t = torch.floor((a - first) * self.n_frames / length).long().clamp_(0, self.n_frames - 1)
+        return k, t
+
+    def _commit(self, next_seek: int | None = None, next_size: int = 0) -> None:
+        # add the previous call's frames, except those the next call covers again
+        if self._pending is None:
+            return
+        seek, feats = self._pending
+        self._pending = None
+        starts = seek + 2 * torch.arange(len(feats))
+        if next_seek is not None:
+            keep = (starts < next_seek) | (starts >= next_seek + next_size)
+            starts, feats = starts[keep], feats[keep.to(feats.device)]
+        k, t = self.place(starts)
+        for w in k.unique().tolist():
+            if w in self._done:
+                continue
+            sel = (k == w).nonzero().squeeze(1)
+            if w not in self._sums:
+                self._sums[w] = feats.new_zeros((self.n_frames, *feats.shape[1:]), dtype=torch.float32)
+                self._counts[w] = torch.zeros(self.n_frames, dtype=torch.long)
+            self._sums[w].index_add_(0, t[sel].to(feats.device), feats[sel.to(feats.device)].float())
+            self._counts[w].index_add_(0, t[sel], torch.ones_like(sel))
+
+    def _finish(self, before: float = math.inf) -> list[tuple[int, torch.Tensor]]:
+        """Hand out the windows with frames that end at or before mel frame `before`, as
+        (k, [L, n_frames, D] float32) in time order."""
+        out = []
+        for w in sorted(self._sums):
+            if min((w + 1) * self.res_mel, self.content_frames) > before:
+                break
+            sums, counts = self._sums.pop(w), self._counts.pop(w)
+            self._done.add(w)
+            filled = counts.nonzero().squeeze(1)
+            # nearest non-empty part for the empty ones (ties to the earlier part)
+            nearest = filled[(torch.arange(self.n_frames)[:, None] - filled[None]).abs().argmin(1)]
+            mean = sums / counts.clamp(min=1).to(sums.device)[:, None, None]
+            out.append((w, mean[nearest.to(sums.device)].transpose(0, 1)))
+        return out

@@ -1,0 +1,264 @@
+"""Transcript and audio tags from the encoder passes `whisper.transcribe` already makes.
+
+For the duration of one transcription `model.encoder` is replaced by `SharedEncoder`, a thin module
+that calls the real encoder (with `LayerTaps` on its blocks) and:
+
+- finds where in the file each call's 30 s mel segment starts (`seek`) and how much of it is audio
+  (`segment_size`, the rest is padding and is never used for tags): read from `transcribe`'s own
+  frame, checked against the mel values, or found by searching the mel when that check fails;
+- gives the previous output back when called again with the very same input tensor, unchanged
+  (temperature fall-backs re-decode the same segment; word timestamps re-run the model on it), so
+  those repeats cost no encoder pass and add no frames;
+- places the block outputs of the audio frames on the absolute time grid (`grid.WindowPool`).
+  Where two calls overlap, a frame is taken from the later call, where it sits near the start of
+  the 30 s window as the head's pad30 training clips did (and has real audio after it); windows
+  whose audio is complete are pooled and tagged while transcription goes on.
+
+Whisper's code is not modified or copied: `model.transcribe` runs as is, with the same options.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
+
+from wat.data.audio import load_audio
+from wat.data.labels import Vocabulary
+from wat.extract.layers import LayerTaps
+from wat.extract.load import fingerprint
+from wat.train.heads import HeadInfo, load_head
+
+from .grid import WindowPool
+
+POLICY = "pad30"  # what the encoder sees during transcription
+_TRANSCRIBE = importlib.import_module("whisper.transcribe").transcribe.__code__
+
+
+class TagError(ValueError):
+    """A head that does not fit the model, a class name the head does not know, or an encoder call
+    that cannot be placed in the file."""
+
+
+def check_head(model, info: HeadInfo, *, allow_policy_mismatch: bool = False) -> None:
+    """Refuse a head whose input is not what this model's transcription produces."""
+    dims = model.dims
+    if (info.n_layers, info.dim_in) != (dims.n_audio_layer, dims.n_audio_state):
+        trained = f" (trained on {info.model})" if info.model else ""
+        raise TagError(f"head expects {info.n_layers} encoder layers of width {info.dim_in}{trained}, "
+                       f"but the model has {dims.n_audio_layer} layers of width {dims.n_audio_state}")
+    if info.policy != POLICY and not allow_policy_mismatch:
+        raise TagError(f"head was trained on '{info.policy}' features but transcription produces "
+                       f"'{POLICY}' features (30 s windows); tags would be off. Use a head trained on a "
+                       f"pad30 cache, or allow_policy_mismatch=True (--allow-policy-mismatch)")
+    if info.fingerprint:
+        mine = fingerprint(model)
+        if mine != info.fingerprint:
+            warnings.warn(f"head was trained on features of another model ({info.model or '?'}, "
+                          f"encoder fingerprint {info.fingerprint[:12]}, this one {mine[:12]})")
+
+
+def head_vocabulary(info: HeadInfo) -> Vocabulary:
+    """The classes tags are reported for: the head's vocabulary, without the parent labels that a
+    `--parent-labels` head also outputs after its `primary_classes`."""
+    if info.vocab_json:
+        vocab = Vocabulary.from_json(info.vocab_json)
+    else:
+        vocab = Vocabulary.from_names(f"class {i}" for i in range(info.n_classes))
+    n = info.primary_classes or len(vocab)
+    return Vocabulary(vocab.keys[:n], vocab.names[:n])
+
+
+def _norm(name: str) -> str:
+    return ",".join(p.strip() for p in name.lower().split(","))
+
+
+def resolve_classes(vocab: Vocabulary, classes) -> list[int]:
+    """Class names or keys (case-insensitive), as a list or one comma-separated string, -> indices.
+    Commas inside names ("Male speech, man speaking") are kept: the longest known run wins."""
+    table = {}
+    for i, (key, name) in enumerate(zip(vocab.keys, vocab.names)):
+        table.setdefault(_norm(name), i)
+        table.setdefault(_norm(key), i)
+    items = classes.split(",") if isinstance(classes, str) else [p for c in classes for p in str(c).split(",")]
+    items = [p.strip() for p in items]
+    out, i = [], 0
+    while i < len(items):
+        for j in range(len(items), i, -1):
+            hit = table.get(_norm(",".join(items[i:j])))
+            if hit is not None:
+                out.append(hit)
+                i = j
+                break
+        else:
+            if items[i]:
+                close = difflib.get_close_matches(items[i].lower(), [n.lower() for n in vocab.names], n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise TagError(f"unknown class {items[i]!r}: not among the head's {len(vocab)} classes{hint}")
+            i += 1
+    return sorted(set(out))
+
+
+def select_tags(probs: np.ndarray, names, *, top_k: int | None = 5, threshold: float | None = None,
+                classes=None) -> list[tuple[str, float]]:
+    """Restrict to `classes` (indices), then keep probabilities >= `threshold`, then the `top_k`
+    most probable, highest first."""
+    idx = np.arange(len(probs)) if classes is None else np.asarray(sorted(classes), dtype=int)
+    p = np.asarray(probs, dtype=np.float64)[idx]
+    if threshold is not None:
+        keep = p >= threshold
+        idx, p = idx[keep], p[keep]
+    order = np.argsort(-p, kind="stable")[: top_k if top_k is not None else None]
+    return [(names[idx[i]], float(p[i])) for i in order]
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # same memory, layout and in-place version: the caller re-sent the tensor it sent before
+    return (a.data_ptr() == b.data_ptr() and a.device == b.device and a.dtype == b.dtype
+            and a.shape == b.shape and a.stride() == b.stride() and a._version == b._version)
+
+
+class SharedEncoder(nn.Module):
+    """Stands in for `model.encoder` during one transcription (see the module docstring).
+    `audio` is the float32 waveform transcription was given (used only for the fallback search)."""
+
+    def __init__(self, encoder, audio: np.ndarray, on_frames):
+        super().__init__()
+        self.encoder, self.on_frames = encoder, on_frames
+        self.audio, self._mel = audio, None
+        self.content_frames = len(audio) // HOP_LENGTH
+        self.passes = self.reused = 0
+        self.last_seek = 0
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.taps = LayerTaps(encoder, 1, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._last is not None and _same_tensor(x, self._last[0]):
+            self.reused += 1
+            return self._last[1]
+        if x.dim() != 3 or x.shape[0] != 1:
+            raise TagError(f"tagging follows one 30 s segment at a time; encoder got {tuple(x.shape)}")
+        seek, size = self.locate(x[0])
+        n = math.ceil(size / 2)  # encoder frame j covers mel frames 2j, 2j+1
+        self.taps.frames = self.taps.n_valid = n  # no pooling: one tap per encoder frame
+        out = self.encoder(x)
+        feats = self.taps.results.pop()[0].transpose(0, 1)  # [n, L, D] float32
+        self.passes += 1
+        self.last_seek = seek
+        self.on_frames(seek, size, feats)
+        self._last = (x, out)
+        return out
+
+    def locate(self, x: torch.Tensor) -> tuple[int, int]:
+        """(seek, segment_size) in mel frames of the [n_mels, 3000] encoder input `x`."""
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code is not _TRANSCRIBE:
+            frame = frame.f_back
+        if frame is not None:
+            local = frame.f_locals
+            if "segment_size" in local:  # inside the seek loop
+                seek, size = local["seek"], local["segment_size"]
+            else:  # language detection on the first 30 s, before the loop
+                seek, size = 0, min(N_FRAMES, self.content_frames)
+            mel = local.get("mel")
+            if (isinstance(mel, torch.Tensor) and 0 < size <= N_FRAMES
+                    and torch.equal(mel[:, seek:seek + size].to(x.device, x.dtype), x[:, :size])):
+                return seek, size
+        return self._search(x)
+
+    def _search(self, x: torch.Tensor) -> tuple[int, int]:
+        # called outside whisper.transcribe (or a whisper whose locals differ): find the segment in
+        # the file's mel. Zero columns at the end are pad_or_trim's padding; the earliest match at
+        # or after the previous seek wins (whisper seeks forward).
+        if self._mel is None:
+            self._mel = log_mel_spectrogram(torch.from_numpy(self.audio), x.shape[0], padding=N_SAMPLES)
+        mel = self._mel.to(x.dtype)
+        xs = x.cpu()
+        nonzero = xs.ne(0).any(0).nonzero()
+        size = int(nonzero[-1]) + 1 if len(nonzero) else 0
+        size = min(size, self.content_frames)
+        if size > 0:
+            hits = (mel[:, : self.content_frames].eq(xs[:, :1])).all(0).nonzero().squeeze(1).tolist()
+            hits.sort(key=lambda p: (p < self.last_seek, p))
+            for p in hits:
+                n = min(size, self.content_frames - p)
+                if torch.equal(mel[:, p:p + n], xs[:, :n]):
+                    return p, n
+        raise TagError("could not place an encoder input in the audio: tagging only follows "
+                       "encoder calls on segments of the audio given to transcribe_and_tag")
+
+
+def _as_audio(audio_or_path) -> np.ndarray:
+    if isinstance(audio_or_path, (str, Path)):
+        return load_audio(audio_or_path)
+    if torch.is_tensor(audio_or_path):
+        audio_or_path = audio_or_path.detach().cpu().numpy()
+    audio = np.ascontiguousarray(audio_or_path, dtype=np.float32)
+    if audio.ndim != 1 or len(audio) == 0:
+        raise ValueError(f"audio must be a non-empty 1-D 16 kHz waveform, got shape {audio.shape}")
+    return audio
+
+
+def _resolve_head(head):
+    if isinstance(head, (str, Path)):
+        return load_head(head)
+    if isinstance(head, tuple) and len(head) == 2 and isinstance(head[1], HeadInfo):
+        return head
+    raise TypeError("head must be a checkpoint path or the (module, HeadInfo) pair load_head returns")
+
+
+def transcribe_and_tag(model, head, audio_or_path, *, time_res: float = 10.0, top_k: int | None = 5,
+                       threshold: float | None = None, classes=None, allow_policy_mismatch: bool = False,
+                       **whisper_options) -> dict:
+    """`model.transcribe(audio, **whisper_options)` plus `result["audio_tags"]`: one entry
+    `{"start": s, "end": e, "tags": [(name, probability), ...]}` per window `[k*time_res,
+    (k+1)*time_res)` of the file (the last one ends at the end of the audio), tags from the encoder
+    passes the transcription makes. `head`: a checkpoint path or `load_head`'s (module, info).
+    Tags: restricted to `classes` (names or keys), then probabilities (sigmoid for multi-label heads,
+    softmax for single-label ones) >= `threshold`, then the `top_k` highest. A window no encoder
+    pass covered (e.g. outside `clip_timestamps`) has no tags."""
+    module, info = _resolve_head(head)
+    check_head(model, info, allow_policy_mismatch=allow_policy_mismatch)
+    vocab = head_vocabulary(info)
+    wanted = None if classes is None else resolve_classes(vocab, classes)
+    audio = _as_audio(audio_or_path)
+    device = next(model.parameters()).device
+    module = module.to(device).eval()
+
+    pool = WindowPool(len(audio) // HOP_LENGTH, len(audio) / SAMPLE_RATE, time_res, info.n_frames)
+    probs: dict[int, np.ndarray] = {}
+
+    def tag(windows):
+        if not windows:
+            return
+        with torch.no_grad():
+            logits = module(torch.stack([x for _, x in windows]).to(device)).float()
+        p = torch.sigmoid(logits) if info.multilabel else torch.softmax(logits, -1)
+        for (k, _), row in zip(windows, p[:, : len(vocab)].cpu().numpy()):
+            probs[k] = row
+
+    shared = SharedEncoder(model.encoder, audio, lambda *call: tag(pool.add_call(*call)))
+    encoder = model.encoder
+    model.encoder = shared
+    try:
+        with shared.taps:
+            result = model.transcribe(audio, **whisper_options)
+    finally:
+        model.encoder = encoder
+    tag(pool.close())
+
+    names = vocab.names
+    result["audio_tags"] = []
+    for k in range(pool.n_windows):
+        start, end = pool.bounds(k)
+        tags = [] if k not in probs else select_tags(probs[k], names, top_k=top_k, threshold=threshold,
+                                                     classes=wanted)
+        result["audio_tags"].append({"start": start, "end": end, "tags": tags})
+    return result

@@ -1,0 +1,323 @@
+"""wat.tag: transcript unchanged, tags from the same encoder passes, windows on the absolute grid."""
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+import torch
+
+from wat.data.labels import Vocabulary, audioset_vocabulary
+from wat.tag import TagError, WindowPool, check_head, resolve_classes, select_tags, transcribe_and_tag
+from wat.tag.cli import main
+from wat.train.heads import HeadInfo, build_head, save_head
+
+SR = 16000
+
+
+def _noise(seconds, seed=0, level=0.05):
+    return (np.random.default_rng(seed).standard_normal(int(seconds * SR)) * level).astype(np.float32)
+
+
+def _tone(seconds, freq=440.0, level=0.5):
+    return (level * np.sin(2 * np.pi * freq * np.arange(int(seconds * SR)) / SR)).astype(np.float32)
+
+
+def _speech_over_noise(speech, seconds, starts):
+    audio = _noise(seconds, level=0.01)
+    for s in starts:
+        i = int(s * SR)
+        audio[i:i + len(speech)] += speech[: len(audio) - i]
+    return audio
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the test machine is shared: two torch threads competing with other processes run ~5x slower
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class _CountPasses:
+    """Counts real encoder passes (the first block runs once per pass)."""
+
+    def __init__(self, model):
+        self.model, self.n = model, 0
+
+    def __enter__(self):
+        self.handle = self.model.encoder.blocks[0].register_forward_hook(self._hit)
+        return self
+
+    def _hit(self, *args):
+        self.n += 1
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _random_head(model, classes=("tone", "noise", "speech"), **info):
+    d = model.dims
+    torch.manual_seed(0)
+    head = build_head("wa-mlp", d.n_audio_layer, d.n_audio_state, len(classes)).eval()
+    vocab = Vocabulary.from_names(classes)
+    return head, HeadInfo("wa-mlp", d.n_audio_layer, d.n_audio_state, len(classes),
+                          vocab_json=vocab.to_json(), model="tiny.en", **info)
+
+
+@pytest.fixture(scope="module")
+def tone_head(request, tiny_model, tmp_path_factory):
+    """The lead's demo head (pad30, tiny.en, demo classes incl. a pure tone) when conftest has it;
+    else a small head trained here on pad30 features of demo tone / noise clips."""
+    try:
+        return request.getfixturevalue("demo_head_pad30"), "tone"
+    except pytest.FixtureLookupError:
+        pass
+    from wat.data import demo
+    from wat.extract import encode_layers
+
+    kinds = [demo.CLASSES.index(f) for f in (demo.tone, demo.white_noise, demo.pink_noise)]
+    clips, labels = [], []
+    for label, target in enumerate(kinds):
+        for j in range(3):
+            clips.append(soxr.resample(demo.synth_clip(target, 0, j), demo.RATE, SR))
+            labels.append(label)
+    feats = torch.cat([encode_layers(tiny_model, np.stack(clips[i:i + 3]), frames=25, policy="pad30")
+                       for i in range(0, len(clips), 3)])
+    y = torch.tensor(labels)
+    torch.manual_seed(0)
+    d = tiny_model.dims
+    head = build_head("wa-mlp", d.n_audio_layer, d.n_audio_state, len(kinds))
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(feats), y).backward()
+        opt.step()
+    names = [demo.CLASSES[k].__name__ for k in kinds]
+    info = HeadInfo("wa-mlp", d.n_audio_layer, d.n_audio_state, len(kinds), n_frames=25,
+                    vocab_json=Vocabulary.from_names(names).to_json(), model="tiny.en",
+                    policy="pad30", multilabel=False)
+    path = tmp_path_factory.mktemp("head") / "tone.pt"
+    save_head(path, head.eval(), info)
+    return path, "tone"
+
+
+# ---------------------------------------------------------------- filtering and classes
+
+def test_filtering_order_classes_then_threshold_then_top_k():
+    names = ["a", "b", "c", "d", "e"]
+    probs = np.array([0.9, 0.8, 0.7, 0.3, 0.6])
+    assert select_tags(probs, names, top_k=2) == [("a", 0.9), ("b", 0.8)]
+    # restriction first: "a" (the overall best) is not a candidate for the single slot
+    assert select_tags(probs, names, top_k=1, classes=[1, 3, 4]) == [("b", 0.8)]
+    # threshold before top-k: two slots but only one restricted class reaches 0.5
+    assert select_tags(probs, names, top_k=2, threshold=0.5, classes=[3, 4]) == [("e", 0.6)]
+    assert select_tags(probs, names, top_k=None, threshold=0.65) == [("a", 0.9), ("b", 0.8), ("c", 0.7)]
+    assert select_tags(probs, names, top_k=3, threshold=0.95) == []
+
+
+def test_resolve_classes_names_keys_and_commas_inside_names():
+    vocab = audioset_vocabulary()
+    got = resolve_classes(vocab, "Male speech, man speaking,music,/m/01j3sz")
+    assert got == sorted([vocab.names.index("Male speech, man speaking"), vocab.names.index("Music"),
+                          vocab.keys.index("/m/01j3sz")])
+    assert resolve_classes(vocab, ["Laughter", "Music"]) == sorted(
+        [vocab.names.index("Laughter"), vocab.names.index("Music")])
+    with pytest.raises(TagError, match="Laughtr.*did you mean laughter"):
+        resolve_classes(vocab, "Laughtr")
+
+
+# ---------------------------------------------------------------- absolute time grid
+
+def _call_feats(seek, size, call_id):
+    # per frame: [absolute start in seconds, call id], as a fake [n, L=1, D=2] block output
+    n = -(-size // 2)
+    starts = (seek + 2 * torch.arange(n)).float() / 100
+    return torch.stack([starts, torch.full((n,), float(call_id))], 1)[:, None, :]
+
+
+@pytest.mark.parametrize("res,n_windows", [(10, 5), (4, 12)])
+def test_grid_windows_cover_45s_with_overlapping_calls(res, n_windows):
+    pool = WindowPool(4500, 45.0, res, 25)
+    assert pool.n_windows == n_windows
+    bounds = [pool.bounds(k) for k in range(n_windows)]
+    assert bounds == [(float(k * res), float(min((k + 1) * res, 45))) for k in range(n_windows)]
+    # whisper-like seeks: 0, then a timestamp inside a window (26.01 s, odd frame), then the rest
+    out = pool.add_call(0, 3000, _call_feats(0, 3000, 1))
+    assert out == []
+    out += pool.add_call(2601, 1899, _call_feats(2601, 1899, 2))
+    assert [k for k, _ in out] == [k for k in range(n_windows) if (k + 1) * res <= 26.01]
+    out += pool.close()
+    assert [k for k, _ in out] == list(range(n_windows))
+    for k, x in out:
+        assert x.shape == (1, 25, 2)
+        start, end = bounds[k]
+        part = (end - start) / 25
+        times, calls = x[0, :, 0].numpy(), x[0, :, 1].numpy()
+        # frames kept: the first call's up to where the second starts, then all of the second's
+        starts = np.concatenate([np.arange(0, 2601, 2), np.arange(2601, 4500, 2)]) / 100
+        for t in range(25):
+            lo, hi = start + t * part, start + (t + 1) * part
+            inside = starts[(starts >= lo - 1e-9) & (starts < hi - 1e-9)]
+            assert times[t] == pytest.approx(inside.mean(), abs=1e-4)
+            # the overlap [26.01, 30) comes from the later call only
+            assert calls[t] == pytest.approx(np.mean(np.where(inside >= 26.01 - 1e-9, 2.0, 1.0)))
+        assert x[0, :, 0].min() >= start - 1e-6 and x[0, :, 0].max() < end
+
+
+def test_grid_short_window_fills_empty_parts_from_nearest_frame():
+    pool = WindowPool(20, 0.2, 0.2, 25)  # 10 encoder frames for 25 parts
+    (k, x), = pool.add_call(0, 20, _call_feats(0, 20, 1)) + pool.close()
+    times = x[0, :, 0].numpy()
+    part_starts = np.arange(25) * 0.2 / 25
+    frame_starts = np.arange(10) * 0.02
+    for t in range(25):
+        nearest = frame_starts[np.abs(frame_starts - part_starts[t]).argmin()]
+        assert times[t] == pytest.approx(nearest, abs=1e-6)
+    assert len(set(times.round(4).tolist())) == 10  # every frame is used
+
+
+def test_grid_rejects_tiny_resolution():
+    with pytest.raises(ValueError, match="at least"):
+        WindowPool(4500, 45.0, 0.01)
+
+
+# ---------------------------------------------------------------- one pass, same transcript
+
+def test_transcript_identical_and_no_extra_encoder_pass(tiny_model, speech_audio):
+    audio = _speech_over_noise(speech_audio, 32.0, [1, 25.5])
+    head = _random_head(tiny_model)
+    opts = dict(fp16=False, temperature=0.0, language="en")
+    with _CountPasses(tiny_model) as plain_passes:
+        plain = tiny_model.transcribe(audio, **opts)
+    with _CountPasses(tiny_model) as tag_passes:
+        tagged = transcribe_and_tag(tiny_model, head, audio, time_res=4.0, **opts)
+    assert tagged.pop("audio_tags")
+    assert tagged == plain
+    assert plain["text"].lower().count("singing") == 2
+    seeks = sorted({s["seek"] for s in plain["segments"]})
+    assert len(seeks) >= 2 and seeks[1] % 3000 != 0  # a seek inside the file, not at a 30 s boundary
+    assert tag_passes.n == plain_passes.n == len(seeks)
+    assert tiny_model.encoder.__class__.__name__ == "AudioEncoder"  # restored
+
+
+def _same_transcript(a, b):
+    # tokens, text and timings exactly; float scores to 1e-5 (CPU kernels may differ in the last
+    # bits between two runs of the same model in one process, e.g. after a word-alignment pass)
+    assert a["text"] == b["text"] and a["language"] == b["language"]
+    assert len(a["segments"]) == len(b["segments"])
+    for x, y in zip(a["segments"], b["segments"]):
+        assert x.keys() == y.keys()
+        for key in x:
+            if key == "words":
+                assert [(w["word"], w["start"], w["end"]) for w in x[key]] == \
+                       [(w["word"], w["start"], w["end"]) for w in y[key]]
+            elif key in ("avg_logprob", "compression_ratio", "no_speech_prob"):
+                assert x[key] == pytest.approx(y[key], rel=1e-5)
+            else:
+                assert x[key] == y[key], key
+
+
+def test_fallbacks_and_word_timestamps_reuse_the_encoder_pass(tiny_model, speech_audio):
+    head = _random_head(tiny_model)
+    # logprob_threshold=0 makes every decode "fail", so both temperatures run
+    opts = dict(fp16=False, temperature=(0.0, 1.0), logprob_threshold=0.0, word_timestamps=True)
+    torch.manual_seed(1)
+    with _CountPasses(tiny_model) as plain_passes:
+        plain = tiny_model.transcribe(speech_audio, **opts)
+    torch.manual_seed(1)
+    with _CountPasses(tiny_model) as tag_passes:
+        tagged = transcribe_and_tag(tiny_model, head, speech_audio, **opts)
+    tags = tagged.pop("audio_tags")
+    _same_transcript(tagged, plain)
+    assert plain["segments"][0]["temperature"] == 1.0
+    assert plain_passes.n == 3  # two decodes + the word-alignment pass
+    assert tag_passes.n == 1
+    assert len(tags) == 1 and tags[0]["end"] == pytest.approx(len(speech_audio) / SR)
+    assert len(tags[0]["tags"]) == 3
+
+
+def test_45s_gives_windows_on_the_absolute_grid(tiny_model):
+    # (res 10 -> 5 windows is checked on WindowPool above; one transcription keeps this test short)
+    out = transcribe_and_tag(tiny_model, _random_head(tiny_model), _noise(45.0, seed=3), time_res=4.0,
+                             top_k=2, fp16=False, temperature=0.0)
+    windows = out["audio_tags"]
+    assert [(w["start"], w["end"]) for w in windows] == [(k * 4.0, min(k * 4.0 + 4.0, 45.0)) for k in range(12)]
+    assert windows[-1]["end"] == 45.0
+    # every window got frames (none is left without tags), probabilities are probabilities
+    assert all(len(w["tags"]) == 2 and 0 < w["tags"][1][1] <= w["tags"][0][1] < 1 for w in windows)
+
+
+def test_tone_is_tagged_in_the_right_windows(tiny_model, tone_head):
+    path, tone = tone_head
+    audio = np.concatenate([_noise(15.0, seed=5, level=0.1), _tone(15.0)])
+    out = transcribe_and_tag(tiny_model, path, audio, time_res=5.0, top_k=1, fp16=False, temperature=0.0)
+    top = [w["tags"][0][0] for w in out["audio_tags"]]
+    assert len(top) == 6
+    assert [name == tone for name in top] == [False] * 3 + [True] * 3, out["audio_tags"]
+    restricted = transcribe_and_tag(tiny_model, path, audio, time_res=5.0, top_k=3, threshold=0.5,
+                                    classes=[tone], fp16=False, temperature=0.0)["audio_tags"]
+    assert [[name for name, _ in w["tags"]] for w in restricted] == [[]] * 3 + [[tone]] * 3
+
+
+# ---------------------------------------------------------------- heads that do not fit
+
+def test_mismatched_heads_are_refused(tiny_model):
+    _, info = _random_head(tiny_model)
+    check_head(tiny_model, info)
+    wrong_layers = HeadInfo("wa-mlp", 6, 384, 3, model="base")
+    with pytest.raises(TagError, match="6 encoder layers of width 384.*4 layers of width 384"):
+        check_head(tiny_model, wrong_layers)
+    wrong_width = HeadInfo("wa-mlp", 4, 512, 3)
+    with pytest.raises(TagError, match="width 512"):
+        check_head(tiny_model, wrong_width)
+    trim = HeadInfo("wa-mlp", 4, 384, 3, policy="trim")
+    with pytest.raises(TagError, match="'trim' features.*allow-policy-mismatch"):
+        check_head(tiny_model, trim)
+    check_head(tiny_model, trim, allow_policy_mismatch=True)
+    with pytest.raises(TagError, match="trim"):
+        transcribe_and_tag(tiny_model, (_random_head(tiny_model)[0], trim), _noise(1.0))
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_skips_undecodable_file_and_outputs_the_others(tiny_model, speech_wav, tmp_path, capsys):
+    head, info = _random_head(tiny_model)
+    head_path = tmp_path / "head.pt"
+    save_head(head_path, head, info)
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
+    code = main([str(speech_wav), str(bad), "--model", "tiny.en", "--head", str(head_path),
+                 "--time-res", "2", "--top-k", "2", "--format", "json"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "broken.wav" in err and "Traceback" not in err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    doc = json.loads(lines[0])
+    assert doc["file"] == str(speech_wav)
+    assert "weather" in doc["text"].lower()
+    assert [(w["start"], w["end"]) for w in doc["audio_tags"]] == [(0.0, 2.0), (2.0, 4.0), (4.0, 77829 / SR)]
+    assert all(len(w["tags"]) == 2 for w in doc["audio_tags"])
+
+    code = main([str(speech_wav), "--model", "tiny.en", "--head", str(head_path), "--format", "srt",
+                 "--classes", "speech", "--top-k", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    cues = out.strip().split("\n\n")
+    assert cues[0].splitlines()[0] == "1"
+    assert any("weather" in c.lower() for c in cues)
+    tag_cues = [c for c in cues if "[speech" in c]
+    assert len(tag_cues) == 1 and "00:00:00,000 --> 00:00:04,864" in tag_cues[0]
+
+
+def test_cli_errors_are_one_line(tiny_model, speech_wav, tmp_path, capsys):
+    head_path = tmp_path / "head.pt"
+    save_head(head_path, build_head("wa-mlp", 6, 512, 3), HeadInfo("wa-mlp", 6, 512, 3, model="base"))
+    code = main([str(speech_wav), "--model", "tiny.en", "--head", str(head_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "6 encoder layers" in err and "Traceback" not in err
+    code = main([str(speech_wav), "--model", "tiny.en", "--head", str(tmp_path / "missing.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.pt" in err
