@@ -256,6 +256,14 @@ def _call(i, args):
     return i, fit_task(*args)
 
 
+def _worker_init():
+    from threadpoolctl import threadpool_limits
+    import torch
+
+    torch.set_num_threads(1)
+    threadpool_limits(1)
+
+
 @contextmanager
 def _one_thread():
     """One BLAS/torch thread per fit: extra threads oversubscribe a shared machine and slow small
@@ -286,11 +294,20 @@ def run_tasks(tasks: list[tuple], opts: ProbeOptions):
                 yield fut.result()
                 bar.update()
     elif opts.jobs > 1 and len(tasks) > 1:
-        from joblib import Parallel, delayed
-        par = Parallel(n_jobs=opts.jobs, return_as="generator_unordered")
-        for out in par(delayed(_call)(i, t) for i, t in enumerate(tasks)):
-            yield out
-            bar.update()
+        # forked workers start at once with everything imported; spawned ones (loky) re-import
+        # torch/sklearn/dask first, seconds per worker. Workers run single-threaded (_worker_init).
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(min(opts.jobs, len(tasks)), mp_context=ctx, initializer=_worker_init) as pool:
+            futures = [pool.submit(_call, i, t) for i, t in enumerate(tasks)]
+            try:
+                for fut in as_completed(futures):
+                    yield fut.result()
+                    bar.update()
+            finally:
+                for fut in futures:
+                    fut.cancel()
     else:
         with _one_thread():
             for i, t in enumerate(tasks):
