@@ -52,12 +52,19 @@ def _save(fig, path) -> None:
     os.replace(tmp, path)
 
 
-def best_layers(classwise: np.ndarray) -> np.ndarray:
-    """classwise [C, L] -> best layer index per class (earliest on ties), -1 where undefined everywhere."""
-    defined = ~np.isnan(classwise).all(1)
-    out = np.full(len(classwise), -1, np.int64)
-    out[defined] = np.nanargmax(classwise[defined], axis=1)
-    return out
+def best_layer_counts(classwise: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """classwise [C, L] -> (classes whose best layer each layer is, classes with a tie, classes
+    undefined everywhere). A class tied across k layers counts 1/k for each: no layer wins ties."""
+    counts = np.zeros(classwise.shape[1])
+    ties = undefined = 0
+    for row in classwise:
+        if np.isnan(row).all():
+            undefined += 1
+            continue
+        best = np.flatnonzero(row == np.nanmax(row))
+        counts[best] += 1.0 / len(best)
+        ties += len(best) > 1
+    return counts, ties, undefined
 
 
 # ---------------------------------------------------------------- probe outputs
@@ -92,11 +99,10 @@ def write_probe(report, out_dir) -> dict:
     hist = []
     for c, rs in enumerate(per_cache):
         mat = np.stack([(r.classwise_ap if report.metric == "mAP" else r.classwise_f1) for r in rs], 1)
-        best = best_layers(mat)
-        layers = [r.feature.layers[0][0] for r in rs]
-        counts = [int((best == j).sum()) for j in range(len(layers))]
-        hist.append({"features": c, "layers": layers, "classes_per_layer": counts,
-                     "classes_undefined": int((best < 0).sum())})
+        counts, ties, undefined = best_layer_counts(mat)
+        hist.append({"features": c, "layers": [r.feature.layers[0][0] for r in rs],
+                     "classes_per_layer": [round(float(v), 4) for v in counts],
+                     "classes_tied": ties, "classes_undefined": undefined})
     plot_best_layer_hist(hist, out / "best_layer_hist.png",
                          "AP" if report.metric == "mAP" else "F1")
     plot_layers(report, out / "layers.png")
@@ -114,7 +120,7 @@ def write_probe(report, out_dir) -> dict:
                     "score_std": r.score_std, "macro_f1": r.macro_f1} for r in fusion],
         "best_layer_hist": hist,
         "skipped_classes": report.skipped_classes,
-        "files": sorted(p.name for p in out.iterdir() if not p.name.endswith(".partial")) + ["summary.json"],
+        "files": sorted({p.name for p in out.iterdir() if ".partial" not in p.name} | {"summary.json"}),
     }
     write_json(out / "summary.json", _finite(summary))
     return summary
@@ -144,6 +150,7 @@ def plot_layers(report, path) -> None:
         ax.axhline(r.score, ls="--", lw=1, color=f"C{i + len(report.caches)}", label=r.feature.name)
     ax.axhline(report.chance, color="grey", lw=1, ls=":", label="chance")
     ax.set_xlabel("encoder layer")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(report.metric)
     ax.set_title(f"linear probe per layer ({report.protocol})")
     ax.legend(fontsize=7)
@@ -158,6 +165,9 @@ def plot_best_layer_hist(hist: list[dict], path, by: str) -> None:
         ax.set_xlabel("encoder layer")
         ax.set_ylabel("classes whose best layer it is")
         ax.set_title(f"best layer per class (by {by}), features {h['features']}")
+        if h["classes_tied"]:
+            ax.text(0.99, 0.98, f"{h['classes_tied']} tied classes split evenly", transform=ax.transAxes,
+                    ha="right", va="top", fontsize=8)
     _save(fig, path)
 
 
