@@ -39,12 +39,13 @@ def fit_head(feats, path, epochs=150, **info_changes):
 
 
 def test_single_label_outputs(tmp_path):
-    train = write_synthetic_cache(tmp_path / "tr", n_classes=4, seed=2)
-    test = write_synthetic_cache(tmp_path / "te", n_classes=4, seed=2, n=80, ids=[f"t{i:03d}" for i in range(80)])
+    kw = dict(n_classes=4, centers_seed=2, scale=0.6)   # overlapping classes: some errors
+    train = write_synthetic_cache(tmp_path / "tr", seed=2, **kw)
+    test = write_synthetic_cache(tmp_path / "te", seed=3, n=80, ids=[f"t{i:03d}" for i in range(80)], **kw)
     head = fit_head(train, tmp_path / "wa.pt")
     out = tmp_path / "ev"
     r = evaluate(test, head, out, EvalOptions(top_k=2, device="cpu"))
-    assert r["metric"] == "accuracy" and r["accuracy"] > 0.9 and r["top_k_accuracy"] >= r["accuracy"]
+    assert r["metric"] == "accuracy" and 0.5 < r["accuracy"] < 1 and r["top_k_accuracy"] > r["accuracy"]
 
     pred = np.load(out / "predictions.npz")
     assert pred["probs"].dtype == np.float16 and pred["probs"].shape == (80, 4)
