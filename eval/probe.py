@@ -355,34 +355,37 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
              for feat in feats for tr, te in folds]
 
     n_test = len(y_test)
-    pooled = {f: np.zeros((n_test, n_classes), np.float32) for f in feats}
+    pooled: dict[Feature, np.ndarray] = {}     # test-set probabilities of features still running
+    left = {f: len(folds) for f in feats}
     fold_scores = {f: [None] * len(folds) for f in feats}
     fold_f1 = {f: [None] * len(folds) for f in feats}
+    done: dict[Feature, FeatureResult] = {}
     skipped: set[int] = set()
     for i, probs in run_tasks(tasks, opts):
         feat, k = feats[i // len(folds)], i % len(folds)
         te = folds[k][1]
-        pooled[feat][te] = probs
+        pooled.setdefault(feat, np.zeros((n_test, n_classes), np.float32))[te] = probs
         if multilabel:
             s = metrics.multilabel_scores(y_test[te], probs)
+            if s.mAP is None:
+                raise ProbeError("a test fold has no positive label at all: too few labelled clips to probe")
             skipped.update(s.skipped_classes)
             fold_scores[feat][k] = s.mAP
-            fold_f1[feat][k] = float(np.nanmean(_binary_f1(y_test[te], probs >= 0.5))) if s.mAP is not None else None
+            fold_f1[feat][k] = float(np.nanmean(_binary_f1(y_test[te], probs >= 0.5)))
         else:
             pred = probs.argmax(1)
             fold_scores[feat][k] = metrics.accuracy(y_test[te], pred)
             fold_f1[feat][k] = metrics.macro_f1(y_test[te], pred, n_classes)[0]
-    if multilabel and any(v is None for f in feats for v in fold_scores[f]):
-        raise ProbeError("a test fold has no positive label at all: too few labelled clips to probe")
-
-    results = []
-    for f in feats:
-        if multilabel:
-            cw = _binary_f1(y_test, pooled[f] >= 0.5)
-            ap = np.array([np.nan if v is None else v for v in metrics.per_class_ap(y_test, pooled[f])[0]])
-        else:
-            cw, ap = metrics.per_class_f1(y_test, pooled[f].argmax(1), n_classes), None
-        results.append(FeatureResult(f, fold_scores[f], fold_f1[f], cw, ap))
+        left[feat] -= 1
+        if not left[feat]:   # class-wise figures on the pooled test folds, then free the [N, C] array
+            p = pooled.pop(feat)
+            if multilabel:
+                cw = _binary_f1(y_test, p >= 0.5)
+                ap = np.array([np.nan if v is None else v for v in metrics.per_class_ap(y_test, p)[0]])
+            else:
+                cw, ap = metrics.per_class_f1(y_test, p.argmax(1), n_classes), None
+            done[feat] = FeatureResult(feat, fold_scores[feat], fold_f1[feat], cw, ap)
+    results = [done[f] for f in feats]
 
     chance = float(y_test.mean()) if multilabel else float(np.bincount(y_test, minlength=n_classes).max() / n_test)
     return ProbeReport(metric="mAP" if multilabel else "accuracy", protocol=protocol, n_folds=len(folds),
