@@ -21,7 +21,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=25, help="pooled frames per clip (default 25)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-workers", type=int, default=None, help="audio decoding processes (default: 1 on CPU, up to 8 on CUDA)")
+    p.add_argument("--num-workers", type=int, default=None, help="audio decoding processes (default: up to 8 on CUDA; on CPU 1 if a core is free of torch threads, else 0)")
     p.add_argument("--shard-size", type=int, default=1000, help="clips per shard (default 1000)")
     p.add_argument("--limit", type=int, default=None, help="only the first N clips (sorted by id)")
     p.add_argument("--clip-seconds", type=float, default=None, help="pad/trim every clip to this length (default: the dataset's)")

@@ -51,7 +51,7 @@ class ExtractOptions:
     frames: int = 25                  # pooled frames per clip
     device: str = "cpu"
     batch_size: int = 16
-    num_workers: int | None = None    # decode processes; None = 1 on CPU, up to 8 on CUDA
+    num_workers: int | None = None    # decode processes; None = up to 8 on CUDA, 0-1 on CPU
     shard_size: int = 1000
     limit: int | None = None          # only the first N clips (sorted by id)
     overwrite: bool = False
@@ -270,7 +270,12 @@ def _can_fork_workers() -> bool:
 def default_workers(options: ExtractOptions) -> int:
     if options.num_workers is not None:
         return options.num_workers
-    return min(8, max(1, (os.cpu_count() or 2) - 1)) if options.device.startswith("cuda") else 1
+    cores = os.cpu_count() or 1
+    if options.device.startswith("cuda"):
+        return min(8, max(1, cores - 1))
+    # on CPU the encoder's threads take every core and decoding is ~2% of the work: a decode
+    # process only helps when a core is left over, otherwise it preempts a spinning OpenMP thread
+    return 1 if cores > torch.get_num_threads() else 0
 
 
 def _mp_context():
@@ -335,9 +340,48 @@ def encode_batch(model, audio: torch.Tensor, options: ExtractOptions) -> tuple[t
     return feats, torch.isfinite(feats).flatten(1).all(1)
 
 
+class _InFlight:
+    """One batch whose features are being computed / copied to the host. On CUDA the copy goes into
+    pinned memory behind an event, so the next batch is queued on the GPU before we wait for this one."""
+
+    def __init__(self, buf, start: int, batch, model, options: ExtractOptions):
+        self.buf, self.start, self.batch, self.event = buf, start, batch, None
+        self.feats = self.ok = None
+        if len(batch["index"]):
+            feats, ok = encode_batch(model, batch["audio"].to(options.device, non_blocking=True), options)
+            if feats.is_cuda:
+                self.feats = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+                self.ok = torch.empty(ok.shape, dtype=ok.dtype, pin_memory=True)
+                self.feats.copy_(feats, non_blocking=True)
+                self.ok.copy_(ok, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record()
+            else:
+                self.feats, self.ok = feats, ok
+
+    def settle(self) -> int:
+        """Move the results into the shard buffer; returns the number of clips done."""
+        if self.event is not None:
+            self.event.synchronize()
+        buf, start, batch = self.buf, self.start, self.batch
+        for k, reason in batch["errors"]:
+            buf.errors[k - start] = reason
+        if self.feats is not None:
+            feats, ok = self.feats.numpy(), self.ok.numpy()
+            for j, k in enumerate(batch["index"].tolist()):
+                if ok[j]:
+                    buf.add(k - start, feats[j], batch["seconds"][j])
+                else:
+                    buf.errors[k - start] = "non-finite encoder output"
+        n = len(batch["index"]) + len(batch["errors"])
+        buf.done += n
+        return n
+
+
 def encode_shards(model, shards: list[tuple[int, list[Clip]]], options: ExtractOptions, meta: wcache.CacheMeta,
                   n_samples: int, bar=None):
-    """Yield a filled `_ShardBuffer` per shard, in order. Decoding runs ahead in the loader workers."""
+    """Yield a filled `_ShardBuffer` per shard, in order. Decoding runs ahead in the loader workers;
+    batch k's results are collected after batch k+1 has been queued on the device."""
     flat: list[Clip] = []
     batches, owner = [], []
     for i, clips in shards:
@@ -348,27 +392,24 @@ def encode_shards(model, shards: list[tuple[int, list[Clip]]], options: ExtractO
             owner.append((i, start))
     by_index = dict(shards)
     buffers: dict[int, _ShardBuffer] = {}
-    for (i, start), batch in zip(owner, _loader(flat, batches, n_samples, options)):
-        if i not in buffers:  # allocated lazily: one shard buffer is being filled at a time
-            buffers[i] = _ShardBuffer(i, by_index[i], meta)
-        buf = buffers[i]
-        for k, reason in batch["errors"]:
-            buf.errors[k - start] = reason
-        idx = batch["index"]
-        if len(idx):
-            feats, ok = encode_batch(model, batch["audio"].to(options.device, non_blocking=True), options)
-            feats, ok = feats.cpu().numpy(), ok.cpu().numpy()
-            for j, k in enumerate(idx.tolist()):
-                if ok[j]:
-                    buf.add(k - start, feats[j], batch["seconds"][j])
-                else:
-                    buf.errors[k - start] = "non-finite encoder output"
-        n = len(idx) + len(batch["errors"])
-        buf.done += n
+    pending: _InFlight | None = None
+
+    def settle(job: _InFlight):
+        n = job.settle()
         if bar is not None:
             bar.update(n)
-        if buf.done == len(buf.clips):
-            yield buffers.pop(i)
+        if job.buf.done == len(job.buf.clips):
+            return buffers.pop(job.buf.index)
+
+    for (i, start), batch in zip(owner, _loader(flat, batches, n_samples, options)):
+        if i not in buffers:  # allocated lazily: at most two shard buffers exist at a time
+            buffers[i] = _ShardBuffer(i, by_index[i], meta)
+        job = _InFlight(buffers[i], start, batch, model, options)
+        if pending is not None and (full := settle(pending)) is not None:
+            yield full
+        pending = job
+    if pending is not None and (full := settle(pending)) is not None:
+        yield full
 
 
 class _Writer:

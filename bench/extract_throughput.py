@@ -1,0 +1,229 @@
+"""Extraction throughput on one machine, model, device, batch and policy:
+
+  (a) pipeline: `extract_dataset` from audio files on disk to finished shards + index
+  (b) bare: the encoder alone on mel batches already in device memory (no decode, no mel, no hooks;
+      also timed with the pooling hooks, which the pipeline needs)
+  (c) official-style: one clip at a time: decode, encode, pool, `np.savez_compressed` per clip
+
+and prints `pipeline/bare` and `pipeline/official`. On CUDA it also prints the encoder's achieved
+TFLOP/s (analytic FLOP count of the convs, projections, MLPs and attention).
+
+    python bench/extract_throughput.py                                  # CPU: base, trim, 5 s clips
+    python bench/extract_throughput.py --device cuda --model large-v1 --batch-size 32 --clips 2000
+    python bench/extract_throughput.py --device cuda --random-weights large-v1   # no weights offline
+    python bench/extract_throughput.py --rss 1000 5000 --model tiny.en  # peak RSS vs dataset size
+
+Audio: `make_demo` clips (ESC-50 layout, 5 s, 44.1 kHz wav, decoded and resampled for real); a run
+over more clips than were generated cycles over the files under distinct ids (the OS page cache then
+holds them: this measures the pipeline, not the disk). Model load time is excluded everywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wat.data.audio import fit_length, load_audio
+from wat.data.datasets import Clip, load_dataset
+from wat.data.demo import CLASSES, make_demo
+from wat.extract.layers import LayerTaps, encode_layers, log_mel, short_input
+from wat.extract.pipeline import ExtractOptions, extract_dataset, get_model
+
+LARGE_V1 = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=32,
+                n_vocab=51865, n_text_ctx=448, n_text_state=1280, n_text_head=20, n_text_layer=32)
+
+
+def dataset(workdir: Path, n: int, seconds: float, pool: int):
+    """`n` clips over at most `pool` generated files (ids stay unique)."""
+    root = workdir / "audio"
+    if not (root / "meta" / "esc50.csv").exists():
+        make_demo(root, clips_per_class=max(1, math.ceil(min(n, pool) / len(CLASSES))), seed=0)
+    ds = load_dataset("esc50", root, clip_seconds=seconds)
+    files = ds.clips
+    clips = [replace(files[k % len(files)], id=f"{k:07d}") for k in range(n)]
+    return replace(ds, clips=clips, problems=[])
+
+
+def random_model(name: str, device: str):
+    """A Whisper with random weights and the real dims: for throughput when weights can't be had."""
+    import whisper
+
+    if name != "large-v1":
+        raise SystemExit(f"--random-weights knows large-v1 only, not {name!r}")
+    model = whisper.model.Whisper(whisper.model.ModelDimensions(**LARGE_V1)).to(device).eval()
+    model._wat_name = f"random-{name}"
+    return model
+
+
+def encoder_flops(dims, mel_frames: int) -> float:
+    """Forward FLOPs of the encoder for one clip of `mel_frames` mel frames (2 per multiply-add)."""
+    n, d, m = (mel_frames + 1) // 2, dims.n_audio_state, dims.n_mels
+    convs = 2 * m * 3 * d * mel_frames + 2 * d * 3 * d * n
+    block = 24 * n * d * d + 4 * n * n * d  # q,k,v,out + 4x MLP; scores + weighted sum
+    return convs + dims.n_audio_layer * block
+
+
+def mel_frames(options, n_samples: int) -> int:
+    return 3000 if options.policy == "pad30" else n_samples // 160
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_pipeline(model, ds, options, workdir) -> float:
+    warm = replace(ds, clips=ds.clips[: options.batch_size * 2])
+    extract_dataset(warm, replace(options, overwrite=True, progress=False), workdir / "warm.h5", model=model)
+    s = extract_dataset(ds, replace(options, overwrite=True), workdir / "feats.h5", model=model)
+    print(s)
+    return s.processed / s.wall_s
+
+
+@torch.inference_mode()
+def bench_bare(model, ds, options, n_samples) -> tuple[float, float]:
+    """clips/s of the encoder on pre-computed mel batches: without and with the pooling hooks."""
+    dev = options.device
+    bs = options.batch_size
+    audio = [fit_length(load_audio(c.path, offset=c.offset, duration=c.duration), n_samples)
+             for c in ds.clips[: min(len(ds.clips), 8 * bs)]]
+    n_ctx = n_samples if options.policy == "trim" else 480_000
+    mels = []
+    for i in range(0, len(audio), bs):
+        a = torch.from_numpy(np.stack(audio[i:i + bs]))
+        a = torch.nn.functional.pad(a, (0, n_ctx - a.shape[1])).to(dev)
+        mels.append(log_mel(a, model.dims.n_mels))
+    n_enc = (mels[0].shape[-1] + 1) // 2
+    n_valid = math.ceil(n_samples / 320) if options.policy == "pad30" else None
+    rounds = max(1, math.ceil(len(ds.clips) / len(audio)))  # about as many clips as the pipeline run
+    results = []
+    for hooks in (False, True):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=dev.startswith("cuda")), \
+                short_input(model.encoder, n_enc):
+            taps = LayerTaps(model.encoder, options.frames, n_valid)
+            if hooks:
+                taps.__enter__()
+            model.encoder(mels[0])  # warm-up
+            sync(dev)
+            t0, done = time.perf_counter(), 0
+            for _ in range(rounds):
+                for mel in mels:
+                    model.encoder(mel)
+                    taps.results.clear()
+                    done += mel.shape[0]
+            sync(dev)
+            taps.__exit__()
+        results.append(done / (time.perf_counter() - t0))
+    return results[0], results[1]
+
+
+def bench_official(model, ds, options, n_samples, workdir, n: int) -> float:
+    out = workdir / "npz"
+    out.mkdir(exist_ok=True)
+    clips = ds.clips[:n]
+    t0 = time.perf_counter()
+    for c in clips:
+        audio = fit_length(load_audio(c.path, offset=c.offset, duration=c.duration), n_samples)
+        with torch.inference_mode():
+            feats = encode_layers(model, audio[None], frames=options.frames, policy=options.policy)
+        np.savez_compressed(out / f"{c.id}.npz", feats[0].cpu().numpy().astype(np.float16))
+    sync(options.device)
+    return len(clips) / (time.perf_counter() - t0)
+
+
+def rss_child(args) -> None:
+    """Run the pipeline over args.rss_child clips in this process; print peak RSS as JSON."""
+    options = ExtractOptions(model=args.model, policy=args.policy, device=args.device, batch_size=args.batch_size,
+                             num_workers=args.num_workers, shard_size=args.shard_size, overwrite=True,
+                             clip_seconds=args.clip_seconds, progress=False)
+    work = Path(args.workdir)
+    ds = dataset(work, args.rss_child, args.clip_seconds, args.pool)
+    model = get_model(args.model, args.device)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    s = extract_dataset(ds, options, work / f"rss{args.rss_child}.h5", model=model)
+    print(json.dumps({"clips": args.rss_child, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "after_model_load_mb": base / 1024, "clips_per_s": s.clips_per_s,
+                      "workers_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="base")
+    p.add_argument("--random-weights", metavar="NAME", help="a random-weight model of these dims (large-v1)")
+    p.add_argument("--policy", default="trim", choices=("pad30", "trim"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--frames", type=int, default=25)
+    p.add_argument("--clips", type=int, default=96, help="clips for the pipeline and bare runs")
+    p.add_argument("--official-clips", type=int, default=None, help="clips for the per-clip loop (default: --clips)")
+    p.add_argument("--clip-seconds", type=float, default=5.0)
+    p.add_argument("--pool", type=int, default=220, help="distinct audio files generated")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--rss", type=int, nargs="+", metavar="N", help="peak RSS of the pipeline for N clips, each run in a child")
+    p.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = tempfile.TemporaryDirectory(prefix="wat-bench-") if args.workdir is None else None
+    work = Path(args.workdir or tmp.name)
+    args.workdir = str(work)
+
+    if args.rss_child:
+        rss_child(args)
+        return 0
+    if args.rss:
+        print(f"peak RSS, model {args.model}, policy {args.policy}, shard size {args.shard_size}:")
+        for n in args.rss:
+            cmd = [sys.executable, __file__, "--rss-child", str(n), "--workdir", str(work), "--model", args.model,
+                   "--policy", args.policy, "--device", args.device, "--batch-size", str(args.batch_size),
+                   "--shard-size", str(args.shard_size), "--clip-seconds", str(args.clip_seconds),
+                   "--pool", str(args.pool)] + (["--num-workers", str(args.num_workers)] if args.num_workers is not None else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            r = json.loads(out)
+            print(f"  {n:7d} clips: peak RSS {r['maxrss_mb']:8.0f} MB (after model load {r['after_model_load_mb']:.0f} MB; "
+                  f"decode workers {r['workers_maxrss_mb']:.0f} MB), {r['clips_per_s']:.1f} clips/s")
+        return 0
+
+    options = ExtractOptions(model=args.model, policy=args.policy, frames=args.frames, device=args.device,
+                             batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size,
+                             clip_seconds=args.clip_seconds)
+    n_samples = round(args.clip_seconds * 16000)
+    model = random_model(args.random_weights, args.device) if args.random_weights else get_model(args.model, args.device)
+    ds = dataset(work, args.clips, args.clip_seconds, args.pool)
+    name = model._wat_name
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
+    print(f"model {name}, policy {args.policy}, {args.clip_seconds:g} s clips, batch {args.batch_size}, "
+          f"device {args.device}, {args.clips} clips" + (" (RANDOM WEIGHTS: throughput only)" if args.random_weights else ""))
+
+    pipe = bench_pipeline(model, ds, options, work)
+    bare, hooked = bench_bare(model, ds, options, n_samples)
+    official = bench_official(model, ds, options, n_samples, work, args.official_clips or args.clips)
+    print(f"(a) pipeline        {pipe:9.2f} clips/s")
+    print(f"(b) bare encoder    {bare:9.2f} clips/s   (with pooling hooks {hooked:.2f})")
+    print(f"(c) official-style  {official:9.2f} clips/s")
+    print(f"pipeline/bare      {pipe / bare:.3f}")
+    print(f"pipeline/official  {pipe / official:.2f}")
+    if args.device.startswith("cuda"):
+        f = encoder_flops(model.dims, mel_frames(options, n_samples))
+        print(f"encoder: {f / 1e9:.1f} GFLOP/clip; bare {bare * f / 1e12:.1f} TFLOP/s, pipeline {pipe * f / 1e12:.1f} TFLOP/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
