@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int)
     p.add_argument("--clips", type=int, default=1024)
     p.add_argument("--steps", type=int, default=6, help="timed steps per mode")
-    p.add_argument("--per-round", type=int, default=2, help="steps per mode per interleaved round")
+    p.add_argument("--per-round", type=int, default=1, help="steps per mode per interleaved round")
     p.add_argument("--batch-size", type=int, default=48)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
