@@ -9,6 +9,7 @@ index once every shard is finished. GPU workers are started with `resources={"GP
 from __future__ import annotations
 
 import dataclasses
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -99,6 +100,7 @@ def run_shards(client: Client, todo, options: ExtractOptions, shard_dir: Path, m
     futures = {}
     for i, clips in todo:
         path = str(shard_path(Path(shard_dir).resolve(), i))
+        clips = [dataclasses.replace(c, path=os.path.abspath(c.path)) for c in clips]  # workers' cwd differs
         fut = client.submit(_shard_task, clips, opts, path, meta, key=f"wat-shard-{i:05d}-{meta.fingerprint[:8]}",
                             retries=RETRIES, resources=resources, pure=False)
         futures[fut] = (i, len(clips))

@@ -141,3 +141,32 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "f.h5")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("wat-extract: error:") and "\n" not in err
+
+
+def test_non_finite_outputs_are_errors_and_an_all_failed_shard_is_empty(demo, model, tmp_path):
+    """NaNs injected into the 2nd encoder call (= shard 1, both clips): that shard has a record and no
+    file, the index covers shards 0 and 2, and a rerun treats all three as finished."""
+    root, _ = demo
+    ds = load_dataset("esc50", root)
+    ds.clips = ds.clips[6:12]  # past the corrupt clip
+    opts = ExtractOptions(**{**OPTS, "shard_size": 2, "batch_size": 2, "clip_seconds": 1.0})
+    calls = []
+
+    def poison(module, args, output):
+        calls.append(1)
+        return output * float("nan") if len(calls) == 2 else output
+
+    handle = model.encoder.blocks[0].register_forward_hook(poison)
+    try:
+        summary = extract_dataset(ds, opts, tmp_path / "f.h5", model=model)
+    finally:
+        handle.remove()
+    assert len(calls) == 3
+    assert summary.written == 4 and [e[0] for e in summary.errors] == [c.id for c in ds.clips[2:4]]
+    assert {e[2] for e in summary.errors} == {"non-finite encoder output"}
+    shards = shard_dir_for(tmp_path / "f.h5")
+    assert sorted(p.name for p in shards.glob("shard-*.h5")) == ["shard-00000.h5", "shard-00002.h5"]
+    cache = open_cache(tmp_path / "f.h5")
+    assert list(cache.ids) == [c.id for c in ds.clips[:2] + ds.clips[4:6]]
+    again = extract_dataset(ds, opts, tmp_path / "f.h5", model=model)
+    assert again.processed == 0 and again.resumed_shards == 3 and len(again.errors) == 2
