@@ -117,3 +117,13 @@ def test_head_cache_mismatch_errors(tmp_path, capsys):
     assert "multi-label" in capsys.readouterr().err
     assert eval_main(["--features", str(feats), "--head", str(good), "--out", str(tmp_path / "o")]) == 0
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_real_trainer_head_on_demo_cache(demo_cache_pad30, demo_head_pad30, demo_cache_trim, tmp_path):
+    """A TL-Tr head from wat-train on tiny.en features: its HeadInfo passes the checks, outputs parse."""
+    r = evaluate(demo_cache_pad30, demo_head_pad30, tmp_path / "ev", EvalOptions(device="cpu"))
+    assert r["kind"] == "tl-tr" and r["n_clips"] == 22 and r["accuracy"] > 0.5   # the clips it trained on
+    assert np.load(tmp_path / "ev" / "predictions.npz")["probs"].shape == (22, 11)
+    # same model and classes, other input policy: refused
+    with pytest.raises(EvalError, match="input policy: head pad30, cache trim"):
+        evaluate(demo_cache_trim, demo_head_pad30, tmp_path / "x", EvalOptions(device="cpu"))
