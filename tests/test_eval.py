@@ -92,6 +92,13 @@ def test_thresholds_tuned_on_tuning_set_only(tmp_path):
     assert r2["decisions"]["thresholds"] == "stored in the head"
     assert r2["decisions"]["macro_f1"] == pytest.approx(r["decisions"]["macro_f1"])
 
+    # one threshold for all classes
+    r4 = evaluate(test, head_path, tmp_path / "ev4", EvalOptions(threshold=0.5, device="cpu"))
+    p = np.load(tmp_path / "ev4" / "predictions.npz")["probs"].astype(np.float32)
+    y = tcache.label_matrix()
+    tp, called = (y & (p >= 0.5)).sum(0), (p >= 0.5).sum(0)
+    assert r4["decisions"]["macro_f1"] == pytest.approx(np.mean(2 * tp / (y.sum(0) + called)), abs=1e-3)
+
     # tuning clips that are also evaluated are refused, also through a fold subset
     with pytest.raises(EvalError, match="must not be tuned on evaluated clips"):
         evaluate(test, head_path, tmp_path / "x", EvalOptions(tune_on=str(test), device="cpu"))
