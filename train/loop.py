@@ -407,7 +407,14 @@ class Setup:
     info: HeadInfo
 
 
+def _compatible(meta, other: Cache, flag: str, path: str, ignore=()) -> None:
+    bad = [b for b in meta.incompatibilities(other.meta) if not b.startswith(ignore)]
+    if bad:
+        raise TrainError(f"{flag} {other.path} does not match {path}: {'; '.join(bad)}")
+
+
 def prepare(opts: TrainOptions, device) -> Setup:
+    """Open and check every input, then load the stores (checks first: loading can take minutes)."""
     if opts.cr_views < 1 or opts.epochs < 1 or opts.batch_size < 1:
         raise TrainError("--epochs, --batch-size and --cr-views must be >= 1")
     if opts.folds and opts.eval_features:
@@ -418,51 +425,48 @@ def prepare(opts: TrainOptions, device) -> Setup:
     y = _check_labels(cache, "--features")
     if opts.parent_labels and not meta.multilabel:
         raise TrainError("--parent-labels needs a multi-label cache")
-    ext = _ancestor_matrix(meta.vocab) if opts.parent_labels else None
     field = _field(opts.head)
-    data = _load_data(cache, y, ext, field, opts, device)
 
-    ev, ev_y = None, None
+    ecache = ucache = ev_y = None
     if opts.folds:
         folds = np.unique(cache.folds)
         if (folds < 0).any() or len(folds) != opts.folds:
             raise TrainError(f"--folds {opts.folds}: the cache's clips have folds {folds.tolist()}")
         splits = [(f"fold{f}", np.flatnonzero(cache.folds != f), np.flatnonzero(cache.folds == f)) for f in folds]
-        ev, ev_y = data, y
     elif opts.eval_features:
         ecache = _open(opts.eval_features, "--eval-features")
         if ecache.meta.vocab != meta.vocab:
             raise TrainError(f"vocabulary mismatch: {opts.features} has {len(meta.vocab)} classes, "
                              f"{opts.eval_features} has {len(ecache.meta.vocab)}"
                              + (" (different classes)" if len(ecache.meta.vocab) == len(meta.vocab) else ""))
-        bad = meta.incompatibilities(ecache.meta)
-        if bad:
-            raise TrainError(f"--eval-features {opts.eval_features} does not match {opts.features}: {'; '.join(bad)}")
+        _compatible(meta, ecache, "--eval-features", opts.features)
         ev_y = _check_labels(ecache, "--eval-features")
-        ev = _load_data(ecache, ev_y, ext, field, opts, device)
         splits = [("main", np.arange(len(cache)), np.arange(len(ecache)))]
     else:
         splits = [("main", np.arange(len(cache)), None)]
-
-    unl = None
     if opts.unlabeled_features:
         ucache = _open(opts.unlabeled_features, "--unlabeled-features")
-        bad = [b for b in meta.incompatibilities(ucache.meta) if not b.startswith(("vocab", "multilabel"))]
-        if bad:
-            raise TrainError(f"--unlabeled-features {opts.unlabeled_features} does not match {opts.features}: "
-                             f"{'; '.join(bad)}")
-        unl = FeatureStore(ucache, field, memory_budget=opts.memory_budget, device=device)
-        if len(unl) < opts.unlabeled_ratio * opts.batch_size:
-            raise TrainError(f"--unlabeled-features has {len(unl)} clips, fewer than one step's "
+        _compatible(meta, ucache, "--unlabeled-features", opts.features, ignore=("vocab", "multilabel"))
+        if len(ucache) < opts.unlabeled_ratio * opts.batch_size:
+            raise TrainError(f"--unlabeled-features has {len(ucache)} clips, fewer than one step's "
                              f"{opts.unlabeled_ratio} x {opts.batch_size}")
 
-    cr = opts.cr_views > 1 or unl is not None
+    cr = opts.cr_views > 1 or ucache is not None
     fmask = opts.feature_mask if opts.feature_mask is not None else (meta.dim // 10 if cr else 0)
     tmask = opts.time_mask if field == "features" else 0  # MLP heads see time means: nothing to mask
     if cr and fmask == 0 and tmask == 0:
         raise TrainError("consistency regularisation needs views that differ: set --time-mask or --feature-mask")
     cfg = StepConfig(meta.multilabel, tmask, fmask, opts.mixup, opts.label_smoothing, opts.cr_views,
                      opts.cr_weight, opts.cr_unlabeled_weight)
+
+    ext = _ancestor_matrix(meta.vocab) if opts.parent_labels else None
+    data = _load_data(cache, y, ext, field, opts, device)
+    ev = None
+    if opts.folds:  # held-out folds are scored from the training store
+        ev, ev_y = data, y
+    elif ecache is not None:
+        ev = _load_data(ecache, ev_y, ext, field, opts, device)
+    unl = FeatureStore(ucache, field, memory_budget=opts.memory_budget, device=device) if ucache else None
     info = _info(opts, cache, data.vocab, len(meta.vocab) if ext is not None else None)
     return Setup(cache, data, y, ev, ev_y, splits, unl, cfg, info)
 
