@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -267,8 +267,8 @@ def _worker_init():
 @contextmanager
 def _one_thread():
     """One BLAS/torch thread per fit: extra threads oversubscribe a shared machine and slow small
-    fits many times over; parallelism comes from running several fits (loky and dask workers
-    already start with one thread each)."""
+    fits many times over; parallelism comes from running several fits (pool workers get one thread
+    in `_worker_init`, dask's nanny starts its workers with one)."""
     from threadpoolctl import threadpool_limits
     import torch
 
@@ -351,6 +351,11 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
         fold_of, protocol = make_folds(train[0], y, opts.folds, opts.seed)
         folds = [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in np.unique(fold_of)]
         y_test = y
+    if multilabel and not opts.scheduler and opts.jobs > 1:
+        import torch
+        if (opts.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+            # the GPU does the work; forked workers could not use CUDA anyway
+            opts = replace(opts, jobs=1, device=opts.device or "cuda")
     tasks = [(train, test, feat, tr, te, y, multilabel, n_classes, opts)
              for feat in feats for tr, te in folds]
 
