@@ -1,7 +1,8 @@
 """Transcript and audio tags from the encoder passes `whisper.transcribe` already makes.
 
 For the duration of one transcription `model.encoder` is replaced by `SharedEncoder`, a thin module
-that calls the real encoder (with `LayerTaps` on its blocks) and:
+that calls the real encoder (with forward hooks on its blocks keeping each block's output for the
+audio frames: the outputs before `ln_post`, as in training) and:
 
 - finds where in the file each call's 30 s mel segment starts (`seek`) and how much of it is audio
   (`segment_size`, the rest is padding and is never used for tags): read from `transcribe`'s own
@@ -32,7 +33,6 @@ from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_
 
 from wat.data.audio import load_audio
 from wat.data.labels import Vocabulary
-from wat.extract.layers import LayerTaps
 from wat.extract.load import fingerprint
 from wat.train.heads import HeadInfo, load_head
 
@@ -137,7 +137,23 @@ class SharedEncoder(nn.Module):
         self.passes = self.reused = 0
         self.last_seek = 0
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.taps = LayerTaps(encoder, 1, None)
+        self._outs: list[torch.Tensor] = []
+        self._n = 0
+        self._hooks = []
+
+    def __enter__(self) -> "SharedEncoder":
+        # per-frame outputs, not LayerTaps' pooled ones: where successive calls overlap is only
+        # known at the next call, and pooling happens on the absolute grid after that
+        self._hooks = [b.register_forward_hook(self._tap) for b in self.encoder.blocks]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _tap(self, module, args, output):
+        self._outs.append(output[0, : self._n])  # a view: no copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._last is not None and _same_tensor(x, self._last[0]):
@@ -146,10 +162,11 @@ class SharedEncoder(nn.Module):
         if x.dim() != 3 or x.shape[0] != 1:
             raise TagError(f"tagging follows one 30 s segment at a time; encoder got {tuple(x.shape)}")
         seek, size = self.locate(x[0])
-        n = math.ceil(size / 2)  # encoder frame j covers mel frames 2j, 2j+1
-        self.taps.frames = self.taps.n_valid = n  # no pooling: one tap per encoder frame
+        self._n = math.ceil(size / 2)  # encoder frame j covers mel frames 2j, 2j+1
+        self._outs = []
         out = self.encoder(x)
-        feats = self.taps.results.pop()[0].transpose(0, 1)  # [n, L, D] float32
+        feats = torch.stack(self._outs, 1)  # [n, L, D]
+        self._outs = []
         self.passes += 1
         self.last_seek = seek
         self.on_frames(seek, size, feats)
@@ -248,7 +265,7 @@ def transcribe_and_tag(model, head, audio_or_path, *, time_res: float = 10.0, to
     encoder = model.encoder
     model.encoder = shared
     try:
-        with shared.taps:
+        with shared:
             result = model.transcribe(audio, **whisper_options)
     finally:
         model.encoder = encoder

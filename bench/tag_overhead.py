@@ -1,0 +1,125 @@
+"""Wall time of `transcribe_and_tag` over plain `model.transcribe` on the same file.
+
+The file: `--seconds` (default 60) of a continuous background sound from the demo synthesiser
+(rain, engine, siren, switching every 5 s) with the committed espeak-ng sentence every 15 s. Same
+model and transcription options for both; runs alternate (plain, tagged) after one warm-up of
+each, and the ratio is median(tagged) / median(plain). Target: <= 1.03 on CPU with base.
+
+With `--temperature 0` the ratio is the pure cost of tagging (taps, pooling, head). With whisper's
+default temperature fall-backs, plain transcription re-runs the encoder for every fall-back
+decode and `transcribe_and_tag` does not, so the ratio can drop below 1 (passes are printed).
+
+    python bench/tag_overhead.py --model base --runs 5 --temperature 0
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import soxr
+import torch
+
+from wat.data import demo
+from wat.data.audio import load_audio
+from wat.extract import load_whisper
+from wat.tag import transcribe_and_tag
+from wat.train.heads import HeadInfo, build_head, load_head
+
+SR = 16_000
+SPEECH = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "speech_en.wav"
+
+
+def make_audio(seconds: float, seed: int = 0) -> np.ndarray:
+    speech = load_audio(SPEECH)
+    kinds = [demo.CLASSES.index(f) for f in (demo.rain, demo.engine, demo.siren)]
+    background = np.concatenate([soxr.resample(demo.synth_clip(kinds[i % 3], seed, i), demo.RATE, SR)
+                                 for i in range(int(np.ceil(seconds / demo.SECONDS)))])
+    audio = 0.3 * background[: int(seconds * SR)] / np.abs(background).max()
+    start = SR // 2
+    while start + len(speech) <= len(audio):
+        audio[start:start + len(speech)] += speech
+        start += 15 * SR
+    return audio.astype(np.float32)
+
+
+class CountPasses:
+    def __init__(self, model):
+        self.model, self.n = model, 0
+
+    def __enter__(self):
+        self.handle = self.model.encoder.blocks[0].register_forward_hook(self._hit)
+        return self
+
+    def _hit(self, *args):
+        self.n += 1
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="base")
+    p.add_argument("--head", help="head checkpoint (default: an untrained TL-Tr of the model's size, 527 classes)")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--time-res", type=float, default=10.0)
+    p.add_argument("--temperature", type=float, nargs="+",
+                   help="decoding temperature(s); default whisper's fall-back sequence 0.0 ... 1.0")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = load_whisper(args.model, device=args.device)
+    if args.head:
+        head = load_head(args.head)
+    else:  # the cost does not depend on the weights
+        d = model.dims
+        head = (build_head("tl-tr", d.n_audio_layer, d.n_audio_state, 527),
+                HeadInfo("tl-tr", d.n_audio_layer, d.n_audio_state, 527, model=args.model))
+    audio = make_audio(args.seconds)
+    options = dict(fp16=args.device == "cuda", language="en")
+    if args.temperature:
+        options["temperature"] = tuple(args.temperature)
+
+    def plain():
+        return model.transcribe(audio, **options)
+
+    def tagged():
+        return transcribe_and_tag(model, head, audio, time_res=args.time_res, **options)
+
+    times = {"plain": [], "tagged": []}
+    passes = {}
+    for i in range(args.runs + 1):
+        for name, fn in (("plain", plain), ("tagged", tagged)):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            with CountPasses(model) as count:
+                start = time.perf_counter()
+                result = fn()
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+            passes[name] = count.n
+            if i > 0:  # the first round is a warm-up
+                times[name].append(elapsed)
+            if i == 0 and name == "tagged":
+                print(f"transcript: {result['text'][:100]!r}...")
+                print("tags:", [(w["start"], [t for t, _ in w["tags"][:2]]) for w in result["audio_tags"]])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"model {args.model} on {args.device}, {args.seconds:.0f} s file, {args.runs} runs "
+          f"({torch.get_num_threads()} threads), temperature {options.get('temperature', 'default')}")
+    print(f"encoder passes: plain {passes['plain']}, tagged {passes['tagged']}")
+    for k in ("plain", "tagged"):
+        print(f"{k:>7}: median {med[k]:.2f} s  ({', '.join(f'{t:.2f}' for t in times[k])})")
+    print(f"ratio tagged/plain: {med['tagged'] / med['plain']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
