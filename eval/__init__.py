@@ -13,3 +13,6 @@ def __getattr__(name):
         import importlib
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Scores", "accuracy", "d_prime", "multilabel_scores", "singlelabel_scores", *_LAZY]
