@@ -305,14 +305,16 @@ class _ShardBuffer:
     def __init__(self, index: int, clips: list[Clip], meta: wcache.CacheMeta):
         self.index, self.clips = index, clips
         self.features = np.empty((len(clips), meta.n_layers, meta.n_frames, meta.dim), np.float16)
+        self.mean = np.empty((len(clips), meta.n_layers, meta.dim), np.float16)
         self.rows: list[int] = []       # clip positions written, in order
         self.seconds: list[float] = []
         self.errors: dict[int, str] = {}
         self.done = 0
         self.t0 = time.perf_counter()
 
-    def add(self, k: int, row: np.ndarray, seconds: float):
+    def add(self, k: int, row: np.ndarray, mean: np.ndarray, seconds: float):
         self.features[len(self.rows)] = row
+        self.mean[len(self.rows)] = mean
         self.rows.append(k)
         self.seconds.append(seconds)
 
@@ -321,7 +323,7 @@ class _ShardBuffer:
         if n:
             clips = [self.clips[k] for k in self.rows]
             wcache.write_shard(path, meta, [c.id for c in clips], self.features[:n], [c.labels for c in clips],
-                               folds=[c.fold for c in clips], durations=self.seconds)
+                               folds=[c.fold for c in clips], durations=self.seconds, mean=self.mean[:n])
         elif path.exists():
             path.unlink()  # left by an earlier run of a different dataset version; the record says empty
         errors = [(self.clips[k].id, str(self.clips[k].path), r) for k, r in sorted(self.errors.items())]
@@ -332,12 +334,14 @@ class _ShardBuffer:
 
 
 @torch.inference_mode()
-def encode_batch(model, audio: torch.Tensor, options: ExtractOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """audio [B, S] on the device -> (features f16 [B, L, T, D], finite [B] bool), still on the device.
-    `encode_layers` computes the log-mel per clip and runs the encoder under fp16 autocast on CUDA."""
+def encode_batch(model, audio: torch.Tensor, options: ExtractOptions):
+    """audio [B, S] on the device -> (features f16 [B, L, T, D], time mean f16 [B, L, D], finite [B]),
+    still on the device. `encode_layers` computes the log-mel per clip and runs the encoder under
+    fp16 autocast on CUDA. The mean is taken here in fp32 (not by the host from the f16 rows)."""
     feats = encode_layers(model, audio, frames=options.frames, policy=options.policy)
+    mean = feats.mean(2).to(torch.float16)
     feats = feats.to(torch.float16)  # the stored type: a value that overflows f16 is non-finite too
-    return feats, torch.isfinite(feats).flatten(1).all(1)
+    return feats, mean, torch.isfinite(feats).flatten(1).all(1)
 
 
 class _InFlight:
@@ -346,18 +350,17 @@ class _InFlight:
 
     def __init__(self, buf, start: int, batch, model, options: ExtractOptions):
         self.buf, self.start, self.batch, self.event = buf, start, batch, None
-        self.feats = self.ok = None
+        self.host = None
         if len(batch["index"]):
-            feats, ok = encode_batch(model, batch["audio"].to(options.device, non_blocking=True), options)
-            if feats.is_cuda:
-                self.feats = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
-                self.ok = torch.empty(ok.shape, dtype=ok.dtype, pin_memory=True)
-                self.feats.copy_(feats, non_blocking=True)
-                self.ok.copy_(ok, non_blocking=True)
+            out = encode_batch(model, batch["audio"].to(options.device, non_blocking=True), options)
+            if out[0].is_cuda:
+                self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in out]
+                for h, t in zip(self.host, out):
+                    h.copy_(t, non_blocking=True)
                 self.event = torch.cuda.Event()
                 self.event.record()
             else:
-                self.feats, self.ok = feats, ok
+                self.host = out
 
     def settle(self) -> int:
         """Move the results into the shard buffer; returns the number of clips done."""
@@ -366,11 +369,11 @@ class _InFlight:
         buf, start, batch = self.buf, self.start, self.batch
         for k, reason in batch["errors"]:
             buf.errors[k - start] = reason
-        if self.feats is not None:
-            feats, ok = self.feats.numpy(), self.ok.numpy()
+        if self.host is not None:
+            feats, mean, ok = (t.numpy() for t in self.host)
             for j, k in enumerate(batch["index"].tolist()):
                 if ok[j]:
-                    buf.add(k - start, feats[j], batch["seconds"][j])
+                    buf.add(k - start, feats[j], mean[j], batch["seconds"][j])
                 else:
                     buf.errors[k - start] = "non-finite encoder output"
         n = len(batch["index"]) + len(batch["errors"])
