@@ -10,6 +10,7 @@ import whisper
 from wat.data.labels import Vocabulary, audioset_vocabulary
 from wat.tag import TagError, WindowPool, check_head, resolve_classes, select_tags, transcribe_and_tag
 from wat.tag.cli import main
+from wat.tag.tagging import SharedEncoder
 from wat.train.heads import HeadInfo, build_head, save_head
 
 SR = 16000
@@ -129,16 +130,19 @@ def test_grid_windows_cover_45s_with_overlapping_calls(res, n_windows):
         assert x[0, :, 0].min() >= start - 1e-6 and x[0, :, 0].max() < end
 
 
-def test_grid_short_window_fills_empty_parts_from_nearest_frame():
+def test_grid_short_window_stretches_its_frames_over_the_parts():
     pool = WindowPool(20, 0.2, 0.2, 25)  # 10 encoder frames for 25 parts
     (k, x), = pool.add_call(0, 20, _call_feats(0, 20, 1)) + pool.close()
     times = x[0, :, 0].numpy()
-    part_starts = np.arange(25) * 0.2 / 25
-    frame_starts = np.arange(10) * 0.02
-    for t in range(25):
-        nearest = frame_starts[np.abs(frame_starts - part_starts[t]).argmin()]
-        assert times[t] == pytest.approx(nearest, abs=1e-6)
-    assert len(set(times.round(4).tolist())) == 10  # every frame is used
+    np.testing.assert_allclose(sorted(set(times.round(4).tolist())), np.arange(10) * 0.02, atol=1e-6)
+    assert (np.diff(times) >= 0).all() and times[0] == 0 and times[-1] == pytest.approx(0.18)
+    # a window only partly covered (clip_timestamps): its 1 s of frames fill all 25 parts in order
+    pool = WindowPool(500, 5.0, 5.0, 25)
+    (k, x), = pool.add_call(0, 100, _call_feats(0, 100, 1)) + pool.close()
+    times = x[0, :, 0].numpy()
+    assert (np.diff(times) >= 0).all()
+    assert times[0] == pytest.approx(0.09) and times[-1] == pytest.approx(0.89)  # means of 10 frames
+    assert len(set(times.round(4).tolist())) == 5  # the five 0.2 s parts that have frames, each used
 
 
 def test_grid_rejects_tiny_resolution():
@@ -196,6 +200,20 @@ def test_transcript_identical_and_tags_from_the_same_passes(tiny_model, speech_a
             lo = 400 * k + 16 * t
             expect = torch.stack([frames[a] for a in sorted(frames) if lo <= a < lo + 16]).mean(0)
             torch.testing.assert_close(got[k, :, t], expect, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_calls_outside_transcribe_are_placed_by_searching_the_mel(tiny_model, speech_audio):
+    audio = np.concatenate([_noise(3.0, seed=7), speech_audio, _noise(3.0, seed=8)])
+    mel = whisper.log_mel_spectrogram(audio, 80, padding=whisper.audio.N_SAMPLES)
+    calls = []
+    with SharedEncoder(tiny_model.encoder, audio, lambda *call: calls.append(call)) as shared:
+        with torch.no_grad():
+            shared(whisper.pad_or_trim(mel[:, 123:123 + 777], 3000)[None])
+            with pytest.raises(TagError, match="could not place"):
+                shared(whisper.pad_or_trim(mel[:, 123:123 + 777] + 0.5, 3000)[None])
+    (seek, size, feats), = calls
+    assert (seek, size) == (123, 777)
+    assert feats.shape == (389, 4, 384)
 
 
 def _same_transcript(a, b):

@@ -6,8 +6,10 @@ tag window covers the same stretch of audio whatever the transcription did. Each
 into `n_frames` equal parts (the head's time axis: 25 parts of 0.4 s for a 10 s window, as in the
 training cache); a part's features are the mean of the encoder frames that start in it. For
 `res != 10` the head thus sees a resampled time axis (parts of res/25 s); the last, partial window is
-split into `n_frames` parts of its own length, as the cache pools a short clip. A part no frame
-starts in (windows shorter than `n_frames` encoder frames) takes the nearest non-empty part.
+split into `n_frames` parts of its own length, as the cache pools a short clip. When some parts
+have no frame (a window shorter than `n_frames` encoder frames, or one that `clip_timestamps` only
+partly covers), the non-empty parts are stretched over the `n_frames` (nearest neighbour): the
+window is tagged from the frames it has.
 """
 from __future__ import annotations
 
@@ -98,8 +100,8 @@ class WindowPool:
             sums, counts = self._sums.pop(w), self._counts.pop(w)
             self._done.add(w)
             filled = counts.nonzero().squeeze(1)
-            # nearest non-empty part for the empty ones (ties to the earlier part)
-            nearest = filled[(torch.arange(self.n_frames)[:, None] - filled[None]).abs().argmin(1)]
+            # all parts filled: identity; else stretch the filled ones over the n_frames
+            pick = filled[torch.linspace(0, len(filled) - 1, self.n_frames).round().long()]
             mean = sums / counts.clamp(min=1).to(sums.device)[:, None, None]
-            out.append((w, mean[nearest.to(sums.device)].transpose(0, 1)))
+            out.append((w, mean[pick.to(sums.device)].transpose(0, 1)))
         return out

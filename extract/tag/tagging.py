@@ -162,6 +162,8 @@ class SharedEncoder(nn.Module):
         if x.dim() != 3 or x.shape[0] != 1:
             raise TagError(f"tagging follows one 30 s segment at a time; encoder got {tuple(x.shape)}")
         seek, size = self.locate(x[0])
+        if size == 0:  # no audio in this input (language detection on an empty file)
+            return self.encoder(x)
         self._n = math.ceil(size / 2)  # encoder frame j covers mel frames 2j, 2j+1
         self._outs = []
         out = self.encoder(x)
@@ -185,7 +187,7 @@ class SharedEncoder(nn.Module):
             else:  # language detection on the first 30 s, before the loop
                 seek, size = 0, min(N_FRAMES, self.content_frames)
             mel = local.get("mel")
-            if (isinstance(mel, torch.Tensor) and 0 < size <= N_FRAMES
+            if (isinstance(mel, torch.Tensor) and 0 <= size <= N_FRAMES
                     and torch.equal(mel[:, seek:seek + size].to(x.device, x.dtype), x[:, :size])):
                 return seek, size
         return self._search(x)
@@ -240,7 +242,8 @@ def transcribe_and_tag(model, head, audio_or_path, *, time_res: float = 10.0, to
     passes the transcription makes. `head`: a checkpoint path or `load_head`'s (module, info).
     Tags: restricted to `classes` (names or keys), then probabilities (sigmoid for multi-label heads,
     softmax for single-label ones) >= `threshold`, then the `top_k` highest. A window no encoder
-    pass covered (e.g. outside `clip_timestamps`) has no tags."""
+    pass covered (e.g. outside `clip_timestamps`) has no tags. The model must not be used from
+    another thread meanwhile (its encoder is swapped for the duration)."""
     module, info = _resolve_head(head)
     check_head(model, info, allow_policy_mismatch=allow_policy_mismatch)
     vocab = head_vocabulary(info)
