@@ -287,6 +287,21 @@ def test_mismatched_heads_are_refused(tiny_model):
         transcribe_and_tag(tiny_model, (_random_head(tiny_model)[0], trim), _noise(1.0))
 
 
+def test_official_whisper_at_heads(tiny_model, speech_audio, tmp_path):
+    # official checkpoints keep the TL-Tr head as `at_model.*` with 527 AudioSet outputs
+    torch.manual_seed(0)
+    tiny_head = build_head("tl-tr", 4, 384, 527)
+    torch.save({f"at_model.{k}": v for k, v in tiny_head.state_dict().items()}, tmp_path / "tiny.pth")
+    out = transcribe_and_tag(tiny_model, tmp_path / "tiny.pth", speech_audio, top_k=3, fp16=False,
+                             temperature=0.0, classes="Speech,Music,Male speech, man speaking")
+    names = {"Speech", "Music", "Male speech, man speaking"}
+    assert len(out["audio_tags"]) == 1 and {n for n, _ in out["audio_tags"][0]["tags"]} == names
+    base_head = build_head("tl-tr", 6, 512, 527, dim=512)
+    torch.save({f"at_model.{k}": v for k, v in base_head.state_dict().items()}, tmp_path / "base.pth")
+    with pytest.raises(TagError, match="6 encoder layers of width 512 .trained on whisper-at:base."):
+        transcribe_and_tag(tiny_model, tmp_path / "base.pth", speech_audio)
+
+
 # ---------------------------------------------------------------- CLI
 
 def test_cli_skips_undecodable_file_and_outputs_the_others(tiny_model, speech_wav, tmp_path, capsys):

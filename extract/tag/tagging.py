@@ -134,7 +134,6 @@ class SharedEncoder(nn.Module):
         self.encoder, self.on_frames = encoder, on_frames
         self.audio, self._mel = audio, None
         self.content_frames = len(audio) // HOP_LENGTH
-        self.passes = self.reused = 0
         self.last_seek = 0
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         self._outs: list[torch.Tensor] = []
@@ -157,7 +156,6 @@ class SharedEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._last is not None and _same_tensor(x, self._last[0]):
-            self.reused += 1
             return self._last[1]
         if x.dim() != 3 or x.shape[0] != 1:
             raise TagError(f"tagging follows one 30 s segment at a time; encoder got {tuple(x.shape)}")
@@ -169,7 +167,6 @@ class SharedEncoder(nn.Module):
         out = self.encoder(x)
         feats = torch.stack(self._outs, 1)  # [n, L, D]
         self._outs = []
-        self.passes += 1
         self.last_seek = seek
         self.on_frames(seek, size, feats)
         self._last = (x, out)
