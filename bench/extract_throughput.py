@@ -3,7 +3,8 @@
   (a) pipeline: `extract_dataset` from audio files on disk to finished shards + index
   (b) bare: the encoder alone on mel batches already in device memory (no decode, no mel, no hooks;
       also timed with the pooling hooks, which the pipeline needs)
-  (c) official-style: one clip at a time: decode, encode, pool, `np.savez_compressed` per clip
+  (c) official-style: one clip at a time: decode, encode with full-resolution layer outputs copied
+      to the host, numpy pooling, `np.savez_compressed` per clip (the Whisper-AT research data path)
 
 and prints `pipeline/bare` and `pipeline/official`. On CUDA it also prints the encoder's achieved
 TFLOP/s (analytic FLOP count of the convs, projections, MLPs and attention).
@@ -39,7 +40,7 @@ import torch
 from wat.data.audio import fit_length, load_audio
 from wat.data.datasets import Clip, load_dataset
 from wat.data.demo import CLASSES, make_demo
-from wat.extract.layers import LayerTaps, encode_layers, log_mel, short_input
+from wat.extract.layers import LayerTaps, log_mel, short_input
 from wat.extract.pipeline import ExtractOptions, extract_dataset, get_model
 
 LARGE_V1 = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=32,
@@ -131,17 +132,34 @@ def bench_bare(model, ds, options, n_samples) -> tuple[float, float]:
 
 
 def bench_official(model, ds, options, n_samples, workdir, n: int) -> float:
+    """The official Whisper-AT extraction data path, one clip at a time: decode, mel, encoder with
+    every block's full-resolution output copied to the host, numpy window means, one
+    `np.savez_compressed` per clip. (Official code decoded with an ffmpeg subprocess; this uses our
+    in-process decoder, which is faster, so the ratio is conservative.)"""
     out = workdir / "npz"
     out.mkdir(exist_ok=True)
-    clips = ds.clips[:n]
+    outputs = []
+    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o.float().cpu().numpy()))
+             for b in model.encoder.blocks]
+    n_ctx = n_samples if options.policy == "trim" else 480_000
+    n_valid = math.ceil(n_samples / 320)
     t0 = time.perf_counter()
-    for c in clips:
-        audio = fit_length(load_audio(c.path, offset=c.offset, duration=c.duration), n_samples)
-        with torch.inference_mode():
-            feats = encode_layers(model, audio[None], frames=options.frames, policy=options.policy)
-        np.savez_compressed(out / f"{c.id}.npz", feats[0].cpu().numpy().astype(np.float16))
-    sync(options.device)
-    return len(clips) / (time.perf_counter() - t0)
+    try:
+        for c in ds.clips[:n]:
+            audio = fit_length(load_audio(c.path, offset=c.offset, duration=c.duration), n_ctx)
+            mel = log_mel(torch.from_numpy(audio)[None].to(options.device), model.dims.n_mels)
+            outputs.clear()
+            with torch.inference_mode(), short_input(model.encoder, (mel.shape[-1] + 1) // 2), \
+                    torch.autocast("cuda", dtype=torch.float16, enabled=options.device.startswith("cuda")):
+                model.encoder(mel)
+            reps = np.stack(outputs)[:, 0, :n_valid]  # [L, frames, D]
+            edges = np.linspace(0, n_valid, options.frames + 1).round().astype(int)
+            pooled = np.stack([reps[:, a:b].mean(1) for a, b in zip(edges[:-1], edges[1:])], axis=1)
+            np.savez_compressed(out / f"{c.id}.npz", pooled.astype(np.float16))
+    finally:
+        for h in hooks:
+            h.remove()
+    return min(n, len(ds.clips)) / (time.perf_counter() - t0)
 
 
 def rss_child(args) -> None:
@@ -188,6 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--official-clips", type=int, default=None, help="clips for the per-clip loop (default: --clips)")
     p.add_argument("--clip-seconds", type=float, default=5.0)
     p.add_argument("--pool", type=int, default=220, help="distinct audio files generated")
+    p.add_argument("--repeat", type=int, default=2, help="rounds of (a), (b), (c); the best of each is reported")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--rss", type=int, nargs="+", metavar="N", help="peak RSS of the pipeline for N clips, each run in a child")
@@ -228,9 +247,12 @@ def main(argv=None) -> int:
     print(f"model {name}, policy {args.policy}, {args.clip_seconds:g} s clips, batch {args.batch_size}, "
           f"device {args.device}, {args.clips} clips" + (" (RANDOM WEIGHTS: throughput only)" if args.random_weights else ""))
 
-    pipe = bench_pipeline(model, ds, options, work)
-    bare, hooked = bench_bare(model, ds, options, n_samples)
-    official = bench_official(model, ds, options, n_samples, work, args.official_clips or args.clips)
+    pipe = bare = hooked = official = 0.0
+    for _ in range(args.repeat):  # interleaved; the best of each: other load on the machine only slows down
+        pipe = max(pipe, bench_pipeline(model, ds, options, work))
+        b, h = bench_bare(model, ds, options, n_samples)
+        bare, hooked = max(bare, b), max(hooked, h)
+        official = max(official, bench_official(model, ds, options, n_samples, work, args.official_clips or args.clips))
     print(f"(a) pipeline        {pipe:9.2f} clips/s")
     print(f"(b) bare encoder    {bare:9.2f} clips/s   (with pooling hooks {hooked:.2f})")
     print(f"(c) official-style  {official:9.2f} clips/s")

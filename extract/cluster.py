@@ -31,7 +31,7 @@ def connect(scheduler: str | None = None, local_workers: int | None = None, devi
     if scheduler:
         try:
             client = Client(scheduler, timeout="30s")
-        except OSError as e:
+        except (OSError, ValueError) as e:  # TimeoutError is an OSError; a malformed address a ValueError
             raise ExtractError(f"cannot reach dask scheduler {scheduler}: {e}") from None
         with client:
             yield client
@@ -41,7 +41,8 @@ def connect(scheduler: str | None = None, local_workers: int | None = None, devi
 
 
 def _local_cluster(n: int, device: str):
-    # non-daemonic workers may start DataLoader decode processes of their own
+    # dask starts workers with OMP_NUM_THREADS=1, so on CPU choose N ~ the number of cores.
+    # Non-daemonic workers may start DataLoader decode processes of their own.
     with dask.config.set({"distributed.worker.daemon": False}):
         if device.startswith("cuda"):
             import torch

@@ -1,14 +1,23 @@
 """The batched extractor: a dataset in, a folder of HDF5 shards plus an index out.
 
-Shard i holds clips[i*S:(i+1)*S] of the sorted clip list, so every run cuts the same shards and a
-rerun only has to redo the ones that are not finished. A shard is finished when its record
-`shard-NNNNN.json` exists; the record is written (atomically) after the shard file, and lists the
-clips that could not be used. A shard whose clips all failed has a record and no HDF5 file.
+    feats.h5                 the index (`wat.data.cache.build_index`) over the non-empty shards
+    feats.shards/
+      manifest.json          model fingerprint, policy, frames, clip length, shard size, clip list hash:
+                             a rerun that differs in any of these refuses (unless overwrite)
+      shard-00000.h5         clips[0:S] of the sorted clip list, minus the clips that failed
+      shard-00000.json       the shard's record: rows written and (id, path, reason) of each failure
+      errors.tsv             every failed clip (id, path, reason), merged from the records
+      problems.tsv           dataset rows that never became clips (no audio file, bad label...)
+
+Shard i holds clips[i*S:(i+1)*S], so every run cuts the same shards and a rerun only redoes the
+ones that are not finished. A shard is finished when its record exists; the record is written
+(atomically) after the shard file. A shard whose clips all failed has a record and no HDF5 file.
 
 Data path: DataLoader worker processes decode, resample and fit each clip to `clip_seconds`
-(returning the error instead of raising), the main process computes the log-mel per clip on the
-device and runs the encoder with pooling inside the forward hooks (`encode_layers`), and a writer
-thread turns each completed shard into a file so the encoder never waits on the disk.
+(returning the error instead of raising); the main process computes the log-mel per clip on the
+device and runs the encoder with pooling inside the forward hooks (`encode_layers`), collecting
+batch k only after batch k+1 is queued; a writer thread turns each completed shard into a file.
+Host memory: at most ~3 shard buffers (filling, queued, writing) of S x L x T x D f16 each.
 """
 from __future__ import annotations
 
