@@ -367,7 +367,7 @@ class _InFlight:
                 for h, t in zip(self.host, out):
                     h.copy_(t, non_blocking=True)
                 self.event = torch.cuda.Event()
-                self.event.record()
+                self.event.record(torch.cuda.current_stream(out[0].device))  # cuda:N, not the current device
             else:
                 self.host = out
 
