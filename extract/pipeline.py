@@ -466,6 +466,8 @@ def extract_shard(model, clips: list[Clip], options: ExtractOptions, path, meta:
     The unit of work for the dask driver; `path` fixes the shard folder and the shard number."""
     path = Path(path)
     index = int(path.stem.split("-")[-1])
+    if not clips:
+        raise ExtractError(f"{path}: a shard needs at least one clip")
     n_samples = n_samples or round(meta.clip_seconds * SAMPLE_RATE)
     buf = next(encode_shards(model, [(index, clips)], options, meta, n_samples))
     return buf.write(path.parent, meta)
