@@ -14,6 +14,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def pytest_configure(config):
     os.environ["WAT_OFFLINE"] = "1"
+    # Test tensors are small: a second intra-op thread only adds synchronisation, and on a busy
+    # 2-core machine two competing torch threads ran several times slower than one.
+    import torch
+    torch.set_num_threads(1)
     cache = config.cache.mkdir("xdg-cache") if config.cache else tempfile.mkdtemp(prefix="wat-xdg-")
     os.environ["XDG_CACHE_HOME"] = str(cache)
 
@@ -37,3 +41,50 @@ def speech_audio(speech_wav) -> np.ndarray:
     audio, sr = sf.read(speech_wav, dtype="float32")
     assert sr == 16000 and audio.ndim == 1
     return audio
+
+
+# Real features for the train/probe/tag tests: the synthetic ESC-50-layout demo set through tiny.en.
+# Built once per session, on first use, with the same library calls `make demo` uses.
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """11 synthetic sound classes x 8 clips, 5 folds (ESC-50 layout)."""
+    from wat.data import make_demo
+    return make_demo(tmp_path_factory.mktemp("demo") / "esc50-demo", clips_per_class=8, seed=0)
+
+
+def _extract(dataset, model, out: Path, policy: str) -> Path:
+    from wat.extract.pipeline import ExtractOptions, extract_dataset
+    summary = extract_dataset(dataset, ExtractOptions(model="tiny.en", policy=policy, shard_size=32,
+                                                      num_workers=0, progress=False), out, model=model)
+    assert summary.written == len(dataset.clips), summary
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_cache_trim(demo_data, tiny_model, tmp_path_factory) -> Path:
+    """feats.h5 of the whole demo set (88 clips), tiny.en, policy trim (cheap: 5 s of encoder input)."""
+    from wat.data import load_dataset
+    return _extract(load_dataset("esc50", demo_data), tiny_model,
+                    tmp_path_factory.mktemp("cache-trim") / "feats.h5", "trim")
+
+
+@pytest.fixture(scope="session")
+def demo_cache_pad30(demo_data, tiny_model, tmp_path_factory) -> Path:
+    """feats.h5 of fold 1 of the demo set (2 clips per class, 22 clips), tiny.en, policy pad30 —
+    the features `wat-tag` sees during transcription. pad30 costs 6x trim, hence one fold only."""
+    import dataclasses
+    from wat.data import load_dataset
+    ds = load_dataset("esc50", demo_data)
+    ds = dataclasses.replace(ds, clips=[c for c in ds.clips if c.fold == 1])
+    return _extract(ds, tiny_model, tmp_path_factory.mktemp("cache-pad30") / "feats.h5", "pad30")
+
+
+@pytest.fixture(scope="session")
+def demo_head_pad30(demo_cache_pad30, tmp_path_factory) -> Path:
+    """A TL-Tr head (width 64, for CPU speed) trained on demo_cache_pad30 (all its clips)."""
+    from wat.train.loop import TrainOptions, train
+    out = tmp_path_factory.mktemp("head-pad30")
+    train(TrainOptions(features=str(demo_cache_pad30), out=str(out), head="tl-tr", dim=64, epochs=20,
+                       lr=1e-3, batch_size=8, mixup=0.0, seed=0, progress=False))
+    return out / "wa.pt"

@@ -32,15 +32,6 @@ def _speech_over_noise(speech, seconds, starts):
     return audio
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the test machine is shared: two torch threads competing with other processes run ~5x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class _CountPasses:
     """Counts real encoder passes (the first block runs once per pass)."""
 
@@ -261,11 +252,16 @@ def test_45s_gives_windows_on_the_absolute_grid(tiny_model):
 
 
 def test_tone_is_tagged_in_the_right_windows(tiny_model, demo_head_pad30):
-    # white noise, then a loud steady tone from 15 s; the demo head knows both classes
+    # white noise, then a loud steady tone from 15 s; the demo head knows tones and noise colours
     audio = np.concatenate([_noise(15.0, seed=5, level=0.1), _tone(15.0, freq=1500.0, level=0.4)])
-    out = transcribe_and_tag(tiny_model, demo_head_pad30, audio, time_res=5.0, top_k=1, threshold=0.5,
-                             classes="tone,white_noise", fp16=False, temperature=0.0)["audio_tags"]
-    assert [[name for name, _ in w["tags"]] for w in out] == [["white_noise"]] * 3 + [["tone"]] * 3, out
+    out = transcribe_and_tag(tiny_model, demo_head_pad30, audio, time_res=5.0, top_k=1,
+                             fp16=False, temperature=0.0)["audio_tags"]
+    top = [w["tags"][0][0] for w in out]
+    assert top[3:] == ["tone"] * 3 and "tone" not in top[:3], out
+    assert all(name.endswith("_noise") for name in top[:3]), out
+    only_tone = transcribe_and_tag(tiny_model, demo_head_pad30, audio, time_res=5.0, classes="tone",
+                                   threshold=0.5, fp16=False, temperature=0.0)["audio_tags"]
+    assert [[name for name, _ in w["tags"]] for w in only_tone] == [[]] * 3 + [["tone"]] * 3, only_tone
 
 
 # ---------------------------------------------------------------- heads that do not fit

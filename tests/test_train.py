@@ -15,15 +15,6 @@ from wat.train.loop import (Interrupted, TrainError, TrainOptions, _balanced_wei
 L, T, D = 3, 5, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matrices: a second intra-op thread only adds synchronisation (and stalls on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_cache(folder, vocab, labels, multilabel, seed=0, folds=None, n_shards=2, means_seed=0):
     """A cache whose clips are noise plus the mean vectors of their classes (learnable, not trivial)."""
     rng = np.random.default_rng(seed)
