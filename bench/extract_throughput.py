@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from wat.data.audio import fit_length, load_audio
-from wat.data.datasets import Clip, load_dataset
+from wat.data.datasets import load_dataset
 from wat.data.demo import CLASSES, make_demo
 from wat.extract.layers import LayerTaps, log_mel, short_input
 from wat.extract.pipeline import ExtractOptions, extract_dataset, get_model

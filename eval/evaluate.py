@@ -188,7 +188,7 @@ def evaluate(features, head_path, out_dir, opts: EvalOptions | None = None) -> d
     result["per_class_top"] = [{"name": vocab.names[c], "AP": s.per_class[c]} for c in order[:10]]
     for key in ("per_class", "per_class_auc", "per_class_f1"):
         result.pop(key, None)     # in per_class.csv
-    report.write_json(out / "metrics.json", report._finite(result))
+    report.write_json(out / "metrics.json", result)
     return result
 
 

@@ -34,14 +34,15 @@ class Scores:
 
     def to_dict(self) -> dict:
         """JSON-safe: non-finite floats (d' of a perfect AUC is infinite) become None."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
 
-def _json_safe(x):
+def json_safe(x):
+    """Strict-JSON copy of nested dicts/lists: numpy scalars become Python numbers, non-finite floats None."""
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, (float, np.floating)):
         return float(x) if math.isfinite(x) else None
     if isinstance(x, np.integer):

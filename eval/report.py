@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .metrics import json_safe
+
 
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
@@ -32,23 +34,26 @@ def write_csv(path, header, rows) -> None:
 
 
 def write_json(path, obj) -> None:
+    """Atomic strict JSON (NaN/inf written as null)."""
     def w(tmp):
-        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
     _atomic(Path(path), w)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (works without a display)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(fig, path) -> None:
+def save_figure(fig, path) -> None:
+    """Write a PNG atomically and free the figure."""
     path = Path(path)
     tmp = path.with_name(path.stem + ".partial" + path.suffix)
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     os.replace(tmp, path)
 
 
@@ -122,24 +127,12 @@ def write_probe(report, out_dir) -> dict:
         "skipped_classes": report.skipped_classes,
         "files": sorted({p.name for p in out.iterdir() if ".partial" not in p.name} | {"summary.json"}),
     }
-    write_json(out / "summary.json", _finite(summary))
+    write_json(out / "summary.json", summary)
     return summary
 
 
-def _finite(x):
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def plot_layers(report, path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for c in range(len(report.caches)):
         rs = report.layer_results(c)
@@ -154,11 +147,11 @@ def plot_layers(report, path) -> None:
     ax.set_ylabel(report.metric)
     ax.set_title(f"linear probe per layer ({report.protocol})")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_best_layer_hist(hist: list[dict], path, by: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(hist), figsize=(6 * len(hist), 4), squeeze=False)
     for ax, h in zip(axes[0], hist):
         ax.bar([str(l) for l in h["layers"]], h["classes_per_layer"])
@@ -168,13 +161,13 @@ def plot_best_layer_hist(hist: list[dict], path, by: str) -> None:
         if h["classes_tied"]:
             ax.text(0.99, 0.98, f"{h['classes_tied']} tied classes split evenly", transform=ax.transAxes,
                     ha="right", va="top", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- eval outputs
 
 def plot_confusion(cm: np.ndarray, names, path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     n = len(names)
     size = max(5.0, 0.22 * n)
     fig, ax = plt.subplots(figsize=(size + 1, size))
@@ -185,4 +178,4 @@ def plot_confusion(cm: np.ndarray, names, path) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
-    _save(fig, path)
+    save_figure(fig, path)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from wat.data.cache import CacheError
@@ -70,8 +69,26 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("wat-train: interrupted; continue with --resume", file=sys.stderr)
         return 130
-    print(json.dumps({k: v for k, v in final.items() if k != "skipped_classes"}, indent=1))
+    print(summary_text(final, a.out))
     return 0
+
+
+def summary_text(final: dict, out) -> str:
+    """A few readable lines; metrics.json in RUN_DIR has everything."""
+    def f(v):
+        return "n/a" if v is None else f"{v:.4f}"
+    m = final.get("metric", "score")
+    if "best" in final:
+        lines = [f"{m}: best epoch {final['best_epoch']} {f(final['best'])}, weight-averaged {f(final.get('wa'))}"]
+    else:
+        lines = ["no held-out clips (no --eval-features or --folds): nothing was scored"]
+    for name, fold in final.get("folds", {}).items():
+        lines.append(f"  {name}: best {f(fold['best'])}, weight-averaged {f(fold['wa'])}")
+    if final.get("mAUC") is not None:
+        lines.append(f"mAUC {f(final['mAUC'])}, d' {f(final.get('d_prime'))}")
+    lines.append(f"outputs in {out}: best.pt, wa.pt, metrics.json, per_class.csv, curves.png"
+                 + (" (and per-fold checkpoints in foldK/)" if final.get("folds") else ""))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

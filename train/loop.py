@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import json
 import math
 import os
 import random
@@ -31,6 +30,8 @@ from tqdm import tqdm
 from wat.data.cache import Cache, CacheError, open_cache
 from wat.data.labels import Vocabulary, parent_labels
 from wat.data.readers import FeatureStore
+from wat.eval.metrics import json_safe
+from wat.eval.report import pyplot, save_figure, write_json
 
 from . import augment
 from .heads import HeadInfo, build_head, load_head, n_parameters, save_head
@@ -595,21 +596,10 @@ def _finish(out, opts, s: Setup, fits, history, best, autocast) -> dict:
             w.writerow(["name", "AP" if multilabel else "F1", "support"])
             for name, v, n in zip(vocab.names, sc["per_class"], support):
                 w.writerow([name, "" if v is None else f"{v:.6f}", int(n)])
-    final = _json_safe(final)
+    final = json_safe(final)
     _write_metrics(out, opts, info, fits, history, best, final)
     _plot(out, history, len(fits) > 1, final.get("metric", "score"))
     return final
-
-
-def _json_safe(x):
-    """Strict JSON: non-finite floats (d' of a perfect AUC) become None."""
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return int(x) if isinstance(x, np.integer) else x
 
 
 def _write_metrics(out, opts, info, fits, history, best, final):
@@ -620,16 +610,11 @@ def _write_metrics(out, opts, info, fits, history, best, final):
                    "n_layers": info.n_layers, "dim": info.dim_in},
          "lr_milestones": milestones(opts.epochs), "weight_average": list(wa_range(opts)),
          "epochs": history, "best": best, "final": final}
-    tmp = out / "metrics.json.partial"
-    tmp.write_text(json.dumps(_json_safe(d), indent=1, allow_nan=False))
-    os.replace(tmp, out / "metrics.json")
+    write_json(out / "metrics.json", d)
 
 
 def _plot(out: Path, history: list[dict], per_fold: bool, metric: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ep = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(ep, [h["train_loss"] for h in history], marker=".")
@@ -642,5 +627,4 @@ def _plot(out: Path, history: list[dict], per_fold: bool, metric: str):
         b.legend()
     b.set(xlabel="epoch", ylabel=f"held-out {metric}")
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / "curves.png")
