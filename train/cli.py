@@ -86,8 +86,9 @@ def summary_text(final: dict, out) -> str:
         lines.append(f"  {name}: best {f(fold['best'])}, weight-averaged {f(fold['wa'])}")
     if final.get("mAUC") is not None:
         lines.append(f"mAUC {f(final['mAUC'])}, d' {f(final.get('d_prime'))}")
-    lines.append(f"outputs in {out}: best.pt, wa.pt, metrics.json, per_class.csv, curves.png"
-                 + (" (and per-fold checkpoints in foldK/)" if final.get("folds") else ""))
+    folds = list(final.get("folds", {}))
+    ckpt = f"{folds[0]}..{folds[-1]}/{{best,wa}}.pt" if folds else "best.pt, wa.pt"
+    lines.append(f"outputs in {out}: {ckpt}, metrics.json, per_class.csv, curves.png")
     return "\n".join(lines)
 
 
