@@ -10,7 +10,7 @@ DEMO_MODEL ?= base
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test bench venv clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,15 @@ demo: $(STAMP)
 	@echo "TL-Tr head:   per-fold accuracy above; $(DEMO_DIR)/tl-tr/{metrics.json,per_class.csv,curves.png}"
 	@echo "layer probe:  best layer above; $(DEMO_DIR)/probe/{layers.csv,layers.png,best_layer_hist.png}"
 	@echo "tagging head: $(DEMO_DIR)/tl-tr/fold1/wa.pt (use with: wat-tag FILE --model $(DEMO_MODEL) --head ...)"
+
+# CPU benchmarks (ratios; see BENCHMARKS.md). Not part of `make test`.
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python bench/extract_throughput.py --model base --policy trim
+	$(BIN)/python bench/extract_throughput.py --rss 1000 5000 --model tiny.en
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/probe_speed.py
+	$(BIN)/python bench/tag_overhead.py --model base --runs 7 --temperature 0 --threads 1
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)
