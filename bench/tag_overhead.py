@@ -24,7 +24,7 @@ import torch
 
 from wat.data import demo
 from wat.data.audio import load_audio
-from wat.extract import load_whisper
+from wat.extract import EncoderPasses, load_whisper
 from wat.tag import transcribe_and_tag
 from wat.train.heads import HeadInfo, build_head, load_head
 
@@ -45,25 +45,11 @@ def make_audio(seconds: float, seed: int = 0) -> np.ndarray:
     return audio.astype(np.float32)
 
 
-class CountPasses:
-    def __init__(self, model):
-        self.model, self.n = model, 0
-
-    def __enter__(self):
-        self.handle = self.model.encoder.blocks[0].register_forward_hook(self._hit)
-        return self
-
-    def _hit(self, *args):
-        self.n += 1
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="base")
     p.add_argument("--head", help="head checkpoint (default: an untrained TL-Tr of the model's size, 527 classes)")
+    p.add_argument("--dim", type=int, help="width of that untrained TL-Tr (default: the encoder width)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--time-res", type=float, default=10.0)
@@ -80,8 +66,8 @@ def main(argv=None) -> int:
         head = load_head(args.head)
     else:  # the cost does not depend on the weights
         d = model.dims
-        head = (build_head("tl-tr", d.n_audio_layer, d.n_audio_state, 527),
-                HeadInfo("tl-tr", d.n_audio_layer, d.n_audio_state, 527, model=args.model))
+        head = (build_head("tl-tr", d.n_audio_layer, d.n_audio_state, 527, args.dim),
+                HeadInfo("tl-tr", d.n_audio_layer, d.n_audio_state, 527, args.dim, model=args.model))
     audio = make_audio(args.seconds)
     options = dict(fp16=args.device == "cuda", language="en")
     if args.temperature:
@@ -99,7 +85,7 @@ def main(argv=None) -> int:
         for name, fn in (("plain", plain), ("tagged", tagged)):
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            with CountPasses(model) as count:
+            with EncoderPasses(model) as count:
                 start = time.perf_counter()
                 result = fn()
                 if args.device == "cuda":

@@ -1,6 +1,6 @@
 """Whisper loading (names, .pt, CTranslate2 directories, offline copies) and encoder layer taps."""
-from .layers import LayerTaps, encode_layers, log_mel
+from .layers import EncoderPasses, LayerTaps, encode_layers, log_mel
 from .load import WhisperLoadError, fingerprint, load_whisper, model_name
 
 __all__ = ["load_whisper", "WhisperLoadError", "fingerprint", "model_name",
-           "encode_layers", "LayerTaps", "log_mel"]
+           "encode_layers", "EncoderPasses", "LayerTaps", "log_mel"]

@@ -88,6 +88,24 @@ def short_input(encoder, n_ctx: int):
         encoder.positional_embedding = full
 
 
+class EncoderPasses:
+    """Counts real encoder passes of `model` inside the `with` block (the first block runs once per
+    pass): `with EncoderPasses(model) as passes: ...; passes.n`."""
+
+    def __init__(self, model):
+        self.model, self.n = model, 0
+
+    def __enter__(self) -> "EncoderPasses":
+        self._handle = self.model.encoder.blocks[0].register_forward_hook(self._hit)
+        return self
+
+    def _hit(self, *args):
+        self.n += 1
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
 def encode_layers(model, audio, *, frames: int = 25, policy: str = "pad30") -> torch.Tensor:
     """16 kHz mono waveforms [B, samples] (tensor or array, equal lengths, <= 30 s) -> float32
     [B, L, frames, D] on the model's device: every encoder block's output, mean-pooled over `frames`

@@ -7,6 +7,7 @@ import torch
 import whisper
 
 from wat.data.labels import Vocabulary, audioset_vocabulary
+from wat.extract import EncoderPasses
 from wat.tag import TagError, WindowPool, check_head, resolve_classes, select_tags, transcribe_and_tag
 from wat.tag.cli import main
 from wat.tag.tagging import SharedEncoder
@@ -29,23 +30,6 @@ def _speech_over_noise(speech, seconds, starts):
         i = int(s * SR)
         audio[i:i + len(speech)] += speech[: len(audio) - i]
     return audio
-
-
-class _CountPasses:
-    """Counts real encoder passes (the first block runs once per pass)."""
-
-    def __init__(self, model):
-        self.model, self.n = model, 0
-
-    def __enter__(self):
-        self.handle = self.model.encoder.blocks[0].register_forward_hook(self._hit)
-        return self
-
-    def _hit(self, *args):
-        self.n += 1
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 def _random_head(model, classes=("tone", "noise", "speech"), **info):
@@ -159,9 +143,9 @@ def test_transcript_identical_and_tags_from_the_same_passes(tiny_model, speech_a
     seen = []
     hook = head[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
     opts = dict(fp16=False, temperature=0.0, language="en")
-    with _CountPasses(tiny_model) as plain_passes:
+    with EncoderPasses(tiny_model) as plain_passes:
         plain = tiny_model.transcribe(audio, **opts)
-    with _CountPasses(tiny_model) as tag_passes:
+    with EncoderPasses(tiny_model) as tag_passes:
         tagged = transcribe_and_tag(tiny_model, head, audio, time_res=4.0, **opts)
     hook.remove()
     windows = tagged.pop("audio_tags")
@@ -225,10 +209,10 @@ def test_fallbacks_reuse_the_encoder_pass(tiny_model, speech_audio):
     # logprob_threshold=0 makes every decode "fail", so all temperatures run
     opts = dict(fp16=False, temperature=(0.0, 0.5, 1.0), logprob_threshold=0.0)
     torch.manual_seed(1)
-    with _CountPasses(tiny_model) as plain_passes:
+    with EncoderPasses(tiny_model) as plain_passes:
         plain = tiny_model.transcribe(speech_audio, **opts)
     torch.manual_seed(1)
-    with _CountPasses(tiny_model) as tag_passes:
+    with EncoderPasses(tiny_model) as tag_passes:
         tagged = transcribe_and_tag(tiny_model, head, speech_audio, **opts)
     tags = tagged.pop("audio_tags")
     _same_transcript(tagged, plain)

@@ -255,7 +255,7 @@ def transcribe_and_tag(model, head, audio_or_path, *, time_res: float = 10.0, to
     def tag(windows):
         if not windows:
             return
-        with torch.no_grad():
+        with torch.inference_mode():
             logits = module(torch.stack([x for _, x in windows]).to(device)).float()
         p = torch.sigmoid(logits) if info.multilabel else torch.softmax(logits, -1)
         for (k, _), row in zip(windows, p[:, : len(vocab)].cpu().numpy()):
