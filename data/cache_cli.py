@@ -34,8 +34,8 @@ def main(argv=None) -> int:
         try:
             d = info(args.file)
         except CacheError as e:
-            print(f"wat-cache: {e}", file=sys.stderr)
-            return 1
+            print(f"wat-cache: error: {e}", file=sys.stderr)
+            return 2
         print(json.dumps(d, indent=2)) if args.json else _print_info(d)
         return 0
     problems = verify(args.file)

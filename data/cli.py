@@ -32,7 +32,7 @@ def main(argv=None) -> int:
             _list(load_dataset(args.dataset, args.root, args.manifest), args.problems)
     except (DatasetError, AudioError, ValueError, OSError) as e:
         print(f"wat-data: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

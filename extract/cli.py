@@ -56,7 +56,7 @@ def main(argv=None) -> int:
             summary = extract_dataset(dataset, options, args.out)
     except (DatasetError, ExtractError, WhisperLoadError, CacheError, OSError) as e:
         print(f"wat-extract: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("wat-extract: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

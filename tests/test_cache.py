@@ -268,9 +268,9 @@ def test_cli(tmp_path, capsys):
     assert cache_main(["verify", str(index)]) == 1
     err = capsys.readouterr().err
     assert "shard-00001.h5" in err and "missing" in err
-    assert cache_main(["info", str(index)]) == 1
+    assert cache_main(["info", str(index)]) == 2
     assert "shard-00001.h5" in capsys.readouterr().err
-    assert cache_main(["info", str(tmp_path / "nope.h5")]) == 1
+    assert cache_main(["info", str(tmp_path / "nope.h5")]) == 2
 
 
 def test_meta_attrs_round_trip():

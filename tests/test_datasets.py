@@ -350,6 +350,6 @@ def test_cli_list_and_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "as20k: 1 clips, 527 classes, multi-label" in out and "skipped 1 rows: 1 no audio" in out
     assert "BBBBBBBBBBB: no audio" in out
-    assert main(["list", "--dataset", "esc50", "--root", str(tmp_path)]) == 1
+    assert main(["list", "--dataset", "esc50", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("wat-data: error:") and err.count("\n") == 1

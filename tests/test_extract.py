@@ -103,7 +103,7 @@ def test_rerun_resumes_everything_and_other_policy_refuses(demo, reference, mode
         extract_dataset(load_dataset("esc50", root), ExtractOptions(**{**OPTS, "policy": "pad30"}), out, model=model)
     argv = ["--dataset", "esc50", "--root", str(root), "--model", "tiny.en", "--out", str(out), "--shard-size", "8",
             "--clip-seconds", "2"]
-    assert main(argv) == 1  # default policy pad30 into a trim cache
+    assert main(argv) == 2  # default policy pad30 into a trim cache
     err = capsys.readouterr().err.strip()
     assert err.startswith("wat-extract: error:") and "--overwrite" in err and "\n" not in err
     assert len(open_cache(out)) == first.written  # the refused run left the cache alone
@@ -138,7 +138,7 @@ def test_resume_after_kill_9(demo, reference, model, tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["--dataset", "esc50", "--root", str(tmp_path / "nowhere"), "--model", "tiny.en",
-                 "--out", str(tmp_path / "f.h5")]) == 1
+                 "--out", str(tmp_path / "f.h5")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("wat-extract: error:") and "\n" not in err
 

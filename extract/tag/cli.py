@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="wat-tag",
         description="Whisper transcript plus audio-event tags per time window, from the same encoder "
                     "passes (tags add only the head's cost). Undecodable files are reported and skipped.")
-    p.add_argument("audio", nargs="+", help="audio files (anything ffmpeg/libsndfile decodes)")
+    p.add_argument("audio", nargs="+",
+                   help="audio files: wav, flac, ogg, mp3, m4a, ... (libsndfile, else PyAV; no ffmpeg binary needed)")
     p.add_argument("--model", required=True, help="Whisper name (tiny.en, base, large-v2, ...), .pt or CTranslate2 dir")
     p.add_argument("--head", required=True, help="head checkpoint: wat-train output or an official Whisper-AT head")
     p.add_argument("--time-res", type=_resolution, default=10.0, help="tag window length in seconds (default 10)")
