@@ -88,7 +88,8 @@ def summary_text(final: dict, out) -> str:
         lines.append(f"mAUC {f(final['mAUC'])}, d' {f(final.get('d_prime'))}")
     folds = list(final.get("folds", {}))
     ckpt = f"{folds[0]}..{folds[-1]}/{{best,wa}}.pt" if folds else "best.pt, wa.pt"
-    lines.append(f"outputs in {out}: {ckpt}, metrics.json, per_class.csv, curves.png")
+    scored = ", per_class.csv" if "best" in final else ""
+    lines.append(f"outputs in {out}: {ckpt}, metrics.json{scored}, curves.png")
     return "\n".join(lines)
 
 
