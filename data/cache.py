@@ -31,8 +31,8 @@ missing sources read as NaN, never zeros); `ids`, `label_indptr`, `label_indices
 (utf-8) record the shards. `open_cache` checks every shard against these records before any read,
 and `Cache.read` reads the shards directly, so a VDS fill value can never reach a caller.
 
-Atomicity: every file is written as `NAME.partial`, flushed, fsynced, closed and `os.replace`d onto
-NAME (then the folder is fsynced): a file with the final name is always whole.
+Atomicity: every file is written to a `.partial` file beside NAME, flushed, fsynced, closed and `os.replace`d onto
+NAME (then the folder is fsynced; `files.atomic_path`): a file with the final name is always whole.
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .files import atomic_path
 from .labels import LabelError, Vocabulary
 
 SCHEMA_VERSION = 1
@@ -142,30 +143,17 @@ def _features_chunks(shape) -> tuple:
     return (max(1, min(k, n)), l, t, d)
 
 
-def _fsync(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _atomic_h5(path: Path):
-    """Yields an h5py.File on PATH.partial; renames it onto PATH only once it is whole on disk."""
-    tmp = path.with_name(path.name + ".partial")
-    f = h5py.File(tmp, "w")
-    try:
-        yield f
-        f.flush()
-    except BaseException:
-        f.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    f.close()
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)  # make the rename itself durable
+    """Yields an h5py.File on a temporary file beside PATH; it becomes PATH (durably, see
+    `files.atomic_path`) only once it is whole and closed."""
+    with atomic_path(path) as tmp:
+        f = h5py.File(tmp, "w")
+        try:
+            yield f
+            f.flush()
+        finally:
+            f.close()
 
 
 def _csr(labels, n_classes: int):

@@ -8,12 +8,12 @@ installed (no TTS).
 """
 from __future__ import annotations
 
-import csv
-import os
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from .files import write_csv
 
 RATE = 44_100
 SECONDS = 5.0
@@ -167,10 +167,6 @@ def make_demo(out, clips_per_class: int = 8, seed: int = 0) -> Path:
             sf.write(out / "audio" / name, synth_clip(target, seed, j), RATE, subtype="PCM_16")
             rows.append((name, fold, target, fn.__name__, "False", src, "A"))
     rows.sort()
-    tmp = out / "meta" / "esc50.csv.partial"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(("filename", "fold", "target", "category", "esc10", "src_file", "take"))
-        writer.writerows(rows)
-    os.replace(tmp, out / "meta" / "esc50.csv")
+    write_csv(out / "meta" / "esc50.csv", ("filename", "fold", "target", "category", "esc10", "src_file", "take"),
+              rows, lineterminator="\n")
     return out

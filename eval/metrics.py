@@ -12,6 +12,8 @@ import numpy as np
 from scipy.stats import norm
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from wat.data.files import json_safe
+
 
 @dataclass
 class Scores:
@@ -35,19 +37,6 @@ class Scores:
     def to_dict(self) -> dict:
         """JSON-safe: non-finite floats (d' of a perfect AUC is infinite) become None."""
         return json_safe(asdict(self))
-
-
-def json_safe(x):
-    """Strict-JSON copy of nested dicts/lists: numpy scalars become Python numbers, non-finite floats None."""
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 def _mean(values) -> float | None:

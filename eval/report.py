@@ -1,60 +1,11 @@
 """Files a person reads: CSV tables, summary JSON and PNG plots (matplotlib, Agg backend)."""
 from __future__ import annotations
 
-import csv
-import json
-import math
-import os
 from pathlib import Path
 
 import numpy as np
 
-from .metrics import json_safe
-
-
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return ""
-    return f"{v:.6g}" if isinstance(v, (float, np.floating)) else str(v)
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_csv(path, header, rows) -> None:
-    def w(tmp):
-        with open(tmp, "w", newline="") as f:
-            out = csv.writer(f)
-            out.writerow(header)
-            out.writerows([_fmt(v) for v in r] for r in rows)
-    _atomic(Path(path), w)
-
-
-def write_json(path, obj) -> None:
-    """Atomic strict JSON (NaN/inf written as null)."""
-    def w(tmp):
-        tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
-    _atomic(Path(path), w)
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (works without a display)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path) -> None:
-    """Write a PNG atomically and free the figure."""
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".partial" + path.suffix)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    pyplot().close(fig)
-    os.replace(tmp, path)
+from wat.data.files import pyplot, save_figure, write_csv, write_json
 
 
 def best_layer_counts(classwise: np.ndarray) -> tuple[np.ndarray, int, int]:

@@ -11,13 +11,14 @@ import hashlib
 import importlib.util
 import os
 import socket
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 import whisper
 from whisper.model import ModelDimensions, Whisper
+
+from wat.data.files import atomic_path
 
 from .ct2 import CT2Error, ct2_to_whisper
 
@@ -127,17 +128,12 @@ def _load_ct2(model_dir: Path, device, parts=None, alignment_heads=None) -> Whis
     except CT2Error as e:
         raise WhisperLoadError(str(e)) from None
     model = _from_checkpoint(ckpt, device, alignment_heads)
-    tmp = None
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=cached.name, suffix=".partial")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, cached)
+        with atomic_path(cached) as tmp:
+            torch.save(ckpt, tmp)
     except OSError:  # a read-only cache only costs a re-conversion next time
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
+        pass
     return model
 
 

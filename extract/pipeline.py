@@ -39,6 +39,7 @@ from tqdm import tqdm
 from wat.data import cache as wcache
 from wat.data.audio import SAMPLE_RATE, fit_length, load_audio
 from wat.data.datasets import Clip, Dataset
+from wat.data.files import write_json, write_tsv
 
 from .layers import encode_layers
 from .load import fingerprint, load_whisper, model_name
@@ -160,15 +161,6 @@ def run_manifest(dataset: Dataset, clips: list[Clip], meta: wcache.CacheMeta, op
     }
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def prepare_output(index_path, manifest: dict, overwrite: bool) -> Path:
     """Create the shard folder, or check that the one there was made the same way."""
     index_path, shard_dir = Path(index_path), shard_dir_for(index_path)
@@ -183,7 +175,7 @@ def prepare_output(index_path, manifest: dict, overwrite: bool) -> Path:
     if overwrite:
         _clear(index_path, shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(mpath, manifest)
+    write_json(mpath, manifest, indent=None)
     return shard_dir
 
 
@@ -338,7 +330,7 @@ class _ShardBuffer:
         errors = [(self.clips[k].id, str(self.clips[k].path), r) for k, r in sorted(self.errors.items())]
         result = ShardResult(self.index, str(path) if n else None, len(self.clips), n, errors,
                              time.perf_counter() - self.t0)
-        _write_json(record_path(shard_dir, self.index), asdict(result))
+        write_json(record_path(shard_dir, self.index), asdict(result), indent=None)
         return result
 
 
@@ -531,12 +523,9 @@ def finish(out_index, shard_dir: Path, n_shards: int, resumed: int, processed: i
         raise ExtractError(f"{len(missing)} shard(s) not finished ({', '.join(map(str, missing[:10]))}); "
                            f"rerun the same command to resume")
     errors = sorted((tuple(e) for r in records for e in r["errors"]), key=lambda e: e[0])
-    with open(shard_dir / ERRORS, "w") as f:
-        f.write("id\tpath\treason\n")
-        f.writelines(f"{i}\t{p}\t{r}\n" for i, p, r in errors)
-    with open(shard_dir / PROBLEMS, "w") as f:  # dataset rows that never became clips (no audio...)
-        f.write("row\treason\n")
-        f.writelines(f"{r}\t{' '.join(str(why).split())}\n" for r, why in dataset.problems)
+    write_tsv(shard_dir / ERRORS, ["id", "path", "reason"], errors)
+    # dataset rows that never became clips (no audio file, bad label...)
+    write_tsv(shard_dir / PROBLEMS, ["row", "reason"], dataset.problems)
     written = [wcache.shard_path(shard_dir, i) for i, r in enumerate(records) if r["n_written"] > 0]
     if not written:
         raise ExtractError(f"no clip could be extracted (all {len(clips)} failed; see {shard_dir / ERRORS})")

@@ -1,0 +1,121 @@
+"""Generic durable file writers: one atomic write, and JSON / CSV / TSV / PNG writers built on it.
+
+Every output a run leaves (head checkpoints, metrics, tables, plots, shard records, manifests) is
+written through `atomic_write`: the bytes go to a temporary file in the same folder, which is
+fsynced, renamed onto the target (`os.replace`, atomic on POSIX), and then the folder is fsynced so
+the rename itself survives a crash. A reader therefore sees the old file or the whole new one,
+never a torn one, and an interrupted run leaves no half-written output behind.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+PARTIAL = ".partial"  # temporary files carry this in their name (cleaners and listings skip them)
+
+
+def fsync_path(path) -> None:
+    """fsync a file or a folder by path (a folder's fsync makes renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path, suffix: str = ""):
+    """Yields a temporary path in PATH's folder for a writer that needs a file name (torch.save,
+    h5py, savefig); on success it is fsynced and renamed onto PATH and the folder is fsynced; on
+    any error it is removed. `suffix` keeps an extension some writers infer the format from."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=PARTIAL + suffix)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; outputs are ordinary files
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write(path, data: bytes | str) -> None:
+    """Write `data` (str as UTF-8) to PATH durably and atomically (see the module docstring)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def json_safe(x):
+    """Strict-JSON copy of nested dicts/lists: numpy scalars become Python numbers, non-finite floats None."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def write_json(path, obj, *, indent: int | None = 2) -> None:
+    """Atomic strict JSON (NaN/inf written as null, numpy scalars as numbers)."""
+    atomic_write(path, json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n")
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return f"{v:.6g}" if isinstance(v, (float, np.floating)) else str(v)
+
+
+def _table(header, rows, dialect: str, **fmt) -> str:
+    buf = io.StringIO()
+    out = csv.writer(buf, dialect=dialect, **fmt)
+    out.writerow(header)
+    out.writerows([_fmt(v) for v in r] for r in rows)
+    return buf.getvalue()
+
+
+def write_csv(path, header, rows, *, lineterminator: str = "\r\n") -> None:
+    """Atomic CSV (csv module quoting: commas, quotes and newlines in fields round-trip).
+    Floats as %.6g, None and non-finite floats as empty cells."""
+    atomic_write(path, _table(header, rows, "excel", lineterminator=lineterminator))
+
+
+def write_tsv(path, header, rows) -> None:
+    """Atomic tab-separated table, quoted by the csv module where a field holds a tab, quote or
+    newline (read it back with `csv.reader(f, dialect="excel-tab")`)."""
+    atomic_write(path, _table(header, rows, "excel-tab", lineterminator="\n"))
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (works without a display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path) -> None:
+    """Write a PNG atomically and free the figure."""
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        pyplot().close(fig)

@@ -1,0 +1,71 @@
+"""wat.data.files: the one durable atomic write and the writers built on it."""
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wat.data import files
+
+
+def test_atomic_write_content_and_durability(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    files.atomic_write(target, "new ü")
+    assert target.read_bytes() == "new ü".encode()
+    # the file's data (same inode after the rename) and then the folder holding the rename
+    assert synced == [target.stat().st_ino, tmp_path.stat().st_ino]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_failed_write_leaves_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with files.atomic_path(target) as tmp:
+            Path(tmp).write_bytes(b"half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    with pytest.raises(TypeError):  # not bytes/str: nothing is written, nothing is left
+        files.atomic_write(tmp_path / "x", 3.5)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_json_is_strict(tmp_path):
+    files.write_json(tmp_path / "m.json", {"a": float("nan"), "b": np.float32(0.5), "c": np.int64(3),
+                                           "d": [float("inf"), (1, 2)]})
+    text = (tmp_path / "m.json").read_text()
+    assert json.loads(text) == {"a": None, "b": 0.5, "c": 3, "d": [None, [1, 2]]}
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_tsv_and_csv_round_trip_awkward_fields(tmp_path):
+    rows = [("a\tb", "line\nbreak", 'quote "x"'), ("plain", None, 1.0 / 3)]
+    files.write_tsv(tmp_path / "t.tsv", ["id", "path", "reason"], rows)
+    with open(tmp_path / "t.tsv", newline="") as f:
+        back = list(csv.reader(f, dialect="excel-tab"))
+    assert back == [["id", "path", "reason"], ["a\tb", "line\nbreak", 'quote "x"'], ["plain", "", "0.333333"]]
+    files.write_csv(tmp_path / "t.csv", ["x", "y"], [("a,b", 'q"')])
+    with open(tmp_path / "t.csv", newline="") as f:
+        assert list(csv.reader(f)) == [["x", "y"], ["a,b", 'q"']]
+
+
+def test_save_figure_writes_png_only(tmp_path):
+    plt = files.pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    files.save_figure(fig, tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.png"]
+    assert not plt.get_fignums()
