@@ -25,8 +25,8 @@ import torch
 from wat.data import demo
 from wat.data.audio import load_audio
 from wat.extract import EncoderPasses, load_whisper
-from wat.tag import transcribe_and_tag
-from wat.train.heads import HeadInfo, build_head, load_head
+from wat.extract.tag import transcribe_and_tag
+from wat.data.heads import HeadInfo, build_head, load_head
 
 SR = 16_000
 SPEECH = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "speech_en.wav"

@@ -23,8 +23,9 @@ import torch
 from wat.data.cache import CacheMeta, build_index, open_cache, shard_path, write_shard
 from wat.data.labels import audioset_vocabulary
 from wat.data.readers import FeatureStore
-from wat.train.heads import build_head
-from wat.train.loop import StepConfig, _amp, _batches, _field, make_optimizer, train_step
+from wat.data.heads import build_head, head_field
+from wat.train.inputs import batches
+from wat.train.step import StepConfig, amp, make_optimizer, train_step
 
 SIZES = {"tiny": (4, 384), "base": (6, 512), "small": (12, 768), "medium": (24, 1024), "large": (32, 1280)}
 
@@ -53,7 +54,7 @@ class Mode:
     def __init__(self, head, batches, cfg, device, targets):
         self.head, self.batches, self.cfg, self.device, self.targets = head, batches, cfg, device, targets
         self.opt = make_optimizer(head, 1e-4)
-        self.autocast, self.scaler = _amp(device)
+        self.autocast, self.scaler = amp(device)
         self.gen = torch.Generator().manual_seed(0)
         self.samples, self.seconds = 0, 0.0
 
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     print(f"cache: {len(cache)} clips {n_layers}x25x{dim} ({time.perf_counter() - t:.1f} s to make/open); "
           f"head {a.head} dim {a.dim}; batch {a.batch_size}; {a.steps} timed steps; device {device}; "
           f"torch threads {torch.get_num_threads()}")
-    field = _field(a.head)
+    field = head_field(a.head)
     targets = torch.from_numpy(cache.label_matrix().astype(np.float32)).to(device)
     aug = StepConfig(True, 10 if field == "features" else 0, 0, 0.5, 0.1)
     none = StepConfig(True, 0, 0, 0.0, 0.0)
@@ -123,8 +124,8 @@ def main(argv=None) -> int:
     modes = {
         "compute only": Mode(head(), iter(pre), none, device, targets),
         "compute + augmentation": Mode(head(), iter(pre), aug, device, targets),
-        "end to end, in memory": Mode(head(), _batches(resident, order, a.batch_size, gen), aug, device, targets),
-        "end to end, streaming": Mode(head(), _batches(streaming, order, a.batch_size, gen), aug, device, targets),
+        "end to end, in memory": Mode(head(), batches(resident, order, a.batch_size, gen), aug, device, targets),
+        "end to end, streaming": Mode(head(), batches(streaming, order, a.batch_size, gen), aug, device, targets),
     }
     for m in modes.values():  # warm-up: first-call costs, the streaming reader's first fill
         m.advance(1, timed=False)

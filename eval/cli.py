@@ -76,7 +76,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def eval_main(argv=None) -> int:
-    from wat.train.heads import HeadError
+    from wat.data.heads import HeadError
     from .evaluate import EvalError, EvalOptions, evaluate
 
     a = eval_parser().parse_args(argv)

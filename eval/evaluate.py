@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from wat.data.cache import Cache, CacheError, CacheMeta, open_cache
+from wat.data.cache import Cache, CacheError, open_cache
+from wat.data.files import write_csv, write_json
+from wat.data.heads import Features, HeadError, HeadInfo, head_field, head_problems, load_head, probabilities, save_head
 from wat.data.labels import Vocabulary
-from wat.train.heads import HeadError, HeadInfo, load_head, save_head
 
 from . import metrics, report
 
@@ -32,34 +33,6 @@ class EvalOptions:
     device: str | None = None               # None: cuda when present
 
 
-def head_problems(info: HeadInfo, meta: CacheMeta) -> list[str]:
-    """Why the features of a cache are not what the head was trained on (empty: they are)."""
-    out = []
-    if (info.n_layers, info.dim_in) != (meta.n_layers, meta.dim):
-        out.append(f"layers x width: head {info.n_layers} x {info.dim_in}, cache {meta.n_layers} x {meta.dim}")
-    if info.kind in ("wa-tr", "tl-tr") and info.n_frames != meta.n_frames:
-        out.append(f"frames: head {info.n_frames}, cache {meta.n_frames}")
-    if info.fingerprint and meta.fingerprint and info.fingerprint != meta.fingerprint:
-        out.append(f"Whisper weights: head trained on {info.model or '?'} ({info.fingerprint[:12]}), "
-                   f"cache from {meta.model} ({meta.fingerprint[:12]})")
-    if info.policy != meta.policy:
-        out.append(f"input policy: head {info.policy}, cache {meta.policy}")
-    if info.multilabel != meta.multilabel:
-        out.append(f"label type: head {'multi' if info.multilabel else 'single'}-label, "
-                   f"cache {'multi' if meta.multilabel else 'single'}-label")
-    head_vocab = Vocabulary.from_json(info.vocab_json) if info.vocab_json else None
-    primary = info.primary_classes or info.n_classes
-    if head_vocab is None or head_vocab.keys[:primary] != meta.vocab.keys:
-        n = "?" if head_vocab is None else primary
-        out.append(f"classes: head has {n} classes, cache {len(meta.vocab)}"
-                   + ("" if head_vocab is None or primary != len(meta.vocab) else " (different keys or order)"))
-    return out
-
-
-def _field(info: HeadInfo) -> str:
-    return "mean" if info.kind in ("last-mlp", "wa-mlp") else "features"
-
-
 def predict(head, info: HeadInfo, cache: Cache, indices=None, *, batch_size=256, device="cpu") -> np.ndarray:
     """Probabilities [N, n_vocab] float32 over `indices` (default all), read in order in blocks."""
     import torch
@@ -71,11 +44,9 @@ def predict(head, info: HeadInfo, cache: Cache, indices=None, *, batch_size=256,
     head = head.to(device).eval()
     with torch.no_grad():
         for a in tqdm(range(0, len(idx), batch_size), desc="eval", unit="batch", disable=None):
-            x = torch.from_numpy(cache.read(_field(info), idx[a:a + batch_size])).to(device)
-            z = head(x).float()
+            x = torch.from_numpy(cache.read(head_field(info.kind), idx[a:a + batch_size])).to(device)
             # parent-label heads: the first outputs are the vocabulary (softmax heads have none)
-            p = torch.sigmoid(z[:, :n_out]) if info.multilabel else torch.softmax(z, -1)[:, :n_out]
-            out[a:a + len(x)] = p.cpu().numpy()
+            out[a:a + len(x)] = probabilities(head(x), info.multilabel, n_out).cpu().numpy()
     return out
 
 
@@ -104,7 +75,7 @@ def _f1_at(targets, probs, thr) -> tuple[float | None, float | None]:
 
 def _export_thresholds(out: Path, head, info: HeadInfo, tuned: dict, vocab: Vocabulary, head_path) -> None:
     thr, f1 = tuned["thresholds"], tuned["f1"]
-    report.write_csv(out / "thresholds.csv", ["class", "name", "threshold", "tune_f1"],
+    write_csv(out / "thresholds.csv", ["class", "name", "threshold", "tune_f1"],
                      [(vocab.keys[c], vocab.names[c], thr[c], None if np.isnan(f1[c]) else f1[c])
                       for c in range(len(vocab))])
     save_head(out / "head_thresholds.pt", head.cpu(), replace(info, thresholds=[float(t) for t in thr]))
@@ -127,7 +98,7 @@ def evaluate(features, head_path, out_dir, opts: EvalOptions | None = None) -> d
         head, info = load_head(head_path, map_location="cpu")
     except HeadError as e:
         raise EvalError(str(e)) from None
-    bad = head_problems(info, cache.meta)
+    bad = head_problems(info, Features.of_cache(cache.meta))
     if bad:
         raise EvalError(f"head {head_path} does not fit cache {cache.path}: " + "; ".join(bad))
     if opts.top_k < 1:
@@ -154,7 +125,7 @@ def evaluate(features, head_path, out_dir, opts: EvalOptions | None = None) -> d
         labels = y.argmax(1)
         s = metrics.singlelabel_scores(labels, probs)
         cm = metrics.confusion_matrix(labels, probs.argmax(1), n)
-        report.write_csv(out / "confusion.csv", ["true \\ predicted"] + list(vocab.names),
+        write_csv(out / "confusion.csv", ["true \\ predicted"] + list(vocab.names),
                          [(name, *row) for name, row in zip(vocab.names, cm.tolist())])
         report.plot_confusion(cm, vocab.names, out / "confusion.png")
     result = {"features": str(cache.path), "head": str(head_path), "kind": info.kind, "n_clips": len(cache),
@@ -181,21 +152,21 @@ def evaluate(features, head_path, out_dir, opts: EvalOptions | None = None) -> d
         result["decisions"] = {"thresholds": source, "macro_f1": macro, "micro_f1": micro}
 
     order = sorted(range(n), key=lambda c: (s.per_class[c] is None, -(s.per_class[c] or 0.0)))
-    report.write_csv(out / "per_class.csv", ["rank", "class", "name", "AP", "AUC", "support"] +
+    write_csv(out / "per_class.csv", ["rank", "class", "name", "AP", "AUC", "support"] +
                      (["F1"] if s.per_class_f1 else []),
                      [(r + 1, vocab.keys[c], vocab.names[c], s.per_class[c], s.per_class_auc[c], int(y[:, c].sum()))
                       + ((s.per_class_f1[c],) if s.per_class_f1 else ()) for r, c in enumerate(order)])
     result["per_class_top"] = [{"name": vocab.names[c], "AP": s.per_class[c]} for c in order[:10]]
     for key in ("per_class", "per_class_auc", "per_class_f1"):
         result.pop(key, None)     # in per_class.csv
-    report.write_json(out / "metrics.json", result)
+    write_json(out / "metrics.json", result)
     return result
 
 
 def _tune(head, info: HeadInfo, eval_cache: Cache, opts: EvalOptions, device) -> dict:
     """Per-class thresholds over all head outputs, from clips of the tuning cache that are not evaluated."""
     tcache = _open(opts.tune_on, "--tune-thresholds-on")
-    bad = head_problems(info, tcache.meta)
+    bad = head_problems(info, Features.of_cache(tcache.meta))
     if bad:
         raise EvalError(f"head does not fit tuning cache {tcache.path}: " + "; ".join(bad))
     idx = np.arange(len(tcache))

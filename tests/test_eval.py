@@ -11,7 +11,7 @@ from wat.data.cache import open_cache
 from wat.eval import metrics
 from wat.eval.cli import eval_main
 from wat.eval.evaluate import EvalError, EvalOptions, evaluate, predict
-from wat.train.heads import HeadInfo, build_head, load_head, save_head
+from wat.data.heads import HeadInfo, build_head, load_head, save_head
 
 
 def fit_head(feats, path, epochs=150, **info_changes):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from wat.train.heads import (HeadError, HeadInfo, build_head, load_head, n_parameters, official_to_state_dict,
+from wat.data.heads import (HeadError, HeadInfo, build_head, load_head, n_parameters, official_to_state_dict,
                              save_head)
 
 
@@ -129,3 +129,32 @@ def test_not_a_head(tmp_path):
     (tmp_path / "y.pt").write_bytes(b"garbage")
     with pytest.raises(HeadError, match="cannot read"):
         load_head(tmp_path / "y.pt")
+
+
+@pytest.mark.parametrize("n_head,dtype", [(1, torch.float32), (8, torch.float32), (8, torch.bfloat16)])
+def test_block_equals_whisper_block(n_head, dtype):
+    """Our ResidualAttentionBlock is whisper.model's (same names, same logits): official
+    at_model.* checkpoints load into it and give identical outputs."""
+    from whisper.model import ResidualAttentionBlock as WhisperBlock
+
+    from wat.data.heads import ResidualAttentionBlock
+    torch.manual_seed(0)
+    theirs = WhisperBlock(64, n_head)
+    ours = ResidualAttentionBlock(64, n_head)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(3, 7, 64).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+
+
+def test_head_module_does_not_import_whisper(tmp_path):
+    # the schema is read by every train/eval process: whisper.model would drag transcribe, numba
+    # and tiktoken in with it
+    import subprocess
+    import sys
+    code = ("import sys, wat.data.heads, wat.train.loop, wat.eval.evaluate\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('whisper', 'numba', 'tiktoken')))")
+    proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -22,7 +22,7 @@ def test_no_generic_top_level_package(generic, tmp_path):
 
 
 def test_parts_import_under_wat_namespace(tmp_path):
-    code = "import wat.data.labels, wat.extract, wat.train, wat.eval, wat.tag; print(len(wat.data.labels.audioset_vocabulary()))"
+    code = "import wat.data.labels, wat.extract, wat.train, wat.eval, wat.extract.tag; print(len(wat.data.labels.audioset_vocabulary()))"
     proc = _run_python(code, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "527"
@@ -52,3 +52,10 @@ def test_package_data_ships_label_files():
     assert folder.joinpath("class_labels_indices.csv").is_file()
     assert folder.joinpath("ontology.json").is_file()
     assert "CC BY-SA 4.0" in folder.joinpath("README.md").read_text()
+
+
+def test_tagger_has_one_import_name(tmp_path):
+    # extract/tag/ is wat.extract.tag only: a second name would be a second copy of every module
+    # (its own TagError class, its own state), as `wat.tag` was
+    proc = _run_python("import wat.extract.tag.cli\nimport wat.tag", tmp_path)
+    assert "ModuleNotFoundError: No module named 'wat.tag'" in proc.stderr

@@ -1,4 +1,4 @@
-"""wat.tag: transcript unchanged, tags from the same encoder passes, windows on the absolute grid."""
+"""wat.extract.tag: transcript unchanged, tags from the same encoder passes, windows on the absolute grid."""
 import json
 
 import numpy as np
@@ -8,10 +8,10 @@ import whisper
 
 from wat.data.labels import Vocabulary, audioset_vocabulary
 from wat.extract import EncoderPasses
-from wat.tag import TagError, WindowPool, check_head, resolve_classes, select_tags, transcribe_and_tag
-from wat.tag.cli import main
-from wat.tag.tagging import SharedEncoder
-from wat.train.heads import HeadInfo, build_head, save_head
+from wat.extract.tag import TagError, WindowPool, check_head, resolve_classes, select_tags, transcribe_and_tag
+from wat.extract.tag.cli import main
+from wat.extract.tag.tagging import SharedEncoder
+from wat.data.heads import HeadInfo, build_head, save_head
 
 SR = 16000
 

@@ -8,8 +8,8 @@ import torch
 from wat.data.cache import CacheMeta, build_index, shard_path, write_shard
 from wat.data.labels import Vocabulary, audioset_vocabulary
 from wat.train import cli
-from wat.train.heads import build_head, load_head
-from wat.train.loop import (Interrupted, TrainError, TrainOptions, _balanced_weights, milestones, train,
+from wat.data.heads import build_head, load_head
+from wat.train.loop import (Interrupted, TrainError, TrainOptions, balanced_weights, milestones, train,
                             wa_range)
 
 L, T, D = 3, 5, 16
@@ -176,7 +176,7 @@ def test_schedule_and_sampler_weights():
     assert milestones(6) == [3, 4, 5] and milestones(12) == [6, 8, 10]
     assert wa_range(TrainOptions("f", "o", epochs=30)) == (16, 30)
     y = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0]], bool)
-    w = _balanced_weights(y).numpy()
+    w = balanced_weights(y).numpy()
     c = 1000 / (np.array([3, 1, 1]) + 0.01)
     np.testing.assert_allclose(w, [c[0], c[0] + c[1], c[2], c[0]])
 

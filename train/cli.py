@@ -7,7 +7,7 @@ import sys
 from wat.data.cache import CacheError
 from wat.data.labels import LabelError
 
-from .heads import KINDS, HeadError
+from wat.data.heads import HEADS, HeadError
 from .loop import Interrupted, TrainError, TrainOptions, train
 
 
@@ -25,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--eval-features", help="evaluation cache, scored every epoch (chooses best.pt)")
     g.add_argument("--folds", type=int, default=0, help="cross-validate over the cache's K folds (ESC-50: 5)")
-    p.add_argument("--head", choices=KINDS, default="tl-tr")
+    p.add_argument("--head", choices=list(HEADS), default="tl-tr")
     p.add_argument("--dim", type=int, help="TL-Tr/WA-Tr projection width (default: the encoder width)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-4)

@@ -11,7 +11,7 @@ from whisper.utils import format_timestamp
 
 from wat.data.audio import AudioError
 from wat.extract.load import WhisperLoadError, load_whisper
-from wat.train.heads import HeadError, load_head
+from wat.data.heads import HeadError, load_head
 
 from .grid import MIN_RES
 from .tagging import TagError, check_head, head_vocabulary, resolve_classes, transcribe_and_tag

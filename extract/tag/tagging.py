@@ -23,7 +23,6 @@ import difflib
 import importlib
 import math
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,8 @@ from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_
 
 from wat.data.audio import load_audio
 from wat.data.labels import Vocabulary
-from wat.extract.load import fingerprint
-from wat.train.heads import HeadInfo, load_head
+from wat.data.heads import Features, HeadInfo, head_problems, load_head, probabilities
+from wat.extract.load import fingerprint, model_name
 
 from .grid import WindowPool
 
@@ -48,21 +47,19 @@ class TagError(ValueError):
 
 
 def check_head(model, info: HeadInfo, *, allow_policy_mismatch: bool = False) -> None:
-    """Refuse a head whose input is not what this model's transcription produces."""
+    """Refuse a head whose input is not what this model's transcription produces (the one rule of
+    `wat.data.heads.head_problems`; the head's own classes are reported, at its own frame count)."""
     dims = model.dims
-    if (info.n_layers, info.dim_in) != (dims.n_audio_layer, dims.n_audio_state):
-        trained = f" (trained on {info.model})" if info.model else ""
-        raise TagError(f"head expects {info.n_layers} encoder layers of width {info.dim_in}{trained}, "
-                       f"but the model has {dims.n_audio_layer} layers of width {dims.n_audio_state}")
-    if info.policy != POLICY and not allow_policy_mismatch:
-        raise TagError(f"head was trained on '{info.policy}' features but transcription produces "
-                       f"'{POLICY}' features (30 s windows); tags would be off. Use a head trained on a "
-                       f"pad30 cache, or allow_policy_mismatch=True (--allow-policy-mismatch)")
-    if info.fingerprint:
-        mine = fingerprint(model)
-        if mine != info.fingerprint:
-            warnings.warn(f"head was trained on features of another model ({info.model or '?'}, "
-                          f"encoder fingerprint {info.fingerprint[:12]}, this one {mine[:12]})")
+    feats = Features(dims.n_audio_layer, dims.n_audio_state, model_name(model), fingerprint(model), POLICY)
+    bad = head_problems(info, feats)
+    if allow_policy_mismatch:
+        bad = [b for b in bad if not b.startswith("input policy")]
+    if bad:
+        hint = ""
+        if info.policy != POLICY and not allow_policy_mismatch:
+            hint = (f". Transcription produces '{POLICY}' features (30 s windows); tags would be off. Use a head "
+                    f"trained on a pad30 cache, or allow_policy_mismatch=True (--allow-policy-mismatch)")
+        raise TagError("head does not fit the model: " + "; ".join(bad) + hint)
 
 
 def head_vocabulary(info: HeadInfo) -> Vocabulary:
@@ -256,9 +253,8 @@ def transcribe_and_tag(model, head, audio_or_path, *, time_res: float = 10.0, to
         if not windows:
             return
         with torch.inference_mode():
-            logits = module(torch.stack([x for _, x in windows]).to(device)).float()
-        p = torch.sigmoid(logits) if info.multilabel else torch.softmax(logits, -1)
-        for (k, _), row in zip(windows, p[:, : len(vocab)].cpu().numpy()):
+            p = probabilities(module(torch.stack([x for _, x in windows]).to(device)), info.multilabel, len(vocab))
+        for (k, _), row in zip(windows, p.cpu().numpy()):
             probs[k] = row
 
     shared = SharedEncoder(model.encoder, audio, lambda *call: tag(pool.add_call(*call)))

@@ -1,0 +1,422 @@
+"""The head schema: head architectures, the registry of head kinds, `HeadInfo`, the checkpoint
+format, the one head-vs-features compatibility rule and the one logits -> probabilities function.
+
+This module is to heads what `cache.py` is to feature caches: `wat.train` writes heads, `wat.eval`
+and `wat.extract.tag` read them, and none of them needs the others for it.
+
+Input per clip is `[L, T, D]` (layers x pooled frames x width); heads return logits `[B, C]`.
+Blocks are a small copy of openai-whisper's `ResidualAttentionBlock` (pre-LN attention + 4x GELU
+MLP) with the same parameter names and the same arithmetic: importing `whisper.model` would pull
+whisper's transcription, numba and tiktoken into every training and evaluation process.
+Attribute names (`down_layer`, `time_tr`, `layer_tr`, `mlp_layer`, `layer_weight`) are those of
+the official Whisper-AT code, so an official `at_model.*` state dict maps onto ours by dropping the
+prefix.
+
+Adding a head kind is one `Head` subclass with a `kind` name and the cache `field` it reads
+(`features` [L, T, D] or the time `mean` [L, D]); defining the class registers it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import CacheMeta
+from .files import atomic_path
+from .labels import Vocabulary
+
+TIME_HEADS, LAYER_HEADS = 1, 8
+# encoder width -> (layers, size name): official heads carry no per-layer parameter, so an
+# official checkpoint's layer count is known only through its width
+WHISPER_WIDTHS = {384: (4, "tiny"), 512: (6, "base"), 768: (12, "small"), 1024: (24, "medium"), 1280: (32, "large")}
+FORMAT = "wat-head"
+
+
+class HeadError(ValueError):
+    """A checkpoint or head configuration that cannot be used."""
+
+
+# ---------------------------------------------------------------- whisper's block, without whisper
+
+class _LayerNorm(nn.LayerNorm):
+    # whisper.model.LayerNorm: normalise in fp32, return the input dtype
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+class _Linear(nn.Linear):
+    # whisper.model.Linear: weights cast to the input dtype
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class _SelfAttention(nn.Module):
+    """whisper.model.MultiHeadAttention without the cross-attention, mask and kv-cache paths."""
+
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.query = _Linear(n_state, n_state)
+        self.key = _Linear(n_state, n_state, bias=False)
+        self.value = _Linear(n_state, n_state)
+        self.out = _Linear(n_state, n_state)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = (t.view(*t.shape[:2], self.n_head, -1).permute(0, 2, 1, 3)
+                   for t in (self.query(x), self.key(x), self.value(x)))
+        a = F.scaled_dot_product_attention(q, k, v)
+        return self.out(a.permute(0, 2, 1, 3).flatten(start_dim=2))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """whisper.model.ResidualAttentionBlock (encoder form): same parameter names, same numerics."""
+
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.attn = _SelfAttention(n_state, n_head)
+        self.attn_ln = _LayerNorm(n_state)
+        self.mlp = nn.Sequential(_Linear(n_state, 4 * n_state), nn.GELU(), _Linear(4 * n_state, n_state))
+        self.mlp_ln = _LayerNorm(n_state)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_ln(x))
+        return x + self.mlp(self.mlp_ln(x))
+
+
+# ---------------------------------------------------------------- head kinds
+
+HEADS: dict[str, type["Head"]] = {}  # kind name -> class, filled by defining a Head subclass
+
+
+def _classifier(dim: int, n_classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, n_classes))
+
+
+def _projection(dim_in: int, dim: int | None) -> nn.Sequential | None:
+    return None if dim is None else nn.Sequential(nn.LayerNorm(dim_in), nn.Linear(dim_in, dim))
+
+
+class Head(nn.Module):
+    """Base of every head kind. A subclass sets `kind` (its name in checkpoints and on the command
+    line) and `field` (the cache dataset it is trained and evaluated on), and takes
+    `(n_layers, dim_in, n_classes, dim=None)`; `dim` is the projection width, refused unless the
+    class sets `projects`."""
+
+    kind: str = ""
+    field: str = "features"     # "features" ([B, L, T, D]) or "mean" ([B, L, D], T times smaller)
+    projects: bool = False      # accepts a projection width `dim`
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            if cls.field not in ("features", "mean"):
+                raise HeadError(f"{cls.__name__}.field must be 'features' or 'mean', not {cls.field!r}")
+            HEADS[cls.kind] = cls
+
+    def __init__(self, n_layers: int):
+        super().__init__()
+        self.n_layers = n_layers
+
+    @classmethod
+    def check_dim(cls, dim: int | None) -> None:
+        if dim is not None and not cls.projects:
+            raise HeadError(f"{cls.kind} has no projection; --dim applies to "
+                            + " and ".join(k for k, c in HEADS.items() if c.projects))
+
+    def _check(self, x: Tensor, need_time: bool) -> Tensor:
+        if x.dim() not in ((4,) if need_time else (3, 4)) or x.shape[1] != self.n_layers:
+            want = "[B, L, T, D]" if need_time else "[B, L, T, D] or [B, L, D]"
+            raise HeadError(f"{type(self).__name__} expects {want} with L={self.n_layers}, got {list(x.shape)}")
+        return x.float()
+
+
+class _TransformerHead(Head):
+    projects = True
+
+    @classmethod
+    def check_dim(cls, dim: int | None) -> None:
+        if dim is not None and (dim <= 0 or dim % LAYER_HEADS):
+            raise HeadError(f"dim must be a positive multiple of {LAYER_HEADS}, got {dim}")
+
+
+class LastMLP(Head):
+    """Last layer -> time mean -> LN -> Linear."""
+
+    kind, field = "last-mlp", "mean"
+
+    def __init__(self, n_layers: int, dim_in: int, n_classes: int, dim: int | None = None):
+        super().__init__(n_layers)
+        self.mlp_layer = _classifier(dim_in, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._check(x, need_time=False)[:, -1]
+        return self.mlp_layer(x.mean(1) if x.dim() == 3 else x)
+
+
+class WAMLP(Head):
+    """Time mean -> learnable weighted average of the layers -> LN -> Linear."""
+
+    kind, field = "wa-mlp", "mean"
+
+    def __init__(self, n_layers: int, dim_in: int, n_classes: int, dim: int | None = None):
+        super().__init__(n_layers)
+        self.layer_weight = nn.Parameter(torch.full((n_layers,), 1.0 / n_layers))
+        self.mlp_layer = _classifier(dim_in, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._check(x, need_time=False)
+        if x.dim() == 4:
+            x = x.mean(2)
+        x = torch.einsum("bld,l->bd", x, self.layer_weight) / self.layer_weight.sum()
+        return self.mlp_layer(x)
+
+
+class WATr(_TransformerHead):
+    """Weighted layer average -> [optional LN+Linear to `dim`] -> time block (1 head) -> time mean -> LN -> Linear."""
+
+    kind = "wa-tr"
+
+    def __init__(self, n_layers: int, dim_in: int, n_classes: int, dim: int | None = None):
+        super().__init__(n_layers)
+        width = dim or dim_in
+        self.layer_weight = nn.Parameter(torch.full((n_layers,), 1.0 / n_layers))
+        self.down_layer = _projection(dim_in, dim)
+        self.time_tr = ResidualAttentionBlock(width, TIME_HEADS)
+        self.mlp_layer = _classifier(width, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._check(x, need_time=True)
+        x = torch.einsum("bltd,l->btd", x, self.layer_weight) / self.layer_weight.sum()
+        if self.down_layer is not None:
+            x = self.down_layer(x)
+        return self.mlp_layer(self.time_tr(x).mean(1))
+
+
+class TLTr(_TransformerHead):
+    """Time-and-layer-wise transformer: [LN+Linear to `dim`] -> time block (1 head) on every
+    layer -> time mean -> layer block (8 heads) -> layer mean -> LN -> Linear.
+    `dim=None` keeps the encoder width (official mode `tl_tr_1_8`; else `tl_down_tr_{dim}_1_8`)."""
+
+    kind = "tl-tr"
+
+    def __init__(self, n_layers: int, dim_in: int, n_classes: int, dim: int | None = None):
+        super().__init__(n_layers)
+        width = dim or dim_in
+        self.down_layer = _projection(dim_in, dim)
+        self.time_tr = ResidualAttentionBlock(width, TIME_HEADS)
+        self.layer_tr = ResidualAttentionBlock(width, LAYER_HEADS)
+        self.mlp_layer = _classifier(width, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._check(x, need_time=True)
+        if self.down_layer is not None:
+            x = self.down_layer(x)
+        b, l, t, d = x.shape
+        x = self.time_tr(x.reshape(b * l, t, d)).mean(1).reshape(b, l, d)
+        return self.mlp_layer(self.layer_tr(x).mean(1))
+
+
+def head_class(kind: str) -> type[Head]:
+    try:
+        return HEADS[kind]
+    except KeyError:
+        raise HeadError(f"unknown head kind {kind!r}; choose from {', '.join(HEADS)}") from None
+
+
+def head_field(kind: str) -> str:
+    """The cache dataset (`features` or `mean`) a head of this kind reads."""
+    return head_class(kind).field
+
+
+def build_head(kind: str, n_layers: int, dim_in: int, n_classes: int, dim: int | None = None) -> nn.Module:
+    cls = head_class(kind)
+    cls.check_dim(dim)
+    return cls(n_layers, dim_in, n_classes, dim)
+
+
+def probabilities(logits: Tensor, multilabel: bool, n: int | None = None) -> Tensor:
+    """Logits [B, C] -> probabilities [B, n] (fp32): sigmoid per class for multi-label heads,
+    softmax over all C outputs for single-label ones; `n` keeps the first n outputs (a
+    --parent-labels head's vocabulary comes first, its parent labels after)."""
+    z = logits.float()
+    p = torch.sigmoid(z) if multilabel else torch.softmax(z, -1)
+    return p if n is None else p[:, :n]
+
+
+def n_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass
+class HeadInfo:
+    """Everything needed to rebuild a head and to check it is fed the features it was trained on."""
+
+    kind: str
+    n_layers: int
+    dim_in: int
+    n_classes: int
+    dim: int | None = None
+    n_frames: int = 25
+    vocab_json: str = ""        # wat.data.labels.Vocabulary.to_json() of the head's outputs
+    model: str = ""             # Whisper model the cache came from, e.g. "tiny.en"
+    fingerprint: str = ""       # that model's encoder-weights fingerprint ("" = unknown)
+    policy: str = "pad30"       # input policy of the features ("pad30" | "trim")
+    multilabel: bool = True     # sigmoid outputs (True) or softmax over classes (False)
+    primary_classes: int | None = None  # --parent-labels: the first N outputs are the real vocabulary
+    thresholds: list[float] | None = None  # optional per-class decision thresholds (set by eval)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadInfo":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def head_from_info(info: HeadInfo) -> nn.Module:
+    return build_head(info.kind, info.n_layers, info.dim_in, info.n_classes, info.dim)
+
+
+def save_head(path, head: nn.Module, info: HeadInfo) -> None:
+    """Atomic, durable write of `{format, info (plain dict), state_dict}`; loads with weights_only=True."""
+    state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, "version": 1, "info": info.to_dict(), "state_dict": state}, tmp)
+
+
+def official_to_state_dict(state: dict) -> dict:
+    """Official Whisper-AT names -> ours: drop `at_model.` (inference package) or `module.`
+    (DataParallel training checkpoints); the submodule names are identical."""
+    out = {}
+    for k, v in state.items():
+        for prefix in ("at_model.", "module."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+                break
+        out[k] = v
+    return out
+
+
+def _official_info(state: dict) -> HeadInfo:
+    if "layer_tr.attn.query.weight" not in state or "mlp_layer.1.weight" not in state:
+        raise HeadError("not a wat head nor an official Whisper-AT TL-Tr head "
+                        "(expected at_model.time_tr/layer_tr/mlp_layer keys)")
+    n_classes, width = state["mlp_layer.1.weight"].shape
+    if "down_layer.1.weight" in state:
+        dim, dim_in = state["down_layer.1.weight"].shape
+    else:
+        dim, dim_in = None, width
+    if dim_in not in WHISPER_WIDTHS:
+        raise HeadError(f"official head with width {dim_in} matches no Whisper size")
+    n_layers, size = WHISPER_WIDTHS[dim_in]
+    from .labels import audioset_vocabulary
+    vocab = audioset_vocabulary()
+    if n_classes != len(vocab):
+        raise HeadError(f"official head has {n_classes} outputs, expected the {len(vocab)} AudioSet classes")
+    return HeadInfo("tl-tr", n_layers, dim_in, n_classes, dim, 25, vocab.to_json(),
+                    model=f"whisper-at:{size}", fingerprint="", policy="pad30", multilabel=True)
+
+
+def load_head(path, n_layers: int | None = None, map_location="cpu") -> tuple[nn.Module, HeadInfo]:
+    """Load one of our heads or an official Whisper-AT head (`at_model.*`, modes `tl_tr_1_8` and
+    `tl_down_tr_512_1_8`; logits over the 527 AudioSet classes). `n_layers`: the layer count of
+    the features it will see; a different one is a HeadError."""
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise HeadError(f"{path}: cannot read head checkpoint ({e})") from None
+    if not isinstance(obj, dict):
+        raise HeadError(f"{path}: not a head checkpoint")
+    if obj.get("format") == FORMAT:
+        info, state = HeadInfo.from_dict(obj["info"]), obj["state_dict"]
+    else:
+        state = official_to_state_dict(obj)
+        try:
+            info = _official_info(state)
+        except HeadError as e:
+            raise HeadError(f"{path}: {e}") from None
+    if n_layers is not None and n_layers != info.n_layers:
+        raise HeadError(f"{path}: head expects {info.n_layers}-layer features "
+                        f"(width {info.dim_in}), the features have {n_layers} layers")
+    head = head_from_info(info)
+    try:
+        head.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise HeadError(f"{path}: weights do not fit a {info.kind} head: {e}") from None
+    return head.eval(), info
+
+
+# ---------------------------------------------------------------- head vs features
+
+@dataclass(frozen=True)
+class Features:
+    """What a head is about to be fed: a cache's features (`of_cache`) or those a live model
+    produces while transcribing (wat-tag). `None` fields are not checked."""
+
+    n_layers: int
+    dim: int                            # encoder width
+    model: str                          # model name the features come from ("" = unknown)
+    fingerprint: str                    # its encoder-weights fingerprint ("" = unknown)
+    policy: str                         # "pad30" | "trim"
+    n_frames: int | None = None         # None: the caller pools to the head's frame count (wat-tag)
+    vocab: Vocabulary | None = None     # None: the head's own classes are reported (wat-tag)
+    multilabel: bool | None = None
+
+    @classmethod
+    def of_cache(cls, meta: CacheMeta) -> "Features":
+        return cls(meta.n_layers, meta.dim, meta.model, meta.fingerprint, meta.policy, meta.n_frames,
+                   meta.vocab, meta.multilabel)
+
+
+_SIZE = re.compile(r"(?:whisper-at:)?(tiny|base|small|medium|large)(?:\.en|-v\d)?(?:-turbo)?$")
+
+
+def _whisper_size(name: str) -> str | None:
+    # "tiny.en", "base", "large-v3", "whisper-at:base" -> the size; paths and other names -> None
+    m = _SIZE.fullmatch(name.rsplit("/", 1)[-1])
+    return m.group(1) if m else None
+
+
+def head_problems(info: HeadInfo, feats: Features) -> list[str]:
+    """Why `feats` are not what the head was trained on (empty: they are). The one rule for
+    wat-train --init, wat-eval and wat-tag; mirrors `CacheMeta.incompatibilities`.
+
+    Encoder weights: compared by fingerprint when both sides know theirs; otherwise (official
+    Whisper-AT heads record only the Whisper size their width implies) by Whisper size name, when
+    both names are Whisper release names."""
+    out = []
+    if (info.n_layers, info.dim_in) != (feats.n_layers, feats.dim):
+        trained = f" (trained on {info.model})" if info.model else ""
+        out.append(f"layers x width: head expects {info.n_layers} encoder layers of width {info.dim_in}{trained}, "
+                   f"the features have {feats.n_layers} layers of width {feats.dim}")
+    if feats.n_frames is not None and head_field(info.kind) == "features" and info.n_frames != feats.n_frames:
+        out.append(f"frames: head {info.n_frames}, cache {feats.n_frames}")
+    if info.fingerprint and feats.fingerprint:
+        if info.fingerprint != feats.fingerprint:
+            out.append(f"Whisper weights: head trained on {info.model or '?'} ({info.fingerprint[:12]}), "
+                       f"features from {feats.model or '?'} ({feats.fingerprint[:12]})")
+    else:
+        mine, theirs = _whisper_size(info.model), _whisper_size(feats.model)
+        if mine and theirs and mine != theirs:
+            out.append(f"Whisper weights: head trained on {info.model} (a {mine} model), "
+                       f"features from {feats.model} (a {theirs} model)")
+    if info.policy != feats.policy:
+        out.append(f"input policy: head {info.policy}, cache {feats.policy} "
+                   f"(the head was trained on '{info.policy}' features)")
+    if feats.multilabel is not None and info.multilabel != feats.multilabel:
+        out.append(f"label type: head {'multi' if info.multilabel else 'single'}-label, "
+                   f"cache {'multi' if feats.multilabel else 'single'}-label")
+    if feats.vocab is not None:
+        head_vocab = Vocabulary.from_json(info.vocab_json) if info.vocab_json else None
+        primary = info.primary_classes or info.n_classes
+        if head_vocab is None or head_vocab.keys[:primary] != feats.vocab.keys:
+            n = "?" if head_vocab is None else primary
+            out.append(f"classes: head has {n} classes, cache {len(feats.vocab)}"
+                       + ("" if head_vocab is None or primary != len(feats.vocab) else " (different keys or order)"))
+    return out

@@ -1,0 +1,162 @@
+"""The package graph (README "Layout"): every import of every module, read with `ast` (nothing is
+executed), mapped to its package node; any edge not allowed below, or a cycle, fails."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# folder -> package (setup.cfg package_dir); sub-packages that are nodes of their own come first
+NODES = {"extract/tag": "wat.extract.tag", "extract/robust": "wat.extract.robust",
+         "data": "wat.data", "eval": "wat.eval", "train": "wat.train", "extract": "wat.extract"}
+ALLOWED = {
+    "wat.data": set(),
+    "wat.eval": {"wat.data"},
+    "wat.train": {"wat.data", "wat.eval"},
+    "wat.extract": {"wat.data"},
+    "wat.extract.tag": {"wat.extract", "wat.data"},
+    "wat.extract.robust": {"wat.extract", "wat.data", "wat.eval"},
+}
+# edges allowed only to some modules of the target: training scores with the one metrics module
+ONLY = {("wat.train", "wat.eval"): {"wat.eval", "wat.eval.metrics"}}
+
+
+def modules(root: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py under the package folders of `root`."""
+    out = {}
+    for folder, pkg in sorted(NODES.items(), key=lambda kv: -len(kv[0])):
+        for path in sorted((root / folder).rglob("*.py")):
+            rel = path.relative_to(root / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            name = ".".join([pkg, *parts])
+            out.setdefault(name, path)  # a sub-package folder is named by its own node
+    return out
+
+
+def node_of(module: str) -> str | None:
+    best = None
+    for pkg in NODES.values():
+        if (module == pkg or module.startswith(pkg + ".")) and (best is None or len(pkg) > len(best)):
+            best = pkg
+    return best
+
+
+def imports(name: str, path: Path, known: set[str]) -> list[tuple[str, int]]:
+    """(imported wat module, line) for every import statement of the module, at any depth."""
+    is_pkg = path.name == "__init__.py"
+    here = name.split(".") if is_pkg else name.split(".")[:-1]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = here[: len(here) - (node.level - 1)]
+                base = ".".join(parent + ([base] if base else []))
+            for a in node.names:  # `from pkg import module` imports the module
+                sub = f"{base}.{a.name}"
+                out.append((sub if sub in known else base, node.lineno))
+    return [(m, line) for m, line in out if m == "wat" or m.startswith("wat.")]
+
+
+def edges(root: Path) -> list[tuple[str, str, str, str, int]]:
+    """(from node, to node, from module, imported module, line) across nodes."""
+    mods = modules(root)
+    out = []
+    for name, path in mods.items():
+        src = node_of(name)
+        for target, line in imports(name, path, set(mods)):
+            dst = node_of(target)
+            if dst is not None and dst != src:
+                out.append((src, dst, name, target, line))
+    return out
+
+
+def violations(root: Path) -> list[str]:
+    bad = []
+    for src, dst, mod, target, line in edges(root):
+        if dst not in ALLOWED[src]:
+            bad.append(f"{mod}:{line} imports {target}: {src} -> {dst} is not in the package graph")
+        elif (src, dst) in ONLY and target not in ONLY[(src, dst)]:
+            bad.append(f"{mod}:{line} imports {target}: {src} may import only {sorted(ONLY[(src, dst)])} of {dst}")
+    return bad
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the graph as a node list, or None."""
+    state, stack = {}, []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def package_graph(root: Path) -> dict[str, set[str]]:
+    g = {n: set() for n in NODES.values()}
+    for src, dst, *_ in edges(root):
+        g[src].add(dst)
+    return g
+
+
+def test_allowed_graph_itself_has_no_cycle():
+    assert cycle(ALLOWED) is None
+
+
+def test_every_import_follows_the_package_graph():
+    assert len(modules(ROOT)) > 30 and "wat.extract.tag.cli" in modules(ROOT)  # the walk found the sources
+    assert violations(ROOT) == []
+    assert cycle(package_graph(ROOT)) is None
+
+
+def test_train_and_eval_need_no_extract_and_not_each_other():
+    g = package_graph(ROOT)
+    assert "wat.extract" not in g["wat.train"] | g["wat.eval"]
+    assert "wat.train" not in g["wat.eval"]
+
+
+def _tree(tmp_path, extra: dict[str, str]) -> Path:
+    for folder in NODES:
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / "__init__.py").write_text("")
+    for rel, text in extra.items():
+        (tmp_path / rel).write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize("rel,text,expect", [
+    ("eval/metrics.py", "import wat.train\n", "wat.eval -> wat.train"),
+    ("eval/metrics.py", "from wat.train.loop import train\n", "wat.eval -> wat.train"),
+    ("train/loop.py", "from wat.eval import report\n", "may import only"),
+    ("train/loop.py", "from wat.eval.report import write_probe\n", "may import only"),
+    ("data/cache.py", "def f():\n    from ..extract import load\n", "wat.data -> wat.extract"),
+    ("extract/layers.py", "from .tag import grid\n", "wat.extract -> wat.extract.tag"),
+    ("extract/tag/cli.py", "from wat.train import loop\n", "wat.extract.tag -> wat.train"),
+])
+def test_a_forbidden_import_fails(tmp_path, rel, text, expect):
+    root = _tree(tmp_path, {"train/loop.py": "", "eval/report.py": "", "extract/load.py": "",
+                            "extract/tag/grid.py": "", rel: text})
+    bad = violations(root)
+    assert len(bad) == 1 and expect in bad[0]
+
+
+def test_a_cycle_fails():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": set()}) is None

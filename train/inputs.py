@@ -1,0 +1,197 @@
+"""What a run trains on: the caches opened and checked (`prepare`, before anything is loaded), the
+stores and targets, the splits, and the batches of each epoch.
+
+Data path: the cache is opened once; `FeatureStore` holds the field in one tensor (on the device
+when it fits) and batches are tensor indexing, or it streams shard-ordered blocks through a
+shuffle buffer. Targets live in one tensor indexed by the same indices. No per-step file opens,
+no per-sample Python.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wat.data.cache import Cache, CacheError, open_cache
+from wat.data.heads import HeadInfo, head_field
+from wat.data.labels import Vocabulary, parent_labels
+from wat.data.readers import FeatureStore
+
+from .options import TrainError, TrainOptions, wa_range
+from .step import StepConfig
+
+
+@dataclass
+class Data:
+    cache: Cache
+    store: FeatureStore
+    targets: torch.Tensor      # [N, C] float (multi-label) on the device
+    classes: torch.Tensor      # [N] long class index (single-label; -1 when multi-label)
+    vocab: Vocabulary          # training vocabulary (extended with --parent-labels)
+
+
+@dataclass
+class Setup:
+    """Everything `train` needs, opened and checked before any training starts."""
+
+    cache: Cache
+    data: Data                     # training store and targets
+    y: np.ndarray                  # [N, C] bool labels of the training cache (original vocabulary)
+    ev: Data | None                # where held-out clips are scored (the training data for folds)
+    ev_y: np.ndarray | None
+    splits: list                   # (name, train indices, eval indices or None)
+    unlabeled: FeatureStore | None
+    cfg: StepConfig
+    info: HeadInfo
+
+
+def _check_labels(cache: Cache, what: str) -> np.ndarray:
+    y = cache.label_matrix()
+    n = y.sum(1)
+    if not n.any():
+        raise TrainError(f"{what} {cache.path} has no labels (a cache of unlabeled clips can only "
+                         "be used with --unlabeled-features)")
+    if not cache.meta.multilabel and (n != 1).any():
+        raise TrainError(f"{what} {cache.path} is single-label but {int((n != 1).sum())} clips "
+                         "do not have exactly one label")
+    return y
+
+
+def _open(path, what: str) -> Cache:
+    try:
+        return open_cache(path)
+    except (CacheError, OSError) as e:
+        raise TrainError(f"{what}: {e}") from None
+
+
+def _load_data(cache: Cache, y: np.ndarray, ext: tuple[Vocabulary, np.ndarray] | None,
+               field: str, opts: TrainOptions, device) -> Data:
+    vocab = cache.meta.vocab
+    if ext is not None:  # parent labels: a clip also carries all ancestors of its classes
+        vocab, a = ext
+        y = (y.astype(np.float32) @ a) > 0
+    store = FeatureStore(cache, field, memory_budget=opts.memory_budget, device=device)
+    classes = torch.from_numpy(y.argmax(1) if not cache.meta.multilabel else np.full(len(y), -1)).to(device)
+    return Data(cache, store, torch.from_numpy(y.astype(np.float32)).to(device), classes, vocab)
+
+
+def _ancestor_matrix(vocab: Vocabulary) -> tuple[Vocabulary, np.ndarray]:
+    ext, ancestors = parent_labels(vocab)
+    a = np.zeros((len(vocab), len(ext)), np.float32)
+    a[np.arange(len(vocab)), np.arange(len(vocab))] = 1
+    for c, anc in enumerate(ancestors):
+        a[c, list(anc)] = 1
+    return ext, a
+
+
+def _info(opts: TrainOptions, cache: Cache, vocab: Vocabulary, primary: int | None) -> HeadInfo:
+    m = cache.meta
+    return HeadInfo(opts.head, m.n_layers, m.dim, len(vocab), opts.dim, m.n_frames, vocab.to_json(),
+                    m.model, m.fingerprint, m.policy, m.multilabel, primary)
+
+
+def _compatible(meta, other: Cache, flag: str, path: str, ignore=()) -> None:
+    bad = [b for b in meta.incompatibilities(other.meta) if not b.startswith(ignore)]
+    if bad:
+        raise TrainError(f"{flag} {other.path} does not match {path}: {'; '.join(bad)}")
+
+
+def prepare(opts: TrainOptions, device) -> Setup:
+    """Open and check every input, then load the stores (checks first: loading can take minutes)."""
+    if opts.cr_views < 1 or opts.epochs < 1 or opts.batch_size < 1:
+        raise TrainError("--epochs, --batch-size and --cr-views must be >= 1")
+    if opts.folds and opts.eval_features:
+        raise TrainError("use either --eval-features or --folds, not both")
+    wa_range(opts)
+    cache = _open(opts.features, "--features")
+    meta = cache.meta
+    y = _check_labels(cache, "--features")
+    if opts.parent_labels and not meta.multilabel:
+        raise TrainError("--parent-labels needs a multi-label cache")
+    field = head_field(opts.head)
+
+    ecache = ucache = ev_y = None
+    if opts.folds:
+        folds = np.unique(cache.folds)
+        if (folds < 0).any() or len(folds) != opts.folds:
+            raise TrainError(f"--folds {opts.folds}: the cache's clips have folds {folds.tolist()}")
+        splits = [(f"fold{f}", np.flatnonzero(cache.folds != f), np.flatnonzero(cache.folds == f)) for f in folds]
+    elif opts.eval_features:
+        ecache = _open(opts.eval_features, "--eval-features")
+        if ecache.meta.vocab != meta.vocab:
+            raise TrainError(f"vocabulary mismatch: {opts.features} has {len(meta.vocab)} classes, "
+                             f"{opts.eval_features} has {len(ecache.meta.vocab)}"
+                             + (" (different classes)" if len(ecache.meta.vocab) == len(meta.vocab) else ""))
+        _compatible(meta, ecache, "--eval-features", opts.features)
+        ev_y = _check_labels(ecache, "--eval-features")
+        splits = [("main", np.arange(len(cache)), np.arange(len(ecache)))]
+    else:
+        splits = [("main", np.arange(len(cache)), None)]
+    if opts.unlabeled_features:
+        ucache = _open(opts.unlabeled_features, "--unlabeled-features")
+        _compatible(meta, ucache, "--unlabeled-features", opts.features, ignore=("vocab", "multilabel"))
+        if len(ucache) < opts.unlabeled_ratio * opts.batch_size:
+            raise TrainError(f"--unlabeled-features has {len(ucache)} clips, fewer than one step's "
+                             f"{opts.unlabeled_ratio} x {opts.batch_size}")
+
+    cr = opts.cr_views > 1 or ucache is not None
+    fmask = opts.feature_mask if opts.feature_mask is not None else (meta.dim // 10 if cr else 0)
+    tmask = opts.time_mask if field == "features" else 0  # MLP heads see time means: nothing to mask
+    if cr and fmask == 0 and tmask == 0:
+        raise TrainError("consistency regularisation needs views that differ: set --time-mask or --feature-mask")
+    cfg = StepConfig(meta.multilabel, tmask, fmask, opts.mixup, opts.label_smoothing, opts.cr_views,
+                     opts.cr_weight, opts.cr_unlabeled_weight)
+
+    ext = _ancestor_matrix(meta.vocab) if opts.parent_labels else None
+    data = _load_data(cache, y, ext, field, opts, device)
+    ev = None
+    if opts.folds:  # held-out folds are scored from the training store
+        ev, ev_y = data, y
+    elif ecache is not None:
+        ev = _load_data(ecache, ev_y, ext, field, opts, device)
+    unl = FeatureStore(ucache, field, memory_budget=opts.memory_budget, device=device) if ucache else None
+    info = _info(opts, cache, data.vocab, len(meta.vocab) if ext is not None else None)
+    return Setup(cache, data, y, ev, ev_y, splits, unl, cfg, info)
+
+
+# ---------------------------------------------------------------- batches
+
+def balanced_weights(y: np.ndarray) -> torch.Tensor:
+    """Per clip: sum over its labels of 1000 / (class count + 0.01) (official Whisper-AT)."""
+    w_class = 1000.0 / (y.sum(0) + 0.01)
+    return torch.from_numpy((y * w_class).sum(1)).double()
+
+
+def epoch_order(train_idx: np.ndarray, weights: torch.Tensor | None, gen: torch.Generator) -> np.ndarray:
+    """The clips of one epoch in the order they are seen (drawn with `weights` when balanced)."""
+    n = len(train_idx)
+    if weights is not None:  # WeightedRandomSampler(replacement=True), drawn from our generator
+        pick = torch.multinomial(weights[torch.from_numpy(train_idx)], n, replacement=True, generator=gen)
+    else:
+        pick = torch.randperm(n, generator=gen)
+    return train_idx[pick.numpy()]
+
+
+def batches(store: FeatureStore, order: np.ndarray, bs: int, gen: torch.Generator):
+    """(indices, features) batches of `order`: indexing when the store is resident, else
+    shard-ordered blocks through a shuffle buffer seeded from `gen`."""
+    if store.in_memory:  # order is already random: index the resident tensor
+        for a in range(0, len(order), bs):
+            b = order[a:a + bs]
+            yield b, store.get(b)
+    else:  # shard-ordered blocks + shuffle buffer, seeded from our generator
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        yield from store.iter_batches(order, bs, shuffle=True, seed=seed)
+
+
+def unlabeled_batches(store: FeatureStore, n: int, gen: torch.Generator):
+    """Endless batches of `n` unlabeled clips."""
+    while True:
+        if store.in_memory:
+            yield store.get(torch.randint(0, len(store), (n,), generator=gen).numpy())
+        else:
+            seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+            for _, x in store.iter_batches(np.arange(len(store)), n, shuffle=True, seed=seed):
+                if len(x) == n:
+                    yield x

@@ -1,0 +1,59 @@
+"""What a training run is asked to do (`TrainOptions`), its typed errors, and the schedule the
+options imply (learning-rate milestones, weight-averaging epochs)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class TrainError(ValueError):
+    """Input the trainer cannot use (labels, vocabularies, folds, options)."""
+
+
+class Interrupted(Exception):
+    """Raised by `train` when `max_epochs_this_run` stops a run early (last.pt is written)."""
+
+
+@dataclass
+class TrainOptions:
+    features: str
+    out: str
+    head: str = "tl-tr"
+    eval_features: str | None = None
+    folds: int = 0                      # >0: cross-validation over the cache's folds
+    dim: int | None = None              # TL-Tr / WA-Tr projection width (None = encoder width)
+    epochs: int = 30
+    lr: float = 1e-4
+    batch_size: int = 48
+    mixup: float = 0.5                  # probability per clip; lambda ~ Beta(10, 10)
+    time_mask: int = 10                 # up to this many frames, same on all layers (not for MLP heads)
+    feature_mask: int | None = None     # up to this many feature dims; None = 0, or dim//10 with CR views
+    label_smoothing: float = 0.1
+    balanced: bool = False
+    cr_views: int = 1
+    cr_weight: float = 1.0
+    unlabeled_features: str | None = None
+    cr_unlabeled_weight: float = 1.0
+    unlabeled_ratio: int = 4            # unlabeled clips per labeled clip in each step
+    parent_labels: bool = False
+    weight_average: tuple[int, int] | None = None  # 1-based inclusive epochs; None = second half
+    init: str | None = None             # start from a head checkpoint (ours or official Whisper-AT)
+    device: str = "cpu"
+    seed: int = 0
+    resume: bool = False
+    memory_budget: int | None = None    # bytes for the in-memory store; None = half of free memory
+    max_epochs_this_run: int | None = None  # stop (Interrupted) after this many epochs: tests, time limits
+    progress: bool | None = None        # tqdm bars; None = only on a terminal
+
+
+def milestones(epochs: int) -> list[int]:
+    """MultiStepLR milestones: official recipe (from epoch 15 every 5, x0.75) for runs of 30+
+    epochs; shorter runs scale both to the run (start at half, step a sixth), so decay still happens."""
+    start, step = (15, 5) if epochs >= 30 else (max(1, round(epochs / 2)), max(1, round(epochs / 6)))
+    return list(range(start, epochs, step))
+
+
+def wa_range(opts: TrainOptions) -> tuple[int, int]:
+    a, b = opts.weight_average or (opts.epochs // 2 + 1, opts.epochs)
+    if not 1 <= a <= b <= opts.epochs:
+        raise TrainError(f"--weight-average {a}:{b} must lie within epochs 1..{opts.epochs}")
+    return a, b

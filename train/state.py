@@ -1,0 +1,101 @@
+"""The state of a run that `--resume` restores: each head's fit (weights, optimiser, schedule,
+weight-average accumulator, best predictions), every RNG, and the atomic `last.pt` checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wat.data.files import atomic_path
+
+from .options import TrainOptions, milestones
+from .step import make_optimizer
+
+
+class Fit:
+    """A head with its optimiser, schedule, weight-average accumulator and best-so-far record."""
+
+    def __init__(self, name: str, head, opts: TrainOptions, train_idx, eval_idx, device):
+        self.name, self.head = name, head.to(device)
+        self.train_idx = np.asarray(train_idx)
+        self.eval_idx = None if eval_idx is None else np.asarray(eval_idx)
+        self.opt = make_optimizer(self.head, opts.lr)
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones(opts.epochs), gamma=0.75)
+        self.wa_sum: dict | None = None
+        self.wa_n = 0
+        self.best_probs: np.ndarray | None = None
+
+    def accumulate(self):
+        sd = self.head.state_dict()
+        if self.wa_sum is None:
+            self.wa_sum = {k: v.detach().double().clone() for k, v in sd.items()}
+        else:
+            for k, v in sd.items():
+                self.wa_sum[k] += v.double()
+        self.wa_n += 1
+
+    def averaged(self) -> dict:
+        ref = self.head.state_dict()
+        return {k: (v / self.wa_n).to(ref[k].dtype) for k, v in self.wa_sum.items()}
+
+    def state(self) -> dict:
+        return {"head": self.head.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "wa_sum": self.wa_sum, "wa_n": self.wa_n, "best_probs":
+                None if self.best_probs is None else torch.from_numpy(self.best_probs)}
+
+    def restore(self, s: dict):
+        self.head.load_state_dict(s["head"])
+        self.opt.load_state_dict(s["opt"])
+        self.sched.load_state_dict(s["sched"])
+        dev = next(self.head.parameters()).device
+        self.wa_sum = None if s["wa_sum"] is None else {k: v.to(dev) for k, v in s["wa_sum"].items()}
+        self.wa_n = s["wa_n"]
+        self.best_probs = None if s["best_probs"] is None else s["best_probs"].cpu().numpy()
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    py = random.getstate()
+    return {"gen": gen.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], np_state[1].tolist(), *[float(v) for v in np_state[2:]]],
+            "python": [py[0], list(py[1]), py[2]]}
+
+
+def set_rng_state(gen: torch.Generator, s: dict):
+    gen.set_state(s["gen"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n[0], np.array(n[1], np.uint32), int(n[2]), int(n[3]), n[4]))
+    p = s["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def seed_all(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resume_key(opts: TrainOptions) -> dict:
+    """The options a resumed run must share with the run that wrote last.pt."""
+    d = dataclasses.asdict(opts)
+    for k in ("resume", "max_epochs_this_run", "progress", "memory_budget", "device", "out"):
+        d.pop(k)
+    d["weight_average"] = list(d["weight_average"]) if d["weight_average"] else None
+    return d
+
+
+def save_checkpoint(path: Path, obj: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU

@@ -1,0 +1,86 @@
+"""One training step: label smoothing, mixup, K masked views, supervised + consistency loss, and the
+optimiser and mixed-precision set-up it runs with."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import augment
+
+
+@dataclass
+class StepConfig:
+    multilabel: bool
+    time_mask: int                  # up to this many frames masked (0 for heads on the time mean)
+    feature_mask: int               # up to this many feature dims masked
+    mixup: float                    # probability per clip
+    label_smoothing: float
+    cr_views: int = 1               # masked views per clip (>1: consistency regularisation)
+    cr_weight: float = 1.0          # weight of the labeled views' consistency loss
+    cr_unlabeled_weight: float = 1.0  # weight of the unlabeled views' consistency loss
+
+
+def amp(device: torch.device):
+    """(autocast context, GradScaler or None) for the device: bf16 (or fp16 with a scaler) on CUDA,
+    plain fp32 elsewhere."""
+    if device.type != "cuda":
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def _views(x: torch.Tensor, k: int, cfg: StepConfig, gen: torch.Generator) -> torch.Tensor:
+    """K independently masked copies of x, concatenated on the batch axis (one forward pass)."""
+    out = []
+    for _ in range(k):
+        v = augment.time_mask(x, cfg.time_mask, gen) if x.dim() == 4 else x
+        out.append(augment.feature_mask(v, cfg.feature_mask, gen))
+    return torch.cat(out) if k > 1 else out[0]
+
+
+def supervised_loss(logits, targets, multilabel: bool):
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(logits.float(), targets)
+    return F.cross_entropy(logits.float(), targets)
+
+
+def train_step(head, opt, x, targets, cfg: StepConfig, gen: torch.Generator, *, scaler=None,
+               autocast=None, unlabeled: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimiser step on a batch: smoothing, mixup (shared by the views), K masked views,
+    supervised loss averaged over views + CR on the labeled and the unlabeled views.
+    Returns the (detached) loss without a host sync."""
+    y = augment.smooth_targets(targets, cfg.label_smoothing, cfg.multilabel)
+    if cfg.mixup > 0:
+        x, y, _, _ = augment.mixup(x, y, cfg.mixup, gen)
+    k = max(1, cfg.cr_views)
+    xv = _views(x, k, cfg, gen)
+    n = x.shape[0]
+    if unlabeled is not None:  # no mixup on the unlabeled part; its views differ by their masks
+        xv = torch.cat([xv, _views(unlabeled, max(2, k), cfg, gen)])
+    with autocast or contextlib.nullcontext():
+        logits = head(xv).float()
+    lab = logits[: n * k]
+    loss = supervised_loss(lab, y.repeat(k, 1), cfg.multilabel)
+    if k > 1:
+        loss = loss + cfg.cr_weight * augment.consistency_loss(list(lab.split(n)), cfg.multilabel)
+    if unlabeled is not None:
+        views_u = list(logits[n * k:].split(unlabeled.shape[0]))
+        loss = loss + cfg.cr_unlabeled_weight * augment.consistency_loss(views_u, cfg.multilabel)
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    return loss.detach()
+
+
+def make_optimizer(head, lr: float) -> torch.optim.Adam:
+    fused = next(head.parameters()).is_cuda  # one kernel for all parameters: small heads are launch-bound
+    return torch.optim.Adam(head.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=5e-7, fused=fused or None)
