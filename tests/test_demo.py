@@ -7,7 +7,7 @@ import soundfile as sf
 from wat.data.audio import load_audio
 from wat.data.cli import main
 from wat.data.datasets import load_dataset
-from wat.data.demo import CLASSES
+from wat.data.demo import CLASSES, LEVEL_DBFS
 
 
 def _files(root):
@@ -31,14 +31,16 @@ def test_demo_layout_and_loading(tmp_path):
     for fold in range(1, 6):
         assert sorted(c.labels[0] for c in ds.clips if c.fold == fold) == list(range(len(CLASSES)))
     # every clip decodes, is not silent, and clips of one class are not copies of each other
-    first = {}
+    first, peaks = {}, []
     for clip in ds.clips:
         audio = load_audio(clip.path)
-        assert len(audio) == 80_000 and 0.05 < np.abs(audio).max() <= 1.0
+        peaks.append(20 * np.log10(np.abs(audio).max()))
+        assert len(audio) == 80_000 and LEVEL_DBFS[0] - 1 < peaks[-1] <= 0.0
         label = clip.labels[0]
         if label in first:
             assert not np.allclose(audio, first[label], atol=1e-3)
         first.setdefault(label, audio)
+    assert max(peaks) - min(peaks) > 15  # loudness varies like real recordings (LEVEL_DBFS)
 
 
 def test_demo_is_deterministic_for_a_seed(tmp_path):

@@ -171,8 +171,11 @@ def test_demo_cache_best_layer_far_above_chance(demo_cache_trim, tmp_path):
     s = write_probe(rep, tmp_path / "p")
     assert rep.n_folds == 5 and rep.chance < 0.15
     best = rep.best()
-    assert best.score > 0.8 and best.score > 5 * rep.chance
+    assert best.score > 0.5 and best.score > 5 * rep.chance
     assert s["best_layer"]["score"] == best.score and len(s["layers"]) == 4   # tiny: 4 layers
+    # the demo is hard enough that the layers tell apart: the curve is not flat at the top
+    scores = [r.score for r in rep.layer_results()]
+    assert max(scores) - min(scores) >= 0.05 and min(scores) < 0.9, scores
 
 
 def test_bce_probe_matches_sklearn_logistic_regression():
