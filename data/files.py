@@ -113,9 +113,10 @@ def pyplot():
 
 
 def save_figure(fig, path) -> None:
-    """Write a PNG atomically and free the figure."""
+    """Write a PNG atomically and free the figure (resolution: rcParams savefig.dpi, which the
+    figure style in wat.data.figures sets to 300)."""
     try:
         with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+            fig.savefig(tmp, bbox_inches="tight")
     finally:
         pyplot().close(fig)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from wat.data.cache import CacheError
 from wat.data.labels import LabelError
@@ -44,7 +45,7 @@ def probe_main(argv=None) -> int:
                             jobs=a.jobs or default_jobs(), scheduler=a.scheduler, C=a.C, max_iter=a.max_iter,
                             seed=a.seed, device=a.device)
         rep = probe(a.features, a.eval_features, opts)
-        summary = write_probe(rep, a.out)
+        summary = write_probe(rep, a.out, {f"--{k.replace('_', '-')}": v for k, v in vars(a).items()})
     except (ProbeError, CacheError, LabelError, OSError) as e:
         print(f"wat-probe: error: {e}", file=sys.stderr)
         return 2
@@ -55,6 +56,7 @@ def probe_main(argv=None) -> int:
     for f in summary["fusion"]:
         print(f"  fusion {f['fusion']} of features {'+'.join(map(str, f['features']))}: {rep.metric} {f['score']:.4f}")
     print(f"outputs in {a.out}: {', '.join(summary['files'])}")
+    print(f"report: {Path(a.out) / 'report.html'}")
     return 0
 
 
@@ -104,7 +106,7 @@ def eval_main(argv=None) -> int:
     if "decisions" in r:
         d = r["decisions"]
         print(f"thresholds {d['thresholds']}: macro-F1 {_f(d['macro_f1'])}, micro-F1 {_f(d['micro_f1'])}")
-    print(f"outputs in {a.out}")
+    print(f"outputs in {a.out}; report: {Path(a.out) / 'report.html'}")
     return 0
 
 

@@ -6,11 +6,13 @@ being evaluated: a tuning set that shares any clip id with the eval set is refus
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from wat.data import figures
 from wat.data.cache import Cache, CacheError, open_cache
 from wat.data.files import write_csv, write_json
 from wat.data.heads import Features, HeadError, HeadInfo, head_field, head_problems, load_head, probabilities, save_head
@@ -127,7 +129,8 @@ def evaluate(features, head_path, out_dir, opts: EvalOptions | None = None) -> d
         cm = metrics.confusion_matrix(labels, probs.argmax(1), n)
         write_csv(out / "confusion.csv", ["true \\ predicted"] + list(vocab.names),
                          [(name, *row) for name, row in zip(vocab.names, cm.tolist())])
-        report.plot_confusion(cm, vocab.names, out / "confusion.png")
+        report.plot_confusion(cm, vocab.names, out / "confusion.png",
+                              (f"Confusion of the {info.kind} head", figures.cache_label(cache.meta, len(cache))))
     result = {"features": str(cache.path), "head": str(head_path), "kind": info.kind, "n_clips": len(cache),
               "metric": "mAP" if info.multilabel else "accuracy", **s.to_dict()}
     result["skipped_class_names"] = [vocab.names[c] for c in s.skipped_classes]
@@ -152,14 +155,23 @@ def evaluate(features, head_path, out_dir, opts: EvalOptions | None = None) -> d
         result["decisions"] = {"thresholds": source, "macro_f1": macro, "micro_f1": micro}
 
     order = sorted(range(n), key=lambda c: (s.per_class[c] is None, -(s.per_class[c] or 0.0)))
-    write_csv(out / "per_class.csv", ["rank", "class", "name", "AP", "AUC", "support"] +
-                     (["F1"] if s.per_class_f1 else []),
-                     [(r + 1, vocab.keys[c], vocab.names[c], s.per_class[c], s.per_class_auc[c], int(y[:, c].sum()))
-                      + ((s.per_class_f1[c],) if s.per_class_f1 else ()) for r, c in enumerate(order)])
+    header = ["rank", "class", "name", "AP", "AUC", "support"] + (["F1"] if s.per_class_f1 else [])
+    rows = [(r + 1, vocab.keys[c], vocab.names[c], s.per_class[c], s.per_class_auc[c], int(y[:, c].sum()))
+            + ((s.per_class_f1[c],) if s.per_class_f1 else ()) for r, c in enumerate(order)]
+    write_csv(out / "per_class.csv", header, rows)
+    by_f1 = not info.multilabel   # single-label: class-wise F1 of the arg-max, as in the paper's ESC-50 figures
+    report.plot_per_class(s.per_class_f1 if by_f1 else s.per_class, vocab.names, out / "per_class.png",
+                          metric="F1" if by_f1 else "AP", overall=s.macro_f1 if by_f1 else s.mAP,
+                          title=(f"Per-class {'F1' if by_f1 else 'AP'} of the {info.kind} head",
+                                 figures.cache_label(cache.meta, len(cache))))
     result["per_class_top"] = [{"name": vocab.names[c], "AP": s.per_class[c]} for c in order[:10]]
     for key in ("per_class", "per_class_auc", "per_class_f1"):
         result.pop(key, None)     # in per_class.csv
     write_json(out / "metrics.json", result)
+    options = {"--features": str(features), "--head": str(head_path), **{
+        f"--{k.replace('_', '-')}": v for k, v in dataclasses.asdict(opts).items()}}
+    report.eval_html(result, out, meta=cache.meta, info=info, options=options,
+                     per_class_rows=[r[1:] for r in rows], per_class_header=header[1:])
     return result
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from wat.data.cache import Cache, CacheError, open_cache
+from wat.data.cache import Cache, CacheError, CacheMeta, open_cache
 
 from . import metrics
 
@@ -83,6 +83,9 @@ class ProbeReport:
     chance: float
     results: list[FeatureResult] = field(default_factory=list)
     skipped_classes: list[int] = field(default_factory=list)   # no positives in some test fold
+    metas: list[CacheMeta] = field(default_factory=list)       # of `caches`: labels for figures and reports
+    n_clips: int = 0                                           # clips probed (train caches)
+    n_eval_clips: int = 0                                      # clips tested (eval caches; 0 = K-fold)
 
     def layer_results(self, cache: int = 0) -> list[FeatureResult]:
         return [r for r in self.results if r.feature.kind == "layer" and r.feature.caches == (cache,)]
@@ -396,7 +399,8 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
     return ProbeReport(metric="mAP" if multilabel else "accuracy", protocol=protocol, n_folds=len(folds),
                        caches=[str(c.path) for c in train], eval_caches=[str(c.path) for c in test or []],
                        keys=meta.vocab.keys, names=meta.vocab.names, chance=chance, results=results,
-                       skipped_classes=sorted(skipped))
+                       skipped_classes=sorted(skipped), metas=[c.meta for c in train], n_clips=len(y),
+                       n_eval_clips=len(y_test) if test else 0)
 
 
 def parse_layers(text: str) -> list[int] | None:

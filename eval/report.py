@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wat.data.files import pyplot, save_figure, write_csv, write_json
+from wat.data import figures, htmlreport as H
+from wat.data.files import write_csv, write_json
 
 
 def best_layer_counts(classwise: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -25,8 +26,9 @@ def best_layer_counts(classwise: np.ndarray) -> tuple[np.ndarray, int, int]:
 
 # ---------------------------------------------------------------- probe outputs
 
-def write_probe(report, out_dir) -> dict:
-    """layers.csv, classwise_f1.csv (+ classwise_ap.csv multi-label), fusion.csv, PNGs, summary.json."""
+def write_probe(report, out_dir, options: dict | None = None) -> dict:
+    """layers.csv, classwise_f1.csv (+ classwise_ap.csv multi-label), fusion.csv, PNGs, summary.json,
+    report.html (`options`: the run's options, shown in the report)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     several = len(report.caches) > 1
@@ -59,8 +61,7 @@ def write_probe(report, out_dir) -> dict:
         hist.append({"features": c, "layers": [r.feature.layers[0][0] for r in rs],
                      "classes_per_layer": [round(float(v), 4) for v in counts],
                      "classes_tied": ties, "classes_undefined": undefined})
-    plot_best_layer_hist(hist, out / "best_layer_hist.png",
-                         "AP" if report.metric == "mAP" else "F1")
+    plot_best_layer_hist(hist, out / "best_layer_hist.png", "AP" if report.metric == "mAP" else "F1", report.metas)
     plot_layers(report, out / "layers.png")
 
     best = report.best()
@@ -76,57 +77,215 @@ def write_probe(report, out_dir) -> dict:
                     "score_std": r.score_std, "macro_f1": r.macro_f1} for r in fusion],
         "best_layer_hist": hist,
         "skipped_classes": report.skipped_classes,
-        "files": sorted({p.name for p in out.iterdir() if ".partial" not in p.name} | {"summary.json"}),
+        "files": sorted({p.name for p in out.iterdir() if ".partial" not in p.name} | {"summary.json", "report.html"}),
     }
     write_json(out / "summary.json", summary)
+    probe_html(report, summary, out, options or {})
     return summary
 
 
-def plot_layers(report, path) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for c in range(len(report.caches)):
+def probe_html(report, summary: dict, out: Path, options: dict) -> Path:
+    """report.html of a probe run: headline, figures, per-layer / fusion / per-class tables, caches, options."""
+    labels = figures.distinct_labels(report.metas)
+    best, several = summary["best_layer"], len(report.caches) > 1
+    m = report.metric
+    cards = [(f"best layer{' (' + labels[best['features']] + ')' if several else ''}", best["layer"]),
+             (f"{m} at the best layer", best["score"]), ("± std over folds", best["score_std"]),
+             ("macro-F1 at the best layer", best["macro_f1"]), (f"chance {m}", report.chance)]
+    fusion = report.fusion_results()
+    cards += [(_fusion_label(r, labels), r.score) for r in fusion]
+    sections = [H.Section("Headline", H.headline(cards)),
+                H.Section("Figures", H.figure(out / "layers.png", f"Probe {m} per encoder layer; dashed: fusion "
+                                              "baselines, dotted: chance.")
+                          + H.figure(out / "best_layer_hist.png", "Best layer per class; ties split evenly."))]
+    sections.append(H.Section(f"Per layer ({report.protocol})", H.table(
+        ["model", "layer", m, "std", "macro-F1"],
+        [(labels[c], layer, score, sd, f1) for c, layer, score, sd, f1 in
+         ((r["features"], r["layer"], r["score"], r["score_std"], r["macro_f1"]) for r in summary["layers"])])))
+    if fusion:
+        sections.append(H.Section("Fusion baselines", H.table(
+            ["fusion", m, "std", "macro-F1"], [(_fusion_label(r, labels), r.score, r.score_std, r.macro_f1)
+                                              for r in fusion])))
+    sections.append(H.Section("Per class", _per_class_probe(report, summary, labels)))
+    if report.skipped_classes:
+        sections.append(H.Section("Skipped classes", H.paragraph(
+            "No positive clip in some test fold (left out of that fold's mAP): "
+            + ", ".join(report.names[c] for c in report.skipped_classes))))
+    for c, meta in enumerate(report.metas):
+        sections.append(H.Section(f"Cache: {labels[c]}", H.key_values(
+            H.cache_metadata(meta, report.n_clips, report.caches[c])
+            | ({"eval cache": report.eval_caches[c], "eval clips": report.n_eval_clips} if report.eval_caches else {}))))
+    sections.append(H.Section("Options", H.key_values(options)))
+    sub = (f"{figures.cache_label(report.metas[0], report.n_clips)}; {report.protocol}" if not several else
+           f"{', '.join(labels)}; {report.metas[0].dataset}, {report.n_clips} clips; {report.protocol}")
+    return H.write_report(out / "report.html", "wat-probe: linear probe per layer", sub, sections)
+
+
+def _per_class_probe(report, summary, labels) -> str:
+    """Per class: F1 (and AP) at the overall best layer and the class's own best layer(s)."""
+    best = summary["best_layer"]
+    rs = report.layer_results(best["features"])
+    at = next(r for r in rs if r.feature.layers[0][0] == best["layer"])
+    by_ap = report.metric == "mAP"
+    mat = np.stack([(r.classwise_ap if by_ap else r.classwise_f1) for r in rs], 1)
+    layers = [r.feature.layers[0][0] for r in rs]
+    rows = []
+    for i, (key, name) in enumerate(zip(report.keys, report.names)):
+        row = mat[i]
+        own = "" if np.isnan(row).all() else ", ".join(str(layers[j]) for j in np.flatnonzero(row == np.nanmax(row)))
+        rows.append((name, key, at.classwise_f1[i]) + ((at.classwise_ap[i],) if by_ap else ()) + (own,))
+    head = ["class", "key", f"F1 at layer {best['layer']}"] + ([f"AP at layer {best['layer']}"] if by_ap else []) \
+        + [f"best layer(s) by {'AP' if by_ap else 'F1'}" + (f" ({labels[best['features']]})" if len(labels) > 1 else "")]
+    return H.table(head, rows)
+
+
+def _fusion_label(r, labels) -> str:
+    what = {"mean": "layer mean", "concat": "layer concat"}[r.feature.kind]
+    return what if len(labels) == 1 else f"{what}, {' + '.join(labels[c] for c in r.feature.caches)}"
+
+
+def plot_layers(report, path) -> dict:
+    """Probe score per encoder layer, one line per cache (model), like the Whisper-AT paper's
+    figure 1 (lower); fusion baselines and chance as labelled reference lines."""
+    metas = report.metas
+    labels = figures.distinct_labels(metas)
+    depths = {m.n_layers for m in metas}
+    relative = len(depths) > 1   # models of different depth: compare at the same relative depth
+    fig, axes = figures.figure(width=figures.COLUMN, height=2.4)
+    ax = axes[0, 0]
+    values = []
+    for c, m in enumerate(metas):
         rs = report.layer_results(c)
-        x = [r.feature.layers[0][0] for r in rs]
-        ax.errorbar(x, [r.score for r in rs], yerr=[r.score_std for r in rs], marker="o", capsize=3,
-                    label=Path(report.caches[c]).parent.name or f"features {c}")
-    for i, r in enumerate(report.fusion_results()):
-        ax.axhline(r.score, ls="--", lw=1, color=f"C{i + len(report.caches)}", label=r.feature.name)
-    ax.axhline(report.chance, color="grey", lw=1, ls=":", label="chance")
-    ax.set_xlabel("encoder layer")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel(report.metric)
-    ax.set_title(f"linear probe per layer ({report.protocol})")
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
-
-
-def plot_best_layer_hist(hist: list[dict], path, by: str) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(hist), figsize=(6 * len(hist), 4), squeeze=False)
-    for ax, h in zip(axes[0], hist):
-        ax.bar([str(l) for l in h["layers"]], h["classes_per_layer"])
+        layer = np.array([r.feature.layers[0][0] for r in rs], float)
+        x = (layer + 1) / m.n_layers if relative else layer
+        y = np.array([r.score for r in rs])
+        sd = np.array([r.score_std for r in rs])
+        line, = ax.plot(x, y, marker="o", label=labels[c])
+        if report.n_folds > 1:
+            ax.fill_between(x, y - sd, y + sd, color=line.get_color(), alpha=0.18, lw=0)
+        values += [y - sd, y + sd]
+    fusion = report.fusion_results()
+    values += [[r.score for r in fusion]]
+    ax.set_ylim(*figures.data_limits(np.concatenate([np.ravel(v) for v in values]), bounds=(0, 1)))
+    for r in fusion:
+        if len(metas) == 1:      # one model: the baselines get colours of their own
+            color = figures.COLORS[1 if r.feature.kind == "mean" else 2]
+        else:                    # several: a model's own baselines in its colour, cross-model ones black
+            color = figures.COLORS[r.feature.caches[0] % 8] if len(r.feature.caches) == 1 else "#000000"
+        figures.reference_line(ax, r.score, _fusion_label(r, labels), color=color,
+                               ls="--" if r.feature.kind == "mean" else "-.")
+    figures.reference_line(ax, report.chance, "chance")
+    if relative:
+        ax.set_xlabel("relative depth (layer / number of layers)")
+    else:
         ax.set_xlabel("encoder layer")
-        ax.set_ylabel("classes whose best layer it is")
-        ax.set_title(f"best layer per class (by {by}), features {h['features']}")
-        if h["classes_tied"]:
-            ax.text(0.99, 0.98, f"{h['classes_tied']} tied classes split evenly", transform=ax.transAxes,
-                    ha="right", va="top", fontsize=8)
-    save_figure(fig, path)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel(f"probe {report.metric}")
+    m = metas[0]
+    data = (figures.cache_label(m, report.n_clips) if len(metas) == 1
+            else f"{m.dataset}: {len(m.vocab)} classes, {report.n_clips} clips")
+    figures.title(ax, "Linear probe per layer", data)
+    figures.legend_below(ax, ncol=2)
+    figures.caption(fig, f"{report.protocol}" + (f"; shaded: ±1 standard deviation over the {report.n_folds} folds."
+                                                 if report.n_folds > 1 else "."))
+    return figures.save(fig, path)
+
+
+def plot_best_layer_hist(hist: list[dict], path, by: str, metas) -> dict:
+    """Figure 3 of the paper: for each class, the layer whose probe scores it best."""
+    labels = figures.distinct_labels(metas)
+    n = len(hist)
+    fig, axes = figures.figure(1, n, width=min(figures.PAGE, figures.COLUMN * n), height=2.2)
+    for ax, h in zip(axes[0], hist):
+        ax.bar([str(l) for l in h["layers"]], h["classes_per_layer"], color=figures.COLORS[h["features"] % 8])
+        ax.set_xlabel("encoder layer")
+        ax.set_ylabel("classes")
+        ax.grid(axis="x", visible=False)
+        figures.title(ax, f"Best probe layer per class (by {by})", labels[h["features"]])
+        ax.set_ylim(0, max(1.0, max(h["classes_per_layer"], default=0) * 1.12))
+    tied = sum(h["classes_tied"] for h in hist)
+    undefined = [h["classes_undefined"] for h in hist]
+    text = (f"Each class counts once, at the layer with its highest probe {by}; a class tied across k layers "
+            f"adds 1/k to each of them ({tied} tied class{'es' if tied != 1 else ''}"
+            + (f" in {n} models" if n > 1 else "") + ")")
+    if any(undefined):
+        text += f"; {max(undefined)} class(es) without a defined {by} are left out"
+    figures.caption(fig, f"{text}. {figures.cache_label(metas[0])}.")
+    return figures.save(fig, path)
 
 
 # ---------------------------------------------------------------- eval outputs
 
-def plot_confusion(cm: np.ndarray, names, path) -> None:
-    plt = pyplot()
+def plot_confusion(cm: np.ndarray, names, path, title=()) -> dict:
     n = len(names)
-    size = max(5.0, 0.22 * n)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    size = max(figures.COLUMN, 0.13 * n + 1.4)   # 8 pt tick labels need ~0.13 in per class
+    fig, axes = figures.figure(width=size + 0.6, height=size)
+    ax = axes[0, 0]
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), names, rotation=90, fontsize=max(4, 9 - n // 15))
-    ax.set_yticks(range(n), names, fontsize=max(4, 9 - n // 15))
+    ax.grid(False)
+    ax.set_xticks(range(n), names, rotation=90)
+    ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    figures.title(ax, *title)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
-    save_figure(fig, path)
+    return figures.save(fig, path)
+
+
+def plot_per_class(values, names, path, *, metric: str, overall: float | None, title=(), show: int = 30) -> dict:
+    """Per-class scores as a dot plot, best first (all classes up to `show`, else the best and the
+    worst show/2), with the class mean as a labelled reference."""
+    vals = np.array([np.nan if v is None else v for v in values], float)
+    order = [i for i in np.argsort(-np.nan_to_num(vals, nan=-np.inf), kind="stable") if np.isfinite(vals[i])]
+    if not order:
+        raise figures.FigureError(f"no class has a {metric}")
+    cut = len(order) > show
+    pick = order[:show // 2] + order[-(show // 2):] if cut else order
+    fig, axes = figures.figure(width=figures.COLUMN, height=0.13 * len(pick) + 1.1)
+    ax = axes[0, 0]
+    y = np.arange(len(pick))[::-1].astype(float)
+    if cut:
+        y[show // 2:] -= 1.0   # a visible gap where the middle classes are left out
+    ax.plot(vals[pick], y, "o", color=figures.COLORS[0])
+    ax.set_yticks(y, [names[i] for i in pick])
+    ax.set_xlim(*figures.data_limits(np.r_[vals[pick], [overall] if overall is not None else []], bounds=(0, 1)))
+    ax.grid(axis="y", visible=False)
+    if overall is not None:
+        ax.axvline(overall, color=figures.REFERENCE, ls="--", lw=1.0, label=f"mean over classes {overall:.3g}")
+        figures.legend_below(ax, ncol=1)
+    ax.set_xlabel(metric)
+    figures.title(ax, *title, f"best and worst {show // 2} of {len(order)} classes" if cut else "")
+    return figures.save(fig, path)
+
+
+def eval_html(result: dict, out: Path, *, meta, info, options: dict, per_class_rows, per_class_header) -> Path:
+    """report.html of a head evaluation: headline, figures, per-class table, cache, head, options."""
+    m = result["metric"]
+    cards = [("clips", result["n_clips"])]
+    if result.get("accuracy") is not None:
+        cards += [("accuracy", result["accuracy"]), (f"top-{result['top_k']} accuracy", result["top_k_accuracy"]),
+                  ("macro-F1", result.get("macro_f1"))]
+    cards += [("mAP", result["mAP"]), ("mAUC", result["mAUC"]), ("d'", result["d_prime"])]
+    if "decisions" in result:
+        d = result["decisions"]
+        cards += [("macro-F1 at thresholds", d["macro_f1"]), ("micro-F1 at thresholds", d["micro_f1"])]
+    figs = "".join(H.figure(out / name, cap) for name, cap in (
+        ("per_class.png", f"Per-class {'AP' if m == 'mAP' else 'F1'}, best first; dashed: the mean over classes."),
+        ("confusion.png", "Confusion matrix, rows normalised to the true class.")) if (out / name).exists())
+    sections = [H.Section("Headline", H.headline(cards)), H.Section("Figures", figs),
+                H.Section("Per class", H.table(per_class_header, per_class_rows))]
+    if result["skipped_classes"]:
+        sections.append(H.Section("Skipped classes", H.paragraph(
+            "No positive clip in the eval set (left out of mAP/mAUC): " + ", ".join(result["skipped_class_names"]))))
+    if "decisions" in result:
+        sections.append(H.Section("Decisions", H.key_values({"thresholds": result["decisions"]["thresholds"],
+                                                             **result.get("tuning", {})})))
+    sections += [H.Section("Cache", H.key_values(H.cache_metadata(meta, result["n_clips"], result["features"]))),
+                 H.Section("Head", H.key_values(
+                     {"file": result["head"], "kind": info.kind, "projection width": info.dim or "none",
+                      "outputs": info.n_classes, "trained on": f"{info.model or '?'} ({info.policy})",
+                      "multi-label": info.multilabel})),
+                 H.Section("Options", H.key_values(options))]
+    sub = f"{info.kind} head on {figures.cache_label(meta, result['n_clips'])}"
+    return H.write_report(out / "report.html", "wat-eval: head evaluation", sub, sections)

@@ -1,0 +1,230 @@
+"""Figures and report.html: labels from cache metadata, axes that follow the data, self-contained
+pages that render in a real browser (headless Chromium, the Debian package `make test` installs)."""
+import base64
+import html.parser
+import json
+import re
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_probe import write_synthetic_cache
+from wat.data import figures
+from wat.data.cache import open_cache
+from wat.data.labels import Vocabulary
+from wat.eval import probe as P
+from wat.eval import report as R
+
+
+# ---------------------------------------------------------------- figures
+
+def _meta(model="base", n_layers=6, n_classes=16, dataset="esc50", policy="trim"):
+    from wat.data.cache import CacheMeta
+    vocab = Vocabulary(tuple(f"k{i}" for i in range(n_classes)), tuple(f"class {i}" for i in range(n_classes)))
+    return CacheMeta(model=model, fingerprint="f" * 16, n_layers=n_layers, n_frames=25, dim=8, policy=policy,
+                     pooling="mean:25", sample_rate=16000, clip_seconds=5.0, vocab=vocab, multilabel=False,
+                     dataset=dataset)
+
+
+def _report(layer_scores: list[list[float]], metas, fusion=(), chance=1 / 16, path="xyz_out/feats.h5"):
+    """A ProbeReport with given per-layer accuracies (5 folds around each value, std 0.004)."""
+    results = []
+    for c, scores in enumerate(layer_scores):
+        for layer, s in enumerate(scores):
+            folds = list(s + np.array([-0.004, 0.004, -0.004, 0.004, 0.0]))
+            results.append(P.FeatureResult(P.Feature("layer", (c,), ((layer,),)), folds, folds,
+                                           np.full(16, s), None))
+    for kind, caches, s in fusion:
+        layers = tuple(tuple(range(len(layer_scores[c]))) for c in caches)
+        results.append(P.FeatureResult(P.Feature(kind, tuple(caches), layers), [s] * 5, [s] * 5, np.full(16, s), None))
+    vocab = metas[0].vocab
+    return P.ProbeReport(metric="accuracy", protocol="5-fold (cache folds)", n_folds=5,
+                         caches=[path] * len(metas), eval_caches=[], keys=vocab.keys, names=vocab.names,
+                         chance=chance, results=results, metas=list(metas), n_clips=400)
+
+
+def test_layer_figure_follows_the_data_and_names_models_from_metadata(tmp_path):
+    scores = [0.90, 0.91, 0.93, 0.94, 0.92, 0.915]
+    rep = _report([scores], [_meta()], fusion=[("mean", (0,), 0.925), ("concat", (0,), 0.935)])
+    shown = R.plot_layers(rep, tmp_path / "layers.png")
+    lo, hi = shown["ylim"]
+    assert 0.85 <= lo < 0.895 and 0.945 < hi <= 1.0          # not 0..1: the layer differences are visible
+    text = " | ".join(shown["text"])
+    assert "xyz_out" not in text and "feats" not in text       # never the folder or file name
+    assert "base (trim)" in text and "esc50" in text and "400 clips" in text and "16 classes" in text
+    assert "layer mean 0.925" in text and "layer concat 0.935" in text
+    assert "chance 0.0625 ↓" in text                           # far below the data: named at the edge
+    assert (tmp_path / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chance_inside_the_range_is_a_line_and_limits_stay_within_bounds():
+    assert figures.data_limits([0.2, 0.3]) == pytest.approx((0.185, 0.315))
+    assert figures.data_limits([0.99, 1.0], bounds=(0, 1))[1] == 1.0
+    assert figures.data_limits([0.5, 0.5, np.nan])[1] - figures.data_limits([0.5])[0] >= 0.02   # flat data
+    with pytest.raises(figures.FigureError):
+        figures.data_limits([np.nan])
+    plt = figures.pyplot()
+    fig, ax = plt.subplots()
+    ax.set_ylim(0, 1)
+    figures.reference_line(ax, 0.5, "chance")
+    figures.reference_line(ax, 2.0, "above")
+    assert [l.get_label() for l in ax.get_lines()] == ["chance 0.5"]
+    assert [t.get_text() for t in ax.texts] == ["above 2 ↑"]
+    plt.close(fig)
+
+
+def test_several_models_one_line_each(tmp_path):
+    metas = [_meta("base", 6), _meta("tiny.en", 4)]
+    rep = _report([[0.80, 0.85, 0.90, 0.92, 0.91, 0.88], [0.78, 0.84, 0.86, 0.83]], metas,
+                  fusion=[("concat", (0, 1), 0.93)])
+    plt = figures.pyplot()
+    shown = R.plot_layers(rep, tmp_path / "layers.png")
+    text = " | ".join(shown["text"])
+    assert "base (trim)" in text and "tiny.en (trim)" in text and "layer concat, base (trim) + tiny.en (trim) 0.93" in text
+    assert "relative depth" in text             # 6 and 4 layers: compared at the same relative depth
+    assert shown["ylim"][0] > 0.7
+    plt.close("all")
+
+    # two caches of the same model and policy stay distinguishable
+    assert figures.distinct_labels([_meta(dataset="a"), _meta(dataset="b")]) == ["base (trim), a", "base (trim), b"]
+    assert figures.distinct_labels([_meta(), _meta()]) == ["base (trim) #1", "base (trim) #2"]
+
+
+def test_best_layer_histogram_states_the_tie_rule(tmp_path):
+    hist = [{"features": 0, "layers": [0, 1, 2], "classes_per_layer": [0.5, 0.5, 15.0], "classes_tied": 1,
+             "classes_undefined": 0}]
+    shown = R.plot_best_layer_hist(hist, tmp_path / "h.png", "F1", [_meta(n_layers=3)])
+    text = " ".join(" ".join(shown["text"]).split())
+    assert "Best probe layer per class (by F1)" in text and "features 0" not in text
+    assert "tied across k layers adds 1/k to each" in text and "1 tied class" in text
+
+
+# ---------------------------------------------------------------- report.html
+
+class _Refs(html.parser.HTMLParser):
+    """Every src/href in a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.imgs = [], []
+
+    def handle_starttag(self, tag, attrs):
+        for k, v in attrs:
+            if k in ("src", "href"):
+                self.refs.append(v)
+                if tag == "img":
+                    self.imgs.append(v)
+
+
+def _valid_png(data: bytes) -> bool:
+    """PNG signature, then chunks whose CRCs match, IHDR first and IEND last."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return False
+    i, names = 8, []
+    while i < len(data):
+        n = int.from_bytes(data[i:i + 4], "big")
+        name, body, crc = data[i + 4:i + 8], data[i + 8:i + 8 + n], data[i + 8 + n:i + 12 + n]
+        if len(crc) != 4 or zlib.crc32(name + body) != int.from_bytes(crc, "big"):
+            return False
+        names.append(name)
+        i += 12 + n
+    return names[0] == b"IHDR" and names[-1] == b"IEND"
+
+
+def check_self_contained(page: Path) -> int:
+    """No network reference anywhere; every image a data: URI holding a valid PNG. Returns #images."""
+    text = page.read_text(encoding="utf-8")
+    assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", text, re.I), "a network reference"
+    p = _Refs()
+    p.feed(text)
+    assert all(r.startswith("data:") for r in p.refs), [r[:40] for r in p.refs if not r.startswith("data:")]
+    for src in p.imgs:
+        head, _, b64 = src.partition(",")
+        assert head == "data:image/png;base64" and _valid_png(base64.b64decode(b64, validate=True))
+    return len(p.imgs)
+
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+# appended to a copy of the page: after load, record broken images, fetched resources and whether
+# clicking a numeric column header sorts the table, where --dump-dom shows them
+_PROBE_JS = """<script>window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images), sorted = null;
+  var t = document.querySelector("table.sortable"), col = -1;
+  if (t && t.tBodies[0].rows.length > 1) {
+    var cells = t.tBodies[0].rows[0].cells;
+    for (var i = 0; i < cells.length; i++) if (cells[i].dataset.v !== undefined) { col = i; break; }
+    if (col >= 0) {
+      t.tHead.rows[0].cells[col].click();
+      var v = Array.prototype.map.call(t.tBodies[0].rows, function (r) { return parseFloat(r.cells[col].dataset.v); });
+      sorted = v.every(function (x, i) { return i === 0 || isNaN(x) || isNaN(v[i - 1]) || v[i - 1] <= x; });
+    }
+  }
+  document.body.setAttribute("data-wat-check", JSON.stringify({
+    images: imgs.length,
+    broken: imgs.filter(function (i) { return !i.complete || i.naturalWidth === 0; }).length,
+    resources: performance.getEntriesByType("resource").map(function (e) { return e.name; }),
+    sorted: sorted}));
+});</script>"""
+
+
+def render(page: Path, tmp: Path) -> tuple[dict, Path]:
+    """Render a copy of the page in headless Chromium: (in-page check results, screenshot path).
+    Fails on any console message (errors included) the page produces."""
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (make test installs the Debian package `chromium` when it runs "
+                    "as root with apt-get; elsewhere install it to run this test)")
+    copy = tmp / f"render-{page.parent.name}.html"
+    copy.write_text(page.read_text(encoding="utf-8").replace("</body>", _PROBE_JS + "</body>"), encoding="utf-8")
+    shot = tmp / f"{page.parent.name}.png"
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                        f"--user-data-dir={tmp / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
+                        "--virtual-time-budget=3000", "--window-size=1100,1400", f"--screenshot={shot}",
+                        "--dump-dom", copy.as_uri()], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    console = [l for l in r.stderr.splitlines() if ":CONSOLE" in l]
+    assert not console, console
+    m = re.search(r'data-wat-check="([^"]*)"', r.stdout)
+    assert m, "the page did not finish loading"
+    return json.loads(html.unescape(m.group(1))), shot
+
+
+def check_renders(page: Path, tmp: Path) -> None:
+    n = check_self_contained(page)
+    got, shot = render(page, tmp)
+    assert got["images"] == n and got["broken"] == 0 and got["resources"] == [] and got["sorted"] is not False
+    import matplotlib.image
+    img = matplotlib.image.imread(shot)
+    assert img.shape[0] >= 1000 and img[..., :3].std() > 0.05    # a page was drawn, not a blank screen
+
+
+def test_probe_report_is_self_contained_and_renders(tmp_path):
+    feats = write_synthetic_cache(tmp_path / "xyz_out", n_layers=4, informative=2)
+    rep = P.probe([feats], None, P.ProbeOptions(jobs=1, folds=5))
+    R.write_probe(rep, tmp_path / "probe", {"--features": [str(feats)], "--note": "<b>&"})
+    page = tmp_path / "probe" / "report.html"
+    text = page.read_text()
+    assert "&lt;b&gt;&amp;" in text and "<b>&" not in text                    # run text is escaped
+    assert "Headline" in text and "class 4" in text and "synthetic (trim)" in text
+    check_renders(page, tmp_path)
+
+
+def test_eval_report_is_self_contained_and_renders(tmp_path):
+    from test_eval import fit_head
+    from wat.eval.evaluate import EvalOptions, evaluate
+    kw = dict(n_classes=4, centers_seed=2, scale=0.6)
+    train = write_synthetic_cache(tmp_path / "tr", seed=2, **kw)
+    test = write_synthetic_cache(tmp_path / "xyz_out", seed=3, n=80, ids=[f"t{i:03d}" for i in range(80)], **kw)
+    r = evaluate(test, fit_head(train, tmp_path / "wa.pt", epochs=60), tmp_path / "ev", EvalOptions(device="cpu"))
+    page = tmp_path / "ev" / "report.html"
+    assert check_self_contained(page) == 2                                   # per_class.png, confusion.png
+    text = page.read_text()
+    assert f"{r['accuracy']:.4g}" in text and "wa-mlp" in text and "class 3" in text
+    shown = R.plot_per_class([0.9, 0.95, None, 0.92], ["a", "b", "c", "d"], tmp_path / "pc.png", metric="AP",
+                             overall=0.923, title=("t", figures.cache_label(open_cache(test).meta, 80)))
+    assert "xyz_out" not in " ".join(shown["text"]) and "80 clips" in " ".join(shown["text"])
+    check_renders(page, tmp_path)
