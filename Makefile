@@ -10,7 +10,7 @@ DEMO_MODEL ?= base
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv browser clean
 
 venv: $(STAMP)
 
@@ -18,13 +18,25 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
 	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
-	$(BIN)/python -m pip install -q -e ".[offline,dev]"
+	$(BIN)/python -m pip install -q -e ".[offline,dev,tensorboard]"
 	# hearvalidator declares a dependency on full tensorflow, which it only uses for TF models;
 	# the HEAR test gives it a stand-in module, so install it without its dependencies.
 	$(BIN)/python -m pip install -q --no-deps hearvalidator==2021.0.2
 	touch $(STAMP)
 
-test: $(STAMP)
+# Headless Chromium renders every report.html in tests/test_report.py: installed from Debian when
+# missing and apt-get is usable (root); elsewhere that test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium (Debian package) for the report rendering test"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } || \
+		echo "chromium could not be installed: the report rendering test will be skipped"; \
+	else echo "chromium missing and apt-get not usable here: the report rendering test will be skipped"; fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
 
 # The whole product on the embedded synthetic dataset (11 sound classes, 5 folds), ~4 min on 2 CPU
@@ -46,6 +58,7 @@ demo: $(STAMP)
 	@echo "features:     $(DEMO_DIR)/feats.h5 (+ feats.shards/)"
 	@echo "TL-Tr head:   per-fold accuracy above; $(DEMO_DIR)/tl-tr/{metrics.json,per_class.csv,curves.png}"
 	@echo "layer probe:  best layer above; $(DEMO_DIR)/probe/{layers.csv,layers.png,best_layer_hist.png}"
+	@echo "reports:      $(DEMO_DIR)/tl-tr/report.html  $(DEMO_DIR)/probe/report.html  (open in a browser; self-contained)"
 	@echo "tagging head: $(DEMO_DIR)/tl-tr/fold1/wa.pt (use with: wat-tag FILE --model $(DEMO_MODEL) --head ...)"
 
 # CPU benchmarks (ratios; see BENCHMARKS.md). Not part of `make test`.
