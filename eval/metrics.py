@@ -117,6 +117,17 @@ def singlelabel_scores(labels, probs) -> Scores:
     return s
 
 
+def chance(targets) -> float:
+    """The score of guessing without looking at the audio: single-label ([N] class indices), the
+    accuracy of always answering the most frequent class; multi-label ([N, C] bool), the mAP of
+    random scores (a class's expected AP is its prevalence), over the classes with positives."""
+    t = np.asarray(targets)
+    if t.ndim == 1:
+        return float(np.bincount(t.astype(np.int64)).max() / len(t))
+    prevalence = t.astype(bool).mean(0)
+    return float(prevalence[prevalence > 0].mean())
+
+
 def accuracy(y_true, y_pred) -> float:
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if y_true.shape != y_pred.shape or y_true.ndim != 1 or len(y_true) == 0:

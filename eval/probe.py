@@ -395,7 +395,7 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
             done[feat] = FeatureResult(feat, fold_scores[feat], fold_f1[feat], cw, ap)
     results = [done[f] for f in feats]
 
-    chance = float(y_test.mean()) if multilabel else float(np.bincount(y_test, minlength=n_classes).max() / n_test)
+    chance = metrics.chance(y_test)
     return ProbeReport(metric="mAP" if multilabel else "accuracy", protocol=protocol, n_folds=len(folds),
                        caches=[str(c.path) for c in train], eval_caches=[str(c.path) for c in test or []],
                        keys=meta.vocab.keys, names=meta.vocab.names, chance=chance, results=results,

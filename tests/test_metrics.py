@@ -98,3 +98,12 @@ def test_shape_and_nan_errors():
         metrics.multilabel_scores(np.zeros((3, 2), bool), np.zeros((3, 3)))
     with pytest.raises(ValueError):
         metrics.multilabel_scores(np.ones((2, 1), bool), np.array([[np.nan], [0.1]]))
+
+
+def test_chance_scores():
+    from wat.eval.metrics import chance, multilabel_scores
+    assert chance(np.array([0, 0, 0, 1, 2])) == pytest.approx(0.6)      # always the majority class
+    rng = np.random.default_rng(0)
+    y = rng.random((4000, 3)) < np.array([0.1, 0.3, 0.5])
+    assert chance(np.c_[y, np.zeros((4000, 1), bool)]) == pytest.approx(y.mean(0).mean())   # empty class skipped
+    assert multilabel_scores(y, rng.random(y.shape)).mAP == pytest.approx(chance(y), abs=0.02)
