@@ -90,9 +90,9 @@ def distinct_labels(metas) -> list[str]:
 
 
 def data_limits(values, *, bounds=(None, None), pad: float = 0.15, min_span: float = 0.02) -> tuple[float, float]:
-    """Axis limits that hold every finite value with `pad` of the span either side (at least
-    `min_span` wide), clipped to `bounds` (e.g. (0, 1) for accuracies)."""
-    v = np.asarray([x for x in np.ravel(np.asarray(values, dtype=float)) if math.isfinite(x)])
+    """Axis limits that hold every finite value (of nested lists or arrays) with `pad` of the span
+    either side (at least `min_span` wide), clipped to `bounds` (e.g. (0, 1) for accuracies)."""
+    v = np.asarray([x for x in _flat(values) if x is not None and math.isfinite(x)], float)
     if not v.size:
         raise FigureError("no finite value to scale the axis to")
     lo, hi = float(v.min()), float(v.max())
@@ -104,6 +104,13 @@ def data_limits(values, *, bounds=(None, None), pad: float = 0.15, min_span: flo
     if bounds[1] is not None:
         hi = min(hi, bounds[1])
     return lo, hi
+
+
+def _flat(values) -> list:
+    """Numbers of a scalar, an array or nested lists of different lengths (one per line drawn)."""
+    if values is None or np.isscalar(values):
+        return [values]
+    return [x for v in values for x in _flat(v)] if not isinstance(values, np.ndarray) else values.ravel().tolist()
 
 
 def reference_line(ax, y: float, label: str, *, color: str = REFERENCE, ls: str = ":", fmt: str = "{:.3g}") -> None:
@@ -126,10 +133,13 @@ def reference_line(ax, y: float, label: str, *, color: str = REFERENCE, ls: str 
 
 
 def legend_below(ax, ncol: int = 2) -> None:
-    """The legend under the axes: at column width a legend inside the axes covers the data."""
+    """The legend under the axes, below its tick labels and x label: at column width a legend
+    inside the axes covers the data."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol,
+        box = ax.get_tightbbox(ax.figure.canvas.get_renderer())        # display units
+        y = ax.transAxes.inverted().transform((0, box.y0))[1]
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, y - 0.02), ncol=ncol,
                   borderaxespad=0.0, columnspacing=1.0)
 
 

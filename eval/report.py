@@ -251,10 +251,10 @@ def plot_per_class(values, names, path, *, metric: str, overall: float | None, t
     ax.set_yticks(y, [names[i] for i in pick])
     ax.set_xlim(*figures.data_limits(np.r_[vals[pick], [overall] if overall is not None else []], bounds=(0, 1)))
     ax.grid(axis="y", visible=False)
+    ax.set_xlabel(metric)
     if overall is not None:
         ax.axvline(overall, color=figures.REFERENCE, ls="--", lw=1.0, label=f"mean over classes {overall:.3g}")
         figures.legend_below(ax, ncol=1)
-    ax.set_xlabel(metric)
     figures.title(ax, *title, f"best and worst {show // 2} of {len(order)} classes" if cut else "")
     return figures.save(fig, path)
 

@@ -228,3 +228,61 @@ def test_eval_report_is_self_contained_and_renders(tmp_path):
                              overall=0.923, title=("t", figures.cache_label(open_cache(test).meta, 80)))
     assert "xyz_out" not in " ".join(shown["text"]) and "80 clips" in " ".join(shown["text"])
     check_renders(page, tmp_path)
+
+
+# ---------------------------------------------------------------- wat-train: curves, report, TensorBoard
+
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_train_report_curves_and_tensorboard(tmp_path, capsys):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (make test installs it)")
+    from wat.train.cli import main
+    from wat.train.loop import Interrupted, TrainOptions, train
+    feats = write_synthetic_cache(tmp_path / "xyz_out", n=100, n_classes=4, informative=1, scale=1.0)
+    run, tb = tmp_path / "run", tmp_path / "tb"
+    opts = dict(features=str(feats), out=str(run), head="wa-mlp", folds=5, epochs=4, lr=3e-3, batch_size=16,
+                progress=False, tensorboard=str(tb))
+    with pytest.raises(Interrupted):     # interrupted and resumed: every epoch still logged exactly once
+        train(TrainOptions(**opts, max_epochs_this_run=2))
+    final = train(TrainOptions(**opts, resume=True))
+    hist = json.loads((run / "metrics.json").read_text())["epochs"]
+
+    assert sorted(p.name for p in tb.iterdir()) == ["fold1", "fold2", "fold3", "fold4", "fold5", "mean"]
+    fold1, mean = _scalars(tb / "fold1"), _scalars(tb / "mean")
+    assert [s for s, _ in fold1["train/loss"]] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in fold1["train/loss"]], [h["folds"]["fold1"]["train_loss"] for h in hist],
+                               rtol=1e-6)
+    np.testing.assert_allclose([v for _, v in fold1["heldout/accuracy"]], [h["folds"]["fold1"]["score"] for h in hist],
+                               rtol=1e-6)
+    np.testing.assert_allclose([v for _, v in mean["heldout/accuracy"]], [h["score"] for h in hist], rtol=1e-6)
+    np.testing.assert_allclose([v for _, v in mean["train/lr"]], [h["lr"] for h in hist], rtol=1e-6)
+    # the running weight average over epochs 3-4 (the second half): its last value is wa.pt's score
+    assert [s for s, _ in mean["heldout/accuracy_weight_avg"]] == [3, 4]
+    assert mean["heldout/accuracy_weight_avg"][-1][1] == pytest.approx(final["wa"], rel=1e-6)
+
+    page = run / "report.html"
+    assert check_self_contained(page) == 1
+    text = page.read_text()
+    assert "5-fold cross-validation" in text and "fold5" in text and "class 3" in text and "Per epoch" in text
+    assert f"{final['best']:.4g}" in text
+    check_renders(page, tmp_path)
+
+    # the curves are labelled from the cache's metadata, scaled to the data
+    from wat.train.outputs import plot_curves
+    shown = plot_curves(tmp_path, hist, True, "accuracy", title=("t", figures.cache_label(open_cache(feats).meta, 100)),
+                        chance=0.25, wa=final["wa"], wa_epochs=(3, 4), best_epoch=final["best_epoch"])
+    assert "xyz_out" not in " ".join(shown["text"]) and "100 clips" in " ".join(shown["text"])
+
+    # bad --tensorboard: one error line, exit 2, before any training
+    (tmp_path / "file").write_text("x")
+    for bad in ("", str(tmp_path / "file")):
+        assert main(["--features", str(feats), "--folds", "5", "--head", "wa-mlp", "--epochs", "1",
+                     "--out", str(tmp_path / "r2"), "--tensorboard", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("wat-train: error: --tensorboard")
+    assert not (tmp_path / "r2").exists()

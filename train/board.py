@@ -16,22 +16,33 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .options import TrainError
 
-class BoardError(ValueError):
+
+class BoardError(TrainError):
     """TensorBoard logging asked for but not possible (package missing, DIR not a folder)."""
+
+
+def check(logdir) -> None:
+    """Fail before any training when logging cannot work (a long run must not fail at epoch 1)."""
+    if not str(logdir).strip():
+        raise BoardError("--tensorboard needs a folder name")
+    try:
+        import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
+    except ImportError:
+        raise BoardError("--tensorboard needs the tensorboard package: pip install 'wat[tensorboard]'") from None
+    root = Path(logdir)
+    if root.exists() and not root.is_dir():
+        raise BoardError(f"--tensorboard {logdir}: exists and is not a folder")
 
 
 class Board:
     """Per-epoch scalars for one run (all its folds); `close` flushes the event files."""
 
     def __init__(self, logdir, names: list[str], resume_epoch: int = 0):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise BoardError("--tensorboard needs the tensorboard package: pip install 'wat[tensorboard]'") from None
+        check(logdir)
+        from torch.utils.tensorboard import SummaryWriter
         root = Path(logdir)
-        if root.exists() and not root.is_dir():
-            raise BoardError(f"--tensorboard {logdir}: exists and is not a folder")
         runs = names if len(names) == 1 and names[0] == "main" else [*names, "mean"]
         # resume: events of epochs after the checkpoint (written before an interruption) are dropped
         purge = {"purge_step": resume_epoch + 1} if resume_epoch else {}

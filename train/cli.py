@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="also log per-epoch loss, lr and held-out scores (per fold, and of the running weight "
+                        "average) as TensorBoard events in DIR; watch with: tensorboard --logdir DIR")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt (same options; a fresh start if there is none)")
     return p
 
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
         cr_views=a.cr_views, cr_weight=a.cr_weight, unlabeled_features=a.unlabeled_features,
         cr_unlabeled_weight=a.cr_unlabeled_weight, unlabeled_ratio=a.unlabeled_ratio,
         parent_labels=a.parent_labels, weight_average=a.weight_average, init=a.init, device=a.device,
-        seed=a.seed, resume=a.resume)
+        seed=a.seed, resume=a.resume, tensorboard=a.tensorboard)
     try:
         final = train(opts)
     except (TrainError, HeadError, CacheError, LabelError, Interrupted, OSError) as e:
@@ -89,7 +92,7 @@ def summary_text(final: dict, out) -> str:
     folds = list(final.get("folds", {}))
     ckpt = f"{folds[0]}..{folds[-1]}/{{best,wa}}.pt" if folds else "best.pt, wa.pt"
     scored = ", per_class.csv" if "best" in final else ""
-    lines.append(f"outputs in {out}: {ckpt}, metrics.json{scored}, curves.png")
+    lines.append(f"outputs in {out}: {ckpt}, metrics.json{scored}, curves.png, report.html")
     return "\n".join(lines)
 
 

@@ -20,14 +20,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from wat.data import figures
 from wat.data.cache import Cache
 from wat.data.files import json_safe
 from wat.data.heads import Features, build_head, head_problems, load_head, save_head
 
+from wat.eval import metrics
+
+from . import board as tb
 from .evaluation import predict, score
 from .inputs import Setup, balanced_weights, batches, epoch_order, prepare, unlabeled_batches
 from .options import Interrupted, TrainError, TrainOptions, milestones, wa_range
-from .outputs import plot_curves, write_metrics, write_per_class
+from .outputs import plot_curves, write_metrics, write_per_class, write_report
 from .state import Fit, load_checkpoint, resume_key, rng_state, save_checkpoint, seed_all, set_rng_state
 from .step import StepConfig, amp, make_optimizer, train_step
 
@@ -76,6 +80,8 @@ def train(opts: TrainOptions) -> dict:
     """Run the whole recipe; writes RUN_DIR outputs and returns the final metrics dict."""
     out = Path(opts.out)
     device = torch.device(opts.device)
+    if opts.tensorboard is not None:
+        tb.check(opts.tensorboard)   # before loading the stores, which can take minutes
     s = prepare(opts, device)
     out.mkdir(parents=True, exist_ok=True)
     a_wa, b_wa = wa_range(opts)
@@ -101,6 +107,21 @@ def train(opts: TrainOptions) -> dict:
         set_rng_state(gen, ck["rng"])
         history, best, start = ck["history"], ck["best"], ck["epoch"]
 
+    board = tb.Board(opts.tensorboard, [f.name for f in fits], start) if opts.tensorboard is not None else None
+    try:
+        best = _epochs(out, opts, s, fits, gen, scaler, autocast, weights, history, best, start, board)
+    finally:
+        if board is not None:
+            board.close()
+    return _finish(out, opts, s, fits, history, best, autocast)
+
+
+def _epochs(out: Path, opts: TrainOptions, s: Setup, fits: list[Fit], gen, scaler, autocast, weights,
+            history: list[dict], best: dict, start: int, board) -> dict:
+    """Epochs start+1..opts.epochs: train, score, choose, checkpoint; returns the chosen epoch."""
+    a_wa, b_wa = wa_range(opts)
+    n_primary = len(s.cache.meta.vocab)
+    metric = "mAP" if s.cfg.multilabel else "accuracy"
     for epoch in range(start, opts.epochs):
         if opts.max_epochs_this_run is not None and epoch - start >= opts.max_epochs_this_run:
             raise Interrupted(f"stopped after epoch {epoch} of {opts.epochs}; continue with --resume")
@@ -114,11 +135,16 @@ def train(opts: TrainOptions) -> dict:
             if fit.eval_idx is not None:
                 probs[fit.name] = predict(fit.head, s.ev.store, fit.eval_idx, s.cfg.multilabel, autocast=autocast)
                 r["score"] = score(s.ev_y[fit.eval_idx], probs[fit.name][:, :n_primary], s.cfg.multilabel)["score"]
+                if board is not None and fit.wa_n:   # the live view also shows the averaged head so far
+                    p = predict(fit.averaged_head(), s.ev.store, fit.eval_idx, s.cfg.multilabel, autocast=autocast)
+                    r["score_wa"] = score(s.ev_y[fit.eval_idx], p[:, :n_primary], s.cfg.multilabel)["score"]
             rec["folds"][fit.name] = r
         folds = rec["folds"].values()
         rec["train_loss"] = float(np.mean([r["train_loss"] for r in folds]))
         if probs:
             rec["score"] = float(np.mean([r["score"] for r in folds]))  # folds: one epoch for all
+        if all("score_wa" in r for r in folds) and folds:
+            rec["score_wa"] = float(np.mean([r["score_wa"] for r in folds]))
         # without an eval set the last epoch is the best one
         if not probs or best["score"] is None or rec["score"] > best["score"]:
             best = {"epoch": epoch + 1, "score": rec.get("score")}
@@ -128,12 +154,13 @@ def train(opts: TrainOptions) -> dict:
         if len(fits) == 1:  # one split: no per-fold level
             rec.update(rec.pop("folds")["main"])
         history.append(rec)
-        save_checkpoint(last, {"epoch": epoch + 1, "options": resume_key(opts), "fits": [f.state() for f in fits],
+        save_checkpoint(out / "last.pt", {"epoch": epoch + 1, "options": resume_key(opts), "fits": [f.state() for f in fits],
                                "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(gen),
                                "history": history, "best": best})
         write_metrics(out, opts, s.info, fits[0].head, history, best, None)
-
-    return _finish(out, opts, s, fits, history, best, autocast)
+        if board is not None:
+            board.epoch(rec, metric)
+    return best
 
 
 def _fit_dir(out: Path, fit: Fit, fits: list) -> Path:
@@ -146,8 +173,7 @@ def _finish(out, opts, s: Setup, fits, history, best, autocast) -> dict:
     vocab, info, multilabel = s.cache.meta.vocab, s.info, s.cfg.multilabel
     wa_scores = {}
     for fit in fits:
-        wa = build_head(info.kind, info.n_layers, info.dim_in, info.n_classes, info.dim)
-        wa.to(next(fit.head.parameters()).device).load_state_dict(fit.averaged())
+        wa = fit.averaged_head()
         save_head(_fit_dir(out, fit, fits) / "wa.pt", wa, info)
         if fit.eval_idx is not None:
             p = predict(wa, s.ev.store, fit.eval_idx, multilabel, autocast=autocast)
@@ -167,6 +193,22 @@ def _finish(out, opts, s: Setup, fits, history, best, autocast) -> dict:
             final.update(mAUC=sc["mAUC"], d_prime=sc["d_prime"], skipped_classes=sc["skipped_classes"])
         write_per_class(out / "per_class.csv", vocab.names, sc["per_class"], s.ev_y[idx].sum(0), multilabel)
     final = json_safe(final)
-    write_metrics(out, opts, info, fits[0].head, history, best, final)
-    plot_curves(out, history, len(fits) > 1, final.get("metric", "score"))
+    record = write_metrics(out, opts, info, fits[0].head, history, best, final)
+    meta, n_clips = s.cache.meta, len(s.cache)
+    ev_cache = s.ev.cache if s.ev is not None and s.ev is not s.data else None
+    if s.ev is None:
+        protocol = "no held-out clips: nothing scored"
+    elif len(fits) > 1:
+        protocol = f"{len(fits)}-fold cross-validation"
+    else:
+        protocol = f"held out: {ev_cache.meta.dataset} eval cache, {len(ev_cache)} clips"
+    kind = info.kind + (f" (dim {info.dim})" if info.dim else "")
+    chance = None if s.ev is None else metrics.chance(s.ev_y[idx] if multilabel else s.ev_y[idx].argmax(1))
+    plot_curves(out, history, len(fits) > 1, final.get("metric", "score"),
+                title=(f"{kind} head on {figures.cache_label(meta, n_clips)}", protocol), chance=chance,
+                wa=final.get("wa"), wa_epochs=wa_range(opts), best_epoch=best["epoch"] if s.ev is not None else None)
+    write_report(out, record, meta, n_clips, protocol=protocol, chance=chance,
+                 per_class=(vocab.names, sc["per_class"], s.ev_y[idx].sum(0)) if s.ev is not None else None,
+                 eval_meta=ev_cache.meta if ev_cache is not None else None,
+                 eval_clips=len(ev_cache) if ev_cache is not None else None)
     return final

@@ -43,6 +43,7 @@ class TrainOptions:
     memory_budget: int | None = None    # bytes for the in-memory store; None = half of free memory
     max_epochs_this_run: int | None = None  # stop (Interrupted) after this many epochs: tests, time limits
     progress: bool | None = None        # tqdm bars; None = only on a terminal
+    tensorboard: str | None = None      # folder for TensorBoard event files (per-epoch scalars); None = off
 
 
 def milestones(epochs: int) -> list[int]:

@@ -2,6 +2,7 @@
 weight-average accumulator, best predictions), every RNG, and the atomic `last.pt` checkpoint."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 from pathlib import Path
@@ -40,6 +41,13 @@ class Fit:
     def averaged(self) -> dict:
         ref = self.head.state_dict()
         return {k: (v / self.wa_n).to(ref[k].dtype) for k, v in self.wa_sum.items()}
+
+    def averaged_head(self):
+        """A copy of the head (same device) holding the weight average so far: wa.pt at the end.
+        A copy, not a fresh build_head: building would draw from the global RNG mid-run."""
+        head = copy.deepcopy(self.head)
+        head.load_state_dict(self.averaged())
+        return head
 
     def state(self) -> dict:
         return {"head": self.head.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
@@ -86,7 +94,7 @@ def seed_all(seed: int) -> torch.Generator:
 def resume_key(opts: TrainOptions) -> dict:
     """The options a resumed run must share with the run that wrote last.pt."""
     d = dataclasses.asdict(opts)
-    for k in ("resume", "max_epochs_this_run", "progress", "memory_budget", "device", "out"):
+    for k in ("resume", "max_epochs_this_run", "progress", "memory_budget", "device", "out", "tensorboard"):
         d.pop(k)
     d["weight_average"] = list(d["weight_average"]) if d["weight_average"] else None
     return d
