@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
 	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
-	$(BIN)/python -m pip install -q -e ".[offline,dev,tensorboard]"
+	$(BIN)/python -m pip install -q -e ".[offline,dev,hf,tensorboard]"
 	# hearvalidator declares a dependency on full tensorflow, which it only uses for TF models;
 	# the HEAR test gives it a stand-in module, so install it without its dependencies.
 	$(BIN)/python -m pip install -q --no-deps hearvalidator==2021.0.2

