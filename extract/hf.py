@@ -93,7 +93,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
         except ImportError:
             raise HFError(f"{path}: reading safetensors needs the `safetensors` package "
-                          "(pip install 'whisper-audio-tagging[hf]')") from None
+                          "(the `hf` extra: pip install safetensors)") from None
         try:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:

