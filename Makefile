@@ -1,26 +1,45 @@
 # Two commands for a new user: `make demo` and `make test`.
-# TORCH_SPEC picks the torch build; override it to keep your usual one, e.g.
+#
+# The torch build. TORCH_SPEC (default torch==2.13.0) is installed first, from TORCH_INDEX when it is
+# set (passed to pip as --index-url). What the default gives depends on where pip looks: on Linux,
+# PyPI's torch==2.13.0 is the CUDA build (several GB); on the machines this project is developed on,
+# pip's own configuration (find-links /opt/wheels) supplies a CPU wheel of that version instead.
+# For a CPU-only build elsewhere:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 #   make test TORCH_SPEC="torch"        (latest from PyPI, CUDA build on Linux)
 #   make test TORCH_SPEC=""             (keep whatever torch the venv already has)
+# A changed TORCH_SPEC or TORCH_INDEX reinstalls torch on the next make, without `make clean`.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 DEMO_DIR ?= demo_out
 DEMO_MODEL ?= base
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the torch choice of the last install; rewritten (and so newer than STAMP) only when it changes
+TORCH_CHOICE := $(VENV)/.torch-choice
+TORCH_LINE := spec=$(TORCH_SPEC) index=$(TORCH_INDEX)
 
-.PHONY: demo test bench venv browser clean
+.PHONY: demo test bench venv browser clean FORCE
 
 venv: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(TORCH_CHOICE): FORCE
+	@mkdir -p $(VENV)
+	@if [ "$$(cat $@ 2>/dev/null)" != '$(TORCH_LINE)' ]; then echo '$(TORCH_LINE)' > $@; fi
+
+$(STAMP): setup.cfg pyproject.toml $(TORCH_CHOICE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
-	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
+	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q \
+		$(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"; fi
+	# venvs made before the distribution was renamed hold an editable install named `wat`
+	if $(BIN)/python -m pip show -f wat 2>/dev/null | grep -q __editable___wat_; then \
+		$(BIN)/python -m pip uninstall -q -y wat; fi
 	$(BIN)/python -m pip install -q -e ".[offline,dev,hf,tensorboard]"
-	# hearvalidator declares a dependency on full tensorflow, which it only uses for TF models;
-	# the HEAR test gives it a stand-in module, so install it without its dependencies.
+	# hearvalidator (the `hear` extra) declares a dependency on full tensorflow, which it only uses
+	# for TF models; the HEAR test gives it a stand-in module, so install it without its dependencies.
 	$(BIN)/python -m pip install -q --no-deps hearvalidator==2021.0.2
 	touch $(STAMP)
 
