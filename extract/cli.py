@@ -5,6 +5,10 @@ import argparse
 import sys
 
 DATASETS = ("esc50", "as20k", "as2m", "aseval", "json", "folder", "csv")
+# --model help of every CLI that loads Whisper (what wat.extract.load_whisper accepts); kept here,
+# not in load.py, so that --help does not import torch
+MODEL_HELP = ("Whisper name (tiny.en, base, large-v2, large-v3, ...; 'large' is large-v3), a .pt file, "
+              "a CTranslate2 or Hugging Face model folder, or a Hugging Face id (openai/whisper-large-v3)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -14,7 +18,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--manifest", help="CSV/JSON manifest (AudioSet segment CSV, AST JSON, path,labels CSV)")
-    p.add_argument("--model", required=True, help="Whisper name (tiny.en, base, large-v1...), .pt file or CTranslate2 folder")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--out", required=True, help="index file to write, e.g. feats.h5 (shards go to feats.shards/)")
     p.add_argument("--policy", choices=("pad30", "trim"), default="pad30",
                    help="pad30: encode 30 s windows like transcription does (default); trim: encode only the clip, faster")

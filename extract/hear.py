@@ -68,7 +68,7 @@ class WhisperHEAR(nn.Module):
 def load_model(model_file_path: str = "", *, layers="all", reduce: str = "mean", policy: str = DEFAULT_POLICY,
                device: str = "cpu", batch_size: int = 16) -> WhisperHEAR:
     """`model_file_path`: anything `wat.extract.load_whisper` accepts (a name such as tiny.en, a .pt file,
-    a CTranslate2 directory); empty = the offline `base` model."""
+    a CTranslate2 or Hugging Face folder, a Hugging Face id); empty = the offline `base` model."""
     return WhisperHEAR(load_whisper(model_file_path or DEFAULT_MODEL, device=device), layers, reduce, policy,
                        batch_size).eval()
 

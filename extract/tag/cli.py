@@ -10,6 +10,7 @@ import tqdm
 from whisper.utils import format_timestamp
 
 from wat.data.audio import AudioError
+from wat.extract.cli import MODEL_HELP
 from wat.extract.load import WhisperLoadError, load_whisper
 from wat.data.heads import HeadError, load_head
 
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "passes (tags add only the head's cost). Undecodable files are reported and skipped.")
     p.add_argument("audio", nargs="+",
                    help="audio files: wav, flac, ogg, mp3, m4a, ... (libsndfile, else PyAV; no ffmpeg binary needed)")
-    p.add_argument("--model", required=True, help="Whisper name (tiny.en, base, large-v2, ...), .pt or CTranslate2 dir")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--head", required=True, help="head checkpoint: wat-train output or an official Whisper-AT head")
     p.add_argument("--time-res", type=_resolution, default=10.0, help="tag window length in seconds (default 10)")
     p.add_argument("--top-k", type=_positive, default=5, help="tags per window (default 5)")
