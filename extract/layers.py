@@ -21,8 +21,22 @@ def log_mel(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
     return torch.stack([whisper.log_mel_spectrogram(a, n_mels) for a in audio])
 
 
+def time_parts(n: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
+    """THE time pooling partition: the frames `[start[i], end[i])` whose mean is pooled part i of
+    `n` frames split into `parts`, `start = floor(i n / parts)`, `end = ceil((i + 1) n / parts)`.
+    These are exactly torch's `adaptive_avg_pool1d` windows (official Whisper-AT pooling, used by
+    extraction below); when `parts` does not divide `n`, neighbouring parts share a frame (frame j
+    belongs to every part whose span [i n/parts, (i+1) n/parts) overlaps [j, j+1)). The tagger
+    pools its windows with the same parts (`wat.extract.tag.grid`)."""
+    if n < 1 or parts < 1:
+        raise ValueError(f"time_parts needs n >= 1 and parts >= 1, got {n}, {parts}")
+    i = np.arange(parts)
+    return (i * n) // parts, -((-(i + 1) * n) // parts)
+
+
 def _pool(x: torch.Tensor, frames: int, n_valid: int | None) -> torch.Tensor:
-    # [B, T, D] -> [B, frames, D]: means over `frames` equal windows of the first n_valid frames
+    # [B, T, D] -> [B, frames, D]: means over the `time_parts` of the first n_valid frames, by the
+    # fused kernel whose windows time_parts spells out (same numbers as the official pooling)
     x = x[:, :n_valid].float().transpose(1, 2)
     return F.adaptive_avg_pool1d(x, frames).transpose(1, 2)
 

@@ -104,11 +104,14 @@ def test_grid_windows_cover_45s_with_overlapping_calls(res, n_windows):
         assert x[0, :, 0].min() >= start - 1e-6 and x[0, :, 0].max() < end
 
 
-def test_grid_short_window_stretches_its_frames_over_the_parts():
+def test_grid_short_window_pools_like_extraction_and_partial_windows_stretch():
     pool = WindowPool(20, 0.2, 0.2, 25)  # 10 encoder frames for 25 parts
     (k, x), = pool.add_call(0, 20, _call_feats(0, 20, 1)) + pool.close()
     times = x[0, :, 0].numpy()
-    np.testing.assert_allclose(sorted(set(times.round(4).tolist())), np.arange(10) * 0.02, atol=1e-6)
+    # fewer frames than parts: the parts extraction makes of a 0.2 s clip (adaptive_avg_pool1d's
+    # windows; a part between two frames is their mean), no longer a nearest-frame stretch
+    expect = torch.nn.functional.adaptive_avg_pool1d(torch.arange(10.0)[None, None] * 0.02, 25)[0, 0]
+    np.testing.assert_allclose(times, expect.numpy(), atol=1e-6)
     assert (np.diff(times) >= 0).all() and times[0] == 0 and times[-1] == pytest.approx(0.18)
     # a window only partly covered (clip_timestamps): its 1 s of frames fill all 25 parts in order
     pool = WindowPool(500, 5.0, 5.0, 25)
@@ -326,3 +329,29 @@ def test_cli_errors_are_one_line(tiny_model, speech_wav, tmp_path, capsys):
     code = main([str(speech_wav), "--model", "tiny.en", "--head", str(tmp_path / "missing.pt")])
     err = capsys.readouterr().err
     assert code == 2 and "missing.pt" in err
+
+
+def test_extraction_and_tagging_pool_a_7_3_s_clip_identically(tiny_model):
+    """365 encoder frames into 25 parts (14.6 frames each): the cache's pooling (LayerTaps, as
+    encode_layers runs it) and wat-tag's window pooling see the same parts of the same frames."""
+    from wat.extract import LayerTaps
+    from wat.extract.layers import time_parts
+    audio = _noise(7.3)
+    content = len(audio) // 160                     # 730 mel frames
+    n_valid = -(-len(audio) // 320)                 # 365 encoder frames, as encode_layers counts them
+    mel = whisper.log_mel_spectrogram(audio, 80, padding=whisper.audio.N_SAMPLES)
+    segment = whisper.pad_or_trim(mel[:, :content], 3000)
+    per_frame = []
+    hooks = [b.register_forward_hook(lambda m, i, o: per_frame.append(o[0])) for b in tiny_model.encoder.blocks]
+    with torch.no_grad(), LayerTaps(tiny_model.encoder, 25, n_valid=n_valid) as taps:
+        tiny_model.encoder(segment[None])
+    for h in hooks:
+        h.remove()
+    cache_pooled = taps.pooled[0]                                   # [L, 25, D]
+    pool = WindowPool(content, len(audio) / 16000, 10.0, 25)
+    (k, tag_pooled), = pool.add_call(0, content, torch.stack(per_frame, 1)[:n_valid]) + pool.close()
+    assert k == 0 and tag_pooled.shape == cache_pooled.shape
+    torch.testing.assert_close(tag_pooled, cache_pooled, atol=1e-5, rtol=1e-5)
+    # the parts overlap by a frame where 25 does not divide 365, as in adaptive_avg_pool1d
+    start, end = time_parts(365, 25)
+    assert (start[0], end[0], start[1], end[1]) == (0, 15, 14, 30)

@@ -2,14 +2,15 @@
 
 Whisper's transcription seeks by decoded timestamps, so its 30 s encoder windows start at arbitrary
 offsets and overlap. Here every encoder frame is placed by its absolute position in the file, so a
-tag window covers the same stretch of audio whatever the transcription did. Each tag window is split
-into `n_frames` equal parts (the head's time axis: 25 parts of 0.4 s for a 10 s window, as in the
-training cache); a part's features are the mean of the encoder frames that start in it. For
-`res != 10` the head thus sees a resampled time axis (parts of res/25 s); the last, partial window is
-split into `n_frames` parts of its own length, as the cache pools a short clip. When some parts
-have no frame (a window shorter than `n_frames` encoder frames, or one that `clip_timestamps` only
-partly covers), the non-empty parts are stretched over the `n_frames` (nearest neighbour): the
-window is tagged from the frames it has.
+tag window covers the same stretch of audio whatever the transcription did. A window holds the
+encoder frames of its stretch as a clip of that length holds them in the cache (frame j of the
+window starts at mel frame 2j after the window start; a frame of an odd-seek call counts as the
+frame slot it starts in), and is pooled into `n_frames` parts by the same partition as extraction
+(`wat.extract.layers.time_parts`: 25 parts of 0.4 s for a 10 s window, as in the training cache).
+So a head applied here sees what it was trained on, also for windows whose frame count `n_frames`
+does not divide (a 7.3 s file, the last partial window, `res != 10`). When some parts have no
+frame (a window that `clip_timestamps` only partly covers), the non-empty parts are stretched over
+the `n_frames` (nearest neighbour): the window is tagged from the frames it has.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import math
 
 import torch
 from whisper.audio import FRAMES_PER_SECOND
+
+from wat.extract.layers import time_parts
 
 MIN_RES = 0.1  # seconds; below ~5 encoder frames per window tags mean little
 
@@ -60,14 +63,22 @@ class WindowPool:
         self._commit()
         return self._finish()
 
+    def slots(self, k: int) -> tuple[int, int]:
+        """(first frame slot, number of slots) of window k: the encoder frames a clip of the
+        window's length has (slot s starts at mel frame 2s)."""
+        first = math.ceil(k * self.res_mel / 2 - 1e-9)
+        end = math.ceil(min((k + 1) * self.res_mel, self.content_frames) / 2 - 1e-9)
+        return first, max(1, end - first)
+
     def place(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Absolute frame starts (mel frames) -> (window, part) indices."""
-        a = starts.double()
-        k = torch.floor(a / self.res_mel).long().clamp_(0, self.n_windows - 1)
-        first = k.double() * self.res_mel
-        length = torch.clamp(self.content_frames - first, max=self.res_mel)
-        t = torch.floor((a - first) * self.n_frames / length).long().clamp_(0, self.n_frames - 1)
-        return k, t
+        """Absolute frame starts (mel frames) -> (window, frame slot within the window)."""
+        k = torch.floor(starts.double() / self.res_mel).long().clamp_(0, self.n_windows - 1)
+        j = torch.div(starts, 2, rounding_mode="floor").long()
+        for w in k.unique().tolist():
+            first, n = self.slots(w)
+            sel = k == w
+            j[sel] = (j[sel] - first).clamp_(0, n - 1)
+        return k, j
 
     def _commit(self, next_seek: int | None = None, next_size: int = 0) -> None:
         # add the previous call's frames, except those the next call covers again
@@ -79,16 +90,19 @@ class WindowPool:
         if next_seek is not None:
             keep = (starts < next_seek) | (starts >= next_seek + next_size)
             starts, feats = starts[keep], feats[keep.to(feats.device)]
-        k, t = self.place(starts)
+        k, j = self.place(starts)
         for w in k.unique().tolist():
             if w in self._done:
                 continue
             sel = (k == w).nonzero().squeeze(1)
+            start, end = (torch.from_numpy(b) for b in time_parts(self.slots(w)[1], self.n_frames))
+            member = (start[:, None] <= j[sel][None]) & (j[sel][None] < end[:, None])  # [parts, frames]
             if w not in self._sums:
                 self._sums[w] = feats.new_zeros((self.n_frames, *feats.shape[1:]), dtype=torch.float32)
                 self._counts[w] = torch.zeros(self.n_frames, dtype=torch.long)
-            self._sums[w].index_add_(0, t[sel].to(feats.device), feats[sel.to(feats.device)].float())
-            self._counts[w].index_add_(0, t[sel], torch.ones_like(sel))
+            x = feats[sel.to(feats.device)].float()
+            self._sums[w] += torch.einsum("pn,nld->pld", member.to(x.device, x.dtype), x)
+            self._counts[w] += member.sum(1)
 
     def _finish(self, before: float = math.inf) -> list[tuple[int, torch.Tensor]]:
         """Hand out the windows with frames that end at or before mel frame `before`, as
