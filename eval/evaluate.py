@@ -65,16 +65,6 @@ def tune_thresholds(targets: np.ndarray, probs: np.ndarray, default: float) -> t
     return thr, f1, skipped
 
 
-def _f1_at(targets, probs, thr) -> tuple[float | None, float | None]:
-    """(macro-F1 over classes with positives, micro-F1) of the decisions probs >= thr."""
-    pred = probs >= thr[None, :]
-    tp, pos, called = (targets & pred).sum(0), targets.sum(0), pred.sum(0)
-    has = pos > 0
-    macro = float(np.mean(2 * tp[has] / (pos[has] + called[has]))) if has.any() else None
-    micro = float(2 * tp.sum() / (pos.sum() + called.sum())) if pos.sum() + called.sum() else None
-    return macro, micro
-
-
 def _export_thresholds(out: Path, head, info: HeadInfo, tuned: dict, vocab: Vocabulary, head_path) -> None:
     thr, f1 = tuned["thresholds"], tuned["f1"]
     write_csv(out / "thresholds.csv", ["class", "name", "threshold", "tune_f1"],
@@ -151,14 +141,11 @@ def evaluate(features, head_path, out_dir, opts: EvalOptions | None = None) -> d
     elif info.thresholds:
         thr, source = np.asarray(info.thresholds[:n], np.float64), "stored in the head"
     if thr is not None and info.multilabel:
-        macro, micro = _f1_at(y, probs, thr)
+        macro, micro = metrics.decision_f1(y, probs >= thr[None, :])
         result["decisions"] = {"thresholds": source, "macro_f1": macro, "micro_f1": micro}
 
-    order = sorted(range(n), key=lambda c: (s.per_class[c] is None, -(s.per_class[c] or 0.0)))
-    header = ["rank", "class", "name", "AP", "AUC", "support"] + (["F1"] if s.per_class_f1 else [])
-    rows = [(r + 1, vocab.keys[c], vocab.names[c], s.per_class[c], s.per_class_auc[c], int(y[:, c].sum()))
-            + ((s.per_class_f1[c],) if s.per_class_f1 else ()) for r, c in enumerate(order)]
-    write_csv(out / "per_class.csv", header, rows)
+    write_csv(out / "per_class.csv", *metrics.per_class_table(vocab.keys, vocab.names, s, y.sum(0)))
+    order = metrics.ap_ranking(s)
     by_f1 = not info.multilabel   # single-label: class-wise F1 of the arg-max, as in the paper's ESC-50 figures
     report.plot_per_class(s.per_class_f1 if by_f1 else s.per_class, vocab.names, out / "per_class.png",
                           metric="F1" if by_f1 else "AP", overall=s.macro_f1 if by_f1 else s.mAP,

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy.stats import norm
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from wat.data.files import json_safe
 
@@ -37,6 +37,22 @@ class Scores:
     def to_dict(self) -> dict:
         """JSON-safe: non-finite floats (d' of a perfect AUC is infinite) become None."""
         return json_safe(asdict(self))
+
+
+def ap_ranking(s: Scores) -> list[int]:
+    """Class indices by AP, highest first; classes without AP last."""
+    return sorted(range(s.n_classes), key=lambda c: (s.per_class[c] is None, -(s.per_class[c] or 0.0)))
+
+
+def per_class_table(keys, names, s: Scores, support, *, ranked: bool = True) -> tuple[list[str], list[tuple]]:
+    """(header, rows) of the per-class CSV that wat-train and wat-eval both write: AP rank, class
+    key, name, AP, AUC, F1 (single-label scores only), support. Rows by AP rank, or in class order."""
+    rank = {c: r + 1 for r, c in enumerate(ap_ranking(s))}
+    header = ["rank", "class", "name", "AP", "AUC", "support"] + (["F1"] if s.per_class_f1 else [])
+    rows = [(rank[c], keys[c], names[c], s.per_class[c], s.per_class_auc[c], int(support[c]))
+            + ((s.per_class_f1[c],) if s.per_class_f1 else ())
+            for c in (ap_ranking(s) if ranked else range(s.n_classes))]
+    return header, rows
 
 
 def _mean(values) -> float | None:
@@ -143,15 +159,32 @@ def confusion_matrix(y_true, y_pred, n_classes: int) -> np.ndarray:
     return cm
 
 
-def per_class_f1(y_true, y_pred, n_classes: int) -> np.ndarray:
-    """F1 per class; NaN for classes absent from y_true (undefined recall) — macro_f1 skips them."""
-    cm = confusion_matrix(y_true, y_pred, n_classes)
-    tp = np.diag(cm).astype(np.float64)
-    support, predicted = cm.sum(1), cm.sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = 2 * tp / (support + predicted)
-    f1[support == 0] = np.nan
+def multilabel_f1(targets, decisions) -> np.ndarray:
+    """THE F1: per class of [N, C] yes/no decisions, 2TP / (positives + predicted) (sklearn's
+    f1_score per column); NaN for classes without positives (undefined recall), which means skip."""
+    t, d = np.asarray(targets, bool), np.asarray(decisions, bool)
+    if t.ndim != 2 or t.shape != d.shape:
+        raise ValueError(f"targets {t.shape} and decisions {d.shape} must both be [N, C]")
+    f1 = np.asarray(f1_score(t, d, average=None, zero_division=0.0), np.float64)
+    f1[~t.any(0)] = np.nan
     return f1
+
+
+def decision_f1(targets, decisions) -> tuple[float | None, float | None]:
+    """(macro-F1 over the classes with positives, micro-F1) of [N, C] decisions; None where undefined."""
+    t, d = np.asarray(targets, bool), np.asarray(decisions, bool)
+    f1 = multilabel_f1(t, d)
+    has = ~np.isnan(f1)
+    macro = float(f1[has].mean()) if has.any() else None
+    micro = float(f1_score(t, d, average="micro", zero_division=0.0)) if t.any() or d.any() else None
+    return macro, micro
+
+
+def per_class_f1(y_true, y_pred, n_classes: int) -> np.ndarray:
+    """Single-label F1 per class (one-vs-rest decisions of the predicted class); NaN for classes
+    absent from y_true (undefined recall) — macro_f1 skips them."""
+    eye = np.eye(n_classes, dtype=bool)
+    return multilabel_f1(eye[np.asarray(y_true, np.int64)], eye[np.asarray(y_pred, np.int64)])
 
 
 def macro_f1(y_true, y_pred, n_classes: int) -> tuple[float | None, list[int]]:

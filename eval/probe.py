@@ -321,16 +321,6 @@ def run_tasks(tasks: list[tuple], opts: ProbeOptions):
 
 # ---------------------------------------------------------------- the whole probe
 
-def _binary_f1(t: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Per-class F1 of multi-label decisions; NaN where a class has no positives."""
-    tp = (t & p).sum(0).astype(np.float64)
-    denom = t.sum(0) + p.sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = 2 * tp / denom
-    f1[t.sum(0) == 0] = np.nan
-    return f1
-
-
 def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> ProbeReport:
     """Probe every selected layer (and the fusion baselines) of one or more aligned caches."""
     opts = opts or ProbeOptions()
@@ -379,7 +369,7 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
                 raise ProbeError("a test fold has no positive label at all: too few labelled clips to probe")
             skipped.update(s.skipped_classes)
             fold_scores[feat][k] = s.mAP
-            fold_f1[feat][k] = float(np.nanmean(_binary_f1(y_test[te], probs >= 0.5)))
+            fold_f1[feat][k] = float(np.nanmean(metrics.multilabel_f1(y_test[te], probs >= 0.5)))
         else:
             pred = probs.argmax(1)
             fold_scores[feat][k] = metrics.accuracy(y_test[te], pred)
@@ -388,7 +378,7 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
         if not left[feat]:   # class-wise figures on the pooled test folds, then free the [N, C] array
             p = pooled.pop(feat)
             if multilabel:
-                cw = _binary_f1(y_test, p >= 0.5)
+                cw = metrics.multilabel_f1(y_test, p >= 0.5)
                 ap = np.array([np.nan if v is None else v for v in metrics.per_class_ap(y_test, p)[0]])
             else:
                 cw, ap = metrics.per_class_f1(y_test, p.argmax(1), n_classes), None

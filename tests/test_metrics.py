@@ -107,3 +107,15 @@ def test_chance_scores():
     y = rng.random((4000, 3)) < np.array([0.1, 0.3, 0.5])
     assert chance(np.c_[y, np.zeros((4000, 1), bool)]) == pytest.approx(y.mean(0).mean())   # empty class skipped
     assert multilabel_scores(y, rng.random(y.shape)).mAP == pytest.approx(chance(y), abs=0.02)
+
+
+def test_multilabel_f1_and_decision_f1():
+    t = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 0]], bool)
+    d = np.array([[1, 1, 0], [0, 1, 0], [0, 1, 1], [1, 0, 0]], bool)
+    f1 = metrics.multilabel_f1(t, d)
+    # 2TP / (positives + predicted): class 0 2*1/(2+2), class 1 2*2/(2+3), class 2 no positives
+    np.testing.assert_allclose(f1[:2], [0.5, 0.8])
+    assert math.isnan(f1[2])
+    macro, micro = metrics.decision_f1(t, d)
+    assert macro == pytest.approx(0.65) and micro == pytest.approx(2 * 3 / (4 + 6))
+    assert metrics.decision_f1(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == (None, None)

@@ -191,7 +191,7 @@ def _finish(out, opts, s: Setup, fits, history, best, autocast) -> dict:
             final["pooled_heldout"] = sc["score"]
         if multilabel:
             final.update(mAUC=sc["mAUC"], d_prime=sc["d_prime"], skipped_classes=sc["skipped_classes"])
-        write_per_class(out / "per_class.csv", vocab.names, sc["per_class"], s.ev_y[idx].sum(0), multilabel)
+        write_per_class(out / "per_class.csv", vocab, sc["scores"], s.ev_y[idx].sum(0))
     final = json_safe(final)
     record = write_metrics(out, opts, info, fits[0].head, history, best, final)
     meta, n_clips = s.cache.meta, len(s.cache)

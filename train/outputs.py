@@ -10,6 +10,8 @@ import numpy as np
 from wat.data import figures, htmlreport as H
 from wat.data.files import write_csv, write_json
 from wat.data.heads import HeadInfo, n_parameters
+from wat.data.labels import Vocabulary
+from wat.eval import metrics
 
 from .options import TrainOptions, milestones, wa_range
 
@@ -27,9 +29,9 @@ def write_metrics(out: Path, opts: TrainOptions, info: HeadInfo, head, history: 
     return d
 
 
-def write_per_class(path: Path, names, values, support, multilabel: bool) -> None:
-    write_csv(path, ["name", "AP" if multilabel else "F1", "support"],
-              [(name, "" if v is None else f"{v:.6f}", int(n)) for name, v, n in zip(names, values, support)])
+def write_per_class(path: Path, vocab: Vocabulary, scores: metrics.Scores, support) -> None:
+    """wat-eval's per-class columns (metrics.per_class_table), rows in class order."""
+    write_csv(path, *metrics.per_class_table(vocab.keys, vocab.names, scores, support, ranked=False))
 
 
 def plot_curves(out: Path, history: list[dict], per_fold: bool, metric: str, *, title=(), chance=None,
