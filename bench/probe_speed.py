@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from wat.data.cache import CacheMeta, build_index, shard_path, write_shard
+from wat.data.synthetic import synthetic_meta, write_synthetic_cache
 from wat.data.labels import Vocabulary
 from wat.eval.probe import ProbeOptions, probe
 
@@ -20,20 +20,15 @@ def synthetic_cache(root, n, n_classes, n_layers=6, dim=512, seed=0) -> str:
     rng = np.random.default_rng(seed)
     vocab = Vocabulary(tuple(f"c{i}" for i in range(n_classes)), tuple(f"class {i}" for i in range(n_classes)))
     # n_frames=1: the probe reads only the time mean, so the per-frame features need not be big
-    meta = CacheMeta(model="synthetic-base", fingerprint="0" * 16, n_layers=n_layers, n_frames=1, dim=dim,
-                     policy="trim", pooling="mean:1", sample_rate=16000, clip_seconds=5.0, vocab=vocab,
-                     multilabel=False, dataset="bench")
+    meta = synthetic_meta(model="synthetic-base", n_layers=n_layers, n_frames=1, dim=dim, vocab=vocab,
+                          multilabel=False, dataset="bench")
     y = np.arange(n) % n_classes
     centers = rng.normal(size=(n_classes, dim)).astype(np.float32)
     x = rng.normal(size=(n, n_layers, 1, dim)).astype(np.float32)
     x += (np.linspace(0.02, 0.2, n_layers)[None, :, None, None] * centers[y][:, None, None, :])
     folds = (np.arange(n) // n_classes) % 5 + 1
-    paths = []
-    for s, (a, b) in enumerate([(0, n // 2), (n // 2, n)]):
-        paths.append(shard_path(f"{root}/shards", s))
-        write_shard(paths[-1], meta, [f"clip{i:05d}" for i in range(a, b)], x[a:b],
-                    [(int(c),) for c in y[a:b]], folds=folds[a:b])
-    build_index(f"{root}/feats.h5", paths)
+    write_synthetic_cache(f"{root}/feats.h5", meta, x, [(int(c),) for c in y], folds=folds,
+                          shards=[n // 2, n - n // 2], shard_dir=f"{root}/shards")
     return f"{root}/feats.h5"
 
 

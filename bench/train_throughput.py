@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wat.data.cache import CacheMeta, build_index, open_cache, shard_path, write_shard
+from wat.data.cache import open_cache
 from wat.data.labels import audioset_vocabulary
 from wat.data.readers import FeatureStore
+from wat.data.synthetic import synthetic_meta, write_synthetic_cache
 from wat.data.heads import build_head, head_field
 from wat.train.inputs import batches
 from wat.train.step import StepConfig, amp, make_optimizer, train_step
@@ -35,16 +36,17 @@ def make_cache(folder: Path, n: int, n_layers: int, dim: int, shard_clips: int =
     if index.exists():
         return index
     vocab = audioset_vocabulary()
-    meta = CacheMeta("synthetic", "0" * 16, n_layers, 25, dim, "trim", "mean:25", 16000, 10.0, vocab, True, "bench")
+    meta = synthetic_meta(vocab=vocab, multilabel=True, n_layers=n_layers, n_frames=25, dim=dim, clip_seconds=10.0,
+                          dataset="bench")
     rng = np.random.default_rng(0)
-    paths = []
-    for s, a in enumerate(range(0, n, shard_clips)):
-        b = min(n, a + shard_clips)
-        x = rng.standard_normal((b - a, n_layers, 25, dim), dtype=np.float32).astype(np.float16)
-        labels = [tuple(sorted(set(rng.integers(0, len(vocab), 2).tolist()))) for _ in range(b - a)]
-        paths.append(shard_path(folder, s))
-        write_shard(paths[-1], meta, [f"c{i:07d}" for i in range(a, b)], x, labels)
-    build_index(index, paths)
+    labels = [tuple(sorted(set(rng.integers(0, len(vocab), 2).tolist()))) for _ in range(n)]
+    feats = np.random.default_rng(1)  # one shard at a time: a large cache never sits in memory
+
+    def rows(a, b):
+        return feats.standard_normal((b - a, n_layers, 25, dim), dtype=np.float32).astype(np.float16)
+
+    write_synthetic_cache(index, meta, rows, labels, ids=[f"c{i:07d}" for i in range(n)],
+                          shards=[min(shard_clips, n - a) for a in range(0, n, shard_clips)])
     return index
 
 

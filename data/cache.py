@@ -61,8 +61,10 @@ class CacheError(Exception):
     """A cache that cannot be used as asked: missing/partial/mismatched shard, bad schema, bad input."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CacheMeta:
+    """What the features of a cache are (keyword-only: a dozen fields of similar types)."""
+
     model: str
     fingerprint: str
     n_layers: int

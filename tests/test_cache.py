@@ -13,6 +13,7 @@ from wat.data.cache import (CacheError, CacheMeta, build_index, info, open_cache
                             write_shard)
 from wat.data.cache_cli import main as cache_main
 from wat.data.labels import Vocabulary
+from wat.data.synthetic import write_synthetic_cache
 
 N, L, T, D, C = 50, 4, 25, 16, 6
 VOCAB = Vocabulary(tuple(f"/m/{i}" for i in range(C)), tuple(f"class {i}" for i in range(C)))
@@ -40,13 +41,8 @@ def write_cache(folder, meta=None, sizes=(20, 20, 10), seed=0):
     """Shards of the given sizes under folder/shards, index folder/feats.h5; returns the data."""
     meta = meta or make_meta()
     ids, feats, labels, folds, durs = make_data(sum(sizes), seed)
-    paths, a = [], 0
-    for i, k in enumerate(sizes):
-        p = shard_path(folder / "shards", i)
-        write_shard(p, meta, ids[a:a + k], feats[a:a + k], labels[a:a + k], folds[a:a + k], durs[a:a + k])
-        paths.append(p)
-        a += k
-    build_index(folder / "feats.h5", paths)
+    paths = write_synthetic_cache(folder / "feats.h5", meta, feats, labels, ids=ids, folds=folds, durations=durs,
+                                  shards=list(sizes), shard_dir=folder / "shards")
     return folder / "feats.h5", paths, (ids, feats, labels, folds, durs)
 
 

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from wat.data.cache import CacheMeta, build_index, shard_path, write_shard
 from wat.data.labels import Vocabulary
+from wat.data import synthetic
 from wat.eval import probe as P
 from wat.eval.cli import probe_main
 from wat.eval.report import write_probe
@@ -18,9 +18,8 @@ def write_synthetic_cache(root, *, n=150, n_layers=4, dim=12, n_classes=5, infor
     """Class-dependent means on layer `informative` only, unit noise everywhere. Returns feats.h5."""
     rng = np.random.default_rng(seed)
     vocab = Vocabulary(tuple(f"k{i}" for i in range(n_classes)), tuple(f"class {i}" for i in range(n_classes)))
-    meta = CacheMeta(model=model, fingerprint=fingerprint, n_layers=n_layers, n_frames=n_frames, dim=dim,
-                     policy="trim", pooling=f"mean:{n_frames}", sample_rate=16000, clip_seconds=5.0,
-                     vocab=vocab, multilabel=multilabel, dataset="synthetic")
+    meta = synthetic.synthetic_meta(model=model, fingerprint=fingerprint, n_layers=n_layers, n_frames=n_frames, dim=dim,
+                          vocab=vocab, multilabel=multilabel)
     # caches with the same seed share labels (whatever their shape) and class centres (whatever n);
     # centers_seed: the same classes with other clips
     if multilabel:
@@ -35,13 +34,8 @@ def write_synthetic_cache(root, *, n=150, n_layers=4, dim=12, n_classes=5, infor
     x[:, informative] += signal[:, None, :]
     ids = ids or [f"clip{i:05d}" for i in range(n)]
     fold = np.arange(n) % 5 + 1 if folds else None
-    bounds = np.linspace(0, n, shards + 1).astype(int)
-    paths = []
-    for s in range(shards):
-        a, b = bounds[s], bounds[s + 1]
-        paths.append(shard_path(root / "shards", s))
-        write_shard(paths[-1], meta, ids[a:b], x[a:b], labels[a:b], folds=None if fold is None else fold[a:b])
-    build_index(root / "feats.h5", paths)
+    synthetic.write_synthetic_cache(root / "feats.h5", meta, x, labels, ids=ids, folds=fold, shards=shards,
+                                    shard_dir=root / "shards")
     return root / "feats.h5"
 
 

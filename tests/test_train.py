@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from wat.data.cache import CacheMeta, build_index, shard_path, write_shard
+from wat.data.synthetic import synthetic_meta, write_synthetic_cache
 from wat.data.labels import Vocabulary, audioset_vocabulary
 from wat.train import cli
 from wat.data.heads import build_head, load_head
@@ -23,16 +23,11 @@ def write_cache(folder, vocab, labels, multilabel, seed=0, folds=None, n_shards=
     x = rng.normal(size=(n, L, T, D))
     for i, lab in enumerate(labels):
         x[i] += means[list(lab)].sum(0)
-    meta = CacheMeta("tiny-test", "f1ng3r", L, T, D, "trim", f"mean:{T}", 16000, 5.0, vocab, multilabel, "synthetic")
+    meta = synthetic_meta(model="tiny-test", fingerprint="f1ng3r", n_layers=L, n_frames=T, dim=D, vocab=vocab,
+                          multilabel=multilabel)
     folder.mkdir()
-    bounds = np.linspace(0, n, n_shards + 1).astype(int)
-    paths = []
-    for s in range(n_shards):
-        a, b = bounds[s], bounds[s + 1]
-        paths.append(shard_path(folder, s))
-        write_shard(paths[-1], meta, [f"clip{i:04d}" for i in range(a, b)], x[a:b], labels[a:b],
-                    folds=None if folds is None else folds[a:b])
-    build_index(folder / "feats.h5", paths)
+    write_synthetic_cache(folder / "feats.h5", meta, x, labels, ids=[f"clip{i:04d}" for i in range(n)], folds=folds,
+                          shards=n_shards)
     return folder / "feats.h5"
 
 
