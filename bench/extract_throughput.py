@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from wat.data.audio import fit_length, load_audio
+from wat.data.cache import POLICIES
 from wat.data.datasets import load_dataset
 from wat.data.demo import CLASSES, make_demo
 from wat.extract.layers import LayerTaps, log_mel, short_input
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="base")
     p.add_argument("--random-weights", metavar="NAME", help="a random-weight model of these dims (large-v1)")
-    p.add_argument("--policy", default="trim", choices=("pad30", "trim"))
+    p.add_argument("--policy", default="trim", choices=POLICIES)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-workers", type=int, default=None)

@@ -57,6 +57,9 @@ _META_KEYS = ("model", "fingerprint", "n_layers", "n_frames", "dim", "policy", "
 _STR = h5py.string_dtype("utf-8")
 
 
+POLICIES = ("pad30", "trim")  # what the encoder sees: 30 s windows as in ASR, or only the clip
+
+
 class CacheError(Exception):
     """A cache that cannot be used as asked: missing/partial/mismatched shard, bad schema, bad input."""
 
@@ -70,7 +73,7 @@ class CacheMeta:
     n_layers: int
     n_frames: int
     dim: int
-    policy: str          # "pad30" | "trim"
+    policy: str          # one of POLICIES
     pooling: str         # e.g. "mean:25"
     sample_rate: int
     clip_seconds: float

@@ -6,7 +6,7 @@ import sys
 from collections import Counter
 
 from .audio import AudioError
-from .datasets import KINDS, DatasetError, load_dataset, problem_counts
+from .datasets import DATASET_KINDS, DatasetError, load_dataset, problem_counts
 from .demo import CLASSES, make_demo
 
 
@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     demo.add_argument("--clips-per-class", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
     show = sub.add_parser("list", help="load a dataset and print counts, classes and skipped rows")
-    show.add_argument("--dataset", required=True, choices=KINDS)
+    show.add_argument("--dataset", required=True, choices=DATASET_KINDS)
     show.add_argument("--root", required=True, help="dataset folder (audio is looked up under it)")
     show.add_argument("--manifest", help="manifest file or folder, when not in the default place")
     show.add_argument("--problems", type=int, default=5, help="how many skipped rows to show (default 5)")

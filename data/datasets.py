@@ -26,7 +26,7 @@ AUDIOSET_SPLITS = {
     "as2m": ("balanced_train_segments.csv", "unbalanced_train_segments.csv"),
     "aseval": ("eval_segments.csv",),
 }
-KINDS = ("esc50", *AUDIOSET_SPLITS, "json", "folder", "csv")
+DATASET_KINDS = ("esc50", *AUDIOSET_SPLITS, "json", "folder", "csv")
 MID = re.compile(r"^/[a-z]/[0-9a-z_]+$")
 
 
@@ -63,15 +63,15 @@ def problem_counts(problems) -> Counter:
 
 
 def load_dataset(kind: str, root, manifest=None, *, clip_seconds: float | None = None) -> Dataset:
-    """Load a dataset of `kind` (one of `KINDS`) from `root`; `manifest` overrides where its list lives.
+    """Load a dataset of `kind` (one of `DATASET_KINDS`) from `root`; `manifest` overrides where its list lives.
 
     esc50: root/meta/esc50.csv (or `manifest`) and root/audio/. as20k/as2m/aseval: the official segment
     CSVs in `manifest` (a file or a folder; default root), audio found anywhere under root by YTID.
     json: an AST-style manifest (`manifest`, or root when it is a file). folder: root/CLASS/*.wav.
     csv: a `path,labels[,fold]` file (`manifest`, or root when it is a file).
     """
-    if kind not in KINDS:
-        raise DatasetError(f"unknown dataset kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind not in DATASET_KINDS:
+        raise DatasetError(f"unknown dataset kind {kind!r}; expected one of {', '.join(DATASET_KINDS)}")
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"{kind}: {root} does not exist")

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-DATASETS = ("esc50", "as20k", "as2m", "aseval", "json", "folder", "csv")
+from wat.data.cache import POLICIES
+from wat.data.datasets import DATASET_KINDS
+
 # --model help of every CLI that loads Whisper (what wat.extract.load_whisper accepts); kept here,
 # not in load.py, so that --help does not import torch
 MODEL_HELP = ("Whisper name (tiny.en, base, large-v2, large-v3, ...; 'large' is large-v3), a .pt file, "
@@ -15,12 +17,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wat-extract", description=__doc__,
         epilog="Rerunning the same command resumes: finished shards are kept, unfinished ones redone.")
-    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--dataset", required=True, choices=DATASET_KINDS)
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--manifest", help="CSV/JSON manifest (AudioSet segment CSV, AST JSON, path,labels CSV)")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--out", required=True, help="index file to write, e.g. feats.h5 (shards go to feats.shards/)")
-    p.add_argument("--policy", choices=("pad30", "trim"), default="pad30",
+    p.add_argument("--policy", choices=POLICIES, default="pad30",
                    help="pad30: encode 30 s windows like transcription does (default); trim: encode only the clip, faster")
     p.add_argument("--frames", type=int, default=25, help="pooled frames per clip (default 25)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")

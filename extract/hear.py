@@ -14,7 +14,9 @@ import torch
 from torch import nn
 from whisper.audio import N_SAMPLES
 
-from .layers import POLICIES, encode_layers
+from wat.data.cache import POLICIES
+
+from .layers import encode_layers
 from .load import fingerprint, load_whisper, model_name
 
 DEFAULT_MODEL = "base"

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import whisper
 from whisper.audio import HOP_LENGTH, N_SAMPLES
 
-POLICIES = ("pad30", "trim")
+from wat.data.cache import POLICIES
+
 
 
 def log_mel(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:

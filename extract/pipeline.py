@@ -69,8 +69,8 @@ class ExtractOptions:
     progress: bool | None = None      # tqdm's disable=None: a bar on a TTY only
 
     def check(self) -> None:
-        if self.policy not in ("pad30", "trim"):
-            raise ExtractError(f"unknown policy {self.policy!r} (pad30 or trim)")
+        if self.policy not in wcache.POLICIES:
+            raise ExtractError(f"unknown policy {self.policy!r} ({' or '.join(wcache.POLICIES)})")
         for name in ("frames", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ExtractError(f"{name} must be >= 1, got {getattr(self, name)}")
