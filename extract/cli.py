@@ -55,9 +55,9 @@ def main(argv=None) -> int:
         if args.scheduler or args.local_workers:
             if args.local_workers is not None and args.local_workers < 1:
                 raise ExtractError("--local-workers must be >= 1")
-            from .cluster import connect
+            from .cluster import DaskRunner, connect
             with connect(args.scheduler, args.local_workers, options.device) as client:
-                summary = extract_dataset(dataset, options, args.out, client=client)
+                summary = extract_dataset(dataset, options, args.out, runner=DaskRunner(client))
         else:
             summary = extract_dataset(dataset, options, args.out)
     except (DatasetError, ExtractError, WhisperLoadError, CacheError, OSError) as e:

@@ -81,6 +81,19 @@ def _shard_task(clips, options: ExtractOptions, path: str, meta) -> ShardResult:
     return extract_shard(model, clips, options, path, meta)
 
 
+class DaskRunner:
+    """The `pipeline.ShardRunner` of a dask.distributed Client: `extract_dataset(..., runner=DaskRunner(client))`."""
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    def cache_meta(self, dataset: Dataset, options: ExtractOptions, clip_seconds: float):
+        return model_meta(self.client, dataset, options, clip_seconds)
+
+    def run_shards(self, todo, options: ExtractOptions, shard_dir: Path, meta) -> list[ShardResult]:
+        return run_shards(self.client, todo, options, shard_dir, meta)
+
+
 def model_meta(client: Client, dataset: Dataset, options: ExtractOptions, clip_seconds: float):
     """The cache meta, computed on a worker (which keeps the model loaded for its shards)."""
     light = dataclasses.replace(dataset, clips=[], problems=[])  # the clip list is not needed there

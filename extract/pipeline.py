@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -52,6 +53,22 @@ MAX_SECONDS = 30.0  # the encoder has 1500 positions = 30 s
 
 class ExtractError(Exception):
     """The run cannot start or finish: mismatched output, bad options, failed shards."""
+
+
+class RunnerConflict(ExtractError):
+    """A loaded `model` was passed together with a `runner`: the runner's workers load their own
+    model from `options.model`, so the loaded one would be silently ignored."""
+
+
+class ShardRunner(Protocol):
+    """Runs shards elsewhere (e.g. `wat.extract.cluster.DaskRunner`): handed to `extract_dataset`,
+    so this module never imports a scheduler."""
+
+    def cache_meta(self, dataset: Dataset, options: "ExtractOptions", clip_seconds: float) -> wcache.CacheMeta:
+        """The cache meta of `options.model`, computed where the model is loaded."""
+
+    def run_shards(self, todo: list, options: "ExtractOptions", shard_dir: Path, meta: wcache.CacheMeta) -> list:
+        """Extract every (index, clips) shard of `todo` into `shard_dir`; raise ExtractError on failure."""
 
 
 @dataclass
@@ -479,19 +496,23 @@ def get_model(spec: str, device: str):
         return _MODELS[key]
 
 
-def extract_dataset(dataset: Dataset, options: ExtractOptions, out_index, *, model=None, client=None) -> Summary:
+def extract_dataset(dataset: Dataset, options: ExtractOptions, out_index, *, model=None,
+                    runner: ShardRunner | None = None) -> Summary:
     """Extract `dataset` into shards beside `out_index` and build the index. Resumes by default.
 
-    `model`: an already loaded Whisper (else `options.model` is loaded once). `client`: a
-    dask.distributed Client to run shards on (see `wat.extract.cluster`)."""
+    `model`: an already loaded Whisper (else `options.model` is loaded once). `runner`: runs the
+    shards elsewhere instead (`wat.extract.cluster.DaskRunner(client)`); its workers load
+    `options.model`, so passing a `model` too is a RunnerConflict."""
     t0 = time.perf_counter()
+    if model is not None and runner is not None:
+        raise RunnerConflict("extract_dataset got both a loaded model and a runner: the runner's workers load "
+                             f"options.model ({options.model!r}) themselves; pass one or the other")
     options.check()
     clip_seconds = resolve_clip_seconds(dataset, options)
     clips = dataset.clips[: options.limit] if options.limit is not None else list(dataset.clips)
     shards = plan_shards(clips, options.shard_size)
-    if client is not None:
-        from .cluster import model_meta
-        meta = model_meta(client, dataset, options, clip_seconds)
+    if runner is not None:
+        meta = runner.cache_meta(dataset, options, clip_seconds)
     else:
         model = model or get_model(options.model, options.device)
         meta = cache_meta(model, dataset, options, clip_seconds)
@@ -499,9 +520,8 @@ def extract_dataset(dataset: Dataset, options: ExtractOptions, out_index, *, mod
 
     todo = [(i, c) for i, c in enumerate(shards) if finished(shard_dir, i) is None]
     n_todo = sum(len(c) for _, c in todo)
-    if client is not None:
-        from .cluster import run_shards
-        run_shards(client, todo, options, shard_dir, meta)
+    if runner is not None:
+        runner.run_shards(todo, options, shard_dir, meta)
     elif todo:
         n_samples = round(clip_seconds * SAMPLE_RATE)
         writer = _Writer(shard_dir, meta)

@@ -160,3 +160,10 @@ def test_a_forbidden_import_fails(tmp_path, rel, text, expect):
 def test_a_cycle_fails():
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_imports_itself_back():
+    """Module level too: no two modules need each other (e.g. extract.pipeline <-> extract.cluster)."""
+    mods = modules(ROOT)
+    g = {name: {m for m, _ in imports(name, path, set(mods)) if m in mods and m != name} for name, path in mods.items()}
+    assert cycle(g) is None

@@ -7,7 +7,7 @@ import pytest
 from wat.data.cache import open_cache
 from wat.data.datasets import load_dataset
 from wat.data.demo import make_demo
-from wat.extract.pipeline import ERRORS, ExtractOptions, extract_dataset, get_model, shard_dir_for
+from wat.extract.pipeline import ERRORS, ExtractOptions, RunnerConflict, extract_dataset, get_model, shard_dir_for
 
 pytest.importorskip("distributed")
 
@@ -20,11 +20,14 @@ def test_local_cluster_matches_single_process(tmp_path):
     single = extract_dataset(ds, ExtractOptions(**OPTS), tmp_path / "single.h5", model=get_model("tiny.en", "cpu"))
 
     assert "distributed" in sys.modules  # imported by this test module, not by single-process mode
-    from wat.extract.cluster import connect
+    from wat.extract.cluster import DaskRunner, connect
 
     with connect(local_workers=2) as client:
         assert len(client.scheduler_info()["workers"]) == 2
-        dist = extract_dataset(ds, ExtractOptions(**OPTS), tmp_path / "dist.h5", client=client)
+        with pytest.raises(RunnerConflict, match="both a loaded model and a runner"):
+            extract_dataset(ds, ExtractOptions(**OPTS), tmp_path / "x.h5", model=get_model("tiny.en", "cpu"),
+                            runner=DaskRunner(client))
+        dist = extract_dataset(ds, ExtractOptions(**OPTS), tmp_path / "dist.h5", runner=DaskRunner(client))
     assert dist.written == single.written == 11 and dist.shards == 3 and not dist.errors
     a, b = open_cache(tmp_path / "single.h5"), open_cache(tmp_path / "dist.h5")
     assert a.meta == b.meta
