@@ -66,7 +66,7 @@ demo: $(STAMP)
 	$(BIN)/wat-extract --dataset esc50 --root $(DEMO_DIR)/esc50-demo --model $(DEMO_MODEL) --policy pad30 \
 		--out $(DEMO_DIR)/feats.h5
 	$(BIN)/wat-cache info $(DEMO_DIR)/feats.h5
-	$(BIN)/wat-train --features $(DEMO_DIR)/feats.h5 --folds 5 --head tl-tr --dim 128 --epochs 30 \
+	$(BIN)/wat-train --features $(DEMO_DIR)/feats.h5 --folds 5 --head tl-tr --proj-dim 128 --epochs 30 \
 		--out $(DEMO_DIR)/tl-tr
 	$(BIN)/wat-probe --features $(DEMO_DIR)/feats.h5 --folds 5 --fusion mean,concat --out $(DEMO_DIR)/probe
 	$(BIN)/wat-tag tests/fixtures/speech_en.wav \

@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="base")
     p.add_argument("--head", help="head checkpoint (default: an untrained TL-Tr of the model's size, 527 classes)")
-    p.add_argument("--dim", type=int, help="width of that untrained TL-Tr (default: the encoder width)")
+    p.add_argument("--proj-dim", "--dim", dest="proj_dim", type=int,
+                   help="projection width of that untrained TL-Tr (default: the encoder width)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--time-res", type=float, default=10.0)
@@ -66,8 +67,8 @@ def main(argv=None) -> int:
         head = load_head(args.head)
     else:  # the cost does not depend on the weights
         d = model.dims
-        head = (build_head("tl-tr", d.n_audio_layer, d.n_audio_state, 527, args.dim),
-                HeadInfo("tl-tr", d.n_audio_layer, d.n_audio_state, 527, args.dim, model=args.model))
+        head = (build_head("tl-tr", d.n_audio_layer, d.n_audio_state, 527, args.proj_dim),
+                HeadInfo("tl-tr", d.n_audio_layer, d.n_audio_state, 527, args.proj_dim, model=args.model))
     audio = make_audio(args.seconds)
     options = dict(fp16=args.device == "cuda", language="en")
     if args.temperature:

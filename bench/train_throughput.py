@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=SIZES, default="base")
     p.add_argument("--head", default="tl-tr")
-    p.add_argument("--dim", type=int)
+    p.add_argument("--proj-dim", "--dim", dest="proj_dim", type=int, help="TL-Tr/WA-Tr projection width")
     p.add_argument("--clips", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30, help="timed steps per mode")
     p.add_argument("--per-round", type=int, default=3, help="steps per mode per interleaved round")
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     cache = open_cache(make_cache(folder, a.clips, n_layers, dim))
     print(f"cache: {len(cache)} clips {n_layers}x25x{dim} ({time.perf_counter() - t:.1f} s to make/open); "
-          f"head {a.head} dim {a.dim}; batch {a.batch_size}; {a.steps} timed steps; device {device}; "
+          f"head {a.head} proj_dim {a.proj_dim}; batch {a.batch_size}; {a.steps} timed steps; device {device}; "
           f"torch threads {torch.get_num_threads()}")
     field = head_field(a.head)
     targets = torch.from_numpy(cache.label_matrix().astype(np.float32)).to(device)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
 
     def head():
         torch.manual_seed(0)
-        return build_head(a.head, n_layers, dim, len(cache.meta.vocab), a.dim).to(device)
+        return build_head(a.head, n_layers, dim, len(cache.meta.vocab), a.proj_dim).to(device)
 
     t = time.perf_counter()
     resident = FeatureStore(cache, field, device=device)

@@ -93,23 +93,23 @@ class ResidualAttentionBlock(nn.Module):
 HEADS: dict[str, type["Head"]] = {}  # kind name -> class, filled by defining a Head subclass
 
 
-def _classifier(dim: int, n_classes: int) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, n_classes))
+def _classifier(width: int, n_classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, n_classes))
 
 
-def _projection(dim_in: int, dim: int | None) -> nn.Sequential | None:
-    return None if dim is None else nn.Sequential(nn.LayerNorm(dim_in), nn.Linear(dim_in, dim))
+def _projection(dim_in: int, proj_dim: int | None) -> nn.Sequential | None:
+    return None if proj_dim is None else nn.Sequential(nn.LayerNorm(dim_in), nn.Linear(dim_in, proj_dim))
 
 
 class Head(nn.Module):
     """Base of every head kind. A subclass sets `kind` (its name in checkpoints and on the command
     line) and `field` (the cache dataset it is trained and evaluated on), and takes
-    `(n_layers, dim_in, n_classes, dim=None)`; `dim` is the projection width, refused unless the
+    `(n_layers, dim_in, n_classes, proj_dim=None)`; `proj_dim` is the projection width, refused unless the
     class sets `projects`."""
 
     kind: str = ""
     field: str = "features"     # "features" ([B, L, T, D]) or "mean" ([B, L, D], T times smaller)
-    projects: bool = False      # accepts a projection width `dim`
+    projects: bool = False      # accepts a projection width `proj_dim`
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -123,13 +123,13 @@ class Head(nn.Module):
         self.n_layers = n_layers
 
     @classmethod
-    def check_dim(cls, dim: int | None) -> None:
-        if dim is not None and not cls.projects:
-            raise HeadError(f"{cls.kind} has no projection; --dim applies to "
+    def check_dim(cls, proj_dim: int | None) -> None:
+        if proj_dim is not None and not cls.projects:
+            raise HeadError(f"{cls.kind} has no projection; --proj-dim applies to "
                             + " and ".join(k for k, c in HEADS.items() if c.projects))
 
     def _check(self, x: Tensor, need_time: bool) -> Tensor:
-        if x.dim() not in ((4,) if need_time else (3, 4)) or x.shape[1] != self.n_layers:
+        if x.proj_dim() not in ((4,) if need_time else (3, 4)) or x.shape[1] != self.n_layers:
             want = "[B, L, T, D]" if need_time else "[B, L, T, D] or [B, L, D]"
             raise HeadError(f"{type(self).__name__} expects {want} with L={self.n_layers}, got {list(x.shape)}")
         return x.float()
@@ -139,9 +139,9 @@ class _TransformerHead(Head):
     projects = True
 
     @classmethod
-    def check_dim(cls, dim: int | None) -> None:
-        if dim is not None and (dim <= 0 or dim % LAYER_HEADS):
-            raise HeadError(f"dim must be a positive multiple of {LAYER_HEADS}, got {dim}")
+    def check_dim(cls, proj_dim: int | None) -> None:
+        if proj_dim is not None and (proj_dim <= 0 or proj_dim % LAYER_HEADS):
+            raise HeadError(f"--proj-dim must be a positive multiple of {LAYER_HEADS}, got {proj_dim}")
 
 
 class LastMLP(Head):
@@ -149,13 +149,13 @@ class LastMLP(Head):
 
     kind, field = "last-mlp", "mean"
 
-    def __init__(self, n_layers: int, dim_in: int, n_classes: int, dim: int | None = None):
+    def __init__(self, n_layers: int, dim_in: int, n_classes: int, proj_dim: int | None = None):
         super().__init__(n_layers)
         self.mlp_layer = _classifier(dim_in, n_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._check(x, need_time=False)[:, -1]
-        return self.mlp_layer(x.mean(1) if x.dim() == 3 else x)
+        return self.mlp_layer(x.mean(1) if x.proj_dim() == 3 else x)
 
 
 class WAMLP(Head):
@@ -163,29 +163,29 @@ class WAMLP(Head):
 
     kind, field = "wa-mlp", "mean"
 
-    def __init__(self, n_layers: int, dim_in: int, n_classes: int, dim: int | None = None):
+    def __init__(self, n_layers: int, dim_in: int, n_classes: int, proj_dim: int | None = None):
         super().__init__(n_layers)
         self.layer_weight = nn.Parameter(torch.full((n_layers,), 1.0 / n_layers))
         self.mlp_layer = _classifier(dim_in, n_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._check(x, need_time=False)
-        if x.dim() == 4:
+        if x.proj_dim() == 4:
             x = x.mean(2)
         x = torch.einsum("bld,l->bd", x, self.layer_weight) / self.layer_weight.sum()
         return self.mlp_layer(x)
 
 
 class WATr(_TransformerHead):
-    """Weighted layer average -> [optional LN+Linear to `dim`] -> time block (1 head) -> time mean -> LN -> Linear."""
+    """Weighted layer average -> [optional LN+Linear to `proj_dim`] -> time block (1 head) -> time mean -> LN -> Linear."""
 
     kind = "wa-tr"
 
-    def __init__(self, n_layers: int, dim_in: int, n_classes: int, dim: int | None = None):
+    def __init__(self, n_layers: int, dim_in: int, n_classes: int, proj_dim: int | None = None):
         super().__init__(n_layers)
-        width = dim or dim_in
+        width = proj_dim or dim_in
         self.layer_weight = nn.Parameter(torch.full((n_layers,), 1.0 / n_layers))
-        self.down_layer = _projection(dim_in, dim)
+        self.down_layer = _projection(dim_in, proj_dim)
         self.time_tr = ResidualAttentionBlock(width, TIME_HEADS)
         self.mlp_layer = _classifier(width, n_classes)
 
@@ -198,16 +198,16 @@ class WATr(_TransformerHead):
 
 
 class TLTr(_TransformerHead):
-    """Time-and-layer-wise transformer: [LN+Linear to `dim`] -> time block (1 head) on every
+    """Time-and-layer-wise transformer: [LN+Linear to `proj_dim`] -> time block (1 head) on every
     layer -> time mean -> layer block (8 heads) -> layer mean -> LN -> Linear.
-    `dim=None` keeps the encoder width (official mode `tl_tr_1_8`; else `tl_down_tr_{dim}_1_8`)."""
+    `proj_dim=None` keeps the encoder width (official mode `tl_tr_1_8`; else `tl_down_tr_{proj_dim}_1_8`)."""
 
     kind = "tl-tr"
 
-    def __init__(self, n_layers: int, dim_in: int, n_classes: int, dim: int | None = None):
+    def __init__(self, n_layers: int, dim_in: int, n_classes: int, proj_dim: int | None = None):
         super().__init__(n_layers)
-        width = dim or dim_in
-        self.down_layer = _projection(dim_in, dim)
+        width = proj_dim or dim_in
+        self.down_layer = _projection(dim_in, proj_dim)
         self.time_tr = ResidualAttentionBlock(width, TIME_HEADS)
         self.layer_tr = ResidualAttentionBlock(width, LAYER_HEADS)
         self.mlp_layer = _classifier(width, n_classes)
@@ -233,10 +233,10 @@ def head_field(kind: str) -> str:
     return head_class(kind).field
 
 
-def build_head(kind: str, n_layers: int, dim_in: int, n_classes: int, dim: int | None = None) -> nn.Module:
+def build_head(kind: str, n_layers: int, dim_in: int, n_classes: int, proj_dim: int | None = None) -> nn.Module:
     cls = head_class(kind)
-    cls.check_dim(dim)
-    return cls(n_layers, dim_in, n_classes, dim)
+    cls.check_dim(proj_dim)
+    return cls(n_layers, dim_in, n_classes, proj_dim)
 
 
 def probabilities(logits: Tensor, multilabel: bool, n: int | None = None) -> Tensor:
@@ -260,7 +260,7 @@ class HeadInfo:
     n_layers: int
     dim_in: int
     n_classes: int
-    dim: int | None = None
+    proj_dim: int | None = None  # projection width of WA-Tr / TL-Tr heads (None: the encoder width dim_in)
     n_frames: int = 25
     vocab_json: str = ""        # wat.data.labels.Vocabulary.to_json() of the head's outputs
     model: str = ""             # Whisper model the cache came from, e.g. "tiny.en"
@@ -276,11 +276,13 @@ class HeadInfo:
     @classmethod
     def from_dict(cls, d: dict) -> "HeadInfo":
         names = {f.name for f in dataclasses.fields(cls)}
+        if "dim" in d and "proj_dim" not in d:  # checkpoints written before the rename
+            d = {**d, "proj_dim": d["dim"]}
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def head_from_info(info: HeadInfo) -> nn.Module:
-    return build_head(info.kind, info.n_layers, info.dim_in, info.n_classes, info.dim)
+    return build_head(info.kind, info.n_layers, info.dim_in, info.n_classes, info.proj_dim)
 
 
 def save_head(path, head: nn.Module, info: HeadInfo) -> None:
@@ -309,9 +311,9 @@ def _official_info(state: dict) -> HeadInfo:
                         "(expected at_model.time_tr/layer_tr/mlp_layer keys)")
     n_classes, width = state["mlp_layer.1.weight"].shape
     if "down_layer.1.weight" in state:
-        dim, dim_in = state["down_layer.1.weight"].shape
+        proj_dim, dim_in = state["down_layer.1.weight"].shape
     else:
-        dim, dim_in = None, width
+        proj_dim, dim_in = None, width
     if dim_in not in WHISPER_WIDTHS:
         raise HeadError(f"official head with width {dim_in} matches no Whisper size")
     n_layers, size = WHISPER_WIDTHS[dim_in]
@@ -319,7 +321,7 @@ def _official_info(state: dict) -> HeadInfo:
     vocab = audioset_vocabulary()
     if n_classes != len(vocab):
         raise HeadError(f"official head has {n_classes} outputs, expected the {len(vocab)} AudioSet classes")
-    return HeadInfo("tl-tr", n_layers, dim_in, n_classes, dim, 25, vocab.to_json(),
+    return HeadInfo("tl-tr", n_layers, dim_in, n_classes, proj_dim, 25, vocab.to_json(),
                     model=f"whisper-at:{size}", fingerprint="", policy="pad30", multilabel=True)
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from wat.data.cache import CacheError
+from wat.data.cliargs import add_device, add_workers, resolve_device
 from wat.data.labels import LabelError
 
 
@@ -23,12 +24,12 @@ def probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
     p.add_argument("--fusion", default="mean,concat", help="baselines: none, or any of mean,concat")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--jobs", type=int, help="worker processes (default: the CPUs available)")
+    add_workers(g, "--jobs", help="worker processes (default: the CPUs available)")
     g.add_argument("--scheduler", metavar="ADDRESS", help="run the fits on this dask scheduler")
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 regularisation strength")
     p.add_argument("--max-iter", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="multi-label probe device (default: cuda when present)")
+    add_device(p, "multi-label probe device")
     p.add_argument("--out", required=True, metavar="PROBE_DIR")
     return p
 
@@ -37,13 +38,13 @@ def probe_main(argv=None) -> int:
     from .probe import ProbeError, ProbeOptions, default_jobs, parse_fusion, parse_layers, probe
     from .report import write_probe
 
-    a = probe_parser().parse_args(argv)
+    p = probe_parser()
+    a = p.parse_args(argv)
+    device = resolve_device(p, a.device)
     try:
-        if a.jobs is not None and a.jobs < 1:
-            raise ProbeError("--jobs must be at least 1")
         opts = ProbeOptions(layers=parse_layers(a.layers), fusion=parse_fusion(a.fusion), folds=a.folds,
-                            jobs=a.jobs or default_jobs(), scheduler=a.scheduler, C=a.C, max_iter=a.max_iter,
-                            seed=a.seed, device=a.device)
+                            jobs=a.workers or default_jobs(), scheduler=a.scheduler, C=a.C, max_iter=a.max_iter,
+                            seed=a.seed, device=device)
         rep = probe(a.features, a.eval_features, opts)
         summary = write_probe(rep, a.out, {f"--{k.replace('_', '-')}": v for k, v in vars(a).items()})
     except (ProbeError, CacheError, LabelError, OSError) as e:
@@ -72,7 +73,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-folds", metavar="F,..",
                    help="tune only on these folds of that cache (the folds the head did not train on)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", help="default: cuda when present")
+    add_device(p)
     p.add_argument("--out", required=True, metavar="EVAL_DIR")
     return p
 
@@ -81,7 +82,9 @@ def eval_main(argv=None) -> int:
     from wat.data.heads import HeadError
     from .evaluate import EvalError, EvalOptions, evaluate
 
-    a = eval_parser().parse_args(argv)
+    p = eval_parser()
+    a = p.parse_args(argv)
+    device = resolve_device(p, a.device)
     try:
         folds = tuple(int(f) for f in a.tune_folds.split(",") if f.strip()) if a.tune_folds else None
     except ValueError:
@@ -91,7 +94,7 @@ def eval_main(argv=None) -> int:
         print("wat-eval: error: --tune-folds needs --tune-thresholds-on", file=sys.stderr)
         return 2
     opts = EvalOptions(top_k=a.top_k, threshold=a.threshold, tune_on=a.tune_thresholds_on, tune_folds=folds,
-                       batch_size=a.batch_size, device=a.device)
+                       batch_size=a.batch_size, device=device)
     try:
         r = evaluate(a.features, a.head, a.out, opts)
     except (EvalError, HeadError, CacheError, LabelError, OSError) as e:

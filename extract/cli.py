@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from wat.data.cache import POLICIES
+from wat.data.cliargs import add_device, add_workers, resolve_device
 from wat.data.datasets import DATASET_KINDS
 
 # --model help of every CLI that loads Whisper (what wat.extract.load_whisper accepts); kept here,
@@ -25,21 +26,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=POLICIES, default="pad30",
                    help="pad30: encode 30 s windows like transcription does (default); trim: encode only the clip, faster")
     p.add_argument("--frames", type=int, default=25, help="pooled frames per clip (default 25)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    add_device(p)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-workers", type=int, default=None, help="audio decoding processes (default: up to 8 on CUDA; on CPU 1 if a core is free of torch threads, else 0)")
+    p.add_argument("--decode-workers", "--num-workers", dest="decode_workers", type=int, default=None, metavar="N",
+                   help="audio decoding processes (default: up to 8 on CUDA; on CPU 1 if a core is free of torch threads, else 0)")
     p.add_argument("--shard-size", type=int, default=1000, help="clips per shard (default 1000)")
     p.add_argument("--limit", type=int, default=None, help="only the first N clips (sorted by id)")
     p.add_argument("--clip-seconds", type=float, default=None, help="pad/trim every clip to this length (default: the dataset's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache made differently")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--scheduler", metavar="ADDRESS", help="run one task per shard on this dask scheduler (tcp://HOST:PORT)")
-    where.add_argument("--local-workers", type=int, metavar="N", help="run on a local dask cluster of N worker processes")
+    add_workers(where, "--local-workers", help="run on a local dask cluster of N worker processes")
     return p
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    device = resolve_device(p, args.device)
     from wat.data.cache import CacheError
     from wat.data.datasets import DatasetError, load_dataset
 
@@ -47,16 +51,14 @@ def main(argv=None) -> int:
     from .pipeline import ExtractError, ExtractOptions, extract_dataset
 
     options = ExtractOptions(
-        model=args.model, policy=args.policy, frames=args.frames, device=args.device, batch_size=args.batch_size,
-        num_workers=args.num_workers, shard_size=args.shard_size, limit=args.limit, overwrite=args.overwrite,
+        model=args.model, policy=args.policy, frames=args.frames, device=device, batch_size=args.batch_size,
+        num_workers=args.decode_workers, shard_size=args.shard_size, limit=args.limit, overwrite=args.overwrite,
         clip_seconds=args.clip_seconds)
     try:
         dataset = load_dataset(args.dataset, args.root, args.manifest, clip_seconds=args.clip_seconds)
-        if args.scheduler or args.local_workers:
-            if args.local_workers is not None and args.local_workers < 1:
-                raise ExtractError("--local-workers must be >= 1")
+        if args.scheduler or args.workers:
             from .cluster import DaskRunner, connect
-            with connect(args.scheduler, args.local_workers, options.device) as client:
+            with connect(args.scheduler, args.workers, options.device) as client:
                 summary = extract_dataset(dataset, options, args.out, runner=DaskRunner(client))
         else:
             summary = extract_dataset(dataset, options, args.out)

@@ -85,6 +85,6 @@ def demo_head_pad30(demo_cache_pad30, tmp_path_factory) -> Path:
     """A TL-Tr head (width 64, for CPU speed) trained on demo_cache_pad30 (all its clips)."""
     from wat.train.loop import TrainOptions, train
     out = tmp_path_factory.mktemp("head-pad30")
-    train(TrainOptions(features=str(demo_cache_pad30), out=str(out), head="tl-tr", dim=64, epochs=20,
+    train(TrainOptions(features=str(demo_cache_pad30), out=str(out), head="tl-tr", proj_dim=64, epochs=20,
                        lr=1e-3, batch_size=8, mixup=0.0, seed=0, progress=False))
     return out / "wa.pt"

@@ -112,7 +112,7 @@ def test_official_checkpoint(tmp_path, dim_in, n_layers, dim):
     head = build_head("tl-tr", n_layers, dim_in, 527, dim).eval()
     torch.save(_official(head), tmp_path / "official.pth")
     loaded, info = load_head(tmp_path / "official.pth")
-    assert (info.kind, info.n_layers, info.dim_in, info.dim, info.n_classes) == ("tl-tr", n_layers, dim_in, dim, 527)
+    assert (info.kind, info.n_layers, info.dim_in, info.proj_dim, info.n_classes) == ("tl-tr", n_layers, dim_in, dim, 527)
     assert info.multilabel and '"/m/09x0r"' in info.vocab_json
     x = torch.randn(2, n_layers, 25, dim_in)
     assert torch.equal(head(x), loaded(x))

@@ -282,7 +282,7 @@ def test_official_whisper_at_heads(tiny_model, speech_audio, tmp_path):
                              temperature=0.0, classes="Speech,Music,Male speech, man speaking")
     names = {"Speech", "Music", "Male speech, man speaking"}
     assert len(out["audio_tags"]) == 1 and {n for n, _ in out["audio_tags"][0]["tags"]} == names
-    base_head = build_head("tl-tr", 6, 512, 527, dim=512)
+    base_head = build_head("tl-tr", 6, 512, 527, proj_dim=512)
     torch.save({f"at_model.{k}": v for k, v in base_head.state_dict().items()}, tmp_path / "base.pth")
     with pytest.raises(TagError, match="6 encoder layers of width 512 .trained on whisper-at:base."):
         transcribe_and_tag(tiny_model, tmp_path / "base.pth", speech_audio)

@@ -91,7 +91,7 @@ def test_multilabel_split_streaming_and_cli(tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "per_class.csv")))
     assert len(rows) == 6 and all(float(r["AP"]) > 0 for r in rows)
     # streaming (memory budget 0) trains as well
-    final = train(opts(tr, tmp_path / "stream", eval_features=str(te), head="tl-tr", dim=16, epochs=4, memory_budget=0))
+    final = train(opts(tr, tmp_path / "stream", eval_features=str(te), head="tl-tr", proj_dim=16, epochs=4, memory_budget=0))
     assert final["best"] > 0.6
 
 
@@ -103,7 +103,7 @@ def test_cr_unlabeled_and_parent_labels(tmp_path):
     tr = write_cache(tmp_path / "tr", vocab, labels, True, seed=1, n_shards=1)
     te = write_cache(tmp_path / "te", vocab, labels[:32], True, seed=2, n_shards=1)
     un = write_cache(tmp_path / "un", vocab, [()] * 64, True, seed=3, n_shards=1)
-    final = train(opts(tr, tmp_path / "run", eval_features=str(te), head="wa-tr", dim=16, cr_views=3,
+    final = train(opts(tr, tmp_path / "run", eval_features=str(te), head="wa-tr", proj_dim=16, cr_views=3,
                        unlabeled_features=str(un), unlabeled_ratio=2, parent_labels=True, epochs=2))
     head, info = load_head(tmp_path / "run" / "best.pt")
     assert info.primary_classes == 527 and info.n_classes > 527  # ancestors appended
@@ -115,7 +115,7 @@ def test_cr_unlabeled_and_parent_labels(tmp_path):
 
 def test_resume_is_bit_identical_and_wa_averages(tmp_path):
     tr, te = multilabel(tmp_path, "tr", 64, 1), multilabel(tmp_path, "te", 32, 2)
-    kw = dict(eval_features=str(te), head="tl-tr", dim=16, epochs=4, cr_views=2, balanced=True,
+    kw = dict(eval_features=str(te), head="tl-tr", proj_dim=16, epochs=4, cr_views=2, balanced=True,
               weight_average=(2, 3), seed=5)
     train(opts(tr, tmp_path / "full", **kw))
     with pytest.raises(Interrupted):
@@ -182,6 +182,6 @@ def test_demo_cache_beats_chance_on_five_folds(demo_cache_trim, tmp_path, head, 
     (TL-Tr at the native 384 width learns too slowly for a few CPU epochs; TL-Tr64 is the same head.)
     The demo is noisy and confusable on purpose (its best linear probe layer is ~0.75 here): five times
     chance is a head that learned the sounds, not the backgrounds or the loudness."""
-    final = train(opts(demo_cache_trim, tmp_path / head, head=head, dim=dim, folds=5, epochs=epochs, lr=lr,
+    final = train(opts(demo_cache_trim, tmp_path / head, head=head, proj_dim=dim, folds=5, epochs=epochs, lr=lr,
                        batch_size=16))
     assert final["metric"] == "accuracy" and final["best"] > 0.45 and final["wa"] > 0.45

@@ -7,6 +7,7 @@ import sys
 from wat.data.cache import CacheError
 from wat.data.labels import LabelError
 
+from wat.data.cliargs import add_device, resolve_device
 from wat.data.heads import HEADS, HeadError
 from .loop import Interrupted, TrainError, TrainOptions, train
 
@@ -26,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-features", help="evaluation cache, scored every epoch (chooses best.pt)")
     g.add_argument("--folds", type=int, default=0, help="cross-validate over the cache's K folds (ESC-50: 5)")
     p.add_argument("--head", choices=list(HEADS), default="tl-tr")
-    p.add_argument("--dim", type=int, help="TL-Tr/WA-Tr projection width (default: the encoder width)")
+    p.add_argument("--proj-dim", "--dim", dest="proj_dim", type=int,
+                   help="TL-Tr/WA-Tr projection width, a multiple of 8 (default: the encoder width)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=48)
@@ -44,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-average", type=_range, metavar="START:END",
                    help="average these epochs' weights into wa.pt (default: the second half)")
     p.add_argument("--init", help="start from a head checkpoint (ours or official Whisper-AT)")
-    p.add_argument("--device", default="cpu")
+    add_device(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--tensorboard", metavar="DIR",
@@ -55,14 +57,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    a = parser().parse_args(argv)
+    p = parser()
+    a = p.parse_args(argv)
+    device = resolve_device(p, a.device)
     opts = TrainOptions(
         features=a.features, out=a.out, head=a.head, eval_features=a.eval_features, folds=a.folds,
-        dim=a.dim, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, mixup=a.mixup, time_mask=a.time_mask,
+        proj_dim=a.proj_dim, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, mixup=a.mixup, time_mask=a.time_mask,
         feature_mask=a.feature_mask, label_smoothing=a.label_smoothing, balanced=a.balanced,
         cr_views=a.cr_views, cr_weight=a.cr_weight, unlabeled_features=a.unlabeled_features,
         cr_unlabeled_weight=a.cr_unlabeled_weight, unlabeled_ratio=a.unlabeled_ratio,
-        parent_labels=a.parent_labels, weight_average=a.weight_average, init=a.init, device=a.device,
+        parent_labels=a.parent_labels, weight_average=a.weight_average, init=a.init, device=device,
         seed=a.seed, resume=a.resume, tensorboard=a.tensorboard)
     try:
         final = train(opts)

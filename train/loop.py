@@ -41,7 +41,7 @@ __all__ = ["train", "prepare", "TrainOptions", "TrainError", "Interrupted", "mil
 
 def _build(opts: TrainOptions, cache: Cache, n_classes: int, device):
     m = cache.meta
-    head = build_head(opts.head, m.n_layers, m.dim, n_classes, opts.dim)
+    head = build_head(opts.head, m.n_layers, m.dim, n_classes, opts.proj_dim)
     if opts.init:
         src, info = load_head(opts.init, n_layers=m.n_layers)
         # transfer to other classes is allowed: the classes and label type are not compared
@@ -49,9 +49,9 @@ def _build(opts: TrainOptions, cache: Cache, n_classes: int, device):
         bad = head_problems(info, feats)
         if bad:
             raise TrainError(f"--init {opts.init} does not fit {opts.features}: {'; '.join(bad)}")
-        if (info.kind, info.dim_in, info.dim) != (opts.head, m.dim, opts.dim):
-            raise TrainError(f"--init {opts.init} is a {info.kind} head (width {info.dim_in}, dim {info.dim}); "
-                             f"this run trains {opts.head} (width {m.dim}, dim {opts.dim})")
+        if (info.kind, info.dim_in, info.proj_dim) != (opts.head, m.dim, opts.proj_dim):
+            raise TrainError(f"--init {opts.init} is a {info.kind} head (width {info.dim_in}, projection "
+                             f"{info.proj_dim}); this run trains {opts.head} (width {m.dim}, projection {opts.proj_dim})")
         state = src.state_dict()
         if info.n_classes != n_classes:  # transfer: keep everything but the classifier
             state = {k: v for k, v in state.items() if not k.startswith("mlp_layer.1.")}

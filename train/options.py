@@ -20,13 +20,13 @@ class TrainOptions:
     head: str = "tl-tr"
     eval_features: str | None = None
     folds: int = 0                      # >0: cross-validation over the cache's folds
-    dim: int | None = None              # TL-Tr / WA-Tr projection width (None = encoder width)
+    proj_dim: int | None = None         # TL-Tr / WA-Tr projection width (None = encoder width)
     epochs: int = 30
     lr: float = 1e-4
     batch_size: int = 48
     mixup: float = 0.5                  # probability per clip; lambda ~ Beta(10, 10)
     time_mask: int = 10                 # up to this many frames, same on all layers (not for MLP heads)
-    feature_mask: int | None = None     # up to this many feature dims; None = 0, or dim//10 with CR views
+    feature_mask: int | None = None     # up to this many feature dims; None = 0, or encoder width // 10 with CR views
     label_smoothing: float = 0.1
     balanced: bool = False
     cr_views: int = 1

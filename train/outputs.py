@@ -19,7 +19,7 @@ from .options import TrainOptions, milestones, wa_range
 def write_metrics(out: Path, opts: TrainOptions, info: HeadInfo, head, history: list[dict], best: dict,
                   final: dict | None) -> dict:
     d = {"options": {k: v for k, v in dataclasses.asdict(opts).items()},
-         "head": {"kind": info.kind, "dim": info.dim, "n_parameters": n_parameters(head),
+         "head": {"kind": info.kind, "proj_dim": info.proj_dim, "n_parameters": n_parameters(head),
                   "n_classes": info.n_classes, "primary_classes": info.primary_classes},
          "cache": {"model": info.model, "fingerprint": info.fingerprint, "policy": info.policy,
                    "n_layers": info.n_layers, "dim": info.dim_in},

@@ -12,6 +12,7 @@ from whisper.utils import format_timestamp
 from wat.data.audio import AudioError
 from wat.extract.cli import MODEL_HELP
 from wat.extract.load import WhisperLoadError, load_whisper
+from wat.data.cliargs import add_device, positive_int, resolve_device
 from wat.data.heads import HeadError, load_head
 
 from .grid import MIN_RES
@@ -68,13 +69,6 @@ def _probability(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wat-tag",
@@ -85,23 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--head", required=True, help="head checkpoint: wat-train output or an official Whisper-AT head")
     p.add_argument("--time-res", type=_resolution, default=10.0, help="tag window length in seconds (default 10)")
-    p.add_argument("--top-k", type=_positive, default=5, help="tags per window (default 5)")
+    p.add_argument("--top-k", type=positive_int, default=5, help="tags per window (default 5)")
     p.add_argument("--threshold", type=_probability, help="keep tags with probability >= P")
     p.add_argument("--classes", help="comma-separated class names or keys to report, e.g. Laughter,Music")
     p.add_argument("--language", help="spoken language code; default: detected (multilingual models)")
     p.add_argument("--format", choices=FORMATS, default="json",
                    help="json: one JSON object per file per line; text: readable; srt: subtitles with tag cues")
     p.add_argument("--output-dir", type=Path, help="write FILE_STEM.{json,txt,srt} there instead of stdout")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    add_device(p)
     p.add_argument("--allow-policy-mismatch", action="store_true",
                    help="use a head trained on features of another input policy (e.g. trim)")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = resolve_device(parser, args.device)
     try:
-        model = load_whisper(args.model, device=args.device)
+        model = load_whisper(args.model, device=device)
         head = load_head(args.head)
         check_head(model, head[1], allow_policy_mismatch=args.allow_policy_mismatch)
         if args.classes is not None:  # unknown names fail here, before any file
@@ -112,7 +108,7 @@ def main(argv=None) -> int:
         return 2
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-    options = dict(fp16=args.device == "cuda", language=args.language)
+    options = dict(fp16=device.startswith("cuda"), language=args.language)
     extension = {"json": "json", "text": "txt", "srt": "srt"}[args.format]
     failed = 0
     for path in tqdm.tqdm(args.audio, unit="file", disable=None):

@@ -1,0 +1,67 @@
+"""Command-line options shared by the wat-* commands: one definition each, so every command spells,
+defaults, validates and documents them the same way.
+
+    add_device(p)                      --device auto|cpu|cuda|cuda:N (default auto)
+    device = resolve_device(p, args.device)
+    add_workers(group, "--jobs", ...)  --workers N (>= 1), old spellings as hidden aliases
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+DEVICE_HELP = "auto (default: cuda when available, else cpu), cpu, cuda or cuda:N"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def parse_device(text: str) -> str:
+    """argparse type for --device: auto, cpu, cuda or cuda:N (case-insensitive)."""
+    spec = text.strip().lower()
+    if spec in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", spec):
+        return spec
+    raise argparse.ArgumentTypeError(f"invalid device {text!r}: expected {DEVICE_HELP}")
+
+
+def add_device(p, what: str = "") -> None:
+    p.add_argument("--device", type=parse_device, default="auto",
+                   help=(f"{what}: " if what else "") + DEVICE_HELP)
+
+
+def device_problem(spec: str) -> tuple[str, str | None]:
+    """(torch device string, why it cannot be used or None): auto becomes cuda or cpu."""
+    import torch
+
+    if spec == "auto":
+        return ("cuda" if torch.cuda.is_available() else "cpu"), None
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return spec, f"--device {spec}: CUDA is not available here (use cpu or auto)"
+        index = int(spec.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            return spec, f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return spec, None
+
+
+def resolve_device(parser: argparse.ArgumentParser, spec: str) -> str:
+    """The torch device for a parsed --device; one `PROG: error:` line and exit 2 when it is not there."""
+    device, problem = device_problem(spec)
+    if problem:
+        parser.error(problem)
+    return device
+
+
+def add_workers(p, *old_spellings: str, help: str, default=None) -> None:
+    """--workers N (>= 1): processes that do a command's work; `old_spellings` keep working, unlisted."""
+    p.add_argument("--workers", type=positive_int, default=default, metavar="N", help=help)
+    for old in old_spellings:
+        p.add_argument(old, dest="workers", type=positive_int, help=argparse.SUPPRESS)

@@ -1,0 +1,78 @@
+"""Shared CLI options: --device and --workers spelled, defaulted and refused the same way everywhere."""
+import argparse
+
+import pytest
+
+from wat.data import cliargs
+from wat.eval.cli import eval_parser, probe_main, probe_parser
+from wat.extract.cli import main as extract_main
+from wat.extract.cli import parser as extract_parser
+from wat.extract.tag.cli import build_parser as tag_parser
+from wat.extract.tag.cli import main as tag_main
+from wat.train.cli import main as train_main
+from wat.train.cli import parser as train_parser
+
+REQUIRED = {
+    "wat-extract": (extract_parser, ["--dataset", "esc50", "--root", "r", "--model", "m", "--out", "o"]),
+    "wat-train": (train_parser, ["--features", "f", "--out", "o"]),
+    "wat-probe": (probe_parser, ["--features", "f", "--out", "o"]),
+    "wat-eval": (eval_parser, ["--features", "f", "--head", "h", "--out", "o"]),
+    "wat-tag": (tag_parser, ["a.wav", "--model", "m", "--head", "h"]),
+}
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_device_defaults_to_auto_and_accepts_every_form(name):
+    make, argv = REQUIRED[name]
+    assert make().parse_args(argv).device == "auto"
+    for spec, want in [("cpu", "cpu"), ("CUDA", "cuda"), ("cuda:1", "cuda:1"), ("auto", "auto")]:
+        assert make().parse_args(argv + ["--device", spec]).device == want
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:", "cuda:-1", "cuda:x", "", "nan"])
+def test_bad_device_is_one_error_line(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_parser().parse_args(["--features", "f", "--out", "o", "--device", bad])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().splitlines()[-1].startswith("wat-train: error: argument --device")
+
+
+def test_auto_resolves_and_missing_cuda_is_refused(capsys):
+    assert cliargs.device_problem("auto")[1] is None
+    assert cliargs.device_problem("cpu") == ("cpu", None)
+    import torch
+    if not torch.cuda.is_available():
+        assert cliargs.device_problem("auto") == ("cpu", None)
+        for run, argv in [(train_main, ["--features", "f", "--out", "o"]),
+                          (extract_main, REQUIRED["wat-extract"][1]),
+                          (probe_main, ["--features", "f", "--out", "o"]),
+                          (tag_main, ["a.wav", "--model", "m", "--head", "h"])]:
+            with pytest.raises(SystemExit) as e:
+                run(argv + ["--device", "cuda:1"])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert e.value.code == 2 and sum("error:" in line for line in err) == 1
+            assert "error: --device cuda:1: CUDA is not available" in err[-1] and "Traceback" not in err[-1]
+
+
+@pytest.mark.parametrize("flag", ["--workers", "--jobs"])
+@pytest.mark.parametrize("value", ["0", "-3", "nan", "2.5"])
+def test_worker_counts_refused_below_one(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        probe_parser().parse_args(["--features", "f", "--out", "o", flag, value])
+    assert e.value.code == 2 and "expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_old_worker_spellings_are_hidden_aliases():
+    assert probe_parser().parse_args(["--features", "f", "--out", "o", "--jobs", "3"]).workers == 3
+    ex = REQUIRED["wat-extract"][1]
+    assert extract_parser().parse_args(ex + ["--local-workers", "2"]).workers == 2
+    assert extract_parser().parse_args(ex + ["--num-workers", "0"]).decode_workers == 0
+    for make, hidden in [(probe_parser, "--jobs"), (extract_parser, "--local-workers")]:
+        text = make().format_help()
+        assert "--workers" in text and hidden not in text
+
+
+def test_positive_int():
+    assert cliargs.positive_int("4") == 4
+    with pytest.raises(argparse.ArgumentTypeError):
+        cliargs.positive_int("0")
