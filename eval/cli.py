@@ -115,16 +115,3 @@ def eval_main(argv=None) -> int:
 
 def _f(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
-
-
-def main(argv=None) -> int:
-    """`python -m wat.eval.cli probe|eval ...`"""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("probe", "eval"):
-        print("usage: python -m wat.eval.cli probe|eval [options]", file=sys.stderr)
-        return 2
-    return (probe_main if argv[0] == "probe" else eval_main)(argv[1:])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

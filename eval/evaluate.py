@@ -65,7 +65,7 @@ def tune_thresholds(targets: np.ndarray, probs: np.ndarray, default: float) -> t
     return thr, f1, skipped
 
 
-def _export_thresholds(out: Path, head, info: HeadInfo, tuned: dict, vocab: Vocabulary, head_path) -> None:
+def _export_thresholds(out: Path, head, info: HeadInfo, tuned: dict, vocab: Vocabulary) -> None:
     thr, f1 = tuned["thresholds"], tuned["f1"]
     write_csv(out / "thresholds.csv", ["class", "name", "threshold", "tune_f1"],
                      [(vocab.keys[c], vocab.names[c], thr[c], None if np.isnan(f1[c]) else f1[c])
@@ -132,7 +132,7 @@ def evaluate(features, head_path, out_dir, opts: EvalOptions | None = None) -> d
     thr, source = None, None
     if tuned is not None:
         thr, source = tuned["thresholds"][:n], f"tuned on {len(tuned['ids'])} clips of {opts.tune_on}"
-        _export_thresholds(out, head, info, tuned, vocab, head_path)
+        _export_thresholds(out, head, info, tuned, vocab)
         result["tuning"] = {"cache": str(opts.tune_on), "folds": list(opts.tune_folds or []),
                             "n_clips": len(tuned["ids"]), "classes_without_positives": tuned["skipped"],
                             "head": str(out / "head_thresholds.pt")}

@@ -30,10 +30,6 @@ class Scores:
     macro_f1: float | None = None        # single-label only: mean F1 over classes present in the targets
     per_class_f1: list[float | None] | None = None
 
-    @property
-    def skipped(self) -> list[int]:
-        return self.skipped_classes
-
     def to_dict(self) -> dict:
         """JSON-safe: non-finite floats (d' of a perfect AUC is infinite) become None."""
         return json_safe(asdict(self))

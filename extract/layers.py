@@ -43,23 +43,20 @@ def _pool(x: torch.Tensor, frames: int, n_valid: int | None) -> torch.Tensor:
 
 
 class LayerTaps:
-    """Forward hooks on `encoder.blocks` that keep, per encoder call, each block's output pooled to
-    `frames` windows over its first `n_valid` frames (None = all).
+    """Forward hooks on `encoder.blocks` that keep each block's output of the latest encoder call,
+    pooled to `frames` windows over its first `n_valid` frames (None = all).
 
         with LayerTaps(model.encoder, 25, n_valid=250) as taps:
-            model.encoder(mel)           # or anything that calls it, e.g. whisper.transcribe
-        taps.results                     # one [B, L, frames, D] float32 tensor per encoder call
-        taps.pooled                      # the last one
+            model.encoder(mel)
+        taps.pooled                      # [B, L, frames, D] float32, of the latest call
 
-    Works on any call of the encoder: every 30 s window of `whisper.transcribe` adds one result, and
-    so does each temperature-fallback retry of a window (it re-runs the encoder on the same mel).
-    `n_valid` may be changed between calls. Results stay on the encoder's device. The hooks are
+    `n_valid` may be changed between calls. The result stays on the encoder's device. The hooks are
     removed on exit; a model with taps attached should not be used from several threads at once.
     """
 
     def __init__(self, encoder, frames: int = 25, n_valid: int | None = None):
         self.encoder, self.frames, self.n_valid = encoder, frames, n_valid
-        self.results: list[torch.Tensor] = []
+        self._pooled: torch.Tensor | None = None
         self._current: list[torch.Tensor] = []
         self._handles = []
 
@@ -70,7 +67,7 @@ class LayerTaps:
         self._current.append(_pool(output, self.frames, self.n_valid))
 
     def _finish(self, module, args, output):
-        self.results.append(torch.stack(self._current, dim=1))
+        self._pooled = torch.stack(self._current, dim=1)
         self._current = []
 
     def __enter__(self) -> "LayerTaps":
@@ -86,9 +83,9 @@ class LayerTaps:
 
     @property
     def pooled(self) -> torch.Tensor:
-        if not self.results:
+        if self._pooled is None:
             raise RuntimeError("LayerTaps: the encoder has not been called inside the block")
-        return self.results[-1]
+        return self._pooled
 
 
 @contextmanager

@@ -439,7 +439,6 @@ class _Writer:
     def __init__(self, shard_dir, meta, maxsize: int = 1):
         self.shard_dir, self.meta = shard_dir, meta
         self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
-        self.results: list[ShardResult] = []
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="wat-shard-writer", daemon=True)
         self.thread.start()
@@ -448,7 +447,7 @@ class _Writer:
         while (buf := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.results.append(buf.write(self.shard_dir, self.meta))
+                    buf.write(self.shard_dir, self.meta)  # its record on disk is what finish() reads
                 except BaseException as e:  # surfaced in the main thread
                     self.error = e
 

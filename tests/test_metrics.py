@@ -28,7 +28,7 @@ def test_ap_auc_with_tie_and_skipped_classes():
     assert s.per_class[1] is None and s.per_class_auc[1] is None
     assert s.per_class[2] == pytest.approx(1.0) and s.per_class_auc[2] == pytest.approx(1.0)
     assert s.per_class[3] == pytest.approx(1.0) and s.per_class_auc[3] is None
-    assert s.skipped_classes == [1] and s.skipped == [1]
+    assert s.skipped_classes == [1]
     assert s.skipped_auc_classes == [1, 3]
     assert s.mAP == pytest.approx((5 / 6 + 1 + 1) / 3)
     assert s.mAUC == pytest.approx((0.875 + 1) / 2)
