@@ -104,8 +104,8 @@ def _projection(dim_in: int, proj_dim: int | None) -> nn.Sequential | None:
 class Head(nn.Module):
     """Base of every head kind. A subclass sets `kind` (its name in checkpoints and on the command
     line) and `field` (the cache dataset it is trained and evaluated on), and takes
-    `(n_layers, dim_in, n_classes, proj_dim=None)`; `proj_dim` is the projection width, refused unless the
-    class sets `projects`."""
+    `(n_layers, dim_in, n_classes, proj_dim=None)`; `proj_dim`, the projection width, is refused
+    unless the class sets `projects`."""
 
     kind: str = ""
     field: str = "features"     # "features" ([B, L, T, D]) or "mean" ([B, L, D], T times smaller)
@@ -129,7 +129,7 @@ class Head(nn.Module):
                             + " and ".join(k for k, c in HEADS.items() if c.projects))
 
     def _check(self, x: Tensor, need_time: bool) -> Tensor:
-        if x.proj_dim() not in ((4,) if need_time else (3, 4)) or x.shape[1] != self.n_layers:
+        if x.dim() not in ((4,) if need_time else (3, 4)) or x.shape[1] != self.n_layers:
             want = "[B, L, T, D]" if need_time else "[B, L, T, D] or [B, L, D]"
             raise HeadError(f"{type(self).__name__} expects {want} with L={self.n_layers}, got {list(x.shape)}")
         return x.float()
@@ -155,7 +155,7 @@ class LastMLP(Head):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._check(x, need_time=False)[:, -1]
-        return self.mlp_layer(x.mean(1) if x.proj_dim() == 3 else x)
+        return self.mlp_layer(x.mean(1) if x.dim() == 3 else x)
 
 
 class WAMLP(Head):
@@ -170,7 +170,7 @@ class WAMLP(Head):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._check(x, need_time=False)
-        if x.proj_dim() == 4:
+        if x.dim() == 4:
             x = x.mean(2)
         x = torch.einsum("bld,l->bd", x, self.layer_weight) / self.layer_weight.sum()
         return self.mlp_layer(x)

@@ -70,9 +70,9 @@ def test_bad_kind_and_dim():
     with pytest.raises(HeadError, match="unknown head"):
         build_head("cnn", 2, 8, 3)
     with pytest.raises(HeadError, match="no projection"):
-        build_head("wa-mlp", 2, 8, 3, dim=16)
+        build_head("wa-mlp", 2, 8, 3, proj_dim=16)
     with pytest.raises(HeadError, match="multiple of 8"):
-        build_head("tl-tr", 2, 8, 3, dim=12)
+        build_head("tl-tr", 2, 8, 3, proj_dim=12)
 
 
 def test_save_load_roundtrip(tmp_path):
