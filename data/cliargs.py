@@ -2,7 +2,7 @@
 defaults, validates and documents them the same way.
 
     add_device(p)                      --device auto|cpu|cuda|cuda:N (default auto)
-    device = resolve_device(p, args.device)
+    args = parse_args(p, argv)         args.device resolved to a torch device (auto -> cuda|cpu)
     add_workers(group, "--jobs", ...)  --workers N (>= 1), old spellings as hidden aliases
 """
 from __future__ import annotations
@@ -58,6 +58,14 @@ def resolve_device(parser: argparse.ArgumentParser, spec: str) -> str:
     if problem:
         parser.error(problem)
     return device
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, with `--device` (when the parser has one) resolved to the torch device."""
+    args = parser.parse_args(argv)
+    if getattr(args, "device", None) is not None:
+        args.device = resolve_device(parser, args.device)
+    return args
 
 
 def add_workers(p, *old_spellings: str, help: str, default=None) -> None:

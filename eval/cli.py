@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from wat.data.cache import CacheError
-from wat.data.cliargs import add_device, add_workers, resolve_device
+from wat.data.cliargs import add_device, add_workers, parse_args
 from wat.data.labels import LabelError
 
 
@@ -38,13 +38,11 @@ def probe_main(argv=None) -> int:
     from .probe import ProbeError, ProbeOptions, default_jobs, parse_fusion, parse_layers, probe
     from .report import write_probe
 
-    p = probe_parser()
-    a = p.parse_args(argv)
-    device = resolve_device(p, a.device)
+    a = parse_args(probe_parser(), argv)
     try:
         opts = ProbeOptions(layers=parse_layers(a.layers), fusion=parse_fusion(a.fusion), folds=a.folds,
                             jobs=a.workers or default_jobs(), scheduler=a.scheduler, C=a.C, max_iter=a.max_iter,
-                            seed=a.seed, device=device)
+                            seed=a.seed, device=a.device)
         rep = probe(a.features, a.eval_features, opts)
         summary = write_probe(rep, a.out, {f"--{k.replace('_', '-')}": v for k, v in vars(a).items()})
     except (ProbeError, CacheError, LabelError, OSError) as e:
@@ -82,9 +80,7 @@ def eval_main(argv=None) -> int:
     from wat.data.heads import HeadError
     from .evaluate import EvalError, EvalOptions, evaluate
 
-    p = eval_parser()
-    a = p.parse_args(argv)
-    device = resolve_device(p, a.device)
+    a = parse_args(eval_parser(), argv)
     try:
         folds = tuple(int(f) for f in a.tune_folds.split(",") if f.strip()) if a.tune_folds else None
     except ValueError:
@@ -94,7 +90,7 @@ def eval_main(argv=None) -> int:
         print("wat-eval: error: --tune-folds needs --tune-thresholds-on", file=sys.stderr)
         return 2
     opts = EvalOptions(top_k=a.top_k, threshold=a.threshold, tune_on=a.tune_thresholds_on, tune_folds=folds,
-                       batch_size=a.batch_size, device=device)
+                       batch_size=a.batch_size, device=a.device)
     try:
         r = evaluate(a.features, a.head, a.out, opts)
     except (EvalError, HeadError, CacheError, LabelError, OSError) as e:

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from wat.data.cache import POLICIES
-from wat.data.cliargs import add_device, add_workers, resolve_device
+from wat.data.cliargs import add_device, add_workers, parse_args
 from wat.data.datasets import DATASET_KINDS
 
 # --model help of every CLI that loads Whisper (what wat.extract.load_whisper accepts); kept here,
@@ -41,9 +41,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    device = resolve_device(p, args.device)
+    args = parse_args(parser(), argv)
     from wat.data.cache import CacheError
     from wat.data.datasets import DatasetError, load_dataset
 
@@ -51,7 +49,7 @@ def main(argv=None) -> int:
     from .pipeline import ExtractError, ExtractOptions, extract_dataset
 
     options = ExtractOptions(
-        model=args.model, policy=args.policy, frames=args.frames, device=device, batch_size=args.batch_size,
+        model=args.model, policy=args.policy, frames=args.frames, device=args.device, batch_size=args.batch_size,
         num_workers=args.decode_workers, shard_size=args.shard_size, limit=args.limit, overwrite=args.overwrite,
         clip_seconds=args.clip_seconds)
     try:

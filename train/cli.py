@@ -7,7 +7,7 @@ import sys
 from wat.data.cache import CacheError
 from wat.data.labels import LabelError
 
-from wat.data.cliargs import add_device, resolve_device
+from wat.data.cliargs import add_device, parse_args
 from wat.data.heads import HEADS, HeadError
 from .loop import Interrupted, TrainError, TrainOptions, train
 
@@ -57,16 +57,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    p = parser()
-    a = p.parse_args(argv)
-    device = resolve_device(p, a.device)
+    a = parse_args(parser(), argv)
     opts = TrainOptions(
         features=a.features, out=a.out, head=a.head, eval_features=a.eval_features, folds=a.folds,
         proj_dim=a.proj_dim, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, mixup=a.mixup, time_mask=a.time_mask,
         feature_mask=a.feature_mask, label_smoothing=a.label_smoothing, balanced=a.balanced,
         cr_views=a.cr_views, cr_weight=a.cr_weight, unlabeled_features=a.unlabeled_features,
         cr_unlabeled_weight=a.cr_unlabeled_weight, unlabeled_ratio=a.unlabeled_ratio,
-        parent_labels=a.parent_labels, weight_average=a.weight_average, init=a.init, device=device,
+        parent_labels=a.parent_labels, weight_average=a.weight_average, init=a.init, device=a.device,
         seed=a.seed, resume=a.resume, tensorboard=a.tensorboard)
     try:
         final = train(opts)

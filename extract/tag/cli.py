@@ -12,7 +12,7 @@ from whisper.utils import format_timestamp
 from wat.data.audio import AudioError
 from wat.extract.cli import MODEL_HELP
 from wat.extract.load import WhisperLoadError, load_whisper
-from wat.data.cliargs import add_device, positive_int, resolve_device
+from wat.data.cliargs import add_device, positive_int, parse_args
 from wat.data.heads import HeadError, load_head
 
 from .grid import MIN_RES
@@ -93,11 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    device = resolve_device(parser, args.device)
+    args = parse_args(build_parser(), argv)
     try:
-        model = load_whisper(args.model, device=device)
+        model = load_whisper(args.model, device=args.device)
         head = load_head(args.head)
         check_head(model, head[1], allow_policy_mismatch=args.allow_policy_mismatch)
         if args.classes is not None:  # unknown names fail here, before any file
@@ -108,7 +106,7 @@ def main(argv=None) -> int:
         return 2
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-    options = dict(fp16=device.startswith("cuda"), language=args.language)
+    options = dict(fp16=args.device.startswith("cuda"), language=args.language)
     extension = {"json": "json", "text": "txt", "srt": "srt"}[args.format]
     failed = 0
     for path in tqdm.tqdm(args.audio, unit="file", disable=None):
