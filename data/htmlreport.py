@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 _CSS = """
@@ -147,9 +149,7 @@ def page(title: str, subtitle: str, sections) -> str:
 def write_report(path, title: str, subtitle: str, sections) -> Path:
     """Write the page atomically (a reader never sees half a report) and return its path."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(page(title, subtitle, sections), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, page(title, subtitle, sections))
     return path
 
 

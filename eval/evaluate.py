@@ -144,7 +144,8 @@ def evaluate(features, head_path, out_dir, opts: EvalOptions | None = None) -> d
         macro, micro = metrics.decision_f1(y, probs >= thr[None, :])
         result["decisions"] = {"thresholds": source, "macro_f1": macro, "micro_f1": micro}
 
-    write_csv(out / "per_class.csv", *metrics.per_class_table(vocab.keys, vocab.names, s, y.sum(0)))
+    header, rows = metrics.per_class_table(vocab.keys, vocab.names, s, y.sum(0))
+    write_csv(out / "per_class.csv", header, rows)
     order = metrics.ap_ranking(s)
     by_f1 = not info.multilabel   # single-label: class-wise F1 of the arg-max, as in the paper's ESC-50 figures
     report.plot_per_class(s.per_class_f1 if by_f1 else s.per_class, vocab.names, out / "per_class.png",

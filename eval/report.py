@@ -283,7 +283,7 @@ def eval_html(result: dict, out: Path, *, meta, info, options: dict, per_class_r
                                                              **result.get("tuning", {})})))
     sections += [H.Section("Cache", H.key_values(H.cache_metadata(meta, result["n_clips"], result["features"]))),
                  H.Section("Head", H.key_values(
-                     {"file": result["head"], "kind": info.kind, "projection width": info.dim or "none",
+                     {"file": result["head"], "kind": info.kind, "projection width": info.proj_dim or "none",
                       "outputs": info.n_classes, "trained on": f"{info.model or '?'} ({info.policy})",
                       "multi-label": info.multilabel})),
                  H.Section("Options", H.key_values(options))]

@@ -202,7 +202,7 @@ def _finish(out, opts, s: Setup, fits, history, best, autocast) -> dict:
         protocol = f"{len(fits)}-fold cross-validation"
     else:
         protocol = f"held out: {ev_cache.meta.dataset} eval cache, {len(ev_cache)} clips"
-    kind = info.kind + (f" (dim {info.dim})" if info.dim else "")
+    kind = info.kind + (f" (projection {info.proj_dim})" if info.proj_dim else "")
     chance = None if s.ev is None else metrics.chance(s.ev_y[idx] if multilabel else s.ev_y[idx].argmax(1))
     plot_curves(out, history, len(fits) > 1, final.get("metric", "score"),
                 title=(f"{kind} head on {figures.cache_label(meta, n_clips)}", protocol), chance=chance,
