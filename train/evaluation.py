@@ -35,11 +35,11 @@ def predict(head, store: FeatureStore, indices: np.ndarray, multilabel: bool, ba
 
 
 def score(targets: np.ndarray, probs: np.ndarray, multilabel: bool) -> dict:
-    """Headline score (+ mAUC, d' and skipped classes multi-label) and the full `metrics.Scores`
-    (`scores`: per-class values for per_class.csv) via the one metrics module."""
+    """Headline score, its per-class values (`per_class`: AP or F1), + mAUC, d' and skipped classes
+    multi-label, and the full `metrics.Scores` (`scores`, for per_class.csv) via the one metrics module."""
     if multilabel:
         s = metrics.multilabel_scores(targets, probs)
         return {"metric": "mAP", "score": s.mAP, "mAUC": s.mAUC, "d_prime": s.d_prime,
-                "skipped_classes": s.skipped_classes, "scores": s}
+                "per_class": s.per_class, "skipped_classes": s.skipped_classes, "scores": s}
     s = metrics.singlelabel_scores(targets.argmax(1), probs)
-    return {"metric": "accuracy", "score": s.accuracy, "scores": s}
+    return {"metric": "accuracy", "score": s.accuracy, "per_class": s.per_class_f1, "scores": s}
