@@ -9,8 +9,10 @@ Shard file (`shard-00000.h5`), N clips, L layers, T pooled frames, D dims, C cla
     dataset         dtype    shape        chunks                         notes
     =============== ======== ============ ============================== ===========================
     ids             utf-8    [N]          -                              variable-length strings
-    features        f16      [N, L, T, D] (k, L, T, D), k = 1..4         k*record ~ <= 1 MiB
-    mean            f16      [N, L, D]    (min(256, N), 1, D)            time mean, computed in fp32
+    features        f16|i8   [N, L, T, D] (k, L, T, D), k = 1..4         k*record ~ <= 1 MiB
+    mean            f16|i8   [N, L, D]    (min(256, N), 1, D)            time mean, computed in fp32
+    features_scale  f32      [L, D]       -                              int8 storage only
+    mean_scale      f32      [L, D]       -                              int8 storage only
     label_indptr    int32    [N + 1]      -                              CSR: clip i has labels
     label_indices   int32    [nnz]        -                              indices[indptr[i]:indptr[i+1]]
     fold            int16    [N]          -                              -1 = no fold
@@ -18,17 +20,30 @@ Shard file (`shard-00000.h5`), N clips, L layers, T pooled frames, D dims, C cla
     =============== ======== ============ ============================== ===========================
 
     No compression: fp16 activations gain only ~1.1x from gzip+shuffle and reads get slower.
+    Rows of `features` are stored whole and in order inside each chunk, so a reader can copy a row
+    straight from the file (`row_offsets`) instead of going through the HDF5 library.
+
+Storage precision (`storage` attribute): "fp16" stores the values; "int8" stores
+round(x / scale) clipped to +-127 with one scale per (layer, channel) per shard and field,
+scale = max |x| / 127 over the shard's clips (and frames): the error of a value is at most
+scale / 2. Readers dequantise (`x = q * scale`, as f16) — on the device the features go to — so
+nothing downstream sees the stored precision. Layer subsets (`layers` attribute): the encoder block
+index of each stored layer (`wat-extract --layers 8:32`); L = len(layers).
 
 Attributes (shard and index alike): `schema_version`, `kind` ("shard" | "index"), `model`,
 `fingerprint`, `n_layers`, `n_frames`, `dim`, `policy`, `pooling`, `sample_rate`, `clip_seconds`,
-`vocab` (Vocabulary JSON), `multilabel`, `dataset`, `versions` (JSON); shards also `n_clips` and
-`digest` (sha256 of the ids and the meta, so a shard swapped for another is detected).
+`vocab` (Vocabulary JSON), `multilabel`, `dataset`, `versions` (JSON), `storage`, `layers` (JSON
+list); shards also `n_clips` and `digest` (sha256 of the ids and the meta, so a shard swapped for
+another is detected). `schema_version` is the oldest reader that reads the file right: 1 for fp16
+caches of every layer (unchanged since version 1, `storage`/`layers` absent means fp16/all), 2 for
+int8 or layer-subset caches, which a version-1 reader would misread.
 
 Index file (`feats.h5`): `features` and `mean` are HDF5 virtual datasets over the shards with
 source paths relative to the index's folder (HDF5 resolves them there, so the folder can be moved;
 missing sources read as NaN, never zeros); `ids`, `label_indptr`, `label_indices`, `fold`,
 `duration` are copied in; `shard_paths` (utf-8, relative), `shard_rows` (int64) and `shard_digests`
-(utf-8) record the shards. `open_cache` checks every shard against these records before any read,
+(utf-8) record the shards; int8 caches also copy each shard's scales into `features_scale` and
+`mean_scale` [S, L, D] (the virtual datasets hold the raw int8 values). `open_cache` checks every shard against these records before any read,
 and `Cache.read` reads the shards directly, so a VDS fill value can never reach a caller.
 
 Atomicity: every file is written to a `.partial` file beside NAME, flushed, fsynced, closed and `os.replace`d onto
@@ -50,8 +65,10 @@ import numpy as np
 from .files import atomic_path
 from .labels import LabelError, Vocabulary
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # the newest schema this wat reads (and writes when a file needs it)
 FIELDS = ("features", "mean")
+STORAGES = ("fp16", "int8")
+_STORED = {"fp16": np.float16, "int8": np.int8}
 _META_KEYS = ("model", "fingerprint", "n_layers", "n_frames", "dim", "policy", "pooling",
               "sample_rate", "clip_seconds", "multilabel", "dataset")
 _STR = h5py.string_dtype("utf-8")
@@ -81,11 +98,28 @@ class CacheMeta:
     multilabel: bool
     dataset: str
     versions: dict = field(default_factory=dict)  # package versions, informative only
+    storage: str = "fp16"    # stored precision of features/mean: "fp16" | "int8" (scaled, see above)
+    layers: tuple = ()       # encoder block index of each stored layer; () = all n_layers blocks
+
+    def __post_init__(self):
+        layers = tuple(int(x) for x in self.layers) or tuple(range(self.n_layers))
+        if len(layers) != self.n_layers or any(b <= a for a, b in zip(layers, layers[1:])) or min(layers, default=0) < 0:
+            raise CacheError(f"layers {list(layers)} must be {self.n_layers} increasing block indices >= 0")
+        if self.storage not in STORAGES:
+            raise CacheError(f"unknown storage {self.storage!r}; one of {', '.join(STORAGES)}")
+        object.__setattr__(self, "layers", layers)  # frozen: normalised once, here
+
+    @property
+    def all_layers(self) -> bool:
+        """True when the cache holds blocks 0..L-1 (no subset, or a subset that is a prefix)."""
+        return self.layers == tuple(range(self.n_layers))
 
     def to_attrs(self) -> dict:
         d = {k: getattr(self, k) for k in _META_KEYS}
-        d.update(schema_version=SCHEMA_VERSION, vocab=self.vocab.to_json(),
-                 versions=json.dumps(self.versions, sort_keys=True))
+        plain = self.storage == "fp16" and self.all_layers  # what a version-1 reader reads right
+        d.update(schema_version=1 if plain else SCHEMA_VERSION, vocab=self.vocab.to_json(),
+                 versions=json.dumps(self.versions, sort_keys=True), storage=self.storage,
+                 layers=json.dumps(list(self.layers)))
         return d
 
     @classmethod
@@ -94,26 +128,29 @@ class CacheMeta:
             version = int(attrs["schema_version"])
         except KeyError:
             raise CacheError("not a wat cache file: attribute 'schema_version' missing") from None
-        if version != SCHEMA_VERSION:
-            raise CacheError(f"schema version {version}, this wat reads version {SCHEMA_VERSION}")
+        if not 1 <= version <= SCHEMA_VERSION:
+            raise CacheError(f"schema version {version}, this wat reads versions 1..{SCHEMA_VERSION}")
         try:
             return cls(model=_s(attrs["model"]), fingerprint=_s(attrs["fingerprint"]),
                        n_layers=int(attrs["n_layers"]), n_frames=int(attrs["n_frames"]),
                        dim=int(attrs["dim"]), policy=_s(attrs["policy"]), pooling=_s(attrs["pooling"]),
                        sample_rate=int(attrs["sample_rate"]), clip_seconds=float(attrs["clip_seconds"]),
                        vocab=Vocabulary.from_json(_s(attrs["vocab"])), multilabel=bool(attrs["multilabel"]),
-                       dataset=_s(attrs["dataset"]), versions=json.loads(_s(attrs.get("versions", "{}"))))
+                       dataset=_s(attrs["dataset"]), versions=json.loads(_s(attrs.get("versions", "{}"))),
+                       storage=_s(attrs.get("storage", "fp16")), layers=tuple(json.loads(_s(attrs.get("layers", "[]")))))
         except KeyError as e:
             raise CacheError(f"not a wat cache file: attribute {e.args[0]!r} missing") from None
         except (ValueError, LabelError) as e:
             raise CacheError(f"unreadable cache attributes: {e}") from None
 
-    def incompatibilities(self, other: "CacheMeta") -> list[str]:
-        """What makes features of `other` unusable next to ours (model name/versions don't count)."""
-        out = [f"{k}: {getattr(self, k)!r} != {getattr(other, k)!r}"
-               for k in ("fingerprint", "policy", "pooling", "n_layers", "n_frames", "dim",
-                         "sample_rate", "multilabel")
-               if getattr(self, k) != getattr(other, k)]
+    def incompatibilities(self, other: "CacheMeta", *, same_cache: bool = False) -> list[str]:
+        """What makes features of `other` unusable next to ours (model name/versions don't count).
+        The stored precision is transparent to readers, so two caches may differ in it; the shards
+        of one cache (`same_cache`) may not: one output holds one precision."""
+        keys = ("fingerprint", "policy", "pooling", "n_layers", "layers", "n_frames", "dim", "sample_rate",
+                "multilabel") + (("storage",) if same_cache else ())
+        out = [f"{k}: {_show(getattr(self, k))} != {_show(getattr(other, k))}"
+               for k in keys if getattr(self, k) != getattr(other, k)]
         if self.vocab != other.vocab:
             out.append(f"vocab: {len(self.vocab)} classes != {len(other.vocab)} classes"
                        if len(self.vocab) != len(other.vocab) else "vocab: different classes")
@@ -124,11 +161,21 @@ class CacheMeta:
         d = asdict(self)
         d.pop("versions"), d.pop("model")
         d["vocab"] = self.vocab.to_json()
+        if self.storage == "fp16":  # absent before they existed: digests of older caches still match
+            d.pop("storage")
+        if self.all_layers:
+            d.pop("layers")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 def _s(v) -> str:
     return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def _show(v) -> str:
+    if isinstance(v, tuple) and len(v) > 2 and v == tuple(range(v[0], v[-1] + 1)):
+        return f"{v[0]}:{v[-1] + 1}"  # layer ranges read as the --layers option that made them
+    return repr(v)
 
 
 def shard_path(shard_dir, i: int) -> Path:
@@ -175,8 +222,40 @@ def _csr(labels, n_classes: int):
     return indptr.astype(np.int32), np.asarray(flat, np.int32)
 
 
+def _int8_scale(x: np.ndarray, axes: tuple, block: int = 64) -> np.ndarray:
+    """max |x| / 127 over `axes` (rows first), per remaining (layer, channel), in row blocks."""
+    amax = None
+    for a in range(0, len(x), block):
+        m = np.abs(np.asarray(x[a:a + block], np.float32)).max(axis=axes)
+        amax = m if amax is None else np.maximum(amax, m)
+    return (amax / 127).astype(np.float32)
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, block: int = 64) -> np.ndarray:
+    """round(x / scale) clipped to +-127 as int8; `scale` broadcasts against one row of x."""
+    inv = np.divide(1, scale, out=np.zeros_like(scale), where=scale > 0)  # an all-zero channel stays 0
+    q = np.empty(x.shape, np.int8)
+    for a in range(0, len(x), block):
+        v = np.asarray(x[a:a + block], np.float32) * inv
+        q[a:a + block] = np.clip(np.rint(v, out=v), -127, 127, out=v)
+    return q
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """int8 rows -> f16 values f16(q) * f16(scale), rounded once (`scale` broadcasts against a row).
+    The product of two f16 values is exact in f32, so this equals torch's f16 multiply that the
+    readers run on the device: every reader returns the same bits."""
+    return (q.astype(np.float32) * scale.astype(np.float16).astype(np.float32)).astype(np.float16)
+
+
+def _row_scale(field: str, scale: np.ndarray) -> np.ndarray:
+    # [L, D] -> broadcastable against one row: features rows are [L, T, D], mean rows [L, D]
+    return scale[:, None, :] if field == "features" else scale
+
+
 def write_shard(path, meta: CacheMeta, ids, features, labels, folds=None, durations=None, mean=None) -> None:
-    """Write one shard atomically. features [N, L, T, D] any float (stored f16); labels: index tuples."""
+    """Write one shard atomically. features [N, L, T, D] any float, stored as `meta.storage`
+    (f16, or int8 with per-(layer, channel) scales of this shard); labels: index tuples."""
     path = Path(path)
     ids = [str(i) for i in ids]
     n = len(ids)
@@ -205,15 +284,21 @@ def write_shard(path, meta: CacheMeta, ids, features, labels, folds=None, durati
     durations = np.full(n, meta.clip_seconds, np.float32) if durations is None else np.asarray(durations, np.float32)
     if folds.shape != (n,) or durations.shape != (n,):
         raise CacheError(f"{path}: folds/durations must have {n} entries")
+    if meta.storage == "int8":
+        f_scale, m_scale = _int8_scale(features, (0, 2)), _int8_scale(mean, (0,))
+        stored = {"features": quantize(features, _row_scale("features", f_scale)),
+                  "mean": quantize(mean, m_scale), "features_scale": f_scale, "mean_scale": m_scale}
+    else:
+        stored = {"features": features.astype(np.float16, copy=False), "mean": mean.astype(np.float16)}
     path.parent.mkdir(parents=True, exist_ok=True)
     with _atomic_h5(path) as f:
         f.attrs.update(meta.to_attrs())
         f.attrs.update(kind="shard", n_clips=n, digest=_digest(ids, meta))
         f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
-        f.create_dataset("features", data=features.astype(np.float16, copy=False),
-                         chunks=_features_chunks(features.shape))
-        f.create_dataset("mean", data=mean.astype(np.float16),
-                         chunks=(min(256, n), 1, meta.dim))
+        f.create_dataset("features", data=stored.pop("features"), chunks=_features_chunks(features.shape))
+        f.create_dataset("mean", data=stored.pop("mean"), chunks=(min(256, n), 1, meta.dim))
+        for name, data in stored.items():  # the int8 scales
+            f.create_dataset(name, data=data)
         f.create_dataset("label_indptr", data=indptr)
         f.create_dataset("label_indices", data=indices)
         f.create_dataset("fold", data=folds)
@@ -255,7 +340,7 @@ def build_index(index_path, shard_paths) -> None:
     records = [_shard_record(p) for p in shard_paths]
     meta = records[0][0]
     for p, (m, _, _) in zip(shard_paths, records):
-        bad = meta.incompatibilities(m)
+        bad = meta.incompatibilities(m, same_cache=True)
         if bad:
             raise CacheError(f"{p}: incompatible with {shard_paths[0]}: {'; '.join(bad)}")
     rel = [os.path.relpath(p.resolve(), root) for p in shard_paths]
@@ -263,10 +348,13 @@ def build_index(index_path, shard_paths) -> None:
     n = sum(rows)
     L, T, D = meta.n_layers, meta.n_frames, meta.dim
     ids, indptr, indices, folds, durs = [], [np.zeros(1, np.int64)], [], [], []
+    scales = {"features_scale": [], "mean_scale": []} if meta.storage == "int8" else {}
     offset = 0
     for p in shard_paths:
         with _open_h5(p) as f:
             ids.extend(f["ids"].asstr()[:])
+            for name, got in scales.items():
+                got.append(f[name][:])
             ip = f["label_indptr"][:].astype(np.int64)
             indptr.append(ip[1:] + offset)
             offset += int(ip[-1])
@@ -275,18 +363,21 @@ def build_index(index_path, shard_paths) -> None:
             durs.append(f["duration"][:])
     if len(set(ids)) != len(ids):
         raise CacheError(f"{index_path}: clip ids repeat across shards")
-    layouts = {"features": h5py.VirtualLayout((n, L, T, D), np.float16),
-               "mean": h5py.VirtualLayout((n, L, D), np.float16)}
+    stored = _STORED[meta.storage]
+    layouts = {"features": h5py.VirtualLayout((n, L, T, D), stored),
+               "mean": h5py.VirtualLayout((n, L, D), stored)}
     start = 0
     for r, k in zip(rel, rows):
         for name, lay in layouts.items():
-            lay[start:start + k] = h5py.VirtualSource(r, name, shape=(k,) + lay.shape[1:], dtype=np.float16)
+            lay[start:start + k] = h5py.VirtualSource(r, name, shape=(k,) + lay.shape[1:], dtype=stored)
         start += k
+    # missing source -> NaN, not 0 (int8 has no NaN: open_cache/Cache.read never read through the VDS)
+    fill = np.float16(np.nan) if meta.storage == "fp16" else np.int8(0)
     with _atomic_h5(index_path) as f:
         f.attrs.update(meta.to_attrs())
         f.attrs.update(kind="index", n_clips=n)
         for name, lay in layouts.items():
-            f.create_virtual_dataset(name, lay, fillvalue=np.float16(np.nan))  # missing source -> NaN, not 0
+            f.create_virtual_dataset(name, lay, fillvalue=fill)
         f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
         f.create_dataset("label_indptr", data=np.concatenate(indptr).astype(np.int32))
         f.create_dataset("label_indices", data=np.concatenate(indices).astype(np.int32))
@@ -295,6 +386,8 @@ def build_index(index_path, shard_paths) -> None:
         f.create_dataset("shard_paths", data=np.array(rel, dtype=object), dtype=_STR)
         f.create_dataset("shard_rows", data=np.asarray(rows, np.int64))
         f.create_dataset("shard_digests", data=np.array([r[2] for r in records], dtype=object), dtype=_STR)
+        for name, got in scales.items():
+            f.create_dataset(name, data=np.stack(got))
 
 
 # Open read-only files, per process: h5py handles never cross a fork or a pickle.
@@ -308,10 +401,25 @@ def _handle(path: str) -> h5py.File:
     return entry[1]
 
 
+# Plain file descriptors of the same files, for readers that copy raw rows (`row_offsets`).
+_FDS: dict[str, tuple[int, int]] = {}
+
+
+def raw_fd(path: str) -> int:
+    """A read-only descriptor of shard `path` for os.preadv, one per process (valid until `_forget`)."""
+    entry = _FDS.get(path)
+    if entry is None or entry[0] != os.getpid():
+        _FDS[path] = entry = (os.getpid(), os.open(path, os.O_RDONLY))
+    return entry[1]
+
+
 def _forget(path: str) -> None:
     entry = _HANDLES.pop(path, None)
     if entry is not None and entry[0] == os.getpid() and entry[1].id.valid:
         entry[1].close()
+    fd = _FDS.pop(path, None)
+    if fd is not None and fd[0] == os.getpid():
+        os.close(fd[1])
 
 
 class Cache:
@@ -352,14 +460,36 @@ class Cache:
         return (len(self),) + per[field]
 
     def dataset(self, shard: int, field: str) -> h5py.Dataset:
-        """The h5py dataset of one shard, opened lazily in this process."""
+        """The h5py dataset of one shard, opened lazily in this process (stored values: f16 or int8)."""
         return _handle(str(self.shards[shard][0]))[field]
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        return np.dtype(_STORED[self.meta.storage])
+
+    @cached_property
+    def _scales(self) -> dict[str, np.ndarray]:
+        if self.meta.storage != "int8":
+            return {}
+        return {f: np.stack([self.dataset(s, f + "_scale")[:] for s in range(len(self.shards))]) for f in FIELDS}
+
+    def scales(self, field: str) -> np.ndarray | None:
+        """[S, L, D] f32 int8 scales of `field` per shard (x = q * scale); None for fp16 caches."""
+        self.shape(field)  # checks the name
+        return self._scales.get(field)
+
+    def dequantize(self, field: str, rows: np.ndarray, shard: int) -> np.ndarray:
+        """Stored rows of one shard -> f16 values (fp16 rows are returned as they are)."""
+        if self.meta.storage == "fp16":
+            return rows
+        return dequantize(rows, _row_scale(field, self.scales(field)[shard]))
 
     def shard_of(self, indices) -> np.ndarray:
         return np.searchsorted(self._starts, indices, side="right") - 1
 
     def read(self, field: str, indices) -> np.ndarray:
-        """Rows `indices` (any order, repeats allowed) of `field` as f16, read shard by shard."""
+        """Rows `indices` (any order, repeats allowed) of `field` as f16 (int8 storage dequantised),
+        read shard by shard."""
         shape = self.shape(field)
         idx = np.asarray(indices, np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
@@ -370,7 +500,7 @@ class Cache:
             where = np.flatnonzero(shard == s)
             local = idx[where] - self.shards[s][1]
             uniq, inverse = np.unique(local, return_inverse=True)
-            out[where] = _read_rows(self.dataset(int(s), field), uniq)[inverse]
+            out[where] = self.dequantize(field, _read_rows(self.dataset(int(s), field), uniq), int(s))[inverse]
         return out
 
     def close(self) -> None:
@@ -386,6 +516,34 @@ def _read_rows(dset: h5py.Dataset, rows: np.ndarray, max_gap: int = 8) -> np.nda
         a, b = int(rows[run[0]]), int(rows[run[-1]]) + 1
         out[run] = dset[a:b][rows[run] - a] if b - a != len(run) else dset[a:b]
     return out
+
+
+def row_offsets(dset: h5py.Dataset) -> np.ndarray | None:
+    """Byte offset in its file of each row of `dset` when every row lies whole and raw in the file
+    (no filter, little-endian, chunks spanning whole rows, all allocated); else None. Readers then
+    copy rows with plain file reads straight into their batch buffers, one copy per row."""
+    shape, chunks = dset.shape, dset.chunks
+    if dset.dtype.byteorder == ">" or dset.id.get_create_plist().get_nfilters():
+        return None
+    row_bytes = dset.dtype.itemsize * int(np.prod(shape[1:]))
+    if chunks is None:
+        start = dset.id.get_offset()
+        return None if start is None else start + np.arange(shape[0], dtype=np.int64) * row_bytes
+    if tuple(chunks[1:]) != tuple(shape[1:]):
+        return None
+    k = chunks[0]
+    starts = np.full(-(-shape[0] // k), -1, np.int64)
+    if hasattr(dset.id, "chunk_iter"):  # HDF5 >= 1.12.3: one pass over the chunk index
+        def visit(info):
+            starts[info.chunk_offset[0] // k] = -1 if info.byte_offset is None else info.byte_offset
+        dset.id.chunk_iter(visit)
+    else:
+        for i in range(len(starts)):
+            info = dset.id.get_chunk_info_by_coord((i * k,) + (0,) * (len(shape) - 1))
+            starts[i] = -1 if info.byte_offset is None else info.byte_offset
+    if (starts < 0).any():
+        return None
+    return (starts[:, None] + np.arange(k, dtype=np.int64) * row_bytes).reshape(-1)[:shape[0]]
 
 
 def open_cache(path) -> Cache:
@@ -414,7 +572,7 @@ def open_cache(path) -> Cache:
         _forget(str(p))  # a re-written shard must not be read through an old handle
         if kind == "index":
             m, n, d = _shard_record(p)
-            bad = meta.incompatibilities(m)
+            bad = meta.incompatibilities(m, same_cache=True)
             if bad:
                 raise CacheError(f"{p}: incompatible with index {path}: {'; '.join(bad)}")
             if n != rows:
@@ -440,15 +598,18 @@ def _check_shard(p: Path, meta: CacheMeta, probe_rows: int, rng) -> tuple[list[s
             m = CacheMeta.from_attrs(f.attrs)
         except CacheError as e:
             return [f"{p}: {e}"], []
-        bad = meta.incompatibilities(m)
+        bad = meta.incompatibilities(m, same_cache=True)
         if bad:
             problems.append(f"{p}: attributes differ: {'; '.join(bad)}")
         try:
             ids = list(f["ids"].asstr()[:])
             n = len(ids)
-            want = {"features": ((n, m.n_layers, m.n_frames, m.dim), np.float16),
-                    "mean": ((n, m.n_layers, m.dim), np.float16), "fold": ((n,), np.int16),
+            stored = _STORED[m.storage]
+            want = {"features": ((n, m.n_layers, m.n_frames, m.dim), stored),
+                    "mean": ((n, m.n_layers, m.dim), stored), "fold": ((n,), np.int16),
                     "duration": ((n,), np.float32), "label_indptr": ((n + 1,), np.int32)}
+            if m.storage == "int8":
+                want.update({f + "_scale": ((m.n_layers, m.dim), np.float32) for f in FIELDS})
             for name, (shape, dtype) in want.items():
                 d = f[name]
                 if d.shape != shape or d.dtype != dtype:
@@ -462,6 +623,18 @@ def _check_shard(p: Path, meta: CacheMeta, probe_rows: int, rng) -> tuple[list[s
                     len(ix) and (ix.min() < 0 or ix.max() >= len(m.vocab))):
                 problems.append(f"{p}: malformed labels (CSR)")
             feats, mean = f["features"], f["mean"]
+            if m.storage == "int8":  # int8 values are always finite: their scales must be
+                scale = {name: f[name + "_scale"][:] for name in FIELDS}
+                for name, sc in scale.items():
+                    if not np.isfinite(sc).all() or (sc < 0).any():
+                        problems.append(f"{p}: NaN/inf or negative {name}_scale")
+                if problems:
+                    return problems, ids
+                deq = {name: lambda x, name=name: dequantize(x, _row_scale(name, scale[name])) for name in FIELDS}
+                atol = scale["features"] / 2 + scale["mean"] / 2 + 1e-2  # both quantisation errors
+            else:
+                deq = {name: (lambda x: x) for name in FIELDS}
+                atol = 1e-2
             step = max(1, (64 << 20) // max(1, feats.dtype.itemsize * int(np.prod(feats.shape[1:]))))
             for a in range(0, n, step):
                 for name, block in (("features", feats[a:a + step]), ("mean", mean[a:a + step])):
@@ -470,9 +643,9 @@ def _check_shard(p: Path, meta: CacheMeta, probe_rows: int, rng) -> tuple[list[s
                         bad_ids = [ids[a + i] for i in np.flatnonzero(~finite)[:5]]
                         problems.append(f"{p}: NaN/inf in {name} of clip(s) {', '.join(bad_ids)}")
             sample = np.sort(rng.choice(n, size=min(probe_rows, n), replace=False))
-            expect = feats[sample].astype(np.float32).mean(axis=2)
-            got = mean[sample].astype(np.float32)
-            if not np.allclose(got, expect, rtol=1e-2, atol=1e-2, equal_nan=True):
+            expect = deq["features"](feats[sample]).astype(np.float32).mean(axis=2)
+            got = deq["mean"](mean[sample]).astype(np.float32)
+            if not np.allclose(got, expect, rtol=1e-2, atol=atol, equal_nan=True):
                 problems.append(f"{p}: mean disagrees with the time mean of features")
         except (OSError, KeyError) as e:
             problems.append(f"{p}: unreadable ({e})")
@@ -513,7 +686,7 @@ def info(path) -> dict:
     return {
         "path": str(cache.path), "clips": len(cache), "shards": len(cache.shards),
         "features": list(cache.shape("features")), "mean": list(cache.shape("mean")),
-        "dtype": "float16", "model": m.model, "fingerprint": m.fingerprint, "policy": m.policy,
+        "dtype": str(cache.stored_dtype), "storage": m.storage, "layers": list(m.layers), "model": m.model, "fingerprint": m.fingerprint, "policy": m.policy,
         "pooling": m.pooling, "sample_rate": m.sample_rate, "clip_seconds": m.clip_seconds,
         "dataset": m.dataset, "classes": len(m.vocab), "multilabel": m.multilabel,
         "labels": {"total": int(per_clip.sum()), "unlabeled_clips": int((per_clip == 0).sum()),

@@ -11,7 +11,10 @@ from .cache import CacheError, info, verify
 def _print_info(d: dict) -> None:
     gb = d["bytes_on_disk"] / 1e9
     print(f"{d['path']}: {d['clips']} clips in {d['shards']} shard(s), {gb:.3f} GB on disk")
-    print(f"  features {d['features']} {d['dtype']}, mean {d['mean']}")
+    stored = "int8 (per-shard scales; readers return f16)" if d["storage"] == "int8" else d["dtype"]
+    lay = d["layers"]
+    blocks = f"encoder blocks {lay[0]}..{lay[-1]}" if lay != list(range(len(lay))) else "all encoder blocks"
+    print(f"  features {d['features']} {stored}, mean {d['mean']}; {blocks}")
     print(f"  model {d['model']} (fingerprint {d['fingerprint']}), policy {d['policy']}, pooling {d['pooling']}")
     print(f"  dataset {d['dataset']}, {d['clip_seconds']} s clips at {d['sample_rate']} Hz")
     lab = d["labels"]

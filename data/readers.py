@@ -1,21 +1,29 @@
 """Readers over a feature cache: random access for training (`FeatureStore`) and a dask view.
 
-`FeatureStore` keeps the whole field in one f16 tensor when it fits the memory budget (loaded once,
-shard by shard, sequential reads) and otherwise streams: requested rows grouped by shard, shards and
-blocks visited in a seeded random order, one h5py read per block, a background thread reading the
-next block while the caller computes, and a shuffle buffer of several blocks. h5py serialises calls
-behind one lock, so one reader thread is all that helps; parallel reads need processes (dask).
+`FeatureStore` keeps the whole field in one tensor when it fits the memory budget (loaded once,
+shard by shard, sequential reads) and otherwise streams. Streaming plans the epoch first: shards
+and blocks of rows visited in a seeded random order, rows shuffled within a window of several
+blocks (the shuffle buffer), batches cut from that order. Reader threads then copy each batch's
+rows with plain `os.preadv` calls straight from the shard files into the batch tensor (one copy
+per row, no HDF5 call per row, adjacent rows in one call; the GIL is released while they copy),
+and ask the kernel to read the next window ahead (`POSIX_FADV_WILLNEED`). Fields whose rows are not
+stored whole (`mean`, chunked by layer) are read through h5py instead. int8 caches are read as int8
+(half the bytes) and dequantised to f16 on the store's device (on a GPU after the copy).
+Memory: a few batches in flight, sized from the memory budget; nothing per window is held.
 """
 from __future__ import annotations
 
 import os
-import queue
-import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from .cache import Cache, _handle, open_cache
+from .cache import Cache, _handle, _read_rows, _row_scale, open_cache, raw_fd, row_offsets
+
+_IOV_MAX = 1024  # iovecs per preadv call (Linux UIO_MAXIOV)
+_TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.int8): torch.int8}
 
 
 def available_memory() -> int:
@@ -31,24 +39,35 @@ def available_memory() -> int:
 
 
 class FeatureStore:
-    """Random access to `features` or `mean` as f16 torch tensors on `device`."""
+    """Random access to `features` or `mean` as f16 torch tensors on `device` (int8 storage is
+    dequantised there)."""
 
     def __init__(self, cache, field: str = "features", *, memory_budget: int | None = None, device="cpu",
-                 block_bytes: int = 64 << 20, buffer_blocks: int = 8):
+                 block_bytes: int = 64 << 20, buffer_blocks: int = 8, read_threads: int = 2):
         self.cache: Cache = cache if isinstance(cache, Cache) else open_cache(cache)
         self.field = field
         self.device = torch.device(device)
         full = self.cache.shape(field)
         self.shape = tuple(full[1:])
-        row_bytes = 2 * int(np.prod(self.shape))
+        self.stored = self.cache.stored_dtype
+        row_bytes = self.stored.itemsize * int(np.prod(self.shape))
         if memory_budget is None:
             if self.device.type == "cuda":
                 memory_budget = torch.cuda.mem_get_info(self.device)[0] // 2
             else:
                 memory_budget = available_memory() // 2
+        self.memory_budget = memory_budget
         self.in_memory = row_bytes * len(self.cache) <= memory_budget
+        self.row_bytes = row_bytes
         self.block_rows = max(1, block_bytes // row_bytes)
         self.buffer_blocks = max(1, buffer_blocks)
+        self.read_threads = max(1, read_threads)
+        self._layouts: dict[int, tuple[int, np.ndarray] | None] = {}
+        self._pin = torch.cuda.is_available()  # pinned host batches: async host-to-device copies
+        self._scale = self._row_shard = None
+        if self.stored == np.int8:  # [S, L, D] scales and each row's shard, on the device
+            self._scale = torch.from_numpy(self.cache.scales(field)).to(self.device, torch.float16)
+            self._row_shard = torch.from_numpy(self.cache.shard_of(np.arange(len(self.cache)))).to(self.device)
         self._data = self._load() if self.in_memory else None
 
     def __len__(self) -> int:
@@ -57,11 +76,12 @@ class FeatureStore:
     def _load(self) -> torch.Tensor:
         on_cpu = self.device.type == "cpu"
         shape = (len(self.cache),) + self.shape
+        dtype = _TORCH[self.stored]
         if on_cpu:  # pinned when a GPU may consume it: faster, async host-to-device copies
-            out = torch.empty(shape, dtype=torch.float16, pin_memory=torch.cuda.is_available())
+            out = torch.empty(shape, dtype=dtype, pin_memory=self._pin)
         else:  # stage block by block: the host never holds the whole field
-            out = torch.empty(shape, dtype=torch.float16, device=self.device)
-            stage = torch.empty((self.block_rows,) + self.shape, dtype=torch.float16, pin_memory=True)
+            out = torch.empty(shape, dtype=dtype, device=self.device)
+            stage = torch.empty((self.block_rows,) + self.shape, dtype=dtype, pin_memory=True)
         for s, (_, start, stop) in enumerate(self.cache.shards):
             dset = self.cache.dataset(s, self.field)
             for a in range(0, stop - start, self.block_rows):
@@ -73,12 +93,25 @@ class FeatureStore:
                     out[start + a:start + b].copy_(stage[:b - a])
         return out
 
+    def _dequantize(self, q: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+        """Stored rows (already on the device) -> f16; fp16 rows pass through."""
+        if self._scale is None:
+            return q
+        scale = self._scale[self._row_shard[torch.from_numpy(idx).to(self.device)]]  # [B, L, D]
+        if self.field == "features":
+            scale = scale[:, :, None, :]
+        return q.to(torch.float16).mul_(scale)  # = cache.dequantize: f16(q) * f16(scale), one rounding
+
     def get(self, indices) -> torch.Tensor:
         idx = np.asarray(indices, np.int64).reshape(-1)
         if self.in_memory:
             # index_select: several times faster than advanced indexing for f16 rows on CPU
-            return self._data.index_select(0, torch.from_numpy(idx).to(self._data.device)).to(self.device)
-        return torch.from_numpy(self.cache.read(self.field, idx)).to(self.device)
+            q = self._data.index_select(0, torch.from_numpy(idx).to(self._data.device))
+        else:
+            if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+                raise IndexError(f"index out of range for a cache of {len(self)} clips")
+            q = self._fill(idx)
+        return self._dequantize(q.to(self.device, non_blocking=True), idx)
 
     def iter_batches(self, indices, batch_size: int, *, shuffle: bool = True, seed: int = 0):
         """Yield (idx, tensor) batches covering `indices` exactly (repeats kept as repeats)."""
@@ -111,83 +144,106 @@ class FeatureStore:
             plan += [(int(s), b) for b in blocks]
         return plan
 
-    def _read_block(self, s: int, rows: np.ndarray) -> np.ndarray:
-        start = self.cache.shards[s][1]
-        a, b = int(rows[0]) - start, int(rows[-1]) - start + 1
-        block = self.cache.dataset(s, self.field)[a:b]  # one read per block
-        return block if b - a == len(rows) else block[rows - start - a]
+    def _layout(self, s: int) -> tuple[int, np.ndarray] | None:
+        """(file descriptor, byte offset of each row) of shard s, or None: read through h5py."""
+        if s not in self._layouts:
+            offsets = row_offsets(self.cache.dataset(s, self.field))  # opens (and checks) via the cache
+            self._layouts[s] = None if offsets is None else (raw_fd(str(self.cache.shards[s][0])), offsets)
+        return self._layouts[s]
+
+    def _fill(self, idx: np.ndarray) -> torch.Tensor:
+        """Stored rows `idx` (any order) into one new host tensor: one copy per row."""
+        out = torch.empty((len(idx),) + self.shape, dtype=_TORCH[self.stored], pin_memory=self._pin)
+        dest = out.numpy().reshape(len(idx), -1).view(np.uint8)
+        shard = self.cache.shard_of(idx)
+        for s in np.unique(shard):
+            where = np.flatnonzero(shard == s)
+            local = idx[where] - self.cache.shards[s][1]
+            layout = self._layout(int(s))
+            if layout is None:
+                uniq, inverse = np.unique(local, return_inverse=True)
+                dest[where] = _read_rows(self.cache.dataset(int(s), self.field), uniq)[inverse] \
+                    .reshape(len(where), -1).view(np.uint8)
+                continue
+            fd, offsets = layout
+            order = np.argsort(local, kind="stable")
+            pos = offsets[local[order]]
+            # runs of rows that follow each other in the file: one preadv each
+            breaks = np.flatnonzero(np.diff(pos) != self.row_bytes) + 1
+            for run in np.split(np.arange(len(order)), breaks):
+                for a in range(0, len(run), _IOV_MAX):
+                    part = run[a:a + _IOV_MAX]
+                    _preadv_all(fd, [dest[j] for j in where[order[part]]], int(pos[part[0]]))
+        return out
+
+    def _advise(self, blocks: list[tuple[int, np.ndarray]]) -> None:
+        """Ask the kernel to start reading these blocks into the page cache (asynchronous readahead)."""
+        for s, rows in blocks:
+            layout = self._layout(s)
+            if layout is not None:
+                fd, offsets = layout
+                pos = offsets[rows - self.cache.shards[s][1]]
+                os.posix_fadvise(fd, int(pos.min()), int(pos.max() - pos.min()) + self.row_bytes,
+                                 os.POSIX_FADV_WILLNEED)
 
     def _stream(self, idx, batch_size, shuffle, rng):
         plan = self._plan(idx, shuffle, rng)
-        blocks: queue.Queue = queue.Queue(maxsize=2)
-        stop = threading.Event()
+        w = self.buffer_blocks
+        windows = [plan[a:a + w] for a in range(0, len(plan), w)]
+        parts = [np.concatenate([b for _, b in win]) for win in windows]
+        order = np.concatenate([rng.permutation(p) if shuffle else p for p in parts]) if parts else idx[:0]
+        # the batch holding a window's first row asks the kernel to read the next window ahead
+        starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
+        advise_at = {int(a) // batch_size: w + 1 for w, a in enumerate(starts) if w + 1 < len(windows)}
+        # batches in flight: what the memory budget allows beside the one the caller holds (>= 1)
+        batch_bytes = batch_size * self.row_bytes * (1 if self._scale is None else 3)
+        depth = int(max(1, min(2 * self.read_threads, self.memory_budget // max(1, batch_bytes) - 1)))
+        host_deq = self.device.type == "cpu"  # on a CPU store the reader threads dequantise too
 
-        def put(item) -> bool:
-            while not stop.is_set():  # never block forever: the consumer may have stopped early
-                try:
-                    blocks.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
+        def read(k: int):
+            if k in advise_at:
+                self._advise(windows[advise_at[k]])
+            rows = order[k * batch_size:(k + 1) * batch_size]
+            q = self._fill(rows)
+            return rows, (self._dequantize(q, rows) if host_deq else q)
 
-        def reader():
+        n = -(-len(order) // batch_size)
+        pending: deque = deque()
+        with ThreadPoolExecutor(self.read_threads, thread_name_prefix="wat-reader") as pool:
             try:
-                for s, rows in plan:
-                    if not put((rows, self._read_block(s, rows))):
-                        return
-                put(None)
-            except BaseException as e:  # surfaced in the consumer
-                put(e)
-
-        thread = threading.Thread(target=reader, daemon=True, name="wat-block-reader")
-        thread.start()
-        pool_idx, pool_x, pooled, done = [], [], 0, False
-        try:
-            while not done:
-                item = blocks.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item is None:
-                    done = True
-                else:
-                    pool_idx.append(item[0]), pool_x.append(item[1])
-                    pooled += len(item[0])
-                if not done and len(pool_idx) < self.buffer_blocks:
-                    continue
-                if not pool_idx:
-                    break
-                # gather each batch straight from the pooled blocks: one copy per row
-                i = np.concatenate(pool_idx)
-                src = np.concatenate([np.full(len(b), k) for k, b in enumerate(pool_idx)])
-                pos = np.concatenate([np.arange(len(b)) for b in pool_idx])
-                order = rng.permutation(len(i)) if shuffle else np.arange(len(i))
-                cut = len(i) if done else len(i) - len(i) % batch_size
-                for a in range(0, cut, batch_size):
-                    take = order[a:a + batch_size]
-                    yield i[take], torch.from_numpy(_gather(pool_x, src[take], pos[take])).to(self.device)
-                rest = order[cut:]
-                pool_idx = [i[rest]] if len(rest) else []
-                pool_x = [_gather(pool_x, src[rest], pos[rest])] if len(rest) else []
-        finally:
-            stop.set()
-            thread.join()
+                if windows:
+                    self._advise(windows[0])
+                for k in range(n):
+                    while len(pending) < depth and k + len(pending) < n:
+                        pending.append(pool.submit(read, k + len(pending)))
+                    rows, x = pending.popleft().result()
+                    yield rows, (x if host_deq else self._dequantize(x.to(self.device, non_blocking=True), rows))
+            finally:
+                for f in pending:  # the consumer stopped early: drop what was not started
+                    f.cancel()
 
 
-def _gather(blocks: list[np.ndarray], src: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    out = np.empty((len(src),) + blocks[0].shape[1:], blocks[0].dtype)
-    for k in np.unique(src):
-        sel = np.flatnonzero(src == k)
-        out[sel] = blocks[k][pos[sel]]
-    return out
+def _preadv_all(fd: int, buffers: list, offset: int) -> None:
+    """os.preadv until every buffer is full (a read may return short)."""
+    views = [memoryview(b) for b in buffers]
+    while views:
+        n = os.preadv(fd, views, offset)
+        if n <= 0:
+            raise OSError(f"unexpected end of file reading {sum(v.nbytes for v in views)} bytes at {offset}")
+        offset += n
+        while views and n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
 
 
 class _ShardField:
     """Array-like over one shard's dataset for dask: pickles as a path, opens lazily per process."""
 
-    def __init__(self, path, field, shape):
+    def __init__(self, path, field, shape, dtype):
         self.path, self.field, self.shape = str(path), field, tuple(shape)
-        self.dtype, self.ndim = np.dtype(np.float16), len(shape)
+        self.dtype, self.ndim = np.dtype(dtype), len(shape)
 
     def __getitem__(self, key):
         return _handle(self.path)[self.field][key]
@@ -197,7 +253,8 @@ class _ShardField:
 
 
 def dask_view(cache_or_path, field: str = "mean"):
-    """The field as one dask array (f16), chunks aligned with shards and HDF5 chunks."""
+    """The field as one dask array (f16; int8 storage dequantised per shard), chunks aligned with
+    shards and HDF5 chunks."""
     import dask.array as da
 
     cache = cache_or_path if isinstance(cache_or_path, Cache) else open_cache(cache_or_path)
@@ -211,7 +268,12 @@ def dask_view(cache_or_path, field: str = "mean"):
         block = (hdf5[1],) + per_row[1:]
         # ~128 MiB per task, a whole number of HDF5 chunks
         rows = max(hdf5_rows, ((128 << 20) // (2 * int(np.prod(block)))) // hdf5_rows * hdf5_rows)
-        src = _ShardField(path, field, (n,) + per_row)
-        parts.append(da.from_array(src, chunks=(min(rows, n),) + block, lock=False, asarray=True,
-                                   meta=np.empty((0,) * len(src.shape), np.float16)))
+        src = _ShardField(path, field, (n,) + per_row, cache.stored_dtype)
+        part = da.from_array(src, chunks=(min(rows, n),) + block, lock=False, asarray=True,
+                             meta=np.empty((0,) * len(src.shape), src.dtype))
+        if cache.meta.storage == "int8":  # elementwise: slicing a layer still reads only that layer
+            # = cache.dequantize (f16(q) * f16(scale), one rounding), elementwise over dask chunks
+            scale = _row_scale(field, cache.scales(field)[s]).astype(np.float16).astype(np.float32)
+            part = (part.astype(np.float32) * scale).astype(np.float16)
+        parts.append(part)
     return da.concatenate(parts, axis=0)

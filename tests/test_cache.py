@@ -9,22 +9,49 @@ import h5py
 import numpy as np
 import pytest
 
-from wat.data.cache import (CacheError, CacheMeta, build_index, info, open_cache, shard_path, verify,
-                            write_shard)
+from wat.data.cache import (CacheError, CacheMeta, build_index, dequantize, info, open_cache, shard_path,
+                            verify, write_shard)
 from wat.data.cache_cli import main as cache_main
 from wat.data.labels import Vocabulary
 from wat.data.synthetic import write_synthetic_cache
 
 N, L, T, D, C = 50, 4, 25, 16, 6
 VOCAB = Vocabulary(tuple(f"/m/{i}" for i in range(C)), tuple(f"class {i}" for i in range(C)))
+# every test of this module runs on each stored layout: fp16, int8, and a layer subset (blocks 2..5)
+LAYOUTS = {"fp16": {}, "int8": {"storage": "int8"}, "subset": {"layers": (2, 3, 4, 5)}}
+_LAYOUT = {"kw": {}}
+
+
+@pytest.fixture(autouse=True, params=list(LAYOUTS))
+def layout(request, monkeypatch):
+    monkeypatch.setitem(_LAYOUT, "kw", LAYOUTS[request.param])
+    return request.param
 
 
 def make_meta(**kw):
     base = dict(model="tiny.en", fingerprint="abc123", n_layers=L, n_frames=T, dim=D, policy="pad30",
                 pooling="mean:25", sample_rate=16000, clip_seconds=10.0, vocab=VOCAB, multilabel=True,
-                dataset="test", versions={"wat": "0.1.0"})
+                dataset="test", versions={"wat": "0.1.0"}, **_LAYOUT["kw"])
     base.update(kw)
     return CacheMeta(**base)
+
+
+def int8() -> bool:
+    return _LAYOUT["kw"].get("storage") == "int8"
+
+
+def same(got, x, ref) -> bool:
+    """`got` (a reader's f16 rows) holds the values `x` (f32): exactly their f16 values for fp16
+    storage; for int8, within the quantisation bound max|ref| / 254 per (layer, channel), `ref`
+    being all rows written (each shard's scale is at most the global one), plus f16 rounding."""
+    x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+    if got.dtype != np.float16 or got.shape != x.shape:
+        return False
+    if not int8():
+        return np.array_equal(got, x.astype(np.float16))
+    amax = np.abs(ref).max(axis=(0, 2) if ref.ndim == 4 else 0)
+    bound = amax[:, None, :] if ref.ndim == 4 else amax
+    return bool((np.abs(got.astype(np.float32) - x) <= bound * (1 / 254 + 2 ** -10)).all())
 
 
 def make_data(n=N, seed=0, prefix="clip"):
@@ -58,13 +85,13 @@ def test_round_trip(tmp_path):
     assert np.allclose(cache.durations, durs.astype(np.float32))
     assert cache.meta == make_meta()
     assert [(s[1], s[2]) for s in cache.shards] == [(0, 20), (20, 40), (40, 50)]
-    f16 = feats.astype(np.float16)
     order = [49, 3, 3, 21, 0, 40, 19, 20, 49]  # any order, duplicates, across shards
     got = cache.read("features", order)
-    assert got.dtype == np.float16 and np.array_equal(got, f16[order])
-    mean = cache.read("mean", order)
-    assert np.array_equal(mean, feats.mean(axis=2).astype(np.float16)[order])
-    assert np.array_equal(cache.read("features", np.arange(N)), f16)
+    assert same(got, feats[order], feats)
+    mean = feats.mean(axis=2)
+    assert same(cache.read("mean", order), mean[order], mean)
+    assert same(cache.read("features", np.arange(N)), feats, feats)
+    assert np.array_equal(cache.read("features", order[:3]), got[:3])  # the same bits every time
     with pytest.raises(IndexError):
         cache.read("mean", [N])
 
@@ -79,13 +106,16 @@ def test_single_label_and_single_shard(tmp_path):
     assert cache.labels == labels and not cache.meta.multilabel
     assert np.array_equal(cache.label_matrix().sum(axis=1), np.ones(7))
     assert np.array_equal(cache.folds, -np.ones(7)) and np.allclose(cache.durations, 10.0)
-    assert np.array_equal(cache.read("features", [6, 0]), feats[[6, 0]].astype(np.float16))
+    assert same(cache.read("features", [6, 0]), feats[[6, 0]], feats)
 
 
 def test_shard_layout(tmp_path):
     _, paths, _ = write_cache(tmp_path)
     with h5py.File(paths[0], "r") as f:
-        assert f["features"].dtype == np.float16 and f["features"].chunks[1:] == (L, T, D)
+        stored = np.int8 if int8() else np.float16
+        assert f["features"].dtype == stored and f["mean"].dtype == stored
+        assert ("features_scale" in f) == ("mean_scale" in f) == int8()
+        assert f["features"].chunks[1:] == (L, T, D)
         assert 1 <= f["features"].chunks[0] <= 4 and f["features"].compression is None
         assert f["mean"].chunks == (20, 1, D)
         assert f["label_indptr"].dtype == np.int32 and f["fold"].dtype == np.int16
@@ -159,8 +189,9 @@ def test_missing_replaced_truncated_shard(tmp_path):
     paths[2].unlink()
     with pytest.raises(CacheError, match="shard-00002.h5.*missing"):
         open_cache(index)
-    with h5py.File(index, "r") as f:  # raw HDF5 readers see NaN, not zeros
-        assert np.isnan(f["mean"][45]).all()
+    if not int8():  # raw int8 values mean nothing without their scales; fp16 ones read NaN, not 0
+        with h5py.File(index, "r") as f:
+            assert np.isnan(f["mean"][45]).all()
     assert any("shard-00002.h5" in p for p in verify(index))
     shutil.copy(backup, paths[2])
     assert len(open_cache(index)) == N
@@ -178,8 +209,8 @@ def test_vds_equals_shards_and_relocation(tmp_path):
     cache = open_cache(index)
     with h5py.File(index, "r") as f:
         assert f["features"].is_virtual and f["features"].shape == (N, L, T, D)
-        assert np.array_equal(f["features"][:], cache.read("features", np.arange(N)))
-        assert np.array_equal(f["mean"][:], cache.read("mean", np.arange(N)))
+        assert np.array_equal(_vds(f, "features"), cache.read("features", np.arange(N)))
+        assert np.array_equal(_vds(f, "mean"), cache.read("mean", np.arange(N)))
         assert all(not os.path.isabs(m.file_name) for m in f["features"].virtual_sources())
     cache.close()
     # move the whole folder and open from an unrelated working directory
@@ -190,12 +221,22 @@ def test_vds_equals_shards_and_relocation(tmp_path):
         os.mkdir("elsewhere")
         os.chdir("elsewhere")
         moved = open_cache(tmp_path / "moved" / "feats.h5")
-        assert np.array_equal(moved.read("features", [0, 49]), feats[[0, 49]].astype(np.float16))
+        assert same(moved.read("features", [0, 49]), feats[[0, 49]], feats)
         with h5py.File(tmp_path / "moved" / "feats.h5", "r") as f:
-            assert np.array_equal(f["features"][30], feats[30].astype(np.float16))
+            assert same(_vds(f, "features")[30:31], feats[30:31], feats)
     finally:
         os.chdir(cwd)
     assert verify(tmp_path / "moved" / "feats.h5") == []
+
+
+def _vds(f, field):
+    """The index file's virtual dataset as values (int8: each shard's rows times its scales)."""
+    raw = f[field][:]
+    if raw.dtype == np.float16:
+        return raw
+    rows = np.repeat(np.arange(len(f["shard_rows"])), f["shard_rows"][:])
+    scale = f[field + "_scale"][:][rows]
+    return dequantize(raw, scale[:, :, None, :] if field == "features" else scale)
 
 
 def test_cache_pickles_and_reopens(tmp_path):
@@ -203,7 +244,7 @@ def test_cache_pickles_and_reopens(tmp_path):
     cache = open_cache(index)
     cache.read("mean", [0])  # opens a file handle in this process
     clone = pickle.loads(pickle.dumps(cache))
-    assert np.array_equal(clone.read("features", [5, 25]), feats[[5, 25]].astype(np.float16))
+    assert same(clone.read("features", [5, 25]), feats[[5, 25]], feats)
 
 
 def test_verify_catches_nan_and_duplicates(tmp_path):
@@ -216,9 +257,15 @@ def test_verify_catches_nan_and_duplicates(tmp_path):
         write_shard(tmp_path / "nan.h5", meta, ids, bad, labels)
     nan = _one(tmp_path / "nan.h5", meta, ids, feats, labels)
     with h5py.File(nan, "r+") as f:  # damage after writing (bit rot, another tool)
-        f["features"][3, 1, 2, 0] = np.nan
+        if int8():  # int8 values are always finite: their scales are not
+            f["features_scale"][1, 0] = np.nan
+        else:
+            f["features"][3, 1, 2, 0] = np.nan
     problems = verify(nan)
-    assert any("NaN" in p and "features" in p and ids[3] in p for p in problems)
+    if int8():
+        assert any("NaN" in p and "features_scale" in p for p in problems)
+    else:
+        assert any("NaN" in p and "features" in p and ids[3] in p for p in problems)
     a = _one(tmp_path / "s0.h5", meta, ids[:5], feats[:5], labels[:5])
     b = _one(tmp_path / "s1.h5", meta, ids[4:9], feats[4:9], labels[4:9])  # ids[4] in both
     with pytest.raises(CacheError, match="repeat"):
@@ -226,8 +273,9 @@ def test_verify_catches_nan_and_duplicates(tmp_path):
     with pytest.raises(CacheError, match="mean shape"):
         write_shard(tmp_path / "m.h5", meta, ids, feats, labels, mean=feats[:, :, 0, :2])
     wrong_mean = _one(tmp_path / "mean.h5", meta, ids, feats, labels)
-    with h5py.File(wrong_mean, "r+") as f:
-        f["mean"][...] = f["mean"][...] + np.float16(1)
+    with h5py.File(wrong_mean, "r+") as f:  # int8: 40 steps of the mean's scale, over the error bound
+        m = f["mean"][...]
+        f["mean"][...] = np.clip(m.astype(int) + 40, -127, 127) if int8() else m + np.float16(1)
     assert any("mean disagrees" in p for p in verify(wrong_mean))
 
 
@@ -249,7 +297,8 @@ def test_info_fields(tmp_path):
     assert d["labels"]["unlabeled_clips"] == sum(1 for x in labels if not x)
     assert d["folds"] == {k: 10 for k in range(5)}
     assert d["bytes_on_disk"] == sum(p.stat().st_size for p in [index, *paths])
-    assert d["bytes_on_disk"] > N * L * T * D * 2
+    assert d["bytes_on_disk"] > N * L * T * D * (1 if int8() else 2)
+    assert d["storage"] == ("int8" if int8() else "fp16") and d["layers"] == list(make_meta().layers)
 
 
 def test_cli(tmp_path, capsys):

@@ -9,13 +9,18 @@ import torch
 from wat.data.cache import open_cache
 from wat.data.readers import FeatureStore, available_memory, dask_view
 
-from test_cache import D, L, N, T, write_cache
+from test_cache import D, L, LAYOUTS, N, T, make_meta, write_cache
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    index, _, data = write_cache(tmp_path_factory.mktemp("cache"), sizes=(20, 20, 10))
-    return open_cache(index), data[1].astype(np.float16)
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def cache(tmp_path_factory, request):
+    """(cache, its features as every reader must return them) for each stored layout: the f16
+    values, or for int8 what `Cache.read` dequantises (checked against the originals in test_cache)."""
+    meta = make_meta(**LAYOUTS[request.param])
+    index, _, data = write_cache(tmp_path_factory.mktemp("cache"), meta=meta, sizes=(20, 20, 10))
+    c = open_cache(index)
+    expect = c.read("features", np.arange(N)) if meta.storage == "int8" else data[1].astype(np.float16)
+    return c, expect
 
 
 def _stores(cache, field="features"):
