@@ -269,6 +269,12 @@ class HeadInfo:
     multilabel: bool = True     # sigmoid outputs (True) or softmax over classes (False)
     primary_classes: int | None = None  # --parent-labels: the first N outputs are the real vocabulary
     thresholds: list[float] | None = None  # optional per-class decision thresholds (set by eval)
+    layers: list[int] | None = None  # encoder block of each input layer (a --layers cache); None = 0..n_layers-1
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The encoder blocks the head reads, in its input order."""
+        return tuple(self.layers) if self.layers is not None else tuple(range(self.n_layers))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -369,11 +375,13 @@ class Features:
     n_frames: int | None = None         # None: the caller pools to the head's frame count (wat-tag)
     vocab: Vocabulary | None = None     # None: the head's own classes are reported (wat-tag)
     multilabel: bool | None = None
+    layers: tuple[int, ...] | None = None  # encoder block of each layer; None: a live encoder, whose
+                                           # n_layers blocks are all there to pick the head's from
 
     @classmethod
     def of_cache(cls, meta: CacheMeta) -> "Features":
         return cls(meta.n_layers, meta.dim, meta.model, meta.fingerprint, meta.policy, meta.n_frames,
-                   meta.vocab, meta.multilabel)
+                   meta.vocab, meta.multilabel, meta.layers)
 
 
 _SIZE = re.compile(r"(?:whisper-at:)?(tiny|base|small|medium|large)(?:\.en|-v\d)?(?:-turbo)?$")
@@ -393,10 +401,21 @@ def head_problems(info: HeadInfo, feats: Features) -> list[str]:
     Whisper-AT heads record only the Whisper size their width implies) by Whisper size name, when
     both names are Whisper release names."""
     out = []
-    if (info.n_layers, info.dim_in) != (feats.n_layers, feats.dim):
+    blocks = info.blocks
+    # a head trained on a --layers cache reads those blocks: a cache must hold exactly them, a live
+    # encoder must have them (wat-tag taps only those)
+    live_subset = feats.layers is None and info.layers is not None
+    if live_subset:
+        fits = info.dim_in == feats.dim and max(blocks) < feats.n_layers
+    else:
+        fits = (info.n_layers, info.dim_in) == (feats.n_layers, feats.dim)
+    if not fits:
         trained = f" (trained on {info.model})" if info.model else ""
-        out.append(f"layers x width: head expects {info.n_layers} encoder layers of width {info.dim_in}{trained}, "
-                   f"the features have {feats.n_layers} layers of width {feats.dim}")
+        which = f" (blocks {blocks[0]}..{blocks[-1]})" if info.layers is not None else ""
+        out.append(f"layers x width: head expects {info.n_layers} encoder layers{which} of width {info.dim_in}"
+                   f"{trained}, the features have {feats.n_layers} layers of width {feats.dim}")
+    elif feats.layers is not None and blocks != tuple(feats.layers):
+        out.append(f"encoder blocks: head reads {list(blocks)}, the features hold {list(feats.layers)}")
     if feats.n_frames is not None and head_field(info.kind) == "features" and info.n_frames != feats.n_frames:
         out.append(f"frames: head {info.n_frames}, cache {feats.n_frames}")
     if info.fingerprint and feats.fingerprint:

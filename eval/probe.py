@@ -126,15 +126,17 @@ def _check_eval(train: list[Cache], test: list[Cache]) -> None:
 
 
 def select_layers(caches: list[Cache], layers) -> list[tuple[int, ...]]:
+    """Per cache, the encoder blocks to probe. Layers are named by encoder block everywhere (a
+    `--layers 8:32` cache probes as layers 8..31), whatever position they have in the cache."""
     out = []
     for c in caches:
-        n = c.meta.n_layers
+        have = c.meta.layers
         if layers is None:
-            out.append(tuple(range(n)))
+            out.append(have)
             continue
-        bad = [l for l in layers if not 0 <= l < n]
+        bad = [l for l in layers if l not in have]
         if bad:
-            raise ProbeError(f"layer(s) {bad} out of range: {c.path} has layers 0..{n - 1}")
+            raise ProbeError(f"layer(s) {bad} not in {c.path}: it holds layers {have[0]}..{have[-1]}")
         out.append(tuple(dict.fromkeys(layers)))
     return out
 
@@ -189,7 +191,8 @@ def load_matrix(caches: list[Cache], feat: Feature) -> np.ndarray:
     parts = []
     for c, layers in zip(feat.caches, feat.layers):
         v = dask_view(caches[c], "mean")
-        sel = v[:, layers[0], :] if len(layers) == 1 else v[:, list(layers), :]
+        pos = [caches[c].meta.layers.index(l) for l in layers]  # encoder block -> position in the cache
+        sel = v[:, pos[0], :] if len(pos) == 1 else v[:, pos, :]
         if feat.kind == "mean":
             x = sel.astype(np.float32).mean(axis=1)
         elif feat.kind == "concat":

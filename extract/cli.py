@@ -14,6 +14,26 @@ MODEL_HELP = ("Whisper name (tiny.en, base, large-v2, large-v3, ...; 'large' is 
               "a CTranslate2 or Hugging Face model folder, or a Hugging Face id (openai/whisper-large-v3)")
 
 
+STORES = ("fp16", "int8")  # = wat.data.cache.STORAGES (not imported here: --help stays instant)
+
+
+def layer_range(text: str) -> tuple[int | None, int | None]:
+    """`START:STOP` (a slice of encoder blocks; either side may be left out) -> (start, stop).
+    Checked here for form and order; against the model's block count once it is loaded."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, stop = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP (e.g. 8:32), got {text!r}") from None
+    if (start is not None and start < 0) or (stop is not None and stop < 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: blocks are numbered from 0, STOP is exclusive")
+    if start is not None and stop is not None and start >= stop:
+        raise argparse.ArgumentTypeError(f"{text!r}: START must be below STOP")
+    return start, stop
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wat-extract", description=__doc__,
@@ -33,6 +53,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="clips per shard (default 1000)")
     p.add_argument("--limit", type=int, default=None, help="only the first N clips (sorted by id)")
     p.add_argument("--clip-seconds", type=float, default=None, help="pad/trim every clip to this length (default: the dataset's)")
+    p.add_argument("--store", choices=STORES, default="fp16",
+                   help="stored precision: fp16 (default) or int8 (half the bytes; per-shard scales per "
+                        "layer and channel, dequantised by the readers)")
+    p.add_argument("--layers", type=layer_range, metavar="START:STOP",
+                   help="keep only encoder blocks START..STOP-1 (e.g. 8:32 of large's 32; default all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache made differently")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--scheduler", metavar="ADDRESS", help="run one task per shard on this dask scheduler (tcp://HOST:PORT)")
@@ -51,7 +76,7 @@ def main(argv=None) -> int:
     options = ExtractOptions(
         model=args.model, policy=args.policy, frames=args.frames, device=args.device, batch_size=args.batch_size,
         num_workers=args.decode_workers, shard_size=args.shard_size, limit=args.limit, overwrite=args.overwrite,
-        clip_seconds=args.clip_seconds)
+        clip_seconds=args.clip_seconds, store=args.store, layers=args.layers)
     try:
         dataset = load_dataset(args.dataset, args.root, args.manifest, clip_seconds=args.clip_seconds)
         if args.scheduler or args.workers:

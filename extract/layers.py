@@ -44,7 +44,7 @@ def _pool(x: torch.Tensor, frames: int, n_valid: int | None) -> torch.Tensor:
 
 class LayerTaps:
     """Forward hooks on `encoder.blocks` that keep each block's output of the latest encoder call,
-    pooled to `frames` windows over its first `n_valid` frames (None = all).
+    pooled to `frames` windows over its first `n_valid` frames (None = all); `layers`: only these blocks.
 
         with LayerTaps(model.encoder, 25, n_valid=250) as taps:
             model.encoder(mel)
@@ -54,9 +54,10 @@ class LayerTaps:
     removed on exit; a model with taps attached should not be used from several threads at once.
     """
 
-    def __init__(self, encoder, frames: int = 25, n_valid: int | None = None):
+    def __init__(self, encoder, frames: int = 25, n_valid: int | None = None, layers=None):
         self.encoder, self.frames, self.n_valid = encoder, frames, n_valid
         self._pooled: torch.Tensor | None = None
+        self.layers = range(len(encoder.blocks)) if layers is None else layers  # blocks tapped, in order
         self._current: list[torch.Tensor] = []
         self._handles = []
 
@@ -72,7 +73,7 @@ class LayerTaps:
 
     def __enter__(self) -> "LayerTaps":
         self._handles = [self.encoder.register_forward_pre_hook(self._start)]
-        self._handles += [b.register_forward_hook(self._tap) for b in self.encoder.blocks]
+        self._handles += [self.encoder.blocks[i].register_forward_hook(self._tap) for i in self.layers]
         self._handles.append(self.encoder.register_forward_hook(self._finish))
         return self
 
@@ -118,14 +119,28 @@ class EncoderPasses:
         self._handle.remove()
 
 
-def encode_layers(model, audio, *, frames: int = 25, policy: str = "pad30") -> torch.Tensor:
+def layer_subset(spec, n_blocks: int) -> tuple[int, ...]:
+    """`(start, stop)` (either may be None, as in a slice) -> the block indices it names, checked
+    against the encoder's `n_blocks`; None -> every block."""
+    if spec is None:
+        return tuple(range(n_blocks))
+    start, stop = spec
+    start, stop = 0 if start is None else start, n_blocks if stop is None else stop
+    if not 0 <= start < stop <= n_blocks:
+        raise ValueError(f"layers {start}:{stop} outside the encoder's {n_blocks} blocks "
+                         f"(0:{n_blocks} is all of them)")
+    return tuple(range(start, stop))
+
+
+def encode_layers(model, audio, *, frames: int = 25, policy: str = "pad30", layers=None) -> torch.Tensor:
     """16 kHz mono waveforms [B, samples] (tensor or array, equal lengths, <= 30 s) -> float32
     [B, L, frames, D] on the model's device: every encoder block's output, mean-pooled over `frames`
     equal windows of the encoder frames that cover the audio (one frame = 320 samples = 20 ms).
 
     policy "pad30": pad/trim to 30 s as ASR does, then keep the ceil(samples / 320) frames covering
     the clip (what `wat-tag` sees during transcription). "trim": encode only the clip (~3x cheaper
-    for 10 s clips; numerically different because attention sees no padding)."""
+    for 10 s clips; numerically different because attention sees no padding). `layers`: block
+    indices to keep (default all), giving [B, len(layers), frames, D]."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}: expected one of {POLICIES}")
     device = next(model.parameters()).device
@@ -146,6 +161,6 @@ def encode_layers(model, audio, *, frames: int = 25, policy: str = "pad30") -> t
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16,
                                                  enabled=device.type == "cuda"):
         mel = mel.to(next(model.encoder.parameters()).dtype)
-        with LayerTaps(model.encoder, frames, n_valid) as taps, short_input(model.encoder, n_enc):
+        with LayerTaps(model.encoder, frames, n_valid, layers) as taps, short_input(model.encoder, n_enc):
             model.encoder(mel)
     return taps.pooled.float()

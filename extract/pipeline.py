@@ -42,7 +42,7 @@ from wat.data.audio import SAMPLE_RATE, fit_length, load_audio
 from wat.data.datasets import Clip, Dataset
 from wat.data.files import write_json, write_tsv
 
-from .layers import encode_layers
+from .layers import encode_layers, layer_subset
 from .load import fingerprint, load_whisper, model_name
 
 MANIFEST = "manifest.json"
@@ -84,10 +84,14 @@ class ExtractOptions:
     overwrite: bool = False
     clip_seconds: float | None = None  # None = the dataset's nominal length
     progress: bool | None = None      # tqdm's disable=None: a bar on a TTY only
+    store: str = "fp16"               # stored precision: "fp16" | "int8" (half the bytes, scaled per shard)
+    layers: tuple | None = None       # (start, stop) slice of encoder blocks to keep; None = all
 
     def check(self) -> None:
         if self.policy not in wcache.POLICIES:
             raise ExtractError(f"unknown policy {self.policy!r} ({' or '.join(wcache.POLICIES)})")
+        if self.store not in wcache.STORAGES:
+            raise ExtractError(f"unknown storage {self.store!r} ({' or '.join(wcache.STORAGES)})")
         for name in ("frames", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ExtractError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -174,8 +178,16 @@ def run_manifest(dataset: Dataset, clips: list[Clip], meta: wcache.CacheMeta, op
         "model": meta.model, "fingerprint": meta.fingerprint, "policy": meta.policy,
         "frames": meta.n_frames, "pooling": meta.pooling, "clip_seconds": meta.clip_seconds,
         "shard_size": options.shard_size, "dataset": dataset.name, "n_clips": len(clips),
-        "clips_sha256": _ids_digest(clips),
+        "clips_sha256": _ids_digest(clips), "storage": meta.storage, "layers": _show_layers(meta, options),
     }
+
+
+# what runs made before `storage`/`layers` existed wrote: no key, fp16 and every layer
+_MANIFEST_DEFAULTS = {"storage": "fp16", "layers": "all"}
+
+
+def _show_layers(meta: wcache.CacheMeta, options: ExtractOptions) -> str:
+    return "all" if options.layers is None else f"{meta.layers[0]}:{meta.layers[-1] + 1}"
 
 
 def prepare_output(index_path, manifest: dict, overwrite: bool) -> Path:
@@ -183,6 +195,8 @@ def prepare_output(index_path, manifest: dict, overwrite: bool) -> Path:
     index_path, shard_dir = Path(index_path), shard_dir_for(index_path)
     mpath = shard_dir / MANIFEST
     old = json.loads(mpath.read_text()) if mpath.exists() else None
+    if old is not None:
+        old = {**_MANIFEST_DEFAULTS, **old}
     if old is not None and old != manifest and not overwrite:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in manifest.items() if old.get(k) != v)
         raise ExtractError(f"{shard_dir} was extracted differently ({diff}); use --overwrite to replace it "
@@ -230,12 +244,21 @@ def cache_meta(model, dataset: Dataset, options: ExtractOptions, clip_seconds: f
     versions = {"torch": torch.__version__, "numpy": np.__version__,
                 "openai-whisper": getattr(whisper, "__version__", "?")}
     dims = model.dims
+    layers = _layers(options, dims.n_audio_layer)
     return wcache.CacheMeta(
-        model=model_name(model), fingerprint=fingerprint(model), n_layers=dims.n_audio_layer,
+        model=model_name(model), fingerprint=fingerprint(model), n_layers=len(layers),
         n_frames=options.frames, dim=dims.n_audio_state, policy=options.policy,
         pooling=f"mean:{options.frames}", sample_rate=SAMPLE_RATE, clip_seconds=clip_seconds,
         vocab=dataset.vocab, multilabel=dataset.multilabel, dataset=dataset.name, versions=versions,
+        storage=options.store, layers=layers,
     )
+
+
+def _layers(options: ExtractOptions, n_blocks: int) -> tuple[int, ...]:
+    try:
+        return layer_subset(options.layers, n_blocks)
+    except ValueError as e:
+        raise ExtractError(f"--layers: {e}") from None
 
 
 # ---------------------------------------------------------------- decoding (worker processes)
@@ -356,7 +379,8 @@ def encode_batch(model, audio: torch.Tensor, options: ExtractOptions):
     """audio [B, S] on the device -> (features f16 [B, L, T, D], time mean f16 [B, L, D], finite [B]),
     still on the device. `encode_layers` computes the log-mel per clip and runs the encoder under
     fp16 autocast on CUDA. The mean is taken here in fp32 (not by the host from the f16 rows)."""
-    feats = encode_layers(model, audio, frames=options.frames, policy=options.policy)
+    feats = encode_layers(model, audio, frames=options.frames, policy=options.policy,
+                          layers=_layers(options, model.dims.n_audio_layer))
     mean = feats.mean(2).to(torch.float16)
     feats = feats.to(torch.float16)  # the stored type: a value that overflows f16 is non-finite too
     return feats, mean, torch.isfinite(feats).flatten(1).all(1)

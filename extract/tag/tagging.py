@@ -126,9 +126,10 @@ class SharedEncoder(nn.Module):
     """Stands in for `model.encoder` during one transcription (see the module docstring).
     `audio` is the float32 waveform transcription was given (used only for the fallback search)."""
 
-    def __init__(self, encoder, audio: np.ndarray, on_frames):
+    def __init__(self, encoder, audio: np.ndarray, on_frames, layers=None):
         super().__init__()
         self.encoder, self.on_frames = encoder, on_frames
+        self.layers = range(len(encoder.blocks)) if layers is None else layers  # blocks the head reads
         self.audio, self._mel = audio, None
         self.content_frames = len(audio) // HOP_LENGTH
         self.last_seek = 0
@@ -140,7 +141,7 @@ class SharedEncoder(nn.Module):
     def __enter__(self) -> "SharedEncoder":
         # per-frame outputs, not LayerTaps' pooled ones: where successive calls overlap is only
         # known at the next call, and pooling happens on the absolute grid after that
-        self._hooks = [b.register_forward_hook(self._tap) for b in self.encoder.blocks]
+        self._hooks = [self.encoder.blocks[i].register_forward_hook(self._tap) for i in self.layers]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -257,7 +258,7 @@ def transcribe_and_tag(model, head, audio_or_path, *, time_res: float = 10.0, to
         for (k, _), row in zip(windows, p.cpu().numpy()):
             probs[k] = row
 
-    shared = SharedEncoder(model.encoder, audio, lambda *call: tag(pool.add_call(*call)))
+    shared = SharedEncoder(model.encoder, audio, lambda *call: tag(pool.add_call(*call)), info.blocks)
     encoder = model.encoder
     model.encoder = shared
     try:
