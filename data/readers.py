@@ -6,7 +6,8 @@ and blocks of rows visited in a seeded random order, rows shuffled within a wind
 blocks (the shuffle buffer), batches cut from that order. Reader threads then copy each batch's
 rows with plain `os.preadv` calls straight from the shard files into the batch tensor (one copy
 per row, no HDF5 call per row, adjacent rows in one call; the GIL is released while they copy),
-and ask the kernel to read the next window ahead (`POSIX_FADV_WILLNEED`). Fields whose rows are not
+while a prefetch thread asks the kernel to read the current and the next window ahead, block by
+block (`POSIX_FADV_WILLNEED`: sequential disk reads, no copy to user space). Fields whose rows are not
 stored whole (`mean`, chunked by layer) are read through h5py instead. int8 caches are read as int8
 (half the bytes) and dequantised to f16 on the store's device (on a GPU after the copy).
 Memory: a few batches in flight, sized from the memory budget; nothing per window is held.
@@ -14,6 +15,7 @@ Memory: a few batches in flight, sized from the memory budget; nothing per windo
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -176,15 +178,14 @@ class FeatureStore:
                     _preadv_all(fd, [dest[j] for j in where[order[part]]], int(pos[part[0]]))
         return out
 
-    def _advise(self, blocks: list[tuple[int, np.ndarray]]) -> None:
-        """Ask the kernel to start reading these blocks into the page cache (asynchronous readahead)."""
-        for s, rows in blocks:
-            layout = self._layout(s)
-            if layout is not None:
-                fd, offsets = layout
-                pos = offsets[rows - self.cache.shards[s][1]]
-                os.posix_fadvise(fd, int(pos.min()), int(pos.max() - pos.min()) + self.row_bytes,
-                                 os.POSIX_FADV_WILLNEED)
+    def _advise(self, block: tuple[int, np.ndarray]) -> None:
+        """Ask the kernel to start reading one block's rows into the page cache (readahead)."""
+        s, rows = block
+        layout = self._layout(s)
+        if layout is not None:
+            fd, offsets = layout
+            pos = offsets[rows - self.cache.shards[s][1]]
+            os.posix_fadvise(fd, int(pos.min()), int(pos.max() - pos.min()) + self.row_bytes, os.POSIX_FADV_WILLNEED)
 
     def _stream(self, idx, batch_size, shuffle, rng):
         plan = self._plan(idx, shuffle, rng)
@@ -192,35 +193,50 @@ class FeatureStore:
         windows = [plan[a:a + w] for a in range(0, len(plan), w)]
         parts = [np.concatenate([b for _, b in win]) for win in windows]
         order = np.concatenate([rng.permutation(p) if shuffle else p for p in parts]) if parts else idx[:0]
-        # the batch holding a window's first row asks the kernel to read the next window ahead
+        # the batch holding a window's first row lets the prefetcher advise one more window
         starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
-        advise_at = {int(a) // batch_size: w + 1 for w, a in enumerate(starts) if w + 1 < len(windows)}
+        enters = {int(a) // batch_size for a in starts[1:]}
         # batches in flight: what the memory budget allows beside the one the caller holds (>= 1)
         batch_bytes = batch_size * self.row_bytes * (1 if self._scale is None else 3)
         depth = int(max(1, min(2 * self.read_threads, self.memory_budget // max(1, batch_bytes) - 1)))
         host_deq = self.device.type == "cpu"  # on a CPU store the reader threads dequantise too
+        ahead, stop = threading.Semaphore(2), threading.Event()  # windows advised, not yet entered
+
+        def prefetch():
+            # block by block, in file order within a block, at most the current and the next window:
+            # the kernel reads them sequentially while the reader threads copy rows of the current one
+            for win in windows:
+                while not ahead.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                for block in win:
+                    if stop.is_set():
+                        return
+                    self._advise(block)
 
         def read(k: int):
-            if k in advise_at:
-                self._advise(windows[advise_at[k]])
+            if k in enters:
+                ahead.release()
             rows = order[k * batch_size:(k + 1) * batch_size]
             q = self._fill(rows)
             return rows, (self._dequantize(q, rows) if host_deq else q)
 
         n = -(-len(order) // batch_size)
         pending: deque = deque()
+        advisor = threading.Thread(target=prefetch, daemon=True, name="wat-readahead")
+        advisor.start()
         with ThreadPoolExecutor(self.read_threads, thread_name_prefix="wat-reader") as pool:
             try:
-                if windows:
-                    self._advise(windows[0])
                 for k in range(n):
                     while len(pending) < depth and k + len(pending) < n:
                         pending.append(pool.submit(read, k + len(pending)))
                     rows, x = pending.popleft().result()
                     yield rows, (x if host_deq else self._dequantize(x.to(self.device, non_blocking=True), rows))
             finally:
+                stop.set()
                 for f in pending:  # the consumer stopped early: drop what was not started
                     f.cancel()
+                advisor.join()
 
 
 def _preadv_all(fd: int, buffers: list, offset: int) -> None:
