@@ -9,14 +9,16 @@ then per round, for cold (page cache dropped per file with POSIX_FADV_DONTNEED, 
 privileges for clean pages) and warm (files read once before) reads:
 
     (a) raw: every shard file read sequentially with plain reads into one buffer (the limit here)
+        (cold: the first --cold-clips clips' shards; warm: the first --warm-clips', which must fit
+        the page cache beside whatever else runs, else "warm" reads come from the disk)
     (b) stream: `FeatureStore` streaming (memory budget below the cache), one shuffled epoch of
         batches, no compute: the trainer's batch path
     (c) dask: the dask view of `mean`, one layer, computed (what wat-probe reads per layer)
 
 Rounds interleave the modes, so machine load hits them alike; the best round of each is printed
 with the median beside it. --rss-budget runs `wat.train.loop.train` (TL-Tr, --dim 64, one epoch,
-streaming) in a child process with that budget and prints its peak RSS next to the RSS it had
-before training started. The cache is removed at the end unless --keep.
+streaming) in a child process with that budget (on the warm shards) and prints its peak RSS next
+to the RSS it had before training started. The cache is removed at the end unless --keep.
 """
 from __future__ import annotations
 
@@ -57,6 +59,17 @@ def make_cache(folder: Path, n: int, n_layers: int, dim: int, storage: str, shar
         print(f"  {storage} shard {s}: {b} clips written", flush=True)
     build_index(index, paths)
     return index
+
+
+def first_shards(cache, n: int, root: Path):
+    """An index over the first shards holding >= n clips (a smaller cache on the same files)."""
+    from wat.data.cache import build_index, open_cache
+
+    paths = [p for p, a, _ in cache.shards if a < n]
+    index = root / f"first-{len(paths)}-shards.h5"
+    if not index.exists():
+        build_index(index, paths)
+    return open_cache(index)
 
 
 def drop(paths) -> None:
@@ -135,13 +148,16 @@ def main() -> int:
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "wat-bench-cache"),
                     help="where the caches are written (removed at the end unless --keep)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cold-clips", type=int, default=2000, help="clips read cold (page cache dropped)")
+    ap.add_argument("--warm-clips", type=int, default=1000,
+                    help="clips read warm: must fit the page cache beside everything else running")
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2, help="FeatureStore reader threads")
     ap.add_argument("--no-cold", action="store_true", help="warm reads only")
     ap.add_argument("--rss-budget", type=int, metavar="MB", help="also measure streaming training RSS")
     ap.add_argument("--keep", action="store_true", help="keep the caches")
     a = ap.parse_args()
-    if min(a.clips, a.layers, a.dim, a.shard_clips, a.rounds, a.batch, a.threads) < 1:
+    if min(a.clips, a.layers, a.dim, a.shard_clips, a.rounds, a.batch, a.threads, a.cold_clips, a.warm_clips) < 1:
         ap.error("sizes, rounds, batch and threads must be >= 1")
     stores = a.store.split(",")
     if set(stores) - {"fp16", "int8"}:
@@ -149,18 +165,23 @@ def main() -> int:
 
     from wat.data.cache import open_cache
     root = Path(a.dir)
-    caches, files = {}, {}
+    full, caches, files, size = {}, {}, {}, {}
     t = time.perf_counter()
     for st in stores:
-        index = make_cache(root / st, a.clips, a.layers, a.dim, st, a.shard_clips)
-        caches[st] = open_cache(index)
-        files[st] = [str(p) for p, _, _ in caches[st].shards]
-    row = {st: caches[st].stored_dtype.itemsize * a.layers * 25 * a.dim for st in stores}
-    size = {st: sum(os.path.getsize(p) for p in files[st]) for st in stores}
+        full[st] = open_cache(make_cache(root / st, a.clips, a.layers, a.dim, st, a.shard_clips))
+        for temp, n in (("cold", a.cold_clips), ("warm", a.warm_clips)):
+            caches[temp, st] = first_shards(full[st], n, root / st)
+            files[temp, st] = [str(p) for p, _, _ in caches[temp, st].shards]
+            size[temp, st] = sum(os.path.getsize(p) for p in files[temp, st])
+    row = {st: full[st].stored_dtype.itemsize * a.layers * 25 * a.dim for st in stores}
     print(f"cache: {a.clips} clips x {a.layers} x 25 x {a.dim}; "
-          + ", ".join(f"{st} {size[st] / 1e9:.2f} GB in {len(files[st])} shards" for st in stores)
-          + f" ({time.perf_counter() - t:.0f} s to make/open); {os.cpu_count()} CPUs, "
-          f"reader threads {a.threads}, batch {a.batch}", flush=True)
+          + ", ".join(f"{st} {sum(os.path.getsize(p) for p, _, _ in full[st].shards) / 1e9:.2f} GB in "
+                      f"{len(full[st].shards)} shards" for st in stores)
+          + f" ({time.perf_counter() - t:.0f} s to make/open); read cold: "
+          + ", ".join(f"{len(caches['cold', st])} clips = {size['cold', st] / 1e9:.2f} GB {st}" for st in stores)
+          + "; warm: " + ", ".join(f"{len(caches['warm', st])} clips = {size['warm', st] / 1e9:.2f} GB {st}"
+                                  for st in stores)
+          + f"; {os.cpu_count()} CPUs, reader threads {a.threads}, batch {a.batch}", flush=True)
 
     buf = bytearray(8 << 20)
     res: dict[tuple, list[float]] = {}  # (temp, storage, mode) -> MB/s per round
@@ -168,17 +189,17 @@ def main() -> int:
     for r in range(a.rounds):
         for temp in temps:
             for st in stores:
-                c = caches[st]
+                c, fs = caches[temp, st], files[temp, st]
                 for mode in ("raw", "stream", "dask"):
                     if temp == "cold":
-                        drop(files[st])
+                        drop(fs)
                     else:
-                        raw_read(files[st], buf)  # make sure every page is resident
+                        raw_read(fs, buf)  # make sure every page is resident
                     if mode == "raw":
-                        n, dt = raw_read(files[st], buf)
+                        n, dt = raw_read(fs, buf)
                         mbs = n / dt / 1e6
                     elif mode == "stream":
-                        n, dt = stream(c, a.batch, a.threads, r, min(1 << 30, size[st] // 2))
+                        n, dt = stream(c, a.batch, a.threads, r, min(1 << 30, size[temp, st] // 2))
                         mbs = n * row[st] / dt / 1e6
                     else:
                         n, dt = dask_layer(c, a.layers // 2)
@@ -196,7 +217,7 @@ def main() -> int:
             print(f"| {temp} | {st} | {max(ra):.0f} (median {statistics.median(ra):.0f}) | {max(rb):.0f} "
                   f"(median {statistics.median(rb):.0f}) | {sps:.0f} | {max(rb) / max(ra):.2f} "
                   f"(medians {statistics.median(rb) / statistics.median(ra):.2f}) | "
-                  f"{a.clips / (max(rc) * 1e6 / (a.dim * caches[st].stored_dtype.itemsize)):.2f} s |")
+                  f"{len(caches[temp, st]) / (max(rc) * 1e6 / (a.dim * full[st].stored_dtype.itemsize)):.2f} s |")
 
     if a.rss_budget:
         budget = a.rss_budget << 20
@@ -204,13 +225,13 @@ def main() -> int:
             out = root / f"rss-run-{st}"
             shutil.rmtree(out, ignore_errors=True)
             code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import cache_read; "
-                    f"cache_read.rss_child({str(caches[st].path)!r}, {budget}, {str(out)!r})")
+                    f"cache_read.rss_child({str(caches['warm', st].path)!r}, {budget}, {str(out)!r})")
             p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if p.returncode:
                 print(p.stderr[-3000:])
                 return 1
             d = json.loads(p.stdout.strip().splitlines()[-1])
-            print(f"\nRSS, streaming training (TL-Tr dim 64, 1 epoch, {st} cache {size[st] / 1e9:.1f} GB, "
+            print(f"\nRSS, streaming training (TL-Tr dim 64, 1 epoch, {st} cache {size['warm', st] / 1e9:.1f} GB, "
                   f"budget {a.rss_budget} MB): before training {d['before'] / 2**20:.0f} MB, peak "
                   f"{d['peak'] / 2**20:.0f} MB, growth {(d['peak'] - d['before']) / 2**20:.0f} MB "
                   f"({d['seconds']:.0f} s)")
