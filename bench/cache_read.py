@@ -37,27 +37,27 @@ import numpy as np
 
 
 def make_cache(folder: Path, n: int, n_layers: int, dim: int, storage: str, shard_clips: int) -> Path:
-    from wat.data.cache import CacheMeta, build_index, shard_path, write_shard
     from wat.data.labels import Vocabulary
+    from wat.data.synthetic import synthetic_meta, write_synthetic_cache
 
     index = folder / "feats.h5"
     if index.exists():
         return index
-    vocab = Vocabulary.from_names([f"class {i}" for i in range(10)])
-    meta = CacheMeta(model="synthetic", fingerprint="0" * 16, n_layers=n_layers, n_frames=25, dim=dim,
-                     policy="trim", pooling="mean:25", sample_rate=16000, clip_seconds=10.0, vocab=vocab,
-                     multilabel=False, dataset="bench", storage=storage)
+    meta = synthetic_meta(vocab=Vocabulary.from_names([f"class {i}" for i in range(10)]), multilabel=False,
+                          n_layers=n_layers, n_frames=25, dim=dim, clip_seconds=10.0, dataset="bench",
+                          storage=storage)
     rng = np.random.default_rng(0)
-    paths = []
-    for s, a in enumerate(range(0, n, shard_clips)):
-        b = min(n, a + shard_clips)
+
+    def rows(a, b):  # one shard at a time, f32 draws in small pieces: no f32 copy of a shard
         x = np.empty((b - a, n_layers, 25, dim), np.float16)
-        for i in range(0, b - a, 32):  # f32 draws in small pieces: no f32 copy of the shard
+        for i in range(0, b - a, 32):
             x[i:i + 32] = rng.standard_normal((min(32, b - a - i), n_layers, 25, dim), dtype=np.float32)
-        paths.append(shard_path(folder / "feats.shards", s))
-        write_shard(paths[-1], meta, [f"c{i:07d}" for i in range(a, b)], x, [(i % 10,) for i in range(a, b)])
-        print(f"  {storage} shard {s}: {b} clips written", flush=True)
-    build_index(index, paths)
+        print(f"  {storage}: clips {a}..{b - 1} written", flush=True)
+        return x
+
+    sizes = [min(shard_clips, n - a) for a in range(0, n, shard_clips)]
+    write_synthetic_cache(index, meta, rows, [(i % 10,) for i in range(n)], ids=[f"c{i:07d}" for i in range(n)],
+                          shards=sizes, shard_dir=folder / "feats.shards")
     return index
 
 
@@ -132,7 +132,7 @@ def rss_child(index: str, budget: int, out: str) -> None:
     FeatureStore(open_cache(index), "features", memory_budget=budget)  # imports + open: the baseline
     before = rss_now()
     t = time.perf_counter()
-    train(TrainOptions(features=index, out=out, head="tl-tr", dim=64, epochs=1, memory_budget=budget,
+    train(TrainOptions(features=index, out=out, head="tl-tr", proj_dim=64, epochs=1, memory_budget=budget,
                        progress=False))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"before": before, "peak": peak, "seconds": time.perf_counter() - t}))

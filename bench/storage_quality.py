@@ -27,30 +27,22 @@ import numpy as np
 
 
 def graded_cache(folder: Path, storage: str, n: int, seed: int = 0) -> Path:
-    from wat.data.cache import CacheMeta, build_index, shard_path, write_shard
     from wat.data.labels import Vocabulary
+    from wat.data.synthetic import synthetic_meta, write_synthetic_cache
 
     L, T, D, C = 8, 25, 256, 10
     rng = np.random.default_rng(seed)
     y = np.arange(n) % C
     centers = rng.normal(size=(C, D)).astype(np.float32)
     chan = np.exp(rng.normal(0, 1.0, size=D)).astype(np.float32)  # per-channel scale, ~0.1x..~20x
-    gain = np.linspace(0.001, 0.009, L, dtype=np.float32)           # class signal grows with depth
+    gain = np.linspace(0.001, 0.009, L, dtype=np.float32)          # class signal grows with depth
     x = rng.normal(size=(n, L, T, D)).astype(np.float32)
     x += gain[None, :, None, None] * centers[y][:, None, None, :] * np.sqrt(T)
     x *= chan
-    meta = CacheMeta(model="synthetic-graded", fingerprint="0" * 16, n_layers=L, n_frames=T, dim=D, policy="trim",
-                     pooling=f"mean:{T}", sample_rate=16000, clip_seconds=5.0,
-                     vocab=Vocabulary.from_names([f"class {i}" for i in range(C)]), multilabel=False,
-                     dataset="graded", storage=storage)
-    folds = (np.arange(n) // C) % 5 + 1
-    paths = []
-    for s, a in enumerate(range(0, n, 250)):
-        b = min(n, a + 250)
-        paths.append(shard_path(folder / "feats.shards", s))
-        write_shard(paths[-1], meta, [f"g{i:05d}" for i in range(a, b)], x[a:b], [(int(c),) for c in y[a:b]],
-                    folds=folds[a:b])
-    build_index(folder / "feats.h5", paths)
+    meta = synthetic_meta(vocab=Vocabulary.from_names([f"class {i}" for i in range(C)]), multilabel=False,
+                          n_layers=L, n_frames=T, dim=D, model="synthetic-graded", dataset="graded", storage=storage)
+    write_synthetic_cache(folder / "feats.h5", meta, x, [(int(c),) for c in y], ids=[f"g{i:05d}" for i in range(n)],
+                          folds=(np.arange(n) // C) % 5 + 1, shards=-(-n // 250), shard_dir=folder / "feats.shards")
     return folder / "feats.h5"
 
 
@@ -71,7 +63,7 @@ def probe_scores(path) -> list[float]:
 
 def tltr_score(path, out: Path, epochs: int) -> float:
     from wat.train.loop import TrainOptions, train
-    final = train(TrainOptions(features=str(path), out=str(out), folds=5, head="tl-tr", dim=64, epochs=epochs,
+    final = train(TrainOptions(features=str(path), out=str(out), folds=5, head="tl-tr", proj_dim=64, epochs=epochs,
                                lr=1e-3, batch_size=32, seed=0, progress=False))
     return float(np.mean([f["wa"] for f in final["folds"].values()]))
 

@@ -169,7 +169,7 @@ def test_int8_trained_head_scores_fp16_features_alike(demo_cache_pad30, tmp_path
 
     q = relayout(demo_cache_pad30, tmp_path / "q", storage="int8")
     run = tmp_path / "run"
-    train(TrainOptions(features=str(q), out=str(run), head="tl-tr", dim=64, epochs=20, lr=1e-3, batch_size=8,
+    train(TrainOptions(features=str(q), out=str(run), head="tl-tr", proj_dim=64, epochs=20, lr=1e-3, batch_size=8,
                        mixup=0.0, seed=0, progress=False))
     on_int8 = evaluate(q, run / "wa.pt", tmp_path / "e8", EvalOptions(device="cpu"))
     on_fp16 = evaluate(demo_cache_pad30, run / "wa.pt", tmp_path / "e16", EvalOptions(device="cpu"))
@@ -185,7 +185,7 @@ def test_layer_subset_head_through_train_eval_tag_probe(demo_cache_pad30, tiny_m
 
     sub = relayout(demo_cache_pad30, tmp_path / "sub", blocks=(1, 2, 3))
     run = tmp_path / "run"
-    train(TrainOptions(features=str(sub), out=str(run), head="tl-tr", dim=64, epochs=20, lr=1e-3, batch_size=8,
+    train(TrainOptions(features=str(sub), out=str(run), head="tl-tr", proj_dim=64, epochs=20, lr=1e-3, batch_size=8,
                        mixup=0.0, seed=0, progress=False))
     head, info = load_head(run / "wa.pt")
     assert info.layers == [1, 2, 3] and info.n_layers == 3
@@ -196,7 +196,7 @@ def test_layer_subset_head_through_train_eval_tag_probe(demo_cache_pad30, tiny_m
     with pytest.raises(EvalError, match="layers x width"):
         evaluate(demo_cache_pad30, run / "wa.pt", tmp_path / "e3", EvalOptions(device="cpu"))
     with pytest.raises(TrainError, match="encoder blocks"):
-        train(TrainOptions(features=str(other), out=str(tmp_path / "r2"), head="tl-tr", dim=64, epochs=1,
+        train(TrainOptions(features=str(other), out=str(tmp_path / "r2"), head="tl-tr", proj_dim=64, epochs=1,
                            init=str(run / "wa.pt"), progress=False))
     # wat-tag feeds the head blocks 1..3 of the full encoder: a demo clip gets its own class on top
     import csv
