@@ -136,7 +136,7 @@ def select_layers(caches: list[Cache], layers) -> list[tuple[int, ...]]:
             continue
         bad = [l for l in layers if l not in have]
         if bad:
-            raise ProbeError(f"layer(s) {bad} not in {c.path}: it holds layers {have[0]}..{have[-1]}")
+            raise ProbeError(f"layer(s) {bad} out of range: {c.path} holds layers {have[0]}..{have[-1]}")
         out.append(tuple(dict.fromkeys(layers)))
     return out
 

@@ -207,7 +207,7 @@ def test_layer_subset_head_through_train_eval_tag_probe(demo_cache_pad30, tiny_m
     # wat-probe names layers by encoder block
     report = probe([sub], None, ProbeOptions(fusion=(), jobs=1))
     assert [r.feature.layers[0][0] for r in report.layer_results()] == [1, 2, 3]
-    with pytest.raises(ProbeError, match="not in"):
+    with pytest.raises(ProbeError, match="out of range"):
         probe([sub], None, ProbeOptions(layers=[0], fusion=(), jobs=1))
 
 
