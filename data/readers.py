@@ -49,10 +49,27 @@ class FeatureStore:
         self.in_memory = row_bytes * len(self.cache) <= memory_budget
         self.block_rows = max(1, block_bytes // row_bytes)
         self.buffer_blocks = max(1, buffer_blocks)
+        # integrity: each shard's rows are checked against their checksums the first time this
+        # process reads them (`Cache.check_rows`); a corrupt clip raises CorruptCacheError
+        self._verified = {s for s in range(len(self.cache.shards)) if self.cache.is_verified(s, field)}
+        self._checked: dict[int, np.ndarray] = {}  # shard -> rows checked so far (streaming)
         self._data = self._load() if self.in_memory else None
 
     def __len__(self) -> int:
         return len(self.cache)
+
+    def _check(self, s: int, a: int, block: np.ndarray) -> None:
+        """Check rows a..a+len(block) of shard s unless this process has checked the whole shard."""
+        if s in self._verified:
+            return
+        self.cache.check_rows(s, self.field, a, block)
+        _, start, stop = self.cache.shards[s]
+        seen = self._checked.setdefault(s, np.zeros(stop - start, bool))
+        seen[a:a + len(block)] = True
+        if seen.all():
+            self._verified.add(s)
+            self.cache.mark_verified(s, self.field)
+            del self._checked[s]
 
     def _load(self) -> torch.Tensor:
         on_cpu = self.device.type == "cpu"
@@ -68,8 +85,10 @@ class FeatureStore:
                 b = min(a + self.block_rows, stop - start)
                 if on_cpu:
                     dset.read_direct(out.numpy(), np.s_[a:b], np.s_[start + a:start + b])
+                    self._check(s, a, out[start + a:start + b].numpy())
                 else:
                     dset.read_direct(stage.numpy(), np.s_[a:b], np.s_[:b - a])
+                    self._check(s, a, stage[:b - a].numpy())
                     out[start + a:start + b].copy_(stage[:b - a])
         return out
 
@@ -115,6 +134,7 @@ class FeatureStore:
         start = self.cache.shards[s][1]
         a, b = int(rows[0]) - start, int(rows[-1]) - start + 1
         block = self.cache.dataset(s, self.field)[a:b]  # one read per block
+        self._check(s, a, block)
         return block if b - a == len(rows) else block[rows - start - a]
 
     def _stream(self, idx, batch_size, shuffle, rng):
@@ -201,6 +221,9 @@ def dask_view(cache_or_path, field: str = "mean"):
     import dask.array as da
 
     cache = cache_or_path if isinstance(cache_or_path, Cache) else open_cache(cache_or_path)
+    # chunks may read one layer of a row, which its checksum cannot vouch for: check every row of
+    # the field once per process (a no-op when this process has already read it all)
+    cache.verify_field(field)
     per_row = cache.shape(field)[1:]
     parts = []
     for s, (path, start, stop) in enumerate(cache.shards):
