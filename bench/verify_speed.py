@@ -19,23 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from wat.data.cache import CacheMeta, _bad_rows, build_index, open_cache, row_crc32, shard_path, verify, write_shard
+from wat.data.cache import _bad_rows, open_cache, row_crc32, verify
 from wat.data.labels import Vocabulary
 from wat.data.readers import FeatureStore
+from wat.data.synthetic import synthetic_meta, write_synthetic_cache
 
 
 def synthetic_cache(root: Path, n: int, shard: int = 500, L: int = 6, T: int = 25, D: int = 512) -> Path:
-    meta = CacheMeta(model="synthetic-base", fingerprint="0" * 16, n_layers=L, n_frames=T, dim=D, policy="trim",
-                     pooling=f"mean:{T}", sample_rate=16000, clip_seconds=5.0,
-                     vocab=Vocabulary.from_names(["a", "b"]), multilabel=False, dataset="bench")
+    meta = synthetic_meta(vocab=Vocabulary.from_names(["a", "b"]), multilabel=False, n_layers=L, n_frames=T, dim=D)
     rng = np.random.default_rng(0)
-    paths = []
-    for s, a in enumerate(range(0, n, shard)):
-        b = min(n, a + shard)
-        paths.append(shard_path(root / "shards", s))
-        write_shard(paths[-1], meta, [f"clip{i:06d}" for i in range(a, b)],
-                    rng.standard_normal((b - a, L, T, D), np.float32).astype(np.float16), [(i % 2,) for i in range(a, b)])
-    build_index(root / "feats.h5", paths)
+    write_synthetic_cache(root / "feats.h5", meta,
+                          lambda a, b: rng.standard_normal((b - a, L, T, D), np.float32).astype(np.float16),
+                          [(i % 2,) for i in range(n)], shards=[min(shard, n - a) for a in range(0, n, shard)],
+                          shard_dir=root / "shards")
     return root / "feats.h5"
 
 

@@ -242,3 +242,23 @@ def test_full_disk_is_an_error_line_not_a_crash(demo, model, tmp_path):
     assert err[-1].startswith("wat-extract: error:") and "File too large" in err[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not list(shard_dir_for(out).glob("*.partial*")) and not list(shard_dir_for(out).glob("shard-*.h5"))
+
+
+@pytest.mark.parametrize("option,value", [("--num-workers", "-1"), ("--decode-workers", "100000"), ("--frames", "0"),
+                                          ("--frames", "99999"), ("--batch-size", "-1"), ("--batch-size", "nan"),
+                                          ("--shard-size", "0"), ("--limit", "-1"), ("--limit", "0"),
+                                          ("--clip-seconds", "nan"), ("--clip-seconds", "0"), ("--clip-seconds", "-5"),
+                                          ("--clip-seconds", "inf"), ("--clip-seconds", "1e9"), ("--workers", "0")])
+def test_bad_numbers_are_one_error_line_before_the_model_loads(tmp_path, capsys, monkeypatch, option, value):
+    """--num-workers -1 used to fail only after the model had loaded (with a traceback)."""
+    from wat.extract import pipeline
+    monkeypatch.setattr(pipeline, "get_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        main(["--dataset", "esc50", "--root", str(tmp_path), "--model", "tiny.en", "--out", str(tmp_path / "f.h5"),
+              option, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("wat-extract: error: argument") and option in err[-1], err
+    assert sum(line.startswith("wat-extract: error:") for line in err) == 1 and "Traceback" not in "".join(err)
+    with pytest.raises(ExtractError, match="num_workers must be >= 0"):  # the library refuses it too
+        ExtractOptions(num_workers=-1).check()
+

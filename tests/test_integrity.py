@@ -4,20 +4,14 @@ import h5py
 import numpy as np
 import pytest
 
-from wat.data.cache import (CHECKSUMS, CorruptCacheError, CacheMeta, build_index, info, open_cache, shard_path,
-                            verify, write_shard)
+from wat.data.cache import CHECKSUMS, CorruptCacheError, info, open_cache, shard_path, verify
 from wat.data.cache_cli import main as cache_main
 from wat.data.labels import Vocabulary
 from wat.data.readers import FeatureStore, dask_view
+from wat.data.synthetic import synthetic_meta, write_synthetic_cache
 
 N, L, T, D, C = 24, 3, 5, 32, 4
 SIZES = (12, 12)
-
-
-def _meta():
-    return CacheMeta(model="synthetic", fingerprint="0" * 16, n_layers=L, n_frames=T, dim=D, policy="trim",
-                     pooling=f"mean:{T}", sample_rate=16000, clip_seconds=5.0,
-                     vocab=Vocabulary.from_names([f"c{i}" for i in range(C)]), multilabel=False, dataset="synthetic")
 
 
 def _cache(folder, seed=0):
@@ -27,13 +21,10 @@ def _cache(folder, seed=0):
     feats = rng.standard_normal((N, L, T, D)).astype(np.float32)
     feats[np.arange(N), :, :, y] += 3.0
     ids = [f"clip{i:03d}" for i in range(N)]
-    paths, a = [], 0
-    for s, k in enumerate(SIZES):
-        paths.append(shard_path(folder / "shards", s))
-        write_shard(paths[-1], _meta(), ids[a:a + k], feats[a:a + k], [(int(c),) for c in y[a:a + k]],
-                    folds=np.arange(a, a + k) % 4 + 1)
-        a += k
-    build_index(folder / "feats.h5", paths)
+    meta = synthetic_meta(vocab=Vocabulary.from_names([f"c{i}" for i in range(C)]), multilabel=False,
+                          n_layers=L, n_frames=T, dim=D)
+    paths = write_synthetic_cache(folder / "feats.h5", meta, feats, [(int(c),) for c in y], ids=ids,
+                                  folds=np.arange(N) % 4 + 1, shards=list(SIZES), shard_dir=folder / "shards")
     return folder / "feats.h5", paths, ids
 
 
