@@ -34,6 +34,10 @@ def check(logdir) -> None:
     root = Path(logdir)
     if root.exists() and not root.is_dir():
         raise BoardError(f"--tensorboard {logdir}: exists and is not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BoardError(f"--tensorboard {logdir}: cannot create the folder ({e.strerror or e})") from None
 
 
 class Board:
