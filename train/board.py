@@ -30,7 +30,7 @@ def check(logdir) -> None:
     try:
         import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
     except ImportError:
-        raise BoardError("--tensorboard needs the tensorboard package: pip install 'wat[tensorboard]'") from None
+        raise BoardError("--tensorboard needs the tensorboard package: pip install 'whisper-audio-tagging[tensorboard]'") from None
     root = Path(logdir)
     if root.exists() and not root.is_dir():
         raise BoardError(f"--tensorboard {logdir}: exists and is not a folder")
