@@ -5,11 +5,12 @@ soundfile (libsndfile) reads wav/flac/ogg and can read just the frames a segment
 fallback when libsndfile refuses a file. Resampling is soxr's high-quality mode.
 
 Every way a file can be unusable (missing, empty, truncated, corrupt, no channels, NaN/inf samples,
-absurdly long, silent, offset past the end) raises `AudioError`, so a run over a whole dataset
+absurdly long, too short once resampled, silent, offset past the end) raises `AudioError`, so a run over a whole dataset
 records the clip and goes on.
 """
 from __future__ import annotations
 
+import math
 import os
 import struct
 from pathlib import Path
@@ -19,6 +20,7 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 16_000
+MIN_SECONDS = 0.025  # one Whisper STFT window (400 samples at 16 kHz): shorter audio is an error
 # libsndfile handles these natively (and can seek to a segment without decoding what precedes it)
 SEEK_PREROLL = 0.5  # seconds decoded and dropped before a PyAV segment
 SOUNDFILE_EXTS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".au", ".w64", ".rf64", ".caf"}
@@ -72,6 +74,14 @@ def load_audio(path, *, sample_rate: int = SAMPLE_RATE, offset: float = 0.0, dur
     mono = audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0]
     if rate != sample_rate:
         mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
+    # decided on what the caller gets: 1 sample at 44.1 kHz resamples to none, which padding would
+    # have turned into seconds of silence carrying the clip's label
+    need = math.ceil(MIN_SECONDS * sample_rate)
+    if len(mono) < need:
+        raise AudioError(path, f"too short: {audio.shape[0]} sample(s) at {rate} Hz give {len(mono)} at "
+                               f"{sample_rate} Hz, fewer than one {MIN_SECONDS * 1000:g} ms analysis window ({need})")
+    if not np.any(mono):
+        raise AudioError(path, "silent after resampling (all samples are zero)")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 

@@ -13,6 +13,8 @@ Shard file (`shard-00000.h5`), N clips, L layers, T pooled frames, D dims, C cla
     mean            f16|i8   [N, L, D]    (min(256, N), 1, D)            time mean, computed in fp32
     features_scale  f32      [L, D]       -                              int8 storage only
     mean_scale      f32      [L, D]       -                              int8 storage only
+    features_crc32  uint32   [N]          -                              zlib CRC-32 of each clip's row
+    mean_crc32      uint32   [N]          -                              as stored (f16|i8, C order); v2+
     label_indptr    int32    [N + 1]      -                              CSR: clip i has labels
     label_indices   int32    [nnz]        -                              indices[indptr[i]:indptr[i+1]]
     fold            int16    [N]          -                              -1 = no fold
@@ -30,13 +32,22 @@ scale / 2. Readers dequantise (`x = q * scale`, as f16) — on the device the fe
 nothing downstream sees the stored precision. Layer subsets (`layers` attribute): the encoder block
 index of each stored layer (`wat-extract --layers 8:32`); L = len(layers).
 
+    Checksums (schema 2+): written from the very arrays that go to disk, so any later change of a
+    byte of a clip's `features` or `mean` row (a bad disk, a truncated copy, a stray write) is
+    detected by `verify` and by the readers, which check each shard the first time a process reads
+    it (`check_rows`). CRC-32 rather than a cryptographic hash: it guards against accidents, not
+    attackers, and zlib's runs at memory speed (BENCHMARKS.md: verify vs a plain read). Schema 1
+    shards (no checksums) still open; for them readers refuse rows that are all zero or non-finite,
+    and `verify`/`info` say that the shards carry no checksums.
+
 Attributes (shard and index alike): `schema_version`, `kind` ("shard" | "index"), `model`,
 `fingerprint`, `n_layers`, `n_frames`, `dim`, `policy`, `pooling`, `sample_rate`, `clip_seconds`,
 `vocab` (Vocabulary JSON), `multilabel`, `dataset`, `versions` (JSON), `storage`, `layers` (JSON
 list); shards also `n_clips` and `digest` (sha256 of the ids and the meta, so a shard swapped for
-another is detected). `schema_version` is the oldest reader that reads the file right: 1 for fp16
-caches of every layer (unchanged since version 1, `storage`/`layers` absent means fp16/all), 2 for
-int8 or layer-subset caches, which a version-1 reader would misread.
+another is detected). `schema_version` is the oldest reader that reads the file right: 2 for fp16
+caches of every layer (version 1 plus checksums; `storage`/`layers` absent means fp16/all), 3 for
+int8 or layer-subset caches, which a version-2 reader would misread. Version 1 files (no checksums)
+are still read.
 
 Index file (`feats.h5`): `features` and `mean` are HDF5 virtual datasets over the shards with
 source paths relative to the index's folder (HDF5 resolves them there, so the folder can be moved;
@@ -52,8 +63,10 @@ NAME (then the folder is fsynced; `files.atomic_path`): a file with the final na
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -65,8 +78,10 @@ import numpy as np
 from .files import atomic_path
 from .labels import LabelError, Vocabulary
 
-SCHEMA_VERSION = 2   # the newest schema this wat reads (and writes when a file needs it)
+SCHEMA_VERSION = 3   # the newest schema this wat reads (and writes when a file needs it)
+READABLE_VERSIONS = (1, 2, 3)  # 1: no per-clip checksums; 3: int8 storage or a layer subset
 FIELDS = ("features", "mean")
+CHECKSUMS = {"features": "features_crc32", "mean": "mean_crc32"}  # field -> its per-row CRC-32 dataset
 STORAGES = ("fp16", "int8")
 _STORED = {"fp16": np.float16, "int8": np.int8}
 _META_KEYS = ("model", "fingerprint", "n_layers", "n_frames", "dim", "policy", "pooling",
@@ -79,6 +94,11 @@ POLICIES = ("pad30", "trim")  # what the encoder sees: 30 s windows as in ASR, o
 
 class CacheError(Exception):
     """A cache that cannot be used as asked: missing/partial/mismatched shard, bad schema, bad input."""
+
+
+class CorruptCacheError(CacheError):
+    """Clip rows whose bytes changed since extraction (checksum mismatch) or, in a shard without
+    checksums, rows that are all zero or non-finite."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,8 +136,8 @@ class CacheMeta:
 
     def to_attrs(self) -> dict:
         d = {k: getattr(self, k) for k in _META_KEYS}
-        plain = self.storage == "fp16" and self.all_layers  # what a version-1 reader reads right
-        d.update(schema_version=1 if plain else SCHEMA_VERSION, vocab=self.vocab.to_json(),
+        plain = self.storage == "fp16" and self.all_layers  # what a version-2 reader reads right
+        d.update(schema_version=2 if plain else SCHEMA_VERSION, vocab=self.vocab.to_json(),
                  versions=json.dumps(self.versions, sort_keys=True), storage=self.storage,
                  layers=json.dumps(list(self.layers)))
         return d
@@ -128,8 +148,9 @@ class CacheMeta:
             version = int(attrs["schema_version"])
         except KeyError:
             raise CacheError("not a wat cache file: attribute 'schema_version' missing") from None
-        if not 1 <= version <= SCHEMA_VERSION:
-            raise CacheError(f"schema version {version}, this wat reads versions 1..{SCHEMA_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise CacheError(f"schema version {version}, this wat reads versions "
+                             f"{READABLE_VERSIONS[0]}..{READABLE_VERSIONS[-1]}")
         try:
             return cls(model=_s(attrs["model"]), fingerprint=_s(attrs["fingerprint"]),
                        n_layers=int(attrs["n_layers"]), n_frames=int(attrs["n_frames"]),
@@ -195,17 +216,80 @@ def _features_chunks(shape) -> tuple:
     return (max(1, min(k, n)), l, t, d)
 
 
+def row_crc32(block: np.ndarray) -> np.ndarray:
+    """CRC-32 (zlib) of each row of `block`, over its bytes as stored (f16 or int8, C order): uint32 [n].
+    Any other dtype is taken as values to be stored as f16."""
+    block = np.ascontiguousarray(block, dtype=np.int8 if block.dtype == np.int8 else "<f2")
+    rows = block.reshape(len(block), -1)
+    return np.fromiter((zlib.crc32(r) for r in rows), np.uint32, len(block))
+
+
+class _WriteGuard(io.RawIOBase):
+    """The file object h5py writes a new file through. HDF5 does not recover from a failed write
+    (full disk, file-size limit): its later flushes fail again and the process crashed in h5py's
+    teardown (exit 139). So the first OSError is kept and later writes are dropped: HDF5 closes
+    normally, then `_atomic_h5` raises the kept error and the temporary file is deleted."""
+
+    def __init__(self, raw):
+        self.raw, self.error = raw, None
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, pos, whence=0):
+        return self.raw.seek(pos, whence)
+
+    def tell(self):
+        return self.raw.tell()
+
+    def readinto(self, b):
+        return self.raw.readinto(b)
+
+    def _guard(self, op, *args):
+        if self.error is None:
+            try:
+                return op(*args)
+            except OSError as e:
+                self.error = e
+        return None
+
+    def write(self, b):
+        n = self._guard(self.raw.write, b)
+        return len(memoryview(b)) if n is None else n
+
+    def truncate(self, size=None):
+        self._guard(self.raw.truncate, size)
+        return size
+
+    def flush(self):
+        self._guard(self.raw.flush)
+
+
 @contextmanager
 def _atomic_h5(path: Path):
     """Yields an h5py.File on a temporary file beside PATH; it becomes PATH (durably, see
-    `files.atomic_path`) only once it is whole and closed."""
-    with atomic_path(path) as tmp:
-        f = h5py.File(tmp, "w")
+    `files.atomic_path`) only once it is whole and closed. A write error (ENOSPC, EFBIG) is raised
+    as OSError after HDF5 has closed its objects in order, and nothing is left behind."""
+    with atomic_path(path) as tmp, open(tmp, "r+b", buffering=0) as raw:
+        guard = _WriteGuard(raw)
+        f = h5py.File(guard, "w")
         try:
             yield f
             f.flush()
-        finally:
+        except BaseException as e:
             f.close()
+            if guard.error is not None and e is not guard.error:
+                raise guard.error from e  # HDF5's own message hides the OS error behind it
+            raise
+        f.close()
+        if guard.error is not None:
+            raise guard.error
 
 
 def _csr(labels, n_classes: int):
@@ -295,6 +379,9 @@ def write_shard(path, meta: CacheMeta, ids, features, labels, folds=None, durati
         f.attrs.update(meta.to_attrs())
         f.attrs.update(kind="shard", n_clips=n, digest=_digest(ids, meta))
         f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
+        # checksums over the arrays that go to disk (int8 storage: the quantised values)
+        for name in FIELDS:
+            f.create_dataset(CHECKSUMS[name], data=row_crc32(stored[name]))
         f.create_dataset("features", data=stored.pop("features"), chunks=_features_chunks(features.shape))
         f.create_dataset("mean", data=stored.pop("mean"), chunks=(min(256, n), 1, meta.dim))
         for name, data in stored.items():  # the int8 scales
@@ -319,7 +406,8 @@ def _open_h5(path) -> h5py.File:
         raise CacheError(f"{path}: unreadable HDF5 file ({e})") from None
 
 
-def _shard_record(path: Path) -> tuple[CacheMeta, int, str]:
+def _shard_record(path: Path) -> tuple[CacheMeta, int, str, bool]:
+    """(meta, clips, digest, has checksums) of a shard file."""
     with _open_h5(path) as f:
         if _s(f.attrs.get("kind", "")) != "shard":
             raise CacheError(f"{path}: not a shard file")
@@ -327,7 +415,11 @@ def _shard_record(path: Path) -> tuple[CacheMeta, int, str]:
             meta = CacheMeta.from_attrs(f.attrs)
         except CacheError as e:
             raise CacheError(f"{path}: {e}") from None
-        return meta, int(f.attrs["n_clips"]), _s(f.attrs["digest"])
+        return meta, int(f.attrs["n_clips"]), _s(f.attrs["digest"]), _has_checksums(f)
+
+
+def _has_checksums(f: h5py.File) -> bool:
+    return all(name in f for name in CHECKSUMS.values())
 
 
 def build_index(index_path, shard_paths) -> None:
@@ -339,7 +431,7 @@ def build_index(index_path, shard_paths) -> None:
         raise CacheError(f"{index_path}: no shards to index")
     records = [_shard_record(p) for p in shard_paths]
     meta = records[0][0]
-    for p, (m, _, _) in zip(shard_paths, records):
+    for p, (m, *_) in zip(shard_paths, records):
         bad = meta.incompatibilities(m, same_cache=True)
         if bad:
             raise CacheError(f"{p}: incompatible with {shard_paths[0]}: {'; '.join(bad)}")
@@ -392,6 +484,9 @@ def build_index(index_path, shard_paths) -> None:
 
 # Open read-only files, per process: h5py handles never cross a fork or a pickle.
 _HANDLES: dict[str, tuple[int, h5py.File]] = {}
+# (shard path, field, mtime, size) whose every row this process has checked against its checksums
+# (or, without checksums, for zero/non-finite rows): readers check a shard once per run.
+_VERIFIED: set[tuple] = set()
 
 
 def _handle(path: str) -> h5py.File:
@@ -425,7 +520,7 @@ def _forget(path: str) -> None:
 class Cache:
     """An opened, validated cache. Picklable: it holds paths, and files are opened per process."""
 
-    def __init__(self, path, meta, ids, label_indptr, label_indices, folds, durations, shards):
+    def __init__(self, path, meta, ids, label_indptr, label_indices, folds, durations, shards, checksummed=None):
         self.path = Path(path)
         self.meta: CacheMeta = meta
         self.ids: np.ndarray = ids
@@ -433,7 +528,10 @@ class Cache:
         self.folds: np.ndarray = folds
         self.durations: np.ndarray = durations
         self.shards: list[tuple[Path, int, int]] = shards  # (path, start, stop)
+        # per shard: holds per-clip checksums (schema 2), else only zero/non-finite rows are caught
+        self.checksummed: list[bool] = list(checksummed) if checksummed is not None else [True] * len(shards)
         self._starts = np.array([s[1] for s in shards], np.int64)
+        self._crc: dict[tuple[int, str], np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -500,12 +598,68 @@ class Cache:
             where = np.flatnonzero(shard == s)
             local = idx[where] - self.shards[s][1]
             uniq, inverse = np.unique(local, return_inverse=True)
-            out[where] = self.dequantize(field, _read_rows(self.dataset(int(s), field), uniq), int(s))[inverse]
+            rows = _read_rows(self.dataset(int(s), field), uniq)
+            if not self.is_verified(int(s), field):  # random access: check what was read (as stored)
+                self.check_rows(int(s), field, uniq, rows)
+            out[where] = self.dequantize(field, rows, int(s))[inverse]
         return out
 
     def close(self) -> None:
         for p, _, _ in self.shards:
             _forget(str(p))
+
+    # ------------------------------------------------------------ integrity (see the module doc)
+
+    def bad_rows(self, shard: int, field: str, rows, block: np.ndarray) -> np.ndarray:
+        """Positions in `block` that are not what extraction wrote (`_bad_rows`). `block` holds
+        rows `rows` (local row numbers: an array, or an int for rows rows..rows+len(block)) of
+        shard `shard`'s `field`."""
+        if not self.checksummed[shard]:
+            return _bad_rows(block, None)
+        key = (shard, field)
+        if key not in self._crc:
+            self._crc[key] = self.dataset(shard, CHECKSUMS[field])[:]
+        crc = self._crc[key]
+        return _bad_rows(block, crc[rows] if isinstance(rows, np.ndarray) else crc[rows:rows + len(block)])
+
+    def check_rows(self, shard: int, field: str, rows, block: np.ndarray) -> None:
+        """Raise CorruptCacheError naming the clips of `block` that fail `bad_rows`."""
+        bad = self.bad_rows(shard, field, rows, block)
+        if len(bad):
+            local = rows[bad] if isinstance(rows, np.ndarray) else rows + bad
+            raise CorruptCacheError(self._corrupt_message(shard, field, local))
+
+    def _corrupt_message(self, shard: int, field: str, local) -> str:
+        path, first, _ = self.shards[shard]
+        ids = [str(self.ids[first + int(i)]) for i in local[:5]]
+        how = ("fail their checksum" if self.checksummed[shard]
+               else "are all zero or non-finite (a shard without checksums)")
+        return (f"{path}: {len(local)} clip(s) {how} in {field} ({', '.join(ids)}{', ...' if len(local) > 5 else ''}): "
+                f"the cache is corrupt; `wat-cache verify` lists every problem, and rerunning the "
+                f"wat-extract command that made it rebuilds the bad shards")
+
+    def _verify_key(self, shard: int, field: str) -> tuple:
+        p = self.shards[shard][0]
+        st = os.stat(p)
+        return (str(Path(p).resolve()), field, st.st_mtime_ns, st.st_size)
+
+    def is_verified(self, shard: int, field: str) -> bool:
+        return self._verify_key(shard, field) in _VERIFIED
+
+    def mark_verified(self, shard: int, field: str) -> None:
+        _VERIFIED.add(self._verify_key(shard, field))
+
+    def verify_field(self, field: str, block_bytes: int = 64 << 20) -> None:
+        """Check every row of `field` in shards this process has not checked yet; raises
+        CorruptCacheError. Readers that do not see every row themselves call this first."""
+        rows = max(1, block_bytes // (self.stored_dtype.itemsize * int(np.prod(self.shape(field)[1:]))))
+        for s, (_, start, stop) in enumerate(self.shards):
+            if self.is_verified(s, field):
+                continue
+            dset = self.dataset(s, field)
+            for a in range(0, stop - start, rows):
+                self.check_rows(s, field, a, dset[a:a + rows])
+            self.mark_verified(s, field)
 
 
 def _read_rows(dset: h5py.Dataset, rows: np.ndarray, max_gap: int = 8) -> np.ndarray:
@@ -564,14 +718,18 @@ def open_cache(path) -> Cache:
             if int(f.attrs["n_clips"]) != len(ids) or _s(f.attrs["digest"]) != _digest(ids, meta):
                 raise CacheError(f"{path}: shard content does not match its own digest")
             records = [(path, len(ids), _s(f.attrs["digest"]))]
+            checksummed = [_has_checksums(f)]
         else:
             records = [(path.parent / p, int(r), d) for p, r, d in zip(
                 f["shard_paths"].asstr()[:], f["shard_rows"][:], f["shard_digests"].asstr()[:])]
     shards, start = [], 0
+    if kind == "index":
+        checksummed = []
     for p, rows, digest in records:
         _forget(str(p))  # a re-written shard must not be read through an old handle
         if kind == "index":
-            m, n, d = _shard_record(p)
+            m, n, d, crc = _shard_record(p)
+            checksummed.append(crc)
             bad = meta.incompatibilities(m, same_cache=True)
             if bad:
                 raise CacheError(f"{p}: incompatible with index {path}: {'; '.join(bad)}")
@@ -583,11 +741,30 @@ def open_cache(path) -> Cache:
         start += rows
     if start != len(ids):
         raise CacheError(f"{path}: shards hold {start} clips, index lists {len(ids)}")
-    return Cache(path, meta, ids, indptr, indices, folds, durs, shards)
+    return Cache(path, meta, ids, indptr, indices, folds, durs, shards, checksummed)
 
 
-def _check_shard(p: Path, meta: CacheMeta, probe_rows: int, rng) -> tuple[list[str], list[str]]:
-    """(problems, ids) of one shard; reads features/mean in blocks, bounded memory."""
+def _bad_rows(block: np.ndarray, crc: np.ndarray | None) -> np.ndarray:
+    """Rows of `block` that are not what extraction wrote: CRC-32 differs from `crc`, or, for a
+    shard without checksums (crc None), rows that are all zero or non-finite."""
+    if crc is None:
+        flat = block.reshape(len(block), -1)
+        return np.flatnonzero(~np.isfinite(flat).all(1) | ~flat.any(1))
+    return np.flatnonzero(row_crc32(block) != crc)
+
+
+def _what(row: np.ndarray) -> str:
+    """What a bad row looks like, for people: ' (NaN/inf)', ' (all zero)' or ''."""
+    return " (NaN/inf)" if not np.isfinite(row).all() else " (all zero)" if not row.any() else ""
+
+
+def check_shard(p, meta: CacheMeta | None = None, *, probe_rows: int = 16, rng=None,
+                bar=None) -> tuple[list[str], list[str]]:
+    """(problems, ids) of one shard file: attributes (against `meta` when given), shapes, ids digest,
+    labels, and every byte of `features` and `mean` against the per-clip checksums. Shards without
+    checksums (schema 1): all-zero/non-finite rows and the time mean of `probe_rows` sampled rows.
+    Reads in blocks (bounded memory); `bar` (tqdm) advances by the bytes read."""
+    p = Path(p)
     problems = []
     try:
         f = _open_h5(p)
@@ -598,7 +775,7 @@ def _check_shard(p: Path, meta: CacheMeta, probe_rows: int, rng) -> tuple[list[s
             m = CacheMeta.from_attrs(f.attrs)
         except CacheError as e:
             return [f"{p}: {e}"], []
-        bad = meta.incompatibilities(m, same_cache=True)
+        bad = meta.incompatibilities(m, same_cache=True) if meta is not None else []
         if bad:
             problems.append(f"{p}: attributes differ: {'; '.join(bad)}")
         try:
@@ -610,6 +787,9 @@ def _check_shard(p: Path, meta: CacheMeta, probe_rows: int, rng) -> tuple[list[s
                     "duration": ((n,), np.float32), "label_indptr": ((n + 1,), np.int32)}
             if m.storage == "int8":
                 want.update({f + "_scale": ((m.n_layers, m.dim), np.float32) for f in FIELDS})
+            checksummed = _has_checksums(f)
+            if checksummed:
+                want.update({c: ((n,), np.uint32) for c in CHECKSUMS.values()})
             for name, (shape, dtype) in want.items():
                 d = f[name]
                 if d.shape != shape or d.dtype != dtype:
@@ -635,42 +815,58 @@ def _check_shard(p: Path, meta: CacheMeta, probe_rows: int, rng) -> tuple[list[s
             else:
                 deq = {name: (lambda x: x) for name in FIELDS}
                 atol = 1e-2
+            crc = {k: f[c][:] if checksummed else None for k, c in CHECKSUMS.items()}
             step = max(1, (64 << 20) // max(1, feats.dtype.itemsize * int(np.prod(feats.shape[1:]))))
+            bad_rows = {"features": [], "mean": []}
             for a in range(0, n, step):
-                for name, block in (("features", feats[a:a + step]), ("mean", mean[a:a + step])):
-                    finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
-                    if not finite.all():
-                        bad_ids = [ids[a + i] for i in np.flatnonzero(~finite)[:5]]
-                        problems.append(f"{p}: NaN/inf in {name} of clip(s) {', '.join(bad_ids)}")
-            sample = np.sort(rng.choice(n, size=min(probe_rows, n), replace=False))
-            expect = deq["features"](feats[sample]).astype(np.float32).mean(axis=2)
-            got = deq["mean"](mean[sample]).astype(np.float32)
-            if not np.allclose(got, expect, rtol=1e-2, atol=atol, equal_nan=True):
-                problems.append(f"{p}: mean disagrees with the time mean of features")
+                for name, dset in (("features", feats), ("mean", mean)):
+                    block = dset[a:a + step]
+                    expected = None if crc[name] is None else crc[name][a:a + step]
+                    bad_rows[name] += [(a + i, _what(block[i])) for i in _bad_rows(block, expected)]
+                    if bar is not None:
+                        bar.update(block.nbytes)
+            how = "fail their checksum" if checksummed else "are all zero or non-finite"
+            for name, rows in bad_rows.items():
+                if rows:
+                    shown = ", ".join(ids[i] + what for i, what in rows[:5]) + (", ..." if len(rows) > 5 else "")
+                    problems.append(f"{p}: {len(rows)} clip(s) {how} in {name}: {shown}")
+            if not checksummed:  # the checksums cover mean too; without them, compare with features
+                rng = rng if rng is not None else np.random.default_rng(0)
+                sample = np.sort(rng.choice(n, size=min(probe_rows, n), replace=False))
+                expect = deq["features"](feats[sample]).astype(np.float32).mean(axis=2)
+                got = deq["mean"](mean[sample]).astype(np.float32)
+                if not np.allclose(got, expect, rtol=1e-2, atol=atol, equal_nan=True):
+                    problems.append(f"{p}: mean disagrees with the time mean of features")
         except (OSError, KeyError) as e:
             problems.append(f"{p}: unreadable ({e})")
             return problems, []
     return problems, ids
 
 
-def verify(path, *, probe_rows: int = 16) -> list[str]:
-    """Every problem found in the cache at `path` (empty list = OK)."""
+def verify(path, *, probe_rows: int = 16, progress: bool | None = None) -> list[str]:
+    """Every problem found in the cache at `path` (empty list = OK). Reads every byte of features
+    and mean; `progress`: a bar (None = on a TTY only)."""
     try:
         cache = open_cache(path)
     except CacheError as e:
         return [str(e)]
+    from tqdm import tqdm
+
     problems, seen = [], {}
     rng = np.random.default_rng(0)
-    for p, a, b in cache.shards:
-        probs, ids = _check_shard(p, cache.meta, probe_rows, rng)
-        problems += probs
-        if ids and list(ids) != list(cache.ids[a:b]):
-            problems.append(f"{p}: ids differ from the index")
-        for i in ids:
-            if i in seen:
-                problems.append(f"{p}: duplicate id {i!r} (also in {seen[i]})")
-            else:
-                seen[i] = p
+    total = 2 * len(cache) * (int(np.prod(cache.shape("features")[1:])) + int(np.prod(cache.shape("mean")[1:])))
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify",
+              disable=None if progress is None else not progress) as bar:
+        for p, a, b in cache.shards:
+            probs, ids = check_shard(p, cache.meta, probe_rows=probe_rows, rng=rng, bar=bar)
+            problems += probs
+            if ids and list(ids) != list(cache.ids[a:b]):
+                problems.append(f"{p}: ids differ from the index")
+            for i in ids:
+                if i in seen:
+                    problems.append(f"{p}: duplicate id {i!r} (also in {seen[i]})")
+                else:
+                    seen[i] = p
     return problems
 
 
@@ -696,5 +892,6 @@ def info(path) -> dict:
                    "max_per_class": int(per_class.max(initial=0))},
         "folds": {int(k): int(v) for k, v in zip(folds, counts)},
         "bytes_on_disk": int(sum(p.stat().st_size for p in files)),
+        "checksums": sum(cache.checksummed),  # shards with per-clip checksums (schema 2+)
         "versions": m.versions,
     }

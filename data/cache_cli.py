@@ -22,6 +22,8 @@ def _print_info(d: dict) -> None:
     print(f"  {d['classes']} classes ({kind}), {lab['total']} labels, {lab['unlabeled_clips']} unlabeled clips, "
           f"per class {lab['min_per_class']}..{lab['max_per_class']}, {lab['classes_without_clips']} classes without clips")
     print("  folds " + ", ".join(f"{k}: {v}" for k, v in d["folds"].items()))
+    print(f"  per-clip checksums in {d['checksums']} of {d['shards']} shard(s)"
+          + ("" if d["checksums"] == d["shards"] else " (the others predate them: cache schema 1)"))
 
 
 def main(argv=None) -> int:
@@ -30,7 +32,8 @@ def main(argv=None) -> int:
     p_info = sub.add_parser("info", help="counts, shapes, model, policy, labels, size on disk")
     p_info.add_argument("file", help="index file (feats.h5) or shard")
     p_info.add_argument("--json", action="store_true", help="print JSON")
-    p_verify = sub.add_parser("verify", help="check every shard; exit 1 listing each problem")
+    p_verify = sub.add_parser("verify", help="check every byte of every shard against its per-clip checksums; "
+                                             "exit 1 listing each problem")
     p_verify.add_argument("file", help="index file (feats.h5) or shard")
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -49,6 +52,10 @@ def main(argv=None) -> int:
         return 1
     d = info(args.file)
     print(f"OK: {d['clips']} clips, {d['shards']} shards")
+    if d["checksums"] < d["shards"]:
+        print(f"note: {d['shards'] - d['checksums']} of {d['shards']} shard(s) were written before per-clip "
+              "checksums (cache schema 1): for them only all-zero/non-finite rows and a sample of means "
+              "could be checked; re-extract with --overwrite to add checksums")
     return 0
 
 

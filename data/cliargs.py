@@ -4,24 +4,55 @@ defaults, validates and documents them the same way.
     add_device(p)                      --device auto|cpu|cuda|cuda:N (default auto)
     args = parse_args(p, argv)         args.device resolved to a torch device (auto -> cuda|cpu)
     add_workers(group, "--jobs", ...)  --workers N (>= 1), old spellings as hidden aliases
+    type=int_range(0, 256)             argparse types that refuse out-of-range integers and
+    type=float_range(0, 30, lo_open=True)   NaN/inf/out-of-range floats with one error line
 """
 from __future__ import annotations
 
 import argparse
+import math
 import re
 
 DEVICE_HELP = "auto (default: cuda when available, else cpu), cpu, cuda or cuda:N"
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def int_range(lo: int, hi: int | None = None):
+    """argparse type factory: an integer in [lo, hi] (no upper bound when hi is None)."""
+    want = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+positive_int = int_range(1)  # argparse type: an integer >= 1
+
+
+def float_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
+    """argparse type factory: a finite float in the interval from lo to hi (open ends excluded);
+    NaN and inf are refused, so a bad value never reaches a computation."""
+    want = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if not math.isfinite(value) or not (lo < value if lo_open else lo <= value) or \
+                not (value < hi if hi_open else value <= hi):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text}")  # NaN fails both tests
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
 def parse_device(text: str) -> str:

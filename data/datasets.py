@@ -28,6 +28,7 @@ AUDIOSET_SPLITS = {
 }
 DATASET_KINDS = ("esc50", *AUDIOSET_SPLITS, "json", "folder", "csv")
 MID = re.compile(r"^/[a-z]/[0-9a-z_]+$")
+ESC50_FOLDS = 5
 
 
 class DatasetError(ValueError):
@@ -119,6 +120,8 @@ def _esc50(root: Path, meta: Path) -> Dataset:
             name, category = row["filename"].strip(), row["category"].strip()
             if not name or not category or target < 0:
                 raise ValueError("empty filename/category or negative target")
+            if not 1 <= fold <= ESC50_FOLDS:  # the protocol's 5 folds; anything else is a broken row
+                raise ValueError(f"fold {fold} outside 1..{ESC50_FOLDS}")
         except ValueError as e:
             problems.append((where, f"malformed: {e}"))
             continue
@@ -234,9 +237,11 @@ def match_audio(index, ytid: str, start: float) -> str | None:
 
 
 def _labels_vocab(label_lists) -> Vocabulary:
-    """AudioSet when every label is a MID, else the sorted set of names found."""
+    """AudioSet when at least half of the distinct labels are MIDs (the others then become "unknown
+    label" problem rows: one stray "Dog" must not turn an AudioSet manifest into a custom vocabulary),
+    else the sorted set of names found."""
     names = {label for labels in label_lists for label in labels}
-    if names and all(MID.match(n) for n in names):
+    if names and 2 * sum(bool(MID.match(n)) for n in names) >= len(names):
         return audioset_vocabulary()
     return Vocabulary.from_names(sorted(names))
 
@@ -245,8 +250,12 @@ def _labelled_clips(name, entries, problems, base: Path, clip_seconds=10.0) -> D
     """entries: (where, path text, [label keys], fold) -> Dataset with a vocabulary inferred from the labels."""
     vocab = _labels_vocab(labels for _, _, labels, _ in entries)
     multilabel = vocab is audioset_vocabulary() or any(len(labels) > 1 for _, _, labels, _ in entries)
+    # ids: each file's path relative to the folder all listed files share, so that a/clip0.wav and
+    # b/clip0.wav are two clips by construction (a file stem would make them one)
+    paths = [_manifest_path(text, base) for _, text, _, _ in entries]
+    top = os.path.commonpath([os.path.abspath(p.parent) for p in paths]) if paths else ""
     clips = []
-    for where, text, labels, fold in entries:
+    for (where, text, labels, fold), path in zip(entries, paths):
         try:
             indices = tuple(sorted({vocab.index(label) for label in labels}))
         except LabelError as e:
@@ -255,13 +264,17 @@ def _labelled_clips(name, entries, problems, base: Path, clip_seconds=10.0) -> D
         if not multilabel and len(indices) != 1:
             problems.append((where, "no label"))
             continue
-        path = Path(text).expanduser()
-        path = path if path.is_absolute() else base / path
         if not path.is_file():
             problems.append((where, f"no audio: {path}"))
             continue
-        clips.append(Clip(path.stem, str(path), indices, fold))
+        clips.append(Clip(Path(os.path.relpath(os.path.abspath(path), top)).as_posix(), str(path), indices, fold))
     return _finish(name, clips, vocab, multilabel, clip_seconds, problems)
+
+
+def _manifest_path(text: str, base: Path) -> Path:
+    """A manifest's audio path: absolute as written, else relative to the manifest's folder."""
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else base / path
 
 
 def _json(manifest: Path) -> Dataset:
@@ -312,7 +325,10 @@ def _read_csv(path: Path, required) -> tuple[list[tuple[str, dict]], list[tuple[
         lines = f.read().splitlines()
     if not lines:
         raise DatasetError(f"{path}: empty file")
-    header = [h.strip() for h in next(csv.reader([lines[0]]))]
+    try:
+        header = [h.strip() for h in next(csv.reader([lines[0]], strict=True))]
+    except csv.Error as e:  # e.g. a field over csv.field_size_limit() (131072 characters)
+        raise DatasetError(f"{path}: unreadable header line ({e})") from None
     missing = [c for c in required if c not in header]
     if missing:
         raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} (header: {','.join(header)})")

@@ -7,9 +7,9 @@ nothing):
   step, slow chirps vs sirens, fast click trains vs a low engine buzz, dense rain vs noise, the three
   noise colours with jittered slopes);
 - a background scene under every clip (coloured noise, speech-like babble or a hum, with a slow level
-  drift) at a signal-to-noise ratio drawn from -5..20 dB, sometimes plus a quieter event of another
+  drift) at a signal-to-noise ratio drawn from 10..30 dB (`SNR_DB`), sometimes plus a quieter event of another
   class;
-- loudness drawn from -40..-3 dB full scale.
+- loudness drawn from -30..-3 dB full scale (`LEVEL_DBFS`).
 Every clip comes from its own `numpy` Generator seeded by (seed, class, clip), so the output is
 byte-identical for a seed and does not depend on anything installed (no TTS).
 """

@@ -162,7 +162,15 @@ def drawn_text(fig) -> list[str]:
 def title(ax, *lines: str, width_chars: int | None = None) -> None:
     """A title of one or more lines (e.g. what, then on which data), each wrapped to the axes' width."""
     w = width_chars or max(24, int(ax.figure.get_figwidth() * 12 / max(1, _n_cols(ax))))
-    ax.set_title("\n".join(textwrap.fill(line, w) for line in lines if line))
+    ax.set_title("\n".join(_wrap(line, w) for line in lines if line))
+
+
+def _wrap(line: str, width: int) -> str:
+    """Wrap a line, breaking first after a colon (`Whisper base, pad30, esc50:` / `11 classes, ...`)."""
+    head, sep, tail = line.partition(": ")
+    if len(line) <= width or not sep:
+        return textwrap.fill(line, width)
+    return textwrap.fill(head + ":", width) + "\n" + textwrap.fill(tail, width)
 
 
 def _n_cols(ax) -> int:

@@ -1,4 +1,5 @@
-"""Generic durable file writers: one atomic write, and JSON / CSV / TSV / PNG writers built on it.
+"""Generic durable file writers: one atomic write, and JSON / CSV / TSV / PNG writers built on it;
+and the lock a run holds on its output folder (`output_lock`).
 
 Every output a run leaves (head checkpoints, metrics, tables, plots, shard records, manifests) is
 written through `atomic_write`: the bytes go to a temporary file in the same folder, which is
@@ -120,3 +121,30 @@ def save_figure(fig, path) -> None:
             fig.savefig(tmp, bbox_inches="tight")
     finally:
         pyplot().close(fig)
+
+
+class LockedError(Exception):
+    """Another run holds the lock on this output."""
+
+
+@contextmanager
+def output_lock(path, what: str):
+    """Hold an exclusive OS lock (flock, via `filelock`) on the file PATH while the block runs.
+
+    A second holder, in another process or this one, gets `LockedError` at once (no waiting): two
+    runs writing one output would both do all the work and race on every file. The OS drops the
+    lock when its holder dies, even by kill -9, so a crashed run never blocks the rerun that
+    resumes it; the empty lock file stays behind and is harmless. `what` names the output in the
+    message (e.g. "feature cache feats.h5")."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise LockedError(f"{what} is being written by another run (lock {path} is held); wait for it "
+                          f"to finish or write somewhere else") from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -9,7 +9,9 @@ per row, no HDF5 call per row, adjacent rows in one call; the GIL is released wh
 while a prefetch thread asks the kernel to read the current and the next window ahead, block by
 block (`POSIX_FADV_WILLNEED`: sequential disk reads, no copy to user space). Fields whose rows are not
 stored whole (`mean`, chunked by layer) are read through h5py instead. int8 caches are read as int8
-(half the bytes) and dequantised to f16 on the store's device (on a GPU after the copy).
+(half the bytes) and dequantised to f16 on the store's device (on a GPU after the copy). Every
+path checks a shard's rows, as stored, against their checksums the first time this process reads
+them (`Cache.check_rows`), before anything is dequantised.
 Memory: a few batches in flight, sized from the memory budget; nothing per window is held.
 """
 from __future__ import annotations
@@ -70,10 +72,36 @@ class FeatureStore:
         if self.stored == np.int8:  # [S, L, D] scales and each row's shard, on the device
             self._scale = torch.from_numpy(self.cache.scales(field)).to(self.device, torch.float16)
             self._row_shard = torch.from_numpy(self.cache.shard_of(np.arange(len(self.cache)))).to(self.device)
+        # integrity: each shard's rows are checked (as stored, before dequantising) against their
+        # checksums the first time this process reads them (`Cache.check_rows`); a corrupt clip
+        # raises CorruptCacheError. The reader threads share the bookkeeping: `_lock`.
+        self._verified = {s for s in range(len(self.cache.shards)) if self.cache.is_verified(s, field)}
+        self._checked: dict[int, np.ndarray] = {}  # shard -> rows checked so far (streaming)
+        self._lock = threading.Lock()
         self._data = self._load() if self.in_memory else None
 
     def __len__(self) -> int:
         return len(self.cache)
+
+    def _check(self, s: int, rows, block: np.ndarray) -> None:
+        """Check stored rows `block` of shard s unless this process has checked the whole shard;
+        `rows`: their local row numbers (an array, or the first of len(block) consecutive rows)."""
+        if s in self._verified:
+            return
+        self.cache.check_rows(s, self.field, rows, block)
+        _, start, stop = self.cache.shards[s]
+        with self._lock:
+            if s in self._verified:
+                return
+            seen = self._checked.setdefault(s, np.zeros(stop - start, bool))
+            if isinstance(rows, np.ndarray):
+                seen[rows] = True
+            else:
+                seen[rows:rows + len(block)] = True
+            if seen.all():
+                self._verified.add(s)
+                self.cache.mark_verified(s, self.field)
+                del self._checked[s]
 
     def _load(self) -> torch.Tensor:
         on_cpu = self.device.type == "cpu"
@@ -90,8 +118,10 @@ class FeatureStore:
                 b = min(a + self.block_rows, stop - start)
                 if on_cpu:
                     dset.read_direct(out.numpy(), np.s_[a:b], np.s_[start + a:start + b])
+                    self._check(s, a, out[start + a:start + b].numpy())
                 else:
                     dset.read_direct(stage.numpy(), np.s_[a:b], np.s_[:b - a])
+                    self._check(s, a, stage[:b - a].numpy())
                     out[start + a:start + b].copy_(stage[:b - a])
         return out
 
@@ -154,28 +184,33 @@ class FeatureStore:
         return self._layouts[s]
 
     def _fill(self, idx: np.ndarray) -> torch.Tensor:
-        """Stored rows `idx` (any order) into one new host tensor: one copy per row."""
+        """Stored rows `idx` (any order) into one new host tensor: one copy per row. Rows of shards
+        not yet checked in this process are checked against their checksums here, as stored."""
         out = torch.empty((len(idx),) + self.shape, dtype=_TORCH[self.stored], pin_memory=self._pin)
-        dest = out.numpy().reshape(len(idx), -1).view(np.uint8)
+        rows_out = out.numpy()
+        dest = rows_out.reshape(len(idx), -1).view(np.uint8)
         shard = self.cache.shard_of(idx)
         for s in np.unique(shard):
+            s = int(s)
             where = np.flatnonzero(shard == s)
             local = idx[where] - self.cache.shards[s][1]
-            layout = self._layout(int(s))
+            layout = self._layout(s)
             if layout is None:
                 uniq, inverse = np.unique(local, return_inverse=True)
-                dest[where] = _read_rows(self.cache.dataset(int(s), self.field), uniq)[inverse] \
+                dest[where] = _read_rows(self.cache.dataset(s, self.field), uniq)[inverse] \
                     .reshape(len(where), -1).view(np.uint8)
-                continue
-            fd, offsets = layout
-            order = np.argsort(local, kind="stable")
-            pos = offsets[local[order]]
-            # runs of rows that follow each other in the file: one preadv each
-            breaks = np.flatnonzero(np.diff(pos) != self.row_bytes) + 1
-            for run in np.split(np.arange(len(order)), breaks):
-                for a in range(0, len(run), _IOV_MAX):
-                    part = run[a:a + _IOV_MAX]
-                    _preadv_all(fd, [dest[j] for j in where[order[part]]], int(pos[part[0]]))
+            else:
+                fd, offsets = layout
+                order = np.argsort(local, kind="stable")
+                pos = offsets[local[order]]
+                # runs of rows that follow each other in the file: one preadv each
+                breaks = np.flatnonzero(np.diff(pos) != self.row_bytes) + 1
+                for run in np.split(np.arange(len(order)), breaks):
+                    for a in range(0, len(run), _IOV_MAX):
+                        part = run[a:a + _IOV_MAX]
+                        _preadv_all(fd, [dest[j] for j in where[order[part]]], int(pos[part[0]]))
+            if s not in self._verified:
+                self._check(s, local, rows_out[where])
         return out
 
     def _advise(self, block: tuple[int, np.ndarray]) -> None:
@@ -274,6 +309,9 @@ def dask_view(cache_or_path, field: str = "mean"):
     import dask.array as da
 
     cache = cache_or_path if isinstance(cache_or_path, Cache) else open_cache(cache_or_path)
+    # chunks may read one layer of a row, which its checksum cannot vouch for: check every row of
+    # the field once per process (a no-op when this process has already read it all)
+    cache.verify_field(field)
     per_row = cache.shape(field)[1:]
     parts = []
     for s, (path, start, stop) in enumerate(cache.shards):

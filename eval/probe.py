@@ -336,6 +336,8 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
         _check_eval(train, test)
     meta = train[0].meta
     multilabel, n_classes = meta.multilabel, len(meta.vocab)
+    for c in train + (test or []):  # every clip's time means against their checksums, once, before any task
+        c.verify_field("mean")
     y = targets(train[0])
     feats = features_to_probe(select_layers(train, opts.layers), opts.fusion)
 

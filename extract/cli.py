@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from wat.data.cache import POLICIES
-from wat.data.cliargs import add_device, add_workers, parse_args
+from wat.data.cliargs import add_device, add_workers, float_range, int_range, parse_args
 from wat.data.datasets import DATASET_KINDS
 
 # --model help of every CLI that loads Whisper (what wat.extract.load_whisper accepts); kept here,
@@ -45,14 +45,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="index file to write, e.g. feats.h5 (shards go to feats.shards/)")
     p.add_argument("--policy", choices=POLICIES, default="pad30",
                    help="pad30: encode 30 s windows like transcription does (default); trim: encode only the clip, faster")
-    p.add_argument("--frames", type=int, default=25, help="pooled frames per clip (default 25)")
+    # bounds: the encoder has 1500 positions (30 s); beyond the others a value is a typo, not a setting
+    p.add_argument("--frames", type=int_range(1, 1500), default=25, help="pooled frames per clip (default 25)")
     add_device(p)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--decode-workers", "--num-workers", dest="decode_workers", type=int, default=None, metavar="N",
+    p.add_argument("--batch-size", type=int_range(1, 4096), default=16, help="clips per encoder call (default 16)")
+    p.add_argument("--decode-workers", "--num-workers", dest="decode_workers", type=int_range(0, 256), default=None, metavar="N",
                    help="audio decoding processes (default: up to 8 on CUDA; on CPU 1 if a core is free of torch threads, else 0)")
-    p.add_argument("--shard-size", type=int, default=1000, help="clips per shard (default 1000)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N clips (sorted by id)")
-    p.add_argument("--clip-seconds", type=float, default=None, help="pad/trim every clip to this length (default: the dataset's)")
+    p.add_argument("--shard-size", type=int_range(1, 1_000_000), default=1000, help="clips per shard (default 1000)")
+    p.add_argument("--limit", type=int_range(1), default=None, help="only the first N clips (sorted by id)")
+    p.add_argument("--clip-seconds", type=float_range(0, 30, lo_open=True), default=None,
+                   help="pad/trim every clip to this length, at most 30 s (default: the dataset's)")
     p.add_argument("--store", choices=STORES, default="fp16",
                    help="stored precision: fp16 (default) or int8 (half the bytes; per-shard scales per "
                         "layer and channel, dequantised by the readers)")

@@ -40,12 +40,13 @@ from tqdm import tqdm
 from wat.data import cache as wcache
 from wat.data.audio import SAMPLE_RATE, fit_length, load_audio
 from wat.data.datasets import Clip, Dataset
-from wat.data.files import write_json, write_tsv
+from wat.data.files import LockedError, output_lock, write_json, write_tsv
 
 from .layers import encode_layers, layer_subset
 from .load import fingerprint, load_whisper, model_name
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # held (flock) by the run writing this folder
 ERRORS = "errors.tsv"
 PROBLEMS = "problems.tsv"
 MAX_SECONDS = 30.0  # the encoder has 1500 positions = 30 s
@@ -95,6 +96,8 @@ class ExtractOptions:
         for name in ("frames", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ExtractError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ExtractError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.limit is not None and self.limit < 0:
             raise ExtractError(f"limit must be >= 0, got {self.limit}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -122,6 +125,7 @@ class Summary:
     shards: int
     errors: list[tuple[str, str, str]] = field(default_factory=list)
     problems: int = 0                 # dataset rows skipped before extraction (no audio, bad label)
+    damaged: list[str] = field(default_factory=list)  # finished shards that failed their check: redone
     wall_s: float = 0.0
     bytes: int = 0
 
@@ -136,6 +140,9 @@ class Summary:
             f"{self.processed} clips processed in {self.wall_s:.1f} s ({self.clips_per_s:.1f} clips/s), "
             f"{self.bytes / 1e6:.1f} MB on disk",
         ]
+        if self.damaged:
+            lines.append(f"{len(self.damaged)} damaged shard(s) found and extracted again:")
+            lines += [f"  {d}" for d in self.damaged[:5]]
         if self.errors:
             lines.append(f"skipped clips are listed in {Path(self.shard_dir) / ERRORS}:")
             for reason, n in _reason_counts(self.errors).most_common(5):
@@ -525,13 +532,24 @@ def extract_dataset(dataset: Dataset, options: ExtractOptions, out_index, *, mod
 
     `model`: an already loaded Whisper (else `options.model` is loaded once). `runner`: runs the
     shards elsewhere instead (`wat.extract.cluster.DaskRunner(client)`); its workers load
-    `options.model`, so passing a `model` too is a RunnerConflict."""
+    `options.model`, so passing a `model` too is a RunnerConflict. The run holds a lock on the
+    shard folder: a second run on the same output is refused before any model is loaded."""
     t0 = time.perf_counter()
     if model is not None and runner is not None:
         raise RunnerConflict("extract_dataset got both a loaded model and a runner: the runner's workers load "
                              f"options.model ({options.model!r}) themselves; pass one or the other")
     options.check()
     clip_seconds = resolve_clip_seconds(dataset, options)
+    shard_dir = shard_dir_for(out_index)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with output_lock(shard_dir / LOCK, f"the feature cache {out_index}"):
+            return _extract(dataset, options, out_index, clip_seconds, model, runner, t0)
+    except LockedError as e:
+        raise ExtractError(str(e)) from None
+
+
+def _extract(dataset, options, out_index, clip_seconds, model, runner, t0) -> Summary:
     clips = dataset.clips[: options.limit] if options.limit is not None else list(dataset.clips)
     shards = plan_shards(clips, options.shard_size)
     if runner is not None:
@@ -541,6 +559,7 @@ def extract_dataset(dataset: Dataset, options: ExtractOptions, out_index, *, mod
         meta = cache_meta(model, dataset, options, clip_seconds)
     shard_dir = prepare_output(out_index, run_manifest(dataset, clips, meta, options), options.overwrite)
 
+    damaged = drop_damaged(shard_dir, len(shards), meta, options.progress)
     todo = [(i, c) for i, c in enumerate(shards) if finished(shard_dir, i) is None]
     n_todo = sum(len(c) for _, c in todo)
     if runner is not None:
@@ -555,7 +574,29 @@ def extract_dataset(dataset: Dataset, options: ExtractOptions, out_index, *, mod
                     writer.put(buf)
             finally:
                 writer.close()
-    return finish(out_index, shard_dir, len(shards), len(shards) - len(todo), n_todo, clips, dataset, t0)
+    summary = finish(out_index, shard_dir, len(shards), len(shards) - len(todo), n_todo, clips, dataset, t0)
+    summary.damaged = damaged
+    return summary
+
+
+def drop_damaged(shard_dir: Path, n_shards: int, meta: wcache.CacheMeta, progress: bool | None = None) -> list[str]:
+    """Check every finished shard in full (`wat.data.cache.check_shard`: every byte against its
+    checksums) and forget those that fail (truncated, bit rot, edited), so that this run extracts
+    them again. Reading a shard costs a small fraction of encoding it. Returns one line per shard."""
+    done = [(i, r) for i in range(n_shards) if (r := finished(shard_dir, i)) is not None and r["n_written"] > 0]
+    row = 2 * (meta.n_layers * meta.n_frames * meta.dim + meta.n_layers * meta.dim)
+    out = []
+    with tqdm(total=row * sum(r["n_written"] for _, r in done), unit="B", unit_scale=True, desc="check",
+              disable=None if progress is None else not progress) as bar:
+        for i, _ in done:
+            path = wcache.shard_path(shard_dir, i)
+            problems, _ = wcache.check_shard(path, meta, bar=bar)
+            if problems:
+                out.append(f"{path.name}: {problems[0]}")
+                tqdm.write(f"wat-extract: {path.name} is damaged, extracting it again ({problems[0]})", file=sys.stderr)
+                record_path(shard_dir, i).unlink(missing_ok=True)  # the record first: no record = to do
+                path.unlink(missing_ok=True)
+    return out
 
 
 def finish(out_index, shard_dir: Path, n_shards: int, resumed: int, processed: int, clips, dataset, t0) -> Summary:

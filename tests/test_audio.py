@@ -151,3 +151,15 @@ def test_fit_length():
     np.testing.assert_array_equal(fit_length(x, 3), [1, 2, 3])
     np.testing.assert_array_equal(fit_length(x, 7), [1, 2, 3, 4, 5, 0, 0])
     assert fit_length(x, 7).dtype == np.float32
+
+
+@pytest.mark.parametrize("frames,rate", [(1, 44_100), (2, 8_000), (300, 16_000), (1000, 44_100)])
+def test_too_short_once_resampled_is_an_error(tmp_path, frames, rate):
+    """A 1-sample 44.1 kHz file resampled to nothing used to become 5 s of silence with a label."""
+    sf.write(tmp_path / "s.wav", np.full(frames, 0.3, np.float32), rate, subtype="FLOAT")
+    assert _reason(tmp_path / "s.wav").startswith(f"too short: {frames} sample(s) at {rate} Hz give ")
+
+
+def test_shortest_accepted_audio_is_one_analysis_window(tmp_path):
+    sf.write(tmp_path / "ok.wav", _noise(0.03), 44_100, subtype="FLOAT")  # 30 ms -> 480 samples
+    assert len(load_audio(tmp_path / "ok.wav")) == 480

@@ -76,3 +76,11 @@ def test_positive_int():
     assert cliargs.positive_int("4") == 4
     with pytest.raises(argparse.ArgumentTypeError):
         cliargs.positive_int("0")
+
+
+def test_cliargs_number_types():
+    assert cliargs.int_range(0, 3)("0") == 0 and cliargs.float_range(0, 1, hi_open=True)("0.5") == 0.5
+    for parse, text in [(cliargs.int_range(0, 3), "4"), (cliargs.int_range(1), "x"), (cliargs.float_range(0, 1, hi_open=True), "1"),
+                        (cliargs.float_range(0, 1), "nan"), (cliargs.float_range(0, float("inf")), "inf")]:
+        with pytest.raises(Exception, match="expected"):
+            parse(text)

@@ -186,7 +186,7 @@ def test_json_manifest_round_trips_any_valid_mids(entries):
         (Path(d) / "m.json").write_text(json.dumps({"data": data}))
         ds = load_dataset("json", Path(d) / "m.json")
         assert ds.vocab is AS and ds.multilabel and not ds.problems
-        assert {c.id: c.labels for c in ds.clips} == {s: tuple(sorted(AS.index(m) for m in mids)) for s, mids in entries.items()}
+        assert {c.id: c.labels for c in ds.clips} == {f"{s}.wav": tuple(sorted(AS.index(m) for m in mids)) for s, mids in entries.items()}
 
 
 LABEL = st.text(string.ascii_letters + string.digits + " _-'", min_size=1, max_size=12).filter(lambda s: s.strip() == s)
@@ -208,7 +208,7 @@ def test_csv_manifest_round_trips_any_names(rows, sep):
         assert ds.vocab.names == tuple(sorted({x for labels in rows for x in labels}))
         assert ds.multilabel == any(len(labels) > 1 for labels in rows)
         assert [(c.id, [ds.vocab.names[i] for i in c.labels], c.fold) for c in ds.clips] == \
-            [(f"c{i}", sorted(labels), i % 5 + 1) for i, labels in enumerate(rows)]
+            [(f"c{i}.wav", sorted(labels), i % 5 + 1) for i, labels in enumerate(rows)]
 
 
 # ---------------------------------------------------------------- JSON, folder, CSV
@@ -223,17 +223,18 @@ def test_json_manifest_paths_problems_and_names(tmp_path):
     manifest.write_text(json.dumps({"data": [
         {"wav": "../audio/x.flac", "labels": "/m/09x0r,/m/05zppz"},
         {"wav": str(absolute), "labels": "/m/0jbk"},
-        {"wav": "../other/x.wav", "labels": "/m/0jbk"},       # same stem: duplicate id
+        {"wav": "../other/x.wav", "labels": "/m/0jbk"},       # same stem, other folder: another clip
         {"wav": "../audio/missing.wav", "labels": "/m/0jbk"},
         {"wav": "../audio/y.wav", "labels": "/m/09x0r,/m/zzzz"},
         {"labels": "/m/0jbk"},                                 # no wav
     ]}))
     ds = load_dataset("json", tmp_path, manifest)
     assert ds.vocab is AS and ds.multilabel
-    assert [(c.id, c.labels) for c in ds.clips] == [("x", AS.parse("/m/09x0r,/m/05zppz")), ("z", (AS.index("/m/0jbk"),))]
+    assert [(c.id, c.labels) for c in ds.clips] == [("audio/x.flac", AS.parse("/m/09x0r,/m/05zppz")),
+                                                     ("elsewhere/z.wav", (AS.index("/m/0jbk"),)),
+                                                     ("other/x.wav", (AS.index("/m/0jbk"),))]
     assert ds.clips[0].path == str(tmp_path / "lists" / ".." / "audio" / "x.flac")
     problems = _reasons(ds)
-    assert problems["x"].startswith("duplicate id")
     assert problems["train.json[3]"].startswith("no audio")
     assert problems["train.json[4]"].startswith("unknown label")
     assert problems["train.json[5]"].startswith("malformed")
@@ -242,7 +243,7 @@ def test_json_manifest_paths_problems_and_names(tmp_path):
     names.write_text(json.dumps({"data": [{"wav": "audio/x.flac", "labels": "dog"}, {"wav": "audio/y.wav", "labels": "cat"}]}))
     ds = load_dataset("json", names)
     assert ds.vocab.names == ("cat", "dog") and not ds.multilabel
-    assert [(c.id, c.labels) for c in ds.clips] == [("x", (1,)), ("y", (0,))]
+    assert [(c.id, c.labels) for c in ds.clips] == [("x.flac", (1,)), ("y.wav", (0,))]
 
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(DatasetError, match="cannot read"):
@@ -279,10 +280,10 @@ def test_csv_manifest(tmp_path):
     )
     ds = load_dataset("csv", tmp_path / "m.csv")
     assert ds.vocab.names == ("bird", "cat", "dog") and ds.multilabel
-    assert [(c.id, c.labels, c.fold) for c in ds.clips] == [("a", (1, 2), 1), ("b", (0, 2), 2), ("e", (0,), -1)]
+    assert [(c.id, c.labels, c.fold) for c in ds.clips] == [("a.wav", (1, 2), 1), ("b.wav", (0, 2), 2), ("e.wav", (0,), -1)]
     problems = _reasons(ds)
     assert problems["m.csv:4"].startswith("malformed") and problems["m.csv:5"].startswith("malformed")
-    assert problems["m.csv:7"].startswith("no audio") and problems["a"].startswith("duplicate id")
+    assert problems["m.csv:7"].startswith("no audio") and problems["a.wav"].startswith("duplicate id")
 
     # a spreadsheet-exported file: byte-order mark and CRLF line ends
     (tmp_path / "single.csv").write_bytes(b"\xef\xbb\xbfpath,labels\r\nclips/a.wav,dog\r\nclips/b.wav,cat\r\nclips/c.wav,\r\n")
@@ -293,6 +294,57 @@ def test_csv_manifest(tmp_path):
     (tmp_path / "nohead.csv").write_text("file,label\na.wav,dog\n")
     with pytest.raises(DatasetError, match="missing column"):
         load_dataset("csv", tmp_path / "nohead.csv")
+
+
+def test_esc50_folds_outside_1_to_5_are_problem_rows(tmp_path):
+    """They used to be accepted silently (and wat-probe then switched to a seeded split)."""
+    (tmp_path / "meta").mkdir()
+    with open(tmp_path / "meta" / "esc50.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "fold", "target", "category", "esc10", "src_file", "take"])
+        for name, fold in [("1-1-A-0.wav", 1), ("5-2-A-0.wav", 5), ("0-3-A-0.wav", 0), ("6-4-A-0.wav", 6), ("x.wav", -1)]:
+            w.writerow([name, fold, 0, "dog", "False", "1", "A"])
+            _touch(tmp_path / "audio" / name)
+    ds = load_dataset("esc50", tmp_path)
+    assert [c.fold for c in ds.clips] == [1, 5]
+    assert _reasons(ds) == {"esc50.csv:4": "malformed: fold 0 outside 1..5", "esc50.csv:5": "malformed: fold 6 outside 1..5",
+                            "esc50.csv:6": "malformed: fold -1 outside 1..5"}
+
+
+def test_mostly_audioset_manifest_keeps_audioset_and_reports_the_stray_label(tmp_path):
+    """The issue's case: 3 AudioSet MIDs and one "Dog" became a 4-class custom vocabulary, no problem row."""
+    for name in "abcd":
+        _touch(tmp_path / f"{name}.wav")
+    (tmp_path / "m.json").write_text(json.dumps({"data": [
+        {"wav": "a.wav", "labels": "/m/09x0r"}, {"wav": "b.wav", "labels": "/m/05zppz"},
+        {"wav": "c.wav", "labels": "/m/0jbk"}, {"wav": "d.wav", "labels": "Dog"}]}))
+    ds = load_dataset("json", tmp_path / "m.json")
+    assert ds.vocab is AS and ds.multilabel and [c.id for c in ds.clips] == ["a.wav", "b.wav", "c.wav"]
+    assert _reasons(ds) == {"m.json[3]": "unknown label: unknown label 'Dog' (not among the 527 classes)"}
+
+
+@pytest.mark.parametrize("kind", ["json", "csv"])
+def test_same_stem_in_two_folders_is_two_clips(tmp_path, kind):
+    """a/clip0.wav and b/clip0.wav: one of them used to be dropped as a duplicate id."""
+    for folder in "ab":
+        _touch(tmp_path / "audio" / folder / "clip0.wav")
+    if kind == "json":
+        (tmp_path / "m.json").write_text(json.dumps({"data": [
+            {"wav": "audio/a/clip0.wav", "labels": "dog"}, {"wav": str(tmp_path / "audio/b/clip0.wav"), "labels": "cat"}]}))
+    else:
+        (tmp_path / "m.csv").write_text(f"path,labels\naudio/a/clip0.wav,dog\n{tmp_path / 'audio/b/clip0.wav'},cat\n")
+    ds = load_dataset(kind, tmp_path / f"m.{kind}")
+    assert not ds.problems and [(c.id, ds.vocab.names[c.labels[0]]) for c in ds.clips] == [("a/clip0.wav", "dog"),
+                                                                                         ("b/clip0.wav", "cat")]
+
+
+def test_csv_header_field_over_the_csv_limit_is_an_error_line(tmp_path, capsys):
+    (tmp_path / "m.csv").write_text("path,labels," + "x" * 140_000 + "\na.wav,dog,1\n")
+    with pytest.raises(DatasetError, match="unreadable header line"):
+        load_dataset("csv", tmp_path / "m.csv")
+    assert main(["list", "--dataset", "csv", "--root", str(tmp_path / "m.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wat-data: error:") and "\n" not in err and len(err) < 500
 
 
 # ---------------------------------------------------------------- parent labels

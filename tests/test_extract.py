@@ -170,3 +170,95 @@ def test_non_finite_outputs_are_errors_and_an_all_failed_shard_is_empty(demo, mo
     assert list(cache.ids) == [c.id for c in ds.clips[:2] + ds.clips[4:6]]
     again = extract_dataset(ds, opts, tmp_path / "f.h5", model=model)
     assert again.processed == 0 and again.resumed_shards == 3 and len(again.errors) == 2
+
+
+def test_rerun_redoes_a_damaged_shard(demo, reference, model, tmp_path):
+    """A truncated shard and a bit-flipped one (records intact) are found by the rerun, extracted again,
+    and the cache ends up equal to the reference; untouched shards are kept."""
+    import shutil
+
+    from wat.data.cache import verify
+    root, _ = demo
+    out = tmp_path / "feats.h5"
+    shutil.copy(reference[0], out)
+    shutil.copytree(shard_dir_for(reference[0]), shard_dir_for(out))
+    s0, s1 = (shard_dir_for(out) / f"shard-0000{i}.h5" for i in (0, 1))
+    s0.write_bytes(s0.read_bytes()[: s0.stat().st_size // 2])
+    data = bytearray(s1.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit, in the middle of the features
+    s1.write_bytes(bytes(data))
+    again = extract_dataset(load_dataset("esc50", root), ExtractOptions(**OPTS), out, model=model)
+    assert [d.split(":")[0] for d in again.damaged] == ["shard-00000.h5", "shard-00001.h5"], again.damaged
+    assert again.resumed_shards == 1 and again.processed == 16 and "2 damaged shard(s)" in str(again)
+    assert verify(out) == []
+    a, b = open_cache(reference[0]), open_cache(out)
+    np.testing.assert_array_equal(a.read("features", np.arange(len(a))), b.read("features", np.arange(len(b))))
+
+
+def test_second_writer_is_refused_and_a_killed_holder_does_not_block(demo, reference, model, tmp_path, capsys):
+    """One run per output (an OS lock on feats.shards/.lock): a second wat-extract is refused before it
+    loads a model; a lock left by a kill -9'd process is gone with it."""
+    from wat.data.files import output_lock
+    from wat.extract import pipeline
+    root, _ = demo
+    out = tmp_path / "feats.h5"
+    lock = shard_dir_for(out) / pipeline.LOCK
+    lock.parent.mkdir(parents=True)
+    argv = ["--dataset", "esc50", "--root", str(root), "--model", "tiny.en", "--out", str(out), "--policy", "trim",
+            "--clip-seconds", "2", "--shard-size", "8", "--limit", "3"]
+    with output_lock(lock, "test holder"):
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wat-extract: error:") and "another run" in err and "\n" not in err
+    assert not out.exists() and not list(lock.parent.glob("shard-*"))
+    # a real process holds the lock and is killed -9: the rerun is not blocked
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from wat.data.files import output_lock\n"
+                               f"with output_lock({str(lock)!r}, 'x'):\n print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == b"held"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    summary = extract_dataset(load_dataset("esc50", root), ExtractOptions(**{**OPTS, "limit": 3}), out, model=model)
+    assert summary.written == 3 and lock.exists()
+
+
+def test_full_disk_is_an_error_line_not_a_crash(demo, model, tmp_path):
+    """A file-size limit (the same write error as a full disk) while a shard is written: one error line,
+    exit 2 (the process used to segfault in h5py's teardown, exit 139), no .partial left."""
+    import resource
+    root, _ = demo
+    out = tmp_path / "feats.h5"
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(), like ENOSPC, not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    argv = ["--dataset", "esc50", "--root", str(root), "--model", "tiny.en", "--out", str(out), "--policy", "trim",
+            "--clip-seconds", "2", "--shard-size", "8", "--limit", "8", "--num-workers", "0"]
+    proc = subprocess.run([sys.executable, "-m", "wat.extract.cli", *argv], preexec_fn=limit,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("wat-extract: error:") and "File too large" in err[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not list(shard_dir_for(out).glob("*.partial*")) and not list(shard_dir_for(out).glob("shard-*.h5"))
+
+
+@pytest.mark.parametrize("option,value", [("--num-workers", "-1"), ("--decode-workers", "100000"), ("--frames", "0"),
+                                          ("--frames", "99999"), ("--batch-size", "-1"), ("--batch-size", "nan"),
+                                          ("--shard-size", "0"), ("--limit", "-1"), ("--limit", "0"),
+                                          ("--clip-seconds", "nan"), ("--clip-seconds", "0"), ("--clip-seconds", "-5"),
+                                          ("--clip-seconds", "inf"), ("--clip-seconds", "1e9"), ("--workers", "0")])
+def test_bad_numbers_are_one_error_line_before_the_model_loads(tmp_path, capsys, monkeypatch, option, value):
+    """--num-workers -1 used to fail only after the model had loaded (with a traceback)."""
+    from wat.extract import pipeline
+    monkeypatch.setattr(pipeline, "get_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        main(["--dataset", "esc50", "--root", str(tmp_path), "--model", "tiny.en", "--out", str(tmp_path / "f.h5"),
+              option, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("wat-extract: error: argument") and option in err[-1], err
+    assert sum(line.startswith("wat-extract: error:") for line in err) == 1 and "Traceback" not in "".join(err)
+    with pytest.raises(ExtractError, match="num_workers must be >= 0"):  # the library refuses it too
+        ExtractOptions(num_workers=-1).check()
+

@@ -69,3 +69,14 @@ def test_save_figure_writes_png_only(tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["f.png"]
     assert not plt.get_fignums()
+
+
+def test_output_lock_refuses_a_second_holder_and_is_released(tmp_path):
+    lock = tmp_path / "out.lock"
+    with files.output_lock(lock, "OUT"):
+        with pytest.raises(files.LockedError, match="OUT is being written by another run"):
+            with files.output_lock(lock, "OUT"):
+                pass
+    with files.output_lock(lock, "OUT"):  # released on exit: a later writer gets it
+        pass
+    # (a lock left by a process killed with SIGKILL: tests/test_train.py, test_run_dir_lock_...)

@@ -280,7 +280,7 @@ def test_train_report_curves_and_tensorboard(tmp_path, capsys):
 
     # bad --tensorboard: one error line, exit 2, before any training
     (tmp_path / "file").write_text("x")
-    for bad in ("", str(tmp_path / "file")):
+    for bad in ("", str(tmp_path / "file"), str(tmp_path / "file" / "sub")):
         assert main(["--features", str(feats), "--folds", "5", "--head", "wa-mlp", "--epochs", "1",
                      "--out", str(tmp_path / "r2"), "--tensorboard", bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -60,13 +60,14 @@ def test_int8_error_bound_and_scales(tmp_path):
 
 def test_schema_version_says_who_can_read_the_file(tmp_path):
     ids, x = ["a", "b"], np.ones((2, 4, 25, 16), np.float32)
-    for kw, version in (({}, 1), ({"storage": "int8"}, 2), ({"layers": (1, 2, 3, 4)}, 2)):
+    # 2: fp16, every layer, with checksums (1 = the same without checksums); 3: int8 or a layer subset
+    for kw, version in (({}, 2), ({"storage": "int8"}, 3), ({"layers": (1, 2, 3, 4)}, 3)):
         p = tmp_path / f"{version}-{len(kw) and next(iter(kw))}.h5"
         write_shard(p, make_meta(**kw), ids, x, [(), ()])
         with h5py.File(p, "r") as f:
             assert int(f.attrs["schema_version"]) == version
-    # a shard written before storage/layers existed (version 1, no such attributes) still opens
-    old = tmp_path / "1-0.h5"
+    # a shard written before storage/layers existed (no such attributes) still opens
+    old = tmp_path / "2-0.h5"
     with h5py.File(old, "r+") as f:
         del f.attrs["storage"], f.attrs["layers"]
     meta = open_cache(old).meta

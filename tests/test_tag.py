@@ -1,5 +1,6 @@
 """wat.extract.tag: transcript unchanged, tags from the same encoder passes, windows on the absolute grid."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -309,15 +310,97 @@ def test_cli_skips_undecodable_file_and_outputs_the_others(tiny_model, speech_wa
     assert [(w["start"], w["end"]) for w in doc["audio_tags"]] == [(0.0, 2.0), (2.0, 4.0), (4.0, 77829 / SR)]
     assert all(len(w["tags"]) == 2 for w in doc["audio_tags"])
 
+    # srt on stdout: the transcript as whisper's own writer prints it (tags go to json/txt/tags.tsv)
     code = main([str(speech_wav), "--model", "tiny.en", "--head", str(head_path), "--format", "srt",
                  "--classes", "speech", "--top-k", "1"])
     out, err = capsys.readouterr()
     assert code == 0, err
     cues = out.strip().split("\n\n")
-    assert cues[0].splitlines()[0] == "1"
+    assert cues[0].splitlines()[0] == "1" and "-->" in cues[0].splitlines()[1]
     assert any("weather" in c.lower() for c in cues)
-    tag_cues = [c for c in cues if "[speech" in c]
-    assert len(tag_cues) == 1 and "00:00:00,000 --> 00:00:04,864" in tag_cues[0]
+
+
+def test_cli_output_format_all_writes_whispers_files_plus_tags(tiny_model, speech_wav, tmp_path, capsys):
+    """Two inputs of the same stem in different folders: distinct outputs, nothing overwritten."""
+    head, info = _random_head(tiny_model)
+    save_head(tmp_path / "head.pt", head, info)
+    a, b = tmp_path / "a" / "x.wav", tmp_path / "b" / "x.wav"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(speech_wav.read_bytes())
+    out_dir = tmp_path / "out"
+    code = main([str(a), str(b), "--model", "tiny.en", "--head", str(tmp_path / "head.pt"), "--time-res", "2",
+                 "--top-k", "2", "--output_format", "all", "--output_dir", str(out_dir), "--beam_size", "1"])
+    assert code == 0, capsys.readouterr().err
+    for stem in ("a-x", "b-x"):
+        for ext in ("txt", "vtt", "srt", "tsv", "json", "tags.tsv"):
+            assert (out_dir / f"{stem}.{ext}").is_file(), f"{stem}.{ext}"
+    assert "weather" in (out_dir / "a-x.txt").read_text().lower()
+    assert (out_dir / "a-x.vtt").read_text().startswith("WEBVTT")
+    doc = json.loads((out_dir / "b-x.json").read_text())
+    assert "weather" in doc["text"].lower() and len(doc["audio_tags"]) == 3
+    # raw scores of every class kept by default, highest first, consistent with the tags
+    w = doc["audio_tags"][0]
+    assert set(w["scores"]) == {"tone", "noise", "speech"} and doc["audio_classes"] == ["tone", "noise", "speech"]
+    assert [list(t) for t in w["tags"]] == [[n, p] for n, p in list(w["scores"].items())[:2]]
+    rows = (out_dir / "b-x.tags.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["start", "end", "rank", "tag", "probability"] and len(rows) == 1 + 3 * 2
+
+
+def test_parse_at_label_matches_whisper_at_output_shape(tiny_model, speech_audio):
+    """Same arguments and output shape as whisper-at's parse_at_label: a list with one
+    {"time": {"start", "end"}, "audio tags": [(name, value), ...]} per window."""
+    from wat.extract.tag import parse_at_label
+    head, info = _random_head(tiny_model)
+    result = transcribe_and_tag(tiny_model, (head, info), speech_audio, time_res=2.0, keep_scores=None,
+                                fp16=False, temperature=0.0)
+    out = parse_at_label(result, language="follow_asr", top_k=2, p_threshold=-1)
+    assert isinstance(out, list) and len(out) == len(result["audio_tags"]) == 3
+    for entry, window in zip(out, result["audio_tags"]):
+        assert set(entry) == {"time", "audio tags"} and set(entry["time"]) == {"start", "end"}
+        assert (entry["time"]["start"], entry["time"]["end"]) == (window["start"], window["end"])
+        assert all(isinstance(n, str) and isinstance(p, float) for n, p in entry["audio tags"])
+        assert len(entry["audio tags"]) == 2
+    # class filter before top-k (documented difference): only class 2 can be reported
+    assert all([n for n, _ in e["audio tags"]] == ["speech"] for e in parse_at_label(result, include_class_list=[2]))
+    # thresholds are probabilities
+    assert parse_at_label(result, p_threshold=1.0) == [{"time": e["time"], "audio tags": []} for e in out]
+    with pytest.warns(UserWarning, match="zh label names"):
+        parse_at_label(result, language="zh")
+    with pytest.raises(TagError, match="keep_scores=None"):
+        parse_at_label(transcribe_and_tag(tiny_model, (head, info), speech_audio, time_res=2.0, fp16=False,
+                                          temperature=0.0))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--language", "xx"], "unknown language"),
+    (["--time-res", "nan"], "--time-res"), (["--time-res", "0"], "--time-res"), (["--time-res", "1e30"], "--time-res"),
+    (["--top-k", "0"], "--top-k"), (["--top-k", "-1"], "--top-k"), (["--threshold", "nan"], "--threshold"),
+    (["--threshold", "1.5"], "--threshold"), (["--beam_size", "0"], "--beam_size"), (["--best_of", "-1"], "--best_of"),
+    (["--temperature", "nan"], "--temperature"), (["--temperature", "-1"], "--temperature"),
+    (["--keep-scores", "-1"], "--keep-scores"), (["--fp16", "maybe"], "--fp16"),
+    (["--output_format", "docx"], "--output_format"), (["--device", "tpu"], "--device"),
+])
+def test_cli_bad_options_are_one_error_line(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["x.wav", "--model", "tiny.en", "--head", "h.pt", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error:" in line] == [err.splitlines()[-1]]
+
+
+def test_cli_output_dir_that_is_a_file_or_read_only(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["x.wav", "--model", "tiny.en", "--head", "h.pt", "--output_dir", str(tmp_path / "file")])
+    assert e.value.code == 2 and "wat-tag: error: --output_dir" in capsys.readouterr().err
+    locked = tmp_path / "ro"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root ignores permission bits
+        pytest.skip("running as root: a read-only folder is still writable")
+    with pytest.raises(SystemExit) as e:
+        main(["x.wav", "--model", "tiny.en", "--head", "h.pt", "--output_dir", str(locked)])
+    assert e.value.code == 2
 
 
 def test_cli_errors_are_one_line(tiny_model, speech_wav, tmp_path, capsys):

@@ -185,3 +185,38 @@ def test_demo_cache_beats_chance_on_five_folds(demo_cache_trim, tmp_path, head, 
     final = train(opts(demo_cache_trim, tmp_path / head, head=head, proj_dim=dim, folds=5, epochs=epochs, lr=lr,
                        batch_size=16))
     assert final["metric"] == "accuracy" and final["best"] > 0.45 and final["wa"] > 0.45
+
+
+def test_run_dir_lock_refuses_a_second_run_and_survives_kill_9(esc_like, tmp_path, capsys):
+    """A live wat-train holds RUN_DIR: a second run on it is refused with one error line; after the
+    first is killed with SIGKILL its lock file stays behind but does not block --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / "run"
+    argv = ["--features", str(esc_like), "--head", "wa-mlp", "--epochs", "1000", "--lr", "1e-3",
+            "--batch-size", "16", "--out", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "wat.train.cli", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "last.pt").exists():  # the first run is training (it wrote an epoch)
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the first run never finished an epoch"
+            time.sleep(0.2)
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("wat-train: error: RUN_DIR") and "being written by another run" in err
+        assert proc.poll() is None  # the refused run did not disturb the first one
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (run / "wat-train.lock").exists()  # stale lock file of the killed run
+    with pytest.raises(Interrupted):  # --resume gets past the lock and trains one more epoch
+        train(opts(esc_like, run, head="wa-mlp", epochs=1000, batch_size=16, resume=True,
+                   max_epochs_this_run=1))
+    done = torch.load(run / "last.pt", weights_only=True)["epoch"]
+    assert done >= 2

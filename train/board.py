@@ -30,10 +30,14 @@ def check(logdir) -> None:
     try:
         import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
     except ImportError:
-        raise BoardError("--tensorboard needs the tensorboard package: pip install 'wat[tensorboard]'") from None
+        raise BoardError("--tensorboard needs the tensorboard package: pip install 'whisper-audio-tagging[tensorboard]'") from None
     root = Path(logdir)
     if root.exists() and not root.is_dir():
         raise BoardError(f"--tensorboard {logdir}: exists and is not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BoardError(f"--tensorboard {logdir}: cannot create the folder ({e.strerror or e})") from None
 
 
 class Board:

@@ -1,10 +1,14 @@
-"""wat-train: fit an audio-tagging head on a feature cache."""
+"""wat-train: fit an audio-tagging head on a feature cache.
+Data-parallel on N processes/GPUs: torchrun --nproc_per_node N -m wat.train.cli ... (same options;
+--batch-size stays the global batch)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from wat.data.cache import CacheError
+from wat.data.files import LockedError
 from wat.data.labels import LabelError
 
 from wat.data.cliargs import add_device, parse_args
@@ -66,15 +70,19 @@ def main(argv=None) -> int:
         cr_unlabeled_weight=a.cr_unlabeled_weight, unlabeled_ratio=a.unlabeled_ratio,
         parent_labels=a.parent_labels, weight_average=a.weight_average, init=a.init, device=a.device,
         seed=a.seed, resume=a.resume, tensorboard=a.tensorboard)
+    speak = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs this: rank 0 talks
     try:
         final = train(opts)
-    except (TrainError, HeadError, CacheError, LabelError, Interrupted, OSError) as e:
-        print(f"wat-train: error: {e}", file=sys.stderr)
+    except (TrainError, HeadError, CacheError, LabelError, Interrupted, LockedError, OSError) as e:
+        if speak:
+            print(f"wat-train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("wat-train: interrupted; continue with --resume", file=sys.stderr)
+        if speak:
+            print("wat-train: interrupted; continue with --resume", file=sys.stderr)
         return 130
-    print(summary_text(final, a.out))
+    if speak:
+        print(summary_text(final, a.out))
     return 0
 
 

@@ -8,26 +8,30 @@ Protocols: one split (train cache, optional eval cache), or `folds=K` (ESC-50: K
 lockstep, each on K-1 folds and scored on the held-out one; one epoch is chosen by the
 fold-averaged score, never per fold). Every random draw comes from one seeded torch.Generator
 whose state is checkpointed with everything else in `last.pt`, so `resume` reproduces an
-uninterrupted run bit for bit.
+uninterrupted run bit for bit. Under torchrun (`distributed`) the ranks share that generator for
+the epoch order and each has its own for augmentation, all checkpointed by rank 0.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from wat.data import figures
 from wat.data.cache import Cache
-from wat.data.files import json_safe
+from wat.data.files import LockedError, json_safe, output_lock
 from wat.data.heads import Features, build_head, head_problems, load_head, save_head
 
 from wat.eval import metrics
 
 from . import board as tb
+from .distributed import World, all_reduce_grads, from_main, gather, join, leave, local_share, world_from_env
 from .evaluation import predict, score
 from .inputs import Setup, balanced_weights, batches, epoch_order, prepare, unlabeled_batches
 from .options import Interrupted, TrainError, TrainOptions, milestones, wa_range
@@ -59,34 +63,89 @@ def _build(opts: TrainOptions, cache: Cache, n_classes: int, device):
     return head
 
 
-def _train_epoch(fit: Fit, s: Setup, opts: TrainOptions, weights, gen, scaler, autocast, title: str) -> float:
+def _train_epoch(fit: Fit, s: Setup, opts: TrainOptions, weights, gen, aug, world: World, scaler, autocast,
+                 title: str) -> float:
+    """One epoch of one head. `gen` (the same on every rank) draws the epoch order; `aug` draws the
+    augmentations (it is `gen` itself in a single process). Returns the mean train loss per step."""
     data, n_classes = s.data, s.info.n_classes
     order = epoch_order(fit.train_idx, weights, gen)
-    ubatches = unlabeled_batches(s.unlabeled, opts.unlabeled_ratio * opts.batch_size, gen) if s.unlabeled else None
-    total, steps = torch.zeros((), device=data.targets.device), 0
-    bar = tqdm(batches(data.store, order, opts.batch_size, gen), total=math.ceil(len(order) / opts.batch_size),
-               desc=title, leave=False, disable=None if opts.progress is None else not opts.progress)
+    n_steps = math.ceil(len(order) / opts.batch_size)
+    bs = opts.batch_size // world.size  # per-rank share of the global batch
+    ubatches = unlabeled_batches(s.unlabeled, opts.unlabeled_ratio * bs, aug) if s.unlabeled else None
+    reduce = None
+    if world.parallel:
+        params = [p for p in fit.head.parameters() if p.requires_grad]
+        reduce = lambda n: all_reduce_grads(params, n)  # noqa: E731
+    total = torch.zeros((), device=data.targets.device)
+    it = _padded(batches(data.store, local_share(order, world), bs, gen), n_steps, data.store)
+    bar = tqdm(it, total=n_steps, desc=title, leave=False,
+               disable=not world.main or (None if opts.progress is None else not opts.progress))
     for idx, x in bar:
-        it = torch.from_numpy(idx).to(data.targets.device)
-        tgt = data.targets[it] if s.cfg.multilabel else F.one_hot(data.classes[it], n_classes).float()
+        i = torch.from_numpy(idx).to(data.targets.device)
+        tgt = data.targets[i] if s.cfg.multilabel else F.one_hot(data.classes[i], n_classes).float()
         u = next(ubatches) if ubatches is not None else None
-        total += train_step(fit.head, fit.opt, x, tgt, s.cfg, gen, scaler=scaler, autocast=autocast, unlabeled=u)
-        steps += 1
+        total += train_step(fit.head, fit.opt, x, tgt, s.cfg, aug, scaler=scaler, autocast=autocast,
+                            unlabeled=u, reduce=reduce)
     fit.sched.step()
-    return float(total) / max(steps, 1)  # one host sync per epoch
+    if world.parallel:  # each rank holds its shares of the global-batch losses: add them up
+        dist.all_reduce(total)
+    return float(total) / max(n_steps, 1)  # one host sync per epoch
+
+
+def _padded(it, n_steps: int, store):
+    """`it`'s batches, then empty ones up to `n_steps`: every rank takes part in every step's
+    all-reduce, also when its share of the last global batch is empty."""
+    k = 0
+    for k, item in enumerate(it, 1):
+        yield item
+    empty = torch.empty((0,) + tuple(store.shape), dtype=torch.float16, device=store.device)
+    for _ in range(k, n_steps):
+        yield np.empty(0, np.int64), empty
+
+
+LOCK = "wat-train.lock"  # in RUN_DIR: one writer per run folder (a stale one after kill -9 is harmless)
 
 
 def train(opts: TrainOptions) -> dict:
-    """Run the whole recipe; writes RUN_DIR outputs and returns the final metrics dict."""
+    """Run the whole recipe; writes RUN_DIR outputs and returns the final metrics dict.
+    RUN_DIR is locked for the whole run: a second concurrent run on it is refused (LockedError).
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 holds the lock and writes."""
     out = Path(opts.out)
-    device = torch.device(opts.device)
     if opts.tensorboard is not None:
-        tb.check(opts.tensorboard)   # before loading the stores, which can take minutes
+        tb.check(opts.tensorboard)   # before RUN_DIR is made and the stores loaded (minutes)
+    world = world_from_env()
+    device = join(world, opts.device)
+    try:
+        with contextlib.ExitStack() as held:
+            refused = None
+            if world.main:
+                out.mkdir(parents=True, exist_ok=True)
+                try:
+                    held.enter_context(output_lock(out / LOCK, f"RUN_DIR {out}"))
+                except LockedError as e:
+                    refused = str(e)
+            refused = from_main(refused, world)  # every rank stops when rank 0 could not lock
+            if refused:
+                raise LockedError(refused)
+            return _train(opts, out, world, device)
+    finally:
+        leave(world)
+
+
+def _aug_generator(seed: int, world: World, gen: torch.Generator) -> torch.Generator:
+    """One process: `gen` itself. Ranks: an own stream per (seed, rank)."""
+    if not world.parallel:
+        return gen
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, world.rank]).generate_state(1)[0]))
+
+
+def _train(opts: TrainOptions, out: Path, world: World, device) -> dict:
     s = prepare(opts, device)
-    out.mkdir(parents=True, exist_ok=True)
-    a_wa, b_wa = wa_range(opts)
-    n_primary = len(s.cache.meta.vocab)
+    if opts.batch_size % world.size:
+        raise TrainError(f"--batch-size {opts.batch_size} is the global batch: it must be a multiple of "
+                         f"the {world.size} processes")
     gen = seed_all(opts.seed)
+    aug = _aug_generator(opts.seed, world, gen)
     fits = [Fit(name, _build(opts, s.cache, s.info.n_classes, device), opts, tr, te, device)
             for name, tr, te in s.splits]
     weights = balanced_weights(s.y) if opts.balanced else None
@@ -106,19 +165,29 @@ def train(opts: TrainOptions) -> dict:
             scaler.load_state_dict(ck["scaler"])
         set_rng_state(gen, ck["rng"])
         history, best, start = ck["history"], ck["best"], ck["epoch"]
+        if world.parallel:
+            # the same number of processes continues every rank's augmentation stream; another
+            # number (a job restarted on fewer GPUs) draws fresh streams for the epochs to come
+            augs = ck.get("aug") or []
+            aug.set_state(augs[world.rank]) if len(augs) == world.size else aug.manual_seed(
+                int(np.random.SeedSequence([opts.seed, world.rank, start]).generate_state(1)[0]))
 
-    board = tb.Board(opts.tensorboard, [f.name for f in fits], start) if opts.tensorboard is not None else None
+    board = None
+    if opts.tensorboard is not None and world.main:
+        board = tb.Board(opts.tensorboard, [f.name for f in fits], start)
     try:
-        best = _epochs(out, opts, s, fits, gen, scaler, autocast, weights, history, best, start, board)
+        best = _epochs(out, opts, s, fits, gen, aug, world, scaler, autocast, weights, history, best, start, board)
     finally:
         if board is not None:
             board.close()
-    return _finish(out, opts, s, fits, history, best, autocast)
+    final = _finish(out, opts, s, fits, history, best, autocast) if world.main else None
+    return from_main(final, world)
 
 
-def _epochs(out: Path, opts: TrainOptions, s: Setup, fits: list[Fit], gen, scaler, autocast, weights,
-            history: list[dict], best: dict, start: int, board) -> dict:
-    """Epochs start+1..opts.epochs: train, score, choose, checkpoint; returns the chosen epoch."""
+def _epochs(out: Path, opts: TrainOptions, s: Setup, fits: list[Fit], gen, aug, world: World, scaler, autocast,
+            weights, history: list[dict], best: dict, start: int, board) -> dict:
+    """Epochs start+1..opts.epochs: train, score, choose, checkpoint; returns the chosen epoch.
+    Every rank trains; rank 0 alone scores, chooses and writes."""
     a_wa, b_wa = wa_range(opts)
     n_primary = len(s.cache.meta.vocab)
     metric = "mAP" if s.cfg.multilabel else "accuracy"
@@ -128,17 +197,20 @@ def _epochs(out: Path, opts: TrainOptions, s: Setup, fits: list[Fit], gen, scale
         rec = {"epoch": epoch + 1, "lr": fits[0].opt.param_groups[0]["lr"], "folds": {}}
         probs = {}
         for fit in fits:
-            r = {"train_loss": _train_epoch(fit, s, opts, weights, gen, scaler, autocast,
+            r = {"train_loss": _train_epoch(fit, s, opts, weights, gen, aug, world, scaler, autocast,
                                             f"epoch {epoch + 1}/{opts.epochs} {fit.name}")}
             if a_wa <= epoch + 1 <= b_wa:
                 fit.accumulate()
-            if fit.eval_idx is not None:
+            if fit.eval_idx is not None and world.main:  # evaluated once, by rank 0
                 probs[fit.name] = predict(fit.head, s.ev.store, fit.eval_idx, s.cfg.multilabel, autocast=autocast)
                 r["score"] = score(s.ev_y[fit.eval_idx], probs[fit.name][:, :n_primary], s.cfg.multilabel)["score"]
                 if board is not None and fit.wa_n:   # the live view also shows the averaged head so far
                     p = predict(fit.averaged_head(), s.ev.store, fit.eval_idx, s.cfg.multilabel, autocast=autocast)
                     r["score_wa"] = score(s.ev_y[fit.eval_idx], p[:, :n_primary], s.cfg.multilabel)["score"]
             rec["folds"][fit.name] = r
+        augs = gather(aug.get_state(), world) if world.parallel else None
+        if not world.main:
+            continue  # the weights are the same on every rank: rank 0 keeps the record
         folds = rec["folds"].values()
         rec["train_loss"] = float(np.mean([r["train_loss"] for r in folds]))
         if probs:
@@ -156,7 +228,7 @@ def _epochs(out: Path, opts: TrainOptions, s: Setup, fits: list[Fit], gen, scale
         history.append(rec)
         save_checkpoint(out / "last.pt", {"epoch": epoch + 1, "options": resume_key(opts), "fits": [f.state() for f in fits],
                                "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(gen),
-                               "history": history, "best": best})
+                               "aug": augs, "history": history, "best": best})
         write_metrics(out, opts, s.info, fits[0].head, history, best, None)
         if board is not None:
             board.epoch(rec, metric)

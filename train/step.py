@@ -49,10 +49,33 @@ def supervised_loss(logits, targets, multilabel: bool):
 
 
 def train_step(head, opt, x, targets, cfg: StepConfig, gen: torch.Generator, *, scaler=None,
-               autocast=None, unlabeled: torch.Tensor | None = None) -> torch.Tensor:
+               autocast=None, unlabeled: torch.Tensor | None = None, reduce=None) -> torch.Tensor:
     """One optimiser step on a batch: smoothing, mixup (shared by the views), K masked views,
     supervised loss averaged over views + CR on the labeled and the unlabeled views.
-    Returns the (detached) loss without a host sync."""
+    `reduce(n) -> global count` (data-parallel runs): the summed loss of this rank's n clips is
+    backpropagated and `reduce` turns the gradients into those of the global-batch mean (n may be 0).
+    Returns the (detached) loss without a host sync: the batch mean, or with `reduce` this rank's
+    share of the global-batch mean (the shares of all ranks add up to it)."""
+    opt.zero_grad(set_to_none=True)
+    n = x.shape[0]
+    loss = torch.zeros((), device=x.device)
+    if n:
+        loss = _loss(head, x, targets, cfg, gen, autocast, unlabeled)
+        back = loss * n if reduce is not None else loss
+        (scaler.scale(back) if scaler is not None else back).backward()
+    elif scaler is not None:
+        scaler.scale(loss)  # initialises the scaler on a rank that had no clip for this step
+    if reduce is not None:
+        loss = loss * n / reduce(n)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    return loss.detach()
+
+
+def _loss(head, x, targets, cfg: StepConfig, gen, autocast, unlabeled):
     y = augment.smooth_targets(targets, cfg.label_smoothing, cfg.multilabel)
     if cfg.mixup > 0:
         x, y, _, _ = augment.mixup(x, y, cfg.mixup, gen)
@@ -70,15 +93,7 @@ def train_step(head, opt, x, targets, cfg: StepConfig, gen: torch.Generator, *, 
     if unlabeled is not None:
         views_u = list(logits[n * k:].split(unlabeled.shape[0]))
         loss = loss + cfg.cr_unlabeled_weight * augment.consistency_loss(views_u, cfg.multilabel)
-    opt.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
-    return loss.detach()
+    return loss
 
 
 def make_optimizer(head, lr: float) -> torch.optim.Adam:

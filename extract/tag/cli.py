@@ -3,22 +3,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import tqdm
-from whisper.utils import format_timestamp
+from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+from whisper.utils import format_timestamp, get_writer
 
 from wat.data.audio import AudioError
 from wat.extract.cli import MODEL_HELP
 from wat.extract.load import WhisperLoadError, load_whisper
-from wat.data.cliargs import add_device, positive_int, parse_args
+from wat.data.cliargs import add_device, float_range, int_range, parse_args, positive_int
+from wat.data.files import write_tsv
 from wat.data.heads import HeadError, load_head
 
 from .grid import MIN_RES
 from .tagging import TagError, check_head, head_vocabulary, resolve_classes, transcribe_and_tag
 
-FORMATS = ("json", "text", "srt")
+# whisper's --output_format values; `all` writes every one of them
+log = logging.getLogger("wat.extract.tag")
+
+FORMATS = ("txt", "vtt", "srt", "tsv", "json", "all")
 
 
 def _tag_line(tags) -> str:
@@ -26,7 +35,7 @@ def _tag_line(tags) -> str:
 
 
 def format_json(path, result) -> str:
-    """One line per file: {"file", "text", "segments", "language", "audio_tags"}."""
+    """One line per file: {"file", "text", "segments", "language", "audio_tags", ...}."""
     return json.dumps({"file": str(path), **result}, ensure_ascii=False)
 
 
@@ -41,59 +50,118 @@ def format_text(path, result) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_srt(path, result) -> str:
-    """Transcript cues and one `[tags]` cue per window with tags, in time order."""
-    cues = [(s["start"], 0, s["end"], s["text"].strip()) for s in result["segments"] if s["text"].strip()]
-    cues += [(w["start"], 1, w["end"], f"[{_tag_line(w['tags'])}]") for w in result["audio_tags"] if w["tags"]]
-    blocks = []
-    for i, (start, _, end, text) in enumerate(sorted(cues), 1):
-        stamp = f"{format_timestamp(start, True, ',')} --> {format_timestamp(end, True, ',')}"
-        blocks.append(f"{i}\n{stamp}\n{text}\n")
-    return "\n".join(blocks)
+def tag_rows(result) -> list[tuple]:
+    """The tags TSV: one row per (window, tag), windows in time order."""
+    return [(f"{w['start']:.3f}", f"{w['end']:.3f}", rank, name, f"{p:.6f}")
+            for w in result["audio_tags"] for rank, (name, p) in enumerate(w["tags"], 1)]
 
 
-WRITERS = {"json": format_json, "text": format_text, "srt": format_srt}
+TAG_COLUMNS = ("start", "end", "rank", "tag", "probability")
 
 
-def _resolution(text: str) -> float:
-    value = float(text)
-    if not value >= MIN_RES:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_RES} seconds")
+def output_names(paths) -> list[str]:
+    """A distinct output stem per input: the file stem, with as many parent folders as it takes to
+    tell two inputs of the same stem apart (`a/x.wav`, `b/x.wav` -> `a-x`, `b-x`), so a run never
+    overwrites its own outputs."""
+    parts = [Path(os.path.abspath(p)).with_suffix("").parts for p in paths]
+    names = []
+    for i, own in enumerate(parts):
+        depth = 1
+        while depth < len(own) and any(o[-depth:] == own[-depth:] for j, o in enumerate(parts) if j != i):
+            depth += 1
+        names.append("-".join(own[-depth:]))
+    return names
+
+
+def _language(text: str) -> str:
+    """--language: a whisper language code or name (case-insensitive) -> the code."""
+    key = text.strip().lower()
+    if key in LANGUAGES:
+        return key
+    if key in TO_LANGUAGE_CODE:
+        return TO_LANGUAGE_CODE[key]
+    raise argparse.ArgumentTypeError(f"unknown language {text!r}: expected a code such as en, de, zh, "
+                                     "or a name such as English")
+
+
+def _bool(text: str) -> bool:
+    """whisper's True/False option values (also accepts lower case, 1/0, yes/no)."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
     return value
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError("must be a probability in [0, 1]")
-    return value
+def _keep_scores(text: str) -> int | None:
+    return None if text.strip().lower() == "all" else int_range(0)(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wat-tag",
         description="Whisper transcript plus audio-event tags per time window, from the same encoder "
-                    "passes (tags add only the head's cost). Undecodable files are reported and skipped.")
+                    "passes (tags add only the head's cost). Options follow the whisper command; "
+                    "undecodable files are reported and skipped.")
     p.add_argument("audio", nargs="+",
                    help="audio files: wav, flac, ogg, mp3, m4a, ... (libsndfile, else PyAV; no ffmpeg binary needed)")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--head", required=True, help="head checkpoint: wat-train output or an official Whisper-AT head")
-    p.add_argument("--time-res", type=_resolution, default=10.0, help="tag window length in seconds (default 10)")
+    p.add_argument("--time-res", "--at_time_res", type=float_range(MIN_RES, 86400.0), default=10.0,
+                   help=f"tag window length in seconds, {MIN_RES:g} to 86400 (default 10)")
     p.add_argument("--top-k", type=positive_int, default=5, help="tags per window (default 5)")
-    p.add_argument("--threshold", type=_probability, help="keep tags with probability >= P")
+    p.add_argument("--threshold", type=float_range(0.0, 1.0), help="keep tags with probability >= P")
     p.add_argument("--classes", help="comma-separated class names or keys to report, e.g. Laughter,Music")
-    p.add_argument("--language", help="spoken language code; default: detected (multilingual models)")
-    p.add_argument("--format", choices=FORMATS, default="json",
-                   help="json: one JSON object per file per line; text: readable; srt: subtitles with tag cues")
-    p.add_argument("--output-dir", type=Path, help="write FILE_STEM.{json,txt,srt} there instead of stdout")
+    p.add_argument("--keep-scores", type=_keep_scores, default=None, metavar="K|all",
+                   help="JSON output keeps each window's K highest class probabilities, or all (default), "
+                        "so tags can be re-thresholded without the encoder (0: none)")
+    out = p.add_argument_group("output (as the whisper command)")
+    out.add_argument("--output_format", "-f", "--format", dest="output_format", type=str.lower,
+                     choices=FORMATS + ("text",), default=None,
+                     help="txt, vtt, srt, tsv (transcript, through whisper's writers), json (transcript + tags "
+                          "+ scores) or all; with --output_dir every file also gets FILE.tags.tsv. Without "
+                          "--output_dir and --output_format: one JSON object per file per line on stdout")
+    out.add_argument("--output_dir", "-o", "--output-dir", dest="output_dir", type=Path,
+                     help="write FILE.{txt,vtt,srt,tsv,json} and FILE.tags.tsv there (default with "
+                          "--output_format: the current folder; without either: stdout)")
+    dec = p.add_argument_group("decoding (passed to whisper's transcribe, same defaults as the whisper command)")
+    dec.add_argument("--task", choices=("transcribe", "translate"), default="transcribe")
+    dec.add_argument("--language", type=_language, help="spoken language code or name; default: detected "
+                                                         "(multilingual models), en for .en models")
+    dec.add_argument("--temperature", type=float_range(0.0, 1.0), default=0.0, help="sampling temperature")
+    dec.add_argument("--temperature_increment_on_fallback", type=float_range(0.0, 1.0, lo_open=True), default=0.2,
+                     help="temperature step when a decoding fails the thresholds")
+    dec.add_argument("--best_of", type=int_range(1, 100), default=5, help="candidates when sampling")
+    dec.add_argument("--beam_size", type=int_range(1, 100), default=5, help="beams at temperature 0")
+    dec.add_argument("--word_timestamps", type=_bool, default=False, metavar="True|False")
+    dec.add_argument("--initial_prompt", help="text to prompt the first window with")
+    dec.add_argument("--condition_on_previous_text", type=_bool, default=True, metavar="True|False")
+    dec.add_argument("--fp16", type=_bool, default=True, metavar="True|False",
+                     help="fp16 inference on CUDA (always fp32 on the CPU)")
     add_device(p)
     p.add_argument("--allow-policy-mismatch", action="store_true",
                    help="use a head trained on features of another input policy (e.g. trim)")
     return p
 
 
+def _writable_dir(parser, folder: Path) -> None:
+    """Create the output folder now, so a bad one is an error before any model loads."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        parser.error(f"--output_dir {folder}: {e.strerror or e}")
+
+
 def main(argv=None) -> int:
-    args = parse_args(build_parser(), argv)
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    fmt = {"text": "txt"}.get(args.output_format, args.output_format)
+    to_files = args.output_dir is not None or fmt == "all"
+    if to_files:
+        args.output_dir = args.output_dir or Path(".")
+        _writable_dir(parser, args.output_dir)
+    fmt = fmt or "json"
     try:
         model = load_whisper(args.model, device=args.device)
         head = load_head(args.head)
@@ -102,29 +170,43 @@ def main(argv=None) -> int:
             vocab = head_vocabulary(head[1])
             args.classes = [vocab.keys[i] for i in resolve_classes(vocab, args.classes)]
     except (WhisperLoadError, HeadError, TagError) as e:
-        print(f"wat-tag: {e}", file=sys.stderr)
+        print(f"wat-tag: error: {e}", file=sys.stderr)
         return 2
-    if args.output_dir is not None:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-    options = dict(fp16=args.device.startswith("cuda"), language=args.language)
-    extension = {"json": "json", "text": "txt", "srt": "srt"}[args.format]
+    language = args.language
+    if language not in (None, "en") and not model.is_multilingual:
+        log.warning("%s is an English-only model; transcribing in English, not %r", args.model, language)
+        language = "en"
+    increment = args.temperature_increment_on_fallback
+    options = dict(
+        task=args.task, language=language, initial_prompt=args.initial_prompt,
+        temperature=tuple(np.arange(args.temperature, 1.0 + 1e-6, increment)),
+        best_of=args.best_of, beam_size=args.beam_size, word_timestamps=args.word_timestamps,
+        condition_on_previous_text=args.condition_on_previous_text,
+        fp16=args.fp16 and str(args.device).startswith("cuda"))
+    writer = get_writer(fmt, str(args.output_dir)) if to_files else None
+    names = output_names(args.audio)
     failed = 0
-    for path in tqdm.tqdm(args.audio, unit="file", disable=None):
+    for path, name in zip(tqdm.tqdm(args.audio, unit="file", disable=None), names):
         try:
             result = transcribe_and_tag(model, head, path, time_res=args.time_res, top_k=args.top_k,
-                                        threshold=args.threshold, classes=args.classes,
+                                        threshold=args.threshold, classes=args.classes, keep_scores=args.keep_scores,
                                         allow_policy_mismatch=args.allow_policy_mismatch, **options)
         except (AudioError, TagError) as e:
-            print(f"wat-tag: skipped {e}", file=sys.stderr)
+            print(f"wat-tag: error: skipped {e}", file=sys.stderr)
             failed += 1
             continue
-        text = WRITERS[args.format](path, result)
-        if args.output_dir is None:
-            print(text.rstrip("\n") + ("\n" if args.format == "json" else "\n\n"), end="", flush=True)
-        else:
-            (args.output_dir / f"{Path(path).stem}.{extension}").write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+        if writer is not None:  # whisper's writers name files by the stem of the path they get
+            writer(result, str(args.output_dir / f"{name}.audio"), {})
+            write_tsv(args.output_dir / f"{name}.tags.tsv", TAG_COLUMNS, tag_rows(result))
+        elif fmt == "json":
+            print(format_json(path, result), flush=True)
+        elif fmt == "txt":
+            print(format_text(path, result), flush=True)
+        else:  # srt, vtt, tsv on stdout: the transcript, as whisper writes it
+            get_writer(fmt, ".").write_result(result, file=sys.stdout, options={})
+            sys.stdout.flush()
     if failed:
-        print(f"wat-tag: {failed} of {len(args.audio)} files failed", file=sys.stderr)
+        print(f"wat-tag: error: {failed} of {len(args.audio)} files failed", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -230,7 +230,7 @@ def _resolve_head(head):
 
 def transcribe_and_tag(model, head, audio_or_path, *, time_res: float = 10.0, top_k: int | None = 5,
                        threshold: float | None = None, classes=None, allow_policy_mismatch: bool = False,
-                       **whisper_options) -> dict:
+                       keep_scores: int | None = 0, **whisper_options) -> dict:
     """`model.transcribe(audio, **whisper_options)` plus `result["audio_tags"]`: one entry
     `{"start": s, "end": e, "tags": [(name, probability), ...]}` per window `[k*time_res,
     (k+1)*time_res)` of the file (the last one ends at the end of the audio), tags from the encoder
@@ -238,7 +238,11 @@ def transcribe_and_tag(model, head, audio_or_path, *, time_res: float = 10.0, to
     Tags: restricted to `classes` (names or keys), then probabilities (sigmoid for multi-label heads,
     softmax for single-label ones) >= `threshold`, then the `top_k` highest. A window no encoder
     pass covered (e.g. outside `clip_timestamps`) has no tags. The model must not be used from
-    another thread meanwhile (its encoder is swapped for the duration)."""
+    another thread meanwhile (its encoder is swapped for the duration).
+    `keep_scores`: also keep each window's raw probabilities as `"scores": {name: p}` (highest
+    first) for re-thresholding without the encoder: 0 none (default), K the K highest, None all;
+    `result["audio_classes"]` then lists the head's class names in output order (for
+    `parse_at_label`'s class indices)."""
     module, info = _resolve_head(head)
     check_head(model, info, allow_policy_mismatch=allow_policy_mismatch)
     vocab = head_vocabulary(info)
@@ -274,5 +278,10 @@ def transcribe_and_tag(model, head, audio_or_path, *, time_res: float = 10.0, to
         start, end = pool.bounds(k)
         tags = [] if k not in probs else select_tags(probs[k], names, top_k=top_k, threshold=threshold,
                                                      classes=wanted)
-        result["audio_tags"].append({"start": start, "end": end, "tags": tags})
+        window = {"start": start, "end": end, "tags": tags}
+        if keep_scores != 0:
+            window["scores"] = {} if k not in probs else dict(select_tags(probs[k], names, top_k=keep_scores))
+        result["audio_tags"].append(window)
+    if keep_scores != 0:
+        result["audio_classes"] = list(names)
     return result

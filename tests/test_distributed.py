@@ -1,0 +1,67 @@
+"""wat-train under torchrun: 2 CPU processes (gloo) against one process with the same global batch."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from wat.train.loop import Interrupted, TrainOptions, train
+
+from test_train import multilabel
+
+# No augmentation draws, so one process and two see the same clips in every global step and must
+# agree to float tolerance (gradient sums in another order). 33 training clips in global batches of
+# 16: the last step has one clip, so rank 1 takes part in it with an empty share.
+OPTS = dict(head="tl-tr", proj_dim=16, epochs=3, lr=1e-3, batch_size=16, mixup=0.0, time_mask=0, seed=3)
+
+
+def _argv(tr, te, out, resume=False):
+    a = ["--features", str(tr), "--eval-features", str(te), "--head", "tl-tr", "--proj-dim", "16", "--epochs", "3",
+         "--lr", "1e-3", "--batch-size", "16", "--mixup", "0", "--time-mask", "0", "--seed", "3", "--out", str(out)]
+    return a + ["--resume"] if resume else a
+
+
+def _torchrun(argv):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "wat.train.cli", *argv], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _same(ref, run):
+    a = json.loads((ref / "metrics.json").read_text())
+    b = json.loads((run / "metrics.json").read_text())
+    for ea, eb in zip(a["epochs"], b["epochs"], strict=True):
+        assert ea["epoch"] == eb["epoch"]
+        np.testing.assert_allclose([eb["train_loss"], eb["score"]], [ea["train_loss"], ea["score"]], rtol=1e-4)
+    assert a["best"]["epoch"] == b["best"]["epoch"]
+    np.testing.assert_allclose([b["final"]["best"], b["final"]["wa"]], [a["final"]["best"], a["final"]["wa"]],
+                               rtol=1e-4)
+    for name in ("best.pt", "wa.pt"):
+        sa = torch.load(ref / name, weights_only=True)["state_dict"]
+        sb = torch.load(run / name, weights_only=True)["state_dict"]
+        for k in sa:
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_two_processes_match_one_and_resume(tmp_path):
+    tr, te = multilabel(tmp_path, "tr", 33, 1), multilabel(tmp_path, "te", 16, 2)
+    train(TrainOptions(features=str(tr), eval_features=str(te), out=str(tmp_path / "one"), progress=False, **OPTS))
+    with pytest.raises(Interrupted):  # one process stops after epoch 1 ...
+        train(TrainOptions(features=str(tr), eval_features=str(te), out=str(tmp_path / "cut"), progress=False,
+                           max_epochs_this_run=1, **OPTS))
+
+    r = _torchrun(_argv(tr, te, tmp_path / "two"))
+    assert r.stdout.count("outputs in") == 1  # one summary: rank 0 speaks
+    _same(tmp_path / "one", tmp_path / "two")
+    names = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "one").iterdir())  # one set of outputs, no per-rank files
+    assert torch.load(tmp_path / "two" / "last.pt", weights_only=True)["aug"] is not None  # both ranks' streams
+
+    _torchrun(_argv(tr, te, tmp_path / "cut", resume=True))  # ... and two processes finish the run
+    _same(tmp_path / "one", tmp_path / "cut")

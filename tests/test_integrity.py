@@ -1,0 +1,148 @@
+"""Cache integrity: per-clip checksums catch any zeroed or flipped byte range in features or mean, in
+`wat-cache verify` and in every reader (training, probing, evaluation refuse a corrupt clip)."""
+import h5py
+import numpy as np
+import pytest
+
+from wat.data.cache import CHECKSUMS, CorruptCacheError, info, open_cache, shard_path, verify
+from wat.data.cache_cli import main as cache_main
+from wat.data.labels import Vocabulary
+from wat.data.readers import FeatureStore, dask_view
+from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+
+N, L, T, D, C = 24, 3, 5, 32, 4
+SIZES = (12, 12)
+
+
+def _cache(folder, seed=0, storage="fp16"):
+    """Two shards of single-label clips whose class shows in the features (a probe/head can learn it)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(N) % C
+    feats = rng.standard_normal((N, L, T, D)).astype(np.float32)
+    feats[np.arange(N), :, :, y] += 3.0
+    ids = [f"clip{i:03d}" for i in range(N)]
+    meta = synthetic_meta(vocab=Vocabulary.from_names([f"c{i}" for i in range(C)]), multilabel=False,
+                          n_layers=L, n_frames=T, dim=D, storage=storage)
+    paths = write_synthetic_cache(folder / "feats.h5", meta, feats, [(int(c),) for c in y], ids=ids,
+                                  folds=np.arange(N) % 4 + 1, shards=list(SIZES), shard_dir=folder / "shards")
+    return folder / "feats.h5", paths, ids
+
+
+def _row_span(path, field: str, row: int) -> list[tuple[int, int]]:
+    """File byte ranges (offset, length) holding row `row` of `field` in a shard (chunked, no filters)."""
+    with h5py.File(path, "r") as f:
+        d = f[field]
+        k = d.chunks[0]
+        item = d.dtype.itemsize
+        spans = []
+        for chunk in range(d.id.get_num_chunks()):
+            info_ = d.id.get_chunk_info(chunk)
+            if info_.chunk_offset[0] != row - row % k:
+                continue
+            per_row = int(np.prod(d.chunks[1:])) * item
+            spans.append((info_.byte_offset + (row % k) * per_row, per_row))
+        return spans
+
+
+def _corrupt(path, field: str, row: int, rng, mode: str) -> None:
+    """Zero or bit-flip a random byte range inside one clip's row of `field` (the raw file bytes)."""
+    spans = _row_span(path, field, row)
+    offset, length = spans[rng.integers(len(spans))]
+    start = int(rng.integers(0, length - 1))
+    n = int(rng.integers(2, length - start + 1))
+    with open(path, "r+b") as f:
+        f.seek(offset + start)
+        old = np.frombuffer(f.read(n), np.uint8)
+        new = np.zeros(n, np.uint8) if mode == "zero" else old ^ rng.integers(1, 256, n, dtype=np.uint8)
+        if mode == "zero" and not old.any():  # already zero there: zeroing would change nothing
+            new = old ^ np.uint8(1)
+        f.seek(offset + start)
+        f.write(new.tobytes())
+
+
+# int8 shards: the checksums are over the stored int8 rows, checked before dequantising
+@pytest.mark.parametrize("seed,storage", [(s, "fp16") for s in range(8)] + [(s, "int8") for s in range(4)])
+def test_verify_and_readers_catch_random_corruptions(tmp_path, seed, storage):
+    rng = np.random.default_rng(seed)
+    index, paths, ids = _cache(tmp_path, storage=storage)
+    assert verify(index) == []
+    hits = {}  # id -> field
+    for _ in range(int(rng.integers(1, 4))):
+        s, field, mode = int(rng.integers(len(paths))), str(rng.choice(["features", "mean"])), str(rng.choice(["zero", "flip"]))
+        row = int(rng.integers(SIZES[s]))
+        _corrupt(paths[s], field, row, rng, mode)
+        hits[ids[sum(SIZES[:s]) + row]] = field
+    problems = verify(index)
+    for clip, field in hits.items():
+        assert any(clip in p and f"checksum in {field}" in p for p in problems), (clip, field, problems)
+    assert cache_main(["verify", str(index)]) == 1
+    # readers: whichever field got hit is refused by every way of reading it
+    for field in set(hits.values()):
+        with pytest.raises(CorruptCacheError, match="fail their checksum"):
+            FeatureStore(open_cache(index), field, memory_budget=1 << 30)
+        stream = FeatureStore(open_cache(index), field, memory_budget=0, block_bytes=4096)
+        with pytest.raises(CorruptCacheError, match="fail their checksum"):
+            list(stream.iter_batches(np.arange(N), 5))
+        clip = next(c for c, f in hits.items() if f == field)
+        with pytest.raises(CorruptCacheError, match=clip):
+            open_cache(index).read(field, [ids.index(clip)])
+        with pytest.raises(CorruptCacheError):
+            dask_view(open_cache(index), field)
+
+
+def test_clean_cache_reads_and_checks_once(tmp_path, monkeypatch):
+    index, _, _ = _cache(tmp_path)
+    cache = open_cache(index)
+    with h5py.File(shard_path(tmp_path / "shards", 0), "r") as f:
+        assert set(CHECKSUMS.values()) <= set(f) and int(f.attrs["schema_version"]) == 2
+    a = FeatureStore(cache, "features", memory_budget=1 << 30).get(np.arange(N))
+    calls = []
+    monkeypatch.setattr(type(cache), "check_rows", lambda *args: calls.append(args))
+    b = FeatureStore(cache, "features", memory_budget=1 << 30).get(np.arange(N))  # checked already this run
+    assert calls == [] and np.array_equal(a.numpy(), b.numpy())
+    assert info(index)["checksums"] == 2
+
+
+def test_training_and_probing_refuse_a_corrupt_clip(tmp_path, capsys):
+    """The issue's case: zeroed rows used to pass verify and be trained on (exit 0)."""
+    from wat.eval.cli import probe_main
+    from wat.train.cli import main as train_main
+
+    index, paths, ids = _cache(tmp_path)
+    with h5py.File(paths[1], "r+") as f:  # zero one clip in features and another in mean (not via the writer)
+        f["features"][3] = 0
+        f["mean"][7] = 0
+    out = tmp_path / "run"
+    assert train_main(["--features", str(index), "--head", "tl-tr", "--dim", "16", "--folds", "4", "--epochs", "1",
+                       "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wat-train: error:") and "\n" not in err and ids[12 + 3] in err and "checksum" in err
+    assert probe_main(["--features", str(index), "--out", str(tmp_path / "probe")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wat-probe: error:") and "\n" not in err and ids[12 + 7] in err
+    assert not (tmp_path / "probe" / "layers.csv").exists()
+
+
+def _strip_checksums(path) -> None:
+    """Make a shard look like one written by schema 1 (before checksums)."""
+    with h5py.File(path, "r+") as f:
+        for name in CHECKSUMS.values():
+            del f[name]
+        f.attrs["schema_version"] = 1
+
+
+def test_schema_1_cache_opens_with_a_note_and_zero_rows_are_refused(tmp_path, capsys):
+    index, paths, ids = _cache(tmp_path)
+    for p in paths:
+        _strip_checksums(p)
+    cache = open_cache(index)
+    assert cache.checksummed == [False, False] and info(index)["checksums"] == 0
+    assert FeatureStore(cache, "mean", memory_budget=1 << 30).get([0]).shape == (1, L, D)
+    assert cache_main(["verify", str(index)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"OK: {N} clips") and "note: 2 of 2 shard(s) were written before per-clip checksums" in out
+    with h5py.File(paths[0], "r+") as f:
+        f["features"][5] = 0
+    assert any(ids[5] + " (all zero)" in p and "all zero or non-finite in features" in p for p in verify(index))
+    with pytest.raises(CorruptCacheError, match=f"all zero or non-finite.*{ids[5]}"):
+        FeatureStore(open_cache(index), "features", memory_budget=1 << 30)
