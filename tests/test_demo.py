@@ -2,6 +2,7 @@
 import csv
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from wat.data.audio import load_audio
