@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from wat.data import DIST
+
 from .options import TrainError
 
 
@@ -30,7 +32,7 @@ def check(logdir) -> None:
     try:
         import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
     except ImportError:
-        raise BoardError("--tensorboard needs the tensorboard package: pip install 'whisper-audio-tagging[tensorboard]'") from None
+        raise BoardError(f"--tensorboard needs the tensorboard package: pip install '{DIST}[tensorboard]'") from None
     root = Path(logdir)
     if root.exists() and not root.is_dir():
         raise BoardError(f"--tensorboard {logdir}: exists and is not a folder")
