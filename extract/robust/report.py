@@ -117,12 +117,16 @@ def plot_layers(per_model: dict, path) -> None:
             ax.plot(layers, [100 * s for s in scores], marker="o", ms=3, label=f"{snr:+g} dB")
         if d.get("chance") is not None:
             ax.axhline(100 * d["chance"], color="grey", ls=":", lw=1, label="chance")
+        if d["not_probed"]:
+            ax.text(0.01, 0.01, "not probed: " + "\n".join(f"{s:+g} dB: {why[:90]}" for s, why in d["not_probed"].items()),
+                    transform=ax.transAxes, fontsize=6, va="bottom")
         ax.set_xlabel("encoder layer")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("noise-class accuracy (%)")
         ax.set_title(f"{m}: linear probe of the background sound in noisy speech", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if d["layers"]:
+            ax.legend(fontsize=7)
     save_figure(fig, path)
 
 
@@ -154,7 +158,7 @@ def write_report(out: Path, plan, runs: list[dict], rows: list[dict], problems, 
             rs = rep.layer_results(0)
             per_snr[snr] = ([r.feature.layers[0][0] for r in rs], [r.score for r in rs])
             chance = rep.chance
-        layers[m] = {"layers": per_snr, "chance": chance}
+        layers[m] = {"layers": per_snr, "chance": chance, "not_probed": why_layers}
         overall = {r["snr"]: r for r in rows if r["model"] == m and r["noise_class"] == "all"}
         models[m] = {
             "dir": str(run["dir"].relative_to(out)),
