@@ -115,7 +115,7 @@ def test_csv_speech(tmp_path):
     speech = load_speech(tmp_path / "s.csv")
     assert [(u.id, u.text) for u in speech.utterances] == [("a", "Please, close the window")]
     assert sorted(r.split(":")[0] for _, _, r in speech.problems) == ["empty transcript", "no audio"]
-    with pytest.raises(SpeechError, match="path,text"):
+    with pytest.raises(SpeechError, match="missing column"):
         (tmp_path / "bad.csv").write_text("file,words\n")
         load_speech(tmp_path / "bad.csv")
 
@@ -197,7 +197,7 @@ def test_run_outputs(robust_run, tiny_model):
     for name in summary["files"]:
         assert (out / name).stat().st_size > 0
     with open(out / "problems.tsv", newline="") as f:
-        problems = list(csv.DictReader(f, delimiter="\t"))
+        problems = list(csv.DictReader(f, dialect="excel-tab"))
     reasons = " | ".join(f"{p['id']} {p['path']}: {p['reason']}" for p in problems)
     assert "missing.flac" in reasons and "no audio" in reasons                       # no file
     assert "empty transcript after normalisation" in reasons                         # "..."

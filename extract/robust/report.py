@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wat.eval.report import pyplot, save_figure, write_csv, write_json
+from wat.data.files import pyplot, save_figure, write_csv, write_json
 
 WER_COLUMNS = ("model", "snr", "noise_class", "utterances", "words", "errors", "wer")
 Y_CAP = 50.0  # WER increase (points) above which the paper lists classes apart (figure 2)

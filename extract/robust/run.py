@@ -17,8 +17,6 @@ audio, silent noise) is recorded in problems.tsv with its reason and skipped.
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 import re
 from collections import defaultdict
@@ -34,8 +32,9 @@ from wat.data import cache as wcache
 from wat.data.audio import SAMPLE_RATE, AudioError, load_audio
 from wat.data.datasets import Dataset, load_dataset
 from wat.extract.load import load_whisper, model_name
-from wat.extract.pipeline import (ExtractOptions, _write_json, cache_meta, extract_dataset, finished,
-                                  prepare_output, record_path)
+from wat.data.files import write_json, write_tsv
+from wat.extract.pipeline import (ExtractOptions, cache_meta, extract_dataset, finished, prepare_output,
+                                  record_path)
 
 from . import wer as wer_mod
 from .asr import MAX_SAMPLES, AsrOptions, decode_batch, transcribe_long
@@ -222,7 +221,7 @@ def run_chunk(model, plan: Plan, index: int, chunk: list[Mixture], shard_dir: Pa
                         "noise": plan.noise.clips[m.noise].id, "noise_class": int(plan.noise.clips[m.noise].labels[0]),
                         "snr": m.snr, "text": text, "encoder_passes": passes}
                        for m, text, _, _, passes in good]}
-    _write_json(record_path(shard_dir, index), record)
+    write_json(record_path(shard_dir, index), record, indent=None)
     return record
 
 
@@ -263,16 +262,6 @@ def run_model(spec: str, plan: Plan, options: RobustOptions, out: Path, bar=None
             "n_layers": model.dims.n_audio_layer, "records": records}
 
 
-def write_problems(path: Path, problems) -> None:
-    """problems.tsv (model, id, path, reason) through the csv module, atomically."""
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(("model", "id", "path", "reason"))
-        w.writerows(problems)
-    tmp.replace(path)
-
-
 def score(plan: Plan, runs: list[dict]) -> list[dict]:
     """wer.csv rows: per (model, snr, noise class) and per (model, snr) over all classes ("all")."""
     refs = {u.id: u.text for u in plan.speech.utterances}
@@ -310,7 +299,7 @@ def run_robust(speech_path, noise_kind: str, noise_root, out, options: RobustOpt
             run = run_model(spec, plan, options, out, bar, model=(models or {}).get(spec))
             runs.append(run)
             problems += [(run["name"], *e) for r in run["records"] for e in r["errors"]]
-    write_problems(out / "problems.tsv", problems)
+    write_tsv(out / "problems.tsv", ("model", "id", "path", "reason"), problems)
     rows = score(plan, runs)
     return report.write_report(out, plan, runs, rows, problems, options)
 

@@ -10,7 +10,6 @@ only input with no usable utterance at all raises `SpeechError`. Audio is not de
 """
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,28 +95,15 @@ def _librispeech(root: Path) -> Speech:
 
 
 def _csv(path: Path) -> Speech:
-    rows, problems = [], []
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
-        lines = f.read().splitlines()
-    if not lines:
-        raise SpeechError(f"{path}: empty file")
-    header = [h.strip() for h in next(csv.reader([lines[0]]))]
-    if "path" not in header or "text" not in header:
-        raise SpeechError(f"{path}: needs columns path,text (header: {','.join(header)})")
-    for lineno, line in enumerate(lines[1:], 2):
-        if not line.strip():
-            continue
-        where = f"{path.name}:{lineno}"
-        try:
-            values = next(csv.reader([line], strict=True))
-        except csv.Error as e:
-            problems.append((where, "", f"malformed: {e}"))
-            continue
-        row = dict(zip(header, values))
-        if len(values) != len(header):
-            problems.append((where, "", f"malformed: {len(values)} fields for {len(header)} columns"))
-            continue
-        text, rel = row["text"].strip(), row["path"].strip()
+    from wat.data.datasets import DatasetError, _read_csv  # the one line-by-line CSV reader
+
+    try:
+        rows, bad = _read_csv(path, required=("path", "text"))
+    except DatasetError as e:
+        raise SpeechError(str(e)) from None
+    out, problems = [], [(where, "", reason) for where, reason in bad]
+    for where, row in rows:
+        text, rel = (row.get("text") or "").strip(), (row.get("path") or "").strip()
         audio = Path(rel).expanduser()
         audio = audio if audio.is_absolute() else path.parent / audio
         if not rel:
@@ -127,5 +113,5 @@ def _csv(path: Path) -> Speech:
         elif not text:
             problems.append((where, str(audio), "empty transcript"))
         else:
-            rows.append(Utterance(audio.stem, str(audio), text))
-    return _finish("csv", rows, problems)
+            out.append(Utterance(audio.stem, str(audio), text))
+    return _finish("csv", out, problems)
