@@ -8,6 +8,8 @@ import math
 import re
 import sys
 
+from wat.extract.cli import MODEL_HELP
+
 DATASETS = ("esc50", "json", "folder", "csv")  # wat dataset kinds that can be single-label
 
 
@@ -23,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-root", required=True, help="noise dataset folder (e.g. ESC-50)")
     p.add_argument("--noise-manifest", help="manifest of the noise dataset, when not in its usual place")
     p.add_argument("--model", action="append", required=True, metavar="MODEL",
-                   help="Whisper name, .pt file or CTranslate2 folder; repeat to compare models")
+                   help=MODEL_HELP + "; repeat to compare models")
     p.add_argument("--snr", default="20,10,5,0,-5,-10", help="SNRs in dB, comma-separated (default: the paper's)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--noise-per-utterance", type=int, default=1,
