@@ -273,7 +273,7 @@ def test_cli_errors(capsys, tmp_path):
     base = ["--speech", str(LIBRI), "--noise-dataset", "esc50", "--noise-root", str(tmp_path), "--model", "tiny.en",
             "--out", str(tmp_path / "o")]
     for bad in (["--snr", "20,nan"], ["--snr", "20"], ["--snr", "20,-500"], ["--batch-size", "0"],
-                ["--chunk-size", "-1"], ["--limit", "0"], ["--noise-per-utterance", "0"], ["--jobs", "0"],
+                ["--chunk-size", "-1"], ["--limit", "0"], ["--noise-per-utterance", "0"], ["--workers", "0"], ["--jobs", "0"], ["--batch-size", "nan"],
                 ["--seed", "-1"], ["--device", "tpu"], ["--language", "klingon"]):
         with pytest.raises(SystemExit) as e:
             main(base + bad)

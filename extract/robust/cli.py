@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 
+from wat.data.cliargs import add_device, add_workers, int_range, parse_args, positive_int
 from wat.extract.cli import MODEL_HELP
 
 DATASETS = ("esc50", "json", "folder", "csv")  # wat dataset kinds that can be single-label
@@ -28,17 +28,18 @@ def parser() -> argparse.ArgumentParser:
                    help=MODEL_HELP + "; repeat to compare models")
     p.add_argument("--snr", default="20,10,5,0,-5,-10", help="SNRs in dB, comma-separated (default: the paper's)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--noise-per-utterance", type=int, default=1,
+    p.add_argument("--noise-per-utterance", type=int_range(1, 1000), default=1,
                    help="noise clips (of different classes) mixed with each utterance (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise assignment")
+    p.add_argument("--seed", type=int_range(0), default=0, help="seed of the noise assignment")
     p.add_argument("--language", default="en", help="language of the speech, or 'auto' to detect it (default en)")
     p.add_argument("--noise-policy", choices=("trim", "pad30"), default="trim",
                    help="features of the noise clips alone for the class-wise probe (default trim, the paper's)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=16, help="utterances per decoding batch (default 16)")
-    p.add_argument("--chunk-size", type=int, default=64, help="mixtures per shard, the unit of resumption (default 64)")
-    p.add_argument("--jobs", type=int, default=1, help="probe worker processes (default 1)")
-    p.add_argument("--limit", type=int, help="only the first N utterances (sorted by id)")
+    add_device(p)
+    p.add_argument("--batch-size", type=int_range(1, 4096), default=16, help="utterances per decoding batch (default 16)")
+    p.add_argument("--chunk-size", type=int_range(1, 1_000_000), default=64,
+                   help="mixtures per shard, the unit of resumption (default 64)")
+    add_workers(p, "--jobs", default=1, help="probe worker processes (default 1)")
+    p.add_argument("--limit", type=positive_int, help="only the first N utterances (sorted by id)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs made with other settings")
     return p
 
@@ -54,24 +55,9 @@ def parse_snrs(text: str) -> tuple[float, ...]:
     return tuple(out)
 
 
-def resolve_device(text: str) -> str:
-    import torch
-
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {text!r}")
-    if text.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {text}: CUDA is not available")
-        if ":" in text and int(text.split(":")[1]) >= torch.cuda.device_count():
-            raise ValueError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
-    return text
-
-
 def main(argv=None) -> int:
     p = parser()
-    a = p.parse_args(argv)
+    a = parse_args(p, argv)
     from wat.data.cache import CacheError
     from wat.data.datasets import DatasetError
     from wat.eval.probe import ProbeError
@@ -83,8 +69,8 @@ def main(argv=None) -> int:
     try:
         options = RobustOptions(
             models=tuple(a.model), snrs=parse_snrs(a.snr), noise_per_utterance=a.noise_per_utterance, seed=a.seed,
-            device=resolve_device(a.device), batch_size=a.batch_size, chunk_size=a.chunk_size, limit=a.limit,
-            language=None if a.language == "auto" else a.language, noise_policy=a.noise_policy, jobs=a.jobs,
+            device=a.device, batch_size=a.batch_size, chunk_size=a.chunk_size, limit=a.limit,
+            language=None if a.language == "auto" else a.language, noise_policy=a.noise_policy, jobs=a.workers,
             overwrite=a.overwrite)
         options.check()
         if options.language is not None:
