@@ -34,8 +34,22 @@ class AsrOptions:
     beam_size: int | None = None  # None: greedy (the paper's temperature-0 decoding)
 
 
-class ClipTaps(LayerTaps):
-    """LayerTaps whose time pooling covers a different number of valid frames per batch item."""
+class CountingTaps(LayerTaps):
+    """LayerTaps that also count the encoder calls and keep the first call's pooled output."""
+
+    def __init__(self, encoder, frames: int = 25, n_valid: int | None = None):
+        super().__init__(encoder, frames, n_valid)
+        self.calls, self.first = 0, None
+
+    def _finish(self, module, args, output):
+        super()._finish(module, args, output)
+        self.calls += 1
+        if self.first is None:
+            self.first = self.pooled
+
+
+class ClipTaps(CountingTaps):
+    """Taps whose time pooling covers a different number of valid frames per batch item."""
 
     def __init__(self, encoder, frames: int, n_valid: list[int]):
         super().__init__(encoder, frames, None)
@@ -77,8 +91,8 @@ def decode_batch(model, clips: list[np.ndarray], options: AsrOptions = AsrOption
     with ClipTaps(model.encoder, options.frames, n_valid) as taps:
         results = whisper.decode(model, mel, whisper.DecodingOptions(
             without_timestamps=True, **_decoding(model, options)))
-    if len(taps.results) != 1:  # the promise: one encoder pass gives both outputs
-        raise RuntimeError(f"whisper.decode ran the encoder {len(taps.results)} times for one batch")
+    if taps.calls != 1:  # the promise: one encoder pass gives both outputs
+        raise RuntimeError(f"whisper.decode ran the encoder {taps.calls} times for one batch")
     return [r.text for r in results], taps.pooled.float()
 
 
@@ -87,10 +101,10 @@ def transcribe_long(model, clip: np.ndarray, options: AsrOptions = AsrOptions())
     """A clip longer than 30 s -> (text, float32 features [1, L, frames, D] of its first window,
     number of encoder passes = windows). Timestamps on, as long-form transcription needs them to
     cut windows between words."""
-    with LayerTaps(model.encoder, options.frames, None) as taps:
+    with CountingTaps(model.encoder, options.frames, None) as taps:
         result = model.transcribe(np.asarray(clip, np.float32), condition_on_previous_text=True,
                                   no_speech_threshold=None, verbose=None, **_decoding(model, options))
-    return result["text"].strip(), taps.results[0].float(), len(taps.results)
+    return result["text"].strip(), taps.first.float(), taps.calls
 
 
 def seconds(clip: np.ndarray) -> float:
