@@ -7,7 +7,7 @@ import argparse
 import math
 import sys
 
-from wat.data.cliargs import add_device, add_workers, int_range, parse_args, positive_int
+from wat.data.cliargs import add_device, add_workers, int_range, parse_args, positive_int, seed_int
 from wat.extract.cli import MODEL_HELP
 
 DATASETS = ("esc50", "json", "folder", "csv")  # wat dataset kinds that can be single-label
@@ -30,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--noise-per-utterance", type=int_range(1, 1000), default=1,
                    help="noise clips (of different classes) mixed with each utterance (default 1)")
-    p.add_argument("--seed", type=int_range(0), default=0, help="seed of the noise assignment")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the noise assignment")
     p.add_argument("--language", default="en", help="language of the speech, or 'auto' to detect it (default en)")
     p.add_argument("--noise-policy", choices=("trim", "pad30"), default="trim",
                    help="features of the noise clips alone for the class-wise probe (default trim, the paper's)")
