@@ -61,7 +61,7 @@ class Board:
         per_run = {**rec.get("folds", {}), ("mean" if "folds" in rec else "main"): rec}
         for name, r in per_run.items():
             w = self.writers[name]
-            w.add_scalar("train/lr", rec["lr"], step)
+            w.add_scalar("train/lr", r.get("lr", rec["lr"]), step)  # per fold: --lr auto may differ
             for tag, key in (("train/loss", "train_loss"), (f"heldout/{metric}", "score"),
                              (f"heldout/{metric}_weight_avg", "score_wa")):
                 v = r.get(key)

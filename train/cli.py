@@ -14,6 +14,7 @@ from wat.data.labels import LabelError
 from wat.data.cliargs import add_device, float_range, int_range, parse_args, seed_int
 from wat.data.heads import HEADS, HeadError
 from .loop import Interrupted, TrainError, TrainOptions, train
+from .options import HEAD_LR
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -35,6 +36,19 @@ def _folds(text: str) -> int:
 
 
 
+_positive_lr = float_range(0, 10, lo_open=True)
+
+
+def _lr(text: str) -> float | str:
+    """A learning rate in (0, 10], or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return _positive_lr(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} or 'auto'") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wat-train", description=__doc__)
     p.add_argument("--features", required=True, help="training cache (feats.h5)")
@@ -45,7 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--proj-dim", "--dim", dest="proj_dim", type=int_range(8, 65536),
                    help="TL-Tr/WA-Tr projection width, a multiple of 8 (default: the encoder width)")
     p.add_argument("--epochs", type=int_range(1, 100_000), default=30)
-    p.add_argument("--lr", type=float_range(0, 10, lo_open=True), default=1e-4)
+    p.add_argument("--lr", type=_lr, metavar="LR|auto",
+                   help="learning rate; 'auto': pick it by a short search on the training clips (default: "
+                        "the head kind's measured default: " + ", ".join(f"{k} {v:g}" for k, v in HEAD_LR.items()) + ")")
     p.add_argument("--batch-size", type=int_range(1, 1 << 20), default=48)
     p.add_argument("--mixup", type=float_range(0, 1), default=0.5, help="mixup probability per clip (0 = off)")
     p.add_argument("--time-mask", type=int_range(0, 100_000), default=10, help="mask up to N frames (same on all layers)")
