@@ -21,7 +21,7 @@ STAMP := $(VENV)/.installed
 TORCH_CHOICE := $(VENV)/.torch-choice
 TORCH_LINE := spec=$(TORCH_SPEC) index=$(TORCH_INDEX)
 
-.PHONY: demo test bench venv browser clean FORCE
+.PHONY: demo test bench gpu-wheels venv browser clean FORCE
 
 venv: $(STAMP)
 
@@ -93,6 +93,17 @@ bench: $(STAMP)
 	$(BIN)/python bench/probe_speed.py
 	$(BIN)/python bench/tag_overhead.py --model base --runs 7 --temperature 0 --threads 1
 	$(BIN)/python bench/robust_throughput.py --model tiny.en --mixtures 16 --rounds 3
+
+# Wheels of wat's dependencies that a GPU box's own Python may lack, for bench/gpu_check.sh on a machine
+# without network (it installs from wheels/ with pip --no-index). GPU_PY: that box's Python version.
+GPU_PY ?= 3.12
+GPU_WHEELS := soxr soundfile cffi pycparser av more-itertools dask distributed partd locket tblib zict tornado
+gpu-wheels: $(STAMP)
+	rm -rf wheels && mkdir -p wheels
+	$(BIN)/python -m pip wheel -q --no-deps -w wheels openai-whisper
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d wheels $(GPU_WHEELS)
+	du -sh wheels
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)
