@@ -50,24 +50,26 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/wat-gpu-check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1
 if [ "$TINY" = 1 ]; then
-    MODEL=micro; RANDOM_WEIGHTS=always; T=120   # micro: a random 2 x 64 Whisper (bench/common.py)
+    MODEL=micro; RANDOM_WEIGHTS=always   # micro: a random 2 x 64 Whisper (bench/common.py)
+    LIMITS=(120 120 120 120 120 120 120)
     EXTRACT_PAD30="--clips 4 --batch-size 2 --official-clips 2 --pool 4 --repeat 1 --clip-seconds 1 --num-workers 0"
     EXTRACT_TRIM="$EXTRACT_PAD30"
     TRAIN_TLTR="--size tiny --clips 32 --steps 2 --per-round 1 --batch-size 8"
     TRAIN_WAMLP="--size tiny --clips 64 --steps 2 --per-round 1 --batch-size 16"
     PROBE="--clips 500 --layers 2 --dim 16 --sklearn-layers 1 --sklearn-classes 3 --max-iter 5"
     TAG="--runs 1 --seconds 4 --sample-len 4 --temperature 0"
-    ROBUST="--tiny"
+    ROBUST="--model tiny.en --mixtures 2 --batch-size 2 --rounds 1"
 else
-    # seconds per step on an H100/H200 (estimates; the limits are the 8-minute budget split up)
-    MODEL=large-v1; RANDOM_WEIGHTS=fallback; T=150
+    # time limits per step (s): the 8-minute budget split up; the comments are estimates for an H100/H200
+    MODEL=large-v1; RANDOM_WEIGHTS=fallback
+    LIMITS=(80 60 60 45 120 60 55)
     EXTRACT_PAD30="--clips 1024 --batch-size 32 --official-clips 48 --repeat 1 --num-workers 8"   # ~70 s
-    EXTRACT_TRIM="--clips 4096 --batch-size 128 --official-clips 48 --repeat 1 --num-workers 12"  # ~60 s
-    TRAIN_TLTR="--size large --clips 1000 --steps 100 --per-round 10 --batch-size 48"            # ~60 s
-    TRAIN_WAMLP="--size large --clips 20000 --steps 400 --per-round 50 --batch-size 256"          # ~60 s
-    PROBE="--clips 20000 --sklearn-layers 24 --sklearn-classes 8"                                # ~90 s
-    TAG="--runs 5 --seconds 60 --temperature 0"                                                  # ~60 s
-    ROBUST=""
+    EXTRACT_TRIM="--clips 4096 --batch-size 128 --official-clips 48 --repeat 1 --num-workers 12"  # ~50 s
+    TRAIN_TLTR="--size large --clips 1000 --steps 100 --per-round 10 --batch-size 48"            # ~50 s
+    TRAIN_WAMLP="--size large --clips 20000 --steps 400 --per-round 50 --batch-size 256"          # ~40 s
+    PROBE="--clips 20000 --sklearn-layers 24 --sklearn-classes 8"                                # ~100 s: cache writing ~50
+    TAG="--runs 5 --seconds 60 --temperature 0"                                                  # ~50 s
+    ROBUST="--random-weights large-v1 --mixtures 64 --batch-size 32"                           # ~50 s
 fi
 
 step() {  # step NAME LIMIT_S SCRIPT ARGS...: run one bench script, JSON into OUT/NAME.json
@@ -81,18 +83,18 @@ step() {  # step NAME LIMIT_S SCRIPT ARGS...: run one bench script, JSON into OU
     [ $rc = 0 ] || tail -n 5 "$OUT/$name.log" | sed 's/^/   | /'
 }
 
-step extract_pad30 $T bench/extract_throughput.py --device "$DEVICE" --model $MODEL --random-weights $RANDOM_WEIGHTS \
+step extract_pad30 ${LIMITS[0]} bench/extract_throughput.py --device "$DEVICE" --model $MODEL --random-weights $RANDOM_WEIGHTS \
     --policy pad30 --workdir "$WORK/extract" $EXTRACT_PAD30
-step extract_trim $T bench/extract_throughput.py --device "$DEVICE" --model $MODEL --random-weights $RANDOM_WEIGHTS \
+step extract_trim ${LIMITS[1]} bench/extract_throughput.py --device "$DEVICE" --model $MODEL --random-weights $RANDOM_WEIGHTS \
     --policy trim --workdir "$WORK/extract" $EXTRACT_TRIM
-step train_tltr $T bench/train_throughput.py --device "$DEVICE" --head tl-tr --cache-dir "$WORK/train-tltr" $TRAIN_TLTR
-step train_wamlp $T bench/train_throughput.py --device "$DEVICE" --head wa-mlp --cache-dir "$WORK/train-wamlp" $TRAIN_WAMLP
+step train_tltr ${LIMITS[2]} bench/train_throughput.py --device "$DEVICE" --head tl-tr --cache-dir "$WORK/train-tltr" $TRAIN_TLTR
+step train_wamlp ${LIMITS[3]} bench/train_throughput.py --device "$DEVICE" --head wa-mlp --cache-dir "$WORK/train-wamlp" $TRAIN_WAMLP
 rm -rf "$WORK/train-tltr" "$WORK/train-wamlp"
-step probe $T bench/probe_audioset.py --device "$DEVICE" --workdir "$WORK/probe" $PROBE
-step tag $T bench/tag_overhead.py --device "$DEVICE" --model $MODEL --random-weights $RANDOM_WEIGHTS $TAG
+step probe ${LIMITS[4]} bench/probe_audioset.py --device "$DEVICE" --workdir "$WORK/probe" $PROBE
+step tag ${LIMITS[5]} bench/tag_overhead.py --device "$DEVICE" --model $MODEL --random-weights $RANDOM_WEIGHTS $TAG
 SKIP=""
 if [ -f bench/robust_throughput.py ]; then
-    step robust $T bench/robust_throughput.py --device "$DEVICE" $ROBUST
+    step robust ${LIMITS[6]} bench/robust_throughput.py --device "$DEVICE" $ROBUST
 else
     SKIP=robust   # not on this branch yet
 fi
