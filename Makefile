@@ -97,7 +97,7 @@ bench: $(STAMP)
 # Wheels of wat's dependencies that a GPU box's own Python may lack, for bench/gpu_check.sh on a machine
 # without network (it installs from wheels/ with pip --no-index). GPU_PY: that box's Python version.
 GPU_PY ?= 3.12
-GPU_WHEELS := soxr soundfile cffi pycparser av more-itertools dask distributed partd locket tblib zict tornado
+GPU_WHEELS := jiwer rapidfuzz soxr soundfile cffi pycparser av more-itertools dask distributed partd locket tblib zict tornado
 gpu-wheels: $(STAMP)
 	rm -rf wheels && mkdir -p wheels
 	$(BIN)/python -m pip wheel -q --no-deps -w wheels openai-whisper

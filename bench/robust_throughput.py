@@ -64,13 +64,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON (bench/gpu_check.sh)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.random_weights:
         sys.path.insert(0, str(Path(__file__).parent))
-        from extract_throughput import random_model
-        model = random_model(a.random_weights, a.device)
+        from common import random_whisper
+        model = random_whisper(a.random_weights, a.device)
     else:
         model = load_whisper(a.model, device=a.device)
     xs, refs = mixtures(a.mixtures)
@@ -126,6 +127,11 @@ def main(argv=None) -> int:
     # the pad30 window (zero samples) vs transcribe's (zero log-mel) padding: how much the text moves
     print(f"  identical normalised transcripts {same}/{len(xs)}; corpus WER wat-robust "
           f"{100 * corpus(zip(refs, out['wat-robust'])).wer:.1f}% vs transcribe {100 * corpus(zip(refs, out['paper'])).wer:.1f}%")
+    if a.json:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from common import write_json
+        write_json(a.json, {"bench": "robust", "device": dev, "model": name, "mixtures": len(xs),
+                            "rates": {k: len(xs) / best[k] for k in modes}, "speedup": best["paper"] / best["wat-robust"]})
     return 0
 
 
