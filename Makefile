@@ -21,7 +21,7 @@ STAMP := $(VENV)/.installed
 TORCH_CHOICE := $(VENV)/.torch-choice
 TORCH_LINE := spec=$(TORCH_SPEC) index=$(TORCH_INDEX)
 
-.PHONY: demo test bench venv browser clean FORCE
+.PHONY: demo test bench gpu-wheels venv browser clean FORCE
 
 venv: $(STAMP)
 
@@ -60,7 +60,8 @@ test: $(STAMP) browser
 
 # The whole product on the embedded synthetic dataset (11 sound classes, 5 folds), ~4 min on 2 CPU
 # cores: demo data -> Whisper features -> TL-Tr head (ESC-50 5-fold protocol) -> layer-wise probe ->
-# transcript + tags for two files. Outputs in $(DEMO_DIR)/; a rerun resumes the finished extraction.
+# transcript + tags for two files -> noise robustness (10 committed espeak-ng sentences x 2 demo noise
+# clips x 3 SNRs, tiny.en). Outputs in $(DEMO_DIR)/; a rerun resumes the finished extraction.
 demo: $(STAMP)
 	$(BIN)/wat-data demo --out $(DEMO_DIR)/esc50-demo --clips-per-class 10
 	$(BIN)/wat-extract --dataset esc50 --root $(DEMO_DIR)/esc50-demo --model $(DEMO_MODEL) --policy pad30 \
@@ -72,6 +73,8 @@ demo: $(STAMP)
 	$(BIN)/wat-tag tests/fixtures/speech_en.wav \
 		$(DEMO_DIR)/esc50-demo/audio/$$(grep -m1 ',siren,' $(DEMO_DIR)/esc50-demo/meta/esc50.csv | cut -d, -f1) \
 		--model $(DEMO_MODEL) --head $(DEMO_DIR)/tl-tr/fold1/wa.pt --time-res 5 --top-k 3 --format text
+	$(BIN)/wat-robust --speech tests/fixtures/librispeech --noise-dataset esc50 --noise-root $(DEMO_DIR)/esc50-demo \
+		--model tiny.en --snr 20,0,-10 --noise-per-utterance 2 --out $(DEMO_DIR)/robust
 	@echo
 	@echo "== demo results in $(DEMO_DIR)/"
 	@echo "features:     $(DEMO_DIR)/feats.h5 (+ feats.shards/)"
@@ -79,6 +82,7 @@ demo: $(STAMP)
 	@echo "layer probe:  best layer above; $(DEMO_DIR)/probe/{layers.csv,layers.png,best_layer_hist.png}"
 	@echo "reports:      $(DEMO_DIR)/tl-tr/report.html  $(DEMO_DIR)/probe/report.html  (open in a browser; self-contained)"
 	@echo "tagging head: $(DEMO_DIR)/tl-tr/fold1/wa.pt (use with: wat-tag FILE --model $(DEMO_MODEL) --head ...)"
+	@echo "robustness:   WER per SNR and correlation above; $(DEMO_DIR)/robust/{wer.csv,wer_vs_snr.png,classwise.png,layers.png,summary.json}"
 
 # CPU benchmarks (ratios; see BENCHMARKS.md). Not part of `make test`.
 bench: $(STAMP)
@@ -88,6 +92,18 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/probe_speed.py
 	$(BIN)/python bench/tag_overhead.py --model base --runs 7 --temperature 0 --threads 1
+	$(BIN)/python bench/robust_throughput.py --model tiny.en --mixtures 16 --rounds 3
+
+# Wheels of wat's dependencies that a GPU box's own Python may lack, for bench/gpu_check.sh on a machine
+# without network (it installs from wheels/ with pip --no-index). GPU_PY: that box's Python version.
+GPU_PY ?= 3.12
+GPU_WHEELS := jiwer rapidfuzz soxr soundfile cffi pycparser av more-itertools dask distributed partd locket tblib zict tornado
+gpu-wheels: $(STAMP)
+	rm -rf wheels && mkdir -p wheels
+	$(BIN)/python -m pip wheel -q --no-deps -w wheels openai-whisper
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d wheels $(GPU_WHEELS)
+	du -sh wheels
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

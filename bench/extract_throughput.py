@@ -11,7 +11,7 @@ TFLOP/s (analytic FLOP count of the convs, projections, MLPs and attention).
 
     python bench/extract_throughput.py                                  # CPU: base, trim, 5 s clips
     python bench/extract_throughput.py --device cuda --model large-v1 --batch-size 32 --clips 2000
-    python bench/extract_throughput.py --device cuda --random-weights large-v1   # no weights offline
+    python bench/extract_throughput.py --device cuda --model large-v1 --random-weights fallback  # no network
     python bench/extract_throughput.py --rss 1000 5000 --model tiny.en  # peak RSS vs dataset size (Linux)
 
 Audio: `make_demo` clips (ESC-50 layout, 5 s, 44.1 kHz wav, decoded and resampled for real); a run
@@ -45,8 +45,7 @@ from wat.data.demo import CLASSES, make_demo
 from wat.extract.layers import LayerTaps, log_mel, short_input
 from wat.extract.pipeline import ExtractOptions, extract_dataset, get_model
 
-LARGE_V1 = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=32,
-                n_vocab=51865, n_text_ctx=448, n_text_state=1280, n_text_head=20, n_text_layer=32)
+from common import dense_peak_tflops, device_name, whisper_model, write_json
 
 
 def dataset(workdir: Path, n: int, seconds: float, pool: int):
@@ -58,17 +57,6 @@ def dataset(workdir: Path, n: int, seconds: float, pool: int):
     files = ds.clips
     clips = [replace(files[k % len(files)], id=f"{k:07d}") for k in range(n)]
     return replace(ds, clips=clips, problems=[])
-
-
-def random_model(name: str, device: str):
-    """A Whisper with random weights and the real dims: for throughput when weights can't be had."""
-    import whisper
-
-    if name != "large-v1":
-        raise SystemExit(f"--random-weights knows large-v1 only, not {name!r}")
-    model = whisper.model.Whisper(whisper.model.ModelDimensions(**LARGE_V1)).to(device).eval()
-    model._wat_name = f"random-{name}"
-    return model
 
 
 def encoder_flops(dims, mel_frames: int) -> float:
@@ -221,7 +209,8 @@ def _rss_mb() -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="base")
-    p.add_argument("--random-weights", metavar="NAME", help="a random-weight model of these dims (large-v1)")
+    p.add_argument("--random-weights", choices=("never", "fallback", "always"), default="never",
+                   help="random weights with --model's dims: 'fallback' when the weights cannot be loaded")
     p.add_argument("--policy", default="trim", choices=POLICIES)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
@@ -235,9 +224,17 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="rounds of (a), (b), (c); the best of each is reported")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON (bench/gpu_check.sh)")
     p.add_argument("--rss", type=int, nargs="+", metavar="N", help="peak RSS of the pipeline for N clips, each run in a child")
     p.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for name in ("batch_size", "shard_size", "frames", "clips", "pool", "repeat"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.clip_seconds <= 30:
+        p.error("--clip-seconds must be in (0, 30]")
+    if args.official_clips is not None and args.official_clips < 1:
+        p.error("--official-clips must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory(prefix="wat-bench-") if args.workdir is None else None
@@ -265,13 +262,13 @@ def main(argv=None) -> int:
                              batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size,
                              clip_seconds=args.clip_seconds)
     n_samples = round(args.clip_seconds * 16000)
-    model = random_model(args.random_weights, args.device) if args.random_weights else get_model(args.model, args.device)
+    model, random = whisper_model(args.model, args.device, args.random_weights)
     ds = dataset(work, args.clips, args.clip_seconds, args.pool)
     name = model._wat_name
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
     print(f"model {name}, policy {args.policy}, {args.clip_seconds:g} s clips, batch {args.batch_size}, "
-          f"device {args.device}, {args.clips} clips" + (" (RANDOM WEIGHTS: throughput only)" if args.random_weights else ""))
+          f"device {args.device}, {args.clips} clips" + (" (RANDOM WEIGHTS: throughput only)" if random else ""))
 
     ffmpeg = official_ffmpeg(work)
     print(f"official-style decoding: {'ffmpeg subprocess per clip (' + ffmpeg + ')' if ffmpeg else 'in-process (no ffmpeg found: conservative)'}")
@@ -287,9 +284,19 @@ def main(argv=None) -> int:
     print(f"(c) official-style  {official:9.2f} clips/s")
     print(f"pipeline/bare      {pipe / bare:.3f}")
     print(f"pipeline/official  {pipe / official:.2f}")
-    if args.device.startswith("cuda"):
-        f = encoder_flops(model.dims, mel_frames(options, n_samples))
-        print(f"encoder: {f / 1e9:.1f} GFLOP/clip; bare {bare * f / 1e12:.1f} TFLOP/s, pipeline {pipe * f / 1e12:.1f} TFLOP/s")
+    f = encoder_flops(model.dims, mel_frames(options, n_samples))
+    gpu = device_name(args.device)
+    peak = dense_peak_tflops(gpu) if args.device.startswith("cuda") else None
+    print(f"encoder: {f / 1e9:.1f} GFLOP/clip; bare {bare * f / 1e12:.2f} TFLOP/s, pipeline {pipe * f / 1e12:.2f} TFLOP/s"
+          + (f" = {100 * bare * f / 1e12 / peak:.0f}% / {100 * pipe * f / 1e12 / peak:.0f}% of {gpu}'s dense fp16 peak "
+             f"{peak:.0f}" if peak else ""))
+    if args.json:
+        write_json(args.json, {"bench": "extract", "device": gpu, "model": name, "random_weights": random,
+                               "policy": args.policy, "batch_size": args.batch_size, "clips": args.clips,
+                               "pipeline": pipe, "bare": bare, "bare_hooked": hooked, "official": official,
+                               "pipeline_bare": pipe / bare, "pipeline_official": pipe / official,
+                               "encoder_gflop_per_clip": f / 1e9, "bare_tflops": bare * f / 1e12,
+                               "pipeline_tflops": pipe * f / 1e12, "peak_tflops": peak})
     return 0
 
 

@@ -24,9 +24,11 @@ import torch
 
 from wat.data import demo
 from wat.data.audio import load_audio
-from wat.extract import EncoderPasses, load_whisper
+from wat.extract import EncoderPasses
 from wat.extract.tag import transcribe_and_tag
 from wat.data.heads import HeadInfo, build_head, load_head
+
+from common import device_name, whisper_model, write_json
 
 SR = 16_000
 SPEECH = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "speech_en.wav"
@@ -58,11 +60,20 @@ def main(argv=None) -> int:
                    help="decoding temperature(s); default whisper's fall-back sequence 0.0 ... 1.0")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--random-weights", choices=("never", "fallback", "always"), default="never",
+                   help="random weights with --model's dims ('fallback': when the weights cannot be loaded); "
+                        "the decoder is then capped at --sample-len tokens per window")
+    p.add_argument("--sample-len", type=int, default=100,
+                   help="tokens per 30 s window with random weights (a random decoder never stops by itself; "
+                        "~100 is dense English speech)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON (bench/gpu_check.sh)")
     args = p.parse_args(argv)
+    if args.runs < 1 or not 0 < args.seconds <= 3600 or not args.time_res > 0 or args.sample_len < 1:
+        p.error("--runs and --sample-len must be at least 1, --seconds in (0, 3600], --time-res > 0")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = load_whisper(args.model, device=args.device)
+    model, random = whisper_model(args.model, args.device, args.random_weights)
     if args.head:
         head = load_head(args.head)
     else:  # the cost does not depend on the weights
@@ -70,7 +81,9 @@ def main(argv=None) -> int:
         head = (build_head("tl-tr", d.n_audio_layer, d.n_audio_state, 527, args.proj_dim),
                 HeadInfo("tl-tr", d.n_audio_layer, d.n_audio_state, 527, args.proj_dim, model=args.model))
     audio = make_audio(args.seconds)
-    options = dict(fp16=args.device == "cuda", language="en")
+    options = dict(fp16=args.device.startswith("cuda"), language="en")
+    if random:
+        options.update(sample_len=args.sample_len, condition_on_previous_text=False)
     if args.temperature:
         options["temperature"] = tuple(args.temperature)
 
@@ -84,12 +97,12 @@ def main(argv=None) -> int:
     passes = {}
     for i in range(args.runs + 1):
         for name, fn in (("plain", plain), ("tagged", tagged)):
-            if args.device == "cuda":
+            if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             with EncoderPasses(model) as count:
                 start = time.perf_counter()
                 result = fn()
-                if args.device == "cuda":
+                if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
             passes[name] = count.n
@@ -105,6 +118,11 @@ def main(argv=None) -> int:
     for k in ("plain", "tagged"):
         print(f"{k:>7}: median {med[k]:.2f} s  ({', '.join(f'{t:.2f}' for t in times[k])})")
     print(f"ratio tagged/plain: {med['tagged'] / med['plain']:.3f}")
+    if args.json:
+        write_json(args.json, {"bench": "tag", "device": device_name(args.device), "model": model._wat_name,
+                               "random_weights": random, "runs": args.runs, "seconds": args.seconds,
+                               "plain_s": med["plain"], "tagged_s": med["tagged"],
+                               "ratio": med["tagged"] / med["plain"], "passes": passes})
     return 0
 
 

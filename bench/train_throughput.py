@@ -28,22 +28,25 @@ from wat.data.heads import build_head, head_field
 from wat.train.inputs import batches
 from wat.train.step import StepConfig, amp, make_optimizer, train_step
 
+from common import device_name, write_json
+
 SIZES = {"tiny": (4, 384), "base": (6, 512), "small": (12, 768), "medium": (24, 1024), "large": (32, 1280)}
 
 
-def make_cache(folder: Path, n: int, n_layers: int, dim: int, shard_clips: int = 512) -> Path:
+def make_cache(folder: Path, n: int, n_layers: int, dim: int, shard_clips: int = 512, frames: int = 25) -> Path:
+    """`frames` 1 for heads that read `mean` only: 20000 large clips at 25 frames are 41 GB."""
     index = folder / "feats.h5"
     if index.exists():
         return index
     vocab = audioset_vocabulary()
-    meta = synthetic_meta(vocab=vocab, multilabel=True, n_layers=n_layers, n_frames=25, dim=dim, clip_seconds=10.0,
+    meta = synthetic_meta(vocab=vocab, multilabel=True, n_layers=n_layers, n_frames=frames, dim=dim, clip_seconds=10.0,
                           dataset="bench")
     rng = np.random.default_rng(0)
     labels = [tuple(sorted(set(rng.integers(0, len(vocab), 2).tolist()))) for _ in range(n)]
     feats = np.random.default_rng(1)  # one shard at a time: a large cache never sits in memory
 
     def rows(a, b):
-        return feats.standard_normal((b - a, n_layers, 25, dim), dtype=np.float32).astype(np.float16)
+        return feats.standard_normal((b - a, n_layers, frames, dim), dtype=np.float32).astype(np.float16)
 
     write_synthetic_cache(index, meta, rows, labels, ids=[f"c{i:07d}" for i in range(n)],
                           shards=[min(shard_clips, n - a) for a in range(0, n, shard_clips)])
@@ -90,7 +93,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--cache-dir", help="keep the synthetic cache here (reused when present)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON (bench/gpu_check.sh)")
     a = p.parse_args(argv)
+    for name in ("clips", "steps", "per_round", "batch_size"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.proj_dim is not None and a.proj_dim < 1:
+        p.error("--proj-dim must be at least 1")
     device = torch.device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -99,11 +108,12 @@ def main(argv=None) -> int:
     folder = Path(a.cache_dir or tmp.name)
     folder.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    cache = open_cache(make_cache(folder, a.clips, n_layers, dim))
-    print(f"cache: {len(cache)} clips {n_layers}x25x{dim} ({time.perf_counter() - t:.1f} s to make/open); "
+    field = head_field(a.head)
+    frames = 25 if field == "features" else 1
+    cache = open_cache(make_cache(folder, a.clips, n_layers, dim, frames=frames))
+    print(f"cache: {len(cache)} clips {n_layers}x{frames}x{dim} ({time.perf_counter() - t:.1f} s to make/open); "
           f"head {a.head} proj_dim {a.proj_dim}; batch {a.batch_size}; {a.steps} timed steps; device {device}; "
           f"torch threads {torch.get_num_threads()}")
-    field = head_field(a.head)
     targets = torch.from_numpy(cache.label_matrix().astype(np.float32)).to(device)
     aug = StepConfig(True, 10 if field == "features" else 0, 0, 0.5, 0.1)
     none = StepConfig(True, 0, 0, 0.0, 0.0)
@@ -140,6 +150,10 @@ def main(argv=None) -> int:
     base = results["compute only"]
     for k, v in results.items():
         print(f"{k:28s} {v:10.1f} samples/s   ratio {v / base:.2f}")
+    if a.json:
+        write_json(a.json, {"bench": "train", "device": device_name(a.device), "size": a.size, "head": a.head,
+                            "proj_dim": a.proj_dim, "batch_size": a.batch_size, "clips": a.clips, "samples_per_s": results,
+                            "ratios": {k: v / base for k, v in results.items()}})
     if tmp is not None:
         cache.close()
         tmp.cleanup()

@@ -1,4 +1,7 @@
 """wat.data: labels, audio decoding, dataset adapters, demo data, and the feature cache."""
+# the PyPI distribution, for install hints (`wat` there is an unrelated project; the import name stays wat)
+DIST = "whisper-audio-tagging"
+
 from .audio import SAMPLE_RATE, AudioError, fit_length, load_audio
 from .datasets import Clip, Dataset, DatasetError, load_dataset
 from .demo import make_demo

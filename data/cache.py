@@ -19,6 +19,10 @@ Shard file (`shard-00000.h5`), N clips, L layers, T pooled frames, D dims, C cla
     label_indices   int32    [nnz]        -                              indices[indptr[i]:indptr[i+1]]
     fold            int16    [N]          -                              -1 = no fold
     duration        f32      [N]          -                              seconds of real audio
+    --------------- -------- ------------ ------------------------------ ---------------------------
+    optional columns (`COLUMNS`; present when the meta's `columns` names them, in every shard):
+    snr             f32      [N]          -                              dB of a noisy-speech mixture
+    utterance       utf-8    [N]          -                              speech id of the mixture
     =============== ======== ============ ============================== ===========================
 
     No compression: fp16 activations gain only ~1.1x from gzip+shuffle and reads get slower.
@@ -43,18 +47,23 @@ index of each stored layer (`wat-extract --layers 8:32`); L = len(layers).
 Attributes (shard and index alike): `schema_version`, `kind` ("shard" | "index"), `model`,
 `fingerprint`, `n_layers`, `n_frames`, `dim`, `policy`, `pooling`, `sample_rate`, `clip_seconds`,
 `vocab` (Vocabulary JSON), `multilabel`, `dataset`, `versions` (JSON), `storage`, `layers` (JSON
-list); shards also `n_clips` and `digest` (sha256 of the ids and the meta, so a shard swapped for
-another is detected). `schema_version` is the oldest reader that reads the file right: 2 for fp16
-caches of every layer (version 1 plus checksums; `storage`/`layers` absent means fp16/all), 3 for
-int8 or layer-subset caches, which a version-2 reader would misread. Version 1 files (no checksums)
-are still read.
+list), `columns` (JSON list of the optional columns present; absent = none, so caches written
+before columns existed stay valid and keep their digests); shards also `n_clips` and `digest`
+(sha256 of the ids and the meta, so a shard swapped for another is detected). `schema_version` is
+the oldest reader that reads the file right: 2 for fp16 caches of every layer (version 1 plus
+checksums; `storage`/`layers` absent means fp16/all), 3 for int8 or layer-subset caches, which a
+version-2 reader would misread. Version 1 files (no checksums) are still read. Optional columns are
+per-clip metadata that a reader may use or ignore (wat-robust writes `snr` and `utterance`;
+wat-probe/wat-train ignore them); a new one is one row in `COLUMNS`. Caches whose shards hold
+different column sets are incompatible.
 
 Index file (`feats.h5`): `features` and `mean` are HDF5 virtual datasets over the shards with
 source paths relative to the index's folder (HDF5 resolves them there, so the folder can be moved;
 missing sources read as NaN, never zeros); `ids`, `label_indptr`, `label_indices`, `fold`,
-`duration` are copied in; `shard_paths` (utf-8, relative), `shard_rows` (int64) and `shard_digests`
-(utf-8) record the shards; int8 caches also copy each shard's scales into `features_scale` and
-`mean_scale` [S, L, D] (the virtual datasets hold the raw int8 values). `open_cache` checks every shard against these records before any read,
+`duration` and the optional columns are copied in; `shard_paths` (utf-8, relative), `shard_rows`
+(int64) and `shard_digests` (utf-8) record the shards; int8 caches also copy each shard's scales
+into `features_scale` and `mean_scale` [S, L, D] (the virtual datasets hold the raw int8 values).
+`open_cache` checks every shard against these records before any read,
 and `Cache.read` reads the shards directly, so a VDS fill value can never reach a caller.
 
 Atomicity: every file is written to a `.partial` file beside NAME, flushed, fsynced, closed and `os.replace`d onto
@@ -87,6 +96,8 @@ _STORED = {"fp16": np.float16, "int8": np.int8}
 _META_KEYS = ("model", "fingerprint", "n_layers", "n_frames", "dim", "policy", "pooling",
               "sample_rate", "clip_seconds", "multilabel", "dataset")
 _STR = h5py.string_dtype("utf-8")
+# optional per-clip columns: name -> stored dtype (see the schema table)
+COLUMNS = {"snr": np.dtype(np.float32), "utterance": _STR}
 
 
 POLICIES = ("pad30", "trim")  # what the encoder sees: 30 s windows as in ASR, or only the clip
@@ -120,6 +131,7 @@ class CacheMeta:
     versions: dict = field(default_factory=dict)  # package versions, informative only
     storage: str = "fp16"    # stored precision of features/mean: "fp16" | "int8" (scaled, see above)
     layers: tuple = ()       # encoder block index of each stored layer; () = all n_layers blocks
+    columns: tuple[str, ...] = ()  # optional per-clip columns present (names in COLUMNS)
 
     def __post_init__(self):
         layers = tuple(int(x) for x in self.layers) or tuple(range(self.n_layers))
@@ -127,7 +139,11 @@ class CacheMeta:
             raise CacheError(f"layers {list(layers)} must be {self.n_layers} increasing block indices >= 0")
         if self.storage not in STORAGES:
             raise CacheError(f"unknown storage {self.storage!r}; one of {', '.join(STORAGES)}")
+        bad = [c for c in self.columns if c not in COLUMNS]
+        if bad:
+            raise CacheError(f"unknown optional column(s) {bad}; known: {', '.join(COLUMNS)}")
         object.__setattr__(self, "layers", layers)  # frozen: normalised once, here
+        object.__setattr__(self, "columns", tuple(sorted(self.columns)))
 
     @property
     def all_layers(self) -> bool:
@@ -140,6 +156,8 @@ class CacheMeta:
         d.update(schema_version=2 if plain else SCHEMA_VERSION, vocab=self.vocab.to_json(),
                  versions=json.dumps(self.versions, sort_keys=True), storage=self.storage,
                  layers=json.dumps(list(self.layers)))
+        if self.columns:
+            d["columns"] = json.dumps(list(self.columns))
         return d
 
     @classmethod
@@ -158,7 +176,8 @@ class CacheMeta:
                        sample_rate=int(attrs["sample_rate"]), clip_seconds=float(attrs["clip_seconds"]),
                        vocab=Vocabulary.from_json(_s(attrs["vocab"])), multilabel=bool(attrs["multilabel"]),
                        dataset=_s(attrs["dataset"]), versions=json.loads(_s(attrs.get("versions", "{}"))),
-                       storage=_s(attrs.get("storage", "fp16")), layers=tuple(json.loads(_s(attrs.get("layers", "[]")))))
+                       storage=_s(attrs.get("storage", "fp16")), layers=tuple(json.loads(_s(attrs.get("layers", "[]")))),
+                       columns=tuple(json.loads(_s(attrs.get("columns", "[]")))))
         except KeyError as e:
             raise CacheError(f"not a wat cache file: attribute {e.args[0]!r} missing") from None
         except (ValueError, LabelError) as e:
@@ -169,7 +188,7 @@ class CacheMeta:
         The stored precision is transparent to readers, so two caches may differ in it; the shards
         of one cache (`same_cache`) may not: one output holds one precision."""
         keys = ("fingerprint", "policy", "pooling", "n_layers", "layers", "n_frames", "dim", "sample_rate",
-                "multilabel") + (("storage",) if same_cache else ())
+                "multilabel", "columns") + (("storage",) if same_cache else ())
         out = [f"{k}: {_show(getattr(self, k))} != {_show(getattr(other, k))}"
                for k in keys if getattr(self, k) != getattr(other, k)]
         if self.vocab != other.vocab:
@@ -181,6 +200,8 @@ class CacheMeta:
         """Hash of everything that matters for compatibility (not model name/versions)."""
         d = asdict(self)
         d.pop("versions"), d.pop("model")
+        if not d["columns"]:
+            d.pop("columns")  # caches without optional columns keep the digests they were written with
         d["vocab"] = self.vocab.to_json()
         if self.storage == "fp16":  # absent before they existed: digests of older caches still match
             d.pop("storage")
@@ -194,7 +215,8 @@ def _s(v) -> str:
 
 
 def _show(v) -> str:
-    if isinstance(v, tuple) and len(v) > 2 and v == tuple(range(v[0], v[-1] + 1)):
+    if (isinstance(v, tuple) and len(v) > 2 and all(isinstance(x, int) for x in v)
+            and v == tuple(range(v[0], v[-1] + 1))):
         return f"{v[0]}:{v[-1] + 1}"  # layer ranges read as the --layers option that made them
     return repr(v)
 
@@ -337,9 +359,11 @@ def _row_scale(field: str, scale: np.ndarray) -> np.ndarray:
     return scale[:, None, :] if field == "features" else scale
 
 
-def write_shard(path, meta: CacheMeta, ids, features, labels, folds=None, durations=None, mean=None) -> None:
+def write_shard(path, meta: CacheMeta, ids, features, labels, folds=None, durations=None, mean=None,
+                columns: dict | None = None) -> None:
     """Write one shard atomically. features [N, L, T, D] any float, stored as `meta.storage`
-    (f16, or int8 with per-(layer, channel) scales of this shard); labels: index tuples."""
+    (f16, or int8 with per-(layer, channel) scales of this shard); labels: index tuples;
+    columns: {name: N values} for exactly the optional columns `meta.columns` names."""
     path = Path(path)
     ids = [str(i) for i in ids]
     n = len(ids)
@@ -368,6 +392,7 @@ def write_shard(path, meta: CacheMeta, ids, features, labels, folds=None, durati
     durations = np.full(n, meta.clip_seconds, np.float32) if durations is None else np.asarray(durations, np.float32)
     if folds.shape != (n,) or durations.shape != (n,):
         raise CacheError(f"{path}: folds/durations must have {n} entries")
+    columns = _check_columns(path, meta, columns or {}, n)
     if meta.storage == "int8":
         f_scale, m_scale = _int8_scale(features, (0, 2)), _int8_scale(mean, (0,))
         stored = {"features": quantize(features, _row_scale("features", f_scale)),
@@ -390,6 +415,27 @@ def write_shard(path, meta: CacheMeta, ids, features, labels, folds=None, durati
         f.create_dataset("label_indices", data=indices)
         f.create_dataset("fold", data=folds)
         f.create_dataset("duration", data=durations)
+        for name, values in columns.items():
+            f.create_dataset(name, data=values, dtype=COLUMNS[name])
+
+
+def _check_columns(path, meta: CacheMeta, columns: dict, n: int) -> dict:
+    if set(columns) != set(meta.columns):
+        raise CacheError(f"{path}: columns {sorted(columns)} given, meta says {list(meta.columns)}")
+    out = {}
+    for name, values in columns.items():
+        if COLUMNS[name] == _STR:
+            values = np.array([str(v) for v in values], dtype=object)
+        else:
+            values = np.asarray(values, COLUMNS[name])
+        if values.shape != (n,):
+            raise CacheError(f"{path}: column {name!r} has shape {values.shape}, expected ({n},)")
+        out[name] = values
+    return out
+
+
+def _read_column(dset: h5py.Dataset) -> np.ndarray:
+    return np.array(dset.asstr()[:], dtype=str) if h5py.check_string_dtype(dset.dtype) else dset[:]
 
 
 def _open_h5(path) -> h5py.File:
@@ -441,9 +487,12 @@ def build_index(index_path, shard_paths) -> None:
     L, T, D = meta.n_layers, meta.n_frames, meta.dim
     ids, indptr, indices, folds, durs = [], [np.zeros(1, np.int64)], [], [], []
     scales = {"features_scale": [], "mean_scale": []} if meta.storage == "int8" else {}
+    cols = {name: [] for name in meta.columns}
     offset = 0
     for p in shard_paths:
         with _open_h5(p) as f:
+            for name in cols:
+                cols[name].append(_read_column(f[name]))
             ids.extend(f["ids"].asstr()[:])
             for name, got in scales.items():
                 got.append(f[name][:])
@@ -475,6 +524,10 @@ def build_index(index_path, shard_paths) -> None:
         f.create_dataset("label_indices", data=np.concatenate(indices).astype(np.int32))
         f.create_dataset("fold", data=np.concatenate(folds).astype(np.int16))
         f.create_dataset("duration", data=np.concatenate(durs).astype(np.float32))
+        for name, parts in cols.items():
+            values = np.concatenate(parts)
+            f.create_dataset(name, data=values.astype(object) if COLUMNS[name] == _STR else values,
+                             dtype=COLUMNS[name])
         f.create_dataset("shard_paths", data=np.array(rel, dtype=object), dtype=_STR)
         f.create_dataset("shard_rows", data=np.asarray(rows, np.int64))
         f.create_dataset("shard_digests", data=np.array([r[2] for r in records], dtype=object), dtype=_STR)
@@ -520,7 +573,8 @@ def _forget(path: str) -> None:
 class Cache:
     """An opened, validated cache. Picklable: it holds paths, and files are opened per process."""
 
-    def __init__(self, path, meta, ids, label_indptr, label_indices, folds, durations, shards, checksummed=None):
+    def __init__(self, path, meta, ids, label_indptr, label_indices, folds, durations, shards, checksummed=None,
+                 columns=None):
         self.path = Path(path)
         self.meta: CacheMeta = meta
         self.ids: np.ndarray = ids
@@ -530,6 +584,7 @@ class Cache:
         self.shards: list[tuple[Path, int, int]] = shards  # (path, start, stop)
         # per shard: holds per-clip checksums (schema 2), else only zero/non-finite rows are caught
         self.checksummed: list[bool] = list(checksummed) if checksummed is not None else [True] * len(shards)
+        self.columns: dict[str, np.ndarray] = columns or {}  # the optional columns, by name
         self._starts = np.array([s[1] for s in shards], np.int64)
         self._crc: dict[tuple[int, str], np.ndarray] = {}
 
@@ -714,6 +769,12 @@ def open_cache(path) -> Cache:
         ids = np.array(f["ids"].asstr()[:], dtype=str)
         indptr, indices = f["label_indptr"][:], f["label_indices"][:]
         folds, durs = f["fold"][:], f["duration"][:]
+        try:
+            columns = {name: _read_column(f[name]) for name in meta.columns}
+        except KeyError as e:
+            raise CacheError(f"{path}: optional column {e.args[0]!r} named in the attributes is missing") from None
+        if any(len(v) != len(ids) for v in columns.values()):
+            raise CacheError(f"{path}: an optional column does not have one entry per clip")
         if kind == "shard":
             if int(f.attrs["n_clips"]) != len(ids) or _s(f.attrs["digest"]) != _digest(ids, meta):
                 raise CacheError(f"{path}: shard content does not match its own digest")
@@ -741,7 +802,7 @@ def open_cache(path) -> Cache:
         start += rows
     if start != len(ids):
         raise CacheError(f"{path}: shards hold {start} clips, index lists {len(ids)}")
-    return Cache(path, meta, ids, indptr, indices, folds, durs, shards, checksummed)
+    return Cache(path, meta, ids, indptr, indices, folds, durs, shards, checksummed, columns)
 
 
 def _bad_rows(block: np.ndarray, crc: np.ndarray | None) -> np.ndarray:
@@ -790,6 +851,7 @@ def check_shard(p, meta: CacheMeta | None = None, *, probe_rows: int = 16, rng=N
             checksummed = _has_checksums(f)
             if checksummed:
                 want.update({c: ((n,), np.uint32) for c in CHECKSUMS.values()})
+            want.update({name: ((n,), COLUMNS[name]) for name in m.columns})
             for name, (shape, dtype) in want.items():
                 d = f[name]
                 if d.shape != shape or d.dtype != dtype:
@@ -884,7 +946,7 @@ def info(path) -> dict:
         "features": list(cache.shape("features")), "mean": list(cache.shape("mean")),
         "dtype": str(cache.stored_dtype), "storage": m.storage, "layers": list(m.layers), "model": m.model, "fingerprint": m.fingerprint, "policy": m.policy,
         "pooling": m.pooling, "sample_rate": m.sample_rate, "clip_seconds": m.clip_seconds,
-        "dataset": m.dataset, "classes": len(m.vocab), "multilabel": m.multilabel,
+        "dataset": m.dataset, "classes": len(m.vocab), "multilabel": m.multilabel, "columns": list(m.columns),
         "labels": {"total": int(per_clip.sum()), "unlabeled_clips": int((per_clip == 0).sum()),
                    "max_per_clip": int(per_clip.max(initial=0)),
                    "classes_without_clips": int((per_class == 0).sum()),

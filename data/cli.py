@@ -6,6 +6,7 @@ import sys
 from collections import Counter
 
 from .audio import AudioError
+from .cliargs import int_range, seed_int
 from .datasets import DATASET_KINDS, DatasetError, load_dataset, problem_counts
 from .demo import CLASSES, make_demo
 
@@ -15,13 +16,13 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="write a synthetic ESC-50-layout dataset")
     demo.add_argument("--out", required=True, help="output folder (gets audio/ and meta/esc50.csv)")
-    demo.add_argument("--clips-per-class", type=int, default=8)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--clips-per-class", type=int_range(1, 10_000), default=8)
+    demo.add_argument("--seed", type=seed_int, default=0)
     show = sub.add_parser("list", help="load a dataset and print counts, classes and skipped rows")
     show.add_argument("--dataset", required=True, choices=DATASET_KINDS)
     show.add_argument("--root", required=True, help="dataset folder (audio is looked up under it)")
     show.add_argument("--manifest", help="manifest file or folder, when not in the default place")
-    show.add_argument("--problems", type=int, default=5, help="how many skipped rows to show (default 5)")
+    show.add_argument("--problems", type=int_range(0, 1_000_000), default=5, help="how many skipped rows to show (default 5)")
     args = parser.parse_args(argv)
 
     try:

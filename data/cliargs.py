@@ -34,6 +34,7 @@ def int_range(lo: int, hi: int | None = None):
 
 
 positive_int = int_range(1)  # argparse type: an integer >= 1
+seed_int = int_range(0, 2**32 - 1)  # argparse type: a random seed (numpy accepts 0..2**32-1)
 
 
 def float_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):

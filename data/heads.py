@@ -384,13 +384,28 @@ class Features:
                    meta.vocab, meta.multilabel, meta.layers)
 
 
-_SIZE = re.compile(r"(?:whisper-at:)?(tiny|base|small|medium|large)(?:\.en|-v\d)?(?:-turbo)?$")
+# A Whisper release name, as wat, openai-whisper, whisper-at (official heads: "whisper-at:SIZE") and
+# Hugging Face ids ("openai/whisper-large-v3") spell it; other names (paths, fine-tunes) match nothing.
+_RELEASE = re.compile(r"(?:whisper-at:|whisper-)?(tiny|base|small|medium|large)(\.en)?(-v\d)?(-turbo)?")
 
 
-def _whisper_size(name: str) -> str | None:
-    # "tiny.en", "base", "large-v3", "whisper-at:base" -> the size; paths and other names -> None
-    m = _SIZE.fullmatch(name.rsplit("/", 1)[-1])
-    return m.group(1) if m else None
+def _whisper_release(name: str) -> tuple[str, frozenset[str] | None] | None:
+    """(size, the large releases the name can stand for) of a Whisper release name, None for other
+    names. The release set is None for sizes below large, which have one release each. "large" is
+    large-v3 in openai-whisper (and so in wat); whisper-at's official large heads were trained on
+    large-v1 or large-v2 (its "large" is large-v2), and the head file does not say which."""
+    base = name.rsplit("/", 1)[-1]
+    if base == "turbo":  # openai-whisper's alias
+        return "large", frozenset({"large-v3-turbo"})
+    m = _RELEASE.fullmatch(base)
+    if not m:
+        return None
+    size, _, version, turbo = m.groups()
+    if size != "large":
+        return size, None
+    if name.startswith("whisper-at:"):
+        return size, frozenset({"large-v1", "large-v2"})
+    return size, frozenset({f"large{version or '-v3'}{turbo or ''}"})
 
 
 def head_problems(info: HeadInfo, feats: Features) -> list[str]:
@@ -398,8 +413,9 @@ def head_problems(info: HeadInfo, feats: Features) -> list[str]:
     wat-train --init, wat-eval and wat-tag; mirrors `CacheMeta.incompatibilities`.
 
     Encoder weights: compared by fingerprint when both sides know theirs; otherwise (official
-    Whisper-AT heads record only the Whisper size their width implies) by Whisper size name, when
-    both names are Whisper release names."""
+    Whisper-AT heads record only the Whisper size their width implies) by Whisper release name, when
+    both names are release names: the size, and for large models the release (large-v1/-v2 for an
+    official head, large-v3 for "large", large-v3-turbo, ...)."""
     out = []
     blocks = info.blocks
     # a head trained on a --layers cache reads those blocks: a cache must hold exactly them, a live
@@ -423,10 +439,14 @@ def head_problems(info: HeadInfo, feats: Features) -> list[str]:
             out.append(f"Whisper weights: head trained on {info.model or '?'} ({info.fingerprint[:12]}), "
                        f"features from {feats.model or '?'} ({feats.fingerprint[:12]})")
     else:
-        mine, theirs = _whisper_size(info.model), _whisper_size(feats.model)
-        if mine and theirs and mine != theirs:
-            out.append(f"Whisper weights: head trained on {info.model} (a {mine} model), "
-                       f"features from {feats.model} (a {theirs} model)")
+        mine, theirs = _whisper_release(info.model), _whisper_release(feats.model)
+        if mine and theirs and mine[0] != theirs[0]:
+            out.append(f"Whisper weights: head trained on {info.model} (a {mine[0]} model), "
+                       f"features from {feats.model} (a {theirs[0]} model)")
+        elif mine and theirs and mine[1] and theirs[1] and not mine[1] & theirs[1]:
+            out.append(f"Whisper weights: head trained on {info.model} ({' or '.join(sorted(mine[1]))}), "
+                       f"features from {feats.model} ({' or '.join(sorted(theirs[1]))}); 'large' is "
+                       "large-v3 in openai-whisper and wat but large-v2 in whisper-at")
     if info.policy != feats.policy:
         out.append(f"input policy: head {info.policy}, cache {feats.policy} "
                    f"(the head was trained on '{info.policy}' features)")

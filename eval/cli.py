@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from wat.data.cache import CacheError
-from wat.data.cliargs import add_device, add_workers, parse_args
+from wat.data.cliargs import add_device, add_workers, float_range, int_range, parse_args, seed_int
 from wat.data.labels import LabelError
 
 
@@ -19,16 +19,16 @@ def probe_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--eval-features", action="append", metavar="TEST_H5",
                    help="train on --features, test on this cache (one per --features)")
-    g.add_argument("--folds", type=int, default=5,
+    g.add_argument("--folds", type=int_range(2, 1000), default=5,
                    help="K-fold protocol: the cache's own folds when it has them, else a seeded K-fold split")
     p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
     p.add_argument("--fusion", default="mean,concat", help="baselines: none, or any of mean,concat")
     g = p.add_mutually_exclusive_group()
     add_workers(g, "--jobs", help="worker processes (default: the CPUs available)")
     g.add_argument("--scheduler", metavar="ADDRESS", help="run the fits on this dask scheduler")
-    p.add_argument("--C", type=float, default=1.0, help="inverse L2 regularisation strength")
-    p.add_argument("--max-iter", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--C", type=float_range(0, 1e12, lo_open=True), default=1.0, help="inverse L2 regularisation strength")
+    p.add_argument("--max-iter", type=int_range(1, 1_000_000), default=200)
+    p.add_argument("--seed", type=seed_int, default=0)
     add_device(p, "multi-label probe device")
     p.add_argument("--out", required=True, metavar="PROBE_DIR")
     return p
@@ -63,14 +63,14 @@ def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wat-eval", description="Score a trained head on a feature cache.")
     p.add_argument("--features", required=True, metavar="TEST_H5")
     p.add_argument("--head", required=True, metavar="HEAD_PT", help="wat head (RUN_DIR/wa.pt) or official Whisper-AT head")
-    p.add_argument("--top-k", type=int, default=5, help="top-k class indices saved per clip (and top-k accuracy)")
-    p.add_argument("--threshold", type=float, help="decision threshold for every class (multi-label)")
+    p.add_argument("--top-k", type=int_range(1, 100_000), default=5, help="top-k class indices saved per clip (and top-k accuracy)")
+    p.add_argument("--threshold", type=float_range(0, 1), help="decision threshold for every class (multi-label)")
     p.add_argument("--tune-thresholds-on", metavar="CACHE",
                    help="tune per-class max-F1 thresholds on this cache (never the eval set; e.g. a validation "
                         "cache) and save them with a copy of the head")
     p.add_argument("--tune-folds", metavar="F,..",
                    help="tune only on these folds of that cache (the folds the head did not train on)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int_range(1, 1 << 20), default=256)
     add_device(p)
     p.add_argument("--out", required=True, metavar="EVAL_DIR")
     return p

@@ -23,6 +23,7 @@ import torch
 import whisper
 from whisper.model import ModelDimensions, Whisper
 
+from wat.data import DIST
 from wat.data.files import atomic_path
 
 from .ct2 import CT2Error, ct2_to_whisper
@@ -30,7 +31,6 @@ from .hf import CONFIG, INDEXES, WEIGHTS, HFError, hf_to_whisper, is_hf_dir, wei
 from .offline import OFFLINE, package_dir
 
 log = logging.getLogger(__name__)
-DIST = "whisper-audio-tagging"  # the PyPI distribution (the import name is `wat`)
 # what a hub snapshot needs; other files in a model repo (tokenizer, flax/tf weights) are skipped
 HUB_FILES = (CONFIG, "generation_config.json") + WEIGHTS + INDEXES + ("*.safetensors",)
 # "owner/name" as the hub spells repository ids

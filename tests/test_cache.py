@@ -327,3 +327,58 @@ def test_meta_attrs_round_trip():
         CacheMeta.from_attrs(attrs)
     assert dataclasses.replace(meta, model="x").digest() == meta.digest()
     assert dataclasses.replace(meta, policy="trim").digest() != meta.digest()
+
+
+# ---------------------------------------------------------------- optional columns (snr, utterance)
+
+def _columns_cache(folder, sizes=(6, 4)):
+    meta = make_meta(columns=("utterance", "snr"))
+    ids, feats, labels, folds, durs = make_data(sum(sizes))
+    snr = np.linspace(-10, 20, sum(sizes)).astype(np.float32)
+    utt = [f"spk-{i % 3}-é" for i in range(sum(sizes))]
+    paths, a = [], 0
+    for i, k in enumerate(sizes):
+        p = shard_path(folder / "shards", i)
+        write_shard(p, meta, ids[a:a + k], feats[a:a + k], labels[a:a + k], folds[a:a + k], durs[a:a + k],
+                    columns={"snr": snr[a:a + k], "utterance": utt[a:a + k]})
+        paths.append(p)
+        a += k
+    build_index(folder / "feats.h5", paths)
+    return folder / "feats.h5", paths, snr, utt
+
+
+def test_optional_columns_round_trip(tmp_path):
+    index, paths, snr, utt = _columns_cache(tmp_path)
+    cache = open_cache(index)
+    assert cache.meta.columns == ("snr", "utterance")  # kept sorted
+    np.testing.assert_array_equal(cache.columns["snr"], snr)
+    assert list(cache.columns["utterance"]) == utt
+    assert list(open_cache(paths[1]).columns["utterance"]) == utt[6:]
+    assert verify(index) == []
+    assert info(index)["columns"] == ["snr", "utterance"]
+
+
+def test_caches_without_columns_keep_their_digest(tmp_path):
+    # caches written before optional columns existed have no `columns` attribute: still valid
+    index, paths, _ = write_cache(tmp_path, sizes=(5,))
+    with h5py.File(paths[0], "r") as f:
+        assert "columns" not in f.attrs
+    assert open_cache(index).columns == {} and verify(index) == []
+    assert make_meta().digest() == make_meta(columns=()).digest()
+    assert make_meta().digest() != make_meta(columns=("snr",)).digest()
+
+
+def test_optional_columns_are_checked(tmp_path):
+    meta = make_meta(columns=("snr",))
+    ids, feats, labels, folds, durs = make_data(4)
+    with pytest.raises(CacheError, match="columns"):
+        write_shard(tmp_path / "a.h5", meta, ids, feats, labels, folds, durs)  # column missing
+    with pytest.raises(CacheError, match="shape"):
+        write_shard(tmp_path / "a.h5", meta, ids, feats, labels, folds, durs, columns={"snr": [1.0, 2.0]})
+    with pytest.raises(CacheError, match="unknown optional column"):
+        make_meta(columns=("loudness",))
+    # shards with and without the column cannot share an index
+    write_shard(tmp_path / "s0.h5", meta, ids, feats, labels, folds, durs, columns={"snr": [0, 1, 2, 3]})
+    write_shard(tmp_path / "s1.h5", make_meta(), [f"x{i}" for i in range(4)], feats, labels, folds, durs)
+    with pytest.raises(CacheError, match="columns"):
+        build_index(tmp_path / "feats.h5", [tmp_path / "s0.h5", tmp_path / "s1.h5"])

@@ -2,6 +2,7 @@
 import csv
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from wat.data.audio import load_audio
@@ -55,5 +56,6 @@ def test_demo_is_deterministic_for_a_seed(tmp_path):
 
 
 def test_demo_cli_rejects_bad_count(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--clips-per-class", "0"]) == 2
-    assert "clips_per_class" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # refused by argparse, before anything is written
+        main(["demo", "--out", str(tmp_path), "--clips-per-class", "0"])
+    assert e.value.code == 2 and "error: argument --clips-per-class" in capsys.readouterr().err

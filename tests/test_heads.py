@@ -1,8 +1,10 @@
+import re
+
 import pytest
 import torch
 
-from wat.data.heads import (HeadError, HeadInfo, build_head, load_head, n_parameters, official_to_state_dict,
-                             save_head)
+from wat.data.heads import (Features, HeadError, HeadInfo, build_head, head_problems, load_head, n_parameters,
+                             official_to_state_dict, save_head)
 
 
 def block(d):  # whisper ResidualAttentionBlock: q,k(no bias),v,out + 2 LN + 4x MLP
@@ -158,3 +160,31 @@ def test_head_module_does_not_import_whisper(tmp_path):
     proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("head_model, feats_model, problem", [
+    ("whisper-at:large", "large-v2", None),
+    ("whisper-at:large", "large-v1", None),
+    # openai-whisper's (and wat's) "large" is large-v3; whisper-at's large heads are v1/v2
+    ("whisper-at:large", "large", r"whisper-at:large \(large-v1 or large-v2\), features from large \(large-v3\)"),
+    ("whisper-at:large", "openai/whisper-large-v3", r"features from openai/whisper-large-v3 \(large-v3\)"),
+    ("whisper-at:large", "turbo", r"\(large-v3-turbo\)"),
+    ("whisper-at:large", "/models/my-finetune", None),        # unknown names: nothing to compare
+    ("whisper-at:large", "distil-whisper/distil-large-v3", None),
+    ("whisper-at:base", "base.en", None),
+    ("whisper-at:base", "openai/whisper-small", r"\(a base model\), features from openai/whisper-small \(a small model\)"),
+    ("large-v3", "large", None),
+    ("large-v2", "openai/whisper-large-v2", None),
+])
+def test_release_names_without_fingerprints(head_model, feats_model, problem):
+    """Without fingerprints on both sides (official heads have none) the release names decide."""
+    info = HeadInfo("tl-tr", 32, 1280, 527, model=head_model)
+    problems = [p for p in head_problems(info, Features(32, 1280, feats_model, "", "pad30"))
+                if p.startswith("Whisper weights")]
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and re.search(problem, problems[0]), problems
+    # fingerprints, when both sides have one, decide alone
+    same = Features(32, 1280, feats_model, "ab" * 32, "pad30")
+    assert head_problems(HeadInfo("tl-tr", 32, 1280, 527, model=head_model, fingerprint="ab" * 32), same) == []

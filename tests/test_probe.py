@@ -183,3 +183,35 @@ def test_bce_probe_matches_sklearn_logistic_regression():
     for c in range(3):
         ref = LogisticRegression(C=0.5, max_iter=1000, tol=1e-8).fit(x[:80], y[:80, c]).predict_proba(x[80:])[:, 1]
         np.testing.assert_allclose(got[:, c], ref, atol=2e-3)
+
+
+def test_bce_probe_preconditioning_converges_in_fewer_iterations():
+    """Correlated features and rare classes (ill-conditioned for LBFGS in raw coordinates): after 16
+    iterations the preconditioned probe is at sklearn's optimum (0.013 off); plain LBFGS on (w, b)
+    needs twice as many (0.24 off at 16, 0.012 at 32)."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(600, 24))
+    x = z @ (rng.normal(size=(24, 24)) * np.logspace(0, 1.5, 24)[:, None])   # singular values 1 .. ~30
+    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    y = (z[:, :3] + 0.5 * rng.normal(size=(600, 3))) > np.array([1.0, 1.5, 2.0])   # prevalences ~16%, 7%, 2%
+    ref = np.stack([LogisticRegression(C=1.0, max_iter=5000, tol=1e-10).fit(x, y[:, c]).predict_proba(x)[:, 1]
+                    for c in range(3)], axis=1)
+    got = P._bce_probe(x, y, x, P.ProbeOptions(max_iter=16, device="cpu"))
+
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))   # the same objective, raw coordinates
+    w = torch.zeros(24, 3, requires_grad=True)
+    b = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=16, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt) * 3 + (w * w).sum() / (2 * 600)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    plain = torch.sigmoid(xt @ w + b).detach().numpy()
+    err_pre, err_plain = np.abs(got - ref).max(), np.abs(plain - ref).max()
+    assert err_pre < 0.02 and err_plain > 3 * err_pre, (err_pre, err_plain)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from wat.data import DIST
+
 from .options import TrainError
 
 
@@ -30,7 +32,7 @@ def check(logdir) -> None:
     try:
         import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
     except ImportError:
-        raise BoardError("--tensorboard needs the tensorboard package: pip install 'whisper-audio-tagging[tensorboard]'") from None
+        raise BoardError(f"--tensorboard needs the tensorboard package: pip install '{DIST}[tensorboard]'") from None
     root = Path(logdir)
     if root.exists() and not root.is_dir():
         raise BoardError(f"--tensorboard {logdir}: exists and is not a folder")
@@ -59,7 +61,7 @@ class Board:
         per_run = {**rec.get("folds", {}), ("mean" if "folds" in rec else "main"): rec}
         for name, r in per_run.items():
             w = self.writers[name]
-            w.add_scalar("train/lr", rec["lr"], step)
+            w.add_scalar("train/lr", r.get("lr", rec["lr"]), step)  # per fold: --lr auto may differ
             for tag, key in (("train/loss", "train_loss"), (f"heldout/{metric}", "score"),
                              (f"heldout/{metric}_weight_avg", "score_wa")):
                 v = r.get(key)

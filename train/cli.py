@@ -11,9 +11,10 @@ from wat.data.cache import CacheError
 from wat.data.files import LockedError
 from wat.data.labels import LabelError
 
-from wat.data.cliargs import add_device, parse_args
+from wat.data.cliargs import add_device, float_range, int_range, parse_args, seed_int
 from wat.data.heads import HEADS, HeadError
 from .loop import Interrupted, TrainError, TrainOptions, train
+from .options import HEAD_LR
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -21,7 +22,31 @@ def _range(text: str) -> tuple[int, int]:
         a, b = (int(v) for v in text.split(":"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected START:END epochs, got {text!r}") from None
+    if not 1 <= a <= b:
+        raise argparse.ArgumentTypeError(f"expected START:END epochs with 1 <= START <= END, got {text!r}")
     return a, b
+
+
+def _folds(text: str) -> int:
+    """0 (off) or K >= 2: one fold would train on nothing."""
+    k = int_range(0, 1000)(text)
+    if k == 1:
+        raise argparse.ArgumentTypeError("expected 0 (off) or at least 2 folds, got 1")
+    return k
+
+
+
+_positive_lr = float_range(0, 10, lo_open=True)
+
+
+def _lr(text: str) -> float | str:
+    """A learning rate in (0, 10], or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return _positive_lr(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} or 'auto'") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,29 +54,31 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True, help="training cache (feats.h5)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--eval-features", help="evaluation cache, scored every epoch (chooses best.pt)")
-    g.add_argument("--folds", type=int, default=0, help="cross-validate over the cache's K folds (ESC-50: 5)")
+    g.add_argument("--folds", type=_folds, default=0, help="cross-validate over the cache's K folds (ESC-50: 5)")
     p.add_argument("--head", choices=list(HEADS), default="tl-tr")
-    p.add_argument("--proj-dim", "--dim", dest="proj_dim", type=int,
+    p.add_argument("--proj-dim", "--dim", dest="proj_dim", type=int_range(8, 65536),
                    help="TL-Tr/WA-Tr projection width, a multiple of 8 (default: the encoder width)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=48)
-    p.add_argument("--mixup", type=float, default=0.5, help="mixup probability per clip (0 = off)")
-    p.add_argument("--time-mask", type=int, default=10, help="mask up to N frames (same on all layers)")
-    p.add_argument("--feature-mask", type=int, help="mask up to N feature dims (default off; width/10 with CR)")
-    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--epochs", type=int_range(1, 100_000), default=30)
+    p.add_argument("--lr", type=_lr, metavar="LR|auto",
+                   help="learning rate; 'auto': pick it by a short search on the training clips (default: "
+                        "the head kind's measured default: " + ", ".join(f"{k} {v:g}" for k, v in HEAD_LR.items()) + ")")
+    p.add_argument("--batch-size", type=int_range(1, 1 << 20), default=48)
+    p.add_argument("--mixup", type=float_range(0, 1), default=0.5, help="mixup probability per clip (0 = off)")
+    p.add_argument("--time-mask", type=int_range(0, 100_000), default=10, help="mask up to N frames (same on all layers)")
+    p.add_argument("--feature-mask", type=int_range(0, 100_000), help="mask up to N feature dims (default off; width/10 with CR)")
+    p.add_argument("--label-smoothing", type=float_range(0, 1, hi_open=True), default=0.1)
     p.add_argument("--balanced", action="store_true", help="sample clips by inverse class frequency")
-    p.add_argument("--cr-views", type=int, default=1, help="K augmented views per clip for consistency regularisation")
-    p.add_argument("--cr-weight", type=float, default=1.0)
+    p.add_argument("--cr-views", type=int_range(1, 64), default=1, help="K augmented views per clip for consistency regularisation")
+    p.add_argument("--cr-weight", type=float_range(0, 1e6), default=1.0)
     p.add_argument("--unlabeled-features", help="cache of unlabeled clips for semi-supervised CR")
-    p.add_argument("--cr-unlabeled-weight", type=float, default=1.0)
-    p.add_argument("--unlabeled-ratio", type=int, default=4, help="unlabeled clips per labeled clip per step")
+    p.add_argument("--cr-unlabeled-weight", type=float_range(0, 1e6), default=1.0)
+    p.add_argument("--unlabeled-ratio", type=int_range(1, 1000), default=4, help="unlabeled clips per labeled clip per step")
     p.add_argument("--parent-labels", action="store_true", help="also train on ontology ancestors")
     p.add_argument("--weight-average", type=_range, metavar="START:END",
                    help="average these epochs' weights into wa.pt (default: the second half)")
     p.add_argument("--init", help="start from a head checkpoint (ours or official Whisper-AT)")
     add_device(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--tensorboard", metavar="DIR",
                    help="also log per-epoch loss, lr and held-out scores (per fold, and of the running weight "

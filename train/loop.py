@@ -14,14 +14,10 @@ the epoch order and each has its own for augmentation, all checkpointed by rank 
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from wat.data import figures
 from wat.data.cache import Cache
@@ -31,10 +27,12 @@ from wat.data.heads import Features, build_head, head_problems, load_head, save_
 from wat.eval import metrics
 
 from . import board as tb
-from .distributed import World, all_reduce_grads, from_main, gather, join, leave, local_share, world_from_env
+from .distributed import World, from_main, gather, join, leave, world_from_env
+from .epoch import train_epoch
 from .evaluation import predict, score
-from .inputs import Setup, balanced_weights, batches, epoch_order, prepare, unlabeled_batches
-from .options import Interrupted, TrainError, TrainOptions, milestones, wa_range
+from .inputs import Setup, balanced_weights, prepare
+from .lrsearch import CANDIDATES, search_lr
+from .options import HEAD_LR, Interrupted, TrainError, TrainOptions, milestones, wa_range
 from .outputs import plot_curves, write_metrics, write_per_class, write_report
 from .state import Fit, load_checkpoint, resume_key, rng_state, save_checkpoint, seed_all, set_rng_state
 from .step import StepConfig, amp, make_optimizer, train_step
@@ -61,46 +59,6 @@ def _build(opts: TrainOptions, cache: Cache, n_classes: int, device):
             state = {k: v for k, v in state.items() if not k.startswith("mlp_layer.1.")}
         head.load_state_dict(state, strict=False)
     return head
-
-
-def _train_epoch(fit: Fit, s: Setup, opts: TrainOptions, weights, gen, aug, world: World, scaler, autocast,
-                 title: str) -> float:
-    """One epoch of one head. `gen` (the same on every rank) draws the epoch order; `aug` draws the
-    augmentations (it is `gen` itself in a single process). Returns the mean train loss per step."""
-    data, n_classes = s.data, s.info.n_classes
-    order = epoch_order(fit.train_idx, weights, gen)
-    n_steps = math.ceil(len(order) / opts.batch_size)
-    bs = opts.batch_size // world.size  # per-rank share of the global batch
-    ubatches = unlabeled_batches(s.unlabeled, opts.unlabeled_ratio * bs, aug) if s.unlabeled else None
-    reduce = None
-    if world.parallel:
-        params = [p for p in fit.head.parameters() if p.requires_grad]
-        reduce = lambda n: all_reduce_grads(params, n)  # noqa: E731
-    total = torch.zeros((), device=data.targets.device)
-    it = _padded(batches(data.store, local_share(order, world), bs, gen), n_steps, data.store)
-    bar = tqdm(it, total=n_steps, desc=title, leave=False,
-               disable=not world.main or (None if opts.progress is None else not opts.progress))
-    for idx, x in bar:
-        i = torch.from_numpy(idx).to(data.targets.device)
-        tgt = data.targets[i] if s.cfg.multilabel else F.one_hot(data.classes[i], n_classes).float()
-        u = next(ubatches) if ubatches is not None else None
-        total += train_step(fit.head, fit.opt, x, tgt, s.cfg, aug, scaler=scaler, autocast=autocast,
-                            unlabeled=u, reduce=reduce)
-    fit.sched.step()
-    if world.parallel:  # each rank holds its shares of the global-batch losses: add them up
-        dist.all_reduce(total)
-    return float(total) / max(n_steps, 1)  # one host sync per epoch
-
-
-def _padded(it, n_steps: int, store):
-    """`it`'s batches, then empty ones up to `n_steps`: every rank takes part in every step's
-    all-reduce, also when its share of the last global batch is empty."""
-    k = 0
-    for k, item in enumerate(it, 1):
-        yield item
-    empty = torch.empty((0,) + tuple(store.shape), dtype=torch.float16, device=store.device)
-    for _ in range(k, n_steps):
-        yield np.empty(0, np.int64), empty
 
 
 LOCK = "wat-train.lock"  # in RUN_DIR: one writer per run folder (a stale one after kill -9 is harmless)
@@ -146,8 +104,7 @@ def _train(opts: TrainOptions, out: Path, world: World, device) -> dict:
                          f"the {world.size} processes")
     gen = seed_all(opts.seed)
     aug = _aug_generator(opts.seed, world, gen)
-    fits = [Fit(name, _build(opts, s.cache, s.info.n_classes, device), opts, tr, te, device)
-            for name, tr, te in s.splits]
+    heads = [_build(opts, s.cache, s.info.n_classes, device) for _ in s.splits]  # the run's inits first
     weights = balanced_weights(s.y) if opts.balanced else None
     autocast, scaler = amp(device)
     history: list[dict] = []
@@ -155,10 +112,13 @@ def _train(opts: TrainOptions, out: Path, world: World, device) -> dict:
     start = 0
 
     last = out / "last.pt"
-    if opts.resume and last.exists():
-        ck = load_checkpoint(last)
-        if ck["options"] != resume_key(opts):
-            raise TrainError(f"--resume: {last} was written with different options")
+    ck = load_checkpoint(last) if opts.resume and last.exists() else None
+    if ck is not None and ck["options"] != resume_key(opts):
+        raise TrainError(f"--resume: {last} was written with different options")
+    lr = _learning_rates(opts, s, weights, world, device, autocast, ck)
+    fits = [Fit(name, head, opts, tr, te, device, lr=lr["per_head"][name])
+            for head, (name, tr, te) in zip(heads, s.splits)]
+    if ck is not None:
         for f, state in zip(fits, ck["fits"]):
             f.restore(state)
         if scaler is not None and ck["scaler"]:
@@ -176,16 +136,33 @@ def _train(opts: TrainOptions, out: Path, world: World, device) -> dict:
     if opts.tensorboard is not None and world.main:
         board = tb.Board(opts.tensorboard, [f.name for f in fits], start)
     try:
-        best = _epochs(out, opts, s, fits, gen, aug, world, scaler, autocast, weights, history, best, start, board)
+        best = _epochs(out, opts, s, fits, gen, aug, world, scaler, autocast, weights, history, best, start, board, lr)
     finally:
         if board is not None:
             board.close()
-    final = _finish(out, opts, s, fits, history, best, autocast) if world.main else None
+    final = _finish(out, opts, s, fits, history, best, autocast, lr) if world.main else None
     return from_main(final, world)
 
 
+def _learning_rates(opts: TrainOptions, s: Setup, weights, world: World, device, autocast, ck) -> dict:
+    """{"source", "per_head": {fit name: lr}, "search"?}: --lr as given, the head kind's measured
+    default, or (--lr auto, or a kind without a default) a search per head on its training clips.
+    A resumed run reuses the checkpoint's choice instead of searching again."""
+    names = [name for name, _, _ in s.splits]
+    if isinstance(opts.lr, (int, float)):
+        return {"source": "--lr", "per_head": {n: float(opts.lr) for n in names}}
+    if opts.lr is None and opts.head in HEAD_LR:
+        return {"source": f"default for {opts.head}", "per_head": {n: HEAD_LR[opts.head] for n in names}}
+    if ck is not None and ck.get("lr"):
+        return ck["lr"]
+    build = lambda: _build(opts, s.cache, s.info.n_classes, device)  # noqa: E731
+    found = {name: search_lr(name, tr, s, opts, build, weights, world, device, autocast) for name, tr, _ in s.splits}
+    return {"source": "search (--lr auto)", "per_head": {n: f["chosen"] for n, f in found.items()},
+            "search": {"candidates": list(CANDIDATES), "folds" if len(found) > 1 else "main": found}}
+
+
 def _epochs(out: Path, opts: TrainOptions, s: Setup, fits: list[Fit], gen, aug, world: World, scaler, autocast,
-            weights, history: list[dict], best: dict, start: int, board) -> dict:
+            weights, history: list[dict], best: dict, start: int, board, lr: dict) -> dict:
     """Epochs start+1..opts.epochs: train, score, choose, checkpoint; returns the chosen epoch.
     Every rank trains; rank 0 alone scores, chooses and writes."""
     a_wa, b_wa = wa_range(opts)
@@ -197,7 +174,7 @@ def _epochs(out: Path, opts: TrainOptions, s: Setup, fits: list[Fit], gen, aug, 
         rec = {"epoch": epoch + 1, "lr": fits[0].opt.param_groups[0]["lr"], "folds": {}}
         probs = {}
         for fit in fits:
-            r = {"train_loss": _train_epoch(fit, s, opts, weights, gen, aug, world, scaler, autocast,
+            r = {"lr": fit.opt.param_groups[0]["lr"], "train_loss": train_epoch(fit, s, opts, weights, gen, aug, world, scaler, autocast,
                                             f"epoch {epoch + 1}/{opts.epochs} {fit.name}")}
             if a_wa <= epoch + 1 <= b_wa:
                 fit.accumulate()
@@ -228,8 +205,8 @@ def _epochs(out: Path, opts: TrainOptions, s: Setup, fits: list[Fit], gen, aug, 
         history.append(rec)
         save_checkpoint(out / "last.pt", {"epoch": epoch + 1, "options": resume_key(opts), "fits": [f.state() for f in fits],
                                "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(gen),
-                               "aug": augs, "history": history, "best": best})
-        write_metrics(out, opts, s.info, fits[0].head, history, best, None)
+                               "aug": augs, "history": history, "best": best, "lr": json_safe(lr)})
+        write_metrics(out, opts, s.info, fits[0].head, history, best, None, lr)
         if board is not None:
             board.epoch(rec, metric)
     return best
@@ -241,7 +218,7 @@ def _fit_dir(out: Path, fit: Fit, fits: list) -> Path:
     return d
 
 
-def _finish(out, opts, s: Setup, fits, history, best, autocast) -> dict:
+def _finish(out, opts, s: Setup, fits, history, best, autocast, lr: dict) -> dict:
     vocab, info, multilabel = s.cache.meta.vocab, s.info, s.cfg.multilabel
     wa_scores = {}
     for fit in fits:
@@ -265,7 +242,7 @@ def _finish(out, opts, s: Setup, fits, history, best, autocast) -> dict:
             final.update(mAUC=sc["mAUC"], d_prime=sc["d_prime"], skipped_classes=sc["skipped_classes"])
         write_per_class(out / "per_class.csv", vocab, sc["scores"], s.ev_y[idx].sum(0))
     final = json_safe(final)
-    record = write_metrics(out, opts, info, fits[0].head, history, best, final)
+    record = write_metrics(out, opts, info, fits[0].head, history, best, final, lr)
     meta, n_clips = s.cache.meta, len(s.cache)
     ev_cache = s.ev.cache if s.ev is not None and s.ev is not s.data else None
     if s.ev is None:

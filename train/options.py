@@ -22,7 +22,7 @@ class TrainOptions:
     folds: int = 0                      # >0: cross-validation over the cache's folds
     proj_dim: int | None = None         # TL-Tr / WA-Tr projection width (None = encoder width)
     epochs: int = 30
-    lr: float = 1e-4
+    lr: float | str | None = None        # None: the head kind's default (HEAD_LR); "auto": searched (lrsearch)
     batch_size: int = 48
     mixup: float = 0.5                  # probability per clip; lambda ~ Beta(10, 10)
     time_mask: int = 10                 # up to this many frames, same on all layers (not for MLP heads)
@@ -44,6 +44,12 @@ class TrainOptions:
     max_epochs_this_run: int | None = None  # stop (Interrupted) after this many epochs: tests, time limits
     progress: bool | None = None        # tqdm bars; None = only on a terminal
     tensorboard: str | None = None      # folder for TensorBoard event files (per-epoch scalars); None = off
+
+
+# The default learning rate of each head kind with every other option at its default, chosen by
+# measurement: bench/head_defaults.py on the demo set, table in BENCHMARKS.md ("Default learning
+# rates"). A kind missing here (one registered elsewhere) gets the --lr auto search.
+HEAD_LR = {"last-mlp": 1e-2, "wa-mlp": 1e-2, "wa-tr": 1e-4, "tl-tr": 1e-4}  # Tr: unchanged, see BENCHMARKS
 
 
 def milestones(epochs: int) -> list[int]:

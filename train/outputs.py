@@ -17,14 +17,15 @@ from .options import TrainOptions, milestones, wa_range
 
 
 def write_metrics(out: Path, opts: TrainOptions, info: HeadInfo, head, history: list[dict], best: dict,
-                  final: dict | None) -> dict:
+                  final: dict | None, lr: dict | None = None) -> dict:
+    """`lr`: where each head's learning rate came from (--lr, the kind's default, the --lr auto search)."""
     d = {"options": {k: v for k, v in dataclasses.asdict(opts).items()},
          "head": {"kind": info.kind, "proj_dim": info.proj_dim, "n_parameters": n_parameters(head),
                   "n_classes": info.n_classes, "primary_classes": info.primary_classes},
          "cache": {"model": info.model, "fingerprint": info.fingerprint, "policy": info.policy,
                    "n_layers": info.n_layers, "dim": info.dim_in},
          "lr_milestones": milestones(opts.epochs), "weight_average": list(wa_range(opts)),
-         "epochs": history, "best": best, "final": final}
+         "lr": lr, "epochs": history, "best": best, "final": final}
     write_json(out / "metrics.json", d)
     return d
 

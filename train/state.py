@@ -19,11 +19,12 @@ from .step import make_optimizer
 class Fit:
     """A head with its optimiser, schedule, weight-average accumulator and best-so-far record."""
 
-    def __init__(self, name: str, head, opts: TrainOptions, train_idx, eval_idx, device):
+    def __init__(self, name: str, head, opts: TrainOptions, train_idx, eval_idx, device, lr: float | None = None):
         self.name, self.head = name, head.to(device)
         self.train_idx = np.asarray(train_idx)
         self.eval_idx = None if eval_idx is None else np.asarray(eval_idx)
-        self.opt = make_optimizer(self.head, opts.lr)
+        self.lr = lr if lr is not None else opts.lr  # a number: the run resolves defaults and "auto" first
+        self.opt = make_optimizer(self.head, self.lr)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones(opts.epochs), gamma=0.75)
         self.wa_sum: dict | None = None
         self.wa_n = 0

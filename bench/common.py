@@ -1,0 +1,85 @@
+"""Helpers shared by the bench scripts (not part of the wat package): random-weight Whisper models
+of the real sizes, the GPU's dense matrix peak, and the JSON results the GPU check collects."""
+from __future__ import annotations
+
+from pathlib import Path
+
+# openai-whisper's ModelDimensions per size (encoder and decoder alike), for random-weight models when
+# the real weights cannot be had (a box without network): throughput depends on the shapes only.
+# "micro" is no Whisper: a 2-layer, 64-wide stand-in that keeps the CPU test of the GPU check fast.
+_SIZES = {"micro": (64, 2, 2), "tiny": (384, 6, 4), "base": (512, 8, 6), "small": (768, 12, 12), "medium": (1024, 16, 24),
+          "large-v1": (1280, 20, 32), "large-v2": (1280, 20, 32), "large-v3": (1280, 20, 32)}
+
+# Dense (no sparsity) fp16/bf16 tensor-core peak in TFLOP/s from the vendor datasheets, matched against
+# torch.cuda.get_device_name() in order (first match wins). H200 is the H100's chip: same peak (a
+# bf16 8192^3 matmul measured ~790 TFLOP/s on an H200 here, 80% of it).
+PEAKS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+         ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+         ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.0),
+         ("V100", 125.0), ("T4", 65.0))
+
+
+def whisper_dims(name: str):
+    import whisper
+
+    base = name.removesuffix(".en")
+    if base not in _SIZES:
+        raise SystemExit(f"random weights: unknown Whisper size {name!r}; one of {', '.join(_SIZES)}")
+    d, h, l = _SIZES[base]
+    vocab = 51864 if name.endswith(".en") else 51866 if base == "large-v3" else 51865
+    return whisper.model.ModelDimensions(n_mels=128 if base == "large-v3" else 80, n_audio_ctx=1500,
+                                         n_audio_state=d, n_audio_head=h, n_audio_layer=l, n_vocab=vocab,
+                                         n_text_ctx=448, n_text_state=d, n_text_head=h, n_text_layer=l)
+
+
+def random_whisper(name: str, device: str):
+    """A Whisper with random weights and the real dims of `name`: for throughput only."""
+    import torch
+    import whisper
+
+    torch.manual_seed(0)
+    with torch.device(device):   # initialised on the device: seconds, not a minute, for large on a CPU
+        model = whisper.model.Whisper(whisper_dims(name))
+    model = model.to(device).eval()
+    model._wat_name = f"random-{name}"
+    return model
+
+
+def whisper_model(name: str, device: str, random: str = "never"):
+    """`random`: 'never' (load the weights), 'always', or 'fallback' (random when loading fails,
+    e.g. no network for a size that needs a download). Returns (model, weights is random)."""
+    from wat.extract.pipeline import get_model
+
+    if random == "always":
+        return random_whisper(name, device), True
+    try:
+        return get_model(name, device), False
+    except Exception as e:   # any load failure: network, missing file, corrupt cache
+        if random != "fallback":
+            raise
+        print(f"weights of {name} not available ({type(e).__name__}: {str(e)[:120]}): random weights")
+        return random_whisper(name, device), True
+
+
+def dense_peak_tflops(device_name: str) -> float | None:
+    for key, peak in PEAKS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def device_name(device: str) -> str:
+    import platform
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU {platform.processor() or platform.machine()}"
+
+
+def write_json(path, record: dict) -> None:
+    """The result record a bench script hands to bench/gpu_table.py (`--json FILE`)."""
+    from wat.data.files import write_json as write
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write(path, record, indent=1)

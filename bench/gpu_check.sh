@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The GPU check: every GPU target of BENCHMARKS.md measured on one GPU and printed as ONE table
+# (bench/gpu_table.py), in under 8 minutes on one H100/H200 (budget per step below).
+#
+#   bash bench/gpu_check.sh                      # device cuda, full sizes, results in gpu_check_out/
+#   bash bench/gpu_check.sh --out DIR --device cuda:1
+#   bash bench/gpu_check.sh --device cpu --tiny  # tiny sizes end to end (tests/test_gpu_check.py)
+#
+# Python: $PYTHON, else .venv/bin/python when present, else python3. On a box without network whose
+# python lacks wat's dependencies, `make gpu-wheels` here first and carry wheels/ along: the script
+# installs wat from it (pip --no-index). Whisper large-v1 weights are used when they load (cached or
+# downloadable), random weights of the same shapes otherwise (throughput only; the table says so).
+# Each step runs under a time limit and writes OUT/STEP.json and OUT/STEP.log; a failed step is a
+# row saying so, the other steps still run. Exit status: that of gpu_table.py (1 if a step failed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICE=cuda
+TINY=0
+OUT=gpu_check_out
+usage() { echo "usage: bash bench/gpu_check.sh [--device cuda|cuda:N|cpu] [--tiny] [--out DIR]" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --device) [ $# -ge 2 ] || usage; DEVICE=$2; shift 2 ;;
+        --tiny) TINY=1; shift ;;
+        --out) [ $# -ge 2 ] || usage; OUT=$2; shift 2 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) echo "gpu_check.sh: error: unknown argument $1" >&2; usage ;;
+    esac
+done
+case "$DEVICE" in cpu|cuda|cuda:[0-9]*) ;; *) echo "gpu_check.sh: error: --device must be cpu, cuda or cuda:N" >&2; exit 2 ;; esac
+
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+need="import wat.extract, wat.eval, whisper, dask.array, distributed, soxr, soundfile, av"
+if ! "$PY" -c "$need" 2>/dev/null; then
+    if [ -d wheels ]; then
+        echo "installing wat and its missing dependencies from wheels/ (no network)"
+        "$PY" -m pip install -q --no-index --find-links wheels --no-build-isolation -e . || exit 1
+    else
+        echo "gpu_check.sh: error: $PY cannot import wat and its dependencies; run 'make gpu-wheels' where pip works and bring wheels/" >&2
+        exit 2
+    fi
+fi
+if [ "${DEVICE%%:*}" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_check.sh: error: --device $DEVICE but torch sees no CUDA device" >&2; exit 2
+fi
+
+mkdir -p "$OUT"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/wat-gpu-check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+export PYTHONUNBUFFERED=1
+if [ "$TINY" = 1 ]; then
+    MODEL=micro; RANDOM_WEIGHTS=always   # micro: a random 2 x 64 Whisper (bench/common.py)
+    LIMITS=(120 120 120 120 120 120 120)
+    EXTRACT_PAD30="--clips 4 --batch-size 2 --official-clips 2 --pool 4 --repeat 1 --clip-seconds 1 --num-workers 0"
+    EXTRACT_TRIM="$EXTRACT_PAD30"
+    TRAIN_TLTR="--size tiny --clips 32 --steps 2 --per-round 1 --batch-size 8"
+    TRAIN_WAMLP="--size tiny --clips 64 --steps 2 --per-round 1 --batch-size 16"
+    PROBE="--clips 500 --layers 2 --dim 16 --sklearn-layers 1 --sklearn-classes 3 --max-iter 5"
+    TAG="--runs 1 --seconds 4 --sample-len 4 --temperature 0"
+    ROBUST="--model tiny.en --mixtures 2 --batch-size 2 --rounds 1"
+else
+    # time limits per step (s): the 8-minute budget split up; the comments are estimates for an H100/H200
+    MODEL=large-v1; RANDOM_WEIGHTS=fallback
+    LIMITS=(80 60 60 45 120 60 55)
+    EXTRACT_PAD30="--clips 1024 --batch-size 32 --official-clips 48 --repeat 1 --num-workers 8"   # ~70 s
+    EXTRACT_TRIM="--clips 4096 --batch-size 128 --official-clips 48 --repeat 1 --num-workers 12"  # ~50 s
+    TRAIN_TLTR="--size large --clips 1000 --steps 100 --per-round 10 --batch-size 48"            # ~50 s
+    TRAIN_WAMLP="--size large --clips 20000 --steps 400 --per-round 50 --batch-size 256"          # ~40 s
+    PROBE="--clips 20000 --sklearn-layers 24 --sklearn-classes 8"                                # ~100 s: cache writing ~50
+    TAG="--runs 5 --seconds 60 --temperature 0"                                                  # ~50 s
+    ROBUST="--random-weights large-v1 --mixtures 64 --batch-size 32"                           # ~50 s
+fi
+
+step() {  # step NAME LIMIT_S SCRIPT ARGS...: run one bench script, JSON into OUT/NAME.json
+    local name=$1 limit=$2; shift 2
+    rm -f "$OUT/$name.json"
+    echo "== $name: $*"
+    local t0=$SECONDS
+    timeout "$limit" "$PY" "$@" --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "   rc $rc, $((SECONDS - t0)) s (log $OUT/$name.log)"
+    [ $rc = 0 ] || tail -n 5 "$OUT/$name.log" | sed 's/^/   | /'
+}
+
+step extract_pad30 ${LIMITS[0]} bench/extract_throughput.py --device "$DEVICE" --model $MODEL --random-weights $RANDOM_WEIGHTS \
+    --policy pad30 --workdir "$WORK/extract" $EXTRACT_PAD30
+step extract_trim ${LIMITS[1]} bench/extract_throughput.py --device "$DEVICE" --model $MODEL --random-weights $RANDOM_WEIGHTS \
+    --policy trim --workdir "$WORK/extract" $EXTRACT_TRIM
+step train_tltr ${LIMITS[2]} bench/train_throughput.py --device "$DEVICE" --head tl-tr --cache-dir "$WORK/train-tltr" $TRAIN_TLTR
+step train_wamlp ${LIMITS[3]} bench/train_throughput.py --device "$DEVICE" --head wa-mlp --cache-dir "$WORK/train-wamlp" $TRAIN_WAMLP
+rm -rf "$WORK/train-tltr" "$WORK/train-wamlp"
+step probe ${LIMITS[4]} bench/probe_audioset.py --device "$DEVICE" --workdir "$WORK/probe" $PROBE
+step tag ${LIMITS[5]} bench/tag_overhead.py --device "$DEVICE" --model $MODEL --random-weights $RANDOM_WEIGHTS $TAG
+SKIP=""
+if [ -f bench/robust_throughput.py ]; then
+    step robust ${LIMITS[6]} bench/robust_throughput.py --device "$DEVICE" $ROBUST
+else
+    SKIP=robust   # not on this branch yet
+fi
+echo
+"$PY" bench/gpu_table.py "$OUT" --skip "$SKIP"

@@ -1,0 +1,81 @@
+"""Default learning rates per head kind, chosen by measurement: every head kind x a grid of learning
+rates with all other options at their defaults, 5-fold ESC-50 protocol on the demo set's tiny.en
+features, next to the best single-layer linear probe on the same cache (the bar the heads must reach
+within 5 points, tests/test_train.py). Optionally consistency regularisation on vs off.
+
+    python bench/head_defaults.py --out /tmp/hd                        # demo set made here (wat.data.make_demo)
+    python bench/head_defaults.py --root esc50-demo --out /tmp/hd --lrs 1e-4,1e-3 --heads tl-tr
+    python bench/head_defaults.py --out /tmp/hd --cr --heads wa-mlp --lrs 1e-2 --seeds 0,1   # CR off vs on
+
+Prints one row per (head, lr): accuracy of the best epoch and of the weight-averaged head (mean of
+the 5 held-out folds), the fold accuracies' spread, and the run's minutes. The cache (tiny.en, policy
+trim, 8 clips per class like the test fixtures) is extracted once into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wat.data import load_dataset, make_demo
+from wat.eval.probe import ProbeOptions, probe
+from wat.train.loop import TrainOptions, train
+
+
+def cache(out: Path, root: Path | None, clips_per_class: int) -> Path:
+    feats = out / "feats.h5"
+    if feats.exists():
+        return feats
+    from wat.extract import load_whisper
+    from wat.extract.pipeline import ExtractOptions, extract_dataset
+    root = root or make_demo(out / "esc50-demo", clips_per_class=clips_per_class, seed=0)
+    ds = load_dataset("esc50", root)
+    extract_dataset(ds, ExtractOptions(model="tiny.en", policy="trim", shard_size=32, num_workers=0, progress=False),
+                    feats, model=load_whisper("tiny.en"))
+    return feats
+
+
+def run(feats: Path, out: Path, **kw) -> tuple[float, float, float, list]:
+    t = time.perf_counter()
+    name = "_".join(f"{k}{v}" for k, v in kw.items())
+    final = train(TrainOptions(features=str(feats), out=str(out / "runs" / name), folds=5, progress=False, **kw))
+    folds = [f["wa"] for f in final["folds"].values()]
+    return final["best"], final["wa"], (time.perf_counter() - t) / 60, folds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--root", type=Path, help="an ESC-50-layout demo folder (default: make one here)")
+    p.add_argument("--clips-per-class", type=int, default=8)
+    p.add_argument("--heads", default="last-mlp,wa-mlp,wa-tr,tl-tr")
+    p.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--set", default="", help="other TrainOptions, e.g. batch_size=16,mixup=0")
+    p.add_argument("--cr", action="store_true", help="each run twice: --cr-views 1 and 2 (consistency regularisation off and on)")
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    feats = cache(a.out, a.root, a.clips_per_class)
+    rep = probe([str(feats)], None, ProbeOptions(fusion=(), jobs=1))
+    best = max(rep.results, key=lambda r: r.score)
+    print(f"cache {feats}: best single-layer linear probe {best.feature.name} accuracy {best.score:.4f} "
+          f"(layers: {' '.join(f'{r.score:.3f}' for r in rep.results)})", flush=True)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    extra = {k: float(v) if "." in v or "e" in v else int(v) for k, v in (kv.split("=") for kv in a.set.split(",") if kv)}
+    if extra:
+        print(f"other options: {extra}")
+    lrs = [float(v) for v in a.lrs.split(",")]
+    print(f"{'head':9} {'lr':>7} {'seed':>4} {'cr':>3} {'best':>7} {'wa':>7} {'wa-probe':>8} {'wa folds':>28} {'min':>5}")
+    for head in a.heads.split(","):
+        for lr in lrs:
+            for cr in ((1, 2) if a.cr else (1,)):
+                for seed in seeds:
+                    b, w, m, folds = run(feats, a.out, head=head, lr=lr, seed=seed, cr_views=cr, **extra)
+                    print(f"{head:9} {lr:7.0e} {seed:4d} {cr:3d} {b:7.4f} {w:7.4f} {w - best.score:+8.4f} "
+                          f"{' '.join(f'{f:.2f}' for f in folds):>28} {m:5.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Speech with reference transcripts: the LibriSpeech layout or a `path,text` CSV.
+
+LibriSpeech: `ROOT/SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt` with lines `SPEAKER-CHAPTER-UTT TEXT`
+next to `SPEAKER-CHAPTER-UTT.flac` (any folder depth works: every `*.trans.txt` under ROOT is read).
+CSV: a headed file with columns `path` (relative to the CSV's folder, or absolute) and `text`.
+
+Rows that cannot be used (a transcript line without audio, audio without a transcript line, an
+empty transcript, a malformed line, a duplicate id) are listed in `Speech.problems` with the reason;
+only input with no usable utterance at all raises `SpeechError`. Audio is not decoded here.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wat.data.datasets import AUDIO_EXTS
+
+
+class SpeechError(ValueError):
+    """Speech input that cannot be read at all (missing folder or CSV, nothing usable)."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    id: str
+    path: str
+    text: str  # the reference transcript, as written in the input
+
+
+@dataclass
+class Speech:
+    name: str                        # "librispeech" | "csv"
+    utterances: list[Utterance]      # sorted by id, ids unique
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (id or row, path, reason)
+
+
+def load_speech(source) -> Speech:
+    """A LibriSpeech-layout folder or a `path,text` CSV file."""
+    source = Path(source)
+    if source.is_dir():
+        speech = _librispeech(source)
+    elif source.is_file():
+        speech = _csv(source)
+    else:
+        raise SpeechError(f"speech input {source} does not exist")
+    if not speech.utterances:
+        reasons = sorted({r.split(":")[0] for _, _, r in speech.problems})
+        raise SpeechError(f"no usable utterance in {source}"
+                          + (f" ({len(speech.problems)} rows skipped: {', '.join(reasons)})" if reasons
+                             else " (no *.trans.txt transcripts found)" if source.is_dir() else ""))
+    return speech
+
+
+def _finish(name: str, rows: list[Utterance], problems) -> Speech:
+    seen, out = set(), []
+    for u in rows:
+        if u.id in seen:
+            problems.append((u.id, u.path, "duplicate id"))
+            continue
+        seen.add(u.id)
+        out.append(u)
+    out.sort(key=lambda u: u.id)
+    return Speech(name, out, problems)
+
+
+def _librispeech(root: Path) -> Speech:
+    rows, problems, transcribed = [], [], set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        folder = Path(dirpath)
+        audio = {os.path.splitext(n)[0]: folder / n for n in sorted(filenames)
+                 if os.path.splitext(n)[1].lower() in AUDIO_EXTS and not n.startswith(".")}
+        for name in sorted(n for n in filenames if n.endswith(".trans.txt")):
+            tpath = folder / name
+            with open(tpath, encoding="utf-8-sig", errors="replace") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    where = f"{tpath.name}:{lineno}"
+                    uid, _, text = line.strip().partition(" ")
+                    text = text.strip()
+                    transcribed.add((folder, uid))
+                    if uid not in audio:
+                        problems.append((uid, str(folder / f"{uid}.flac"), f"no audio: for {where}"))
+                    elif not text:
+                        problems.append((uid, str(audio[uid]), f"empty transcript: {where}"))
+                    else:
+                        rows.append(Utterance(uid, str(audio[uid]), text))
+        if any(n.endswith(".trans.txt") for n in filenames):
+            for uid, path in audio.items():
+                if (folder, uid) not in transcribed:
+                    problems.append((uid, str(path), "no transcript: not in the folder's *.trans.txt"))
+    return _finish("librispeech", rows, problems)
+
+
+def _csv(path: Path) -> Speech:
+    from wat.data.datasets import DatasetError, _read_csv  # the one line-by-line CSV reader
+
+    try:
+        rows, bad = _read_csv(path, required=("path", "text"))
+    except DatasetError as e:
+        raise SpeechError(str(e)) from None
+    out, problems = [], [(where, "", reason) for where, reason in bad]
+    for where, row in rows:
+        text, rel = (row.get("text") or "").strip(), (row.get("path") or "").strip()
+        audio = Path(rel).expanduser()
+        audio = audio if audio.is_absolute() else path.parent / audio
+        if not rel:
+            problems.append((where, "", "malformed: empty path"))
+        elif not audio.is_file():
+            problems.append((where, str(audio), "no audio: file not found"))
+        elif not text:
+            problems.append((where, str(audio), "empty transcript"))
+        else:
+            out.append(Utterance(audio.stem, str(audio), text))
+    return _finish("csv", out, problems)

@@ -1,0 +1,71 @@
+"""Every numeric option of wat-train, wat-probe, wat-eval and wat-data is checked at parse time (wat-cache
+has none; wat-extract's are in test_extract.py): 0, negative, NaN, inf and absurd values (where the option
+cannot take them) are one `PROG: error:` line and exit 2, before any file or model is opened
+(issue 11 A2: `wat-eval --batch-size -1` used to score uninitialised memory)."""
+import pytest
+
+from wat.data.cli import main as data_main
+from wat.eval.cli import eval_main, probe_main
+from wat.train.cli import main as train_main
+
+BAD = ["0", "-1", "nan", "inf", "1e30"]
+
+# command -> (main, prog, required argv, {option: values that are valid, so not tried as bad})
+CLIS = {
+    "wat-train": (train_main, "wat-train", ["--features", "f", "--out", "o"], {
+        "--folds": {"0"}, "--proj-dim": set(), "--epochs": set(), "--lr": set(), "--batch-size": set(),
+        "--mixup": {"0"}, "--time-mask": {"0"}, "--feature-mask": {"0"}, "--label-smoothing": {"0"},
+        "--cr-views": set(), "--cr-weight": {"0"}, "--cr-unlabeled-weight": {"0"}, "--unlabeled-ratio": set(),
+        "--seed": {"0"}, "--weight-average": set()}),
+    "wat-probe": (probe_main, "wat-probe", ["--features", "f", "--out", "o"], {
+        "--folds": set(), "--workers": set(), "--C": set(), "--max-iter": set(), "--seed": {"0"}}),
+    "wat-eval": (eval_main, "wat-eval", ["--features", "f", "--head", "h", "--out", "o"], {
+        "--top-k": set(), "--threshold": {"0"}, "--batch-size": set()}),
+    "wat-data": (data_main, "wat-data demo", ["demo", "--out", "o"], {
+        "--clips-per-class": set(), "--seed": {"0"}}),
+    "wat-data list": (data_main, "wat-data list", ["list", "--dataset", "esc50", "--root", "r"], {
+        "--problems": {"0"}}),
+}
+CASES = [(cli, opt, v) for cli, (_, _, _, opts) in CLIS.items() for opt, ok in opts.items() for v in BAD if v not in ok]
+# values inside the range but still wrong for the option
+CASES += [("wat-train", "--label-smoothing", "1"), ("wat-train", "--label-smoothing", "2"), ("wat-train", "--mixup", "5"),
+          ("wat-train", "--time-mask", "-3"), ("wat-train", "--folds", "1"), ("wat-train", "--weight-average", "3:2"),
+          ("wat-train", "--weight-average", "0:2"), ("wat-train", "--lr", "-inf"), ("wat-eval", "--threshold", "1.5"),
+          ("wat-probe", "--C", "-inf"), ("wat-probe", "--folds", "1"), ("wat-eval", "--batch-size", "2.5")]
+
+
+def _one_error(run, argv, prog, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        run(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert len(errors) == 1 and errors[0].startswith(f"{prog}: error: argument "), err
+    return errors[0]
+
+
+@pytest.mark.parametrize("cli,option,value", CASES, ids=[" ".join(c) for c in CASES])
+def test_bad_number_is_one_error_line(cli, option, value, capsys):
+    run, prog, argv, _ = CLIS[cli]
+    line = _one_error(run, argv + [option, value], prog, capsys)
+    assert option in line
+
+
+def test_eval_negative_batch_size_never_reaches_the_head(tmp_path, capsys):
+    # the reported case: files that do not exist are never opened, the option is refused first
+    _one_error(eval_main, ["--features", str(tmp_path / "none.h5"), "--head", str(tmp_path / "none.pt"),
+                           "--out", str(tmp_path / "o"), "--batch-size", "-1"], "wat-eval", capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_good_numbers_still_parse():
+    from wat.data.cliargs import float_range
+    from wat.eval.cli import eval_parser, probe_parser
+    from wat.train.cli import parser as train_parser
+    a = train_parser().parse_args(["--features", "f", "--out", "o", "--lr", "3e-4", "--label-smoothing", "0",
+                                   "--mixup", "1", "--folds", "5", "--weight-average", "2:2", "--seed", "4294967295"])
+    assert (a.lr, a.label_smoothing, a.mixup, a.folds, a.weight_average) == (3e-4, 0, 1, 5, (2, 2))
+    assert probe_parser().parse_args(["--features", "f", "--out", "o", "--C", "1e-3"]).C == 1e-3
+    assert eval_parser().parse_args(["--features", "f", "--head", "h", "--out", "o", "--threshold", "1"]).threshold == 1
+    assert float_range(0, 1)("0.25") == 0.25
+
