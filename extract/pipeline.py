@@ -202,6 +202,8 @@ def prepare_output(index_path, manifest: dict, overwrite: bool) -> Path:
     index_path, shard_dir = Path(index_path), shard_dir_for(index_path)
     mpath = shard_dir / MANIFEST
     old = json.loads(mpath.read_text()) if mpath.exists() else None
+    # both sides: older runs, and callers that write only fp16 of every layer (wat-robust), omit the keys
+    manifest = {**_MANIFEST_DEFAULTS, **manifest}
     if old is not None:
         old = {**_MANIFEST_DEFAULTS, **old}
     if old is not None and old != manifest and not overwrite:
