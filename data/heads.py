@@ -281,10 +281,44 @@ class HeadInfo:
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadInfo":
-        names = {f.name for f in dataclasses.fields(cls)}
+        """The info of a saved head; a missing, wrongly-typed or inconsistent field is a HeadError
+        (a head file is user input: it must never become a traceback or a silently wrong head)."""
+        if not isinstance(d, dict):
+            raise HeadError(f"head info is a {type(d).__name__}, not a dict")
         if "dim" in d and "proj_dim" not in d:  # checkpoints written before the rename
             d = {**d, "proj_dim": d["dim"]}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise HeadError(f"head info lacks {', '.join(missing)}")
+        info = cls(**{k: v for k, v in d.items() if k in _INFO_TYPES})
+        for k, want in _INFO_TYPES.items():
+            v = getattr(info, k)
+            if not (isinstance(v, want) and not (isinstance(v, bool) and bool not in want)):
+                raise HeadError(f"head info {k} = {v!r} is not {' or '.join(t.__name__ for t in want)}")
+        if min(info.n_layers, info.dim_in, info.n_classes, info.n_frames) < 1:
+            raise HeadError("head info: n_layers, dim_in, n_classes and n_frames must be at least 1")
+        if info.thresholds is not None and (len(info.thresholds) != info.n_classes
+                                            or not all(isinstance(t, (int, float)) for t in info.thresholds)):
+            raise HeadError(f"head info: thresholds must be {info.n_classes} numbers")
+        if info.vocab_json:
+            try:
+                vocab = Vocabulary.from_json(info.vocab_json)
+            except (ValueError, KeyError, TypeError) as e:
+                raise HeadError(f"head info: unreadable vocabulary ({type(e).__name__}: {e})") from None
+            if not all(isinstance(t, str) for t in vocab.keys + vocab.names):
+                raise HeadError("head info: the vocabulary's keys and names must be strings")
+            if len(vocab.keys) != len(vocab.names) or len(vocab.keys) > info.n_classes:
+                raise HeadError(f"head info: a vocabulary of {len(vocab.keys)} keys and {len(vocab.names)} names "
+                                f"does not fit {info.n_classes} outputs")
+        return info
+
+
+# the type each HeadInfo field must have in a loaded file (bool is refused where an int is meant)
+_INFO_TYPES = {"kind": (str,), "n_layers": (int,), "dim_in": (int,), "n_classes": (int,),
+               "proj_dim": (int, type(None)), "n_frames": (int,), "vocab_json": (str,), "model": (str,),
+               "fingerprint": (str,), "policy": (str,), "multilabel": (bool,),
+               "primary_classes": (int, type(None)), "thresholds": (list, type(None))}
 
 
 def head_from_info(info: HeadInfo) -> nn.Module:
@@ -340,19 +374,26 @@ def load_head(path, n_layers: int | None = None, map_location="cpu") -> tuple[nn
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise HeadError(f"{path}: cannot read head checkpoint ({e})") from None
     if not isinstance(obj, dict):
-        raise HeadError(f"{path}: not a head checkpoint")
-    if obj.get("format") == FORMAT:
-        info, state = HeadInfo.from_dict(obj["info"]), obj["state_dict"]
-    else:
-        state = official_to_state_dict(obj)
-        try:
+        raise HeadError(f"{path}: not a head checkpoint (a {type(obj).__name__})")
+    try:
+        if obj.get("format") == FORMAT:
+            info, state = HeadInfo.from_dict(obj.get("info")), obj.get("state_dict")
+        else:
+            info, state = None, obj
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                  for k, v in state.items()):
+            raise HeadError(f"its state_dict is not a dict of named tensors (a {type(state).__name__})")
+        if info is None:
+            state = official_to_state_dict(state)
             info = _official_info(state)
-        except HeadError as e:
-            raise HeadError(f"{path}: {e}") from None
+        head = head_from_info(info)
+    except HeadError as e:
+        raise HeadError(f"{path}: {e}") from None
+    except (ValueError, TypeError, KeyError) as e:  # a field build_head cannot use
+        raise HeadError(f"{path}: head info does not describe a buildable head ({e})") from None
     if n_layers is not None and n_layers != info.n_layers:
         raise HeadError(f"{path}: head expects {info.n_layers}-layer features "
                         f"(width {info.dim_in}), the features have {n_layers} layers")
-    head = head_from_info(info)
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as e:

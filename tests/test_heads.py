@@ -188,3 +188,51 @@ def test_release_names_without_fingerprints(head_model, feats_model, problem):
     # fingerprints, when both sides have one, decide alone
     same = Features(32, 1280, feats_model, "ab" * 32, "pad30")
     assert head_problems(HeadInfo("tl-tr", 32, 1280, 527, model=head_model, fingerprint="ab" * 32), same) == []
+
+
+def _bad_info(info: dict, state: dict):
+    return [
+        ("vocab not JSON", {**info, "vocab_json": "{not json"}, state),
+        ("vocab of numbers", {**info, "vocab_json": '{"keys": [1, 2], "names": [1, 2]}'}, state),
+        ("vocab too long", {**info, "vocab_json": '{"keys": ["a"] , "names": ["a", "b"]}'}, state),
+        ("vocab without keys", {**info, "vocab_json": '{"names": []}'}, state),
+        ("info missing", None, state),
+        ("info a list", [1, 2], state),
+        ("n_layers missing", {k: v for k, v in info.items() if k != "n_layers"}, state),
+        ("n_layers a string", {**info, "n_layers": "3"}, state),
+        ("n_classes zero", {**info, "n_classes": 0}, state),
+        ("kind unknown", {**info, "kind": "resnet"}, state),
+        ("kind a number", {**info, "kind": 7}, state),
+        ("multilabel an int", {**info, "multilabel": 1}, state),
+        ("proj_dim not a multiple", {**info, "proj_dim": 7}, state),
+        ("thresholds too few", {**info, "thresholds": [0.5]}, state),
+        ("state a list", info, [torch.zeros(1)]),
+        ("state of strings", info, {"a": "b"}),
+        ("state missing", info, None),
+    ]
+
+
+_INFO = HeadInfo("tl-tr", 3, 16, 5, 8, 4, '{"keys": [], "names": []}').to_dict()
+
+
+@pytest.mark.parametrize("case", range(17))
+def test_malformed_head_file_is_a_head_error(tmp_path, case):
+    # a head file is user input: every malformed one is one HeadError (wat-eval and wat-tag print it
+    # as one error line), never a KeyError/TypeError traceback
+    state = build_head("tl-tr", 3, 16, 5, 8).state_dict()
+    what, info, sd = _bad_info(_INFO, state)[case]
+    obj = {"format": "wat-head", "version": 1, "state_dict": sd}
+    if info is not None:
+        obj["info"] = info
+    torch.save(obj, tmp_path / "h.pt")
+    with pytest.raises(HeadError):
+        load_head(tmp_path / "h.pt")
+
+
+def test_list_instead_of_a_checkpoint(tmp_path):
+    torch.save([torch.zeros(1)], tmp_path / "h.pt")
+    with pytest.raises(HeadError, match="not a head checkpoint"):
+        load_head(tmp_path / "h.pt")
+    torch.save({"layer_tr.attn.query.weight": [1], "mlp_layer.1.weight": 2}, tmp_path / "o.pt")
+    with pytest.raises(HeadError, match="named tensors"):
+        load_head(tmp_path / "o.pt")

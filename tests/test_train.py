@@ -277,3 +277,38 @@ def test_default_options_approach_the_linear_probe(demo_cache_trim, demo_probe, 
                                progress=False))
     bar = (demo_probe[-1] if head == "last-mlp" else max(demo_probe)) - 0.15
     assert final["wa"] >= bar, (final["wa"], demo_probe)
+
+
+class _Hostile:
+    """Unpickling this calls os.system: weights_only=True must refuse it, never run it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_from_broken_last_pt_is_one_error_line(tmp_path, capsys):
+    tr = multilabel(tmp_path, "tr", 32, 1)
+    run = tmp_path / "run"
+    argv = ["--features", str(tr), "--out", str(run), "--head", "wa-mlp", "--epochs", "2", "--resume"]
+    with pytest.raises(Interrupted):
+        train(opts(tr, run, head="wa-mlp", epochs=2, max_epochs_this_run=1))
+    good = (run / "last.pt").read_bytes()
+    marker = tmp_path / "pwned"
+    import pickle
+    for what, data in [("truncated", good[: len(good) // 2]), ("empty", b""),
+                       ("hostile pickle", pickle.dumps(_Hostile(marker))),
+                       ("a list", None), ("missing keys", None)]:
+        if what == "a list":
+            torch.save([1, 2], run / "last.pt")
+        elif what == "missing keys":
+            torch.save({"epoch": 1}, run / "last.pt")
+        else:
+            (run / "last.pt").write_bytes(data)
+        assert cli.main(argv) == 2, what
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("wat-train: error: --resume: ") and "Traceback" not in err[0], (what, err)
+        assert not marker.exists(), "the pickled call ran"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import pickle
 import random
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from wat.data.files import atomic_path
 
-from .options import TrainOptions, milestones
+from .options import TrainError, TrainOptions, milestones
 from .step import make_optimizer
 
 
@@ -106,5 +107,19 @@ def save_checkpoint(path: Path, obj: dict) -> None:
         torch.save(obj, tmp)
 
 
+# what a last.pt holds and the type of each: a truncated, foreign or hostile file is a TrainError
+_CHECKPOINT = {"options": dict, "fits": list, "rng": dict, "history": list, "epoch": int}
+
+
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+    """last.pt for --resume. weights_only=True: a pickle that would call anything is refused, not run."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainError(f"--resume: cannot read {path} ({first}); delete it to start afresh") from None
+    bad = [k for k, t in _CHECKPOINT.items() if not isinstance(ck, dict) or not isinstance(ck.get(k), t)]
+    if bad:
+        raise TrainError(f"--resume: {path} is not a wat-train checkpoint (no valid {', '.join(bad)}); "
+                         "delete it to start afresh")
+    return ck
