@@ -301,6 +301,10 @@ class HeadInfo:
         if info.thresholds is not None and (len(info.thresholds) != info.n_classes
                                             or not all(isinstance(t, (int, float)) for t in info.thresholds)):
             raise HeadError(f"head info: thresholds must be {info.n_classes} numbers")
+        if info.layers is not None and (
+                len(info.layers) != info.n_layers or not all(type(b) is int and b >= 0 for b in info.layers)
+                or any(b <= a for a, b in zip(info.layers, info.layers[1:]))):
+            raise HeadError(f"head info: layers must be {info.n_layers} increasing encoder blocks >= 0")
         if info.vocab_json:
             try:
                 vocab = Vocabulary.from_json(info.vocab_json)
@@ -318,7 +322,8 @@ class HeadInfo:
 _INFO_TYPES = {"kind": (str,), "n_layers": (int,), "dim_in": (int,), "n_classes": (int,),
                "proj_dim": (int, type(None)), "n_frames": (int,), "vocab_json": (str,), "model": (str,),
                "fingerprint": (str,), "policy": (str,), "multilabel": (bool,),
-               "primary_classes": (int, type(None)), "thresholds": (list, type(None))}
+               "primary_classes": (int, type(None)), "thresholds": (list, type(None)),
+               "layers": (list, type(None))}
 
 
 def head_from_info(info: HeadInfo) -> nn.Module:
