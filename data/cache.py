@@ -912,12 +912,12 @@ def verify(path, *, probe_rows: int = 16, progress: bool | None = None) -> list[
         cache = open_cache(path)
     except CacheError as e:
         return [str(e)]
-    from tqdm import tqdm
+    from .progress import progress as progress_bar
 
     problems, seen = [], {}
     rng = np.random.default_rng(0)
-    total = 2 * len(cache) * (int(np.prod(cache.shape("features")[1:])) + int(np.prod(cache.shape("mean")[1:])))
-    with tqdm(total=total, unit="B", unit_scale=True, desc="verify",
+    total = cache.stored_dtype.itemsize * len(cache) * (int(np.prod(cache.shape("features")[1:])) + int(np.prod(cache.shape("mean")[1:])))
+    with progress_bar(total=total, unit="B", unit_scale=True, desc="verify",
               disable=None if progress is None else not progress) as bar:
         for p, a, b in cache.shards:
             probs, ids = check_shard(p, cache.meta, probe_rows=probe_rows, rng=rng, bar=bar)

@@ -6,6 +6,7 @@ import json
 import sys
 
 from .cache import CacheError, info, verify
+from .cliargs import parse_args
 
 
 def _print_info(d: dict) -> None:
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     p_verify = sub.add_parser("verify", help="check every byte of every shard against its per-clip checksums; "
                                              "exit 1 listing each problem")
     p_verify.add_argument("file", help="index file (feats.h5) or shard")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.command == "info":
         try:
             d = info(args.file)

@@ -6,7 +6,7 @@ import sys
 from collections import Counter
 
 from .audio import AudioError
-from .cliargs import int_range, seed_int
+from .cliargs import int_range, parse_args, seed_int
 from .datasets import DATASET_KINDS, DatasetError, load_dataset, problem_counts
 from .demo import CLASSES, make_demo
 
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     show.add_argument("--root", required=True, help="dataset folder (audio is looked up under it)")
     show.add_argument("--manifest", help="manifest file or folder, when not in the default place")
     show.add_argument("--problems", type=int_range(0, 1_000_000), default=5, help="how many skipped rows to show (default 5)")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
 
     try:
         if args.command == "demo":

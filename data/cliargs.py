@@ -3,6 +3,7 @@ defaults, validates and documents them the same way.
 
     add_device(p)                      --device auto|cpu|cuda|cuda:N (default auto)
     args = parse_args(p, argv)         args.device resolved to a torch device (auto -> cuda|cpu)
+    (every parse_args: -v/--verbose, -q/--quiet, --progress auto|bar|log|none)
     add_workers(group, "--jobs", ...)  --workers N (>= 1), old spellings as hidden aliases
     type=int_range(0, 256)             argparse types that refuse out-of-range integers and
     type=float_range(0, 30, lo_open=True)   NaN/inf/out-of-range floats with one error line
@@ -10,8 +11,13 @@ defaults, validates and documents them the same way.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import re
+import sys
+
+from .progress import LOG_INTERVAL, MODES
+from .progress import configure as configure_progress
 
 DEVICE_HELP = "auto (default: cuda when available, else cpu), cpu, cuda or cuda:N"
 
@@ -92,9 +98,48 @@ def resolve_device(parser: argparse.ArgumentParser, spec: str) -> str:
     return device
 
 
+def add_reporting(p) -> None:
+    """-v/--verbose, -q/--quiet (Python logging of the `wat` loggers) and --progress, on every command."""
+    g = p.add_argument_group("reporting")
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more log messages (-v: info, e.g. where a model came from; -vv: debug)")
+    g.add_argument("-q", "--quiet", action="store_true", help="errors only: no warnings, no progress")
+    g.add_argument("--progress", choices=MODES, default="auto",
+                   help="auto (default): a bar on a terminal, else one line every "
+                        f"{LOG_INTERVAL:g} s with rate and ETA (batch logs); bar, log or none")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the `sys.stderr` of the moment (test runners and tools swap it), not the one at creation."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def apply_reporting(args: argparse.Namespace) -> None:
+    """Configure logging and the progress display from `add_reporting`'s options."""
+    level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    log = logging.getLogger("wat")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):  # one, however many main() calls
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level)
+    configure_progress("none" if args.quiet else args.progress)
+
+
 def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """`parser.parse_args(argv)`, with `--device` (when the parser has one) resolved to the torch device."""
+    """`parser.parse_args(argv)` with the reporting options (`add_reporting`, added here when the
+    parser lacks them) applied, and `--device` (when the parser has one) resolved to the torch device."""
+    if not any(a.dest == "quiet" for a in parser._actions):
+        add_reporting(parser)
     args = parser.parse_args(argv)
+    apply_reporting(args)
     if getattr(args, "device", None) is not None:
         args.device = resolve_device(parser, args.device)
     return args

@@ -38,14 +38,14 @@ class EvalOptions:
 def predict(head, info: HeadInfo, cache: Cache, indices=None, *, batch_size=256, device="cpu") -> np.ndarray:
     """Probabilities [N, n_vocab] float32 over `indices` (default all), read in order in blocks."""
     import torch
-    from tqdm import tqdm
+    from wat.data.progress import progress
 
     idx = np.arange(len(cache)) if indices is None else np.asarray(indices, np.int64)
     n_out = len(cache.meta.vocab)
     out = np.empty((len(idx), n_out), np.float32)
     head = head.to(device).eval()
     with torch.no_grad():
-        for a in tqdm(range(0, len(idx), batch_size), desc="eval", unit="batch", disable=None):
+        for a in progress(range(0, len(idx), batch_size), desc="eval", unit="batch"):
             x = torch.from_numpy(cache.read(head_field(info.kind), idx[a:a + batch_size])).to(device)
             # parent-label heads: the first outputs are the vocabulary (softmax heads have none)
             out[a:a + len(x)] = probabilities(head(x), info.multilabel, n_out).cpu().numpy()

@@ -314,9 +314,9 @@ def _one_thread():
 
 def run_tasks(tasks: list[tuple], opts: ProbeOptions):
     """Yield (task index, result) in completion order: dask cluster, process pool, or in-process."""
-    from tqdm import tqdm
+    from wat.data.progress import progress
 
-    bar = tqdm(total=len(tasks), desc="probe", unit="fit", disable=None)
+    bar = progress(total=len(tasks), desc="probe", unit="fit")
     if opts.scheduler:
         from distributed import Client, as_completed
         with Client(opts.scheduler) as client:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import dask
 from distributed import Client, LocalCluster, as_completed
-from tqdm import tqdm
+from wat.data.progress import progress
 
 from wat.data.datasets import Dataset
 
@@ -119,7 +119,7 @@ def run_shards(client: Client, todo, options: ExtractOptions, shard_dir: Path, m
                             retries=RETRIES, resources=resources, pure=False)
         futures[fut] = (i, len(clips))
     results, failed = [], []
-    with tqdm(total=sum(n for _, n in futures.values()), unit="clip", desc="extract",
+    with progress(total=sum(n for _, n in futures.values()), unit="clip", desc="extract",
               disable=None if options.progress is None else not options.progress) as bar:
         for fut in as_completed(futures):
             i, n = futures[fut]

@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from wat.data import cache as wcache
+from wat.data.progress import progress as progress_bar
 from wat.data.audio import SAMPLE_RATE, fit_length, load_audio
 from wat.data.datasets import Clip, Dataset
 from wat.data.files import LockedError, output_lock, write_json, write_tsv
@@ -84,7 +85,7 @@ class ExtractOptions:
     limit: int | None = None          # only the first N clips (sorted by id)
     overwrite: bool = False
     clip_seconds: float | None = None  # None = the dataset's nominal length
-    progress: bool | None = None      # tqdm's disable=None: a bar on a TTY only
+    progress: bool | None = None      # None: as wat.data.progress is set (bar on a TTY, else log lines); False: none
     store: str = "fp16"               # stored precision: "fp16" | "int8" (half the bytes, scaled per shard)
     layers: tuple | None = None       # (start, stop) slice of encoder blocks to keep; None = all
 
@@ -569,7 +570,7 @@ def _extract(dataset, options, out_index, clip_seconds, model, runner, t0) -> Su
     elif todo:
         n_samples = round(clip_seconds * SAMPLE_RATE)
         writer = _Writer(shard_dir, meta)
-        with tqdm(total=n_todo, unit="clip", desc="extract", disable=None if options.progress is None
+        with progress_bar(total=n_todo, unit="clip", desc="extract", disable=None if options.progress is None
                   else not options.progress, smoothing=0.1) as bar:
             try:
                 for buf in encode_shards(model, todo, options, meta, n_samples, bar):
@@ -588,7 +589,7 @@ def drop_damaged(shard_dir: Path, n_shards: int, meta: wcache.CacheMeta, progres
     done = [(i, r) for i in range(n_shards) if (r := finished(shard_dir, i)) is not None and r["n_written"] > 0]
     row = 2 * (meta.n_layers * meta.n_frames * meta.dim + meta.n_layers * meta.dim)
     out = []
-    with tqdm(total=row * sum(r["n_written"] for _, r in done), unit="B", unit_scale=True, desc="check",
+    with progress_bar(total=row * sum(r["n_written"] for _, r in done), unit="B", unit_scale=True, desc="check",
               disable=None if progress is None else not progress) as bar:
         for i, _ in done:
             path = wcache.shard_path(shard_dir, i)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
+from wat.data.progress import progress
 
 from .distributed import World, all_reduce_grads, local_share
 from .inputs import Setup, batches, epoch_order, unlabeled_batches
@@ -31,7 +31,7 @@ def train_epoch(fit: Fit, s: Setup, opts: TrainOptions, weights, gen, aug, world
         reduce = lambda n: all_reduce_grads(params, n)  # noqa: E731
     total = torch.zeros((), device=data.targets.device)
     it = _padded(batches(data.store, local_share(order, world), bs, gen), n_steps, data.store)
-    bar = tqdm(it, total=n_steps, desc=title, leave=False,
+    bar = progress(it, total=n_steps, desc=title, leave=False,
                disable=not world.main or (None if opts.progress is None else not opts.progress))
     for idx, x in bar:
         i = torch.from_numpy(idx).to(data.targets.device)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from wat.data.progress import progress
 
 from wat.data import cache as wcache
 from wat.data.audio import SAMPLE_RATE, AudioError, load_audio
@@ -61,7 +61,7 @@ class RobustOptions:
     language: str | None = "en"       # None: detected per utterance (multilingual models)
     noise_policy: str = "trim"        # noise-alone features: trim = the paper's research features
     jobs: int = 1                     # probe worker processes
-    progress: bool | None = None      # tqdm's disable=None: a bar on a TTY only
+    progress: bool | None = None      # None: as wat.data.progress is set (bar on a TTY, else log lines); False: none
     overwrite: bool = False
 
     def check(self) -> None:
@@ -293,7 +293,7 @@ def run_robust(speech_path, noise_kind: str, noise_root, out, options: RobustOpt
     plan = make_plan(speech_path, noise_kind, noise_root, noise_manifest, options)
     runs, problems = [], list(plan.problems)
     todo_total = len(plan.mixtures) * len(options.models)
-    with tqdm(total=todo_total, unit="mix", desc="wat-robust", disable=None if options.progress is None
+    with progress(total=todo_total, unit="mix", desc="wat-robust", disable=None if options.progress is None
               else not options.progress, smoothing=0.1) as bar:
         for spec in options.models:
             run = run_model(spec, plan, options, out, bar, model=(models or {}).get(spec))

@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import tqdm
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import format_timestamp, get_writer
 
@@ -19,6 +18,7 @@ from wat.extract.cli import MODEL_HELP
 from wat.extract.load import WhisperLoadError, load_whisper
 from wat.data.cliargs import add_device, float_range, int_range, parse_args, positive_int
 from wat.data.files import write_tsv
+from wat.data.progress import progress
 from wat.data.heads import HeadError, load_head
 
 from .grid import MIN_RES
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     writer = get_writer(fmt, str(args.output_dir)) if to_files else None
     names = output_names(args.audio)
     failed = 0
-    for path, name in zip(tqdm.tqdm(args.audio, unit="file", disable=None), names):
+    for path, name in zip(progress(args.audio, desc="wat-tag", unit="file"), names):
         try:
             result = transcribe_and_tag(model, head, path, time_res=args.time_res, top_k=args.top_k,
                                         threshold=args.threshold, classes=args.classes, keep_scores=args.keep_scores,
