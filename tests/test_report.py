@@ -236,7 +236,9 @@ def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    # by step: a resumed run writes a second event file, and the reader orders files by name
+    # (time to the second, then host and pid), not by when they were written
+    return {tag: sorted((e.step, e.value) for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}
 
 
 def test_train_report_curves_and_tensorboard(tmp_path, capsys):
