@@ -80,9 +80,9 @@ demo: $(STAMP)
 	@echo "features:     $(DEMO_DIR)/feats.h5 (+ feats.shards/)"
 	@echo "TL-Tr head:   per-fold accuracy above; $(DEMO_DIR)/tl-tr/{metrics.json,per_class.csv,curves.png}"
 	@echo "layer probe:  best layer above; $(DEMO_DIR)/probe/{layers.csv,layers.png,best_layer_hist.png}"
-	@echo "reports:      $(DEMO_DIR)/tl-tr/report.html  $(DEMO_DIR)/probe/report.html  (open in a browser; self-contained)"
+	@echo "reports:      $(DEMO_DIR)/tl-tr/report.html  $(DEMO_DIR)/probe/report.html  $(DEMO_DIR)/robust/report.html  (open in a browser; self-contained)"
 	@echo "tagging head: $(DEMO_DIR)/tl-tr/fold1/wa.pt (use with: wat-tag FILE --model $(DEMO_MODEL) --head ...)"
-	@echo "robustness:   WER per SNR and correlation above; $(DEMO_DIR)/robust/{wer.csv,wer_vs_snr.png,classwise.png,layers.png,summary.json}"
+	@echo "robustness:   WER per SNR and correlation above; $(DEMO_DIR)/robust/{report.html,wer.csv,wer_vs_snr.png,classwise.png,layers.png,summary.json}"
 
 # CPU benchmarks (ratios; see BENCHMARKS.md). Not part of `make test`.
 bench: $(STAMP)

@@ -103,6 +103,63 @@ def test_best_layer_histogram_states_the_tie_rule(tmp_path):
     assert "tied across k layers adds 1/k to each" in text and "1 tied class" in text
 
 
+def _robust_panel(meta):
+    """One model's figure input for wat-robust: WER 12..49 % over 3 SNRs, 10 classes in range and one
+    far above it, probe accuracies 0.85..0.94."""
+    points = [{"class": f"class {i}", "f1": 0.4 + 0.05 * i, "wer_increase": 5.0 + 3 * i + (i % 3),
+               "wer_high_snr": 0.1, "wer_low_snr": 0.1 + (5.0 + 3 * i) / 100} for i in range(10)]
+    points.append({"class": "loud", "f1": 0.9, "wer_increase": 80.0, "wer_high_snr": 0.1, "wer_low_snr": 0.9})
+    from wat.extract.robust import report as RR
+    return {"meta": meta, "name": "xyz_out", "wer": [(20.0, 0.12, 20), (0.0, 0.27, 20), (-10.0, 0.49, 20)],
+            "points": points, "correlation": RR.correlation(points), "missing": 0,
+            "layers": {20.0: ([0, 1, 2, 3], [0.90, 0.91, 0.93, 0.94], [0.01] * 4),
+                       -10.0: ([0, 1, 2, 3], [0.85, 0.86, 0.88, 0.87], [0.01] * 4)},
+            "chance": 1 / 11, "not_probed": {}, "protocol": "5-fold (cache folds)", "clips": {20.0: 20, -10.0: 20},
+            "noise_alone": (3, 0.9)}
+
+
+def test_robust_figures_follow_the_data_and_name_models_from_metadata(tmp_path):
+    from types import SimpleNamespace
+    from wat.extract.robust import report as RR
+    meta = _meta("base", n_layers=4, n_classes=11, policy="pad30", dataset="robust:csv+esc50")
+    panels = [_robust_panel(meta)]                      # "xyz_out": a folder name that must never show
+    plan = SimpleNamespace(speech=SimpleNamespace(name="csv", utterances=[None] * 10))
+    data = RR.data_label(plan, _meta("base", n_classes=11, dataset="esc50"))
+    out = tmp_path / "xyz_out"
+    out.mkdir()
+
+    wer = RR.plot_wer_vs_snr(panels, data, out / "wer_vs_snr.png")
+    text = " ".join(" ".join(wer["text"]).split())
+    assert "xyz_out" not in text
+    assert "base (pad30)" in text and "esc50 noise" in text and "11 classes" in text and "10 utterances" in text
+    assert "20 mixtures per SNR" in text and "+20" in text and "-10" in text
+    assert 5 < wer["ylim"][0] < 12 and 49 < wer["ylim"][1] < 60          # WER 12..49 %: not 0..100
+
+    cw = RR.plot_classwise(panels, (20.0, -10.0), data, out / "classwise.png")
+    text = " ".join(" ".join(cw["text"]).split())
+    c = panels[0]["correlation"]
+    assert f"base (pad30), 11 classes: Pearson r = {c['pearson_r']:.2f}, p = {c['p_value']:.2g}" in text
+    assert "xyz_out" not in text
+    assert "above +50 points (not drawn; in the line and r): loud +80" in text    # listed apart, not drawn
+    assert not any(t == "loud" for t in cw["text"]) and "class 9" in cw["text"]
+    assert cw["ylim"][1] < 50 and cw["ylim"][0] > -5                   # the in-range classes, 5..34
+    assert RR.y_cap(np.array([60.0, 70.0, 10.0])) is None               # most above: all drawn
+
+    ly = RR.plot_layers(panels, data, out / "layers.png")
+    text = " ".join(" ".join(ly["text"]).split())
+    assert "base (pad30)" in text and "+20 dB" in text and "-10 dB" in text and "xyz_out" not in text
+    assert 0.8 < ly["ylim"][0] < 0.85 and 0.94 < ly["ylim"][1] < 1.0    # accuracies 0.85..0.94: not 0..1
+    assert "chance 0.0909 ↓" in text and "noise alone (layer 3) 0.9" in text
+    assert "20 mixtures of each SNR" in text
+
+    # two models: one line (panel) each, labelled by model and policy from their caches
+    two = [panels[0], _robust_panel(_meta("tiny.en", n_layers=4, n_classes=11, policy="pad30"))]
+    text = " ".join(RR.plot_wer_vs_snr(two, data, out / "w2.png")["text"])
+    assert "base (pad30)" in text and "tiny.en (pad30)" in text
+    text = " ".join(RR.plot_layers(two, data, out / "l2.png")["text"])
+    assert "base (pad30)" in text and "tiny.en (pad30)" in text
+
+
 # ---------------------------------------------------------------- report.html
 
 class _Refs(html.parser.HTMLParser):

@@ -233,6 +233,20 @@ def test_run_outputs(robust_run, tiny_model):
     assert set(per_snr.columns["snr"]) == {-10.0} and len(per_snr) == 3
 
 
+def test_report_page_is_self_contained_and_renders(robust_run, tmp_path):
+    from test_report import check_renders, check_self_contained
+
+    root, speech, noise, opts, summary = robust_run
+    page = root / "out" / "report.html"
+    assert "report.html" in summary["files"]
+    text = page.read_text()
+    assert "tiny.en (pad30)" in text and "esc50" in text and "corrupt.flac" in text    # labels, problem rows
+    m = summary["models"]["tiny.en"]
+    assert f"{100 * m['wer']['-10']:.4g}" in text and "WER per model, SNR and noise class" in text
+    assert check_self_contained(page) == 3                                              # the three figures
+    check_renders(page, tmp_path)
+
+
 def test_wat_probe_reads_the_cache_unchanged(robust_run, tmp_path):
     from wat.eval.cli import probe_main
 

@@ -17,7 +17,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wat-robust", description=__doc__,
         epilog="Rerunning the same command resumes: finished chunks of mixtures are kept. Outputs: "
-               "OUT/wer.csv, wer_vs_snr.png, classwise.png, layers.png, summary.json, problems.tsv and "
+               "OUT/report.html (all on one page), wer.csv, wer_vs_snr.png, classwise.png, layers.png, summary.json, "
+               "problems.tsv and "
                "one wat cache per model (OUT/MODEL/feats.h5, usable with wat-probe).")
     p.add_argument("--speech", required=True,
                    help="LibriSpeech-layout folder (SPEAKER/CHAPTER/*.flac + *.trans.txt) or a path,text CSV")
