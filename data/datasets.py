@@ -111,7 +111,7 @@ def _finish(name, rows, vocab, multilabel, clip_seconds, problems) -> Dataset:
 
 
 def _esc50(root: Path, meta: Path) -> Dataset:
-    rows, problems = _read_csv(meta, required=("filename", "fold", "target", "category"))
+    rows, problems = read_csv_rows(meta, required=("filename", "fold", "target", "category"))
     categories: dict[int, str] = {}
     parsed = []
     for where, row in rows:
@@ -301,7 +301,7 @@ def _json(manifest: Path) -> Dataset:
 
 
 def _csv(manifest: Path) -> Dataset:
-    rows, problems = _read_csv(manifest, required=("path", "labels"))
+    rows, problems = read_csv_rows(manifest, required=("path", "labels"))
     entries = []
     for where, row in rows:
         try:
@@ -317,7 +317,7 @@ def _csv(manifest: Path) -> Dataset:
     return _labelled_clips("csv", entries, problems, manifest.parent)
 
 
-def _read_csv(path: Path, required) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
+def read_csv_rows(path: Path, required) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
     """A headed CSV, line by line so that one bad quote cannot swallow the rest of the file."""
     if not path.is_file():
         raise DatasetError(f"manifest {path} not found")

@@ -35,9 +35,10 @@ def time_parts(n: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
     return (i * n) // parts, -((-(i + 1) * n) // parts)
 
 
-def _pool(x: torch.Tensor, frames: int, n_valid: int | None) -> torch.Tensor:
-    # [B, T, D] -> [B, frames, D]: means over the `time_parts` of the first n_valid frames, by the
-    # fused kernel whose windows time_parts spells out (same numbers as the official pooling)
+def pool_frames(x: torch.Tensor, frames: int, n_valid: int | None) -> torch.Tensor:
+    """Block outputs [B, T, D] -> float32 [B, frames, D]: the means over the `time_parts` of the
+    first `n_valid` frames (None = all), by the fused kernel whose windows `time_parts` spells out
+    (same numbers as the official pooling)."""
     x = x[:, :n_valid].float().transpose(1, 2)
     return F.adaptive_avg_pool1d(x, frames).transpose(1, 2)
 
@@ -65,7 +66,7 @@ class LayerTaps:
         self._current = []
 
     def _tap(self, module, args, output):
-        self._current.append(_pool(output, self.frames, self.n_valid))
+        self._current.append(pool_frames(output, self.frames, self.n_valid))
 
     def _finish(self, module, args, output):
         self._pooled = torch.stack(self._current, dim=1)

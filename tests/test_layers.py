@@ -115,13 +115,13 @@ def test_time_parts_are_adaptive_avg_pool_windows():
     """The one partition (extraction and tagging) is the window set of the kernel extraction pools with."""
     import torch.nn.functional as F
 
-    from wat.extract.layers import _pool, time_parts
+    from wat.extract.layers import pool_frames, time_parts
     for n in [1, 7, 10, 24, 25, 26, 250, 365, 499, 500, 1500]:
         for parts in [1, 10, 25, 60]:
             x = torch.randn(1, n, 3)
             start, end = time_parts(n, parts)
             manual = torch.stack([x[0, a:b].mean(0) for a, b in zip(start, end)])
-            torch.testing.assert_close(_pool(x, parts, None)[0], manual, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(pool_frames(x, parts, None)[0], manual, atol=1e-6, rtol=1e-6)
             torch.testing.assert_close(F.adaptive_avg_pool1d(x.transpose(1, 2), parts).transpose(1, 2)[0], manual,
                                        atol=1e-6, rtol=1e-6)
     # official cases: 10 s / 5 s clips and 30 s windows split evenly, no frame shared

@@ -22,7 +22,7 @@ import torch
 import whisper
 from whisper.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 
-from wat.extract.layers import LayerTaps, _pool, log_mel
+from wat.extract.layers import LayerTaps, pool_frames, log_mel
 
 MAX_SAMPLES = N_SAMPLES  # what one decode window holds
 
@@ -58,7 +58,7 @@ class ClipTaps(CountingTaps):
     def _tap(self, module, args, output):
         if output.shape[0] != len(self.clip_valid):
             raise RuntimeError(f"ClipTaps: encoder batch of {output.shape[0]}, expected {len(self.clip_valid)}")
-        self._current.append(torch.cat([_pool(output[i:i + 1], self.frames, n)
+        self._current.append(torch.cat([pool_frames(output[i:i + 1], self.frames, n)
                                         for i, n in enumerate(self.clip_valid)]))
 
 

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wat.data.datasets import AUDIO_EXTS
+from wat.data.datasets import AUDIO_EXTS, DatasetError, read_csv_rows  # the one line-by-line CSV reader
 
 
 class SpeechError(ValueError):
@@ -95,10 +95,8 @@ def _librispeech(root: Path) -> Speech:
 
 
 def _csv(path: Path) -> Speech:
-    from wat.data.datasets import DatasetError, _read_csv  # the one line-by-line CSV reader
-
     try:
-        rows, bad = _read_csv(path, required=("path", "text"))
+        rows, bad = read_csv_rows(path, required=("path", "text"))
     except DatasetError as e:
         raise SpeechError(str(e)) from None
     out, problems = [], [(where, "", reason) for where, reason in bad]
