@@ -3,14 +3,13 @@ inside forward hooks, so full-resolution activations never leave the device or o
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import whisper
-from whisper.audio import HOP_LENGTH, N_SAMPLES
+from whisper.audio import N_FRAMES, N_SAMPLES
 
 from wat.data.cache import POLICIES
 
@@ -20,6 +19,29 @@ def log_mel(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
     """[B, S] -> [B, n_mels, S // 160]. One `whisper.log_mel_spectrogram` call per clip: it clamps to
     (max - 8) over the whole tensor it gets, so a batched call would couple clips."""
     return torch.stack([whisper.log_mel_spectrogram(a, n_mels) for a in audio])
+
+
+def pad30_input(clips, n_mels: int = 80) -> tuple[torch.Tensor, list[int]]:
+    """THE pad30 encoder input: 16 kHz mono clips (1-D float32 tensors, any lengths >= 1 sample;
+    the log-mel is computed where each one lies) -> (log-mel windows [B, n_mels, 3000] float32,
+    valid encoder frames per clip).
+
+    Each window is exactly what `whisper.transcribe` feeds the encoder for the clip's first 30 s,
+    built with whisper's own functions as transcribe builds it: the log-mel of the clip followed by
+    30 s of zero samples (`log_mel_spectrogram(clip, padding=N_SAMPLES)`, so its max - 8 clamp is
+    taken over that whole spectrogram, of this clip alone: never a batched call, which would couple
+    clips), its first min(content_frames, 3000) frames (`content_frames` = samples // 160, as
+    transcribe counts them), padded to 3000 frames with zeros of the *normalised log-mel*
+    (`pad_or_trim`). A clip longer than 30 s is normalised over its whole length, as transcribe's
+    first window is. Valid encoder frames: ceil(frames / 2) (encoder frame j reads mel frames 2j
+    and 2j + 1; conv2 has stride 2), at least 1 (a clip under 10 ms has no content frame)."""
+    mels, valid = [], []
+    for clip in clips:
+        mel = whisper.log_mel_spectrogram(clip, n_mels, padding=N_SAMPLES)
+        frames = min(mel.shape[-1] - N_FRAMES, N_FRAMES)  # transcribe's content_frames, first window
+        mels.append(whisper.pad_or_trim(mel[:, :frames], N_FRAMES))
+        valid.append(max(1, -(-frames // 2)))
+    return torch.stack(mels), valid
 
 
 def time_parts(n: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,14 +156,17 @@ def layer_subset(spec, n_blocks: int) -> tuple[int, ...]:
 
 
 def encode_layers(model, audio, *, frames: int = 25, policy: str = "pad30", layers=None) -> torch.Tensor:
-    """16 kHz mono waveforms [B, samples] (tensor or array, equal lengths, <= 30 s) -> float32
+    """16 kHz mono waveforms [B, samples] (tensor or array, equal lengths) -> float32
     [B, L, frames, D] on the model's device: every encoder block's output, mean-pooled over `frames`
     equal windows of the encoder frames that cover the audio (one frame = 320 samples = 20 ms).
+    Only the first 30 s are encoded.
 
-    policy "pad30": pad/trim to 30 s as ASR does, then keep the ceil(samples / 320) frames covering
-    the clip (what `wat-tag` sees during transcription). "trim": encode only the clip (~3x cheaper
-    for 10 s clips; numerically different because attention sees no padding). `layers`: block
-    indices to keep (default all), giving [B, len(layers), frames, D]."""
+    policy "pad30": the 30 s log-mel window `whisper.transcribe` feeds the encoder (`pad30_input`:
+    the clip's log-mel padded with zero log-mel frames), then keep the encoder frames of the clip's
+    content (ceil((samples // 160) / 2), at most 1500): what `wat-tag` pools during transcription.
+    "trim": encode only the clip (~3x cheaper for 10 s clips; numerically different because
+    attention sees no padding). `layers`: block indices to keep (default all), giving
+    [B, len(layers), frames, D]."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}: expected one of {POLICIES}")
     device = next(model.parameters()).device
@@ -149,15 +174,12 @@ def encode_layers(model, audio, *, frames: int = 25, policy: str = "pad30", laye
     if audio.ndim != 2 or audio.shape[1] == 0:
         raise ValueError(f"audio must be [batch, samples] with samples > 0, got {tuple(audio.shape)}")
     audio = audio.to(device, torch.float32)
-    n_ctx = model.dims.n_audio_ctx
-    samples = min(audio.shape[1], N_SAMPLES)
     if policy == "pad30":
-        audio = whisper.pad_or_trim(audio, N_SAMPLES)
-        n_valid = min(math.ceil(samples / (2 * HOP_LENGTH)), n_ctx)
+        mel, valid = pad30_input(audio, model.dims.n_mels)
+        n_valid = valid[0]  # equal lengths: one count for the batch
     else:
-        audio = audio[:, :samples]
+        mel = log_mel(audio[:, :N_SAMPLES], model.dims.n_mels)
         n_valid = None  # the encoder sees only the clip
-    mel = log_mel(audio, model.dims.n_mels)
     n_enc = (mel.shape[-1] + 1) // 2  # conv2: stride 2, padding 1
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16,
                                                  enabled=device.type == "cuda"):

@@ -1,5 +1,6 @@
-"""Layer taps on tiny.en: shapes, per-clip independence, pad30 vs trim, pooling = window means of
-the block outputs before ln_post, and LayerTaps on a plain encoder call."""
+"""Layer taps on tiny.en: shapes, per-clip independence, pad30 vs trim, pad30 = the window
+`whisper.transcribe` feeds the encoder, pooling = window means of the block outputs before ln_post,
+and LayerTaps on a plain encoder call."""
 import math
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 import whisper
 
 from wat.extract import LayerTaps, encode_layers, log_mel
+from wat.extract.layers import pad30_input
 
 SR = 16000
 
@@ -65,20 +67,32 @@ def test_pad30_and_trim_differ(tiny_model, speech_audio):
     assert tiny_model.encoder.positional_embedding.shape == (1500, 384)  # trim restored it
 
 
+def _transcribe_window(x: np.ndarray) -> tuple[torch.Tensor, int]:
+    """The encoder input `whisper.transcribe` builds for the first 30 s of x, spelled out with
+    whisper's functions as transcribe.py does (mel of x + 30 s of zero samples, content frames,
+    slice, pad_or_trim in log-mel space), and the encoder frames of its content."""
+    mel = whisper.log_mel_spectrogram(torch.from_numpy(x), 80, padding=whisper.audio.N_SAMPLES)
+    content = mel.shape[-1] - whisper.audio.N_FRAMES
+    segment = whisper.pad_or_trim(mel[:, :min(content, 3000)], whisper.audio.N_FRAMES)
+    return segment, math.ceil(min(content, 3000) / 2)
+
+
 def test_pooling_is_window_means_of_block_outputs(tiny_model, speech_audio):
-    """10 s pad30: 500 encoder frames cover the clip -> 25 windows of 20 frames, pre-ln_post."""
+    """pad30 = transcribe's window: 10 s -> 500 encoder frames of content, 25 windows of 20 frames,
+    pre-ln_post; the padding is zero log-mel frames (not the log-mel of zero samples)."""
     x = clip(speech_audio, 10)
+    segment, n_valid = _transcribe_window(x)
+    assert n_valid == 500 and segment.shape == (80, 3000)
+    assert (segment[:, 1000:] == 0).all() and not (segment[:, 999] == 0).all()
     enc = tiny_model.encoder
     full = []
     hooks = [b.register_forward_hook(lambda m, i, o: full.append(o.detach().clone())) for b in enc.blocks]
     try:
-        mel = log_mel(whisper.pad_or_trim(torch.from_numpy(x[None]), whisper.audio.N_SAMPLES), 80)
         with torch.no_grad():
-            enc(mel)
+            enc(segment[None])
     finally:
         for h in hooks:
             h.remove()
-    assert math.ceil(len(x) / 320) == 500
     want = torch.stack([o[:, :500].reshape(1, 25, 20, 384).mean(2) for o in full], 1)
     got = encode_layers(tiny_model, x[None])
     assert torch.allclose(got, want, atol=1e-5)
@@ -86,10 +100,48 @@ def test_pooling_is_window_means_of_block_outputs(tiny_model, speech_audio):
     assert got[0, -1].mean(-1).abs().max() > 0.05
 
 
+@pytest.mark.parametrize("samples", [7 * SR + 100, 3 * SR + 170, 150, 30 * SR, 31 * SR + 5])
+def test_pad30_is_the_transcribe_window(tiny_model, speech_audio, samples):
+    """`pad30_input` (the one pad30 definition) against the window spelled out from transcribe.py,
+    and encode_layers against the encoder on that window; lengths where the old sample padding
+    counted ceil(samples / 320) frames (7 s + 100: 351 vs 350), under 10 ms (no content frame),
+    exactly 30 s, and over 30 s (normalised over the whole clip, as transcribe's first window)."""
+    x = np.resize(speech_audio, samples).astype(np.float32)
+    x[-min(samples, 4000):] += loud_tone(min(samples, 4000))  # the loudest part last: the max-8 clamp moves
+    segment, n_valid = _transcribe_window(x)
+    n_valid = max(1, n_valid)
+    mel, valid = pad30_input([torch.from_numpy(x), torch.from_numpy(loud_tone(len(x)))], 80)
+    assert torch.equal(mel[0], segment) and valid[0] == n_valid
+    with torch.no_grad(), LayerTaps(tiny_model.encoder, frames=25, n_valid=n_valid) as taps:
+        tiny_model.encoder(segment[None])
+    torch.testing.assert_close(encode_layers(tiny_model, x[None]), taps.pooled, atol=1e-5, rtol=1e-5)
+
+
+def test_pad30_input_is_what_transcribe_feeds_the_encoder(tiny_model, speech_audio):
+    """The encoder's input in a real `model.transcribe` call is bit-equal to `pad30_input`'s."""
+    class Seen(Exception):
+        pass
+
+    def stop(module, args):
+        raise Seen(args[0].clone())
+
+    for samples in (len(speech_audio) + 77, 31 * SR):
+        x = np.resize(speech_audio, samples).astype(np.float32)
+        handle = tiny_model.encoder.register_forward_pre_hook(stop)
+        try:
+            with pytest.raises(Seen) as seen:
+                tiny_model.transcribe(x, temperature=0.0, fp16=False, language="en")
+        finally:
+            handle.remove()
+        mel, _ = pad30_input([torch.from_numpy(x)], 80)
+        assert torch.equal(seen.value.args[0], mel), samples
+
+
 def test_layer_taps_on_plain_encoder_calls(tiny_model, speech_audio):
     x = clip(speech_audio, 5)
     y = loud_tone(len(x))
-    mel = log_mel(whisper.pad_or_trim(torch.from_numpy(np.stack([x, y])), whisper.audio.N_SAMPLES), 80)
+    mel, valid = pad30_input(torch.from_numpy(np.stack([x, y])), 80)
+    assert valid == [250, 250]
     with torch.no_grad(), LayerTaps(tiny_model.encoder, frames=25, n_valid=250) as taps:
         tiny_model.encoder(mel[:1])
         first = taps.pooled

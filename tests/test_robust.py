@@ -127,20 +127,26 @@ def _clips(n):
 
 
 def test_batch_decode_gives_transcribe_text_and_encode_layers_features(tiny_model):
-    """The batch's single encoder pass yields (a) the text `model.transcribe` gives for each
-    utterance alone at temperature 0 when it is handed the same 30 s window (the utterance padded
-    with zero samples, which is the pad30 window: transcribe pads a short file in log-mel space
-    instead, see asr.py), and (b) exactly the rows `encode_layers(..., policy="pad30")` gives."""
-    clips = [c for c in _clips(4)]
-    clips[1] = clips[1][: len(clips[1]) // 2]  # different lengths in one batch
+    """The batch's single encoder pass yields, for EVERY committed utterance, (a) the text
+    `model.transcribe` gives for the utterance alone at temperature 0 (the batch's windows are
+    transcribe's own: log-mel padding, `pad30_input`), and (b) exactly the rows
+    `encode_layers(..., policy="pad30")` gives. Apples to apples: decode_batch decodes without
+    timestamp tokens, so transcribe is asked for the same (without_timestamps, no silence skip,
+    no prompt from a previous window); with transcribe's defaults (timestamp tokens on) the text
+    is also the same for these utterances, checked too. Before pad30 followed transcribe (zero
+    samples instead of zero log-mel frames), 2 of the 10 differed."""
+    clips = _clips(10)
+    assert len(clips) == 10
+    clips[1] = clips[1][: len(clips[1]) // 2 + 37]  # different lengths in one batch, not a multiple of 160
     with EncoderPasses(tiny_model) as passes:
         texts, feats = decode_batch(tiny_model, clips)
-    assert passes.n == 1 and feats.shape == (4, 4, 25, 384)
+    assert passes.n == 1 and feats.shape == (10, 4, 25, 384)
+    same = dict(temperature=0.0, language="en", fp16=False)
     for clip, text, row in zip(clips, texts, feats):
-        alone = tiny_model.transcribe(whisper.pad_or_trim(clip), temperature=0.0, without_timestamps=True,
-                                      condition_on_previous_text=True, no_speech_threshold=None,
-                                      language="en", fp16=False)
-        assert text == alone["text"].strip() and text
+        alone = tiny_model.transcribe(clip, without_timestamps=True, condition_on_previous_text=False,
+                                      no_speech_threshold=None, **same)
+        default = tiny_model.transcribe(clip, **same)
+        assert text and text == alone["text"].strip() == default["text"].strip()
         torch.testing.assert_close(row[None], encode_layers(tiny_model, clip[None], policy="pad30"),
                                    rtol=0, atol=1e-5)
 
@@ -153,6 +159,8 @@ def test_long_utterance_one_pass_per_window(tiny_model):
         text, feats, n = transcribe_long(tiny_model, long)
     assert passes.n == n == 2 and feats.shape == (1, 4, 25, 384)
     assert "children" in text.lower() and "water" in text.lower()  # first and ninth sentences
+    # the first window is the pad30 input of the whole utterance (normalised over all of it)
+    torch.testing.assert_close(feats, encode_layers(tiny_model, long[None], policy="pad30"), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------- the whole run

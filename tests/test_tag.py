@@ -421,7 +421,7 @@ def test_extraction_and_tagging_pool_a_7_3_s_clip_identically(tiny_model):
     from wat.extract.layers import time_parts
     audio = _noise(7.3)
     content = len(audio) // 160                     # 730 mel frames
-    n_valid = -(-len(audio) // 320)                 # 365 encoder frames, as encode_layers counts them
+    n_valid = -(-content // 2)                      # 365 encoder frames, as pad30_input counts them
     mel = whisper.log_mel_spectrogram(audio, 80, padding=whisper.audio.N_SAMPLES)
     segment = whisper.pad_or_trim(mel[:, :content], 3000)
     per_frame = []
@@ -438,3 +438,25 @@ def test_extraction_and_tagging_pool_a_7_3_s_clip_identically(tiny_model):
     # the parts overlap by a frame where 25 does not divide 365, as in adaptive_avg_pool1d
     start, end = time_parts(365, 25)
     assert (start[0], end[0], start[1], end[1]) == (0, 15, 14, 30)
+
+
+def test_tag_features_of_a_short_file_are_its_pad30_cache_features(tiny_model, speech_audio):
+    """A <= 30 s file: the features the head is given during transcription (one tag window over
+    the whole file, one encoder pass) equal `encode_layers(..., policy="pad30")` of the file, which
+    a cache stores: pad30 is transcribe's own window (log-mel padding, content frames). 7 s + 100
+    samples: 350 encoder frames of content (the old sample-padded pad30 counted 351)."""
+    from wat.extract import encode_layers
+    audio = np.concatenate([speech_audio, _noise(3.0, seed=3)])[: 7 * SR + 100]
+    head, info = _random_head(tiny_model)
+    seen = []
+    hook = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    try:
+        with EncoderPasses(tiny_model) as passes:
+            out = transcribe_and_tag(tiny_model, (head, info), audio, time_res=30.0, fp16=False,
+                                     temperature=0.0, language="en")
+    finally:
+        hook.remove()
+    assert passes.n == 1 and len(out["audio_tags"]) == 1 and len(seen) == 1
+    cache_row = encode_layers(tiny_model, audio[None], policy="pad30")
+    assert seen[0].shape == cache_row.shape == (1, 4, 25, 384)
+    torch.testing.assert_close(seen[0], cache_row, atol=1e-5, rtol=1e-5)

@@ -1,28 +1,31 @@
 """Transcripts and pooled layer features of the same encoder pass.
 
-Up to 30 s: a batch of utterances becomes mel windows [B, n_mels, 3000], each computed on its own
-clip padded to 30 s (exactly `encode_layers`' pad30 input: never a batched log-mel, which would
-couple clips through its max-8 clamp), and `whisper.decode` transcribes the batch at temperature 0.
-Its single encoder call runs with `ClipTaps` attached, which pool every block's output over the
-frames covering each clip, as wat-extract's pad30 policy does: the cache rows equal
-`encode_layers(model, clip)` and the transcript comes from the very same activations.
+Up to 30 s: a batch of utterances becomes the log-mel windows [B, n_mels, 3000] that
+`whisper.transcribe` would feed the encoder for each utterance alone (`layers.pad30_input`, the one
+pad30 definition: each clip's own log-mel, padded with zero log-mel frames to 30 s; never a batched
+log-mel, which would couple clips through its max-8 clamp), and `whisper.decode` transcribes the
+batch at temperature 0 without timestamp tokens. Its single encoder call runs with `ClipTaps`
+attached, which pool every block's output over each clip's content frames, as wat-extract's pad30
+policy does: the cache rows equal `encode_layers(model, clip)`, the transcript comes from the very
+same activations, and it equals `model.transcribe(clip, temperature=0, without_timestamps=True,
+condition_on_previous_text=False, no_speech_threshold=None)` (same encoder input, same decoding
+options; `transcribe`'s defaults add timestamp tokens, which change the greedy path, and may skip
+a window it judges silent).
 
 Longer than 30 s: `model.transcribe` (temperature 0, so no fall-back re-runs a window) with taps
-on every encoder call: one pass per 30 s window, the features are those of the first window (the
-first 30 s, which is what pad30 keeps of a longer clip). Its mel is normalised over the whole
-utterance by `transcribe`, so these rows can differ slightly from `encode_layers` of the first 30 s.
+on every encoder call: one pass per 30 s window, the features are those of the first window, which
+is the pad30 input of the utterance (`encode_layers` of the whole utterance gives the same rows).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import whisper
-from whisper.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
+from whisper.audio import N_SAMPLES, SAMPLE_RATE
 
-from wat.extract.layers import LayerTaps, pool_frames, log_mel
+from wat.extract.layers import LayerTaps, pad30_input, pool_frames
 
 MAX_SAMPLES = N_SAMPLES  # what one decode window holds
 
@@ -72,11 +75,6 @@ def _decoding(model, options: AsrOptions, **extra) -> dict:
                 fp16=_device(model).type == "cuda", **extra)
 
 
-def valid_frames(model, n_samples: int) -> int:
-    """Encoder frames covering a clip of n_samples in its 30 s window (pad30)."""
-    return min(math.ceil(min(n_samples, N_SAMPLES) / (2 * HOP_LENGTH)), model.dims.n_audio_ctx)
-
-
 @torch.inference_mode()
 def decode_batch(model, clips: list[np.ndarray], options: AsrOptions = AsrOptions()):
     """Clips of 1..480000 samples (16 kHz) -> (texts, float32 features [B, L, frames, D] on the
@@ -84,10 +82,9 @@ def decode_batch(model, clips: list[np.ndarray], options: AsrOptions = AsrOption
     if not clips or any(len(c) == 0 or len(c) > MAX_SAMPLES for c in clips):
         raise ValueError("decode_batch takes 1 or more clips of 1..30 s")
     device = _device(model)
-    audio = torch.stack([whisper.pad_or_trim(torch.as_tensor(c, dtype=torch.float32), N_SAMPLES) for c in clips])
-    mel = log_mel(audio.to(device), model.dims.n_mels)  # per clip
+    mel, n_valid = pad30_input([torch.as_tensor(c, dtype=torch.float32).to(device) for c in clips],
+                               model.dims.n_mels)
     mel = mel.to(next(model.encoder.parameters()).dtype)
-    n_valid = [valid_frames(model, len(c)) for c in clips]
     with ClipTaps(model.encoder, options.frames, n_valid) as taps:
         results = whisper.decode(model, mel, whisper.DecodingOptions(
             without_timestamps=True, **_decoding(model, options)))
