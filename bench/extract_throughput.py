@@ -42,7 +42,7 @@ from wat.data.audio import fit_length, load_audio
 from wat.data.cache import POLICIES
 from wat.data.datasets import load_dataset
 from wat.data.demo import CLASSES, make_demo
-from wat.extract.layers import LayerTaps, log_mel, short_input
+from wat.extract.layers import LayerTaps, log_mel, pad30_input, short_input
 from wat.extract.pipeline import ExtractOptions, extract_dataset, get_model
 
 from common import dense_peak_tflops, device_name, whisper_model, write_json
@@ -91,14 +91,16 @@ def bench_bare(model, ds, options, n_samples) -> tuple[float, float]:
     bs = options.batch_size
     audio = [fit_length(load_audio(c.path, offset=c.offset, duration=c.duration), n_samples)
              for c in ds.clips[: min(len(ds.clips), 8 * bs)]]
-    n_ctx = n_samples if options.policy == "trim" else 480_000
-    mels = []
+    mels, n_valid = [], None
     for i in range(0, len(audio), bs):
-        a = torch.from_numpy(np.stack(audio[i:i + bs]))
-        a = torch.nn.functional.pad(a, (0, n_ctx - a.shape[1])).to(dev)
-        mels.append(log_mel(a, model.dims.n_mels))
+        a = torch.from_numpy(np.stack(audio[i:i + bs])).to(dev)
+        if options.policy == "pad30":  # transcribe's windows, as the pipeline builds them
+            mel, valid = pad30_input(a, model.dims.n_mels)
+            n_valid = valid[0]
+        else:
+            mel = log_mel(a, model.dims.n_mels)
+        mels.append(mel)
     n_enc = (mels[0].shape[-1] + 1) // 2
-    n_valid = math.ceil(n_samples / 320) if options.policy == "pad30" else None
     rounds = max(1, math.ceil(len(ds.clips) / len(audio)))  # about as many clips as the pipeline run
     results = []
     for hooks in (False, True):
@@ -151,17 +153,20 @@ def bench_official(model, ds, options, n_samples, workdir, n: int, ffmpeg: str |
     outputs = []
     hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o.float().cpu().numpy()))
              for b in model.encoder.blocks]
-    n_ctx = n_samples if options.policy == "trim" else 480_000
     n_valid = math.ceil(n_samples / 320)
     t0 = time.perf_counter()
     try:
         for c in ds.clips[:n]:
             if ffmpeg:
                 audio = whisper.audio.load_audio(str(c.path))[int((c.offset or 0) * 16000):]
-                audio = fit_length(audio[:n_samples], n_ctx)
+                audio = fit_length(audio[:n_samples], n_samples)
             else:
-                audio = fit_length(load_audio(c.path, offset=c.offset, duration=c.duration), n_ctx)
-            mel = log_mel(torch.from_numpy(audio)[None].to(options.device), model.dims.n_mels)
+                audio = fit_length(load_audio(c.path, offset=c.offset, duration=c.duration), n_samples)
+            audio = torch.from_numpy(audio)[None].to(options.device)
+            if options.policy == "pad30":  # the official extraction runs whisper's transcribe windows
+                mel, (n_valid,) = pad30_input(audio, model.dims.n_mels)
+            else:
+                mel = log_mel(audio, model.dims.n_mels)
             outputs.clear()
             with torch.inference_mode(), short_input(model.encoder, (mel.shape[-1] + 1) // 2), \
                     torch.autocast("cuda", dtype=torch.float16, enabled=options.device.startswith("cuda")):

@@ -45,14 +45,21 @@ index of each stored layer (`wat-extract --layers 8:32`); L = len(layers).
     and `verify`/`info` say that the shards carry no checksums.
 
 Attributes (shard and index alike): `schema_version`, `kind` ("shard" | "index"), `model`,
-`fingerprint`, `n_layers`, `n_frames`, `dim`, `policy`, `pooling`, `sample_rate`, `clip_seconds`,
+`fingerprint`, `n_layers`, `n_frames`, `dim`, `policy`, `pad30_padding`, `pooling`, `sample_rate`, `clip_seconds`,
 `vocab` (Vocabulary JSON), `multilabel`, `dataset`, `versions` (JSON), `storage`, `layers` (JSON
 list), `columns` (JSON list of the optional columns present; absent = none, so caches written
 before columns existed stay valid and keep their digests); shards also `n_clips` and `digest`
 (sha256 of the ids and the meta, so a shard swapped for another is detected). `schema_version` is
 the oldest reader that reads the file right: 2 for fp16 caches of every layer (version 1 plus
 checksums; `storage`/`layers` absent means fp16/all), 3 for int8 or layer-subset caches, which a
-version-2 reader would misread. Version 1 files (no checksums) are still read. Optional columns are
+version-2 reader would misread, 4 for pad30 caches (`pad30_padding` = "mel": the window
+`whisper.transcribe` feeds the encoder, padded with zero log-mel frames; a version-3 reader would
+take them for the older pad30 features and mix the two). pad30 files of versions 1-3 have no
+`pad30_padding` attribute: their windows were padded with zero *samples* before the log-mel
+("samples"), which is not what transcription feeds the encoder; they are still read, but never
+next to "mel" features (`incompatibilities`, and `heads.head_problems` for heads trained on them).
+Trim caches have no padding (`pad30_padding` absent, "" in `CacheMeta`) and keep versions 2/3.
+Version 1 files (no checksums) are still read. Optional columns are
 per-clip metadata that a reader may use or ignore (wat-robust writes `snr` and `utterance`;
 wat-probe/wat-train ignore them); a new one is one row in `COLUMNS`. Caches whose shards hold
 different column sets are incompatible.
@@ -87,8 +94,8 @@ import numpy as np
 from .files import atomic_path
 from .labels import LabelError, Vocabulary
 
-SCHEMA_VERSION = 3   # the newest schema this wat reads (and writes when a file needs it)
-READABLE_VERSIONS = (1, 2, 3)  # 1: no per-clip checksums; 3: int8 storage or a layer subset
+SCHEMA_VERSION = 4   # the newest schema this wat reads (and writes when a file needs it)
+READABLE_VERSIONS = (1, 2, 3, 4)  # 1: no per-clip checksums; 3: int8 storage or a layer subset; 4: pad30 = "mel"
 FIELDS = ("features", "mean")
 CHECKSUMS = {"features": "features_crc32", "mean": "mean_crc32"}  # field -> its per-row CRC-32 dataset
 STORAGES = ("fp16", "int8")
@@ -101,6 +108,21 @@ COLUMNS = {"snr": np.dtype(np.float32), "utterance": _STR}
 
 
 POLICIES = ("pad30", "trim")  # what the encoder sees: 30 s windows as in ASR, or only the clip
+# How a pad30 window is padded to 30 s. "mel": transcribe's window (`extract.layers.pad30_input`),
+# what this wat extracts; "samples": zero samples before the log-mel, pad30 caches of schema <= 3.
+PAD30_PADDING = "mel"
+PAD30_PADDINGS = ("mel", "samples")
+PAD30_FIX = ("pad30 features from before cache schema 4 were padded with zero samples, not with the zero "
+             "log-mel frames transcription feeds the encoder: re-extract that cache with wat-extract "
+             "(and retrain heads trained on it)")
+
+
+def padding_of(policy: str, pad30_padding: str | None) -> str:
+    """The padding of `policy` features: "" for trim; for pad30 the recorded one, or "samples" when
+    none is recorded (files and heads written before schema 4)."""
+    if policy != "pad30":
+        return ""
+    return pad30_padding or "samples"
 
 
 class CacheError(Exception):
@@ -132,6 +154,7 @@ class CacheMeta:
     storage: str = "fp16"    # stored precision of features/mean: "fp16" | "int8" (scaled, see above)
     layers: tuple = ()       # encoder block index of each stored layer; () = all n_layers blocks
     columns: tuple[str, ...] = ()  # optional per-clip columns present (names in COLUMNS)
+    pad30_padding: str = PAD30_PADDING  # pad30 only ("" for trim): "mel" (transcribe's window) | "samples"
 
     def __post_init__(self):
         layers = tuple(int(x) for x in self.layers) or tuple(range(self.n_layers))
@@ -142,6 +165,10 @@ class CacheMeta:
         bad = [c for c in self.columns if c not in COLUMNS]
         if bad:
             raise CacheError(f"unknown optional column(s) {bad}; known: {', '.join(COLUMNS)}")
+        padding = padding_of(self.policy, self.pad30_padding)
+        if self.policy == "pad30" and padding not in PAD30_PADDINGS:
+            raise CacheError(f"unknown pad30 padding {padding!r}; one of {', '.join(PAD30_PADDINGS)}")
+        object.__setattr__(self, "pad30_padding", padding)
         object.__setattr__(self, "layers", layers)  # frozen: normalised once, here
         object.__setattr__(self, "columns", tuple(sorted(self.columns)))
 
@@ -153,11 +180,14 @@ class CacheMeta:
     def to_attrs(self) -> dict:
         d = {k: getattr(self, k) for k in _META_KEYS}
         plain = self.storage == "fp16" and self.all_layers  # what a version-2 reader reads right
-        d.update(schema_version=2 if plain else SCHEMA_VERSION, vocab=self.vocab.to_json(),
+        version = 4 if self.pad30_padding == "mel" else 2 if plain else 3
+        d.update(schema_version=version, vocab=self.vocab.to_json(),
                  versions=json.dumps(self.versions, sort_keys=True), storage=self.storage,
                  layers=json.dumps(list(self.layers)))
         if self.columns:
             d["columns"] = json.dumps(list(self.columns))
+        if self.pad30_padding == "mel":  # absent: "samples" (pad30 files of schema <= 3) or trim
+            d["pad30_padding"] = self.pad30_padding
         return d
 
     @classmethod
@@ -177,7 +207,8 @@ class CacheMeta:
                        vocab=Vocabulary.from_json(_s(attrs["vocab"])), multilabel=bool(attrs["multilabel"]),
                        dataset=_s(attrs["dataset"]), versions=json.loads(_s(attrs.get("versions", "{}"))),
                        storage=_s(attrs.get("storage", "fp16")), layers=tuple(json.loads(_s(attrs.get("layers", "[]")))),
-                       columns=tuple(json.loads(_s(attrs.get("columns", "[]")))))
+                       columns=tuple(json.loads(_s(attrs.get("columns", "[]")))),
+                       pad30_padding=_s(attrs.get("pad30_padding", "")))
         except KeyError as e:
             raise CacheError(f"not a wat cache file: attribute {e.args[0]!r} missing") from None
         except (ValueError, LabelError) as e:
@@ -191,6 +222,8 @@ class CacheMeta:
                 "multilabel", "columns") + (("storage",) if same_cache else ())
         out = [f"{k}: {_show(getattr(self, k))} != {_show(getattr(other, k))}"
                for k in keys if getattr(self, k) != getattr(other, k)]
+        if self.policy == other.policy and self.pad30_padding != other.pad30_padding:
+            out.append(f"pad30_padding: {self.pad30_padding} != {other.pad30_padding} ({PAD30_FIX})")
         if self.vocab != other.vocab:
             out.append(f"vocab: {len(self.vocab)} classes != {len(other.vocab)} classes"
                        if len(self.vocab) != len(other.vocab) else "vocab: different classes")
@@ -207,6 +240,8 @@ class CacheMeta:
             d.pop("storage")
         if self.all_layers:
             d.pop("layers")
+        if self.pad30_padding != "mel":  # absent before schema 4: digests of older caches still match
+            d.pop("pad30_padding")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -944,7 +979,8 @@ def info(path) -> dict:
     return {
         "path": str(cache.path), "clips": len(cache), "shards": len(cache.shards),
         "features": list(cache.shape("features")), "mean": list(cache.shape("mean")),
-        "dtype": str(cache.stored_dtype), "storage": m.storage, "layers": list(m.layers), "model": m.model, "fingerprint": m.fingerprint, "policy": m.policy,
+        "dtype": str(cache.stored_dtype), "storage": m.storage, "layers": list(m.layers), "model": m.model,
+        "fingerprint": m.fingerprint, "policy": m.policy, "pad30_padding": m.pad30_padding,
         "pooling": m.pooling, "sample_rate": m.sample_rate, "clip_seconds": m.clip_seconds,
         "dataset": m.dataset, "classes": len(m.vocab), "multilabel": m.multilabel, "columns": list(m.columns),
         "labels": {"total": int(per_clip.sum()), "unlabeled_clips": int((per_clip == 0).sum()),

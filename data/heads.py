@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cache import CacheMeta
+from .cache import PAD30_FIX, PAD30_PADDING, PAD30_PADDINGS, CacheMeta, padding_of
 from .files import atomic_path
 from .labels import Vocabulary
 
@@ -270,6 +270,11 @@ class HeadInfo:
     primary_classes: int | None = None  # --parent-labels: the first N outputs are the real vocabulary
     thresholds: list[float] | None = None  # optional per-class decision thresholds (set by eval)
     layers: list[int] | None = None  # encoder block of each input layer (a --layers cache); None = 0..n_layers-1
+    pad30_padding: str = PAD30_PADDING  # pad30 features: "mel" (transcribe's window) | "samples" (a cache of
+                                        # schema <= 3; head files without the field); "" for trim
+
+    def __post_init__(self):
+        self.pad30_padding = padding_of(self.policy, self.pad30_padding)
 
     @property
     def blocks(self) -> tuple[int, ...]:
@@ -291,11 +296,14 @@ class HeadInfo:
                    if f.default is dataclasses.MISSING and f.name not in d]
         if missing:
             raise HeadError(f"head info lacks {', '.join(missing)}")
-        info = cls(**{k: v for k, v in d.items() if k in _INFO_TYPES})
+        # a head saved before the field existed was trained on sample-padded pad30 features
+        info = cls(**{k: v for k, v in {**d, "pad30_padding": d.get("pad30_padding", "")}.items() if k in _INFO_TYPES})
         for k, want in _INFO_TYPES.items():
             v = getattr(info, k)
             if not (isinstance(v, want) and not (isinstance(v, bool) and bool not in want)):
                 raise HeadError(f"head info {k} = {v!r} is not {' or '.join(t.__name__ for t in want)}")
+        if info.policy == "pad30" and info.pad30_padding not in PAD30_PADDINGS:
+            raise HeadError(f"head info: pad30_padding {info.pad30_padding!r} is not one of {', '.join(PAD30_PADDINGS)}")
         if min(info.n_layers, info.dim_in, info.n_classes, info.n_frames) < 1:
             raise HeadError("head info: n_layers, dim_in, n_classes and n_frames must be at least 1")
         if info.thresholds is not None and (len(info.thresholds) != info.n_classes
@@ -323,7 +331,7 @@ _INFO_TYPES = {"kind": (str,), "n_layers": (int,), "dim_in": (int,), "n_classes"
                "proj_dim": (int, type(None)), "n_frames": (int,), "vocab_json": (str,), "model": (str,),
                "fingerprint": (str,), "policy": (str,), "multilabel": (bool,),
                "primary_classes": (int, type(None)), "thresholds": (list, type(None)),
-               "layers": (list, type(None))}
+               "layers": (list, type(None)), "pad30_padding": (str,)}
 
 
 def head_from_info(info: HeadInfo) -> nn.Module:
@@ -367,7 +375,8 @@ def _official_info(state: dict) -> HeadInfo:
     if n_classes != len(vocab):
         raise HeadError(f"official head has {n_classes} outputs, expected the {len(vocab)} AudioSet classes")
     return HeadInfo("tl-tr", n_layers, dim_in, n_classes, proj_dim, 25, vocab.to_json(),
-                    model=f"whisper-at:{size}", fingerprint="", policy="pad30", multilabel=True)
+                    model=f"whisper-at:{size}", fingerprint="", policy="pad30", multilabel=True,
+                    pad30_padding=PAD30_PADDING)  # trained on whisper-at's transcribe windows: log-mel padding
 
 
 def load_head(path, n_layers: int | None = None, map_location="cpu") -> tuple[nn.Module, HeadInfo]:
@@ -423,11 +432,15 @@ class Features:
     multilabel: bool | None = None
     layers: tuple[int, ...] | None = None  # encoder block of each layer; None: a live encoder, whose
                                            # n_layers blocks are all there to pick the head's from
+    pad30_padding: str = PAD30_PADDING  # pad30: "mel" (transcription, this wat's caches) | "samples"
+
+    def __post_init__(self):
+        object.__setattr__(self, "pad30_padding", padding_of(self.policy, self.pad30_padding))
 
     @classmethod
     def of_cache(cls, meta: CacheMeta) -> "Features":
         return cls(meta.n_layers, meta.dim, meta.model, meta.fingerprint, meta.policy, meta.n_frames,
-                   meta.vocab, meta.multilabel, meta.layers)
+                   meta.vocab, meta.multilabel, meta.layers, meta.pad30_padding)
 
 
 # A Whisper release name, as wat, openai-whisper, whisper-at (official heads: "whisper-at:SIZE") and
@@ -496,6 +509,9 @@ def head_problems(info: HeadInfo, feats: Features) -> list[str]:
     if info.policy != feats.policy:
         out.append(f"input policy: head {info.policy}, cache {feats.policy} "
                    f"(the head was trained on '{info.policy}' features)")
+    elif info.pad30_padding != feats.pad30_padding:
+        out.append(f"input policy: head pad30 with {info.pad30_padding} padding, features pad30 with "
+                   f"{feats.pad30_padding} padding ({PAD30_FIX})")
     if feats.multilabel is not None and info.multilabel != feats.multilabel:
         out.append(f"label type: head {'multi' if info.multilabel else 'single'}-label, "
                    f"cache {'multi' if feats.multilabel else 'single'}-label")

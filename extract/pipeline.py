@@ -184,7 +184,8 @@ def run_manifest(dataset: Dataset, clips: list[Clip], meta: wcache.CacheMeta, op
     """What a rerun must agree on to reuse the shards already written."""
     return {
         "model": meta.model, "fingerprint": meta.fingerprint, "policy": meta.policy,
-        "frames": meta.n_frames, "pooling": meta.pooling, "clip_seconds": meta.clip_seconds,
+        "pad30_padding": meta.pad30_padding, "frames": meta.n_frames, "pooling": meta.pooling,
+        "clip_seconds": meta.clip_seconds,
         "shard_size": options.shard_size, "dataset": dataset.name, "n_clips": len(clips),
         "clips_sha256": _ids_digest(clips), "storage": meta.storage, "layers": _show_layers(meta, options),
     }
@@ -192,6 +193,14 @@ def run_manifest(dataset: Dataset, clips: list[Clip], meta: wcache.CacheMeta, op
 
 # what runs made before `storage`/`layers` existed wrote: no key, fp16 and every layer
 _MANIFEST_DEFAULTS = {"storage": "fp16", "layers": "all"}
+
+
+def _with_defaults(manifest: dict) -> dict:
+    # both sides: older runs, and callers that write only fp16 of every layer (wat-robust), omit the
+    # storage/layers keys; runs before cache schema 4 omit the padding (their pad30 padded samples)
+    out = {**_MANIFEST_DEFAULTS, **manifest}
+    out.setdefault("pad30_padding", wcache.padding_of(out.get("policy", ""), None))
+    return out
 
 
 def _show_layers(meta: wcache.CacheMeta, options: ExtractOptions) -> str:
@@ -203,10 +212,9 @@ def prepare_output(index_path, manifest: dict, overwrite: bool) -> Path:
     index_path, shard_dir = Path(index_path), shard_dir_for(index_path)
     mpath = shard_dir / MANIFEST
     old = json.loads(mpath.read_text()) if mpath.exists() else None
-    # both sides: older runs, and callers that write only fp16 of every layer (wat-robust), omit the keys
-    manifest = {**_MANIFEST_DEFAULTS, **manifest}
+    manifest = _with_defaults(manifest)
     if old is not None:
-        old = {**_MANIFEST_DEFAULTS, **old}
+        old = _with_defaults(old)
     if old is not None and old != manifest and not overwrite:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in manifest.items() if old.get(k) != v)
         raise ExtractError(f"{shard_dir} was extracted differently ({diff}); use --overwrite to replace it "

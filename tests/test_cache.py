@@ -382,3 +382,41 @@ def test_optional_columns_are_checked(tmp_path):
     write_shard(tmp_path / "s1.h5", make_meta(), [f"x{i}" for i in range(4)], feats, labels, folds, durs)
     with pytest.raises(CacheError, match="columns"):
         build_index(tmp_path / "feats.h5", [tmp_path / "s0.h5", tmp_path / "s1.h5"])
+
+
+# ---------------------------------------------------------------- pad30 padding (schema 4)
+
+OLD_PAD30 = os.path.join(os.path.dirname(__file__), "fixtures", "cache_v2_pad30", "feats.h5")
+
+
+def test_old_pad30_cache_reads_as_sample_padded():
+    """A real pad30 cache written by wat before schema 4 (schema 2, committed fixture): it opens,
+    reads and verifies, and its features are marked as padded with zero samples."""
+    with h5py.File(OLD_PAD30, "r") as f:
+        assert int(f.attrs["schema_version"]) == 2 and "pad30_padding" not in f.attrs
+    cache = open_cache(OLD_PAD30)
+    assert cache.meta.policy == "pad30" and cache.meta.pad30_padding == "samples"
+    x = cache.read("features", np.arange(4))
+    assert x.shape == (4, 2, 3, 4) and np.isfinite(x).all()
+    assert verify(OLD_PAD30) == [] and info(OLD_PAD30)["pad30_padding"] == "samples"
+
+
+def test_sample_and_log_mel_padded_pad30_never_mix(tmp_path):
+    old = open_cache(OLD_PAD30).meta
+    new = dataclasses.replace(old, pad30_padding="mel")
+    bad = new.incompatibilities(old)
+    assert len(bad) == 1 and bad[0].startswith("pad30_padding: mel != samples") and "re-extract" in bad[0]
+    assert new.digest() != old.digest()
+    # one cache cannot hold both: a new shard beside the old one is refused by name
+    shutil.copytree(os.path.dirname(OLD_PAD30), tmp_path / "c")
+    shards = tmp_path / "c" / "feats.shards"
+    write_shard(shards / "shard-00001.h5", new, ["e", "f"], np.ones((2, 2, 3, 4), np.float32), [(0,), (1,)])
+    with pytest.raises(CacheError, match=r"shard-00001.h5.*pad30_padding: samples != mel.*re-extract"):
+        build_index(tmp_path / "c" / "both.h5", [shards / "shard-00000.h5", shards / "shard-00001.h5"])
+    # the new one alone is a schema-4 cache; trim caches have no padding to tell apart
+    build_index(tmp_path / "c" / "new.h5", [shards / "shard-00001.h5"])
+    assert open_cache(tmp_path / "c" / "new.h5").meta == new
+    trim = dataclasses.replace(old, policy="trim")
+    assert trim.pad30_padding == dataclasses.replace(new, policy="trim").pad30_padding == ""
+    with pytest.raises(CacheError, match="unknown pad30 padding"):
+        dataclasses.replace(new, pad30_padding="wav")

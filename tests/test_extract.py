@@ -262,3 +262,43 @@ def test_bad_numbers_are_one_error_line_before_the_model_loads(tmp_path, capsys,
     with pytest.raises(ExtractError, match="num_workers must be >= 0"):  # the library refuses it too
         ExtractOptions(num_workers=-1).check()
 
+
+
+def test_pad30_rows_are_each_clip_alone_in_transcribe_windows(demo, model, tmp_path):
+    """pad30 extraction in batches: every row is `encode_layers` of its clip alone (each clip's
+    log-mel window on its own, never normalised with its batch), and the cache says so (schema 4)."""
+    import dataclasses
+
+    root, bad = demo
+    ds = load_dataset("esc50", root)
+    clips = [c for c in ds.clips if c.id != bad.id][::6][:4]  # 4 classes, one batch
+    ds = dataclasses.replace(ds, clips=clips)
+    out = tmp_path / "feats.h5"
+    summary = extract_dataset(ds, ExtractOptions(**{**OPTS, "policy": "pad30", "clip_seconds": 1.3}), out, model=model)
+    cache = open_cache(out)
+    assert summary.written == 4 and cache.meta.policy == "pad30" and cache.meta.pad30_padding == "mel"
+    n = round(1.3 * 16000)
+    for r, c in enumerate(clips):
+        want = encode_layers(model, fit_length(load_audio(c.path), n)[None], policy="pad30")[0].numpy()
+        got = cache.read("features", np.array([r]))[0].astype(np.float32)
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_a_run_folder_of_sample_padded_pad30_is_not_resumed(tmp_path):
+    """A pad30 run folder of a wat before cache schema 4 (its manifest has no pad30_padding: its
+    shards hold sample-padded windows) is not continued with log-mel padded ones."""
+    import json
+
+    from wat.extract.pipeline import MANIFEST, prepare_output
+
+    index = tmp_path / "feats.h5"
+    new = {"model": "tiny.en", "policy": "pad30", "pad30_padding": "mel", "frames": 25}
+    shard_dir_for(index).mkdir()
+    (shard_dir_for(index) / MANIFEST).write_text(json.dumps({k: v for k, v in new.items() if k != "pad30_padding"}))
+    with pytest.raises(ExtractError, match="pad30_padding: 'samples' -> 'mel'.*--overwrite"):
+        prepare_output(index, new, overwrite=False)
+    assert prepare_output(index, new, overwrite=True) == shard_dir_for(index)
+    # trim has no padding: an older trim run folder still resumes
+    trim = {"model": "tiny.en", "policy": "trim", "pad30_padding": "", "frames": 25}
+    (shard_dir_for(index) / MANIFEST).write_text(json.dumps({k: v for k, v in trim.items() if k != "pad30_padding"}))
+    assert prepare_output(index, trim, overwrite=False) == shard_dir_for(index)

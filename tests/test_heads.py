@@ -116,6 +116,8 @@ def test_official_checkpoint(tmp_path, dim_in, n_layers, dim):
     loaded, info = load_head(tmp_path / "official.pth")
     assert (info.kind, info.n_layers, info.dim_in, info.proj_dim, info.n_classes) == ("tl-tr", n_layers, dim_in, dim, 527)
     assert info.multilabel and '"/m/09x0r"' in info.vocab_json
+    # trained on whisper-at's transcribe windows: what this wat's pad30 is
+    assert (info.policy, info.pad30_padding) == ("pad30", "mel")
     x = torch.randn(2, n_layers, 25, dim_in)
     assert torch.equal(head(x), loaded(x))
     with pytest.raises(HeadError, match=f"{n_layers}-layer features"):
@@ -236,3 +238,25 @@ def test_list_instead_of_a_checkpoint(tmp_path):
     torch.save({"layer_tr.attn.query.weight": [1], "mlp_layer.1.weight": 2}, tmp_path / "o.pt")
     with pytest.raises(HeadError, match="named tensors"):
         load_head(tmp_path / "o.pt")
+
+
+def test_heads_trained_on_sample_padded_pad30_are_told_apart(tmp_path):
+    """A head saved before pad30 followed transcribe (no pad30_padding in its info) was trained on
+    sample-padded features: it fits those caches, not the log-mel padded ones (nor transcription)."""
+    head = build_head("wa-mlp", 4, 384, 3)
+    info = HeadInfo("wa-mlp", 4, 384, 3, model="tiny.en", fingerprint="ab" * 32)
+    old = {k: v for k, v in info.to_dict().items() if k != "pad30_padding"}
+    torch.save({"format": "wat-head", "version": 1, "info": old, "state_dict": head.state_dict()}, tmp_path / "old.pt")
+    _, loaded = load_head(tmp_path / "old.pt")
+    assert loaded.pad30_padding == "samples" and info.pad30_padding == "mel"
+    new_feats = Features(4, 384, "tiny.en", "ab" * 32, "pad30")
+    old_feats = Features(4, 384, "tiny.en", "ab" * 32, "pad30", pad30_padding="samples")
+    assert head_problems(loaded, old_feats) == [] and head_problems(info, new_feats) == []
+    bad, = head_problems(loaded, new_feats)
+    assert bad.startswith("input policy: head pad30 with samples padding, features pad30 with mel padding")
+    assert "re-extract" in bad
+    assert head_problems(info, old_feats) != []
+    trim = HeadInfo("wa-mlp", 4, 384, 3, policy="trim")
+    assert trim.pad30_padding == "" and head_problems(trim, Features(4, 384, "", "", "trim")) == []
+    with pytest.raises(HeadError, match="pad30_padding"):
+        HeadInfo.from_dict({**info.to_dict(), "pad30_padding": "wav"})

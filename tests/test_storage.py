@@ -60,18 +60,28 @@ def test_int8_error_bound_and_scales(tmp_path):
 
 def test_schema_version_says_who_can_read_the_file(tmp_path):
     ids, x = ["a", "b"], np.ones((2, 4, 25, 16), np.float32)
-    # 2: fp16, every layer, with checksums (1 = the same without checksums); 3: int8 or a layer subset
-    for kw, version in (({}, 2), ({"storage": "int8"}, 3), ({"layers": (1, 2, 3, 4)}, 3)):
-        p = tmp_path / f"{version}-{len(kw) and next(iter(kw))}.h5"
+    # 2: fp16, every layer, with checksums (1 = the same without checksums); 3: int8 or a layer subset;
+    # 4: pad30 with log-mel padding (transcribe's window), whatever the storage. Trim caches and the
+    # sample-padded pad30 caches of older wat keep the versions they were written with.
+    for padding in ("samples", "trim"):
+        for kw, version in (({}, 2), ({"storage": "int8"}, 3), ({"layers": (1, 2, 3, 4)}, 3)):
+            kw = {**kw, **({"policy": "trim"} if padding == "trim" else {"pad30_padding": padding})}
+            p = tmp_path / f"{padding}-{version}-{len(kw) > 1 and next(iter(kw))}.h5"
+            write_shard(p, make_meta(**kw), ids, x, [(), ()])
+            with h5py.File(p, "r") as f:
+                assert int(f.attrs["schema_version"]) == version and "pad30_padding" not in f.attrs
+    for kw in ({}, {"storage": "int8"}):
+        p = tmp_path / f"mel-{len(kw)}.h5"
         write_shard(p, make_meta(**kw), ids, x, [(), ()])
         with h5py.File(p, "r") as f:
-            assert int(f.attrs["schema_version"]) == version
-    # a shard written before storage/layers existed (no such attributes) still opens
-    old = tmp_path / "2-0.h5"
+            assert int(f.attrs["schema_version"]) == 4 and f.attrs["pad30_padding"] == "mel"
+        assert open_cache(p).meta.pad30_padding == "mel"
+    # a shard written before storage/layers existed (no such attributes) still opens, as sample-padded pad30
+    old = tmp_path / "samples-2-False.h5"
     with h5py.File(old, "r+") as f:
         del f.attrs["storage"], f.attrs["layers"]
     meta = open_cache(old).meta
-    assert meta.storage == "fp16" and meta.layers == (0, 1, 2, 3) and meta == make_meta()
+    assert meta.storage == "fp16" and meta.layers == (0, 1, 2, 3) and meta == make_meta(pad30_padding="samples")
     assert make_meta(storage="int8").digest() != make_meta().digest() != make_meta(layers=(1, 2, 3, 4)).digest()
 
 

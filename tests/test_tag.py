@@ -272,6 +272,11 @@ def test_mismatched_heads_are_refused(tiny_model):
     check_head(tiny_model, trim, allow_policy_mismatch=True)
     with pytest.raises(TagError, match="trim"):
         transcribe_and_tag(tiny_model, (_random_head(tiny_model)[0], trim), _noise(1.0))
+    # a head trained on a pad30 cache from before schema 4 (sample padding; its info has no field)
+    old = HeadInfo.from_dict({k: v for k, v in info.to_dict().items() if k != "pad30_padding"})
+    with pytest.raises(TagError, match="samples padding.*re-extract.*allow-policy-mismatch"):
+        check_head(tiny_model, old)
+    check_head(tiny_model, old, allow_policy_mismatch=True)
 
 
 def test_official_whisper_at_heads(tiny_model, speech_audio, tmp_path):
@@ -412,6 +417,14 @@ def test_cli_errors_are_one_line(tiny_model, speech_wav, tmp_path, capsys):
     code = main([str(speech_wav), "--model", "tiny.en", "--head", str(tmp_path / "missing.pt")])
     err = capsys.readouterr().err
     assert code == 2 and "missing.pt" in err
+    # a head trained on sample-padded pad30 features (before cache schema 4): refused, the fix named
+    head, info = _random_head(tiny_model)
+    old = {k: v for k, v in info.to_dict().items() if k != "pad30_padding"}
+    torch.save({"format": "wat-head", "version": 1, "info": old, "state_dict": head.state_dict()}, tmp_path / "old.pt")
+    code = main([str(speech_wav), "--model", "tiny.en", "--head", str(tmp_path / "old.pt"), "-o", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("wat-tag: error:") and "\n" not in err
+    assert "re-extract" in err and "--allow-policy-mismatch" in err
 
 
 def test_extraction_and_tagging_pool_a_7_3_s_clip_identically(tiny_model):

@@ -88,7 +88,8 @@ def _ancestor_matrix(vocab: Vocabulary) -> tuple[Vocabulary, np.ndarray]:
 def _info(opts: TrainOptions, cache: Cache, vocab: Vocabulary, primary: int | None) -> HeadInfo:
     m = cache.meta
     return HeadInfo(opts.head, m.n_layers, m.dim, len(vocab), opts.proj_dim, m.n_frames, vocab.to_json(),
-                    m.model, m.fingerprint, m.policy, m.multilabel, primary, layers=list(m.layers))
+                    m.model, m.fingerprint, m.policy, m.multilabel, primary, layers=list(m.layers),
+                    pad30_padding=m.pad30_padding)
 
 
 def _compatible(meta, other: Cache, flag: str, path: str, ignore=()) -> None:

@@ -47,7 +47,8 @@ def _build(opts: TrainOptions, cache: Cache, n_classes: int, device):
     if opts.init:
         src, info = load_head(opts.init, n_layers=m.n_layers)
         # transfer to other classes is allowed: the classes and label type are not compared
-        feats = Features(m.n_layers, m.dim, m.model, m.fingerprint, m.policy, m.n_frames, layers=m.layers)
+        feats = Features(m.n_layers, m.dim, m.model, m.fingerprint, m.policy, m.n_frames, layers=m.layers,
+                         pad30_padding=m.pad30_padding)
         bad = head_problems(info, feats)
         if bad:
             raise TrainError(f"--init {opts.init} does not fit {opts.features}: {'; '.join(bad)}")

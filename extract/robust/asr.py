@@ -9,8 +9,8 @@ attached, which pool every block's output over each clip's content frames, as wa
 policy does: the cache rows equal `encode_layers(model, clip)`, the transcript comes from the very
 same activations, and it equals `model.transcribe(clip, temperature=0, without_timestamps=True,
 condition_on_previous_text=False, no_speech_threshold=None)` (same encoder input, same decoding
-options; `transcribe`'s defaults add timestamp tokens, which change the greedy path, and may skip
-a window it judges silent).
+options; `transcribe`'s defaults add timestamp tokens, which can change the greedy path (on the
+committed fixture utterances they do not), and may skip a window they judge silent).
 
 Longer than 30 s: `model.transcribe` (temperature 0, so no fall-back re-runs a window) with taps
 on every encoder call: one pass per 30 s window, the features are those of the first window, which

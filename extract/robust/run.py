@@ -141,7 +141,8 @@ def _manifest(plan: Plan, meta: wcache.CacheMeta, options: RobustOptions) -> dic
     h = hashlib.sha256()
     for m in plan.mixtures:
         h.update(f"{m.id}\0{plan.speech.utterances[m.utterance].path}\0{plan.noise.clips[m.noise].path}\0".encode())
-    return {"model": meta.model, "fingerprint": meta.fingerprint, "policy": meta.policy, "pooling": meta.pooling,
+    return {"model": meta.model, "fingerprint": meta.fingerprint, "policy": meta.policy,
+            "pad30_padding": meta.pad30_padding, "pooling": meta.pooling,
             "chunk_size": options.chunk_size, "language": options.language, "n_mixtures": len(plan.mixtures),
             "mixtures_sha256": h.hexdigest()[:16], "kind": "wat-robust"}
 

@@ -56,9 +56,10 @@ def check_head(model, info: HeadInfo, *, allow_policy_mismatch: bool = False) ->
         bad = [b for b in bad if not b.startswith("input policy")]
     if bad:
         hint = ""
-        if info.policy != POLICY and not allow_policy_mismatch:
-            hint = (f". Transcription produces '{POLICY}' features (30 s windows); tags would be off. Use a head "
-                    f"trained on a pad30 cache, or allow_policy_mismatch=True (--allow-policy-mismatch)")
+        if any(b.startswith("input policy") for b in bad):
+            hint = (f". Transcription produces '{POLICY}' features (its 30 s windows, padded with zero log-mel "
+                    f"frames); tags would be off. Use a head trained on a pad30 cache extracted by this wat "
+                    f"(cache schema 4+), or allow_policy_mismatch=True (--allow-policy-mismatch)")
         raise TagError("head does not fit the model: " + "; ".join(bad) + hint)
 
 
