@@ -1,7 +1,7 @@
 """Mixtures per second (transcript + pooled layer features) of wat-robust's one-pass batched path
 against the paper's way, side by side on the same mixtures.
 
-- wat-robust: `decode_batch` (per-clip pad30 mel windows, one `whisper.decode` call per batch,
+- wat-robust: `decode_batch` (per-clip pad30 windows = transcribe's, one `whisper.decode` call per batch,
   features pooled by the taps during its single encoder call), features copied to the host.
 - paper's way: per mixture, `model.transcribe` (temperature 0, one segment) and then a separate
   encoder pass for the features (`encode_layers`, pad30).
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         return texts
 
     def bare():
-        for b in batches:
+        for b in batches:  # padded to 30 s of samples only to stack different lengths: same encoder work
             encode_layers(model, np.stack([np.pad(x, (0, 480000 - len(x))) for x in b]), policy="pad30").cpu()
         return None
 
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     same = sum(normalize(x) == normalize(y) for x, y in zip(out["wat-robust"], out["paper"]))
     print(f"  speed-up wat-robust / paper = {best['paper'] / best['wat-robust']:.2f}x; "
           f"wat-robust runs at {best['bare encoder'] / best['wat-robust']:.2f} of the encoder-only rate")
-    # the pad30 window (zero samples) vs transcribe's (zero log-mel) padding: how much the text moves
+    # both decode transcribe's window (pad30 = log-mel padding) without timestamps: the texts should agree
     print(f"  identical normalised transcripts {same}/{len(xs)}; corpus WER wat-robust "
           f"{100 * corpus(zip(refs, out['wat-robust'])).wer:.1f}% vs transcribe {100 * corpus(zip(refs, out['paper'])).wer:.1f}%")
     if a.json:
