@@ -16,7 +16,10 @@ def _print_info(d: dict) -> None:
     lay = d["layers"]
     blocks = f"encoder blocks {lay[0]}..{lay[-1]}" if lay != list(range(len(lay))) else "all encoder blocks"
     print(f"  features {d['features']} {stored}, mean {d['mean']}; {blocks}")
-    print(f"  model {d['model']} (fingerprint {d['fingerprint']}), policy {d['policy']}, pooling {d['pooling']}")
+    padding = {"mel": " (transcribe's window, log-mel padding)",
+               "samples": " (zero-sample padding, before cache schema 4: not what transcription sees; re-extract)"}
+    print(f"  model {d['model']} (fingerprint {d['fingerprint']}), policy {d['policy']}"
+          f"{padding.get(d['pad30_padding'], '')}, pooling {d['pooling']}")
     print(f"  dataset {d['dataset']}, {d['clip_seconds']} s clips at {d['sample_rate']} Hz")
     lab = d["labels"]
     kind = "multi-label" if d["multilabel"] else "single-label"

@@ -44,7 +44,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--out", required=True, help="index file to write, e.g. feats.h5 (shards go to feats.shards/)")
     p.add_argument("--policy", choices=POLICIES, default="pad30",
-                   help="pad30: encode 30 s windows like transcription does (default); trim: encode only the clip, faster")
+                   help="pad30 (default): encode the 30 s window whisper.transcribe feeds the encoder (the clip's "
+                        "log-mel padded with zero log-mel frames), pooling the clip's frames: what wat-tag sees; "
+                        "trim: encode only the clip, faster")
     # bounds: the encoder has 1500 positions (30 s); beyond the others a value is a typo, not a setting
     p.add_argument("--frames", type=int_range(1, 1500), default=25, help="pooled frames per clip (default 25)")
     add_device(p)

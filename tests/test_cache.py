@@ -389,7 +389,7 @@ def test_optional_columns_are_checked(tmp_path):
 OLD_PAD30 = os.path.join(os.path.dirname(__file__), "fixtures", "cache_v2_pad30", "feats.h5")
 
 
-def test_old_pad30_cache_reads_as_sample_padded():
+def test_old_pad30_cache_reads_as_sample_padded(capsys):
     """A real pad30 cache written by wat before schema 4 (schema 2, committed fixture): it opens,
     reads and verifies, and its features are marked as padded with zero samples."""
     with h5py.File(OLD_PAD30, "r") as f:
@@ -399,6 +399,8 @@ def test_old_pad30_cache_reads_as_sample_padded():
     x = cache.read("features", np.arange(4))
     assert x.shape == (4, 2, 3, 4) and np.isfinite(x).all()
     assert verify(OLD_PAD30) == [] and info(OLD_PAD30)["pad30_padding"] == "samples"
+    assert cache_main(["info", OLD_PAD30]) == 0
+    assert "policy pad30 (zero-sample padding, before cache schema 4" in capsys.readouterr().out
 
 
 def test_sample_and_log_mel_padded_pad30_never_mix(tmp_path):

@@ -15,6 +15,15 @@ audio frames: the outputs before `ln_post`, as in training) and:
   the 30 s window as the head's pad30 training clips did (and has real audio after it); windows
   whose audio is complete are pooled and tagged while transcription goes on.
 
+What the encoder sees is transcribe's window: the file's log-mel (computed once over the whole
+file, max - 8 clamp included), a 30 s segment of it, padded with zero log-mel frames when shorter
+(`pad_or_trim`). For a file of up to 30 s that one window is exactly the `pad30` cache input
+(`wat.extract.layers.pad30_input`), and a tag window spanning the file pools the same encoder
+frames into the same parts as the cache row: a pad30 head is applied to what it was trained on.
+(Caches written before schema 4 padded zero samples instead; `check_head` refuses their heads.)
+Longer files: later windows start where transcription seeks, and their mel is normalised over the
+whole file, as in transcribe.
+
 Whisper's code is not modified or copied: `model.transcribe` runs as is, with the same options.
 """
 from __future__ import annotations
