@@ -61,6 +61,24 @@ def atomic_write(path, data: bytes | str) -> None:
             f.write(data)
 
 
+def save_torch(path, obj) -> None:
+    """`torch.save(obj)` to PATH atomically. A failed write (full disk, file-size limit) raises an
+    OSError naming PATH: torch's zip writer turns it into a RuntimeError with no errno ("unexpected
+    pos ..."), which callers that report write errors as one line would take for a bug. Writing
+    through a Python file keeps the OSError, as the RuntimeError's context."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+        except (OSError, RuntimeError) as e:
+            cause = e if isinstance(e, OSError) else (e.__cause__ or e.__context__)
+            if not isinstance(cause, OSError):
+                raise
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
+
+
 def json_safe(x):
     """Strict-JSON copy of nested dicts/lists: numpy scalars become Python numbers, non-finite floats None."""
     if isinstance(x, dict):

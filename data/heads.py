@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import PAD30_FIX, PAD30_PADDING, PAD30_PADDINGS, CacheMeta, padding_of
-from .files import atomic_path
+from .files import save_torch
 from .labels import Vocabulary
 
 TIME_HEADS, LAYER_HEADS = 1, 8
@@ -341,8 +341,7 @@ def head_from_info(info: HeadInfo) -> nn.Module:
 def save_head(path, head: nn.Module, info: HeadInfo) -> None:
     """Atomic, durable write of `{format, info (plain dict), state_dict}`; loads with weights_only=True."""
     state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, "version": 1, "info": info.to_dict(), "state_dict": state}, tmp)
+    save_torch(path, {"format": FORMAT, "version": 1, "info": info.to_dict(), "state_dict": state})
 
 
 def official_to_state_dict(state: dict) -> dict:

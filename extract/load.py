@@ -24,7 +24,7 @@ import whisper
 from whisper.model import ModelDimensions, Whisper
 
 from wat.data import DIST
-from wat.data.files import atomic_path
+from wat.data.files import save_torch
 
 from .ct2 import CT2Error, ct2_to_whisper
 from .hf import CONFIG, INDEXES, WEIGHTS, HFError, hf_to_whisper, is_hf_dir, weight_files
@@ -139,8 +139,7 @@ def _cached_convert(kind: str, files: list[Path], convert, device, alignment_hea
     model = _from_checkpoint(ckpt, device, alignment_heads)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cached) as tmp:
-            torch.save(ckpt, tmp)
+        save_torch(cached, ckpt)
         log.info("%s: converted to openai-whisper format, cached as %s", files[0].parent, cached)
     except OSError as e:  # a read-only cache only costs a re-conversion next time
         log.warning("cannot cache the converted model in %s (%s); it is converted on every load",

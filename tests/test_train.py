@@ -312,3 +312,37 @@ def test_resume_from_broken_last_pt_is_one_error_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("wat-train: error: --resume: ") and "Traceback" not in err[0], (what, err)
         assert not marker.exists(), "the pickled call ran"
+
+
+def test_file_size_limit_is_one_error_line_and_loses_nothing(esc_like, tmp_path):
+    """wat-train under a file-size limit (a write fails with EFBIG, as on a full disk): one error line
+    and exit 2, no `.partial` left, and the last.pt of the epoch before stays whole and resumable.
+    torch.save used to turn the write error into a RuntimeError traceback (exit 1)."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    kw = dict(head="wa-mlp", epochs=3, lr=1e-3, batch_size=16)
+    with pytest.raises(Interrupted):
+        train(opts(esc_like, run, max_epochs_this_run=1, **kw))
+    argv = ["--features", str(esc_like), "--out", str(run), "--head", "wa-mlp", "--epochs", "3", "--lr", "1e-3",
+            "--batch-size", "16", "--resume"]
+    assert (run / "best.pt").stat().st_size < 10_000 < (run / "last.pt").stat().st_size
+    for limit, fails in [(10_000, "last.pt"), (1_000, "best.pt")]:  # epoch 2's best.pt written, then not
+        def preexec():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead of a kill
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        proc = subprocess.run([sys.executable, "-m", "wat.train.cli", *argv], preexec_fn=preexec,
+                              capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1, (limit, proc.returncode, proc.stderr[-3000:])
+        assert err[0].startswith("wat-train: error: ") and "File too large" in err[0] and fails in err[0], err
+        assert not [p.name for p in run.rglob("*") if ".partial" in p.name]
+        assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    train(opts(esc_like, run, resume=True, **kw))  # the rerun without the limit finishes it, bit-identically
+    train(opts(esc_like, tmp_path / "whole", **kw))
+    for name in ("best.pt", "wa.pt"):
+        cut, whole = (load_head(d / name)[0].state_dict() for d in (run, tmp_path / "whole"))
+        assert all(torch.equal(cut[k], whole[k]) for k in whole), name

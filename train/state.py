@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wat.data.files import atomic_path
+from wat.data.files import save_torch
 
 from .options import TrainError, TrainOptions, milestones
 from .step import make_optimizer
@@ -103,8 +103,7 @@ def resume_key(opts: TrainOptions) -> dict:
 
 
 def save_checkpoint(path: Path, obj: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    save_torch(path, obj)
 
 
 # what a last.pt holds and the type of each: a truncated, foreign or hostile file is a TrainError
