@@ -79,6 +79,36 @@ def save_torch(path, obj) -> None:
             raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
 
 
+class UnreadableFile(ValueError):
+    """A file that cannot be read as what it should be: missing, truncated, foreign or refused."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line for an `error:` message: its text with the line breaks collapsed
+    (torch and h5py write paragraphs), at most 300 characters; the type name when it has no text."""
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
+def load_torch(path, map_location="cpu"):
+    """`torch.load(path, weights_only=True)`: a pickle that would call anything is refused, never run.
+    Any failure (torch raises many types for a bad file) is an UnreadableFile with a one-line reason;
+    torch's warnings about a foreign pickle are not printed (the error says it)."""
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "WeightsUnpickler error:" in text:  # the reason sits between two paragraphs of advice
+            reason = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+            raise UnreadableFile(f"weights_only=True cannot load it: {' '.join(reason.split())}") from None
+        raise UnreadableFile(f"{type(e).__name__}: {one_line(e)}") from None
+
+
 def json_safe(x):
     """Strict-JSON copy of nested dicts/lists: numpy scalars become Python numbers, non-finite floats None."""
     if isinstance(x, dict):
@@ -166,3 +196,37 @@ def output_lock(path, what: str):
         yield
     finally:
         lock.release()
+
+
+@contextmanager
+def locked_folder(folder, lock_name: str, what: str):
+    """Create the output folder FOLDER (and missing parents) and hold `output_lock` on FOLDER/lock_name
+    while the block runs. If the block fails while the folder holds nothing but the lock file, the
+    folders this call created are removed again: a run refused after this point (a model that does
+    not load, an unreadable input) leaves no empty folder behind. A folder that existed before, or
+    one that received any other file, is never removed."""
+    folder = Path(folder)
+    made = []
+    p = folder
+    while not p.exists():  # the folders mkdir will create, innermost first
+        made.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with output_lock(folder / lock_name, what):
+            yield folder
+    except BaseException:
+        if made:
+            _remove_bare(made, lock_name)
+        raise
+
+
+def _remove_bare(made: list[Path], lock_name: str) -> None:
+    """Remove `made` (innermost first) if the innermost holds nothing but the lock file."""
+    try:
+        if {q.name for q in made[0].iterdir()} <= {lock_name}:
+            (made[0] / lock_name).unlink(missing_ok=True)
+            for q in made:
+                q.rmdir()  # only ever an empty folder: stops at the first that is not
+    except OSError:
+        pass

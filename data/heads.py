@@ -18,7 +18,6 @@ Adding a head kind is one `Head` subclass with a `kind` name and the cache `fiel
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import re
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import PAD30_FIX, PAD30_PADDING, PAD30_PADDINGS, CacheMeta, padding_of
-from .files import save_torch
+from .files import UnreadableFile, load_torch, save_torch
 from .labels import Vocabulary
 
 TIME_HEADS, LAYER_HEADS = 1, 8
@@ -383,8 +382,8 @@ def load_head(path, n_layers: int | None = None, map_location="cpu") -> tuple[nn
     `tl_down_tr_512_1_8`; logits over the 527 AudioSet classes). `n_layers`: the layer count of
     the features it will see; a different one is a HeadError."""
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        obj = load_torch(path, map_location)
+    except UnreadableFile as e:
         raise HeadError(f"{path}: cannot read head checkpoint ({e})") from None
     if not isinstance(obj, dict):
         raise HeadError(f"{path}: not a head checkpoint (a {type(obj).__name__})")

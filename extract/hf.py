@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from wat.data.files import UnreadableFile, load_torch
+
 CONFIG = "config.json"
 # single-file weights, then the shard indexes that list several files
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -99,9 +101,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise HFError(f"{path}: cannot read safetensors ({type(e).__name__}: {e})") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file
-        raise HFError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+        state = load_torch(path)
+    except UnreadableFile as e:
+        raise HFError(f"{path}: cannot read the checkpoint ({e})") from None
     if not isinstance(state, dict):
         raise HFError(f"{path}: not a state dict (a {type(state).__name__})")
     return state

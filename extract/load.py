@@ -24,7 +24,7 @@ import whisper
 from whisper.model import ModelDimensions, Whisper
 
 from wat.data import DIST
-from wat.data.files import save_torch
+from wat.data.files import UnreadableFile, load_torch, one_line, save_torch
 
 from .ct2 import CT2Error, ct2_to_whisper
 from .hf import CONFIG, INDEXES, WEIGHTS, HFError, hf_to_whisper, is_hf_dir, weight_files
@@ -49,10 +49,6 @@ class ChecksumError(WhisperLoadError):
 
 def _wat_offline() -> bool:
     return os.getenv("WAT_OFFLINE", "") not in ("", "0")
-
-
-def _brief(e: Exception) -> str:
-    return " ".join(str(e).split())[:300]
 
 
 def _cache_root(sub: str) -> Path:
@@ -88,7 +84,7 @@ def _from_checkpoint(ckpt, device, alignment_heads=None) -> Whisper:
         model.load_state_dict(ckpt["model_state_dict"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise WhisperLoadError(f"not an openai-whisper checkpoint ({type(e).__name__}: "
-                               f"{_brief(e)})") from None
+                               f"{one_line(e)})") from None
     heads = alignment_heads or ckpt.get("alignment_heads")
     if isinstance(heads, bytes):  # openai-whisper's base85 form
         model.set_alignment_heads(heads)
@@ -102,10 +98,9 @@ def _from_checkpoint(ckpt, device, alignment_heads=None) -> Whisper:
 
 def _load_pt(path: Path, device) -> Whisper:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file
-        raise WhisperLoadError(f"{path}: cannot read the checkpoint "
-                               f"({type(e).__name__}: {_brief(e)})") from None
+        ckpt = load_torch(path)
+    except UnreadableFile as e:
+        raise WhisperLoadError(f"{path}: cannot read the checkpoint ({e})") from None
     if not isinstance(ckpt, dict):
         raise WhisperLoadError(f"{path}: not an openai-whisper checkpoint (a {type(ckpt).__name__})")
     try:
@@ -129,7 +124,7 @@ def _cached_convert(kind: str, files: list[Path], convert, device, alignment_hea
     cached = _cache_root("wat") / f"{kind}-{key[:32]}.pt"
     if cached.is_file():
         try:
-            ckpt = torch.load(cached, map_location="cpu", weights_only=True)
+            ckpt = load_torch(cached)
             model = _from_checkpoint(ckpt, device, alignment_heads)
             log.info("%s: converted copy read from %s", files[0].parent, cached)
             return model
@@ -200,7 +195,7 @@ def _load_hub(repo_id: str, device) -> Whisper:
     except (OSError, ValueError) as e:  # hub errors are OSErrors (HTTP, not cached) or ValueErrors
         where = "the local Hugging Face cache" if local_only else "the Hugging Face hub or its cache"
         raise WhisperLoadError(f"{repo_id!r} is neither a file nor a folder, and not a Whisper model "
-                               f"in {where} ({type(e).__name__}: {_brief(e)})") from None
+                               f"in {where} ({type(e).__name__}: {one_line(e)})") from None
     folder = Path(folder)
     log.info("%s: Hugging Face snapshot %s", repo_id, folder)
     if not is_hf_dir(folder):
@@ -246,7 +241,7 @@ def _load_name(name: str, device) -> Whisper:
         with _socket_timeout(DOWNLOAD_TIMEOUT):
             model = whisper.load_model(name, device=device, download_root=str(download_root)).eval()
     except (OSError, RuntimeError) as e:  # URLError/timeouts are OSErrors; checksum mismatch a RuntimeError
-        return _load_offline(name, device, f"download failed: {type(e).__name__}: {_brief(e)}")
+        return _load_offline(name, device, f"download failed: {type(e).__name__}: {one_line(e)}")
     log.info("Whisper %s: openai-whisper checkpoint %s%s", name, target,
              "" if present else " (downloaded)")
     return model

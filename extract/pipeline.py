@@ -41,7 +41,7 @@ from wat.data import cache as wcache
 from wat.data.progress import progress as progress_bar
 from wat.data.audio import SAMPLE_RATE, fit_length, load_audio
 from wat.data.datasets import Clip, Dataset
-from wat.data.files import LockedError, output_lock, write_json, write_tsv
+from wat.data.files import LockedError, locked_folder, write_json, write_tsv
 
 from .layers import encode_layers, layer_subset
 from .load import fingerprint, load_whisper, model_name
@@ -551,10 +551,8 @@ def extract_dataset(dataset: Dataset, options: ExtractOptions, out_index, *, mod
                              f"options.model ({options.model!r}) themselves; pass one or the other")
     options.check()
     clip_seconds = resolve_clip_seconds(dataset, options)
-    shard_dir = shard_dir_for(out_index)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with output_lock(shard_dir / LOCK, f"the feature cache {out_index}"):
+    try:  # a run refused before it wrote anything (e.g. a model that does not load) leaves no folder
+        with locked_folder(shard_dir_for(out_index), LOCK, f"the feature cache {out_index}"):
             return _extract(dataset, options, out_index, clip_seconds, model, runner, t0)
     except LockedError as e:
         raise ExtractError(str(e)) from None

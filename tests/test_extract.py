@@ -302,3 +302,25 @@ def test_a_run_folder_of_sample_padded_pad30_is_not_resumed(tmp_path):
     trim = {"model": "tiny.en", "policy": "trim", "pad30_padding": "", "frames": 25}
     (shard_dir_for(index) / MANIFEST).write_text(json.dumps({k: v for k, v in trim.items() if k != "pad30_padding"}))
     assert prepare_output(index, trim, overwrite=False) == shard_dir_for(index)
+
+
+def test_a_refused_run_leaves_no_shard_folder(demo, model, tmp_path, capsys):
+    """Refused after it took its output (a model that does not load, a stray index file): the shard
+    folder the run made is gone again; a folder that was there before stays."""
+    root, _ = demo
+    out = tmp_path / "new" / "feats.h5"
+    argv = ["--dataset", "esc50", "--root", str(root), "--model", str(tmp_path / "missing.pt"), "--policy", "trim",
+            "--limit", "2"]
+    assert main(argv + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wat-extract: error:"), err
+    assert not (tmp_path / "new").exists()
+    stray = tmp_path / "stray.h5"
+    stray.write_text("not a cache")
+    with pytest.raises(ExtractError, match="not made by this extractor"):
+        extract_dataset(load_dataset("esc50", root), ExtractOptions(**{**OPTS, "limit": 2}), stray, model=model)
+    assert not shard_dir_for(stray).exists() and stray.read_text() == "not a cache"
+    had = shard_dir_for(tmp_path / "had" / "feats.h5")
+    had.mkdir(parents=True)
+    assert main(argv + ["--out", str(tmp_path / "had" / "feats.h5")]) == 2
+    assert had.is_dir()

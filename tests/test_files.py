@@ -80,3 +80,55 @@ def test_output_lock_refuses_a_second_holder_and_is_released(tmp_path):
     with files.output_lock(lock, "OUT"):  # released on exit: a later writer gets it
         pass
     # (a lock left by a process killed with SIGKILL: tests/test_train.py, test_run_dir_lock_...)
+
+
+def test_locked_folder_removes_only_the_bare_folders_it_made(tmp_path):
+    from wat.data.files import LockedError, locked_folder
+    target = tmp_path / "a" / "b" / "run"
+    with pytest.raises(KeyError):
+        with locked_folder(target, "x.lock", "run"):
+            assert (target / "x.lock").exists()
+            raise KeyError("refused")
+    assert not (tmp_path / "a").exists()  # every folder it made, none it did not
+    with pytest.raises(KeyError):
+        with locked_folder(target, "x.lock", "run"):
+            (target / "out.json").write_text("{}")  # something was written: kept
+            raise KeyError("late failure")
+    assert (target / "out.json").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(KeyError):
+        with locked_folder(tmp_path / "mine", "x.lock", "run"):
+            raise KeyError("refused")
+    assert (tmp_path / "mine").is_dir()
+    with locked_folder(tmp_path / "mine", "x.lock", "run"):  # the lock is held, then released
+        with pytest.raises(LockedError):
+            with locked_folder(tmp_path / "mine", "x.lock", "run"):
+                pass
+    with locked_folder(tmp_path / "mine", "x.lock", "run"):
+        pass
+
+
+def test_load_torch_refuses_pickles_in_one_quiet_line(tmp_path):
+    """A foreign pickle is refused without running it, in one line, and torch's UserWarning about
+    the pickle protocol is not printed (a CLI's stderr would get it beside its error line)."""
+    import pickle
+    import warnings
+
+    import torch
+    from wat.data.files import UnreadableFile, load_torch, save_torch
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    (tmp_path / "h.pt").write_bytes(pickle.dumps(Hostile(), protocol=4))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    for name in ("h.pt", "junk.pt", "missing.pt"):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with pytest.raises(UnreadableFile) as e:
+                load_torch(tmp_path / name)
+        assert "\n" not in str(e.value) and not seen, (name, str(e.value), [str(w.message) for w in seen])
+    assert not (tmp_path / "pwned").exists()
+    save_torch(tmp_path / "ok.pt", {"w": torch.arange(3)})
+    assert torch.equal(load_torch(tmp_path / "ok.pt")["w"], torch.arange(3))

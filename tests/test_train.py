@@ -346,3 +346,30 @@ def test_file_size_limit_is_one_error_line_and_loses_nothing(esc_like, tmp_path)
     for name in ("best.pt", "wa.pt"):
         cut, whole = (load_head(d / name)[0].state_dict() for d in (run, tmp_path / "whole"))
         assert all(torch.equal(cut[k], whole[k]) for k in whole), name
+
+
+def test_a_refused_run_leaves_no_run_dir(esc_like, tmp_path, capsys, monkeypatch):
+    """Inputs are checked before RUN_DIR is made; a run refused after that (here: loading the stores
+    fails) removes the folder it made; a folder that was there before stays."""
+    from wat.train import loop
+    bad_init = tmp_path / "bad.pt"
+    bad_init.write_bytes(b"not a head")
+    new = tmp_path / "new" / "run"
+    for argv in (["--features", str(tmp_path / "missing.h5")], ["--features", str(esc_like), "--folds", "3"],
+                 ["--features", str(esc_like), "--init", str(bad_init)],
+                 ["--features", str(esc_like), "--weight-average", "3:9"]):
+        assert cli.main(argv + ["--out", str(new), "--epochs", "4"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("wat-train: error: "), err
+        assert not (tmp_path / "new").exists(), argv
+
+    def fails(*a):
+        raise OSError("the disk went away")
+    monkeypatch.setattr(loop, "load_inputs", fails)
+    argv = ["--features", str(esc_like), "--epochs", "1", "--out"]
+    assert cli.main(argv + [str(new)]) == 2 and "the disk went away" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    had = tmp_path / "had"
+    had.mkdir()
+    assert cli.main(argv + [str(had)]) == 2
+    assert had.is_dir()

@@ -98,8 +98,30 @@ def _compatible(meta, other: Cache, flag: str, path: str, ignore=()) -> None:
         raise TrainError(f"{flag} {other.path} does not match {path}: {'; '.join(bad)}")
 
 
+@dataclass
+class Checked:
+    """The inputs of a run opened and checked, nothing loaded yet (`check_inputs`)."""
+
+    cache: Cache
+    y: np.ndarray                  # [N, C] bool labels of the training cache
+    ecache: Cache | None           # --eval-features
+    ev_y: np.ndarray | None        # its labels
+    ucache: Cache | None           # --unlabeled-features
+    splits: list                   # (name, train indices, eval indices or None)
+    field: str                     # "features" or "mean": what the head reads
+    ext: tuple | None              # (extended vocabulary, ancestor matrix) with --parent-labels
+    cfg: StepConfig
+    info: HeadInfo
+
+
 def prepare(opts: TrainOptions, device) -> Setup:
     """Open and check every input, then load the stores (checks first: loading can take minutes)."""
+    return load_inputs(check_inputs(opts), opts, device)
+
+
+def check_inputs(opts: TrainOptions) -> Checked:
+    """Open and check every input (cache metadata and labels only): quick, and done before the run
+    makes RUN_DIR, so that a refused run leaves nothing behind."""
     if opts.cr_views < 1 or opts.epochs < 1 or opts.batch_size < 1:
         raise TrainError("--epochs, --batch-size and --cr-views must be >= 1")
     if opts.folds and opts.eval_features:
@@ -143,17 +165,21 @@ def prepare(opts: TrainOptions, device) -> Setup:
         raise TrainError("consistency regularisation needs views that differ: set --time-mask or --feature-mask")
     cfg = StepConfig(meta.multilabel, tmask, fmask, opts.mixup, opts.label_smoothing, opts.cr_views,
                      opts.cr_weight, opts.cr_unlabeled_weight)
-
     ext = _ancestor_matrix(meta.vocab) if opts.parent_labels else None
-    data = _load_data(cache, y, ext, field, opts, device)
-    ev = None
+    info = _info(opts, cache, ext[0] if ext is not None else meta.vocab, len(meta.vocab) if ext is not None else None)
+    return Checked(cache, y, ecache, ev_y, ucache, splits, field, ext, cfg, info)
+
+
+def load_inputs(c: Checked, opts: TrainOptions, device) -> Setup:
+    """Load the checked inputs' stores and targets (can take minutes)."""
+    data = _load_data(c.cache, c.y, c.ext, c.field, opts, device)
+    ev, ev_y = None, c.ev_y
     if opts.folds:  # held-out folds are scored from the training store
-        ev, ev_y = data, y
-    elif ecache is not None:
-        ev = _load_data(ecache, ev_y, ext, field, opts, device)
-    unl = FeatureStore(ucache, field, memory_budget=opts.memory_budget, device=device) if ucache else None
-    info = _info(opts, cache, data.vocab, len(meta.vocab) if ext is not None else None)
-    return Setup(cache, data, y, ev, ev_y, splits, unl, cfg, info)
+        ev, ev_y = data, c.y
+    elif c.ecache is not None:
+        ev = _load_data(c.ecache, c.ev_y, c.ext, c.field, opts, device)
+    unl = FeatureStore(c.ucache, c.field, memory_budget=opts.memory_budget, device=device) if c.ucache else None
+    return Setup(c.cache, data, c.y, ev, ev_y, c.splits, unl, c.cfg, c.info)
 
 
 # ---------------------------------------------------------------- batches

@@ -21,7 +21,7 @@ import torch
 
 from wat.data import figures
 from wat.data.cache import Cache
-from wat.data.files import LockedError, json_safe, output_lock
+from wat.data.files import LockedError, json_safe, locked_folder
 from wat.data.heads import Features, build_head, head_problems, load_head, save_head
 
 from wat.eval import metrics
@@ -30,7 +30,7 @@ from . import board as tb
 from .distributed import World, from_main, gather, join, leave, world_from_env
 from .epoch import train_epoch
 from .evaluation import predict, score
-from .inputs import Setup, balanced_weights, prepare
+from .inputs import Checked, Setup, balanced_weights, check_inputs, load_inputs, prepare
 from .lrsearch import CANDIDATES, search_lr
 from .options import HEAD_LR, Interrupted, TrainError, TrainOptions, milestones, wa_range
 from .outputs import plot_curves, write_metrics, write_per_class, write_report
@@ -41,24 +41,32 @@ __all__ = ["train", "prepare", "TrainOptions", "TrainError", "Interrupted", "mil
            "StepConfig", "train_step", "make_optimizer", "predict", "score", "balanced_weights"]
 
 
-def _build(opts: TrainOptions, cache: Cache, n_classes: int, device):
+def _init_state(opts: TrainOptions, cache: Cache, n_classes: int) -> dict | None:
+    """The --init head's weights to start from, checked against the cache (None without --init)."""
+    if not opts.init:
+        return None
+    m = cache.meta
+    src, info = load_head(opts.init, n_layers=m.n_layers)
+    # transfer to other classes is allowed: the classes and label type are not compared
+    feats = Features(m.n_layers, m.dim, m.model, m.fingerprint, m.policy, m.n_frames, layers=m.layers,
+                     pad30_padding=m.pad30_padding)
+    bad = head_problems(info, feats)
+    if bad:
+        raise TrainError(f"--init {opts.init} does not fit {opts.features}: {'; '.join(bad)}")
+    if (info.kind, info.dim_in, info.proj_dim) != (opts.head, m.dim, opts.proj_dim):
+        raise TrainError(f"--init {opts.init} is a {info.kind} head (width {info.dim_in}, projection "
+                         f"{info.proj_dim}); this run trains {opts.head} (width {m.dim}, projection {opts.proj_dim})")
+    state = src.state_dict()
+    if info.n_classes != n_classes:  # transfer: keep everything but the classifier
+        state = {k: v for k, v in state.items() if not k.startswith("mlp_layer.1.")}
+    return state
+
+
+def _build(opts: TrainOptions, cache: Cache, n_classes: int, init: dict | None):
     m = cache.meta
     head = build_head(opts.head, m.n_layers, m.dim, n_classes, opts.proj_dim)
-    if opts.init:
-        src, info = load_head(opts.init, n_layers=m.n_layers)
-        # transfer to other classes is allowed: the classes and label type are not compared
-        feats = Features(m.n_layers, m.dim, m.model, m.fingerprint, m.policy, m.n_frames, layers=m.layers,
-                         pad30_padding=m.pad30_padding)
-        bad = head_problems(info, feats)
-        if bad:
-            raise TrainError(f"--init {opts.init} does not fit {opts.features}: {'; '.join(bad)}")
-        if (info.kind, info.dim_in, info.proj_dim) != (opts.head, m.dim, opts.proj_dim):
-            raise TrainError(f"--init {opts.init} is a {info.kind} head (width {info.dim_in}, projection "
-                             f"{info.proj_dim}); this run trains {opts.head} (width {m.dim}, projection {opts.proj_dim})")
-        state = src.state_dict()
-        if info.n_classes != n_classes:  # transfer: keep everything but the classifier
-            state = {k: v for k, v in state.items() if not k.startswith("mlp_layer.1.")}
-        head.load_state_dict(state, strict=False)
+    if init is not None:
+        head.load_state_dict(init, strict=False)
     return head
 
 
@@ -75,18 +83,23 @@ def train(opts: TrainOptions) -> dict:
     world = world_from_env()
     device = join(world, opts.device)
     try:
+        # every input is checked before RUN_DIR is made: a refused run leaves no folder behind
+        checked = check_inputs(opts)
+        if opts.batch_size % world.size:
+            raise TrainError(f"--batch-size {opts.batch_size} is the global batch: it must be a multiple of "
+                             f"the {world.size} processes")
+        init = _init_state(opts, checked.cache, checked.info.n_classes)
         with contextlib.ExitStack() as held:
             refused = None
             if world.main:
-                out.mkdir(parents=True, exist_ok=True)
                 try:
-                    held.enter_context(output_lock(out / LOCK, f"RUN_DIR {out}"))
+                    held.enter_context(locked_folder(out, LOCK, f"RUN_DIR {out}"))
                 except LockedError as e:
                     refused = str(e)
             refused = from_main(refused, world)  # every rank stops when rank 0 could not lock
             if refused:
                 raise LockedError(refused)
-            return _train(opts, out, world, device)
+            return _train(opts, checked, init, out, world, device)
     finally:
         leave(world)
 
@@ -98,14 +111,11 @@ def _aug_generator(seed: int, world: World, gen: torch.Generator) -> torch.Gener
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, world.rank]).generate_state(1)[0]))
 
 
-def _train(opts: TrainOptions, out: Path, world: World, device) -> dict:
-    s = prepare(opts, device)
-    if opts.batch_size % world.size:
-        raise TrainError(f"--batch-size {opts.batch_size} is the global batch: it must be a multiple of "
-                         f"the {world.size} processes")
+def _train(opts: TrainOptions, checked: Checked, init: dict | None, out: Path, world: World, device) -> dict:
+    s = load_inputs(checked, opts, device)
     gen = seed_all(opts.seed)
     aug = _aug_generator(opts.seed, world, gen)
-    heads = [_build(opts, s.cache, s.info.n_classes, device) for _ in s.splits]  # the run's inits first
+    heads = [_build(opts, s.cache, s.info.n_classes, init) for _ in s.splits]  # the run's inits first
     weights = balanced_weights(s.y) if opts.balanced else None
     autocast, scaler = amp(device)
     history: list[dict] = []
@@ -116,7 +126,7 @@ def _train(opts: TrainOptions, out: Path, world: World, device) -> dict:
     ck = load_checkpoint(last) if opts.resume and last.exists() else None
     if ck is not None and ck["options"] != resume_key(opts):
         raise TrainError(f"--resume: {last} was written with different options")
-    lr = _learning_rates(opts, s, weights, world, device, autocast, ck)
+    lr = _learning_rates(opts, s, init, weights, world, device, autocast, ck)
     fits = [Fit(name, head, opts, tr, te, device, lr=lr["per_head"][name])
             for head, (name, tr, te) in zip(heads, s.splits)]
     if ck is not None:
@@ -145,7 +155,7 @@ def _train(opts: TrainOptions, out: Path, world: World, device) -> dict:
     return from_main(final, world)
 
 
-def _learning_rates(opts: TrainOptions, s: Setup, weights, world: World, device, autocast, ck) -> dict:
+def _learning_rates(opts: TrainOptions, s: Setup, init: dict | None, weights, world: World, device, autocast, ck) -> dict:
     """{"source", "per_head": {fit name: lr}, "search"?}: --lr as given, the head kind's measured
     default, or (--lr auto, or a kind without a default) a search per head on its training clips.
     A resumed run reuses the checkpoint's choice instead of searching again."""
@@ -156,7 +166,7 @@ def _learning_rates(opts: TrainOptions, s: Setup, weights, world: World, device,
         return {"source": f"default for {opts.head}", "per_head": {n: HEAD_LR[opts.head] for n in names}}
     if ck is not None and ck.get("lr"):
         return ck["lr"]
-    build = lambda: _build(opts, s.cache, s.info.n_classes, device)  # noqa: E731
+    build = lambda: _build(opts, s.cache, s.info.n_classes, init)  # noqa: E731
     found = {name: search_lr(name, tr, s, opts, build, weights, world, device, autocast) for name, tr, _ in s.splits}
     return {"source": "search (--lr auto)", "per_head": {n: f["chosen"] for n, f in found.items()},
             "search": {"candidates": list(CANDIDATES), "folds" if len(found) > 1 else "main": found}}

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import pickle
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from wat.data.files import save_torch
+from wat.data.files import UnreadableFile, load_torch, save_torch
 
 from .options import TrainError, TrainOptions, milestones
 from .step import make_optimizer
@@ -113,10 +112,9 @@ _CHECKPOINT = {"options": dict, "fits": list, "rng": dict, "history": list, "epo
 def load_checkpoint(path: Path) -> dict:
     """last.pt for --resume. weights_only=True: a pickle that would call anything is refused, not run."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrainError(f"--resume: cannot read {path} ({first}); delete it to start afresh") from None
+        ck = load_torch(path, map_location="cpu")  # RNG states must stay on the CPU
+    except UnreadableFile as e:
+        raise TrainError(f"--resume: cannot read {path} ({e}); delete it to start afresh") from None
     bad = [k for k, t in _CHECKPOINT.items() if not isinstance(ck, dict) or not isinstance(ck.get(k), t)]
     if bad:
         raise TrainError(f"--resume: {path} is not a wat-train checkpoint (no valid {', '.join(bad)}); "
