@@ -373,3 +373,54 @@ def test_a_refused_run_leaves_no_run_dir(esc_like, tmp_path, capsys, monkeypatch
     had.mkdir()
     assert cli.main(argv + [str(had)]) == 2
     assert had.is_dir()
+
+
+_HOSTILE = {  # last.pt with the right keys and types but values that do not fit the run
+    "a head of another width": lambda ck: ck["fits"][0].update(head=build_head("wa-mlp", L, 2 * D, 4).state_dict()),
+    "a head of another kind": lambda ck: ck["fits"][0].update(head=build_head("tl-tr", L, D, 4, 8).state_dict()),
+    "NaN weights": lambda ck: ck["fits"][1]["head"]["mlp_layer.1.weight"].fill_(float("nan")),
+    "inf in the weight average": lambda ck: ck["fits"][2]["wa_sum"]["layer_weight"].fill_(float("inf")),
+    "an optimiser for other parameters": lambda ck: ck["fits"][0]["opt"]["param_groups"][0].update(params=[0, 1]),
+    "optimiser moments of another shape": lambda ck: ck["fits"][0]["opt"]["state"][3].update(exp_avg=torch.zeros(5)),
+    "a NaN learning rate": lambda ck: ck["fits"][0]["opt"]["param_groups"][0].update(lr=float("nan")),
+    "a schedule at another epoch": lambda ck: ck["fits"][0]["sched"].update(last_epoch=7),
+    "the epoch beyond --epochs": lambda ck: ck.update(epoch=99),
+    "a negative epoch": lambda ck: ck.update(epoch=-1),
+    "a history of another length": lambda ck: ck.update(history=[]),
+    "fewer heads than folds": lambda ck: ck.update(fits=ck["fits"][:2]),
+    "held-out predictions of another shape": lambda ck: ck["fits"][0].update(best_probs=torch.zeros(3, 4)),
+    "a chosen epoch beyond the last": lambda ck: ck.update(best={"epoch": 9, "score": 0.5}),
+    "a random generator state of another size": lambda ck: ck["rng"].update(gen=torch.zeros(3, dtype=torch.uint8)),
+    "a numpy RNG state that is not one": lambda ck: ck["rng"].update(numpy=["MT19937", [1, 2], 0, 0, 0.0]),
+}
+
+
+@pytest.mark.parametrize("what", list(_HOSTILE))
+def test_resume_from_a_hostile_last_pt_is_one_error_line(esc_like, tmp_path_factory, capsys, what):
+    """Right keys and types, wrong shapes or values: one `--resume:` error line and exit 2, never a
+    RuntimeError traceback from load_state_dict or an optimiser step, never a silently odd run."""
+    run = tmp_path_factory.getbasetemp() / "hostile-run"
+    argv = ["--features", str(esc_like), "--out", str(run), "--head", "wa-mlp", "--folds", "5", "--epochs", "3",
+            "--weight-average", "1:3", "--lr", "1e-3", "--batch-size", "16", "--resume"]
+    good = run / "good.pt"
+    if not good.exists():  # one cut run for all cases: epoch 1 of 3, averaging from epoch 1
+        with pytest.raises(Interrupted):
+            train(opts(esc_like, run, head="wa-mlp", folds=5, epochs=3, weight_average=(1, 3), max_epochs_this_run=1))
+        (run / "last.pt").rename(good)
+    ck = torch.load(good, weights_only=True)
+    _HOSTILE[what](ck)
+    torch.save(ck, run / "last.pt")
+    assert cli.main(argv) == 2, what
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wat-train: error: --resume: ") and "does not fit this run" in err[0], \
+        (what, err)
+
+
+def test_resume_checks_accept_the_real_checkpoint(esc_like, tmp_path):
+    """The checks refuse nothing a real cut run writes: a 5-fold run resumed twice ends like an uncut one."""
+    kw = dict(head="wa-mlp", folds=5, epochs=3, weight_average=(1, 3))
+    for _ in range(2):
+        with pytest.raises(Interrupted):
+            train(opts(esc_like, tmp_path / "cut", resume=True, max_epochs_this_run=1, **kw))
+    cut = train(opts(esc_like, tmp_path / "cut", resume=True, **kw))
+    assert cut == train(opts(esc_like, tmp_path / "whole", **kw))

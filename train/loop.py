@@ -2,7 +2,7 @@
 
 A run reads one module at a time: `options` (what is asked), `inputs` (caches checked and loaded,
 batches), `step` (one optimiser step), `evaluation` (held-out scores), `state` (fits, RNG,
-`last.pt`), `outputs` (metrics.json, per_class.csv, curves.png) and this driver.
+`last.pt`), `resume` (what a last.pt must hold to be resumed), `outputs` (metrics.json, per_class.csv, curves.png) and this driver.
 
 Protocols: one split (train cache, optional eval cache), or `folds=K` (ESC-50: K heads trained in
 lockstep, each on K-1 folds and scored on the held-out one; one epoch is chosen by the
@@ -21,7 +21,7 @@ import torch
 
 from wat.data import figures
 from wat.data.cache import Cache
-from wat.data.files import LockedError, json_safe, locked_folder
+from wat.data.files import LockedError, json_safe, locked_folder, one_line
 from wat.data.heads import Features, build_head, head_problems, load_head, save_head
 
 from wat.eval import metrics
@@ -34,6 +34,7 @@ from .inputs import Checked, Setup, balanced_weights, check_inputs, load_inputs,
 from .lrsearch import CANDIDATES, search_lr
 from .options import HEAD_LR, Interrupted, TrainError, TrainOptions, milestones, wa_range
 from .outputs import plot_curves, write_metrics, write_per_class, write_report
+from .resume import check_resume, resumed_lr
 from .state import Fit, load_checkpoint, resume_key, rng_state, save_checkpoint, seed_all, set_rng_state
 from .step import StepConfig, amp, make_optimizer, train_step
 
@@ -130,18 +131,23 @@ def _train(opts: TrainOptions, checked: Checked, init: dict | None, out: Path, w
     fits = [Fit(name, head, opts, tr, te, device, lr=lr["per_head"][name])
             for head, (name, tr, te) in zip(heads, s.splits)]
     if ck is not None:
-        for f, state in zip(fits, ck["fits"]):
-            f.restore(state)
-        if scaler is not None and ck["scaler"]:
-            scaler.load_state_dict(ck["scaler"])
-        set_rng_state(gen, ck["rng"])
+        check_resume(last, ck, fits, opts, s.info.n_classes)
+        try:  # what the checks above do not cover (RNG and scaler states) fails here, before any epoch
+            for f, state in zip(fits, ck["fits"]):
+                f.restore(state)
+            if scaler is not None and ck["scaler"]:
+                scaler.load_state_dict(ck["scaler"])
+            set_rng_state(gen, ck["rng"])
+            if world.parallel:
+                # the same number of processes continues every rank's augmentation stream; another
+                # number (a job restarted on fewer GPUs) draws fresh streams for the epochs to come
+                augs = ck.get("aug") or []
+                aug.set_state(augs[world.rank]) if len(augs) == world.size else aug.manual_seed(
+                    int(np.random.SeedSequence([opts.seed, world.rank, ck["epoch"]]).generate_state(1)[0]))
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:
+            raise TrainError(f"--resume: {last} does not fit this run ({type(e).__name__}: {one_line(e)}); "
+                             "delete it to start afresh") from None
         history, best, start = ck["history"], ck["best"], ck["epoch"]
-        if world.parallel:
-            # the same number of processes continues every rank's augmentation stream; another
-            # number (a job restarted on fewer GPUs) draws fresh streams for the epochs to come
-            augs = ck.get("aug") or []
-            aug.set_state(augs[world.rank]) if len(augs) == world.size else aug.manual_seed(
-                int(np.random.SeedSequence([opts.seed, world.rank, start]).generate_state(1)[0]))
 
     board = None
     if opts.tensorboard is not None and world.main:
@@ -165,7 +171,7 @@ def _learning_rates(opts: TrainOptions, s: Setup, init: dict | None, weights, wo
     if opts.lr is None and opts.head in HEAD_LR:
         return {"source": f"default for {opts.head}", "per_head": {n: HEAD_LR[opts.head] for n in names}}
     if ck is not None and ck.get("lr"):
-        return ck["lr"]
+        return resumed_lr(Path(opts.out) / "last.pt", ck["lr"], names)
     build = lambda: _build(opts, s.cache, s.info.n_classes, init)  # noqa: E731
     found = {name: search_lr(name, tr, s, opts, build, weights, world, device, autocast) for name, tr, _ in s.splits}
     return {"source": "search (--lr auto)", "per_head": {n: f["chosen"] for n, f in found.items()},
