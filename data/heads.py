@@ -122,10 +122,11 @@ class Head(nn.Module):
         self.n_layers = n_layers
 
     @classmethod
-    def check_dim(cls, proj_dim: int | None) -> None:
+    def check_dim(cls, proj_dim: int | None, what: str = "--proj-dim") -> None:
+        """`what` names where the width came from: the option, or a head file's info."""
         if proj_dim is not None and not cls.projects:
-            raise HeadError(f"{cls.kind} has no projection; --proj-dim applies to "
-                            + " and ".join(k for k, c in HEADS.items() if c.projects))
+            raise HeadError(f"{what} {proj_dim}: {cls.kind} has no projection (only "
+                            + " and ".join(k for k, c in HEADS.items() if c.projects) + " have one)")
 
     def _check(self, x: Tensor, need_time: bool) -> Tensor:
         if x.dim() not in ((4,) if need_time else (3, 4)) or x.shape[1] != self.n_layers:
@@ -138,9 +139,9 @@ class _TransformerHead(Head):
     projects = True
 
     @classmethod
-    def check_dim(cls, proj_dim: int | None) -> None:
+    def check_dim(cls, proj_dim: int | None, what: str = "--proj-dim") -> None:
         if proj_dim is not None and (proj_dim <= 0 or proj_dim % LAYER_HEADS):
-            raise HeadError(f"--proj-dim must be a positive multiple of {LAYER_HEADS}, got {proj_dim}")
+            raise HeadError(f"{what} {proj_dim}: the projection width must be a positive multiple of {LAYER_HEADS}")
 
 
 class LastMLP(Head):
@@ -232,9 +233,11 @@ def head_field(kind: str) -> str:
     return head_class(kind).field
 
 
-def build_head(kind: str, n_layers: int, dim_in: int, n_classes: int, proj_dim: int | None = None) -> nn.Module:
+def build_head(kind: str, n_layers: int, dim_in: int, n_classes: int, proj_dim: int | None = None,
+               what: str = "--proj-dim") -> nn.Module:
+    """`what`: where `proj_dim` came from, for the error message (the option, or a head file's info)."""
     cls = head_class(kind)
-    cls.check_dim(proj_dim)
+    cls.check_dim(proj_dim, what)
     return cls(n_layers, dim_in, n_classes, proj_dim)
 
 
@@ -334,7 +337,7 @@ _INFO_TYPES = {"kind": (str,), "n_layers": (int,), "dim_in": (int,), "n_classes"
 
 
 def head_from_info(info: HeadInfo) -> nn.Module:
-    return build_head(info.kind, info.n_layers, info.dim_in, info.n_classes, info.proj_dim)
+    return build_head(info.kind, info.n_layers, info.dim_in, info.n_classes, info.proj_dim, what="head info proj_dim")
 
 
 def save_head(path, head: nn.Module, info: HeadInfo) -> None:

@@ -260,3 +260,16 @@ def test_heads_trained_on_sample_padded_pad30_are_told_apart(tmp_path):
     assert trim.pad30_padding == "" and head_problems(trim, Features(4, 384, "", "", "trim")) == []
     with pytest.raises(HeadError, match="pad30_padding"):
         HeadInfo.from_dict({**info.to_dict(), "pad30_padding": "wav"})
+
+
+@pytest.mark.parametrize("kind,proj_dim", [("tl-tr", 7), ("wa-mlp", 64)])
+def test_bad_proj_dim_in_a_head_file_names_the_file_not_the_option(tmp_path, kind, proj_dim):
+    """The message used to say `--proj-dim must be ...`, an option the user of wat-eval/wat-tag never gave."""
+    state = build_head("tl-tr", 3, 16, 5, 8).state_dict()
+    torch.save({"format": "wat-head", "version": 1, "state_dict": state,
+                "info": {**_INFO, "kind": kind, "proj_dim": proj_dim}}, tmp_path / "h.pt")
+    with pytest.raises(HeadError) as e:
+        load_head(tmp_path / "h.pt")
+    assert str(e.value).startswith(f"{tmp_path / 'h.pt'}: head info proj_dim {proj_dim}: ") and "--proj-dim" not in str(e.value)
+    with pytest.raises(HeadError, match="--proj-dim 12: "):  # the option keeps its own name
+        build_head("tl-tr", 3, 16, 5, 12)
