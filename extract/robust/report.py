@@ -287,7 +287,8 @@ def robust_html(out: Path, summary: dict, rows: list[dict], panels: list[dict], 
         ("classwise.png", f"Per noise class: WER increase from {hi:+g} to {lo:+g} dB against the class F1 of a "
                           "last-layer linear probe on the noise clips alone (paper figure 2)."),
         ("layers.png", "Linear probe of the noise class per encoder layer on the noisy speech, one line per SNR "
-                       "(paper figure 1, lower); dotted: chance.")))
+                       "(paper figure 1, lower); dotted: chance; dashed, or named at the edge when outside the axis: the "
+                       "last-layer probe on the noise clips alone.")))
     overall = H.table(["SNR (dB)"] + [f"WER (%), {label}" for label in labels] + ["mixtures scored"],
                       [[s] + [None if p_wer is None else 100 * p_wer for p_wer in
                               (summary["models"][p["name"]]["wer"][f"{s:+g}"] for p in panels)]

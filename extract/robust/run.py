@@ -8,7 +8,8 @@ score, probe. Everything it writes lives under one output folder:
       MODEL/feats_snr+20.h5     the same shards indexed per SNR (one index per SNR)
       MODEL/feats.shards/       shard-NNNNN.h5 + shard-NNNNN.json: the chunk's transcripts and failures
       MODEL/noise.h5            the noise clips alone (wat-extract), for the last-layer class-wise probe
-      wer.csv, wer_vs_snr.png, classwise.png, layers.png, summary.json, problems.tsv
+      wer.csv, wer_vs_snr.png, classwise.png, layers.png, summary.json, problems.tsv, and
+      report.html               all of the above on one self-contained page (report.py)
 
 Work is cut into chunks of mixtures that never straddle two SNRs; a chunk is finished when its
 record (written atomically after its shard) exists, so a rerun after a crash or kill -9 redoes
