@@ -30,6 +30,18 @@ def _meta(model="base", n_layers=6, n_classes=16, dataset="esc50", policy="trim"
                      dataset=dataset)
 
 
+def test_cache_metadata_says_how_pad30_windows_were_padded():
+    """A schema <= 3 pad30 cache (sample padding) and a schema 4 one (transcribe's mel padding) hold
+    different features: the report's cache table must tell them apart; trim has no padding."""
+    from dataclasses import replace
+
+    from wat.data.htmlreport import cache_metadata
+    assert cache_metadata(_meta(policy="trim"))["input policy"] == "trim"
+    pad = _meta(policy="pad30")
+    assert cache_metadata(pad)["input policy"] == "pad30 (mel-padded)"
+    assert cache_metadata(replace(pad, pad30_padding="samples"))["input policy"] == "pad30 (samples-padded)"
+
+
 def _report(layer_scores: list[list[float]], metas, fusion=(), chance=1 / 16, path="xyz_out/feats.h5"):
     """A ProbeReport with given per-layer accuracies (5 folds around each value, std 0.004)."""
     results = []
