@@ -33,7 +33,7 @@ class ProbeOptions:
     scheduler: str | None = None         # address of a running dask scheduler (overrides jobs)
     C: float = 1.0                       # inverse L2 strength (sklearn convention), both probes
     max_iter: int = 200
-    tol: float = 1e-4                    # multi-label probe: stop when every gradient entry is below (sklearn's tol)
+    tol: float = 1e-4                    # multi-label probe: a class stops when every entry of its gradient is below (sklearn's tol)
     seed: int = 0
     device: str | None = None            # multi-label probe device; None = cuda when present
 
@@ -219,52 +219,18 @@ def _logistic(xtr, ytr, xte, n_classes, opts: ProbeOptions) -> np.ndarray:
 
 
 def _bce_probe(xtr, ytr, xte, opts: ProbeOptions) -> np.ndarray:
-    """Independent L2 logistic regressions per class (= sklearn's objective with C), fitted jointly by LBFGS.
-
-    LBFGS runs in preconditioned coordinates, W = P @ (U * s), b = b0 + s * beta - mu @ W: P whitens
-    the centred features (eigenvectors of their covariance over sqrt(eigenvalues)) and s_c =
-    1/sqrt(pi_c (1 - pi_c)) undoes class c's prevalence pi_c, with b0 = logit(pi_c). At the start
-    (W = 0) the Hessian of the data term is then exactly the identity, so the first steps are Newton
-    steps; in the raw coordinates it spans the features' eigenvalues times the prevalences, and LBFGS
-    needs more passes over [N, D] x [D, C] (twice as many on correlated features with rare classes in
-    tests/test_probe.py). The change of variables is invertible and the penalty is computed on W
-    itself, so the minimiser is unchanged.
-    """
+    """Independent L2 logistic regressions per class: sklearn's one-vs-rest lbfgs fits with C, tol and
+    max_iter, batched over classes (`wat.eval.logistic`: same path, same stop, so the same mAP)."""
     import torch
+
+    from .logistic import fit_logistic
 
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     x = torch.from_numpy(np.ascontiguousarray(xtr, np.float32)).to(device)
-    y = torch.from_numpy(ytr.astype(np.float32)).to(device)
-    n = len(x)
-    mu = x.mean(0)
-    x = x - mu
-    lam, vec = torch.linalg.eigh((x.T @ x).double() / n)
-    lam = lam.clamp_min(max(float(lam.max()), 1e-12) * 1e-4)   # constant/duplicate columns: still invertible
-    p = (vec * lam.rsqrt()).float()
-    z = x @ p
+    w, b, _ = fit_logistic(x, torch.from_numpy(np.asarray(ytr)).to(device), opts.C, opts.tol, opts.max_iter)
     del x
-    prev = y.mean(0).clamp(0.5 / n, 1 - 0.5 / n)
-    s = (prev * (1 - prev)).rsqrt()
-    b0 = torch.log(prev / (1 - prev))
-    u = torch.zeros(p.shape[1], y.shape[1], device=device, requires_grad=True)
-    beta = torch.zeros(y.shape[1], device=device, requires_grad=True)
-    l2 = 1.0 / (2.0 * opts.C * n)
-    opt = torch.optim.LBFGS([u, beta], lr=1, max_iter=opts.max_iter, history_size=20,
-                            tolerance_grad=opts.tol, tolerance_change=0.0, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        us = u * s
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ us + (b0 + s * beta), y, reduction="sum") / n
-        loss = loss + l2 * (p @ us).square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        w = p @ (u * s)
-        b = b0 + s * beta - mu @ w
-        return torch.sigmoid(torch.from_numpy(np.ascontiguousarray(xte, np.float32)).to(device) @ w + b).cpu().numpy()
+    xte = torch.from_numpy(np.ascontiguousarray(xte, np.float32)).to(device)
+    return torch.sigmoid(xte @ w.T + b).cpu().numpy()
 
 
 def fit_task(train: list[Cache], test: list[Cache] | None, feat: Feature, tr_idx, te_idx, y,
