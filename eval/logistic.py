@@ -29,9 +29,10 @@ C1, C2 = 1e-3, 0.9                # strong Wolfe constants of scipy's line searc
 MAX_TRIALS = 50                   # line-search trials per iteration (sklearn's maxls)
 
 
-def _phi(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-class mean logistic loss of margins a [K, N], summed in float64 (Armijo compares close values)."""
-    return (torch.nn.functional.softplus(a) - y * a).sum(1, dtype=torch.float64) / a.shape[1]
+def _phi(r: torch.Tensor) -> torch.Tensor:
+    """Per-class mean logistic loss from the residuals r = sigmoid(a) - y [K, N]: -log(1 - |r|) is
+    softplus(a) - y a for y in {0, 1}, and reuses the sigmoid the slope needs anyway."""
+    return -torch.log1p(-r.abs()).mean(1)
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float, tol: float = 1e-4, max_iter: int = 100
@@ -50,7 +51,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float, tol: float = 1e-4, 
     a = torch.zeros(K, n, device=dev)                  # margins x w + b
     r = torch.sigmoid(a) - yt                          # residuals (dloss/da * N)
     g = _grad(x, r, wb, lam)
-    f = _phi(a, yt)                                    # data loss; penalty added where needed
+    f = _phi(r)                                        # data loss; penalty added where needed
     s_hist = torch.zeros(MEMORY, K, d + 1, device=dev)
     y_hist = torch.zeros(MEMORY, K, d + 1, device=dev)
     rho = torch.zeros(MEMORY, K, device=dev)           # 0 = no pair (skipped update): no effect
@@ -114,7 +115,7 @@ def _line_search(x, yt, a, wb, p, g, f0, lam, first: bool):
     q = p[:, :d] @ x.T + p[:, d:]                            # [K, N] margin change per unit step
     wd, dd = (wb[:, :d] * p[:, :d]).sum(1), (p[:, :d] * p[:, :d]).sum(1)
     dphi0 = (g * p).sum(1)
-    pen0 = 0.5 * lam * (wb[:, :d] * wb[:, :d]).sum(1, dtype=torch.float64)
+    pen0 = 0.5 * lam * (wb[:, :d] * wb[:, :d]).sum(1)
     t = 1.0 / p.norm(dim=1) if first else torch.ones(k, device=x.device)   # L-BFGS-B's first step
     lo, dlo = torch.zeros_like(t), dphi0.clone()
     hi, dhi = torch.full_like(t, float("inf")), torch.zeros_like(t)
@@ -128,9 +129,9 @@ def _line_search(x, yt, a, wb, p, g, f0, lam, first: bool):
         ya, qa = (yt, q) if whole else (yt[active], q[active])
         ra = torch.sigmoid(aa) - ya
         slope = (ra * qa).mean(1) + lam * (wd[active] + ta * dd[active])
-        fa = _phi(aa, ya)
-        pen = pen0[active] + lam * (ta * wd[active] + 0.5 * ta * ta * dd[active]).double()
-        armijo = fa + pen <= f0[active] + pen0[active] + C1 * (ta * dphi0[active]).double()
+        fa = _phi(ra)
+        pen = pen0[active] + lam * (ta * wd[active] + 0.5 * ta * ta * dd[active])
+        armijo = fa + pen <= f0[active] + pen0[active] + C1 * ta * dphi0[active]
         ok = armijo & (slope.abs() <= C2 * dphi0[active].abs())
         long_ = ~ok & (~armijo | (slope > 0))
         short = ~ok & ~long_
@@ -154,5 +155,6 @@ def _line_search(x, yt, a, wb, p, g, f0, lam, first: bool):
         t_ok[active] = lo[active]
         failed[active] = lo[active] == 0
         aa = a[active] + lo[active][:, None] * q[active]
-        r_ok[active], f_ok[active] = torch.sigmoid(aa) - yt[active], _phi(aa, yt[active])
+        r_ok[active] = torch.sigmoid(aa) - yt[active]
+        f_ok[active] = _phi(r_ok[active])
     return t_ok, q, r_ok, f_ok, failed

@@ -80,15 +80,27 @@ def d_prime(auc):
 
 
 def per_class_ap(targets, scores) -> tuple[list[float | None], list[int]]:
+    """AP per class, equal to sklearn's `average_precision_score` (ties ranked as one threshold), for
+    all classes at once: AP = mean over a class's positives of the precision at the end of their tie
+    group. One sort per block of classes instead of one validated sklearn call per class (527 calls
+    took seconds per evaluation at AudioSet shape)."""
     targets, scores = _check(targets, scores)
-    ap, skipped = [], []
-    for c in range(targets.shape[1]):
-        if targets[:, c].any():
-            ap.append(float(average_precision_score(targets[:, c], scores[:, c])))
-        else:
-            ap.append(None)
-            skipped.append(c)
-    return ap, skipped
+    n, n_classes = targets.shape
+    ap = np.full(n_classes, np.nan)
+    rank = np.arange(1, n + 1)[:, None]
+    for a in range(0, n_classes, 64):                      # bounded memory: [N, 64] blocks
+        order = np.argsort(-scores[:, a:a + 64], axis=0, kind="stable")
+        s = np.take_along_axis(scores[:, a:a + 64], order, 0)
+        t = np.take_along_axis(targets[:, a:a + 64], order, 0)
+        precision = np.cumsum(t, 0) / rank
+        last = np.ones(s.shape, bool)                      # last row of each run of equal scores
+        last[:-1] = s[:-1] != s[1:]
+        end = np.minimum.accumulate(np.where(last, rank - 1, n)[::-1], axis=0)[::-1]
+        pos = t.sum(0)
+        ap[a:a + 64] = np.where(pos > 0, (t * np.take_along_axis(precision, end, 0)).sum(0) / np.maximum(pos, 1),
+                                np.nan)
+    skipped = [int(c) for c in np.flatnonzero(np.isnan(ap))]
+    return [None if np.isnan(v) else float(v) for v in ap], skipped
 
 
 def per_class_auc(targets, scores) -> tuple[list[float | None], list[int]]:

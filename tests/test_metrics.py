@@ -49,6 +49,21 @@ def test_ap_auc_without_ties():
     assert s.mAUC == pytest.approx(5 / 6)
 
 
+def test_ap_of_all_classes_at_once_equals_sklearn():
+    """The vectorised AP (blocks of 64 classes) equals sklearn's per-class calls, ties included."""
+    from sklearn.metrics import average_precision_score
+    rng = np.random.default_rng(0)
+    y = rng.random((300, 150)) < 0.08
+    y[:, 7] = False                                        # no positives: skipped
+    y[:, 8] = True                                         # no negatives: AP 1
+    p = np.round(rng.random((300, 150)), 2)                # many ties
+    p[:, 9] = 0.5                                          # one tie group: AP = prevalence
+    ap, skipped = metrics.per_class_ap(y, p)
+    assert skipped == [7] and ap[7] is None
+    ref = [average_precision_score(y[:, c], p[:, c]) for c in range(150) if c != 7]
+    np.testing.assert_allclose([v for v in ap if v is not None], ref, rtol=1e-12)
+
+
 def test_d_prime_values():
     assert metrics.d_prime(0.5) == 0.0
     assert metrics.d_prime(0.975) == pytest.approx(2.771807, abs=1e-5)   # sqrt(2) * 1.959964
