@@ -45,6 +45,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float, tol: float = 1e-4, 
     lam = 1.0 / (C * n)
     w_out, b_out = torch.zeros(K, d, device=dev), torch.zeros(K, device=dev)
     it_out = torch.zeros(K, dtype=torch.long, device=dev)
+    if K == 0:
+        return w_out, b_out, it_out
     idx = torch.arange(K, device=dev)                  # active classes -> column of y
     yt = y.T.to(f32).contiguous()                      # [K, N]
     wb = torch.zeros(K, d + 1, device=dev)             # [w | b] of the active classes
