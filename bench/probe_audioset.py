@@ -101,7 +101,7 @@ def sklearn_classes(y: np.ndarray, k: int) -> np.ndarray:
     return np.sort(order[np.linspace(0, len(order) - 1, k).round().astype(int)])
 
 
-def sklearn_fit(xtr, ytr, xte, max_iter: int, C: float) -> tuple[np.ndarray, float, float]:
+def sklearn_fit(xtr, ytr, xte, max_iter: int, C: float, tol: float) -> tuple[np.ndarray, float, float]:
     """Probabilities, wall and CPU seconds of the fit (standardisation included)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -111,7 +111,7 @@ def sklearn_fit(xtr, ytr, xte, max_iter: int, C: float) -> tuple[np.ndarray, flo
 
     t, cpu = time.perf_counter(), time.process_time()
     scaler = StandardScaler().fit(xtr)
-    clf = OneVsRestClassifier(LogisticRegression(C=C, max_iter=max_iter))
+    clf = OneVsRestClassifier(LogisticRegression(C=C, max_iter=max_iter, tol=tol))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(scaler.transform(xtr), ytr)
@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-iter", type=int, default=100,
                    help="LBFGS iterations, both methods (sklearn's default; wat-probe's is 200)")
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength, both methods")
+    p.add_argument("--tol", type=float, default=1e-4, help="gradient tolerance per class, both methods (sklearn's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", help="keep the caches here (reused when present)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -140,6 +141,8 @@ def main(argv=None) -> int:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < a.eval_fraction < 1:
         p.error("--eval-fraction must be between 0 and 1")
+    if not 0 < a.C < float("inf") or not 0 < a.tol < float("inf"):   # before minutes of cache writing
+        p.error("--C and --tol must be positive and finite")
     try:
         sk_layers = [int(t) for t in a.sklearn_layers.split(",") if t.strip()]
         layers = [int(t) for t in a.probe_layers.split(",")] if a.probe_layers else list(range(a.layers))
@@ -163,9 +166,7 @@ def main(argv=None) -> int:
           f"{os.getloadavg()[0]:.1f}; one thread per method", flush=True)
     cls = sklearn_classes(ytr, a.sklearn_classes)
     rows = []
-    if not a.C > 0:
-        p.error("--C must be positive")
-    opts = ProbeOptions(fusion=(), jobs=1, device=a.device, max_iter=a.max_iter, C=a.C)
+    opts = ProbeOptions(fusion=(), jobs=1, device=a.device, max_iter=a.max_iter, C=a.C, tol=a.tol)
     for layer in layers:
         t, cpu = time.perf_counter(), time.process_time()
         rep = probe([train], [test], ProbeOptions(**{**opts.__dict__, "layers": [layer]}))
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
             with threadpool_limits(1):
                 f = Feature("layer", (0,), ((layer,),))
                 probs, sk_s, sk_cpu = sklearn_fit(load_matrix([train], f), ytr[:, cls], load_matrix([test], f),
-                                          a.max_iter, opts.C)
+                                          a.max_iter, opts.C, opts.tol)
             from wat.eval.metrics import multilabel_scores
             scale = ytr.shape[1] / len(cls)
             row.update(sklearn_s_subset=sk_s, sklearn_s=sk_s * scale, sklearn_cpu_s=sk_cpu * scale,
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
     both = [r for r in rows if "speedup" in r]
     best = max(rows, key=lambda r: r["wat_mAP"])
     summary = {"bench": "probe", "device": device_name(a.device), "loadavg": os.getloadavg(), "clips": a.clips, "layers": a.layers,
-               "dim": a.dim, "max_iter": a.max_iter, "C": a.C, "sklearn_classes": len(cls), "rows": rows,
+               "dim": a.dim, "max_iter": a.max_iter, "C": a.C, "tol": a.tol, "sklearn_classes": len(cls), "rows": rows,
                "wat_s_per_layer": float(np.mean([r["wat_s"] for r in rows])), "best_layer": best["layer"],
                "best_mAP": best["wat_mAP"]}
     if both:
