@@ -14,7 +14,7 @@ from wat.data.labels import LabelError
 from wat.data.cliargs import add_device, float_range, int_range, parse_args, seed_int
 from wat.data.heads import HEADS, HeadError
 from .loop import Interrupted, TrainError, TrainOptions, train
-from .options import HEAD_LR
+from .options import BATCH, HEAD_LR, MIN_STEPS
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -62,7 +62,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_lr, metavar="LR|auto",
                    help="learning rate; 'auto': pick it by a short search on the training clips (default: "
                         "the head kind's measured default: " + ", ".join(f"{k} {v:g}" for k, v in HEAD_LR.items()) + ")")
-    p.add_argument("--batch-size", type=int_range(1, 1 << 20), default=48)
+    p.add_argument("--batch-size", type=int_range(1, 1 << 20),
+                   help=f"global batch (default: {BATCH}, or fewer on small sets so that an epoch takes at "
+                        f"least {MIN_STEPS} steps: training clips // {MIN_STEPS})")
     p.add_argument("--mixup", type=float_range(0, 1), default=0.5, help="mixup probability per clip (0 = off)")
     p.add_argument("--time-mask", type=int_range(0, 100_000), default=10, help="mask up to N frames (same on all layers)")
     p.add_argument("--feature-mask", type=int_range(0, 100_000), help="mask up to N feature dims (default off; width/10 with CR)")

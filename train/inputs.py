@@ -8,6 +8,7 @@ no per-sample Python.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ from wat.data.heads import HeadInfo, head_field
 from wat.data.labels import Vocabulary, parent_labels
 from wat.data.readers import FeatureStore
 
-from .options import TrainError, TrainOptions, wa_range
+from .options import TrainError, TrainOptions, default_batch, wa_range
 from .step import StepConfig
 
 
@@ -112,17 +113,20 @@ class Checked:
     ext: tuple | None              # (extended vocabulary, ancestor matrix) with --parent-labels
     cfg: StepConfig
     info: HeadInfo
+    opts: TrainOptions             # the run's options, the batch size resolved (default_batch)
 
 
 def prepare(opts: TrainOptions, device) -> Setup:
     """Open and check every input, then load the stores (checks first: loading can take minutes)."""
-    return load_inputs(check_inputs(opts), opts, device)
+    c = check_inputs(opts)
+    return load_inputs(c, c.opts, device)
 
 
-def check_inputs(opts: TrainOptions) -> Checked:
+def check_inputs(opts: TrainOptions, world_size: int = 1) -> Checked:
     """Open and check every input (cache metadata and labels only): quick, and done before the run
-    makes RUN_DIR, so that a refused run leaves nothing behind."""
-    if opts.cr_views < 1 or opts.epochs < 1 or opts.batch_size < 1:
+    makes RUN_DIR, so that a refused run leaves nothing behind. Without a batch size, the default
+    for the smallest training split is chosen (`Checked.opts`)."""
+    if opts.cr_views < 1 or opts.epochs < 1 or (opts.batch_size is not None and opts.batch_size < 1):
         raise TrainError("--epochs, --batch-size and --cr-views must be >= 1")
     if opts.folds and opts.eval_features:
         raise TrainError("use either --eval-features or --folds, not both")
@@ -151,6 +155,8 @@ def check_inputs(opts: TrainOptions) -> Checked:
         splits = [("main", np.arange(len(cache)), np.arange(len(ecache)))]
     else:
         splits = [("main", np.arange(len(cache)), None)]
+    if opts.batch_size is None:
+        opts = dataclasses.replace(opts, batch_size=default_batch(min(len(tr) for _, tr, _ in splits), world_size))
     if opts.unlabeled_features:
         ucache = _open(opts.unlabeled_features, "--unlabeled-features")
         _compatible(meta, ucache, "--unlabeled-features", opts.features, ignore=("vocab", "multilabel"))
@@ -167,7 +173,7 @@ def check_inputs(opts: TrainOptions) -> Checked:
                      opts.cr_weight, opts.cr_unlabeled_weight)
     ext = _ancestor_matrix(meta.vocab) if opts.parent_labels else None
     info = _info(opts, cache, ext[0] if ext is not None else meta.vocab, len(meta.vocab) if ext is not None else None)
-    return Checked(cache, y, ecache, ev_y, ucache, splits, field, ext, cfg, info)
+    return Checked(cache, y, ecache, ev_y, ucache, splits, field, ext, cfg, info, opts)
 
 
 def load_inputs(c: Checked, opts: TrainOptions, device) -> Setup:

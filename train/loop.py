@@ -85,7 +85,8 @@ def train(opts: TrainOptions) -> dict:
     device = join(world, opts.device)
     try:
         # every input is checked before RUN_DIR is made: a refused run leaves no folder behind
-        checked = check_inputs(opts)
+        checked = check_inputs(opts, world.size)
+        opts = checked.opts  # the batch size resolved: metrics.json and last.pt record the one used
         if opts.batch_size % world.size:
             raise TrainError(f"--batch-size {opts.batch_size} is the global batch: it must be a multiple of "
                              f"the {world.size} processes")
