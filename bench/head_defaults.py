@@ -1,19 +1,23 @@
-"""Default learning rates per head kind, chosen by measurement: every head kind x a grid of learning
-rates with all other options at their defaults, 5-fold ESC-50 protocol on the demo set's tiny.en
-features, next to the best single-layer linear probe on the same cache (the bar the heads must reach
-within 5 points, tests/test_train.py). Optionally consistency regularisation on vs off.
+"""The default training recipe per head kind, chosen by measurement: every head kind x a grid of
+learning rates with all other options at their defaults (the batch included: 48, or fewer on a small
+set, options.default_batch), 5-fold ESC-50 protocol on the demo set's tiny.en features, next to the
+best single-layer linear probe on the same cache and folds (the bar: within 5 points of it, issue 11
+D; tests/test_train.py checks it on a cheaper split). Optionally consistency regularisation on vs off.
 
     python bench/head_defaults.py --out /tmp/hd                        # demo set made here (wat.data.make_demo)
     python bench/head_defaults.py --root esc50-demo --out /tmp/hd --lrs 1e-4,1e-3 --heads tl-tr
     python bench/head_defaults.py --out /tmp/hd --cr --heads wa-mlp --lrs 1e-2 --seeds 0,1   # CR off vs on
+    python bench/head_defaults.py --out /tmp/hd --heads wa-mlp --lrs 1e-2 --set batch_size=48   # the old batch
 
-Prints one row per (head, lr): accuracy of the best epoch and of the weight-averaged head (mean of
-the 5 held-out folds), the fold accuracies' spread, and the run's minutes. The cache (tiny.en, policy
+Prints one row per (head, lr): the batch used, accuracy of the best epoch and of the weight-averaged
+head (mean of the 5 held-out folds, as wat-probe's score is the mean of the same 5 folds), the fold
+accuracies, and the run's minutes. The cache (tiny.en, policy
 trim, 8 clips per class like the test fixtures) is extracted once into --out.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -37,12 +41,13 @@ def cache(out: Path, root: Path | None, clips_per_class: int) -> Path:
     return feats
 
 
-def run(feats: Path, out: Path, **kw) -> tuple[float, float, float, list]:
+def run(feats: Path, out: Path, **kw) -> tuple[int, float, float, float, list]:
     t = time.perf_counter()
-    name = "_".join(f"{k}{v}" for k, v in kw.items())
-    final = train(TrainOptions(features=str(feats), out=str(out / "runs" / name), folds=5, progress=False, **kw))
+    run_dir = out / "runs" / "_".join(f"{k}{v}" for k, v in kw.items())
+    final = train(TrainOptions(features=str(feats), out=str(run_dir), folds=5, progress=False, **kw))
     folds = [f["wa"] for f in final["folds"].values()]
-    return final["best"], final["wa"], (time.perf_counter() - t) / 60, folds
+    batch = json.loads((run_dir / "metrics.json").read_text())["options"]["batch_size"]
+    return batch, final["best"], final["wa"], (time.perf_counter() - t) / 60, folds
 
 
 def main() -> None:
@@ -67,13 +72,13 @@ def main() -> None:
     if extra:
         print(f"other options: {extra}")
     lrs = [float(v) for v in a.lrs.split(",")]
-    print(f"{'head':9} {'lr':>7} {'seed':>4} {'cr':>3} {'best':>7} {'wa':>7} {'wa-probe':>8} {'wa folds':>28} {'min':>5}")
+    print(f"{'head':9} {'lr':>7} {'seed':>4} {'cr':>3} {'batch':>5} {'best':>7} {'wa':>7} {'wa-probe':>8} {'wa folds':>28} {'min':>5}")
     for head in a.heads.split(","):
         for lr in lrs:
             for cr in ((1, 2) if a.cr else (1,)):
                 for seed in seeds:
-                    b, w, m, folds = run(feats, a.out, head=head, lr=lr, seed=seed, cr_views=cr, **extra)
-                    print(f"{head:9} {lr:7.0e} {seed:4d} {cr:3d} {b:7.4f} {w:7.4f} {w - best.score:+8.4f} "
+                    bs, b, w, m, folds = run(feats, a.out, head=head, lr=lr, seed=seed, cr_views=cr, **extra)
+                    print(f"{head:9} {lr:7.0e} {seed:4d} {cr:3d} {bs:5d} {b:7.4f} {w:7.4f} {w - best.score:+8.4f} "
                           f"{' '.join(f'{f:.2f}' for f in folds):>28} {m:5.1f}", flush=True)
 
 
