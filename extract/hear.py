@@ -1,13 +1,12 @@
 """HEAR 2021 API over Whisper's encoder layers (check with `hear-validator wat.extract.hear -m tiny.en`).
 
-Timestamp embeddings are the encoder frames themselves (one per 20 ms, centred at 10, 30, 50 ms ...),
-each the mean (or concatenation) of the chosen layers' outputs before `ln_post`; the scene
-embedding is their mean over time. Audio longer than 30 s is encoded in consecutive 30 s windows.
-Lives in `wat.extract` because `wat.eval` never imports the encoder.
+Timestamp embeddings are the encoder frames themselves (one per 20 ms, centred at 10, 30, 50 ms ...;
+as many as cover the audio, `encoder_frames`), each the mean (or concatenation) of the chosen
+layers' outputs before `ln_post`; the scene embedding is their mean over time. Audio longer than
+30 s is encoded in consecutive 30 s windows. Lives in `wat.extract` because `wat.eval` never
+imports the encoder.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from whisper.audio import N_SAMPLES
 
 from wat.data.cache import POLICIES
 
-from .layers import encode_layers
+from .layers import encode_layers, encoder_frames
 from .load import fingerprint, load_whisper, model_name
 
 DEFAULT_MODEL = "base"
@@ -54,12 +53,14 @@ class WhisperHEAR(nn.Module):
         self.timestamp_embedding_size = self.scene_embedding_size
 
     def frames(self, audio: torch.Tensor) -> torch.Tensor:
-        """[n, samples] -> [n, T, size] float32, T = ceil(samples / 320) encoder frames."""
+        """[n, samples] -> [n, T, size] float32: the T encoder frames covering each 30 s window
+        (`encoder_frames`: a window ending 1..159 samples into a 320-sample step adds no frame), so
+        the pooling into T parts keeps each frame once."""
         n, samples = audio.shape
         outs = []
         for a in range(0, samples, N_SAMPLES):       # 30 s windows; the last may be shorter
             window = audio[:, a:a + N_SAMPLES]
-            t = math.ceil(window.shape[1] / SAMPLES_PER_FRAME)
+            t = encoder_frames(window.shape[1])
             parts = [encode_layers(self, window[b:b + self.batch_size], frames=t, policy=self.policy)
                      for b in range(0, n, self.batch_size)]
             x = torch.cat(parts)[:, list(self.layers)]        # [n, L', T, D]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import whisper
-from whisper.audio import N_FRAMES, N_SAMPLES
+from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES
 
 from wat.data.cache import POLICIES
 
@@ -19,6 +19,18 @@ def log_mel(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
     """[B, S] -> [B, n_mels, S // 160]. One `whisper.log_mel_spectrogram` call per clip: it clamps to
     (max - 8) over the whole tensor it gets, so a batched call would couple clips."""
     return torch.stack([whisper.log_mel_spectrogram(a, n_mels) for a in audio])
+
+
+def encoder_frames(samples: int) -> int:
+    """THE number of encoder frames covering a clip of `samples` 16 kHz samples (its first 30 s):
+    ceil(content / 2), content = min(samples // 160, 3000) mel frames as `whisper.transcribe` counts
+    them, at least 1 (a clip under 10 ms has no content frame; pad30 still keeps one). Encoder frame j
+    reads mel frames 2j and 2j + 1 (conv2 has stride 2), so a clip ending in the first 159 samples
+    of a 320-sample step adds no frame. Both policies give exactly this many: pad30 keeps these
+    frames of the 30 s window; trim's log-mel of the clip has samples // 160 frames (whisper drops
+    the STFT's last one; it needs over 200 samples, its reflect padding) and conv2 turns them into
+    ceil(frames / 2)."""
+    return max(1, -(-min(samples // HOP_LENGTH, N_FRAMES) // 2))
 
 
 def pad30_input(clips, n_mels: int = 80) -> tuple[torch.Tensor, list[int]]:
@@ -33,14 +45,13 @@ def pad30_input(clips, n_mels: int = 80) -> tuple[torch.Tensor, list[int]]:
     clips), its first min(content_frames, 3000) frames (`content_frames` = samples // 160, as
     transcribe counts them), padded to 3000 frames with zeros of the *normalised log-mel*
     (`pad_or_trim`). A clip longer than 30 s is normalised over its whole length, as transcribe's
-    first window is. Valid encoder frames: ceil(frames / 2) (encoder frame j reads mel frames 2j
-    and 2j + 1; conv2 has stride 2), at least 1 (a clip under 10 ms has no content frame)."""
+    first window is. Valid encoder frames: `encoder_frames(samples)`."""
     mels, valid = [], []
     for clip in clips:
         mel = whisper.log_mel_spectrogram(clip, n_mels, padding=N_SAMPLES)
         frames = min(mel.shape[-1] - N_FRAMES, N_FRAMES)  # transcribe's content_frames, first window
         mels.append(whisper.pad_or_trim(mel[:, :frames], N_FRAMES))
-        valid.append(max(1, -(-frames // 2)))
+        valid.append(encoder_frames(clip.shape[-1]))
     return torch.stack(mels), valid
 
 
@@ -163,7 +174,7 @@ def encode_layers(model, audio, *, frames: int = 25, policy: str = "pad30", laye
 
     policy "pad30": the 30 s log-mel window `whisper.transcribe` feeds the encoder (`pad30_input`:
     the clip's log-mel padded with zero log-mel frames), then keep the encoder frames of the clip's
-    content (ceil((samples // 160) / 2), at most 1500): what `wat-tag` pools during transcription.
+    content (`encoder_frames(samples)`): what `wat-tag` pools during transcription.
     "trim": encode only the clip (~3x cheaper for 10 s clips; numerically different because
     attention sees no padding). `layers`: block indices to keep (default all), giving
     [B, len(layers), frames, D]."""

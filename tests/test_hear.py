@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from wat.extract import encode_layers, hear
+from wat.extract import encode_layers, hear, log_mel, pad30_input
+from wat.extract.layers import short_input
 
 
 def test_hearvalidator_passes(monkeypatch, capsys):
@@ -47,13 +48,49 @@ def test_embeddings_are_encoder_layers(tiny_model):
 
 
 def test_long_audio_in_30s_windows(tiny_model):
-    audio = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (1, 16000 * 31)).astype(np.float32))
+    # 31 s + 100 samples: the tail's last 100 samples reach no new encoder frame (50, not 51)
+    audio = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (1, 16000 * 31 + 100)).astype(np.float32))
     m = hear.WhisperHEAR(tiny_model, layers=[0])
     emb, ts = hear.get_timestamp_embeddings(audio, m)
     assert emb.shape == (1, 1550, 384)
     np.testing.assert_allclose(np.diff(ts[0].numpy()), 20.0)
     tail = encode_layers(tiny_model, audio[:, 16000 * 30:], frames=50, policy="trim")[:, 0]
     torch.testing.assert_close(emb[:, 1500:], tail)
+
+
+def _block_outputs(model, mel, layers):
+    """The encoder's per-frame outputs of `layers` on `mel` [1, 80, M], unpooled: [L, T, D]."""
+    outs = []
+    hooks = [model.encoder.blocks[i].register_forward_hook(lambda mod, a, o: outs.append(o[0])) for i in layers]
+    try:
+        with torch.no_grad(), short_input(model.encoder, (mel.shape[-1] + 1) // 2):
+            model.encoder(mel)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("policy", ["trim", "pad30"])
+def test_timestamps_are_the_encoder_frames(tiny_model, speech_audio, policy):
+    """Clips ending 0, 1, 159, 160, 161, 319 samples into a 320-sample step: one timestamp per encoder
+    frame the encoder really computes from the clip's own log-mel, each frame once (ceil(samples / 320)
+    timestamps repeated a frame at 1..159), centred at 10 + 20 j ms. pad30 keeps as many frames of
+    transcribe's window, and the embeddings are those frames' outputs."""
+    m = hear.WhisperHEAR(tiny_model, layers=[0, 3], policy=policy)
+    counts = []
+    for r in (0, 1, 159, 160, 161, 319):
+        x = torch.from_numpy(np.resize(speech_audio, 25 * 320 + r).astype(np.float32))
+        emb, ts = hear.get_timestamp_embeddings(x[None], m)
+        real = _block_outputs(tiny_model, log_mel(x[None], 80), [0, 3])     # the clip alone: trim
+        t = real.shape[1]
+        counts.append(t)
+        if policy == "pad30":
+            real = _block_outputs(tiny_model, pad30_input([x], 80)[0], [0, 3])[:, :t]
+        assert emb.shape == (1, t, 384) and ts.shape == (1, t)
+        torch.testing.assert_close(emb[0], real.mean(0), atol=1e-5, rtol=1e-5)
+        assert ts[0].tolist() == [10.0 + 20.0 * j for j in range(t)] and bool((ts[0].diff() > 0).all())
+    assert counts == [25, 25, 25, 26, 26, 26]
 
 
 def test_bad_options(tiny_model):

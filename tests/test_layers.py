@@ -8,7 +8,7 @@ import pytest
 import torch
 import whisper
 
-from wat.extract import LayerTaps, encode_layers, log_mel
+from wat.extract import LayerTaps, encode_layers, encoder_frames, log_mel
 from wat.extract.layers import pad30_input
 
 SR = 16000
@@ -34,6 +34,20 @@ def test_log_mel_is_per_clip(speech_audio):
     assert torch.equal(mel[0], whisper.log_mel_spectrogram(a, 80))
     # a batched call would clamp the quiet clip against the loud one's maximum
     assert not torch.equal(mel[0], whisper.log_mel_spectrogram(torch.stack([a, b]), 80)[0])
+
+
+@pytest.mark.parametrize("samples", [320 * k + r for k in (1, 25) for r in (0, 1, 159, 160, 161, 319)]
+                         + [201, 30 * SR - 1, 30 * SR, 31 * SR + 100])
+def test_encoder_frames_is_what_the_conv_stem_gives(tiny_model, samples):
+    """`encoder_frames` against the encoder's conv stem on the clip's own log-mel (trim; whisper's
+    STFT needs over 200 samples): samples // 160 mel frames, conv2 (stride 2) -> ceil of half; only
+    the first 30 s are encoded."""
+    x = torch.from_numpy(loud_tone(samples))[None, :30 * SR]
+    mel = log_mel(x, 80)
+    with torch.no_grad():
+        stem = tiny_model.encoder.conv2(tiny_model.encoder.conv1(mel))
+    assert mel.shape[-1] == min(samples, 30 * SR) // 160
+    assert stem.shape[-1] == encoder_frames(samples) == pad30_input([x[0]], 80)[1][0]
 
 
 def test_shapes_and_frames(tiny_model, speech_audio):
