@@ -4,19 +4,28 @@
 shard by shard, sequential reads) and otherwise streams. Streaming plans the epoch first: shards
 and blocks of rows visited in a seeded random order, rows shuffled within a window of several
 blocks (the shuffle buffer), batches cut from that order. Reader threads then copy each batch's
-rows with plain `os.preadv` calls straight from the shard files into the batch tensor (one copy
+rows with plain `os.preadv` calls straight from the shard files into a batch buffer (one copy
 per row, no HDF5 call per row, adjacent rows in one call; the GIL is released while they copy),
 while a prefetch thread asks the kernel to read the current and the next window ahead, block by
-block (`POSIX_FADV_WILLNEED`: sequential disk reads, no copy to user space). Fields whose rows are not
-stored whole (`mean`, chunked by layer) are read through h5py instead. int8 caches are read as int8
-(half the bytes) and dequantised to f16 on the store's device (on a GPU after the copy). Every
-path checks a shard's rows, as stored, against their checksums the first time this process reads
-them (`Cache.check_rows`), before anything is dequantised.
-Memory: a few batches in flight, sized from the memory budget; nothing per window is held.
+block (`POSIX_FADV_WILLNEED`: sequential disk reads, no copy to user space). Batch buffers are
+reused once the caller has let go of them: a fresh 100 MB buffer costs a page fault per 4 KiB
+page, which from the page cache cost more than the copy itself (BENCHMARKS.md). Fields whose rows
+are not stored whole (`mean`, chunked by layer) are read through h5py instead.
+
+The reader threads only copy stored bytes: int8 rows stay int8 (half the bytes of f16) until the
+store's device, where `values` turns them into numbers in the dtype the caller computes in (f16 by
+default, f32 for the trainer: one pass, no f16 intermediate). Every path checks a shard's rows, as
+stored, against their checksums the first time this process reads them (`Cache.check_rows`).
+
+Memory: `memory_budget` bounds the cache data the store holds: the resident field (in memory), or
+the stored-form batch buffers (streaming: those being filled, the one handed to the caller and the
+one it held before). It does not bound what the caller makes of a batch (its f32 copy, the model,
+autograd); nothing per window or per epoch is held.
 """
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +52,8 @@ def available_memory() -> int:
 
 
 class FeatureStore:
-    """Random access to `features` or `mean` as f16 torch tensors on `device` (int8 storage is
-    dequantised there)."""
+    """Random access to `features` or `mean` as torch tensors on `device`: f16 by default (int8
+    storage is dequantised there, as `Cache.read` does), or any float dtype (`values`)."""
 
     def __init__(self, cache, field: str = "features", *, memory_budget: int | None = None, device="cpu",
                  block_bytes: int = 64 << 20, buffer_blocks: int = 8, read_threads: int = 2):
@@ -125,16 +134,22 @@ class FeatureStore:
                     out[start + a:start + b].copy_(stage[:b - a])
         return out
 
-    def _dequantize(self, q: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
-        """Stored rows (already on the device) -> f16; fp16 rows pass through."""
-        if self._scale is None:
+    def values(self, q: torch.Tensor, idx: np.ndarray, dtype: torch.dtype | None = torch.float16) -> torch.Tensor:
+        """Stored rows `idx` (`q`, on the device) -> numbers in `dtype` there; None: as stored.
+        int8 -> f16 is `Cache.dequantize` (f16(q) * f16(scale), one rounding); int8 -> f32 is the
+        same product unrounded (exact in f32: 8 x 11 significant bits), so it rounds to those
+        f16 values. fp16 rows are converted (or passed through for f16)."""
+        if dtype is None:
             return q
+        if self._scale is None:
+            return q.to(dtype)
         scale = self._scale[self._row_shard[torch.from_numpy(idx).to(self.device)]]  # [B, L, D]
         if self.field == "features":
             scale = scale[:, :, None, :]
-        return q.to(torch.float16).mul_(scale)  # = cache.dequantize: f16(q) * f16(scale), one rounding
+        return q.to(dtype).mul_(scale)
 
-    def get(self, indices) -> torch.Tensor:
+    def get(self, indices, dtype: torch.dtype | None = torch.float16) -> torch.Tensor:
+        """Rows `indices` (any order, repeats allowed) in `dtype` on the device (`values`)."""
         idx = np.asarray(indices, np.int64).reshape(-1)
         if self.in_memory:
             # index_select: several times faster than advanced indexing for f16 rows on CPU
@@ -143,10 +158,12 @@ class FeatureStore:
             if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
                 raise IndexError(f"index out of range for a cache of {len(self)} clips")
             q = self._fill(idx)
-        return self._dequantize(q.to(self.device, non_blocking=True), idx)
+        return self.values(q.to(self.device, non_blocking=True), idx, dtype)
 
-    def iter_batches(self, indices, batch_size: int, *, shuffle: bool = True, seed: int = 0):
-        """Yield (idx, tensor) batches covering `indices` exactly (repeats kept as repeats)."""
+    def iter_batches(self, indices, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                     dtype: torch.dtype | None = torch.float16):
+        """Yield (idx, tensor) batches covering `indices` exactly (repeats kept as repeats), in
+        `dtype` on the device (`values`; None: the stored rows as they are)."""
         idx = np.asarray(indices, np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"index out of range for a cache of {len(self)} clips")
@@ -155,9 +172,9 @@ class FeatureStore:
             order = rng.permutation(idx) if shuffle else idx
             for a in range(0, len(order), batch_size):
                 b = order[a:a + batch_size]
-                yield b, self.get(b)
+                yield b, self.get(b, dtype)
             return
-        yield from self._stream(idx, batch_size, shuffle, rng)
+        yield from self._stream(idx, batch_size, shuffle, rng, dtype)
 
     def _plan(self, idx: np.ndarray, shuffle: bool, rng) -> list[tuple[int, np.ndarray]]:
         """(shard, sorted global indices) per block, in visiting order."""
@@ -183,11 +200,15 @@ class FeatureStore:
             self._layouts[s] = None if offsets is None else (raw_fd(str(self.cache.shards[s][0])), offsets)
         return self._layouts[s]
 
-    def _fill(self, idx: np.ndarray) -> torch.Tensor:
-        """Stored rows `idx` (any order) into one new host tensor: one copy per row. Rows of shards
-        not yet checked in this process are checked against their checksums here, as stored."""
-        out = torch.empty((len(idx),) + self.shape, dtype=_TORCH[self.stored], pin_memory=self._pin)
-        rows_out = out.numpy()
+    def _fill(self, idx: np.ndarray, rows_out: np.ndarray | None = None) -> torch.Tensor:
+        """Stored rows `idx` (any order) into `rows_out` (a host array of len(idx) rows) or a new
+        host tensor: one copy per row. Rows of shards not yet checked in this process are checked
+        against their checksums here, as stored."""
+        if rows_out is None:
+            out = torch.empty((len(idx),) + self.shape, dtype=_TORCH[self.stored], pin_memory=self._pin)
+            rows_out = out.numpy()
+        else:
+            out = torch.from_numpy(rows_out)
         dest = rows_out.reshape(len(idx), -1).view(np.uint8)
         shard = self.cache.shard_of(idx)
         for s in np.unique(shard):
@@ -222,7 +243,7 @@ class FeatureStore:
             pos = offsets[rows - self.cache.shards[s][1]]
             os.posix_fadvise(fd, int(pos.min()), int(pos.max() - pos.min()) + self.row_bytes, os.POSIX_FADV_WILLNEED)
 
-    def _stream(self, idx, batch_size, shuffle, rng):
+    def _stream(self, idx, batch_size, shuffle, rng, dtype):
         plan = self._plan(idx, shuffle, rng)
         w = self.buffer_blocks
         windows = [plan[a:a + w] for a in range(0, len(plan), w)]
@@ -231,10 +252,12 @@ class FeatureStore:
         # the batch holding a window's first row lets the prefetcher advise one more window
         starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
         enters = {int(a) // batch_size for a in starts[1:]}
-        # batches in flight: what the memory budget allows beside the one the caller holds (>= 1)
-        batch_bytes = batch_size * self.row_bytes * (1 if self._scale is None else 3)
-        depth = int(max(1, min(2 * self.read_threads, self.memory_budget // max(1, batch_bytes) - 1)))
-        host_deq = self.device.type == "cpu"  # on a CPU store the reader threads dequantise too
+        # stored-form batches held at once: `depth` being filled, the one handed to the caller and
+        # the one it held before (still referenced while the next is asked for): depth + 2 <= budget
+        batch_bytes = batch_size * self.row_bytes
+        depth = int(max(1, min(2 * self.read_threads, self.memory_budget // max(1, batch_bytes) - 2)))
+        # pinned host memory (CUDA) comes from torch's caching host allocator, which reuses it already
+        buffers = None if self._pin else _Buffers((batch_size,) + self.shape, self.stored, depth + 2)
         ahead, stop = threading.Semaphore(2), threading.Event()  # windows advised, not yet entered
 
         def prefetch():
@@ -249,12 +272,11 @@ class FeatureStore:
                         return
                     self._advise(block)
 
-        def read(k: int):
+        def read(k: int, buf):
             if k in enters:
                 ahead.release()
             rows = order[k * batch_size:(k + 1) * batch_size]
-            q = self._fill(rows)
-            return rows, (self._dequantize(q, rows) if host_deq else q)
+            return rows, self._fill(rows, None if buf is None else buf[:len(rows)])
 
         n = -(-len(order) // batch_size)
         pending: deque = deque()
@@ -264,14 +286,35 @@ class FeatureStore:
             try:
                 for k in range(n):
                     while len(pending) < depth and k + len(pending) < n:
-                        pending.append(pool.submit(read, k + len(pending)))
-                    rows, x = pending.popleft().result()
-                    yield rows, (x if host_deq else self._dequantize(x.to(self.device, non_blocking=True), rows))
+                        pending.append(pool.submit(read, k + len(pending), buffers and buffers.take()))
+                    rows, q = pending.popleft().result()
+                    yield rows, self.values(q.to(self.device, non_blocking=True), rows, dtype)
+                    del q  # a converted batch frees its buffer for the next read now
             finally:
                 stop.set()
                 for f in pending:  # the consumer stopped early: drop what was not started
                     f.cancel()
                 advisor.join()
+
+
+class _Buffers:
+    """Host batch buffers of one streamed epoch, reused once nobody holds them. A buffer is free
+    when the only reference to its array is ours: every tensor or array made from it
+    (`torch.from_numpy`, numpy views) keeps a reference to it. At most `keep` are kept; beyond
+    that (a caller holding many batches) buffers are allocated and freed as usual."""
+
+    def __init__(self, shape: tuple, dtype: np.dtype, keep: int):
+        self.shape, self.dtype, self.keep = shape, dtype, keep
+        self._free: list[np.ndarray] = []
+
+    def take(self) -> np.ndarray:
+        for i in range(len(self._free)):
+            if sys.getrefcount(self._free[i]) == 2:  # the list's reference + getrefcount's argument
+                return self._free[i]
+        buf = np.empty(self.shape, self.dtype)
+        if len(self._free) < self.keep:
+            self._free.append(buf)
+        return buf
 
 
 def _preadv_all(fd: int, buffers: list, offset: int) -> None:

@@ -118,3 +118,35 @@ def test_streaming_opens_each_shard_once(cache, monkeypatch):
     for _ in range(2):
         assert sum(len(i) for i, _ in store.iter_batches(np.arange(N).repeat(3), 5)) == 3 * N
     assert sorted(opened) == sorted(str(p) for p, _, _ in c.shards)  # no per-step file opens
+
+
+def test_values_in_the_compute_dtype(cache):
+    """Batches leave the reader as stored (int8 stays int8) and become numbers on the device: f32
+    for the trainer is the dequantised product unrounded, so it rounds to `Cache.read`'s f16."""
+    c, f16 = cache
+    idx = np.array([3, 41, 3, 17])
+    for store in _stores(c):
+        stored = store.get(idx, None)
+        assert stored.dtype == (torch.int8 if c.meta.storage == "int8" else torch.float16)
+        x32 = store.get(idx, torch.float32)
+        assert x32.dtype == torch.float32 and np.array_equal(x32.half().numpy(), f16[idx])
+        for got, x in store.iter_batches(idx, 3, shuffle=False, dtype=torch.float32):
+            assert x.dtype == torch.float32 and np.array_equal(x.half().numpy(), f16[got])
+        if c.meta.storage == "fp16":
+            assert torch.equal(x32, stored.float())
+
+
+def test_streaming_reuses_buffers_only_when_released(cache):
+    """A caller that keeps every batch gets distinct, intact batches; one that lets each go gets
+    the same few buffers back (a fresh large buffer per batch costs a page fault per page)."""
+    c, f16 = cache
+    store = _stores(c)[1]
+    kept = list(store.iter_batches(np.arange(N), 4, dtype=None))
+    assert len({x.data_ptr() for _, x in kept}) == len(kept)
+    for idx, x in kept:
+        assert np.array_equal(store.values(x, idx).numpy(), f16[idx])
+    ptrs = set()
+    for idx, x in store.iter_batches(np.arange(N).repeat(2), 4, dtype=None):
+        ptrs.add(x.data_ptr())
+        assert np.array_equal(store.values(x, idx).numpy(), f16[idx])
+    assert len(ptrs) <= 2 * store.read_threads + 2 < 2 * N // 4

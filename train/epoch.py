@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from wat.data.progress import progress
 
 from .distributed import World, all_reduce_grads, local_share
-from .inputs import Setup, batches, epoch_order, unlabeled_batches
+from .inputs import COMPUTE, Setup, batches, epoch_order, unlabeled_batches
 from .options import TrainOptions
 from .state import Fit
 from .step import train_step
@@ -51,6 +51,6 @@ def _padded(it, n_steps: int, store):
     k = 0
     for k, item in enumerate(it, 1):
         yield item
-    empty = torch.empty((0,) + tuple(store.shape), dtype=torch.float16, device=store.device)
+    empty = torch.empty((0,) + tuple(store.shape), dtype=COMPUTE, device=store.device)
     for _ in range(k, n_steps):
         yield np.empty(0, np.int64), empty

@@ -11,6 +11,8 @@ from wat.data.heads import probabilities
 from wat.data.readers import FeatureStore
 from wat.eval import metrics
 
+from .inputs import COMPUTE
+
 
 @torch.no_grad()
 def predict(head, store: FeatureStore, indices: np.ndarray, multilabel: bool, batch_size: int = 256,
@@ -22,7 +24,7 @@ def predict(head, store: FeatureStore, indices: np.ndarray, multilabel: bool, ba
     row[indices] = np.arange(len(indices))
     out = None
     try:
-        for idx, x in store.iter_batches(indices, batch_size, shuffle=False):
+        for idx, x in store.iter_batches(indices, batch_size, shuffle=False, dtype=COMPUTE):
             with autocast or contextlib.nullcontext():
                 z = head(x)
             p = probabilities(z, multilabel).cpu().numpy()

@@ -206,25 +206,30 @@ def epoch_order(train_idx: np.ndarray, weights: torch.Tensor | None, gen: torch.
     return train_idx[pick.numpy()]
 
 
+# Batches reach the step as stored (f16, or int8 + scales) and become f32, what the heads compute
+# in, on the device: one conversion pass there, none on the host.
+COMPUTE = torch.float32
+
+
 def batches(store: FeatureStore, order: np.ndarray, bs: int, gen: torch.Generator):
-    """(indices, features) batches of `order`: indexing when the store is resident, else
+    """(indices, f32 features) batches of `order`: indexing when the store is resident, else
     shard-ordered blocks through a shuffle buffer seeded from `gen`."""
     if store.in_memory:  # order is already random: index the resident tensor
         for a in range(0, len(order), bs):
             b = order[a:a + bs]
-            yield b, store.get(b)
+            yield b, store.get(b, COMPUTE)
     else:  # shard-ordered blocks + shuffle buffer, seeded from our generator
         seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-        yield from store.iter_batches(order, bs, shuffle=True, seed=seed)
+        yield from store.iter_batches(order, bs, shuffle=True, seed=seed, dtype=COMPUTE)
 
 
 def unlabeled_batches(store: FeatureStore, n: int, gen: torch.Generator):
     """Endless batches of `n` unlabeled clips."""
     while True:
         if store.in_memory:
-            yield store.get(torch.randint(0, len(store), (n,), generator=gen).numpy())
+            yield store.get(torch.randint(0, len(store), (n,), generator=gen).numpy(), COMPUTE)
         else:
             seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-            for _, x in store.iter_batches(np.arange(len(store)), n, shuffle=True, seed=seed):
+            for _, x in store.iter_batches(np.arange(len(store)), n, shuffle=True, seed=seed, dtype=COMPUTE):
                 if len(x) == n:
                     yield x
