@@ -1,24 +1,37 @@
-"""Cache reading at large width against the disk's limit, side by side in one run.
+"""Cache reading at large width against the machine's limit, side by side in one run.
 
     python bench/cache_read.py                          # 4000 clips x 32 x 25 x 1280 fp16 (~8 GB)
     python bench/cache_read.py --store fp16,int8        # the same clips stored both ways
-    python bench/cache_read.py --rss-budget 1024        # + peak RSS of streaming training
+    python bench/cache_read.py --rss-budget 256         # + RSS of streaming training, by part
 
 A synthetic cache is written through the real writer (`write_shard` + `build_index`) into --dir,
 then per round, for cold (page cache dropped per file with POSIX_FADV_DONTNEED, which needs no
 privileges for clean pages) and warm (files read once before) reads:
 
-    (a) raw: every shard file read sequentially with plain reads into one buffer (the limit here)
+    (a) raw: the shard files read with plain preadv, 8 MiB a call, by --threads threads (the
+        same number as the reader's) taking the pieces in turn, each into its own buffer of one
+        batch's size, reused: the limit (cold: the disk; warm: copying out of the page cache
+        into memory, i.e. memory bandwidth, the copy the reader must do)
+    (a0) the same into one 8 MiB buffer per thread, which stays in the CPU cache: no memory
+        writes, faster than any reader that fills batches can be (for reference)
         (cold: the first --cold-clips clips' shards; warm: the first --warm-clips', which must fit
         the page cache beside whatever else runs, else "warm" reads come from the disk)
     (b) stream: `FeatureStore` streaming (memory budget below the cache), one shuffled epoch of
-        batches, no compute: the trainer's batch path
+        batches as stored (int8 stays int8), no compute: the reader
+    (b') +f32: the same batches as the trainer takes them, converted to f32 on the device (here
+        the CPU: the conversion the step would otherwise do first; int8 dequantised in that pass)
     (c) dask: the dask view of `mean`, one layer, computed (what wat-probe reads per layer)
 
 Rounds interleave the modes, so machine load hits them alike; the best round of each is printed
-with the median beside it. --rss-budget runs `wat.train.loop.train` (TL-Tr, --dim 64, one epoch,
-streaming) in a child process with that budget (on the warm shards) and prints its peak RSS next
-to the RSS it had before training started. The cache is removed at the end unless --keep.
+with the median beside it, and the load average (os.getloadavg) with every round. A shard's
+CRC-32s are checked the first time a process reads it: that is done (and timed) before the rounds.
+
+--rss-budget runs three child processes on the first shard (--rss-clips clips, more than the
+budget) and prints the parts of a streaming training process's peak RSS: the baseline (torch,
+wat, the store opened), the reader (one epoch of the trainer's batches, no step: bounded by the
+budget), the step (head + Adam + one TL-Tr step on a random batch of the trainer's shape, no
+reader) and the whole (`wat.train.loop.train`, one epoch), against baseline + budget + step.
+The cache is removed at the end unless --keep.
 """
 from __future__ import annotations
 
@@ -30,7 +43,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -82,27 +97,42 @@ def drop(paths) -> None:
             os.close(fd)
 
 
-def raw_read(paths, buf: bytearray) -> tuple[int, float]:
-    view, n = memoryview(buf), 0
-    t = time.perf_counter()
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            while (k := os.readv(fd, [view])) > 0:
-                n += k
-        finally:
+def raw_read(paths, threads: int, buffer: int, piece: int = 8 << 20) -> tuple[int, float]:
+    """Every byte of `paths` read with plain preadv, `piece` bytes a call, `threads` threads taking
+    the pieces in turn, each into its own `buffer`-byte buffer (filled piece after piece, then
+    again from its start)."""
+    jobs = [(p, off) for p in paths for off in range(0, os.path.getsize(p), piece)]
+    buffer = max(buffer, piece)
+    ready = threading.Barrier(threads + 1)  # buffers allocated and touched before the clock starts
+
+    def part(k: int) -> int:
+        buf, n, at, fds = memoryview(bytearray(buffer)), 0, 0, {}  # bytearray: zeroed, so touched
+        ready.wait()
+        for p, off in jobs[k::threads]:
+            fd = fds.get(p) or fds.setdefault(p, os.open(p, os.O_RDONLY))
+            at = 0 if at + piece > buffer else at
+            n += os.preadv(fd, [buf[at:at + piece]], off)
+            at += piece
+        for fd in fds.values():
             os.close(fd)
-    return n, time.perf_counter() - t
+        return n
+
+    with ThreadPoolExecutor(threads) as ex:
+        parts = [ex.submit(part, k) for k in range(threads)]
+        ready.wait()
+        t = time.perf_counter()
+        n = sum(f.result() for f in parts)
+        return n, time.perf_counter() - t
 
 
-def stream(cache, batch: int, threads: int, seed: int, budget: int) -> tuple[int, float]:
+def stream(cache, batch: int, threads: int, seed: int, budget: int, dtype) -> tuple[int, float]:
     from wat.data.readers import FeatureStore
 
     store = FeatureStore(cache, "features", memory_budget=budget, read_threads=threads)
     assert not store.in_memory
     n = 0
     t = time.perf_counter()
-    for idx, x in store.iter_batches(np.arange(len(cache)), batch, shuffle=True, seed=seed):
+    for idx, x in store.iter_batches(np.arange(len(cache)), batch, shuffle=True, seed=seed, dtype=dtype):
         n += len(idx)
     return n, time.perf_counter() - t
 
@@ -115,27 +145,62 @@ def dask_layer(cache, layer: int) -> tuple[int, float]:
     return x.shape[0], time.perf_counter() - t
 
 
-def rss_child(index: str, budget: int, out: str) -> None:
-    """Runs in a child process: train streaming under `budget`, report RSS before and peak."""
-    import resource
+def _rss_now() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
+
+def _peak() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_child(part: str, index: str, budget: int, out: str, batch: int) -> None:
+    """Runs in a child process (peak RSS only grows): the baseline, then one part alone."""
     import torch
+    from wat.data.cache import open_cache
+    from wat.data.readers import FeatureStore
     from wat.train.loop import TrainOptions, train
     torch.set_num_threads(2)
 
-    def rss_now():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-    from wat.data.cache import open_cache
-    from wat.data.readers import FeatureStore
-    FeatureStore(open_cache(index), "features", memory_budget=budget)  # imports + open: the baseline
-    before = rss_now()
+    cache = open_cache(index)
+    store = FeatureStore(cache, "features", memory_budget=budget)
+    assert not store.in_memory
+    before = _rss_now()  # torch + wat imported, the cache and the store opened
     t = time.perf_counter()
-    train(TrainOptions(features=index, out=out, head="tl-tr", proj_dim=64, epochs=1, memory_budget=budget,
-                       progress=False))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"before": before, "peak": peak, "seconds": time.perf_counter() - t}))
+    opts = TrainOptions(features=index, out=out, head="tl-tr", proj_dim=64, epochs=1, memory_budget=budget,
+                        batch_size=batch, progress=False)
+    if part == "reader":  # the reader alone: one shuffled epoch of stored-form batches, no step
+        for _ in store.iter_batches(np.arange(len(cache)), batch, seed=0, dtype=None):
+            pass
+    elif part == "step":  # the step alone on a random batch of the trainer's shape, no reader
+        from wat.data.heads import build_head
+        from wat.train.step import StepConfig, make_optimizer, train_step
+        m = cache.meta
+        head = build_head("tl-tr", m.n_layers, m.dim, len(m.vocab), 64)
+        opt = make_optimizer(head, 1e-4)
+        gen = torch.Generator().manual_seed(0)
+        cfg = StepConfig(m.multilabel, opts.time_mask, 0, opts.mixup, opts.label_smoothing)
+        y = torch.nn.functional.one_hot(torch.arange(batch) % len(m.vocab), len(m.vocab)).float()
+        before = _rss_now()
+        x = torch.randn((batch,) + store.shape)  # the f32 batch the step takes (the reader's is stored-form)
+        for _ in range(3):
+            train_step(head, opt, x, y, cfg, gen)
+    else:
+        train(opts)
+    print(json.dumps({"before": before, "peak": _peak(), "seconds": time.perf_counter() - t}))
+
+
+def _load() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def _meminfo() -> str:
+    """Available memory and page cache (GiB), from /proc/meminfo."""
+    with open("/proc/meminfo") as f:
+        m = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f)}
+    return (f"MemTotal {m['MemTotal'] / 2**20:.1f} GiB, MemAvailable {m['MemAvailable'] / 2**20:.1f} GiB, "
+            f"page cache {m['Cached'] / 2**20:.1f} GiB")
 
 
 def main() -> int:
@@ -155,10 +220,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="FeatureStore reader threads")
     ap.add_argument("--no-cold", action="store_true", help="warm reads only")
     ap.add_argument("--rss-budget", type=int, metavar="MB", help="also measure streaming training RSS")
+    ap.add_argument("--rss-clips", type=int, default=500,
+                    help="clips (whole shards from the first) the RSS runs train on: more bytes than the budget")
     ap.add_argument("--keep", action="store_true", help="keep the caches")
     a = ap.parse_args()
-    if min(a.clips, a.layers, a.dim, a.shard_clips, a.rounds, a.batch, a.threads, a.cold_clips, a.warm_clips) < 1:
-        ap.error("sizes, rounds, batch and threads must be >= 1")
+    if min(a.clips, a.layers, a.dim, a.shard_clips, a.rounds, a.batch, a.threads, a.cold_clips, a.warm_clips,
+           a.rss_clips) < 1 or (a.rss_budget is not None and a.rss_budget < 1):
+        ap.error("sizes, rounds, batch, threads and the RSS budget must be >= 1")
     stores = a.store.split(",")
     if set(stores) - {"fp16", "int8"}:
         ap.error("--store: fp16 and/or int8")
@@ -169,7 +237,7 @@ def main() -> int:
     t = time.perf_counter()
     for st in stores:
         full[st] = open_cache(make_cache(root / st, a.clips, a.layers, a.dim, st, a.shard_clips))
-        for temp, n in (("cold", a.cold_clips), ("warm", a.warm_clips)):
+        for temp, n in (("cold", a.cold_clips), ("warm", a.warm_clips), ("rss", a.rss_clips)):
             caches[temp, st] = first_shards(full[st], n, root / st)
             files[temp, st] = [str(p) for p, _, _ in caches[temp, st].shards]
             size[temp, st] = sum(os.path.getsize(p) for p in files[temp, st])
@@ -183,58 +251,83 @@ def main() -> int:
                                   for st in stores)
           + f"; {os.cpu_count()} CPUs, reader threads {a.threads}, batch {a.batch}", flush=True)
 
-    buf = bytearray(8 << 20)
+    for st in stores:  # each shard's CRC-32s, checked once per process: here, not in round 1's reads
+        t = time.perf_counter()
+        caches["cold", st].verify_field("features")
+        caches["warm", st].verify_field("features")
+        print(f"{st}: first-read checksum check of {size['cold', st] / 1e9:.2f} GB: {time.perf_counter() - t:.1f} s "
+              f"(once per process; the first epoch of a run pays it)", flush=True)
+    print(f"memory: {_meminfo()}; load average {_load()}", flush=True)
     res: dict[tuple, list[float]] = {}  # (temp, storage, mode) -> MB/s per round
     temps = ["warm"] if a.no_cold else ["cold", "warm"]
+    modes = {"raw": None, "raw8": None, "stream": None, "+f32": "float32", "dask": None}
     for r in range(a.rounds):
         for temp in temps:
             for st in stores:
                 c, fs = caches[temp, st], files[temp, st]
-                for mode in ("raw", "stream", "dask"):
+                for mode, dtype in modes.items():
                     if temp == "cold":
                         drop(fs)
                     else:
-                        raw_read(fs, buf)  # make sure every page is resident
-                    if mode == "raw":
-                        n, dt = raw_read(fs, buf)
+                        raw_read(fs, a.threads, 8 << 20)  # make sure every page is resident
+                    if mode.startswith("raw"):
+                        n, dt = raw_read(fs, a.threads, 8 << 20 if mode == "raw8" else a.batch * row[st])
                         mbs = n / dt / 1e6
-                    elif mode == "stream":
-                        n, dt = stream(c, a.batch, a.threads, r, min(1 << 30, size[temp, st] // 2))
-                        mbs = n * row[st] / dt / 1e6
-                    else:
+                    elif mode == "dask":
                         n, dt = dask_layer(c, a.layers // 2)
                         mbs = n * a.dim * c.stored_dtype.itemsize / dt / 1e6
+                    else:
+                        import torch
+                        budget = min(1 << 30, size[temp, st] // 2)
+                        n, dt = stream(c, a.batch, a.threads, r, budget, dtype and getattr(torch, dtype))
+                        mbs = n * row[st] / dt / 1e6
                     res.setdefault((temp, st, mode), []).append(mbs)
-                    extra = f" = {n / dt:.0f} samples/s" if mode == "stream" else ""
-                    print(f"round {r + 1} {temp:4s} {st} {mode:6s} {mbs:9.1f} MB/s{extra}", flush=True)
+                    extra = f" = {mbs * 1e6 / row[st]:.0f} samples/s" if mode in ("stream", "+f32") else ""
+                    print(f"round {r + 1} {temp:4s} {st} {mode:6s} {mbs:9.1f} MB/s{extra}  (load {_load()})",
+                          flush=True)
+    print(f"memory after: {_meminfo()}; load average {_load()}")
 
-    print("\n| reads | storage | (a) raw MB/s | (b) stream MB/s | (b) samples/s | (b)/(a) | (c) dask 1 layer of mean |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| reads | storage | (a) raw MB/s | (a0) raw, 8 MiB buffer | (b) stream MB/s | (b) samples/s "
+          "| (b)/(a) | (b') +f32 samples/s | (c) dask 1 layer of mean |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for temp in temps:
         for st in stores:
-            ra, rb, rc = (res[(temp, st, m)] for m in ("raw", "stream", "dask"))
-            sps = max(rb) * 1e6 / row[st]
-            print(f"| {temp} | {st} | {max(ra):.0f} (median {statistics.median(ra):.0f}) | {max(rb):.0f} "
-                  f"(median {statistics.median(rb):.0f}) | {sps:.0f} | {max(rb) / max(ra):.2f} "
-                  f"(medians {statistics.median(rb) / statistics.median(ra):.2f}) | "
+            ra, r0, rb, rf, rc = (res[(temp, st, m)] for m in modes)
+            md = statistics.median
+            print(f"| {temp} | {st} | {max(ra):.0f} (median {md(ra):.0f}) | {max(r0):.0f} (median {md(r0):.0f}) "
+                  f"| {max(rb):.0f} (median {md(rb):.0f}) "
+                  f"| {max(rb) * 1e6 / row[st]:.0f} (median {md(rb) * 1e6 / row[st]:.0f}) "
+                  f"| {max(rb) / max(ra):.2f} (medians {md(rb) / md(ra):.2f}) "
+                  f"| {max(rf) * 1e6 / row[st]:.0f} (median {md(rf) * 1e6 / row[st]:.0f}) | "
                   f"{len(caches[temp, st]) / (max(rc) * 1e6 / (a.dim * full[st].stored_dtype.itemsize)):.2f} s |")
 
     if a.rss_budget:
         budget = a.rss_budget << 20
         for st in stores:
-            out = root / f"rss-run-{st}"
-            shutil.rmtree(out, ignore_errors=True)
-            code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import cache_read; "
-                    f"cache_read.rss_child({str(caches['warm', st].path)!r}, {budget}, {str(out)!r})")
-            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-            if p.returncode:
-                print(p.stderr[-3000:])
-                return 1
-            d = json.loads(p.stdout.strip().splitlines()[-1])
-            print(f"\nRSS, streaming training (TL-Tr dim 64, 1 epoch, {st} cache {size['warm', st] / 1e9:.1f} GB, "
-                  f"budget {a.rss_budget} MB): before training {d['before'] / 2**20:.0f} MB, peak "
-                  f"{d['peak'] / 2**20:.0f} MB, growth {(d['peak'] - d['before']) / 2**20:.0f} MB "
-                  f"({d['seconds']:.0f} s)")
+            c = caches["rss", st]
+            got = {}
+            for part in ("reader", "step", "train"):
+                out = root / f"rss-run-{st}"
+                shutil.rmtree(out, ignore_errors=True)
+                code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import cache_read; "
+                        f"cache_read.rss_child({part!r}, {str(c.path)!r}, {budget}, {str(out)!r}, {a.batch})")
+                p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                if p.returncode:
+                    print(p.stderr[-3000:])
+                    return 1
+                got[part] = d = json.loads(p.stdout.strip().splitlines()[-1])
+                print(f"RSS {st} {part}: before {d['before'] / 2**20:.0f} MB, peak {d['peak'] / 2**20:.0f} MB "
+                      f"({d['seconds']:.0f} s, load {_load()})", flush=True)
+            mb = lambda v: f"{v / 2**20:.0f} MB"  # noqa: E731
+            base = got["train"]["before"]
+            reader = got["reader"]["peak"] - got["reader"]["before"]
+            step = got["step"]["peak"] - got["step"]["before"]
+            print(f"\nRSS, streaming training ({st}, TL-Tr dim 64, batch {a.batch}, 1 epoch over {len(c)} clips "
+                  f"= {size['rss', st] / 2**20:.0f} MB, budget {a.rss_budget} MB): baseline {mb(base)} "
+                  f"(torch, wat, store opened); reader alone +{mb(reader)} (bounded by the budget: "
+                  f"{'yes' if reader <= budget else 'NO'}); step alone +{mb(step)}; whole run peak "
+                  f"{mb(got['train']['peak'])} = baseline +{mb(got['train']['peak'] - base)} vs baseline + "
+                  f"budget + step = {mb(base + budget + step)}")
     if not a.keep:
         shutil.rmtree(root)
     return 0

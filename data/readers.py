@@ -36,7 +36,9 @@ import torch
 from .cache import Cache, _handle, _read_rows, _row_scale, open_cache, raw_fd, row_offsets
 
 _IOV_MAX = 1024  # iovecs per preadv call (Linux UIO_MAXIOV)
+_DASK_TASK_BYTES = 128 << 20  # stored bytes a dask_view task reads: big enough to amortise a task
 _TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.int8): torch.int8}
+_NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}  # poolable outputs
 
 
 def available_memory() -> int:
@@ -72,6 +74,7 @@ class FeatureStore:
         self.memory_budget = memory_budget
         self.in_memory = row_bytes * len(self.cache) <= memory_budget
         self.row_bytes = row_bytes
+        self.row_values = int(np.prod(self.shape))
         self.block_rows = max(1, block_bytes // row_bytes)
         self.buffer_blocks = max(1, buffer_blocks)
         self.read_threads = max(1, read_threads)
@@ -134,19 +137,21 @@ class FeatureStore:
                     out[start + a:start + b].copy_(stage[:b - a])
         return out
 
-    def values(self, q: torch.Tensor, idx: np.ndarray, dtype: torch.dtype | None = torch.float16) -> torch.Tensor:
-        """Stored rows `idx` (`q`, on the device) -> numbers in `dtype` there; None: as stored.
-        int8 -> f16 is `Cache.dequantize` (f16(q) * f16(scale), one rounding); int8 -> f32 is the
-        same product unrounded (exact in f32: 8 x 11 significant bits), so it rounds to those
-        f16 values. fp16 rows are converted (or passed through for f16)."""
+    def values(self, q: torch.Tensor, idx: np.ndarray, dtype: torch.dtype | None = torch.float16,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Stored rows `idx` (`q`, on the device) -> numbers in `dtype` there (into `out` if given);
+        None: as stored. int8 -> f16 is `Cache.dequantize` (f16(q) * f16(scale), one rounding);
+        int8 -> f32 is the same product unrounded (exact in f32: 8 x 11 significant bits), so it
+        rounds to those f16 values. fp16 rows are converted (or passed through for f16)."""
         if dtype is None:
             return q
+        x = q.to(dtype) if out is None else out.copy_(q)
         if self._scale is None:
-            return q.to(dtype)
+            return x
         scale = self._scale[self._row_shard[torch.from_numpy(idx).to(self.device)]]  # [B, L, D]
         if self.field == "features":
             scale = scale[:, :, None, :]
-        return q.to(dtype).mul_(scale)
+        return x.mul_(scale)
 
     def get(self, indices, dtype: torch.dtype | None = torch.float16) -> torch.Tensor:
         """Rows `indices` (any order, repeats allowed) in `dtype` on the device (`values`)."""
@@ -252,12 +257,17 @@ class FeatureStore:
         # the batch holding a window's first row lets the prefetcher advise one more window
         starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
         enters = {int(a) // batch_size for a in starts[1:]}
-        # stored-form batches held at once: `depth` being filled, the one handed to the caller and
-        # the one it held before (still referenced while the next is asked for): depth + 2 <= budget
-        batch_bytes = batch_size * self.row_bytes
+        # A CPU store converts in the reader threads, into reused buffers: in parallel, beside the
+        # caller's step. Elsewhere the caller's thread converts on the device after the copy there.
+        shape = (batch_size,) + self.shape
+        convert = self.device.type == "cpu" and dtype in _NUMPY and dtype != _TORCH[self.stored]
+        # batches held at once: `depth` being read, the one handed to the caller and the one it
+        # held before (still referenced while the next is asked for): depth + 2 within the budget
+        batch_bytes = batch_size * self.row_bytes + (batch_size * self.row_values * dtype.itemsize if convert else 0)
         depth = int(max(1, min(2 * self.read_threads, self.memory_budget // max(1, batch_bytes) - 2)))
         # pinned host memory (CUDA) comes from torch's caching host allocator, which reuses it already
-        buffers = None if self._pin else _Buffers((batch_size,) + self.shape, self.stored, depth + 2)
+        buffers = None if self._pin else _Buffers(shape, self.stored, depth + 2)
+        outs = _Buffers(shape, _NUMPY[dtype], depth + 2) if convert else None
         ahead, stop = threading.Semaphore(2), threading.Event()  # windows advised, not yet entered
 
         def prefetch():
@@ -272,11 +282,12 @@ class FeatureStore:
                         return
                     self._advise(block)
 
-        def read(k: int, buf):
+        def read(k: int, buf, out):
             if k in enters:
                 ahead.release()
             rows = order[k * batch_size:(k + 1) * batch_size]
-            return rows, self._fill(rows, None if buf is None else buf[:len(rows)])
+            q = self._fill(rows, None if buf is None else buf[:len(rows)])
+            return rows, (self.values(q, rows, dtype, torch.from_numpy(out[:len(rows)])) if convert else q)
 
         n = -(-len(order) // batch_size)
         pending: deque = deque()
@@ -286,10 +297,13 @@ class FeatureStore:
             try:
                 for k in range(n):
                     while len(pending) < depth and k + len(pending) < n:
-                        pending.append(pool.submit(read, k + len(pending), buffers and buffers.take()))
-                    rows, q = pending.popleft().result()
-                    yield rows, self.values(q.to(self.device, non_blocking=True), rows, dtype)
-                    del q  # a converted batch frees its buffer for the next read now
+                        pending.append(pool.submit(read, k + len(pending), buffers and buffers.take(),
+                                                   outs and outs.take()))
+                    rows, x = pending.popleft().result()
+                    if not convert:
+                        x = self.values(x.to(self.device, non_blocking=True), rows, dtype)
+                    yield rows, x
+                    del x
             finally:
                 stop.set()
                 for f in pending:  # the consumer stopped early: drop what was not started
@@ -363,8 +377,9 @@ def dask_view(cache_or_path, field: str = "mean"):
         hdf5_rows = hdf5[0]
         # the HDF5 chunk's layer extent (1 for `mean`): slicing one layer then reads only that layer
         block = (hdf5[1],) + per_row[1:]
-        # ~128 MiB per task, a whole number of HDF5 chunks
-        rows = max(hdf5_rows, ((128 << 20) // (2 * int(np.prod(block)))) // hdf5_rows * hdf5_rows)
+        # ~_DASK_TASK_BYTES stored bytes per task (int8: 1 byte a value), a whole number of HDF5 chunks
+        rows = max(hdf5_rows, (_DASK_TASK_BYTES // (cache.stored_dtype.itemsize * int(np.prod(block))))
+                   // hdf5_rows * hdf5_rows)
         src = _ShardField(path, field, (n,) + per_row, cache.stored_dtype)
         part = da.from_array(src, chunks=(min(rows, n),) + block, lock=False, asarray=True,
                              meta=np.empty((0,) * len(src.shape), src.dtype))

@@ -150,3 +150,17 @@ def test_streaming_reuses_buffers_only_when_released(cache):
         ptrs.add(x.data_ptr())
         assert np.array_equal(store.values(x, idx).numpy(), f16[idx])
     assert len(ptrs) <= 2 * store.read_threads + 2 < 2 * N // 4
+
+
+def test_dask_view_sizes_tasks_by_stored_bytes(cache, monkeypatch):
+    """A task reads ~_DASK_TASK_BYTES of stored bytes: twice the rows for int8 (1 byte a value)."""
+    import wat.data.readers as readers
+
+    c, _ = cache
+    per_row = int(np.prod(c.shape("features")[1:]))
+    hdf5_rows = c.dataset(0, "features").chunks[0]
+    task = 2 * hdf5_rows * per_row * 2  # two HDF5 chunks of f16 rows
+    monkeypatch.setattr(readers, "_DASK_TASK_BYTES", task)
+    arr = dask_view(c, "features")
+    assert arr.chunks[0][0] * per_row * c.stored_dtype.itemsize == task
+    assert np.array_equal(arr[:9].compute(), c.read("features", np.arange(9)))
