@@ -2,7 +2,7 @@
 
     python bench/cache_read.py                          # 4000 clips x 32 x 25 x 1280 fp16 (~8 GB)
     python bench/cache_read.py --store fp16,int8        # the same clips stored both ways
-    python bench/cache_read.py --rss-budget 256         # + RSS of streaming training, by part
+    python bench/cache_read.py --rss-budget 900         # + RSS of streaming training, by part
 
 A synthetic cache is written through the real writer (`write_shard` + `build_index`) into --dir,
 then per round, for cold (page cache dropped per file with POSIX_FADV_DONTNEED, which needs no
@@ -28,9 +28,9 @@ CRC-32s are checked the first time a process reads it: that is done (and timed) 
 
 --rss-budget runs three child processes on the first shard (--rss-clips clips, more than the
 budget) and prints the parts of a streaming training process's peak RSS: the baseline (torch,
-wat, the store opened), the reader (one epoch of the trainer's batches, no step: bounded by the
-budget), the step (head + Adam + one TL-Tr step on a random batch of the trainer's shape, no
-reader) and the whole (`wat.train.loop.train`, one epoch), against baseline + budget + step.
+wat, the store opened), the reader (one epoch of the trainer's f32 batches, no step: bounded by
+the budget), the step (head + Adam + TL-Tr steps on a random f32 batch of the trainer's shape,
+beyond that batch, no reader) and the whole (`wat.train.loop.train`, one epoch), against baseline + budget + step.
 The cache is removed at the end unless --keep.
 """
 from __future__ import annotations
@@ -170,8 +170,8 @@ def rss_child(part: str, index: str, budget: int, out: str, batch: int) -> None:
     t = time.perf_counter()
     opts = TrainOptions(features=index, out=out, head="tl-tr", proj_dim=64, epochs=1, memory_budget=budget,
                         batch_size=batch, progress=False)
-    if part == "reader":  # the reader alone: one shuffled epoch of stored-form batches, no step
-        for _ in store.iter_batches(np.arange(len(cache)), batch, seed=0, dtype=None):
+    if part == "reader":  # the reader alone: one shuffled epoch of the trainer's f32 batches, no step
+        for _ in store.iter_batches(np.arange(len(cache)), batch, seed=0, dtype=torch.float32):
             pass
     elif part == "step":  # the step alone on a random batch of the trainer's shape, no reader
         from wat.data.heads import build_head
@@ -182,8 +182,8 @@ def rss_child(part: str, index: str, budget: int, out: str, batch: int) -> None:
         gen = torch.Generator().manual_seed(0)
         cfg = StepConfig(m.multilabel, opts.time_mask, 0, opts.mixup, opts.label_smoothing)
         y = torch.nn.functional.one_hot(torch.arange(batch) % len(m.vocab), len(m.vocab)).float()
+        x = torch.randn((batch,) + store.shape)  # the f32 batch: the reader's (within its budget)
         before = _rss_now()
-        x = torch.randn((batch,) + store.shape)  # the f32 batch the step takes (the reader's is stored-form)
         for _ in range(3):
             train_step(head, opt, x, y, cfg, gen)
     else:

@@ -18,9 +18,10 @@ default, f32 for the trainer: one pass, no f16 intermediate). Every path checks 
 stored, against their checksums the first time this process reads them (`Cache.check_rows`).
 
 Memory: `memory_budget` bounds the cache data the store holds: the resident field (in memory), or
-the stored-form batch buffers (streaming: those being filled, the one handed to the caller and the
-one it held before). It does not bound what the caller makes of a batch (its f32 copy, the model,
-autograd); nothing per window or per epoch is held.
+in streaming the batch buffers, stored and (CPU store) converted: those being read, the one handed
+to the caller and the one it held before, at least 3 batches whatever the budget. It does not
+bound what the caller computes from a batch (mixup and masked copies, activations kept for
+autograd, the model and optimiser); nothing per window or per epoch is held.
 """
 from __future__ import annotations
 
@@ -151,7 +152,7 @@ class FeatureStore:
         scale = self._scale[self._row_shard[torch.from_numpy(idx).to(self.device)]]  # [B, L, D]
         if self.field == "features":
             scale = scale[:, :, None, :]
-        return x.mul_(scale)
+        return x.mul_(scale.to(dtype))  # the f16 scales' values; same-dtype mul_ is the fast kernel
 
     def get(self, indices, dtype: torch.dtype | None = torch.float16) -> torch.Tensor:
         """Rows `indices` (any order, repeats allowed) in `dtype` on the device (`values`)."""
