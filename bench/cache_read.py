@@ -26,8 +26,8 @@ Rounds interleave the modes, so machine load hits them alike; the best round of 
 with the median beside it, and the load average (os.getloadavg) with every round. A shard's
 CRC-32s are checked the first time a process reads it: that is done (and timed) before the rounds.
 
---rss-budget runs three child processes on the first shard (--rss-clips clips, more than the
-budget) and prints the parts of a streaming training process's peak RSS: the baseline (torch,
+--rss-budget runs three child processes on the first shards that hold more bytes than the
+budget and prints the parts of a streaming training process's peak RSS: the baseline (torch,
 wat, the store opened), the reader (one epoch of the trainer's f32 batches, no step: bounded by
 the budget), the step (head + Adam + TL-Tr steps on a random f32 batch of the trainer's shape,
 beyond that batch, no reader) and the whole (`wat.train.loop.train`, one epoch), against baseline + budget + step.
@@ -220,12 +220,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="FeatureStore reader threads")
     ap.add_argument("--no-cold", action="store_true", help="warm reads only")
     ap.add_argument("--rss-budget", type=int, metavar="MB", help="also measure streaming training RSS")
-    ap.add_argument("--rss-clips", type=int, default=500,
-                    help="clips (whole shards from the first) the RSS runs train on: more bytes than the budget")
     ap.add_argument("--keep", action="store_true", help="keep the caches")
     a = ap.parse_args()
-    if min(a.clips, a.layers, a.dim, a.shard_clips, a.rounds, a.batch, a.threads, a.cold_clips, a.warm_clips,
-           a.rss_clips) < 1 or (a.rss_budget is not None and a.rss_budget < 1):
+    if min(a.clips, a.layers, a.dim, a.shard_clips, a.rounds, a.batch, a.threads, a.cold_clips, a.warm_clips) < 1 or (a.rss_budget is not None and a.rss_budget < 1):
         ap.error("sizes, rounds, batch, threads and the RSS budget must be >= 1")
     stores = a.store.split(",")
     if set(stores) - {"fp16", "int8"}:
@@ -237,7 +234,10 @@ def main() -> int:
     t = time.perf_counter()
     for st in stores:
         full[st] = open_cache(make_cache(root / st, a.clips, a.layers, a.dim, st, a.shard_clips))
-        for temp, n in (("cold", a.cold_clips), ("warm", a.warm_clips), ("rss", a.rss_clips)):
+        # RSS runs: the first shards holding more bytes than the budget (a streaming store)
+        row_b = full[st].stored_dtype.itemsize * a.layers * 25 * a.dim
+        rss_n = next((stop for _, _, stop in full[st].shards if stop * row_b > (a.rss_budget or 0) << 20), a.clips)
+        for temp, n in (("cold", a.cold_clips), ("warm", a.warm_clips), ("rss", rss_n)):
             caches[temp, st] = first_shards(full[st], n, root / st)
             files[temp, st] = [str(p) for p, _, _ in caches[temp, st].shards]
             size[temp, st] = sum(os.path.getsize(p) for p in files[temp, st])
