@@ -145,14 +145,18 @@ def dask_layer(cache, layer: int) -> tuple[int, float]:
     return x.shape[0], time.perf_counter() - t
 
 
-def _rss_now() -> int:
+def _status(key: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def _rss_now() -> int:
+    return _status("VmRSS")
 
 
 def _peak() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM: this process image's peak RSS (ru_maxrss would carry the forking parent's over exec)
+    return _status("VmHWM")
 
 
 def rss_child(part: str, index: str, budget: int, out: str, batch: int) -> None:
@@ -203,6 +207,23 @@ def _meminfo() -> str:
             f"page cache {m['Cached'] / 2**20:.1f} GiB")
 
 
+def table(res, stores, temps, modes, row, caches, full, dim) -> None:
+    """The markdown table: best round and median per mode."""
+    print("\n| reads | storage | (a) raw MB/s | (a0) raw, 8 MiB buffer | (b) stream MB/s | (b) samples/s "
+          "| (b)/(a) | (b') +f32 samples/s | (c) dask 1 layer of mean |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for temp in temps:
+        for st in stores:
+            ra, r0, rb, rf, rc = (res[(temp, st, m)] for m in modes)
+            md = statistics.median
+            print(f"| {temp} | {st} | {max(ra):.0f} (median {md(ra):.0f}) | {max(r0):.0f} (median {md(r0):.0f}) "
+                  f"| {max(rb):.0f} (median {md(rb):.0f}) "
+                  f"| {max(rb) * 1e6 / row[st]:.0f} (median {md(rb) * 1e6 / row[st]:.0f}) "
+                  f"| {max(rb) / max(ra):.2f} (medians {md(rb) / md(ra):.2f}) "
+                  f"| {max(rf) * 1e6 / row[st]:.0f} (median {md(rf) * 1e6 / row[st]:.0f}) | "
+                  f"{len(caches[temp, st]) / (max(rc) * 1e6 / (dim * full[st].stored_dtype.itemsize)):.2f} s |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=4000)
@@ -212,7 +233,7 @@ def main() -> int:
     ap.add_argument("--store", default="fp16", help="comma-separated storages to compare: fp16,int8")
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "wat-bench-cache"),
                     help="where the caches are written (removed at the end unless --keep)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="0: only the RSS runs")
     ap.add_argument("--cold-clips", type=int, default=2000, help="clips read cold (page cache dropped)")
     ap.add_argument("--warm-clips", type=int, default=1000,
                     help="clips read warm: must fit the page cache beside everything else running")
@@ -222,8 +243,8 @@ def main() -> int:
     ap.add_argument("--rss-budget", type=int, metavar="MB", help="also measure streaming training RSS")
     ap.add_argument("--keep", action="store_true", help="keep the caches")
     a = ap.parse_args()
-    if min(a.clips, a.layers, a.dim, a.shard_clips, a.rounds, a.batch, a.threads, a.cold_clips, a.warm_clips) < 1 or (a.rss_budget is not None and a.rss_budget < 1):
-        ap.error("sizes, rounds, batch, threads and the RSS budget must be >= 1")
+    if min(a.clips, a.layers, a.dim, a.shard_clips, a.rounds + 1, a.batch, a.threads, a.cold_clips, a.warm_clips) < 1 or (a.rss_budget is not None and a.rss_budget < 1):
+        ap.error("sizes, batch, threads and the RSS budget must be >= 1, rounds >= 0")
     stores = a.store.split(",")
     if set(stores) - {"fp16", "int8"}:
         ap.error("--store: fp16 and/or int8")
@@ -287,19 +308,8 @@ def main() -> int:
                           flush=True)
     print(f"memory after: {_meminfo()}; load average {_load()}")
 
-    print("\n| reads | storage | (a) raw MB/s | (a0) raw, 8 MiB buffer | (b) stream MB/s | (b) samples/s "
-          "| (b)/(a) | (b') +f32 samples/s | (c) dask 1 layer of mean |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for temp in temps:
-        for st in stores:
-            ra, r0, rb, rf, rc = (res[(temp, st, m)] for m in modes)
-            md = statistics.median
-            print(f"| {temp} | {st} | {max(ra):.0f} (median {md(ra):.0f}) | {max(r0):.0f} (median {md(r0):.0f}) "
-                  f"| {max(rb):.0f} (median {md(rb):.0f}) "
-                  f"| {max(rb) * 1e6 / row[st]:.0f} (median {md(rb) * 1e6 / row[st]:.0f}) "
-                  f"| {max(rb) / max(ra):.2f} (medians {md(rb) / md(ra):.2f}) "
-                  f"| {max(rf) * 1e6 / row[st]:.0f} (median {md(rf) * 1e6 / row[st]:.0f}) | "
-                  f"{len(caches[temp, st]) / (max(rc) * 1e6 / (a.dim * full[st].stored_dtype.itemsize)):.2f} s |")
+    if a.rounds:
+        table(res, stores, temps, modes, row, caches, full, a.dim)
 
     if a.rss_budget:
         budget = a.rss_budget << 20

@@ -25,7 +25,7 @@ from wat.data.labels import audioset_vocabulary
 from wat.data.readers import FeatureStore
 from wat.data.synthetic import synthetic_meta, write_synthetic_cache
 from wat.data.heads import build_head, head_field
-from wat.train.inputs import batches
+from wat.train.inputs import COMPUTE, batches
 from wat.train.step import StepConfig, amp, make_optimizer, train_step
 
 from common import device_name, write_json
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     resident = FeatureStore(cache, field, device=device)
     print(f"in-memory store: {resident.in_memory} ({time.perf_counter() - t:.1f} s to load)")
-    pre = [(b, resident.get(b)) for b in np.array_split(order, n_batches)]
+    pre = [(b, resident.get(b, COMPUTE)) for b in np.array_split(order, n_batches)]  # as the trainer takes them
     streaming = FeatureStore(cache, field, memory_budget=0, device=device)
     gen = torch.Generator().manual_seed(0)
     modes = {

@@ -146,13 +146,18 @@ class FeatureStore:
         rounds to those f16 values. fp16 rows are converted (or passed through for f16)."""
         if dtype is None:
             return q
-        x = q.to(dtype) if out is None else out.copy_(q)
         if self._scale is None:
-            return x
+            return q.to(dtype) if out is None else out.copy_(q)
         scale = self._scale[self._row_shard[torch.from_numpy(idx).to(self.device)]]  # [B, L, D]
         if self.field == "features":
             scale = scale[:, :, None, :]
-        return x.mul_(scale.to(dtype))  # the f16 scales' values; same-dtype mul_ is the fast kernel
+        scale = scale.to(dtype)  # the f16 scales' values; same-dtype mul_ is the fast kernel
+        x = torch.empty(q.shape, dtype=dtype, device=q.device) if out is None else out
+        if x.device.type != "cpu":
+            return x.copy_(q).mul_(scale)
+        for i in range(len(x)):  # row by row on a CPU: the row is still in its cache for the multiply
+            x[i].copy_(q[i]).mul_(scale[i])
+        return x
 
     def get(self, indices, dtype: torch.dtype | None = torch.float16) -> torch.Tensor:
         """Rows `indices` (any order, repeats allowed) in `dtype` on the device (`values`)."""
