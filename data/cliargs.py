@@ -4,7 +4,7 @@ defaults, validates and documents them the same way.
     add_device(p)                      --device auto|cpu|cuda|cuda:N (default auto)
     args = parse_args(p, argv)         args.device resolved to a torch device (auto -> cuda|cpu)
     (every parse_args: -v/--verbose, -q/--quiet, --progress auto|bar|log|none)
-    add_workers(group, "--jobs", ...)  --workers N (>= 1), old spellings as hidden aliases
+    add_workers(group, "--jobs", ...)  --workers N (1..MAX_WORKERS), old spellings as hidden aliases
     type=int_range(0, 256)             argparse types that refuse out-of-range integers and
     type=float_range(0, 30, lo_open=True)   NaN/inf/out-of-range floats with one error line
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import sys
 
@@ -40,6 +41,7 @@ def int_range(lo: int, hi: int | None = None):
 
 
 positive_int = int_range(1)  # argparse type: an integer >= 1
+MAX_CLASSES = 100_000  # bound of --top-k-like counts of classes: far above any vocabulary (AudioSet: 527)
 seed_int = int_range(0, 2**32 - 1)  # argparse type: a random seed (numpy accepts 0..2**32-1)
 
 
@@ -145,8 +147,14 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     return args
 
 
+# More worker processes than a few per CPU only compete for the CPUs; a value far beyond that is a
+# typo (10**12 would try to start that many processes), refused at parse time.
+MAX_WORKERS = max(64, 4 * (os.cpu_count() or 1))
+
+
 def add_workers(p, *old_spellings: str, help: str, default=None) -> None:
-    """--workers N (>= 1): processes that do a command's work; `old_spellings` keep working, unlisted."""
-    p.add_argument("--workers", type=positive_int, default=default, metavar="N", help=help)
+    """--workers N (1..MAX_WORKERS): processes that do a command's work; `old_spellings` keep working, unlisted."""
+    workers = int_range(1, MAX_WORKERS)
+    p.add_argument("--workers", type=workers, default=default, metavar="N", help=help)
     for old in old_spellings:
-        p.add_argument(old, dest="workers", type=positive_int, help=argparse.SUPPRESS)
+        p.add_argument(old, dest="workers", type=workers, help=argparse.SUPPRESS)

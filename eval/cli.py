@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from wat.data.cache import CacheError
-from wat.data.cliargs import add_device, add_workers, float_range, int_range, parse_args, seed_int
+from wat.data.cliargs import MAX_CLASSES, add_device, add_workers, float_range, int_range, parse_args, seed_int
 from wat.data.labels import LabelError
 
 
@@ -59,16 +59,27 @@ def probe_main(argv=None) -> int:
     return 0
 
 
+def _fold_list(text: str) -> tuple[int, ...]:
+    """--tune-folds: comma-separated fold numbers (>= 0), at least one (an empty list would tune on every fold)."""
+    try:
+        folds = tuple(int(f) for f in text.split(","))
+    except ValueError:
+        folds = ()
+    if not folds or min(folds) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fold numbers (>= 0), got {text!r}")
+    return folds
+
+
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wat-eval", description="Score a trained head on a feature cache.")
     p.add_argument("--features", required=True, metavar="TEST_H5")
     p.add_argument("--head", required=True, metavar="HEAD_PT", help="wat head (RUN_DIR/wa.pt) or official Whisper-AT head")
-    p.add_argument("--top-k", type=int_range(1, 100_000), default=5, help="top-k class indices saved per clip (and top-k accuracy)")
+    p.add_argument("--top-k", type=int_range(1, MAX_CLASSES), default=5, help="top-k class indices saved per clip (and top-k accuracy)")
     p.add_argument("--threshold", type=float_range(0, 1), help="decision threshold for every class (multi-label)")
     p.add_argument("--tune-thresholds-on", metavar="CACHE",
                    help="tune per-class max-F1 thresholds on this cache (never the eval set; e.g. a validation "
                         "cache) and save them with a copy of the head")
-    p.add_argument("--tune-folds", metavar="F,..",
+    p.add_argument("--tune-folds", type=_fold_list, metavar="F,..",
                    help="tune only on these folds of that cache (the folds the head did not train on)")
     p.add_argument("--batch-size", type=int_range(1, 1 << 20), default=256)
     add_device(p)
@@ -81,11 +92,7 @@ def eval_main(argv=None) -> int:
     from .evaluate import EvalError, EvalOptions, evaluate
 
     a = parse_args(eval_parser(), argv)
-    try:
-        folds = tuple(int(f) for f in a.tune_folds.split(",") if f.strip()) if a.tune_folds else None
-    except ValueError:
-        print(f"wat-eval: error: --tune-folds must be comma-separated integers, got {a.tune_folds!r}", file=sys.stderr)
-        return 2
+    folds = a.tune_folds
     if folds and not a.tune_thresholds_on:
         print("wat-eval: error: --tune-folds needs --tune-thresholds-on", file=sys.stderr)
         return 2

@@ -55,11 +55,12 @@ def test_auto_resolves_and_missing_cuda_is_refused(capsys):
 
 
 @pytest.mark.parametrize("flag", ["--workers", "--jobs"])
-@pytest.mark.parametrize("value", ["0", "-3", "nan", "2.5"])
-def test_worker_counts_refused_below_one(flag, value, capsys):
+@pytest.mark.parametrize("value", ["0", "-3", "nan", "2.5", str(10**12)])
+def test_worker_counts_refused_below_one_and_absurdly_high(flag, value, capsys):
+    from wat.data.cliargs import MAX_WORKERS
     with pytest.raises(SystemExit) as e:
         probe_parser().parse_args(["--features", "f", "--out", "o", flag, value])
-    assert e.value.code == 2 and "expected an integer >= 1" in capsys.readouterr().err
+    assert e.value.code == 2 and f"expected an integer in 1..{MAX_WORKERS}" in capsys.readouterr().err
 
 
 def test_old_worker_spellings_are_hidden_aliases():

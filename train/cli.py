@@ -12,7 +12,7 @@ from wat.data.files import LockedError
 from wat.data.labels import LabelError
 
 from wat.data.cliargs import add_device, float_range, int_range, parse_args, seed_int
-from wat.data.heads import HEADS, HeadError
+from wat.data.heads import HEADS, LAYER_HEADS, HeadError
 from .loop import Interrupted, TrainError, TrainOptions, train
 from .options import BATCH, HEAD_LR, MIN_STEPS
 
@@ -36,6 +36,14 @@ def _folds(text: str) -> int:
 
 
 
+def _proj_dim(text: str) -> int:
+    """A projection width: a multiple of the layer transformer's heads (8), up to 65536."""
+    d = int_range(LAYER_HEADS, 65536)(text)
+    if d % LAYER_HEADS:
+        raise argparse.ArgumentTypeError(f"expected a multiple of {LAYER_HEADS}, got {d}")
+    return d
+
+
 _positive_lr = float_range(0, 10, lo_open=True)
 
 
@@ -56,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-features", help="evaluation cache, scored every epoch (chooses best.pt)")
     g.add_argument("--folds", type=_folds, default=0, help="cross-validate over the cache's K folds (ESC-50: 5)")
     p.add_argument("--head", choices=list(HEADS), default="tl-tr")
-    p.add_argument("--proj-dim", "--dim", dest="proj_dim", type=int_range(8, 65536),
+    p.add_argument("--proj-dim", "--dim", dest="proj_dim", type=_proj_dim,
                    help="TL-Tr/WA-Tr projection width, a multiple of 8 (default: the encoder width)")
     p.add_argument("--epochs", type=int_range(1, 100_000), default=30)
     p.add_argument("--lr", type=_lr, metavar="LR|auto",
@@ -90,7 +98,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    a = parse_args(parser(), argv)
+    p = parser()
+    a = parse_args(p, argv)
+    try:
+        HEADS[a.head].check_dim(a.proj_dim)  # --proj-dim with a head kind that has no projection
+    except HeadError as e:
+        p.error(str(e))
     opts = TrainOptions(
         features=a.features, out=a.out, head=a.head, eval_features=a.eval_features, folds=a.folds,
         proj_dim=a.proj_dim, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, mixup=a.mixup, time_mask=a.time_mask,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from wat.data.cache import Cache, CacheError, open_cache
-from wat.data.heads import HeadInfo, head_field
+from wat.data.heads import HeadInfo, head_class, head_field
 from wat.data.labels import Vocabulary, parent_labels
 from wat.data.readers import FeatureStore
 
@@ -137,6 +137,7 @@ def check_inputs(opts: TrainOptions, world_size: int = 1) -> Checked:
     if opts.parent_labels and not meta.multilabel:
         raise TrainError("--parent-labels needs a multi-label cache")
     field = head_field(opts.head)
+    head_class(opts.head).check_dim(opts.proj_dim)  # a width the head kind cannot take, before RUN_DIR
 
     ecache = ucache = ev_y = None
     if opts.folds:

@@ -74,7 +74,8 @@ class RobustOptions:
                                 ("chunk_size", 1, 1_000_000), ("jobs", 1, 1024)):
             v = getattr(self, name)
             if not low <= v <= high:
-                raise RobustError(f"--{name.replace('_', '-')} must be in {low}..{high}, got {v}")
+                flag = "--workers" if name == "jobs" else f"--{name.replace('_', '-')}"  # the CLI's spelling
+                raise RobustError(f"{flag} must be in {low}..{high}, got {v}")
         if self.limit is not None and self.limit < 1:
             raise RobustError(f"--limit must be >= 1, got {self.limit}")
         if self.seed < 0:

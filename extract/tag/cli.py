@@ -16,7 +16,7 @@ from whisper.utils import format_timestamp, get_writer
 from wat.data.audio import AudioError
 from wat.extract.cli import MODEL_HELP
 from wat.extract.load import WhisperLoadError, load_whisper
-from wat.data.cliargs import add_device, float_range, int_range, parse_args, positive_int
+from wat.data.cliargs import MAX_CLASSES, add_device, float_range, int_range, parse_args
 from wat.data.files import write_tsv
 from wat.data.progress import progress
 from wat.data.heads import HeadError, load_head
@@ -93,7 +93,7 @@ def _bool(text: str) -> bool:
 
 
 def _keep_scores(text: str) -> int | None:
-    return None if text.strip().lower() == "all" else int_range(0)(text)
+    return None if text.strip().lower() == "all" else int_range(0, MAX_CLASSES)(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", required=True, help="head checkpoint: wat-train output or an official Whisper-AT head")
     p.add_argument("--time-res", "--at_time_res", type=float_range(MIN_RES, 86400.0), default=10.0,
                    help=f"tag window length in seconds, {MIN_RES:g} to 86400 (default 10)")
-    p.add_argument("--top-k", type=positive_int, default=5, help="tags per window (default 5)")
+    p.add_argument("--top-k", type=int_range(1, MAX_CLASSES), default=5, help="tags per window (default 5)")
     p.add_argument("--threshold", type=float_range(0.0, 1.0), help="keep tags with probability >= P")
     p.add_argument("--classes", help="comma-separated class names or keys to report, e.g. Laughter,Music")
     p.add_argument("--keep-scores", type=_keep_scores, default=None, metavar="K|all",
