@@ -109,6 +109,19 @@ def load_torch(path, map_location="cpu"):
         raise UnreadableFile(f"{type(e).__name__}: {one_line(e)}") from None
 
 
+def load_torch_dict(path, error: type[Exception], what: str, map_location="cpu") -> dict:
+    """`load_torch` of a file that must hold a dict (a state dict or a checkpoint): a file torch cannot
+    read or that holds something else raises `error` (the caller's typed error) naming the file and `what`
+    was expected, e.g. `x.pt: cannot read a head checkpoint (...)` / `x.pt: not a head checkpoint (a list)`."""
+    try:
+        obj = load_torch(path, map_location)
+    except UnreadableFile as e:
+        raise error(f"{path}: cannot read {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: not {what} (a {type(obj).__name__})")
+    return obj
+
+
 def json_safe(x):
     """Strict-JSON copy of nested dicts/lists: numpy scalars become Python numbers, non-finite floats None."""
     if isinstance(x, dict):

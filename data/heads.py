@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import PAD30_FIX, PAD30_PADDING, PAD30_PADDINGS, CacheMeta, padding_of
-from .files import UnreadableFile, load_torch, save_torch
+from .files import load_torch_dict, save_torch
 from .labels import Vocabulary
 
 TIME_HEADS, LAYER_HEADS = 1, 8
@@ -384,12 +384,7 @@ def load_head(path, n_layers: int | None = None, map_location="cpu") -> tuple[nn
     """Load one of our heads or an official Whisper-AT head (`at_model.*`, modes `tl_tr_1_8` and
     `tl_down_tr_512_1_8`; logits over the 527 AudioSet classes). `n_layers`: the layer count of
     the features it will see; a different one is a HeadError."""
-    try:
-        obj = load_torch(path, map_location)
-    except UnreadableFile as e:
-        raise HeadError(f"{path}: cannot read head checkpoint ({e})") from None
-    if not isinstance(obj, dict):
-        raise HeadError(f"{path}: not a head checkpoint (a {type(obj).__name__})")
+    obj = load_torch_dict(path, HeadError, "a head checkpoint", map_location)
     try:
         if obj.get("format") == FORMAT:
             info, state = HeadInfo.from_dict(obj.get("info")), obj.get("state_dict")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from wat.data.files import UnreadableFile, load_torch
+from wat.data.files import load_torch_dict
 
 CONFIG = "config.json"
 # single-file weights, then the shard indexes that list several files
@@ -100,13 +100,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise HFError(f"{path}: cannot read safetensors ({type(e).__name__}: {e})") from None
-    try:
-        state = load_torch(path)
-    except UnreadableFile as e:
-        raise HFError(f"{path}: cannot read the checkpoint ({e})") from None
-    if not isinstance(state, dict):
-        raise HFError(f"{path}: not a state dict (a {type(state).__name__})")
-    return state
+    return load_torch_dict(path, HFError, "a state dict")
 
 
 def _rename(key: str) -> str | None:

@@ -24,7 +24,7 @@ import whisper
 from whisper.model import ModelDimensions, Whisper
 
 from wat.data import DIST
-from wat.data.files import UnreadableFile, load_torch, one_line, save_torch
+from wat.data.files import load_torch, load_torch_dict, one_line, save_torch
 
 from .ct2 import CT2Error, ct2_to_whisper
 from .hf import CONFIG, INDEXES, WEIGHTS, HFError, hf_to_whisper, is_hf_dir, weight_files
@@ -97,12 +97,7 @@ def _from_checkpoint(ckpt, device, alignment_heads=None) -> Whisper:
 
 
 def _load_pt(path: Path, device) -> Whisper:
-    try:
-        ckpt = load_torch(path)
-    except UnreadableFile as e:
-        raise WhisperLoadError(f"{path}: cannot read the checkpoint ({e})") from None
-    if not isinstance(ckpt, dict):
-        raise WhisperLoadError(f"{path}: not an openai-whisper checkpoint (a {type(ckpt).__name__})")
+    ckpt = load_torch_dict(path, WhisperLoadError, "an openai-whisper checkpoint")
     try:
         return _from_checkpoint(ckpt, device)
     except WhisperLoadError as e:

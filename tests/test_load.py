@@ -111,7 +111,7 @@ def test_bad_device():
 
 def test_bad_pt_files(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(WhisperLoadError, match="cannot read the checkpoint"):
+    with pytest.raises(WhisperLoadError, match="cannot read an openai-whisper checkpoint"):
         load_whisper(tmp_path / "junk.pt")
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(WhisperLoadError, match="not an openai-whisper checkpoint"):
