@@ -305,3 +305,4 @@ def test_cli_errors(capsys, tmp_path):
     assert main(base + ["--snr", "20,0"]) == 2                     # no ESC-50 under the noise root
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("wat-robust: error: ") and "esc50.csv" in err[0]
+    assert not (tmp_path / "o").exists()                           # a refused run leaves no empty --out

@@ -292,8 +292,8 @@ def run_robust(speech_path, noise_kind: str, noise_root, out, options: RobustOpt
 
     options.check()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     plan = make_plan(speech_path, noise_kind, noise_root, noise_manifest, options)
+    out.mkdir(parents=True, exist_ok=True)  # after the inputs are checked: a refused run leaves no folder
     runs, problems = [], list(plan.problems)
     todo_total = len(plan.mixtures) * len(options.models)
     with progress(total=todo_total, unit="mix", desc="wat-robust", disable=None if options.progress is None
