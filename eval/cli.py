@@ -53,7 +53,8 @@ def probe_main(argv=None) -> int:
           + (f" of features {b['features']}" if len(rep.caches) > 1 else "")
           + f" {rep.metric} {b['score']:.4f} (+-{b['score_std']:.4f}), macro-F1 {b['macro_f1']:.4f}; chance {rep.chance:.4f}")
     for f in summary["fusion"]:
-        print(f"  fusion {f['fusion']} of features {'+'.join(map(str, f['features']))}: {rep.metric} {f['score']:.4f}")
+        which = f" of features {'+'.join(map(str, f['features']))}" if len(rep.caches) > 1 else ""
+        print(f"  fusion {f['fusion']} of the layers{which}: {rep.metric} {f['score']:.4f}")
     print(f"outputs in {a.out}: {', '.join(summary['files'])}")
     print(f"report: {Path(a.out) / 'report.html'}")
     return 0

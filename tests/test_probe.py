@@ -122,6 +122,10 @@ def test_cli_outputs_and_errors(tmp_path, capsys):
                        "--out", str(tmp_path / "p")]) == 0
     assert "best layer 1" in capsys.readouterr().out
     assert not (tmp_path / "p" / "fusion.csv").exists()
+    assert probe_main(["--features", str(feats), "--layers", "0,1", "--fusion", "mean", "--jobs", "1",
+                       "--out", str(tmp_path / "f")]) == 0
+    out = capsys.readouterr().out  # one cache: no "features 0" index in what a person reads
+    assert "fusion mean of the layers: accuracy" in out and "features" not in out
     assert probe_main(["--features", str(feats), "--layers", "0,9", "--out", str(tmp_path / "q")]) == 2
     err = capsys.readouterr().err
     assert "layer(s) [9] out of range" in err and "Traceback" not in err
