@@ -21,6 +21,12 @@ def log_mel(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
     return torch.stack([whisper.log_mel_spectrogram(a, n_mels) for a in audio])
 
 
+def mel_encoder_frames(mel_frames: int) -> int:
+    """Encoder frames the conv stem makes of `mel_frames` log-mel frames: ceil(mel_frames / 2)
+    (conv2 has stride 2 and padding 1: encoder frame j reads mel frames 2j and 2j + 1)."""
+    return -(-mel_frames // 2)
+
+
 def encoder_frames(samples: int) -> int:
     """THE number of encoder frames covering a clip of `samples` 16 kHz samples (its first 30 s):
     ceil(content / 2), content = min(samples // 160, 3000) mel frames as `whisper.transcribe` counts
@@ -30,7 +36,7 @@ def encoder_frames(samples: int) -> int:
     frames of the 30 s window; trim's log-mel of the clip has samples // 160 frames (whisper drops
     the STFT's last one; it needs over 200 samples, its reflect padding) and conv2 turns them into
     ceil(frames / 2)."""
-    return max(1, -(-min(samples // HOP_LENGTH, N_FRAMES) // 2))
+    return max(1, mel_encoder_frames(min(samples // HOP_LENGTH, N_FRAMES)))
 
 
 def pad30_input(clips, n_mels: int = 80) -> tuple[torch.Tensor, list[int]]:
@@ -191,7 +197,7 @@ def encode_layers(model, audio, *, frames: int = 25, policy: str = "pad30", laye
     else:
         mel = log_mel(audio[:, :N_SAMPLES], model.dims.n_mels)
         n_valid = None  # the encoder sees only the clip
-    n_enc = (mel.shape[-1] + 1) // 2  # conv2: stride 2, padding 1
+    n_enc = mel_encoder_frames(mel.shape[-1])
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16,
                                                  enabled=device.type == "cuda"):
         mel = mel.to(next(model.encoder.parameters()).dtype)

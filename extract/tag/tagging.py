@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import math
 import sys
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_
 from wat.data.audio import load_audio
 from wat.data.labels import Vocabulary
 from wat.data.heads import Features, HeadInfo, head_problems, load_head, probabilities
+from wat.extract.layers import mel_encoder_frames
 from wat.extract.load import fingerprint, model_name
 
 from .grid import WindowPool
@@ -170,7 +170,7 @@ class SharedEncoder(nn.Module):
         seek, size = self.locate(x[0])
         if size == 0:  # no audio in this input (language detection on an empty file)
             return self.encoder(x)
-        self._n = math.ceil(size / 2)  # encoder frame j covers mel frames 2j, 2j+1
+        self._n = mel_encoder_frames(size)
         self._outs = []
         out = self.encoder(x)
         feats = torch.stack(self._outs, 1)  # [n, L, D]
