@@ -5,11 +5,14 @@
 #   bash bench/gpu_check.sh                      # device cuda, full sizes, results in gpu_check_out/
 #   bash bench/gpu_check.sh --out DIR --device cuda:1
 #   bash bench/gpu_check.sh --device cpu --tiny  # tiny sizes end to end (tests/test_gpu_check.py)
+#   bash bench/gpu_check.sh --random-weights always --only train_tltr,tag   # no weight download; two steps
 #
 # Python: $PYTHON, else .venv/bin/python when present, else python3. On a box without network whose
 # python lacks wat's dependencies, `make gpu-wheels` here first and carry wheels/ along: the script
 # installs wat from it (pip --no-index). Whisper large-v1 weights are used when they load (cached or
-# downloadable), random weights of the same shapes otherwise (throughput only; the table says so).
+# downloadable), random weights of the same shapes otherwise (throughput only; the table says so);
+# `--random-weights always` skips the attempt (a box whose network drops packets can stall a download
+# for minutes inside a step's time limit).
 # Each step runs under a time limit and writes OUT/STEP.json and OUT/STEP.log; a failed step is a
 # row saying so, the other steps still run. Exit status: that of gpu_table.py (1 if a step failed).
 set -uo pipefail
@@ -18,24 +21,38 @@ cd "$(dirname "$0")/.."
 DEVICE=cuda
 TINY=0
 OUT=gpu_check_out
-usage() { echo "usage: bash bench/gpu_check.sh [--device cuda|cuda:N|cpu] [--tiny] [--out DIR]" >&2; exit 2; }
+WEIGHTS=""
+ONLY=""
+STEPS="extract_pad30 extract_trim train_tltr train_wamlp probe tag robust"
+usage() { echo "usage: bash bench/gpu_check.sh [--device cuda|cuda:N|cpu] [--tiny] [--out DIR] [--random-weights fallback|always] [--only STEP,...]" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) [ $# -ge 2 ] || usage; DEVICE=$2; shift 2 ;;
         --tiny) TINY=1; shift ;;
         --out) [ $# -ge 2 ] || usage; OUT=$2; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        --random-weights) [ $# -ge 2 ] || usage; WEIGHTS=$2; shift 2 ;;
+        --only) [ $# -ge 2 ] || usage; ONLY=$2; shift 2 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: error: unknown argument $1" >&2; usage ;;
     esac
 done
 case "$DEVICE" in cpu|cuda|cuda:[0-9]*) ;; *) echo "gpu_check.sh: error: --device must be cpu, cuda or cuda:N" >&2; exit 2 ;; esac
+case "$WEIGHTS" in ""|fallback|always) ;; *) echo "gpu_check.sh: error: --random-weights must be fallback or always" >&2; exit 2 ;; esac
+for s in ${ONLY//,/ }; do
+    case " $STEPS " in *" $s "*) ;; *) echo "gpu_check.sh: error: --only: unknown step '$s' (steps: $STEPS)" >&2; exit 2 ;; esac
+done
+[ -z "$ONLY" ] || [ -n "${ONLY//,/}" ] || { echo "gpu_check.sh: error: --only needs at least one step" >&2; exit 2; }
 
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 need="import wat.extract, wat.eval, whisper, dask.array, distributed, soxr, soundfile, av"
 if ! "$PY" -c "$need" 2>/dev/null; then
     if [ -d wheels ]; then
+        # --no-deps: wheels/ holds exactly what such a box lacks (Makefile GPU_WHEELS); the box's own
+        # packages stay as they are, and an older pin there (click, say) cannot stop the install
         echo "installing wat and its missing dependencies from wheels/ (no network)"
-        "$PY" -m pip install -q --no-index --find-links wheels --no-build-isolation -e . || exit 1
+        "$PY" -m pip install -q --no-index --no-deps wheels/*.whl || exit 1
+        "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+        "$PY" -c "$need" || { echo "gpu_check.sh: error: wat still does not import after installing wheels/" >&2; exit 2; }
     else
         echo "gpu_check.sh: error: $PY cannot import wat and its dependencies; run 'make gpu-wheels' where pip works and bring wheels/" >&2
         exit 2
@@ -69,11 +86,14 @@ else
     TRAIN_WAMLP="--size large --clips 20000 --steps 400 --per-round 50 --batch-size 256"          # ~40 s
     PROBE="--clips 20000 --sklearn-layers 24 --sklearn-classes 8"                                # ~100 s: cache writing ~50
     TAG="--runs 5 --seconds 60 --temperature 0"                                                  # ~50 s
-    ROBUST="--random-weights large-v1 --mixtures 64 --batch-size 32"                           # ~50 s
+    ROBUST="--random-weights large-v1 --mixtures 64 --batch-size 32"   # always random: 64 mixtures of noise                           # ~50 s
 fi
+
+[ -z "$WEIGHTS" ] || RANDOM_WEIGHTS=$WEIGHTS
 
 step() {  # step NAME LIMIT_S SCRIPT ARGS...: run one bench script, JSON into OUT/NAME.json
     local name=$1 limit=$2; shift 2
+    if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return; fi
     rm -f "$OUT/$name.json"
     echo "== $name: $*"
     local t0=$SECONDS
@@ -92,11 +112,10 @@ step train_wamlp ${LIMITS[3]} bench/train_throughput.py --device "$DEVICE" --hea
 rm -rf "$WORK/train-tltr" "$WORK/train-wamlp"
 step probe ${LIMITS[4]} bench/probe_audioset.py --device "$DEVICE" --workdir "$WORK/probe" $PROBE
 step tag ${LIMITS[5]} bench/tag_overhead.py --device "$DEVICE" --model $MODEL --random-weights $RANDOM_WEIGHTS $TAG
+step robust ${LIMITS[6]} bench/robust_throughput.py --device "$DEVICE" $ROBUST
 SKIP=""
-if [ -f bench/robust_throughput.py ]; then
-    step robust ${LIMITS[6]} bench/robust_throughput.py --device "$DEVICE" $ROBUST
-else
-    SKIP=robust   # not on this branch yet
+if [ -n "$ONLY" ]; then   # steps not asked for are "not run" rows, not failures
+    for s in $STEPS; do [[ ",$ONLY," == *",$s,"* ]] || SKIP="$SKIP${SKIP:+,}$s"; done
 fi
 echo
 "$PY" bench/gpu_table.py "$OUT" --skip "$SKIP"

@@ -52,7 +52,19 @@ def test_gpu_table_marks_a_failed_step(tmp_path):
     assert r.stdout.count("FAILED: no result") == 5 and "not run" in r.stdout
 
 
-@pytest.mark.parametrize("args", [["--device", "tpu"], ["--bogus"], ["--out"]])
+def test_gpu_check_only_some_steps(tmp_path):
+    """--only runs the steps named (a rerun of what failed on a GPU box); the rest are "not run" rows,
+    not failures; --random-weights always skips any weight download."""
+    out = tmp_path / "out"
+    r = _run("--device", "cpu", "--tiny", "--out", str(out), "--only", "train_wamlp", "--random-weights", "always")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in out.glob("*.json")) == ["train_wamlp.json"]
+    table = r.stdout[r.stdout.index("GPU check on"):]
+    assert table.count("not run") == 6 and "FAILED" not in table and "wa-mlp tiny samples/s" in table
+
+
+@pytest.mark.parametrize("args", [["--device", "tpu"], ["--bogus"], ["--out"], ["--only", "bogus"], ["--only", ","],
+                                  ["--random-weights", "never"], ["--random-weights"]])
 def test_gpu_check_bad_arguments(args):
     r = _run(*args, timeout=60)
     assert r.returncode == 2 and "gpu_check.sh: error" in r.stderr or "usage:" in r.stderr
