@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import whisper
 
 from wat.data import load_dataset, make_demo
 from wat.data.audio import load_audio
@@ -63,9 +64,16 @@ def main(argv=None) -> int:
     p.add_argument("--mixtures", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sample-len", type=int, help="most tokens per utterance, both ways (default whisper's 224; with "
+                   "--random-weights the longest reference's token count: a random decoder never stops by itself)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON (bench/gpu_check.sh)")
     a = p.parse_args(argv)
+    for name in ("mixtures", "batch_size", "rounds"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.sample_len is not None and not 1 <= a.sample_len <= 224:
+        p.error("--sample-len must be in 1..224 (half of Whisper's text context)")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.random_weights:
@@ -75,13 +83,17 @@ def main(argv=None) -> int:
     else:
         model = load_whisper(a.model, device=a.device)
     xs, refs = mixtures(a.mixtures)
+    if a.sample_len is None and a.random_weights:  # the work a trained model does: each reference, then end-of-text
+        tokenizer = whisper.tokenizer.get_tokenizer(multilingual=False)
+        a.sample_len = max(len(tokenizer.encode(" " + r)) for r in refs) + 1
+    asr = AsrOptions(sample_len=a.sample_len)
     fp16 = a.device.startswith("cuda")
     batches = [xs[i:i + a.batch_size] for i in range(0, len(xs), a.batch_size)]
 
     def ours():
         texts = []
         for b in batches:
-            t, f = decode_batch(model, b, AsrOptions())
+            t, f = decode_batch(model, b, asr)
             f.cpu().numpy()
             texts += t
         return texts
@@ -90,7 +102,8 @@ def main(argv=None) -> int:
         texts = []
         for x in xs:
             r = model.transcribe(x, temperature=0.0, without_timestamps=True, condition_on_previous_text=True,
-                                 no_speech_threshold=None, language="en", fp16=fp16)
+                                 no_speech_threshold=None, language="en", fp16=fp16,
+                                 **({"sample_len": a.sample_len} if a.sample_len else {}))
             encode_layers(model, x[None], policy="pad30").cpu().numpy()
             texts.append(r["text"].strip())
         return texts
@@ -118,7 +131,7 @@ def main(argv=None) -> int:
     dev = torch.cuda.get_device_name(0) if fp16 else f"{platform.processor() or platform.machine()}, " \
           f"{len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads"
     print(f"{name} on {a.device} ({dev}), {len(xs)} mixtures of 3-4 s at 0 dB, batch {a.batch_size}, "
-          f"best of {a.rounds} rounds; torch {torch.__version__}")
+          f"best of {a.rounds} rounds, at most {a.sample_len or 224} tokens per utterance; torch {torch.__version__}")
     for k in modes:
         print(f"  {k:13s} {len(xs) / best[k]:8.2f} mixtures/s  ({best[k]:.2f} s, {passes[k]} encoder calls)")
     same = sum(normalize(x) == normalize(y) for x, y in zip(out["wat-robust"], out["paper"]))
@@ -131,6 +144,7 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(Path(__file__).parent))
         from common import write_json
         write_json(a.json, {"bench": "robust", "device": dev, "model": name, "mixtures": len(xs),
+                            "sample_len": a.sample_len,
                             "rates": {k: len(xs) / best[k] for k in modes}, "speedup": best["paper"] / best["wat-robust"]})
     return 0
 

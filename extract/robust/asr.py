@@ -35,6 +35,7 @@ class AsrOptions:
     language: str | None = "en"  # None: detected per utterance (multilingual models only)
     frames: int = 25             # pooled frames per clip, as in wat-extract
     beam_size: int | None = None  # None: greedy (the paper's temperature-0 decoding)
+    sample_len: int | None = None  # most tokens per utterance; None: whisper's (224, half the text context)
 
 
 class CountingTaps(LayerTaps):
@@ -71,6 +72,8 @@ def _device(model) -> torch.device:
 
 def _decoding(model, options: AsrOptions, **extra) -> dict:
     language = options.language if model.is_multilingual else "en"
+    if options.sample_len is not None:  # else whisper's own default stays in charge
+        extra["sample_len"] = options.sample_len
     return dict(temperature=0.0, language=language, beam_size=options.beam_size,
                 fp16=_device(model).type == "cuda", **extra)
 
