@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from whisper.audio import N_SAMPLES
+from whisper.audio import HOP_LENGTH, N_SAMPLES
 
 from wat.data.cache import POLICIES
 
-from .layers import encode_layers, encoder_frames
+from .layers import MIN_SAMPLES, encode_layers, encoder_frames
 from .load import fingerprint, load_whisper, model_name
 
 DEFAULT_MODEL = "base"
@@ -55,15 +55,26 @@ class WhisperHEAR(nn.Module):
     def frames(self, audio: torch.Tensor) -> torch.Tensor:
         """[n, samples] -> [n, T, size] float32: the T encoder frames covering each 30 s window
         (`encoder_frames`: a window ending 1..159 samples into a 320-sample step adds no frame), so
-        the pooling into T parts keeps each frame once."""
+        the pooling into T parts keeps each frame once.
+
+        A last window too short to encode on its own (`MIN_SAMPLES`) is the tail of longer audio:
+        under 160 samples it reaches no log-mel frame, so it adds no encoder frame, as the same
+        samples add none inside a window; 160..200 samples (trim: whisper's STFT needs 201) are
+        encoded with the previous encoder frame's 320 samples in front, and only the tail's frame
+        is kept: its log-mel frames are centred where the tail's own are, so its timestamp is true.
+        A whole clip that short raises `ShortClipError`."""
         n, samples = audio.shape
         outs = []
         for a in range(0, samples, N_SAMPLES):       # 30 s windows; the last may be shorter
-            window = audio[:, a:a + N_SAMPLES]
-            t = encoder_frames(window.shape[1])
-            parts = [encode_layers(self, window[b:b + self.batch_size], frames=t, policy=self.policy)
+            end = min(a + N_SAMPLES, samples)
+            if a and end - a < HOP_LENGTH:
+                break
+            start = a - SAMPLES_PER_FRAME if a and end - a < MIN_SAMPLES[self.policy] else a
+            window = audio[:, start:end]
+            k, t = encoder_frames(end - start), encoder_frames(end - a)   # frames encoded, frames kept
+            parts = [encode_layers(self, window[b:b + self.batch_size], frames=k, policy=self.policy)
                      for b in range(0, n, self.batch_size)]
-            x = torch.cat(parts)[:, list(self.layers)]        # [n, L', T, D]
+            x = torch.cat(parts)[:, list(self.layers), k - t:]        # [n, L', T, D]
             outs.append(x.mean(1) if self.reduce == "mean" else x.permute(0, 2, 1, 3).reshape(n, t, -1))
         return torch.cat(outs, dim=1)
 

@@ -9,10 +9,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import whisper
-from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES
+from whisper.audio import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 
 from wat.data.cache import POLICIES
 
+# The fewest samples a clip needs to give an encoder frame of its own audio, per policy.
+# trim: whisper's log-mel of the clip alone (`log_mel_spectrogram` without padding) reflect-pads it
+# by N_FFT // 2 = 200 samples on each side, which torch refuses for clips of <= 200 samples
+# (whisper never asks: transcribe always appends 30 s of zeros first). pad30: one 10 ms hop, the
+# first log-mel frame transcribe counts as content (samples // 160); a shorter clip has none, so its
+# window would be padding only and its features the same whatever the audio.
+MIN_SAMPLES = {"trim": N_FFT // 2 + 1, "pad30": HOP_LENGTH}
+
+
+class ShortClipError(ValueError):
+    """A clip shorter than `MIN_SAMPLES[policy]`: no encoder frame of its audio can be computed."""
+
+    def __init__(self, samples: int, policy: str):
+        self.samples, self.policy = samples, policy
+        why = ("whisper's log-mel of the clip alone reflect-pads 200 samples on each side; policy "
+               f"'pad30' takes clips from {MIN_SAMPLES['pad30']} samples" if policy == "trim" else
+               "a shorter clip has no 10 ms log-mel frame, so its features would not depend on its audio")
+        super().__init__(f"a clip of {samples} samples ({1000 * samples / SAMPLE_RATE:g} ms at 16 kHz) is too "
+                         f"short for policy {policy!r}, which needs at least {MIN_SAMPLES[policy]} samples: {why}")
 
 
 def log_mel(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
@@ -30,7 +49,8 @@ def mel_encoder_frames(mel_frames: int) -> int:
 def encoder_frames(samples: int) -> int:
     """THE number of encoder frames covering a clip of `samples` 16 kHz samples (its first 30 s):
     ceil(content / 2), content = min(samples // 160, 3000) mel frames as `whisper.transcribe` counts
-    them, at least 1 (a clip under 10 ms has no content frame; pad30 still keeps one). Encoder frame j
+    them, at least 1 (a clip under 10 ms has no content frame; `pad30_input` still keeps one, and
+    `encode_layers` refuses such a clip: `MIN_SAMPLES`). Encoder frame j
     reads mel frames 2j and 2j + 1 (conv2 has stride 2), so a clip ending in the first 159 samples
     of a 320-sample step adds no frame. Both policies give exactly this many: pad30 keeps these
     frames of the 30 s window; trim's log-mel of the clip has samples // 160 frames (whisper drops
@@ -183,13 +203,16 @@ def encode_layers(model, audio, *, frames: int = 25, policy: str = "pad30", laye
     content (`encoder_frames(samples)`): what `wat-tag` pools during transcription.
     "trim": encode only the clip (~3x cheaper for 10 s clips; numerically different because
     attention sees no padding). `layers`: block indices to keep (default all), giving
-    [B, len(layers), frames, D]."""
+    [B, len(layers), frames, D]. Clips shorter than `MIN_SAMPLES[policy]` (trim: 201, pad30: 160)
+    raise `ShortClipError`."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}: expected one of {POLICIES}")
     device = next(model.parameters()).device
     audio = torch.as_tensor(np.asarray(audio) if not torch.is_tensor(audio) else audio)
     if audio.ndim != 2 or audio.shape[1] == 0:
         raise ValueError(f"audio must be [batch, samples] with samples > 0, got {tuple(audio.shape)}")
+    if audio.shape[1] < MIN_SAMPLES[policy]:
+        raise ShortClipError(audio.shape[1], policy)
     audio = audio.to(device, torch.float32)
     if policy == "pad30":
         mel, valid = pad30_input(audio, model.dims.n_mels)

@@ -58,6 +58,38 @@ def test_long_audio_in_30s_windows(tiny_model):
     torch.testing.assert_close(emb[:, 1500:], tail)
 
 
+@pytest.mark.parametrize("policy", ["trim", "pad30"])
+def test_long_audio_with_a_tail_of_a_few_samples(tiny_model, policy):
+    """30 s + r samples, r = 1..200: a last window whisper's STFT alone cannot take (trim) or with
+    no log-mel frame (r < 160). r < 160 adds no frame (as inside a window); r = 160..200 adds one
+    encoder frame at 30 010 ms: trim encodes it with the previous frame's 320 samples in front
+    (same log-mel frame centres), pad30 as the tail's own transcribe window. The first 1500 frames
+    are those of the 30 s alone."""
+    a = 30 * 16000
+    audio = torch.from_numpy(np.random.default_rng(1).uniform(-1, 1, (1, a + 201)).astype(np.float32))
+    m = hear.WhisperHEAR(tiny_model, layers=[0, 3], policy=policy)
+    head = hear.get_timestamp_embeddings(audio[:, :a], m)[0]
+    assert head.shape == (1, 1500, 384)
+    for r in (1, 100, 159, 160, 200) + ((201,) if policy == "trim" else ()):
+        x = audio[:, :a + r]
+        emb, ts = hear.get_timestamp_embeddings(x, m)
+        t = 1500 + (r >= 160)
+        assert emb.shape == (1, t, 384) and ts[0].tolist() == [10.0 + 20.0 * j for j in range(t)], r
+        torch.testing.assert_close(emb[:, :1500], head, rtol=0, atol=0)
+        if r < 160:
+            continue
+        if policy == "pad30":
+            real = _block_outputs(tiny_model, pad30_input([x[0, a:]], 80)[0], [0, 3])[:, 0]
+        elif r <= 200:
+            folded = log_mel(x[:, a - 320:], 80)       # 3 log-mel frames; the tail's is the third
+            longer = log_mel(x[:, a - 640:], 80)
+            torch.testing.assert_close(folded[..., 2], longer[..., 4])   # centred at sample a either way
+            real = _block_outputs(tiny_model, folded, [0, 3])[:, 1]
+        else:                                         # long enough alone: encoded alone, as before
+            real = _block_outputs(tiny_model, log_mel(x[:, a:], 80), [0, 3])[:, 0]
+        torch.testing.assert_close(emb[0, 1500], real.mean(0), atol=1e-5, rtol=1e-5)
+
+
 def _block_outputs(model, mel, layers):
     """The encoder's per-frame outputs of `layers` on `mel` [1, 80, M], unpooled: [L, T, D]."""
     outs = []

@@ -8,8 +8,8 @@ import pytest
 import torch
 import whisper
 
-from wat.extract import LayerTaps, encode_layers, encoder_frames, log_mel
-from wat.extract.layers import pad30_input
+from wat.extract import LayerTaps, ShortClipError, encode_layers, encoder_frames, hear, log_mel
+from wat.extract.layers import MIN_SAMPLES, pad30_input
 
 SR = 16000
 
@@ -126,6 +126,10 @@ def test_pad30_is_the_transcribe_window(tiny_model, speech_audio, samples):
     n_valid = max(1, n_valid)
     mel, valid = pad30_input([torch.from_numpy(x), torch.from_numpy(loud_tone(len(x)))], 80)
     assert torch.equal(mel[0], segment) and valid[0] == n_valid
+    if samples < MIN_SAMPLES["pad30"]:   # no content frame: the window is padding only, encode_layers refuses it
+        with pytest.raises(ShortClipError):
+            encode_layers(tiny_model, x[None])
+        return
     with torch.no_grad(), LayerTaps(tiny_model.encoder, frames=25, n_valid=n_valid) as taps:
         tiny_model.encoder(segment[None])
     torch.testing.assert_close(encode_layers(tiny_model, x[None]), taps.pooled, atol=1e-5, rtol=1e-5)
@@ -175,6 +179,36 @@ def test_bad_inputs(tiny_model):
         encode_layers(tiny_model, np.zeros((1, 16000), np.float32), policy="crop")
     with pytest.raises(ValueError, match=r"\[batch, samples\]"):
         encode_layers(tiny_model, np.zeros(16000, np.float32))
+
+
+@pytest.mark.parametrize("samples", [1, 100, 159, 160, 200, 201, 400])
+def test_short_clips(tiny_model, speech_audio, samples):
+    """Whole clips of a few samples, given as arrays (file readers refuse < 400): a typed
+    `ShortClipError` below `MIN_SAMPLES`, never torch's RuntimeError; at and above it, real frames.
+    trim's bound is whisper's own: its log-mel of the clip alone fails up to 200 samples. pad30's:
+    under 160 samples the window is padding only, the same whatever the clip."""
+    x = torch.from_numpy(np.resize(speech_audio[8000:], samples).astype(np.float32))
+    if samples <= 200:
+        with pytest.raises(RuntimeError):
+            whisper.log_mel_spectrogram(x)
+    else:
+        assert whisper.log_mel_spectrogram(x).shape[-1] == samples // 160
+    if samples < 160:
+        assert torch.equal(pad30_input([x], 80)[0], pad30_input([torch.ones(samples)], 80)[0])
+    for policy in ("trim", "pad30"):
+        m = hear.WhisperHEAR(tiny_model, layers=[0, 3], policy=policy)
+        if samples < MIN_SAMPLES[policy]:
+            with pytest.raises(ShortClipError, match=f"{samples} samples.*{policy}.*at least {MIN_SAMPLES[policy]}"):
+                encode_layers(tiny_model, x[None], policy=policy)
+            with pytest.raises(ShortClipError):
+                hear.get_timestamp_embeddings(x[None], m)
+            continue
+        f = encode_layers(tiny_model, x[None], policy=policy)
+        assert f.shape == (1, 4, 25, 384) and torch.isfinite(f).all()
+        emb, ts = hear.get_timestamp_embeddings(x[None], m)
+        assert emb.shape == (1, encoder_frames(samples), 384) and ts[0].tolist() == [10.0]
+        torch.testing.assert_close(emb[0, 0], f[0, [0, 3], 0].mean(0))   # one frame: every part is it
+    assert MIN_SAMPLES == {"trim": 201, "pad30": 160}
 
 
 def test_time_parts_are_adaptive_avg_pool_windows():
