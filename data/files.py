@@ -211,6 +211,35 @@ def output_lock(path, what: str):
         lock.release()
 
 
+def make_folder(folder) -> list[Path]:
+    """Create FOLDER and missing parents; returns the folders this call created, innermost first
+    (for `remove_bare`)."""
+    folder = Path(folder)
+    made = []
+    p = folder
+    while not p.exists():  # the folders mkdir will create, innermost first
+        made.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_bare(made: list[Path], keep: tuple[str, ...] = ()) -> None:
+    """Remove the folders `make_folder` created (`made`, innermost first) if the innermost holds
+    nothing but files named in `keep` (then removed too): a run that wrote nothing leaves no folder.
+    A folder that existed before, or one that received any other file, is never removed."""
+    if not made:
+        return
+    try:
+        if {q.name for q in made[0].iterdir()} <= set(keep):
+            for name in keep:
+                (made[0] / name).unlink(missing_ok=True)
+            for q in made:
+                q.rmdir()  # only ever an empty folder: stops at the first that is not
+    except OSError:
+        pass
+
+
 @contextmanager
 def locked_folder(folder, lock_name: str, what: str):
     """Create the output folder FOLDER (and missing parents) and hold `output_lock` on FOLDER/lock_name
@@ -219,27 +248,10 @@ def locked_folder(folder, lock_name: str, what: str):
     not load, an unreadable input) leaves no empty folder behind. A folder that existed before, or
     one that received any other file, is never removed."""
     folder = Path(folder)
-    made = []
-    p = folder
-    while not p.exists():  # the folders mkdir will create, innermost first
-        made.append(p)
-        p = p.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    made = make_folder(folder)
     try:
         with output_lock(folder / lock_name, what):
             yield folder
     except BaseException:
-        if made:
-            _remove_bare(made, lock_name)
+        remove_bare(made, (lock_name,))
         raise
-
-
-def _remove_bare(made: list[Path], lock_name: str) -> None:
-    """Remove `made` (innermost first) if the innermost holds nothing but the lock file."""
-    try:
-        if {q.name for q in made[0].iterdir()} <= {lock_name}:
-            (made[0] / lock_name).unlink(missing_ok=True)
-            for q in made:
-                q.rmdir()  # only ever an empty folder: stops at the first that is not
-    except OSError:
-        pass

@@ -427,6 +427,30 @@ def test_cli_errors_are_one_line(tiny_model, speech_wav, tmp_path, capsys):
     assert "re-extract" in err and "--allow-policy-mismatch" in err
 
 
+def test_cli_refusal_leaves_no_output_folder(tiny_model, tmp_path, capsys):
+    """--output_dir is created early (a bad one fails before any model loads); a run refused later
+    (model, head, classes) or that wrote nothing (every file undecodable) removes the folders it
+    made, and never a folder that existed before or that holds a file."""
+    head, info = _random_head(tiny_model)
+    save_head(tmp_path / "head.pt", head, info)
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
+    out = tmp_path / "new" / "out"
+    for args in (["--model", "no-such-model"], ["--model", "tiny.en", "--head", str(tmp_path / "missing.pt")],
+                 ["--model", "tiny.en", "--classes", "Klingon"], ["--model", "tiny.en", "-f", "all"]):
+        code = main([str(bad), "--head", str(tmp_path / "head.pt"), *args, "-o", str(out)])
+        err = capsys.readouterr().err
+        assert code == (1 if "-f" in args else 2) and "wat-tag: error:" in err, (args, err)
+        assert not (tmp_path / "new").exists(), args
+    (tmp_path / "mine").mkdir()
+    assert main([str(bad), "--model", "tiny.en", "--head", str(tmp_path / "head.pt"), "-o", str(tmp_path / "mine")]) == 1
+    assert (tmp_path / "mine").is_dir()                          # existed before: kept, even empty
+    (out / "sub").mkdir(parents=True)
+    assert main([str(bad), "--model", "nope", "--head", str(tmp_path / "head.pt"), "-o", str(out / "sub" / "x")]) == 2
+    assert (out / "sub").is_dir() and not (out / "sub" / "x").exists()
+    capsys.readouterr()
+
+
 def test_extraction_and_tagging_pool_a_7_3_s_clip_identically(tiny_model):
     """365 encoder frames into 25 parts (14.6 frames each): the cache's pooling (LayerTaps, as
     encode_layers runs it) and wat-tag's window pooling see the same parts of the same frames."""

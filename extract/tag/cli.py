@@ -17,7 +17,7 @@ from wat.data.audio import AudioError
 from wat.extract.cli import MODEL_HELP
 from wat.extract.load import WhisperLoadError, load_whisper
 from wat.data.cliargs import MAX_CLASSES, add_device, float_range, int_range, parse_args
-from wat.data.files import write_tsv
+from wat.data.files import make_folder, remove_bare, write_tsv
 from wat.data.progress import progress
 from wat.data.heads import HeadError, load_head
 
@@ -143,25 +143,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _writable_dir(parser, folder: Path) -> None:
-    """Create the output folder now, so a bad one is an error before any model loads."""
+def _writable_dir(parser, folder: Path) -> list[Path]:
+    """Create the output folder now, so a bad one is an error before any model loads; returns the
+    folders created (`main` removes them again if the run writes nothing into them)."""
+    made = []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        made = make_folder(folder)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
+        remove_bare(made)
         parser.error(f"--output_dir {folder}: {e.strerror or e}")
+    return made
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     fmt = {"text": "txt"}.get(args.output_format, args.output_format)
-    to_files = args.output_dir is not None or fmt == "all"
-    if to_files:
+    made = []
+    if args.output_dir is not None or fmt == "all":
         args.output_dir = args.output_dir or Path(".")
-        _writable_dir(parser, args.output_dir)
-    fmt = fmt or "json"
+        made = _writable_dir(parser, args.output_dir)
+    try:
+        return _tag(args, fmt or "json", to_files=args.output_dir is not None)
+    finally:  # a run that wrote nothing (refused, interrupted, every file failed) leaves no folder it made
+        remove_bare(made)
+
+
+def _tag(args, fmt: str, to_files: bool) -> int:
     try:
         model = load_whisper(args.model, device=args.device)
         head = load_head(args.head)
