@@ -131,12 +131,10 @@ def _robust_panel(meta):
 
 
 def test_robust_figures_follow_the_data_and_name_models_from_metadata(tmp_path):
-    from types import SimpleNamespace
     from wat.extract.robust import report as RR
     meta = _meta("base", n_layers=4, n_classes=11, policy="pad30", dataset="robust:csv+esc50")
     panels = [_robust_panel(meta)]                      # "xyz_out": a folder name that must never show
-    plan = SimpleNamespace(speech=SimpleNamespace(name="csv", utterances=[None] * 10))
-    data = RR.data_label(plan, _meta("base", n_classes=11, dataset="esc50"))
+    data = RR.data_label("csv", 10, _meta("base", n_classes=11, dataset="esc50"))
     out = tmp_path / "xyz_out"
     out.mkdir()
 

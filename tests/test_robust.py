@@ -2,6 +2,7 @@
 giving the transcript and the cache features, the whole run (bad rows, probe-able cache, resume
 after kill -9) on the committed espeak-ng utterances and the synthetic demo noise."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -216,6 +217,13 @@ def test_run_outputs(robust_run, tiny_model):
 
     m = summary["models"]["tiny.en"]
     assert m["mixtures_scored"] == 3 * len(SNRS) and m["mixtures_skipped"] == 2 * len(SNRS)
+    # utterances: the 3 decoded, not the 5 planned; the two whose audio failed are named
+    plan = make_plan(speech, "esc50", noise, None, opts)
+    bad_audio = [u.id for u in plan.speech.utterances if u.path.endswith(("corrupt.flac", "empty.wav"))]
+    assert len(bad_audio) == 2 and m["utterances_scored"] == 3
+    assert summary["speech"] == {"kind": "csv", "utterances": 3, "utterances_planned": 5,
+                                 "utterances_failed": bad_audio}
+    assert json.loads((out / "summary.json").read_text())["speech"] == summary["speech"]
     assert m["encoder_passes"] == m["mixtures_scored"]                                # one pass per mixture
     # noise drowns the speech: WER at the lowest SNR is higher than at the highest, measured here
     assert m["wer"]["-10"] > m["wer"]["+20"]
@@ -228,7 +236,6 @@ def test_run_outputs(robust_run, tiny_model):
     # the cache: labels = noise class, snr + utterance columns, rows = encode_layers of the mixture
     cache = open_cache(out / "tiny.en" / "feats.h5")
     assert len(cache) == 6 and set(cache.columns["snr"]) == set(SNRS)
-    plan = make_plan(speech, "esc50", noise, None, opts)
     by_id = {mx.id: mx for mx in plan.mixtures}
     i = 4
     mx = by_id[cache.ids[i]]
@@ -249,6 +256,7 @@ def test_report_page_is_self_contained_and_renders(robust_run, tmp_path):
     assert "report.html" in summary["files"]
     text = page.read_text()
     assert "tiny.en (pad30)" in text and "esc50" in text and "corrupt.flac" in text    # labels, problem rows
+    assert "3 utterances decoded of 5 (2 failed, see problems.tsv: " in text
     m = summary["models"]["tiny.en"]
     assert f"{100 * m['wer']['-10']:.4g}" in text and "WER per model, SNR and noise class" in text
     assert check_self_contained(page) == 3                                              # the three figures
@@ -287,6 +295,33 @@ def test_resume_after_kill(robust_run, tiny_model, tmp_path):
     assert first.stat().st_mtime_ns == kept                       # finished work was not redone
     assert again["models"]["tiny.en"]["wer"] == summary["models"]["tiny.en"]["wer"]
     assert (out / "wer.csv").read_text() == (root / "out" / "wer.csv").read_text()
+
+
+def test_cli_summary_lines(robust_run, monkeypatch, capsys):
+    """What the CLI prints of a finished run: planned mixtures, utterances decoded of planned and
+    the failed ones, problem rows, WER per SNR."""
+    from wat.extract.robust import cli, run
+
+    root, speech, noise, opts, summary = robust_run
+    monkeypatch.setattr(run, "run_robust", lambda *a, **k: summary)
+    assert cli.main(["--speech", str(speech), "--noise-dataset", "esc50", "--noise-root", str(noise),
+                     "--model", "tiny.en", "--snr", "20,-10", "--out", str(root / "out")]) == 0
+    out = capsys.readouterr().out
+    assert (f"{2 * 5} mixtures per model (5 utterances x 1 noise clip(s) x 2 SNRs); 3 utterances decoded of 5 "
+            f"(2 failed, see problems.tsv: {', '.join(summary['speech']['utterances_failed'])}); "
+            f"{summary['problems']} problem rows") in out
+    assert "tiny.en: WER +20 dB " in out
+
+
+def test_refused_model_leaves_no_out_folder(robust_run, capsys, tmp_path):
+    from wat.extract.robust.cli import main
+
+    root, speech, noise, opts, summary = robust_run
+    assert main(["--speech", str(speech), "--noise-dataset", "esc50", "--noise-root", str(noise), "--model",
+                 "no-such-model", "--snr", "20,-10", "--out", str(tmp_path / "o" / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wat-robust: error: ") and "no-such-model" in err[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_errors(capsys, tmp_path):

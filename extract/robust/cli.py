@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     from wat.eval.probe import ProbeError
     from wat.extract.load import WhisperLoadError
 
+    from .report import speech_line
     from .run import RobustError, RobustOptions, run_robust
     from .speech import SpeechError
 
@@ -90,9 +91,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("wat-robust: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    print(f"{summary['mixtures_per_model']} mixtures per model ({summary['speech']['utterances']} utterances x "
-          f"{summary['noise_per_utterance']} noise clip(s) x {len(summary['snrs'])} SNRs), "
-          f"{summary['problems']} problem rows (see {a.out}/problems.tsv)")
+    print(f"{summary['mixtures_per_model']} mixtures per model ({summary['speech']['utterances_planned']} utterances x "
+          f"{summary['noise_per_utterance']} noise clip(s) x {len(summary['snrs'])} SNRs); "
+          f"{speech_line(summary['speech'])}; {summary['problems']} problem rows (see {a.out}/problems.tsv)")
     for name, m in summary["models"].items():
         wer = ", ".join(f"{s} dB {_pct(v)}" for s, v in m["wer"].items())
         print(f"{name}: WER {wer}")

@@ -186,11 +186,16 @@ def _finite(v):
     return v if v is not None and not (isinstance(v, float) and math.isnan(v)) else None
 
 
-def data_label(plan, noise_meta) -> str:
-    """What was mixed, for figure titles, from the noise cache's metadata and the speech loaded:
-    `esc50 noise, librispeech speech: 11 classes, 10 utterances`."""
-    return (f"{noise_meta.dataset} noise, {plan.speech.name} speech: {len(noise_meta.vocab)} classes, "
-            f"{len(plan.speech.utterances)} utterances")
+def data_label(speech: str, utterances: int, noise_meta) -> str:
+    """What was mixed, for figure titles, from the noise cache's metadata, the speech kind and the
+    utterances decoded: `esc50 noise, librispeech speech: 11 classes, 10 utterances`."""
+    return f"{noise_meta.dataset} noise, {speech} speech: {len(noise_meta.vocab)} classes, {utterances} utterances"
+
+
+def decoded_utterances(run: dict) -> set[str]:
+    """The ids of the utterances with at least one mixture decoded and scored in `run` (an
+    utterance whose audio fails, or whose every mixture fails, has none)."""
+    return {row["utterance"] for r in run["records"] for row in r["rows"]}
 
 
 def write_report(out: Path, plan, runs: list[dict], rows: list[dict], problems, options) -> dict:
@@ -232,6 +237,7 @@ def write_report(out: Path, plan, runs: list[dict], rows: list[dict], problems, 
             "features_per_snr": {f"{s:+g}": str(p.relative_to(out)) for s, p in run["per_snr"].items()},
             "noise_features": str(run["noise_index"].relative_to(out)),
             "wer": {f"{s:+g}": _finite(overall[s]["wer"]) if s in overall else None for s in snrs},
+            "utterances_scored": len(decoded_utterances(run)),
             "mixtures_scored": sum(len(r["rows"]) for r in run["records"]),
             "mixtures_skipped": sum(len(r["errors"]) for r in run["records"]),
             # each mixture's audio went through the encoder once per 30 s window, transcript and features alike
@@ -244,12 +250,16 @@ def write_report(out: Path, plan, runs: list[dict], rows: list[dict], problems, 
             "layers_chance": chance,
             "layers_not_probed": {f"{s:+g}": why for s, why in why_layers.items()},
         }
-    data = data_label(plan, panels[0]["noise_meta"])
+    decoded = set().union(*map(decoded_utterances, runs))
+    failed = [u.id for u in plan.speech.utterances if u.id not in decoded]   # why: problems.tsv
+    data = data_label(plan.speech.name, len(decoded), panels[0]["noise_meta"])
     plot_wer_vs_snr(panels, data, out / "wer_vs_snr.png")
     plot_classwise(panels, (snrs[0], snrs[-1]), data, out / "classwise.png")
     plot_layers(panels, data, out / "layers.png")
     summary = {
-        "speech": {"kind": plan.speech.name, "utterances": len(plan.speech.utterances)},
+        # utterances: decoded and scored by at least one model (planned = utterances + failed)
+        "speech": {"kind": plan.speech.name, "utterances": len(decoded),
+                   "utterances_planned": len(plan.speech.utterances), "utterances_failed": failed},
         "noise": {"dataset": plan.noise.name, "clips": len(plan.noise.clips), "classes": len(names)},
         "snrs": snrs, "noise_per_utterance": options.noise_per_utterance, "seed": options.seed,
         "mixtures_per_model": len(plan.mixtures), "models": models, "problems": len(problems),
@@ -261,6 +271,16 @@ def write_report(out: Path, plan, runs: list[dict], rows: list[dict], problems, 
     write_json(out / "summary.json", summary)
     robust_html(out, summary, rows, panels, problems, options)
     return summary
+
+
+def speech_line(speech: dict) -> str:
+    """`3 utterances decoded of 5 (2 failed, see problems.tsv: a, b)` from the summary's "speech"."""
+    failed = speech["utterances_failed"]
+    line = f"{speech['utterances']} utterances decoded of {speech['utterances_planned']}"
+    if failed:
+        line += (f" ({len(failed)} failed, see problems.tsv: {', '.join(failed[:5])}"
+                 f"{', ...' if len(failed) > 5 else ''})")
+    return line
 
 
 # ---------------------------------------------------------------- report.html
@@ -321,12 +341,13 @@ def robust_html(out: Path, summary: dict, rows: list[dict], panels: list[dict], 
         m = summary["models"][p["name"]]
         sections.append(H.Section(f"Cache of the mixtures: {label}", H.key_values(
             H.cache_metadata(p["meta"], p["n_mixtures"], m["features"])
-            | {"mixtures scored": m["mixtures_scored"], "mixtures skipped": m["mixtures_skipped"],
+            | {"utterances scored": m["utterances_scored"],
+               "mixtures scored": m["mixtures_scored"], "mixtures skipped": m["mixtures_skipped"],
                "encoder passes": m["encoder_passes"]})))
         sections.append(H.Section(f"Cache of the noise clips alone: {label}", H.key_values(
             H.cache_metadata(p["noise_meta"], p["n_noise"], m["noise_features"]))))
     sections.append(H.Section("Options", H.key_values(
-        {"speech": f"{summary['speech']['kind']}, {summary['speech']['utterances']} utterances",
+        {"speech": f"{summary['speech']['kind']}, {speech_line(summary['speech'])}",
          "noise": f"{summary['noise']['dataset']}, {summary['noise']['clips']} clips, "
                   f"{summary['noise']['classes']} classes",
          **{k.replace("_", " "): v for k, v in dataclasses.asdict(options).items()},
@@ -336,8 +357,8 @@ def robust_html(out: Path, summary: dict, rows: list[dict], panels: list[dict], 
         sections.append(H.Section(f"Problem rows ({len(problems)}, also in problems.tsv)", H.table(
             ["model", "id", "path", "reason"], [tuple(p) for p in problems[:500]])
             + (H.paragraph(f"... {len(problems) - 500} more in problems.tsv") if len(problems) > 500 else "")))
-    sub = (f"{', '.join(labels)}: {summary['mixtures_per_model']} mixtures of {summary['speech']['utterances']} "
-           f"utterances ({summary['speech']['kind']}) x {summary['noise_per_utterance']} "
+    sub = (f"{', '.join(labels)}: {summary['mixtures_per_model']} mixtures of {summary['speech']['utterances_planned']} "
+           f"utterances ({summary['speech']['kind']}; {speech_line(summary['speech'])}) x {summary['noise_per_utterance']} "
            f"{summary['noise']['dataset']} noise clip(s) x SNRs {', '.join(f'{s:+g}' for s in summary['snrs'])} dB")
     return H.write_report(out / "report.html", "wat-robust: speech recognition under background sounds", sub,
                           sections)

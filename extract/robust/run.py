@@ -33,7 +33,7 @@ from wat.data import cache as wcache
 from wat.data.audio import SAMPLE_RATE, AudioError, load_audio
 from wat.data.datasets import Dataset, load_dataset
 from wat.extract.load import load_whisper, model_name
-from wat.data.files import write_json, write_tsv
+from wat.data.files import make_folder, remove_bare, write_json, write_tsv
 from wat.extract.pipeline import (ExtractOptions, cache_meta, extract_dataset, finished, prepare_output,
                                   record_path)
 
@@ -293,15 +293,19 @@ def run_robust(speech_path, noise_kind: str, noise_root, out, options: RobustOpt
     options.check()
     out = Path(out)
     plan = make_plan(speech_path, noise_kind, noise_root, noise_manifest, options)
-    out.mkdir(parents=True, exist_ok=True)  # after the inputs are checked: a refused run leaves no folder
+    made = make_folder(out)  # after the inputs are checked; removed again if no model gets to write
     runs, problems = [], list(plan.problems)
     todo_total = len(plan.mixtures) * len(options.models)
-    with progress(total=todo_total, unit="mix", desc="wat-robust", disable=None if options.progress is None
-              else not options.progress, smoothing=0.1) as bar:
-        for spec in options.models:
-            run = run_model(spec, plan, options, out, bar, model=(models or {}).get(spec))
-            runs.append(run)
-            problems += [(run["name"], *e) for r in run["records"] for e in r["errors"]]
+    try:
+        with progress(total=todo_total, unit="mix", desc="wat-robust", disable=None if options.progress is None
+                      else not options.progress, smoothing=0.1) as bar:
+            for spec in options.models:
+                run = run_model(spec, plan, options, out, bar, model=(models or {}).get(spec))
+                runs.append(run)
+                problems += [(run["name"], *e) for r in run["records"] for e in r["errors"]]
+    except BaseException:  # e.g. a --model that does not load: no empty --out left behind
+        remove_bare(made)
+        raise
     write_tsv(out / "problems.tsv", ("model", "id", "path", "reason"), problems)
     rows = score(plan, runs)
     return report.write_report(out, plan, runs, rows, problems, options)
