@@ -15,7 +15,7 @@ from whisper.audio import HOP_LENGTH, N_SAMPLES
 
 from wat.data.cache import POLICIES
 
-from .layers import MIN_SAMPLES, encode_layers, encoder_frames
+from .layers import MIN_SAMPLES, encode_layers, encoder_frames, integer
 from .load import fingerprint, load_whisper, model_name
 
 DEFAULT_MODEL = "base"
@@ -37,14 +37,16 @@ class WhisperHEAR(nn.Module):
                  batch_size: int = 16):
         super().__init__()
         n = whisper_model.dims.n_audio_layer
-        self.layers = tuple(range(n)) if layers == "all" else tuple(int(l) for l in layers)
-        if not self.layers or any(not 0 <= l < n for l in self.layers):
-            raise ValueError(f"layers must be 'all' or indices in 0..{n - 1}, got {layers!r}")
+        self.layers = tuple(range(n)) if layers == "all" else tuple(integer(l) for l in layers)
+        if not self.layers or any(l is None or not 0 <= l < n for l in self.layers):
+            raise ValueError(f"layers must be 'all' or integer indices in 0..{n - 1}, got {layers!r}")
+        if integer(batch_size) is None or integer(batch_size) < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if reduce not in ("mean", "concat"):
             raise ValueError(f"reduce must be 'mean' or 'concat', got {reduce!r}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        self.reduce, self.policy, self.batch_size = reduce, policy, batch_size
+        self.reduce, self.policy, self.batch_size = reduce, policy, integer(batch_size)
         self.dims = whisper_model.dims
         self.encoder = whisper_model.encoder
         self.name, self.fingerprint = model_name(whisper_model), fingerprint(whisper_model)

@@ -3,6 +3,7 @@ inside forward hooks, so full-resolution activations never leave the device or o
 """
 from __future__ import annotations
 
+import operator
 from contextlib import contextmanager
 
 import numpy as np
@@ -32,6 +33,17 @@ class ShortClipError(ValueError):
                "a shorter clip has no 10 ms log-mel frame, so its features would not depend on its audio")
         super().__init__(f"a clip of {samples} samples ({1000 * samples / SAMPLE_RATE:g} ms at 16 kHz) is too "
                          f"short for policy {policy!r}, which needs at least {MIN_SAMPLES[policy]} samples: {why}")
+
+
+def integer(value) -> int | None:
+    """An integer option given as an int, a numpy integer or a decimal string -> int; None for
+    anything else (1.5, nan, inf, True), so a bad value is refused, never silently truncated."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(value) if isinstance(value, str) else operator.index(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def log_mel(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
@@ -207,6 +219,8 @@ def encode_layers(model, audio, *, frames: int = 25, policy: str = "pad30", laye
     raise `ShortClipError`."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}: expected one of {POLICIES}")
+    if integer(frames) is None or not 1 <= integer(frames) <= N_FRAMES // 2:
+        raise ValueError(f"frames must be an integer in 1..{N_FRAMES // 2} (the encoder frames of 30 s), got {frames!r}")
     device = next(model.parameters()).device
     audio = torch.as_tensor(np.asarray(audio) if not torch.is_tensor(audio) else audio)
     if audio.ndim != 2 or audio.shape[1] == 0:

@@ -132,3 +132,19 @@ def test_bad_options(tiny_model):
         hear.WhisperHEAR(tiny_model, reduce="max")
     with pytest.raises(ValueError, match="n_sounds"):
         hear.get_scene_embeddings(torch.zeros(16000), hear.WhisperHEAR(tiny_model))
+    # numbers: 0, negative, NaN, inf, absurd and fractional values are refused, never truncated
+    for bad in (0, -1, float("nan"), float("inf"), 1.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            hear.WhisperHEAR(tiny_model, batch_size=bad)
+        if bad != 0:   # layer 0 exists
+            with pytest.raises(ValueError, match="layers"):
+                hear.WhisperHEAR(tiny_model, layers=[bad])
+        with pytest.raises(ValueError, match="frames"):
+            encode_layers(tiny_model, torch.zeros(1, 16000), frames=bad)
+    with pytest.raises(ValueError, match="layers"):
+        hear.WhisperHEAR(tiny_model, layers=[10**12])
+    with pytest.raises(ValueError, match="frames"):
+        encode_layers(tiny_model, torch.zeros(1, 16000), frames=10**12)
+    # an absurd batch is one batch of everything; integer strings still work
+    m = hear.WhisperHEAR(tiny_model, layers=["3"], batch_size=10**12)
+    assert m.layers == (3,) and hear.get_scene_embeddings(torch.zeros(2, 4000), m).shape == (2, 384)

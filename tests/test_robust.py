@@ -329,7 +329,8 @@ def test_cli_errors(capsys, tmp_path):
 
     base = ["--speech", str(LIBRI), "--noise-dataset", "esc50", "--noise-root", str(tmp_path), "--model", "tiny.en",
             "--out", str(tmp_path / "o")]
-    for bad in (["--snr", "20,nan"], ["--snr", "20"], ["--snr", "20,-500"], ["--batch-size", "0"],
+    for bad in (["--snr", "20,nan"], ["--snr", "20"], ["--snr", "20,-500"], ["--snr", "0,inf"], ["--snr", f"0,{10**12}"],
+                ["--snr", "-1,-1"], ["--snr", "0"], ["--snr", ""], ["--snr", "0,,5"], ["--batch-size", "0"],
                 ["--chunk-size", "-1"], ["--limit", "0"], ["--noise-per-utterance", "0"], ["--workers", "0"], ["--jobs", "0"], ["--batch-size", "nan"],
                 ["--seed", "-1"], ["--device", "tpu"], ["--language", "klingon"]):
         with pytest.raises(SystemExit) as e:
