@@ -21,6 +21,7 @@ from wat.data.cache import POLICIES
 # first log-mel frame transcribe counts as content (samples // 160); a shorter clip has none, so its
 # window would be padding only and its features the same whatever the audio.
 MIN_SAMPLES = {"trim": N_FFT // 2 + 1, "pad30": HOP_LENGTH}
+MAX_FRAMES = N_FRAMES // 2  # pooled frames per clip: at most the encoder frames of a 30 s window
 
 
 class ShortClipError(ValueError):
@@ -219,8 +220,8 @@ def encode_layers(model, audio, *, frames: int = 25, policy: str = "pad30", laye
     raise `ShortClipError`."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}: expected one of {POLICIES}")
-    if integer(frames) is None or not 1 <= integer(frames) <= N_FRAMES // 2:
-        raise ValueError(f"frames must be an integer in 1..{N_FRAMES // 2} (the encoder frames of 30 s), got {frames!r}")
+    if integer(frames) is None or not 1 <= integer(frames) <= MAX_FRAMES:
+        raise ValueError(f"frames must be an integer in 1..{MAX_FRAMES} (the encoder frames of 30 s), got {frames!r}")
     device = next(model.parameters()).device
     audio = torch.as_tensor(np.asarray(audio) if not torch.is_tensor(audio) else audio)
     if audio.ndim != 2 or audio.shape[1] == 0:

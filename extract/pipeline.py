@@ -43,7 +43,7 @@ from wat.data.audio import SAMPLE_RATE, fit_length, load_audio
 from wat.data.datasets import Clip, Dataset
 from wat.data.files import LockedError, locked_folder, write_json, write_tsv
 
-from .layers import encode_layers, layer_subset
+from .layers import MAX_FRAMES, encode_layers, layer_subset
 from .load import fingerprint, load_whisper, model_name
 
 MANIFEST = "manifest.json"
@@ -97,6 +97,8 @@ class ExtractOptions:
         for name in ("frames", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ExtractError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.frames > MAX_FRAMES:
+            raise ExtractError(f"frames must be <= {MAX_FRAMES} (the encoder frames of 30 s), got {self.frames}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ExtractError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.limit is not None and self.limit < 0:

@@ -261,6 +261,8 @@ def test_bad_numbers_are_one_error_line_before_the_model_loads(tmp_path, capsys,
     assert sum(line.startswith("wat-extract: error:") for line in err) == 1 and "Traceback" not in "".join(err)
     with pytest.raises(ExtractError, match="num_workers must be >= 0"):  # the library refuses it too
         ExtractOptions(num_workers=-1).check()
+    with pytest.raises(ExtractError, match="frames must be <= 1500"):     # before encode_layers would
+        ExtractOptions(frames=1501).check()
 
 
 
