@@ -358,7 +358,8 @@ def robust_html(out: Path, summary: dict, rows: list[dict], panels: list[dict], 
             ["model", "id", "path", "reason"], [tuple(p) for p in problems[:500]])
             + (H.paragraph(f"... {len(problems) - 500} more in problems.tsv") if len(problems) > 500 else "")))
     sub = (f"{', '.join(labels)}: {summary['mixtures_per_model']} mixtures of {summary['speech']['utterances_planned']} "
-           f"utterances ({summary['speech']['kind']}; {speech_line(summary['speech'])}) x {summary['noise_per_utterance']} "
-           f"{summary['noise']['dataset']} noise clip(s) x SNRs {', '.join(f'{s:+g}' for s in summary['snrs'])} dB")
+           f"utterances ({summary['speech']['kind']}) x {summary['noise_per_utterance']} "
+           f"{summary['noise']['dataset']} noise clip(s) x SNRs {', '.join(f'{s:+g}' for s in summary['snrs'])} dB; "
+           f"{speech_line(summary['speech'])}")
     return H.write_report(out / "report.html", "wat-robust: speech recognition under background sounds", sub,
                           sections)
