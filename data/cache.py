@@ -762,6 +762,28 @@ def _read_rows(dset: h5py.Dataset, rows: np.ndarray, max_gap: int = 8) -> np.nda
     return out
 
 
+def _chunk_grid(dset: h5py.Dataset) -> np.ndarray | None:
+    """Byte offset in its file of each chunk of `dset`, as an array over the chunk grid, when every
+    chunk lies raw there (no filter, little-endian, all allocated, full size: HDF5 stores edge
+    chunks whole when unfiltered); else None."""
+    if dset.chunks is None or dset.dtype.byteorder == ">" or dset.id.get_create_plist().get_nfilters():
+        return None
+    chunks = dset.chunks
+    grid = np.full([-(-n // k) for n, k in zip(dset.shape, chunks)], -1, np.int64)
+    size = dset.dtype.itemsize * int(np.prod(chunks))
+    if hasattr(dset.id, "chunk_iter"):  # HDF5 >= 1.12.3: one pass over the chunk index
+        def visit(info):
+            if info.byte_offset is not None and info.size == size:
+                grid[tuple(o // k for o, k in zip(info.chunk_offset, chunks))] = info.byte_offset
+        dset.id.chunk_iter(visit)
+    else:
+        for at in np.ndindex(*grid.shape):
+            info = dset.id.get_chunk_info_by_coord(tuple(i * k for i, k in zip(at, chunks)))
+            if info.byte_offset is not None and info.size == size:
+                grid[at] = info.byte_offset
+    return None if (grid < 0).any() else grid
+
+
 def row_offsets(dset: h5py.Dataset) -> np.ndarray | None:
     """Byte offset in its file of each row of `dset` when every row lies whole and raw in the file
     (no filter, little-endian, chunks spanning whole rows, all allocated); else None. Readers then
@@ -775,19 +797,23 @@ def row_offsets(dset: h5py.Dataset) -> np.ndarray | None:
         return None if start is None else start + np.arange(shape[0], dtype=np.int64) * row_bytes
     if tuple(chunks[1:]) != tuple(shape[1:]):
         return None
-    k = chunks[0]
-    starts = np.full(-(-shape[0] // k), -1, np.int64)
-    if hasattr(dset.id, "chunk_iter"):  # HDF5 >= 1.12.3: one pass over the chunk index
-        def visit(info):
-            starts[info.chunk_offset[0] // k] = -1 if info.byte_offset is None else info.byte_offset
-        dset.id.chunk_iter(visit)
-    else:
-        for i in range(len(starts)):
-            info = dset.id.get_chunk_info_by_coord((i * k,) + (0,) * (len(shape) - 1))
-            starts[i] = -1 if info.byte_offset is None else info.byte_offset
-    if (starts < 0).any():
+    grid = _chunk_grid(dset)
+    if grid is None:
         return None
-    return (starts[:, None] + np.arange(k, dtype=np.int64) * row_bytes).reshape(-1)[:shape[0]]
+    k = chunks[0]
+    return (grid.reshape(-1)[:, None] + np.arange(k, dtype=np.int64) * row_bytes).reshape(-1)[:shape[0]]
+
+
+def layer_chunk_offsets(dset: h5py.Dataset) -> np.ndarray | None:
+    """[row chunks, layers] byte offsets in its file of the chunks of a dataset chunked one layer
+    at a time (`mean`: chunks (k, 1, D)), each holding k rows of one layer, when all lie raw in the
+    file (`_chunk_grid`); else None. Readers of whole blocks of rows then copy whole chunks with
+    plain file reads instead of going through the HDF5 library."""
+    chunks = dset.chunks
+    if chunks is None or len(chunks) < 2 or chunks[1] != 1 or tuple(chunks[2:]) != tuple(dset.shape[2:]):
+        return None
+    grid = _chunk_grid(dset)
+    return None if grid is None else grid.reshape(grid.shape[:2])
 
 
 def open_cache(path) -> Cache:

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .cache import Cache, _handle, _read_rows, _row_scale, open_cache, raw_fd, row_offsets
+from .cache import Cache, _handle, _read_rows, _row_scale, layer_chunk_offsets, open_cache, raw_fd, row_offsets
 
 _IOV_MAX = 1024  # iovecs per preadv call (Linux UIO_MAXIOV)
 _DASK_TASK_BYTES = 128 << 20  # stored bytes a dask_view task reads: big enough to amortise a task
@@ -80,6 +80,7 @@ class FeatureStore:
         self.buffer_blocks = max(1, buffer_blocks)
         self.read_threads = max(1, read_threads)
         self._layouts: dict[int, tuple[int, np.ndarray] | None] = {}
+        self._chunk_layouts: dict[int, tuple[int, np.ndarray, int] | None] = {}
         self._pin = torch.cuda.is_available()  # pinned host batches: async host-to-device copies
         self._scale = self._row_shard = None
         if self.stored == np.int8:  # [S, L, D] scales and each row's shard, on the device
@@ -185,10 +186,128 @@ class FeatureStore:
                 b = order[a:a + batch_size]
                 yield b, self.get(b, dtype)
             return
+        if not all(self._layout(s) is not None for s in range(len(self.cache.shards))):
+            yield from self._stream_windows(idx, batch_size, shuffle, rng, dtype)
+            return
         yield from self._stream(idx, batch_size, shuffle, rng, dtype)
 
-    def _plan(self, idx: np.ndarray, shuffle: bool, rng) -> list[tuple[int, np.ndarray]]:
-        """(shard, sorted global indices) per block, in visiting order."""
+    # ------------------------------------------------- streaming rows not stored whole (`mean`)
+
+    def _chunk_layout(self, s: int) -> tuple[int, np.ndarray, int] | None:
+        """(file descriptor, [row chunks, layers] chunk offsets, rows per chunk) of shard s when its
+        field is stored in raw chunks of one layer (`layer_chunk_offsets`), or None: read via h5py."""
+        if s not in self._chunk_layouts:
+            dset = self.cache.dataset(s, self.field)
+            grid = layer_chunk_offsets(dset)
+            self._chunk_layouts[s] = None if grid is None else (raw_fd(str(self.cache.shards[s][0])), grid, dset.chunks[0])
+        return self._chunk_layouts[s]
+
+    def window_blocks(self, block_rows: int) -> int:
+        """Blocks of `block_rows` rows per window when streaming rows not stored whole: two windows
+        (the one batches are cut from, the next being read) and one block of staging within the
+        memory budget, at most `buffer_blocks` (the shuffle window of whole-row streaming), and at
+        least 2 whatever the budget: rows are shuffled within a window, so fewer mixes nothing."""
+        blocks = self.memory_budget // max(1, block_rows * self.row_bytes)
+        return int(max(2, min(self.buffer_blocks, (blocks - 1) // 2)))
+
+    def _read_span(self, s: int, a: int, b: int, out: np.ndarray, stage: list) -> None:
+        """Local rows [a, b) of shard s, whole, into `out` ([b - a, ...] as stored), then checked
+        against their checksums. Raw chunks of one layer: the chunks covering the rows are copied
+        with plain file reads into `stage` (one read per run of chunks adjacent in the file; the
+        GIL is released), then transposed into rows. Otherwise one h5py read of the rows."""
+        layout = self._chunk_layout(s)
+        if layout is None:
+            out[...] = self.cache.dataset(s, self.field)[a:b]
+        else:
+            fd, grid, c = layout
+            k0, k1 = a // c, -(-b // c)
+            n_layers = grid.shape[1]
+            shape = (k1 - k0, n_layers, c) + self.shape[1:]  # [row chunks, layers, rows, ...]
+            nbytes = self.stored.itemsize * int(np.prod(shape))
+            if stage[0] is None or stage[0].nbytes < nbytes:
+                stage[0] = np.empty(nbytes, np.uint8)
+            raw = stage[0][:nbytes]
+            chunk = nbytes // (shape[0] * n_layers)
+            offsets = grid[k0:k1].reshape(-1)  # in `shape`'s order: chunk j at raw[j * chunk:]
+            breaks = np.flatnonzero(np.diff(offsets) != chunk) + 1
+            for run in np.split(np.arange(len(offsets)), breaks):
+                _preadv_all(fd, [raw[run[0] * chunk:(run[-1] + 1) * chunk]], int(offsets[run[0]]))
+            chunks = torch.from_numpy(raw.view(self.stored).reshape(shape))
+            rows = torch.from_numpy(out)
+            for k in range(k0, k1):
+                lo, hi = max(a, k * c), min(b, (k + 1) * c)
+                rows[lo - a:hi - a].copy_(chunks[k - k0, :, lo - k * c:hi - k * c].transpose(0, 1))
+        self._check(s, a, out)
+
+    def _stream_windows(self, idx, batch_size, shuffle, rng, dtype):
+        """`_stream` for fields whose rows are not stored whole (`mean`: HDF5 chunks of 256 rows of
+        one layer). A row read alone there costs every chunk it touches (32 chunks of 640 KB for
+        one 80 KB row at large width), so whole blocks of rows are read instead, into a window
+        held in memory while its batches are gathered from it (tensor indexing, as in memory); a
+        loader thread reads the next window meanwhile. The order is planned as in `_stream`
+        (shards, then blocks of each, in a seeded random order; rows shuffled within each window),
+        with blocks aligned to the HDF5 chunks and `window_blocks` blocks per window: rows are
+        shuffled within windows of that many blocks, not over the whole epoch."""
+        first = self._chunk_layout(0)
+        c = first[2] if first is not None else 1
+        block_rows = max(c, self.block_rows // c * c)  # whole chunks: none read twice
+        plan = self._plan(idx, shuffle, rng, block_rows)
+        w = self.window_blocks(block_rows)
+        windows, orders, places = [], [], []
+        for a in range(0, len(plan), w):
+            spans, pos, base = [], [], 0  # (shard, first local row, end, position in the window)
+            for s, rows in plan[a:a + w]:
+                start = self.cache.shards[s][1]
+                lo, hi = int(rows[0]) - start, int(rows[-1]) - start + 1
+                spans.append((s, lo, hi, base))
+                pos.append(rows - start - lo + base)
+                base += hi - lo
+            part, pos = np.concatenate([r for _, r in plan[a:a + w]]), np.concatenate(pos)
+            perm = rng.permutation(len(part)) if shuffle else np.arange(len(part))
+            windows.append((spans, base))
+            orders.append(part[perm])
+            places.append(pos[perm])
+        size = max((n for _, n in windows), default=0)
+        buffers, stage = [None, None], [None]  # two windows, reused; the loader's staging block
+        rows_dtype = _TORCH[self.stored]
+
+        def load(k: int) -> torch.Tensor:
+            if buffers[k % 2] is None:
+                buffers[k % 2] = np.empty((size,) + self.shape, self.stored)
+            win = buffers[k % 2]
+            for s, a, b, base in windows[k][0]:
+                self._read_span(s, a, b, win[base:base + b - a], stage)
+            return torch.from_numpy(win)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="wat-window") as pool:
+            nxt = pool.submit(load, 0) if windows else None
+            try:
+                batch, rows, filled, done = None, None, 0, 0
+                order = np.concatenate(orders) if orders else idx[:0]
+                for k in range(len(windows)):
+                    win = nxt.result()
+                    nxt = pool.submit(load, k + 1) if k + 1 < len(windows) else None
+                    place = torch.from_numpy(places[k])
+                    i = 0
+                    while i < len(place):
+                        if batch is None:
+                            rows = order[done:done + batch_size]
+                            batch = torch.empty((len(rows),) + self.shape, dtype=rows_dtype, pin_memory=self._pin)
+                        take = min(len(batch) - filled, len(place) - i)
+                        torch.index_select(win, 0, place[i:i + take], out=batch[filled:filled + take])
+                        filled, i = filled + take, i + take
+                        if filled == len(batch):
+                            x, batch, filled, done = batch, None, 0, done + len(rows)
+                            yield rows, self.values(x.to(self.device, non_blocking=True), rows, dtype)
+                    del win
+            finally:
+                if nxt is not None:
+                    nxt.cancel()
+
+    def _plan(self, idx: np.ndarray, shuffle: bool, rng, block_rows: int | None = None) -> list[tuple[int, np.ndarray]]:
+        """(shard, sorted global indices) per block of `block_rows` (default `self.block_rows`)
+        rows, in visiting order."""
+        block_rows = block_rows or self.block_rows
         shard = self.cache.shard_of(idx)
         shards = np.unique(shard)
         if shuffle:
@@ -197,7 +316,7 @@ class FeatureStore:
         for s in shards:
             start = self.cache.shards[s][1]
             rows = np.sort(idx[shard == s])
-            block_of = (rows - start) // self.block_rows
+            block_of = (rows - start) // block_rows
             blocks = [rows[block_of == k] for k in np.unique(block_of)]
             if shuffle:
                 blocks = [blocks[i] for i in rng.permutation(len(blocks))]
