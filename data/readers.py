@@ -9,8 +9,18 @@ per row, no HDF5 call per row, adjacent rows in one call; the GIL is released wh
 while a prefetch thread asks the kernel to read the current and the next window ahead, block by
 block (`POSIX_FADV_WILLNEED`: sequential disk reads, no copy to user space). Batch buffers are
 reused once the caller has let go of them: a fresh 100 MB buffer costs a page fault per 4 KiB
-page, which from the page cache cost more than the copy itself (BENCHMARKS.md). Fields whose rows
-are not stored whole (`mean`, chunked by layer) are read through h5py instead.
+page, which from the page cache cost more than the copy itself (BENCHMARKS.md).
+
+Fields whose rows are not stored whole (`mean`: HDF5 chunks of 256 rows of one layer, so that
+probing reads one layer) stream by window instead (`_stream_windows`): a row read alone there
+costs every chunk it touches. Whole blocks (aligned to the chunks) are copied from the file and
+transposed into rows, a window of `window_blocks` blocks is held in memory while its batches are
+gathered from it, and a loader thread reads the next. The randomness given up, in both streaming
+paths: rows are shuffled within a window (whole rows: `buffer_blocks` blocks of `block_bytes`;
+`mean`: that many blocks, fewer when two windows do not fit the memory budget, at least 2), and
+shards and the blocks within them come in a random order; not over the whole epoch. At large width
+(32 x 1280 f16, 80 KB a row: blocks of up to 768 rows) a `mean` window is up to 6144 clips by
+default, 1536 at the least (int8: twice). Random access (`get`) to such rows reads them through h5py.
 
 The reader threads only copy stored bytes: int8 rows stay int8 (half the bytes of f16) until the
 store's device, where `values` turns them into numbers in the dtype the caller computes in (f16 by
@@ -19,9 +29,10 @@ stored, against their checksums the first time this process reads them (`Cache.c
 
 Memory: `memory_budget` bounds the cache data the store holds: the resident field (in memory), or
 in streaming the batch buffers, stored and (CPU store) converted: those being read, the one handed
-to the caller and the one it held before, at least 3 batches whatever the budget. It does not
+to the caller and the one it held before, at least 3 batches whatever the budget; streaming by
+window: two windows and one block of staging, at least 5 blocks whatever the budget. It does not
 bound what the caller computes from a batch (mixup and masked copies, activations kept for
-autograd, the model and optimiser); nothing per window or per epoch is held.
+autograd, the model and optimiser); nothing is held from one epoch to the next.
 """
 from __future__ import annotations
 
@@ -248,19 +259,18 @@ class FeatureStore:
         (shards, then blocks of each, in a seeded random order; rows shuffled within each window),
         with blocks aligned to the HDF5 chunks and `window_blocks` blocks per window: rows are
         shuffled within windows of that many blocks, not over the whole epoch."""
-        first = self._chunk_layout(0)
-        c = first[2] if first is not None else 1
+        c = (self.cache.dataset(0, self.field).chunks or (1,))[0]
         block_rows = max(c, self.block_rows // c * c)  # whole chunks: none read twice
         plan = self._plan(idx, shuffle, rng, block_rows)
         w = self.window_blocks(block_rows)
         windows, orders, places = [], [], []
         for a in range(0, len(plan), w):
             spans, pos, base = [], [], 0  # (shard, first local row, end, position in the window)
-            for s, rows in plan[a:a + w]:
+            for s, block in plan[a:a + w]:
                 start = self.cache.shards[s][1]
-                lo, hi = int(rows[0]) - start, int(rows[-1]) - start + 1
+                lo, hi = int(block[0]) - start, int(block[-1]) - start + 1
                 spans.append((s, lo, hi, base))
-                pos.append(rows - start - lo + base)
+                pos.append(block - start - lo + base)
                 base += hi - lo
             part, pos = np.concatenate([r for _, r in plan[a:a + w]]), np.concatenate(pos)
             perm = rng.permutation(len(part)) if shuffle else np.arange(len(part))

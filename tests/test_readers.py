@@ -164,3 +164,117 @@ def test_dask_view_sizes_tasks_by_stored_bytes(cache, monkeypatch):
     arr = dask_view(c, "features")
     assert arr.chunks[0][0] * per_row * c.stored_dtype.itemsize == task
     assert np.array_equal(arr[:9].compute(), c.read("features", np.arange(9)))
+
+
+# ------------------------------------------------ streaming `mean` (rows not stored whole)
+
+ML, MD = 4, 256  # mean rows of 2 KB (f16): a block of 256 rows dwarfs the epoch's index arrays
+MEAN_SHARDS = [300, 1200, 45, 600]  # HDF5 chunks of min(256, n) rows of one layer: edge chunks, a small shard
+
+
+@pytest.fixture(scope="module", params=["fp16", "int8"])
+def means(tmp_path_factory, request):
+    """(cache, in-memory mean store) of a cache whose shards span several chunk rows."""
+    from wat.data.labels import Vocabulary
+    from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+
+    n = sum(MEAN_SHARDS)
+    vocab = Vocabulary.from_names(["a", "b"])
+    meta = synthetic_meta(vocab=vocab, multilabel=True, n_layers=ML, n_frames=1, dim=MD, storage=request.param)
+    x = np.random.default_rng(0).standard_normal((n, ML, 1, MD), dtype=np.float32).astype(np.float16)
+    index = tmp_path_factory.mktemp("means") / "feats.h5"
+    write_synthetic_cache(index, meta, x, [(i % 2,) for i in range(n)], shards=MEAN_SHARDS)
+    c = open_cache(index)
+    assert c.dataset(1, "mean").chunks == (256, 1, MD)
+    return c, FeatureStore(c, "mean", memory_budget=1 << 30)
+
+
+def _mean_stream(c, budget_blocks: float, **kw):
+    """A streaming mean store with blocks of 256 rows and a budget of that many blocks."""
+    row = c.stored_dtype.itemsize * ML * MD
+    store = FeatureStore(c, "mean", memory_budget=int(budget_blocks * 256 * row), block_bytes=256 * row, **kw)
+    assert not store.in_memory
+    return store
+
+
+def _epoch(store, req, bs, seed=0, shuffle=True, dtype=None):
+    return [(i, x) for i, x in store.iter_batches(req, bs, shuffle=shuffle, seed=seed, dtype=dtype)]
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.float32])
+def test_streaming_mean_returns_each_request_exactly_as_in_memory(means, dtype):
+    """Every requested row (repeats as repeats) once per epoch, bit-identical to the in-memory
+    store's rows (int8: as stored, and dequantised the same way), through raw chunk reads and
+    through h5py (a layout without raw chunks) alike."""
+    c, mem = means
+    n = len(c)
+    rng = np.random.default_rng(2)
+    req = np.concatenate([np.arange(n), rng.choice(n, 300)])  # all, then repeats
+    got = {}
+    for raw in (True, False):
+        store = _mean_stream(c, 0)
+        if not raw:
+            store._chunk_layouts = {s: None for s in range(len(c.shards))}
+        batches = _epoch(store, req, 48, dtype=dtype)
+        idx = np.concatenate([i for i, _ in batches])
+        assert Counter(idx.tolist()) == Counter(req.tolist())
+        assert [len(i) for i, _ in batches] == [48] * (len(req) // 48) + [len(req) % 48]
+        for i, x in batches:
+            assert x.dtype == (dtype or mem.get([0], None).dtype)
+            assert torch.equal(x, mem.get(i, dtype))
+        got[raw] = idx
+    assert np.array_equal(got[True], got[False])  # the order does not depend on how rows are read
+
+
+def test_streaming_mean_is_deterministic_and_shuffles_within_windows(means):
+    c, _ = means
+    store = _mean_stream(c, 0)
+    req = np.arange(len(c))
+
+    def order(seed, shuffle=True):
+        return np.concatenate([i for i, _ in _epoch(store, req, 32, seed, shuffle)])
+    a = order(5)
+    assert np.array_equal(a, order(5)) and not np.array_equal(a, order(6))
+    assert np.array_equal(order(5, shuffle=False), req)
+    # the randomness given up: rows are shuffled within windows of `window_blocks` blocks (here the
+    # floor of 2 blocks of 256 rows), blocks and shards visited in a random order
+    w = store.window_blocks(256)
+    assert w == 2
+    starts = np.array([s for _, s, _ in c.shards])
+    block = [(int(s), int(r - starts[s]) // 256) for s, r in zip(c.shard_of(a), a)]
+    first = list(dict.fromkeys(block))  # blocks in order of first appearance
+    assert len(first) == 11  # 300 -> 2 blocks, 1200 -> 5, 45 -> 1, 600 -> 3
+    at = 0
+    for k in range(0, len(first), w):
+        members = set(first[k:k + w])
+        size = sum(1 for b in block if b in members)
+        segment = block[at:at + size]
+        assert set(segment) == members  # a window holds exactly its blocks' rows ...
+        assert not np.array_equal(a[at:at + size], np.sort(a[at:at + size]))  # ... shuffled among them
+        at += size
+    assert at == len(a)
+
+
+@pytest.mark.parametrize("budget, buffer_blocks, w", [(0, 8, 2), (8, 8, 3), (8, 2, 2)])
+def test_streaming_mean_holds_at_most_the_budget(means, budget, buffer_blocks, w):
+    """The cache data an epoch holds (two windows, the staging block) stays within the memory
+    budget; below 5 blocks (2 windows of 2 blocks, 1 staging) the window stays 2 blocks. Besides:
+    the epoch's index arrays (plan, order, window positions: a few int64 per requested row).
+    Measured with tracemalloc (it sees numpy's allocations) over a second epoch."""
+    import tracemalloc
+
+    c, mem = means
+    store = _mean_stream(c, budget, buffer_blocks=buffer_blocks)
+    assert store.window_blocks(256) == w
+    block = 256 * store.row_bytes
+    req = np.arange(len(c))
+    _epoch(store, req, 64)  # first-use costs (lazy imports, file handles) are not the epoch's
+    tracemalloc.start()
+    try:
+        for i, x in store.iter_batches(req, 64, seed=1, dtype=None):
+            assert torch.equal(x, mem.get(i, None))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= max(store.memory_budget, 5 * block) + 64 * len(req)
+    assert peak >= 3 * block  # the measurement sees the windows (two of at least 2 blocks' span)

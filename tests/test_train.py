@@ -143,6 +143,22 @@ def test_resume_is_bit_identical_and_wa_averages(tmp_path):
         train(opts(tr, tmp_path / "cut", resume=True, **{**kw, "lr": 0.5}))
 
 
+def test_streaming_mean_resume_is_bit_identical(tmp_path):
+    """An MLP head streaming `mean` (memory budget 0: windows of whole blocks, shuffled within
+    them) trains the same run twice from one seed, and a resumed run finishes it bit for bit."""
+    tr = multilabel(tmp_path, "tr", 64, 1)
+    kw = dict(head="wa-mlp", epochs=3, memory_budget=0, balanced=True, seed=3)
+    train(opts(tr, tmp_path / "full", **kw))
+    train(opts(tr, tmp_path / "again", **kw))
+    with pytest.raises(Interrupted):
+        train(opts(tr, tmp_path / "cut", max_epochs_this_run=1, **kw))
+    train(opts(tr, tmp_path / "cut", resume=True, **kw))
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["fits"][0]["head"]
+    for run in ("again", "cut"):
+        b = torch.load(tmp_path / run / "last.pt", weights_only=True)["fits"][0]["head"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
+
+
 def test_errors(esc_like, tmp_path, capsys):
     tr = multilabel(tmp_path, "tr", 32, 1)
     other = multilabel(tmp_path, "other", 32, 2, vocab=Vocabulary.from_names([f"z{i}" for i in range(6)]))
