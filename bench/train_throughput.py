@@ -6,8 +6,9 @@ versus compute only (the same batches already on the device, no augmentation).
     python bench/train_throughput.py --device cuda --size large --head wa-mlp --clips 20000 --steps 400 --per-round 50
 
 Prints samples/s for compute only, compute + augmentation on resident batches, end to end with the
-cache in memory (on the device) and end to end streaming from disk (memory budget 0), and the
-ratios end-to-end / compute-only (target >= 0.9). MLP heads read the cache's `mean` field, as the
+cache in memory (on the device) and end to end streaming from disk (memory budget 0), the
+streaming reader alone (batches on the device, no step), and the ratios to compute only (target
+for end to end >= 0.9). MLP heads read the cache's `mean` field, as the
 trainer does. A synthetic cache is written to a temporary folder (or --cache-dir) once.
 """
 from __future__ import annotations
@@ -54,11 +55,12 @@ def make_cache(folder: Path, n: int, n_layers: int, dim: int, shard_clips: int =
 
 
 class Mode:
-    """One way of feeding the trainer; `advance(k)` runs k steps and returns (samples, seconds)."""
+    """One way of feeding the trainer; `advance(k)` runs k steps (head None: takes k batches, no
+    step: the reader alone) and adds their samples and seconds."""
 
     def __init__(self, head, batches, cfg, device, targets):
         self.head, self.batches, self.cfg, self.device, self.targets = head, batches, cfg, device, targets
-        self.opt = make_optimizer(head, 1e-4)
+        self.opt = make_optimizer(head, 1e-4) if head is not None else None
         self.autocast, self.scaler = amp(device)
         self.gen = torch.Generator().manual_seed(0)
         self.samples, self.seconds = 0, 0.0
@@ -69,10 +71,12 @@ class Mode:
         t0, n = time.perf_counter(), 0
         for _ in range(k):
             idx, x = next(self.batches)
+            n += len(idx)
+            if self.head is None:
+                continue
             y = self.targets[torch.as_tensor(idx, device=self.device)]
             loss = train_step(self.head, self.opt, x, y, self.cfg, self.gen, scaler=self.scaler, autocast=self.autocast)
-            n += len(idx)
-        float(loss)  # waits for the device
+        float(loss) if self.head is not None else sync()  # waits for the device
         if timed:
             self.samples, self.seconds = self.samples + n, self.seconds + time.perf_counter() - t0
 
@@ -138,6 +142,9 @@ def main(argv=None) -> int:
         "compute + augmentation": Mode(head(), iter(pre), aug, device, targets),
         "end to end, in memory": Mode(head(), batches(resident, order, a.batch_size, gen), aug, device, targets),
         "end to end, streaming": Mode(head(), batches(streaming, order, a.batch_size, gen), aug, device, targets),
+        # the streaming reader alone (its own store), batches on the device in f32 as the step takes them
+        "streaming reader only": Mode(None, batches(FeatureStore(cache, field, memory_budget=0, device=device), order,
+                                                    a.batch_size, torch.Generator().manual_seed(0)), aug, device, targets),
     }
     for m in modes.values():  # warm-up: first-call costs, the streaming reader's first fill
         m.advance(1, timed=False)
