@@ -47,6 +47,8 @@ def rows(rec: dict, step: str) -> list[tuple[str, str, str, str]]:
             row(f"{rec['head']} {rec['size']} samples/s, {mode}", f"{sps[mode]:.0f} (ratio {rec['ratios'][mode]:.2f})",
                 f">= {target}", _ge(sps[mode], target))
         row(f"{rec['head']} {rec['size']} samples/s, compute only", f"{sps['compute only']:.0f}")
+        if "streaming reader only" in sps:  # the data path alone: what bounds streaming end to end
+            row(f"{rec['head']} {rec['size']} samples/s, streaming reader only", f"{sps['streaming reader only']:.0f}")
     elif step == "probe":
         row(f"wat probe s/layer ({rec['clips']} clips, {rec['layers']} x {rec['dim']}, 527 classes)",
             f"{rec['wat_s_per_layer']:.2f} (best layer {rec['best_layer']}, mAP {rec['best_mAP']:.4f})")
