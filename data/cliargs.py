@@ -7,6 +7,8 @@ defaults, validates and documents them the same way.
     add_workers(group, "--jobs", ...)  --workers N (1..MAX_WORKERS), old spellings as hidden aliases
     type=int_range(0, 256)             argparse types that refuse out-of-range integers and
     type=float_range(0, 30, lo_open=True)   NaN/inf/out-of-range floats with one error line
+    type=layer_range                   wat-extract --layers START:STOP (a slice of encoder blocks)
+    type=layer_list                    wat-probe --layers all | 0,4,8:12 (blocks and such slices)
 """
 from __future__ import annotations
 
@@ -62,6 +64,62 @@ def float_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = 
 
     parse.__name__ = "number"
     return parse
+
+
+def layer_range(text: str) -> tuple[int | None, int | None]:
+    """`START:STOP` (a slice of encoder blocks; either side may be left out) -> (start, stop).
+    Checked here for form and order; against the blocks there are once a model or cache is open."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, stop = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP (e.g. 8:32), got {text!r}") from None
+    if (start is not None and start < 0) or (stop is not None and stop < 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: blocks are numbered from 0, STOP is exclusive")
+    if start is not None and stop is not None and start >= stop:
+        raise argparse.ArgumentTypeError(f"{text!r}: START must be below STOP")
+    return start, stop
+
+
+def layer_list(text: str) -> tuple[slice, ...] | None:
+    """'all' -> None; else comma-separated encoder blocks (`5`) and `layer_range` slices of them (`8:32`,
+    `8:`: the same blocks wat-extract --layers keeps) -> one slice per item, in order. An empty item
+    ('', '1,,2') is refused: it used to mean "all" or nothing, silently. Blocks named twice and blocks
+    the cache lacks are refused where the cache is known (`wat.eval.probe.select_layers`)."""
+    if text.strip().lower() == "all":
+        return None
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise argparse.ArgumentTypeError(f"{text!r}: an empty item (every layer is 'all')")
+        if ":" in item:
+            out.append(slice(*layer_range(item)))
+            continue
+        try:
+            block = int(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated encoder blocks and START:STOP "
+                                             f"ranges (e.g. 0,8:16), got {text!r}") from None
+        if block < 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: blocks are numbered from 0")
+        out.append(slice(block, block + 1))
+    return tuple(out)
+
+
+def layers_text(layers) -> str:
+    """`layer_list`'s text back from its value (blocks as ints or slices): 'all', '0,8:16,20:'."""
+    if layers is None:
+        return "all"
+    def one(s) -> str:
+        if not isinstance(s, slice):
+            return str(s)
+        if s.start is not None and s.stop == s.start + 1:
+            return str(s.start)
+        return f"{'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}"
+    return ",".join(map(one, layers))
 
 
 def parse_device(text: str) -> str:

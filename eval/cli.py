@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from wat.data.cache import CacheError
-from wat.data.cliargs import MAX_CLASSES, add_device, add_workers, float_range, int_range, parse_args, seed_int
+from wat.data.cliargs import (MAX_CLASSES, add_device, add_workers, float_range, int_range, layer_list, layers_text,
+                              parse_args, seed_int)
 from wat.data.labels import LabelError
 
 
@@ -21,7 +22,10 @@ def probe_parser() -> argparse.ArgumentParser:
                    help="train on --features, test on this cache (one per --features)")
     g.add_argument("--folds", type=int_range(2, 1000), default=5,
                    help="K-fold protocol: the cache's own folds when it has them, else a seeded K-fold split")
-    p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
+    p.add_argument("--layers", type=layer_list, default="all", metavar="all|BLOCKS",
+                   help="'all' (default), or comma-separated encoder blocks and START:STOP ranges of them (STOP "
+                        "exclusive, as wat-extract --layers; an open end is the cache's first or last block), "
+                        "e.g. 0,8:16")
     p.add_argument("--fusion", default="mean,concat", help="baselines: none, or any of mean,concat")
     g = p.add_mutually_exclusive_group()
     add_workers(g, "--jobs", help="worker processes (default: the CPUs available)")
@@ -35,16 +39,17 @@ def probe_parser() -> argparse.ArgumentParser:
 
 
 def probe_main(argv=None) -> int:
-    from .probe import ProbeError, ProbeOptions, default_jobs, parse_fusion, parse_layers, probe
+    from .probe import ProbeError, ProbeOptions, default_jobs, parse_fusion, probe
     from .report import write_probe
 
     a = parse_args(probe_parser(), argv)
     try:
-        opts = ProbeOptions(layers=parse_layers(a.layers), fusion=parse_fusion(a.fusion), folds=a.folds,
+        opts = ProbeOptions(layers=a.layers, fusion=parse_fusion(a.fusion), folds=a.folds,
                             jobs=a.workers or default_jobs(), scheduler=a.scheduler, C=a.C, max_iter=a.max_iter,
                             seed=a.seed, device=a.device)
         rep = probe(a.features, a.eval_features, opts)
-        summary = write_probe(rep, a.out, {f"--{k.replace('_', '-')}": v for k, v in vars(a).items()})
+        shown = {**vars(a), "layers": layers_text(a.layers)}   # as typed, not as slices
+        summary = write_probe(rep, a.out, {f"--{k.replace('_', '-')}": v for k, v in shown.items()})
     except (ProbeError, CacheError, LabelError, OSError) as e:
         print(f"wat-probe: error: {e}", file=sys.stderr)
         return 2

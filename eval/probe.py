@@ -8,12 +8,14 @@ cluster, so memory stays bounded by one layer's matrix per worker.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from wat.data.cache import Cache, CacheError, CacheMeta, open_cache
+from wat.data.cliargs import layers_text
 
 from . import metrics
 
@@ -26,7 +28,7 @@ class ProbeError(Exception):
 
 @dataclass
 class ProbeOptions:
-    layers: list[int] | None = None      # None = all layers of every cache
+    layers: list | None = None           # encoder blocks (ints) and/or slices of them; None = all
     fusion: tuple[str, ...] = FUSIONS    # baselines besides the single layers
     folds: int = 5                       # K-fold when the cache has no folds and no eval cache is given
     jobs: int = 1                        # worker processes
@@ -128,17 +130,32 @@ def _check_eval(train: list[Cache], test: list[Cache]) -> None:
 
 def select_layers(caches: list[Cache], layers) -> list[tuple[int, ...]]:
     """Per cache, the encoder blocks to probe. Layers are named by encoder block everywhere (a
-    `--layers 8:32` cache probes as layers 8..31), whatever position they have in the cache."""
+    `--layers 8:32` cache probes as layers 8..31), whatever position they have in the cache.
+    `layers`: None (all), or blocks (ints) and slices of blocks (`cliargs.layer_list`; an open end
+    is the cache's first or last block); a block the cache lacks or named twice is refused."""
     out = []
     for c in caches:
         have = c.meta.layers
         if layers is None:
             out.append(have)
             continue
-        bad = [l for l in layers if l not in have]
+        blocks, bad = [], []
+        for item in layers:
+            s = item if isinstance(item, slice) else slice(int(item), int(item) + 1)
+            start = have[0] if s.start is None else s.start
+            stop = have[-1] + 1 if s.stop is None else s.stop
+            # bounds first: a range is expanded only within the cache's span (never 0:10**12)
+            if start < have[0] or stop > have[-1] + 1 or start >= stop or not set(range(start, stop)) <= set(have):
+                bad.append(layers_text([item]))
+            else:
+                blocks += range(start, stop)
         if bad:
-            raise ProbeError(f"layer(s) {bad} out of range: {c.path} holds layers {have[0]}..{have[-1]}")
-        out.append(tuple(dict.fromkeys(layers)))
+            held = f"{have[0]}..{have[-1]}" if len(have) == have[-1] - have[0] + 1 else str(list(have))
+            raise ProbeError(f"layer(s) [{', '.join(bad)}] out of range: {c.path} holds layers {held}")
+        twice = sorted(b for b, n in Counter(blocks).items() if n > 1)
+        if twice:
+            raise ProbeError(f"--layers names layer(s) {twice} more than once")
+        out.append(tuple(blocks))
     return out
 
 
@@ -389,15 +406,6 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
                        n_eval_clips=len(y_test) if test else 0)
 
 
-def parse_layers(text: str) -> list[int] | None:
-    if text.strip() in ("", "all"):
-        return None
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ProbeError(f"--layers must be 'all' or comma-separated integers, got {text!r}") from None
-
-
 def parse_fusion(text: str) -> tuple[str, ...]:
     parts = tuple(t.strip() for t in text.split(",") if t.strip() and t.strip() != "none")
     bad = set(parts) - set(FUSIONS)
@@ -411,4 +419,4 @@ def default_jobs() -> int:
 
 
 __all__ = ["ProbeError", "ProbeOptions", "Feature", "FeatureResult", "ProbeReport", "probe", "load_matrix",
-           "check_aligned", "make_folds", "parse_layers", "parse_fusion", "CacheError"]
+           "check_aligned", "make_folds", "parse_fusion", "CacheError"]

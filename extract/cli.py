@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from wat.data.cache import POLICIES
-from wat.data.cliargs import add_device, add_workers, float_range, int_range, parse_args
+from wat.data.cliargs import add_device, add_workers, float_range, int_range, layer_range, parse_args
 from wat.data.datasets import DATASET_KINDS
 
 # --model help of every CLI that loads Whisper (what wat.extract.load_whisper accepts); kept here,
@@ -15,23 +15,6 @@ MODEL_HELP = ("Whisper name (tiny.en, base, large-v2, large-v3, ...; 'large' is 
 
 
 STORES = ("fp16", "int8")  # = wat.data.cache.STORAGES (not imported here: --help stays instant)
-
-
-def layer_range(text: str) -> tuple[int | None, int | None]:
-    """`START:STOP` (a slice of encoder blocks; either side may be left out) -> (start, stop).
-    Checked here for form and order; against the model's block count once it is loaded."""
-    parts = text.split(":")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        start, stop = (int(p) if p.strip() else None for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected START:STOP (e.g. 8:32), got {text!r}") from None
-    if (start is not None and start < 0) or (stop is not None and stop < 1):
-        raise argparse.ArgumentTypeError(f"{text!r}: blocks are numbered from 0, STOP is exclusive")
-    if start is not None and stop is not None and start >= stop:
-        raise argparse.ArgumentTypeError(f"{text!r}: START must be below STOP")
-    return start, stop
 
 
 def parser() -> argparse.ArgumentParser:

@@ -49,6 +49,9 @@ CASES += [("wat-train", "--label-smoothing", "1"), ("wat-train", "--label-smooth
           ("wat-train", "--proj-dim", "12"), ("wat-probe", "--workers", "100000"), ("wat-eval", "--tune-folds", ""),
           ("wat-eval", "--tune-folds", " "), ("wat-eval", "--tune-folds", "1,,2"), ("wat-eval", "--tune-folds", "-1"),
           ("wat-eval", "--tune-folds", "x"), ("wat-tag", "--threshold", "1.5"), ("wat-tag", "--keep-scores", "-1")]
+# wat-probe --layers: 'all' or blocks / START:STOP ranges; an empty item used to mean "all" ('') or nothing ('1,,2')
+CASES += [("wat-probe", "--layers", v) for v in ("", " ", "1,,2", ",1", "1,", "-1", "0,-3", "a", "1.5", "nan",
+                                                  "1e30", "all,1", "5:2", "3:3", ":0", "-1:4", "1:2:3", "0:x")]
 
 
 def _one_error(run, argv, prog, capsys) -> str:

@@ -133,6 +133,34 @@ def test_cli_outputs_and_errors(tmp_path, capsys):
     assert probe_main(["--features", str(feats), "--fusion", "max", "--out", str(tmp_path / "q")]) == 2
 
 
+def test_layers_option_blocks_and_ranges(tmp_path, capsys):
+    """--layers takes blocks and wat-extract's START:STOP slices (an open end: the cache's first or
+    last block); blocks the cache lacks or names twice are one error line, exit 2, after the cache opens."""
+    from wat.data.cliargs import layer_list, layers_text
+    feats = write_synthetic_cache(tmp_path / "c", n_layers=6, n=60)
+    cache = P._open([feats])
+    for text, want in [("all", (0, 1, 2, 3, 4, 5)), ("2", (2,)), ("1:3", (1, 2)), ("4:", (4, 5)), (":2", (0, 1)),
+                       ("5,0:2, 3", (5, 0, 1, 3)), (" ALL ", (0, 1, 2, 3, 4, 5))]:
+        spec = layer_list(text)
+        assert P.select_layers(cache, spec) == [want], text
+        assert P.select_layers(cache, layer_list(layers_text(spec))) == [want], text   # the text round-trips
+    assert P.select_layers(cache, [3, 1]) == [(3, 1)]      # the API's plain list of blocks
+    for text, match in [("1,1", r"layer\(s\) \[1\] more than once"), ("0:3,2", r"\[2\] more than once"),
+                        ("6", r"\[6\] out of range"), ("4:7", r"\[4:7\] out of range"),
+                        (f"0:{10**12}", r"out of range: .* holds layers 0\.\.5"), ("9:", r"\[9:\] out of range")]:
+        with pytest.raises(P.ProbeError, match=match):
+            P.select_layers(cache, layer_list(text))
+        assert probe_main(["--features", str(feats), "--layers", text, "--jobs", "1", "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("wat-probe: error: "), err
+    assert not (tmp_path / "o").exists()
+    assert probe_main(["--features", str(feats), "--layers", "2:4", "--fusion", "none", "--jobs", "1",
+                       "--out", str(tmp_path / "r")]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert [row["layer"] for row in summary["layers"]] == [2, 3]
+    assert "2:4" in (tmp_path / "r" / "report.html").read_text()   # the options as typed
+
+
 def test_layer_probe_reads_only_its_layer(tmp_path, monkeypatch):
     from wat.data import readers
     feats = write_synthetic_cache(tmp_path / "c", n_layers=5)
