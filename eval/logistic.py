@@ -19,6 +19,17 @@ Where the speed comes from (the arithmetic is sklearn's):
   trial steps cost no product: one iteration is two products, x d and r^T x, however many trials;
 - a class leaves the active set when it stops, so the products shrink as classes converge.
 Everything is class-major ([K, N] margins, [K, D] weights): dropping classes copies whole rows.
+
+Memory: float32 [K, N] arrays are 4.2 GB each at AudioSet-2M (527 classes x 2M clips). The fit
+holds 6 at once (labels, margins, the margin change q, the line search's accepted residuals, its
+trial residuals and one temporary), 8 while a later line-search trial gathers the labels and q of
+nearly every class (peak RSS measured in tests/test_probe.py: 6.0 or 8.0 arrays; it held 9-10
+before temporaries were made in place and finished arrays let go). Classes are independent, so
+`fit_logistic` fits them in blocks of `classes_per_block` classes, whose WORK_ARRAYS arrays fit
+`block_bytes` (default 1 GiB: all 527 AudioSet classes at once up to 56k clips, 14 classes at 2M clips). Peak
+beyond x [N, D] and y [N, K]: block_bytes, plus 2 x MEMORY x K x (D + 1) x 4 bytes of L-BFGS pairs
+per block. Within a block each class's arithmetic is the same; a different block width changes only
+the float32 rounding of the shared products (as a different BLAS thread count does).
 """
 from __future__ import annotations
 
@@ -27,26 +38,48 @@ import torch
 MEMORY = 10                       # L-BFGS correction pairs (scipy's default, used by sklearn)
 C1, C2 = 1e-3, 0.9                # strong Wolfe constants of scipy's line search (dcsrch)
 MAX_TRIALS = 50                   # line-search trials per iteration (sklearn's maxls)
+WORK_ARRAYS = 9                   # [K, N] float32 arrays per class block: 8 alive at the worst + 1 of slack
+BLOCK_BYTES = 1 << 30             # default bound of those arrays: a block of classes fits it
 
 
 def _phi(r: torch.Tensor) -> torch.Tensor:
     """Per-class mean logistic loss from the residuals r = sigmoid(a) - y [K, N]: -log(1 - |r|) is
     softplus(a) - y a for y in {0, 1}, and reuses the sigmoid the slope needs anyway."""
-    return -torch.log1p(-r.abs()).mean(1)
+    t = r.abs()
+    return -t.neg_().log1p_().mean(1)               # in place: one temporary [K, N], not three
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float, tol: float = 1e-4, max_iter: int = 100
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [N, D] float, y [N, K] {0, 1} -> (w [K, D], b [K], iterations [K]) of K logistic regressions."""
+def classes_per_block(n: int, block_bytes: int = BLOCK_BYTES) -> int:
+    """Classes whose WORK_ARRAYS float32 [K, N] arrays fit `block_bytes` (at least one)."""
+    return max(1, block_bytes // (WORK_ARRAYS * 4 * max(1, n)))
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float, tol: float = 1e-4, max_iter: int = 100,
+                 block_bytes: int = BLOCK_BYTES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [N, D] float, y [N, K] {0, 1} -> (w [K, D], b [K], iterations [K]) of K logistic regressions,
+    fitted in blocks of `classes_per_block(N, block_bytes)` classes (the memory bound, see above)."""
+    n, d = x.shape
+    K = y.shape[1]
+    dev = x.device
+    x = x.to(torch.float32)
+    w_out, b_out = torch.zeros(K, d, device=dev), torch.zeros(K, device=dev)
+    it_out = torch.zeros(K, dtype=torch.long, device=dev)
+    step = classes_per_block(n, block_bytes)
+    for a in range(0, K, step):
+        b = min(K, a + step)
+        w_out[a:b], b_out[a:b], it_out[a:b] = _fit_block(x, y[:, a:b], C, tol, max_iter)
+    return w_out, b_out, it_out
+
+
+def _fit_block(x: torch.Tensor, y: torch.Tensor, C: float, tol: float, max_iter: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fit_logistic` of the K classes of y [N, K] all at once (x float32)."""
     n, d = x.shape
     K = y.shape[1]
     dev, f32 = x.device, torch.float32
-    x = x.to(f32)
     lam = 1.0 / (C * n)
     w_out, b_out = torch.zeros(K, d, device=dev), torch.zeros(K, device=dev)
     it_out = torch.zeros(K, dtype=torch.long, device=dev)
-    if K == 0:
-        return w_out, b_out, it_out
     idx = torch.arange(K, device=dev)                  # active classes -> column of y
     yt = y.T.to(f32).contiguous()                      # [K, N]
     wb = torch.zeros(K, d + 1, device=dev)             # [w | b] of the active classes
@@ -54,6 +87,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float, tol: float = 1e-4, 
     r = torch.sigmoid(a) - yt                          # residuals (dloss/da * N)
     g = _grad(x, r, wb, lam)
     f = _phi(r)                                        # data loss; penalty added where needed
+    del r                                              # [K, N] arrays not needed are let go (memory)
     s_hist = torch.zeros(MEMORY, K, d + 1, device=dev)
     y_hist = torch.zeros(MEMORY, K, d + 1, device=dev)
     rho = torch.zeros(MEMORY, K, device=dev)           # 0 = no pair (skipped update): no effect
@@ -84,7 +118,9 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float, tol: float = 1e-4, 
         step = t[:, None] * p
         wb = wb + step
         a = a + t[:, None] * q
+        del q
         g_new = _grad(x, r, wb, lam)
+        del r
         dy = g_new - g
         sy, yy = (step * dy).sum(1), (dy * dy).sum(1)
         good = sy > torch.finfo(f32).eps * yy              # L-BFGS-B skips pairs without curvature
@@ -129,7 +165,8 @@ def _line_search(x, yt, a, wb, p, g, f0, lam, first: bool):
         whole = len(active) == k                             # first trial: no gathering
         aa = (a + ta[:, None] * q) if whole else a[active] + ta[:, None] * q[active]
         ya, qa = (yt, q) if whole else (yt[active], q[active])
-        ra = torch.sigmoid(aa) - ya
+        ra = aa.sigmoid_().sub_(ya)                           # aa is a fresh array: in place
+        del aa
         slope = (ra * qa).mean(1) + lam * (wd[active] + ta * dd[active])
         fa = _phi(ra)
         pen = pen0[active] + lam * (ta * wd[active] + 0.5 * ta * ta * dd[active])
