@@ -15,6 +15,7 @@ Shard file (`shard-00000.h5`), N clips, L layers, T pooled frames, D dims, C cla
     mean_scale      f32      [L, D]       -                              int8 storage only
     features_crc32  uint32   [N]          -                              zlib CRC-32 of each clip's row
     mean_crc32      uint32   [N]          -                              as stored (f16|i8, C order); v2+
+    mean_layer_crc32 uint32  [N, L]       -                              per clip and layer; optional
     label_indptr    int32    [N + 1]      -                              CSR: clip i has labels
     label_indices   int32    [nnz]        -                              indices[indptr[i]:indptr[i+1]]
     fold            int16    [N]          -                              -1 = no fold
@@ -39,7 +40,11 @@ index of each stored layer (`wat-extract --layers 8:32`); L = len(layers).
     Checksums (schema 2+): written from the very arrays that go to disk, so any later change of a
     byte of a clip's `features` or `mean` row (a bad disk, a truncated copy, a stray write) is
     detected by `verify` and by the readers, which check each shard the first time a process reads
-    it (`check_rows`). CRC-32 rather than a cryptographic hash: it guards against accidents, not
+    it (`check_rows`). `mean_layer_crc32` holds one CRC-32 per clip and layer of `mean`, so that a read
+    of one layer (a probe's) is checked on its own (`check_layer_block`) instead of the whole field
+    first (32x one layer's bytes at large width: BENCHMARKS.md); it is optional integrity data, not
+    a schema change: shards written before it (no dataset) read as they did, with the whole-field
+    check, and older readers ignore it. CRC-32 rather than a cryptographic hash: it guards against accidents, not
     attackers, and zlib's runs at memory speed (BENCHMARKS.md: verify vs a plain read). Schema 1
     shards (no checksums) still open; for them readers refuse rows that are all zero or non-finite,
     and `verify`/`info` say that the shards carry no checksums.
@@ -98,6 +103,7 @@ SCHEMA_VERSION = 4   # the newest schema this wat reads (and writes when a file 
 READABLE_VERSIONS = (1, 2, 3, 4)  # 1: no per-clip checksums; 3: int8 storage or a layer subset; 4: pad30 = "mel"
 FIELDS = ("features", "mean")
 CHECKSUMS = {"features": "features_crc32", "mean": "mean_crc32"}  # field -> its per-row CRC-32 dataset
+MEAN_LAYER_CRC = "mean_layer_crc32"  # per-(clip, layer) CRC-32 of `mean` (optional, see the table)
 STORAGES = ("fp16", "int8")
 _STORED = {"fp16": np.float16, "int8": np.int8}
 _META_KEYS = ("model", "fingerprint", "n_layers", "n_frames", "dim", "policy", "pooling",
@@ -281,6 +287,43 @@ def row_crc32(block: np.ndarray) -> np.ndarray:
     return np.fromiter((zlib.crc32(r) for r in rows), np.uint32, len(block))
 
 
+def layer_crc32(block: np.ndarray) -> np.ndarray:
+    """uint32 [n, L]: `row_crc32` of each clip's layers of a `mean` block [n, L, D]."""
+    n, L = block.shape[:2]
+    return row_crc32(block.reshape(n * L, -1)).reshape(n, L)
+
+
+def check_layer_block(path, rows: slice, layers: slice, block: np.ndarray) -> None:
+    """Raise CorruptCacheError when stored `mean` rows `rows`, layers `layers` (every channel) of
+    shard `path`, read as `block` [rows, layers, D], differ from their per-layer checksums. A layer
+    whose every row this process has checked is not checked again (`_VERIFIED`, as `verify_field`)."""
+    where, _, mtime, size = _verify_key(path, "")
+    keys = [(where, f"mean:{l}", mtime, size) for l in range(layers.start, layers.stop)]
+    if all(k in _VERIFIED for k in keys):
+        return
+    f = _handle(str(path))
+    crc = f[MEAN_LAYER_CRC]
+    bad = np.flatnonzero((layer_crc32(block) != crc[rows, layers]).any(axis=1))
+    if len(bad):
+        ids = f["ids"].asstr()[rows][bad]
+        raise CorruptCacheError(_corrupt_message(path, "mean", ids, True))
+    if rows.start == 0 and rows.stop >= crc.shape[0]:
+        _VERIFIED.update(keys)
+
+
+def _verify_key(path, field: str) -> tuple:
+    """Key of `_VERIFIED`: the file (resolved), what was checked, and the file's mtime and size."""
+    st = os.stat(path)
+    return (str(Path(path).resolve()), field, st.st_mtime_ns, st.st_size)
+
+
+def _corrupt_message(path, field: str, ids, checksummed: bool) -> str:
+    shown = ", ".join(str(i) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
+    how = "fail their checksum" if checksummed else "are all zero or non-finite (a shard without checksums)"
+    return (f"{path}: {len(ids)} clip(s) {how} in {field} ({shown}): the cache is corrupt; `wat-cache verify` "
+            f"lists every problem, and rerunning the wat-extract command that made it rebuilds the bad shards")
+
+
 class _WriteGuard(io.RawIOBase):
     """The file object h5py writes a new file through. HDF5 does not recover from a failed write
     (full disk, file-size limit): its later flushes fail again and the process crashed in h5py's
@@ -442,6 +485,7 @@ def write_shard(path, meta: CacheMeta, ids, features, labels, folds=None, durati
         # checksums over the arrays that go to disk (int8 storage: the quantised values)
         for name in FIELDS:
             f.create_dataset(CHECKSUMS[name], data=row_crc32(stored[name]))
+        f.create_dataset(MEAN_LAYER_CRC, data=layer_crc32(stored["mean"]))
         f.create_dataset("features", data=stored.pop("features"), chunks=_features_chunks(features.shape))
         f.create_dataset("mean", data=stored.pop("mean"), chunks=(min(256, n), 1, meta.dim))
         for name, data in stored.items():  # the int8 scales
@@ -573,7 +617,8 @@ def build_index(index_path, shard_paths) -> None:
 # Open read-only files, per process: h5py handles never cross a fork or a pickle.
 _HANDLES: dict[str, tuple[int, h5py.File]] = {}
 # (shard path, field, mtime, size) whose every row this process has checked against its checksums
-# (or, without checksums, for zero/non-finite rows): readers check a shard once per run.
+# (or, without checksums, for zero/non-finite rows): readers check a shard once per run. Field
+# "mean:L": layer L of `mean`, checked against its per-layer checksums (`check_layer_block`).
 _VERIFIED: set[tuple] = set()
 
 
@@ -721,17 +766,20 @@ class Cache:
 
     def _corrupt_message(self, shard: int, field: str, local) -> str:
         path, first, _ = self.shards[shard]
-        ids = [str(self.ids[first + int(i)]) for i in local[:5]]
-        how = ("fail their checksum" if self.checksummed[shard]
-               else "are all zero or non-finite (a shard without checksums)")
-        return (f"{path}: {len(local)} clip(s) {how} in {field} ({', '.join(ids)}{', ...' if len(local) > 5 else ''}): "
-                f"the cache is corrupt; `wat-cache verify` lists every problem, and rerunning the "
-                f"wat-extract command that made it rebuilds the bad shards")
+        return _corrupt_message(path, field, [self.ids[first + int(i)] for i in local], self.checksummed[shard])
+
+    def layer_checkable(self, field: str) -> bool:
+        """True when a read of some layers of `field` can be checked on its own (`check_layer_block`):
+        `mean`, every shard with per-layer checksums. Otherwise a reader of part of a row checks the
+        whole field first (`verify_field`)."""
+        return field == "mean" and all(self._layer_checksummed)
+
+    @cached_property
+    def _layer_checksummed(self) -> list[bool]:
+        return [MEAN_LAYER_CRC in _handle(str(p)) for p, _, _ in self.shards]
 
     def _verify_key(self, shard: int, field: str) -> tuple:
-        p = self.shards[shard][0]
-        st = os.stat(p)
-        return (str(Path(p).resolve()), field, st.st_mtime_ns, st.st_size)
+        return _verify_key(self.shards[shard][0], field)
 
     def is_verified(self, shard: int, field: str) -> bool:
         return self._verify_key(shard, field) in _VERIFIED
@@ -912,6 +960,9 @@ def check_shard(p, meta: CacheMeta | None = None, *, probe_rows: int = 16, rng=N
             checksummed = _has_checksums(f)
             if checksummed:
                 want.update({c: ((n,), np.uint32) for c in CHECKSUMS.values()})
+            by_layer = MEAN_LAYER_CRC in f
+            if by_layer:
+                want[MEAN_LAYER_CRC] = ((n, m.n_layers), np.uint32)
             want.update({name: ((n,), COLUMNS[name]) for name in m.columns})
             for name, (shape, dtype) in want.items():
                 d = f[name]
@@ -939,13 +990,17 @@ def check_shard(p, meta: CacheMeta | None = None, *, probe_rows: int = 16, rng=N
                 deq = {name: (lambda x: x) for name in FIELDS}
                 atol = 1e-2
             crc = {k: f[c][:] if checksummed else None for k, c in CHECKSUMS.items()}
+            crc_layers = f[MEAN_LAYER_CRC][:] if by_layer else None
             step = max(1, (64 << 20) // max(1, feats.dtype.itemsize * int(np.prod(feats.shape[1:]))))
             bad_rows = {"features": [], "mean": []}
             for a in range(0, n, step):
                 for name, dset in (("features", feats), ("mean", mean)):
                     block = dset[a:a + step]
                     expected = None if crc[name] is None else crc[name][a:a + step]
-                    bad_rows[name] += [(a + i, _what(block[i])) for i in _bad_rows(block, expected)]
+                    bad = _bad_rows(block, expected)
+                    if name == "mean" and crc_layers is not None:  # what one-layer reads are checked against
+                        bad = np.union1d(bad, np.flatnonzero((layer_crc32(block) != crc_layers[a:a + step]).any(1)))
+                    bad_rows[name] += [(a + i, _what(block[i])) for i in bad]
                     if bar is not None:
                         bar.update(block.nbytes)
             how = "fail their checksum" if checksummed else "are all zero or non-finite"

@@ -344,8 +344,11 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
         _check_eval(train, test)
     meta = train[0].meta
     multilabel, n_classes = meta.multilabel, len(meta.vocab)
-    for c in train + (test or []):  # every clip's time means against their checksums, once, before any task
-        c.verify_field("mean")
+    for c in train + (test or []):
+        # caches with per-layer checksums: each task checks the layers it reads (one layer's bytes);
+        # older ones: every row of `mean` once per process, before any task (forked workers inherit it)
+        if not c.layer_checkable("mean"):
+            c.verify_field("mean")
     y = targets(train[0])
     feats = features_to_probe(select_layers(train, opts.layers), opts.fusion)
 

@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from wat.data.cache import CHECKSUMS, CorruptCacheError, info, open_cache, shard_path, verify
+from wat.data.cache import CHECKSUMS, MEAN_LAYER_CRC, CorruptCacheError, info, open_cache, shard_path, verify
 from wat.data.cache_cli import main as cache_main
 from wat.data.labels import Vocabulary
 from wat.data.readers import FeatureStore, dask_view
@@ -86,8 +86,8 @@ def test_verify_and_readers_catch_random_corruptions(tmp_path, seed, storage):
         clip = next(c for c, f in hits.items() if f == field)
         with pytest.raises(CorruptCacheError, match=clip):
             open_cache(index).read(field, [ids.index(clip)])
-        with pytest.raises(CorruptCacheError):
-            dask_view(open_cache(index), field)
+        with pytest.raises(CorruptCacheError):   # features: before the view; mean: reading the hit layer
+            dask_view(open_cache(index), field).compute(scheduler="synchronous")
 
 
 def test_clean_cache_reads_and_checks_once(tmp_path, monkeypatch):
@@ -125,10 +125,17 @@ def test_training_and_probing_refuse_a_corrupt_clip(tmp_path, capsys):
 
 def _strip_checksums(path) -> None:
     """Make a shard look like one written by schema 1 (before checksums)."""
+    _strip_layer_checksums(path)
     with h5py.File(path, "r+") as f:
         for name in CHECKSUMS.values():
             del f[name]
         f.attrs["schema_version"] = 1
+
+
+def _strip_layer_checksums(path) -> None:
+    """Make a shard look like one written before per-layer checksums of `mean` (schema 2-4 alike)."""
+    with h5py.File(path, "r+") as f:
+        del f[MEAN_LAYER_CRC]
 
 
 def test_schema_1_cache_opens_with_a_note_and_zero_rows_are_refused(tmp_path, capsys):
@@ -146,3 +153,68 @@ def test_schema_1_cache_opens_with_a_note_and_zero_rows_are_refused(tmp_path, ca
     assert any(ids[5] + " (all zero)" in p and "all zero or non-finite in features" in p for p in verify(index))
     with pytest.raises(CorruptCacheError, match=f"all zero or non-finite.*{ids[5]}"):
         FeatureStore(open_cache(index), "features", memory_budget=1 << 30)
+
+
+def _corrupt_layer(path, row: int, layer: int) -> None:
+    """Flip bytes of one clip's one layer of `mean` in the file (not through the writer)."""
+    with h5py.File(path, "r+") as f:
+        f["mean"][row, layer, :4] = -f["mean"][row, layer, :4] - 1
+
+
+@pytest.mark.parametrize("storage", ["fp16", "int8"])
+def test_one_layer_read_is_checked_on_its_own(tmp_path, monkeypatch, storage):
+    """Per-layer checksums: a one-layer read of `mean` checks that layer's bytes (no pass over every
+    layer first); a corrupt layer is refused by name when read, caught by verify, and the layers
+    around it read as they are."""
+    from wat.data import cache as cache_mod
+    index, paths, ids = _cache(tmp_path, storage=storage)
+    monkeypatch.setattr(cache_mod, "_VERIFIED", set())
+    _corrupt_layer(paths[1], 4, 1)
+    cache = open_cache(index)
+    assert cache.layer_checkable("mean") and not cache.layer_checkable("features")
+    monkeypatch.setattr(type(cache), "verify_field", lambda *a: pytest.fail("whole-field check of a checkable cache"))
+    view = dask_view(cache, "mean")
+    for layer in (0, 2):
+        got = view[:, layer, :].compute(scheduler="synchronous")
+        clean = np.delete(np.arange(N), 12 + 4)   # Cache.read refuses the corrupt row (it checks whole rows)
+        np.testing.assert_array_equal(got[clean], cache.read("mean", clean)[:, layer])
+    with pytest.raises(CorruptCacheError, match=f"1 clip\\(s\\) fail their checksum in mean \\({ids[12 + 4]}\\)"):
+        view[:, 1, :].compute(scheduler="synchronous")
+    with pytest.raises(CorruptCacheError, match=ids[12 + 4]):
+        view[12:16, 1:3, 5:9].compute(scheduler="synchronous")   # a part of the channels: still checked
+    assert any(ids[12 + 4] in p and "checksum in mean" in p for p in verify(index))
+
+
+def test_older_shards_without_layer_checksums_check_the_whole_field(tmp_path):
+    """Shards written before per-layer checksums read as before: every row of `mean` is checked
+    against its row checksum before a one-layer view, so a corrupt other layer is still refused."""
+    index, paths, ids = _cache(tmp_path)
+    _strip_layer_checksums(paths[1])
+    _corrupt_layer(paths[1], 4, 1)
+    cache = open_cache(index)
+    assert not cache.layer_checkable("mean") and verify(index) and cache_main(["verify", str(index)]) == 1
+    with pytest.raises(CorruptCacheError, match=ids[12 + 4]):
+        dask_view(cache, "mean")
+
+
+@pytest.mark.parametrize("layer_checksums", [True, False], ids=["per-layer", "older shards"])
+def test_probe_over_every_layer_checks_each_shard_once(tmp_path, monkeypatch, layer_checksums):
+    """A probe of every layer (several folds: each layer read once per fold) and a second probe in
+    the same process check each shard's `mean` once per process: per layer with per-layer
+    checksums, the whole field before the first task without."""
+    from wat.data import cache as cache_mod
+    from wat.eval.probe import ProbeOptions, probe
+    index, paths, _ = _cache(tmp_path)
+    if not layer_checksums:
+        for p in paths:
+            _strip_layer_checksums(p)
+    monkeypatch.setattr(cache_mod, "_VERIFIED", set())
+    crcs = []
+    real = cache_mod.row_crc32
+    monkeypatch.setattr(cache_mod, "row_crc32", lambda block: crcs.append(block.shape) or real(block))
+    for _ in range(2):
+        rep = probe([index], None, ProbeOptions(fusion=("mean", "concat"), jobs=1))
+        assert rep.n_folds == 4 and len(rep.layer_results()) == L
+    # one CRC pass per shard and layer ([rows x 1 layer, D]) or per shard ([rows, L, D]); nothing more
+    want = [(n, D) for n in SIZES for _ in range(L)] if layer_checksums else [(n, L, D) for n in SIZES]
+    assert sorted(crcs) == sorted(want), crcs
