@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import drop
+
 
 def make_cache(folder: Path, n: int, n_layers: int, dim: int, storage: str, shard_clips: int) -> Path:
     from wat.data.labels import Vocabulary
@@ -85,16 +87,6 @@ def first_shards(cache, n: int, root: Path):
     if not index.exists():
         build_index(index, paths)
     return open_cache(index)
-
-
-def drop(paths) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def raw_read(paths, threads: int, buffer: int, piece: int = 8 << 20) -> tuple[int, float]:

@@ -33,19 +33,12 @@ from wat.data.labels import Vocabulary
 from wat.data.readers import dask_view
 from wat.data.synthetic import synthetic_meta, write_synthetic_cache
 
+from common import drop
+
 
 def read_bytes() -> int:
     with open("/proc/self/io") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
-
-
-def drop(paths) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def cold(cache: C.Cache, what, fn) -> None:
@@ -70,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--layer", type=int, default=16, help="the layer read")
     p.add_argument("--keep", action="store_true")
     a = p.parse_args(argv)
+    if min(a.clips, a.layers, a.dim, a.shard_clips) < 1 or not 0 <= a.layer < a.layers:
+        p.error("--clips, --layers, --dim, --shard-clips must be >= 1 and --layer in 0..LAYERS-1")
     root = Path(a.dir)
     index = root / "feats.h5"
     if not index.exists():
