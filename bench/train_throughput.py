@@ -137,6 +137,8 @@ def main(argv=None) -> int:
     pre = [(b, resident.get(b, COMPUTE)) for b in np.array_split(order, n_batches)]  # as the trainer takes them
     streaming = FeatureStore(cache, field, memory_budget=0, device=device)
     gen = torch.Generator().manual_seed(0)
+    # the step augments its batch in place: "compute + augmentation" takes each resident batch after
+    # "compute only" (modes run in this order in every round), so each mode sees the batches as read
     modes = {
         "compute only": Mode(head(), iter(pre), none, device, targets),
         "compute + augmentation": Mode(head(), iter(pre), aug, device, targets),

@@ -31,8 +31,10 @@ Memory: `memory_budget` bounds the cache data the store holds: the resident fiel
 in streaming the batch buffers, stored and (CPU store) converted: those being read, the one handed
 to the caller and the one it held before, at least 3 batches whatever the budget; streaming by
 window: two windows and one block of staging, at least 5 blocks whatever the budget. It does not
-bound what the caller computes from a batch (mixup and masked copies, activations kept for
-autograd, the model and optimiser); nothing is held from one epoch to the next.
+bound what the caller computes from a batch (activations kept for autograd, the model and
+optimiser; the trainer's step augments the batch it is handed in place, which is safe: a batch
+buffer is refilled only once nothing references it, and a window's batches are fresh tensors
+gathered from it); nothing is held from one epoch to the next.
 """
 from __future__ import annotations
 

@@ -3,6 +3,11 @@
 Pure torch on whole batches `x [B, L, T, D]` (or time-mean `[B, L, D]`); every random draw comes
 from an explicit `torch.Generator` (a CPU one: draws are tiny and then moved to `x.device`), so a
 run is reproducible and resumable from the generator's state.
+
+The feature augmentations work in place (`mixup_`, `time_mask_`, `feature_mask_`): at large
+width a batch is ~200 MB of f32, and each out-of-place pass (mixup's gather and its result, the
+masked copy) held one more batch beside it. The values are those of the out-of-place formulas
+(tests/test_augment.py keeps them as the reference).
 """
 from __future__ import annotations
 
@@ -30,21 +35,26 @@ def beta(n: int, a: float, b: float, generator: torch.Generator) -> Tensor:
     return torch.from_numpy(np.random.default_rng(seed).beta(a, b, n).astype(np.float32))
 
 
-def mixup(x: Tensor, targets: Tensor, prob: float, generator: torch.Generator, alpha: float = 10.0):
+def mixup_(x: Tensor, targets: Tensor, prob: float, generator: torch.Generator, alpha: float = 10.0):
     """With probability `prob` per clip, replace (x_i, y_i) by lam*(x_i, y_i) + (1-lam)*(x_j, y_j),
     j a random clip of the batch and lam ~ Beta(alpha, alpha); others keep lam = 1.
+    Writes into x when it is float32 (heads compute in fp32 anyway; else into an f32 copy).
     Returns (x as float32, targets, lam [B], partner [B])."""
     n = x.shape[0]
     lam = beta(n, alpha, alpha, generator)
     use = torch.rand(n, generator=generator) < prob
     partner = torch.randint(0, n, (n,), generator=generator)
     lam = torch.where(use, lam, torch.ones_like(lam))
-    lx = lam.to(x.device).view((n,) + (1,) * (x.dim() - 1))
     ly = lam.to(targets.device).view(n, 1)
-    p = partner.to(x.device)
+    targets = ly * targets.float() + (1 - ly) * targets[partner.to(targets.device)].float()
     x = x.float()
-    x = torch.lerp(x[p], x, lx)  # heads compute in fp32 anyway: no cast back to fp16
-    targets = ly * targets.float() + (1 - ly) * targets[p.to(targets.device)].float()
+    mixed = torch.nonzero(use).flatten()  # rows with lam = 1 stay as they are (lerp(a, b, 1) == b)
+    if len(mixed):
+        # the partners of the mixed rows, gathered before any row changes: a row may be both
+        start = x.index_select(0, partner[mixed].to(x.device))
+        w = lam[mixed].to(x.device).view((-1,) + (1,) * (x.dim() - 1))
+        for k, i in enumerate(mixed.tolist()):  # x_i = lerp(x_j, x_i, lam_i), as the batched formula
+            torch.lerp(start[k], x[i], w[k], out=x[i])
     return x, targets, lam, partner
 
 
@@ -57,22 +67,22 @@ def _block_mask(n: int, size: int, max_width: int, generator: torch.Generator) -
     return (pos >= start[:, None]) & (pos < (start + width)[:, None])
 
 
-def time_mask(x: Tensor, max_width: int, generator: torch.Generator) -> Tensor:
-    """Zero up to `max_width` consecutive frames of each clip; the same frames on every layer.
-    x [B, L, T, D]."""
+def time_mask_(x: Tensor, max_width: int, generator: torch.Generator) -> Tensor:
+    """Zero up to `max_width` consecutive frames of each clip, in place; the same frames on every
+    layer. x [B, L, T, D]. Returns x."""
     if max_width <= 0:
         return x
     m = _block_mask(x.shape[0], x.shape[2], max_width, generator).to(x.device)
-    return x.masked_fill(m[:, None, :, None], 0)
+    return x.masked_fill_(m[:, None, :, None], 0)
 
 
-def feature_mask(x: Tensor, max_width: int, generator: torch.Generator) -> Tensor:
-    """Zero up to `max_width` consecutive feature dims of each clip, on every layer and frame.
-    x [B, L, T, D] or [B, L, D]."""
+def feature_mask_(x: Tensor, max_width: int, generator: torch.Generator) -> Tensor:
+    """Zero up to `max_width` consecutive feature dims of each clip, in place, on every layer and
+    frame. x [B, L, T, D] or [B, L, D]. Returns x."""
     if max_width <= 0:
         return x
     m = _block_mask(x.shape[0], x.shape[-1], max_width, generator).to(x.device)
-    return x.masked_fill(m.view((x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)), 0)
+    return x.masked_fill_(m.view((x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)), 0)
 
 
 def consistency_loss(views: list[Tensor], multilabel: bool = True) -> Tensor:

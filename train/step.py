@@ -3,6 +3,7 @@ optimiser and mixed-precision set-up it runs with."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,13 +34,30 @@ def amp(device: torch.device):
     return torch.autocast("cuda", dtype=dtype), scaler
 
 
-def _views(x: torch.Tensor, k: int, cfg: StepConfig, gen: torch.Generator) -> torch.Tensor:
-    """K independently masked copies of x, concatenated on the batch axis (one forward pass)."""
-    out = []
-    for _ in range(k):
-        v = augment.time_mask(x, cfg.time_mask, gen) if x.dim() == 4 else x
-        out.append(augment.feature_mask(v, cfg.feature_mask, gen))
-    return torch.cat(out) if k > 1 else out[0]
+def _mask_(x: torch.Tensor, cfg: StepConfig, gen: torch.Generator) -> torch.Tensor:
+    """x with its time (features only) and feature masks applied, in place."""
+    if x.dim() == 4:
+        augment.time_mask_(x, cfg.time_mask, gen)
+    return augment.feature_mask_(x, cfg.feature_mask, gen)
+
+
+def _views(parts: list[tuple[torch.Tensor, int]], cfg: StepConfig, gen: torch.Generator) -> torch.Tensor:
+    """The forward pass's input: for each (x, k) of `parts`, k independently masked copies of x,
+    concatenated on the batch axis (one forward pass), masks drawn in that order. One view of one
+    batch is that batch masked in place (train_step owns its batch); several are copies written
+    straight into the result (no masked copy per view and a concatenation of them)."""
+    if len(parts) == 1 and parts[0][1] == 1:
+        return _mask_(parts[0][0], cfg, gen)
+    first = parts[0][0]
+    dtype = functools.reduce(torch.promote_types, [x.dtype for x, _ in parts])
+    out = torch.empty((sum(len(x) * k for x, k in parts),) + tuple(first.shape[1:]), dtype=dtype,
+                      device=first.device)
+    at = 0
+    for x, k in parts:
+        for _ in range(k):
+            _mask_(out[at:at + len(x)].copy_(x), cfg, gen)
+            at += len(x)
+    return out
 
 
 def supervised_loss(logits, targets, multilabel: bool):
@@ -52,6 +70,9 @@ def train_step(head, opt, x, targets, cfg: StepConfig, gen: torch.Generator, *, 
                autocast=None, unlabeled: torch.Tensor | None = None, reduce=None) -> torch.Tensor:
     """One optimiser step on a batch: smoothing, mixup (shared by the views), K masked views,
     supervised loss averaged over views + CR on the labeled and the unlabeled views.
+    The step owns `x`: augmentation writes into it (mixup into an f32 copy when x is not f32),
+    so a caller must not reuse a batch after its step. The trainer's batches are fresh tensors or
+    reader buffers that the reader refills only once nothing references them (data/readers.py).
     `reduce(n) -> global count` (data-parallel runs): the summed loss of this rank's n clips is
     backpropagated and `reduce` turns the gradients into those of the global-batch mean (n may be 0).
     Returns the (detached) loss without a host sync: the batch mean, or with `reduce` this rank's
@@ -78,12 +99,13 @@ def train_step(head, opt, x, targets, cfg: StepConfig, gen: torch.Generator, *, 
 def _loss(head, x, targets, cfg: StepConfig, gen, autocast, unlabeled):
     y = augment.smooth_targets(targets, cfg.label_smoothing, cfg.multilabel)
     if cfg.mixup > 0:
-        x, y, _, _ = augment.mixup(x, y, cfg.mixup, gen)
+        x, y, _, _ = augment.mixup_(x, y, cfg.mixup, gen)
     k = max(1, cfg.cr_views)
-    xv = _views(x, k, cfg, gen)
     n = x.shape[0]
+    parts = [(x, k)]
     if unlabeled is not None:  # no mixup on the unlabeled part; its views differ by their masks
-        xv = torch.cat([xv, _views(unlabeled, max(2, k), cfg, gen)])
+        parts.append((unlabeled, max(2, k)))
+    xv = _views(parts, cfg, gen)
     with autocast or contextlib.nullcontext():
         logits = head(xv).float()
     lab = logits[: n * k]
