@@ -30,7 +30,7 @@ CRC-32s are checked the first time a process reads it: that is done (and timed) 
 budget and prints the parts of a streaming training process's peak RSS: the baseline (torch,
 wat, the store opened), the reader (one epoch of the trainer's f32 batches, no step: bounded by
 the budget), the step (head + Adam + TL-Tr steps on a random f32 batch of the trainer's shape,
-beyond that batch, no reader) and the whole (`wat.train.loop.train`, one epoch), against baseline + budget + step.
+beyond that batch, no reader; by phase: augmentation, forward, backward + Adam) and the whole (`wat.train.loop.train`, one epoch), against baseline + budget + step.
 The cache is removed at the end unless --keep.
 """
 from __future__ import annotations
@@ -151,6 +151,12 @@ def _peak() -> int:
     return _status("VmHWM")
 
 
+def _clear_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux: "5" into clear_refs; the process's own, no privileges)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def rss_child(part: str, index: str, budget: int, out: str, batch: int) -> None:
     """Runs in a child process (peak RSS only grows): the baseline, then one part alone."""
     import torch
@@ -180,8 +186,27 @@ def rss_child(part: str, index: str, budget: int, out: str, batch: int) -> None:
         y = torch.nn.functional.one_hot(torch.arange(batch) % len(m.vocab), len(m.vocab)).float()
         x = torch.randn((batch,) + store.shape)  # the f32 batch: the reader's (within its budget)
         before = _rss_now()
+        phases = {"augmentation": 0, "forward": 0, "backward + Adam": 0}
+
+        def mark(name: str) -> None:  # the peak since the last mark, beyond the batch
+            phases[name] = max(phases[name], _peak() - before)
+            _clear_peak()
+
+        try:
+            _clear_peak()
+        except OSError:  # no per-phase figures without clear_refs; the whole peak still counts
+            phases = None
+        if phases is not None:
+            head.register_forward_pre_hook(lambda *_: mark("augmentation"))  # the step's input is ready
+            head.register_forward_hook(lambda *_: mark("forward"))
         for _ in range(3):
             train_step(head, opt, x, y, cfg, gen)
+            if phases is not None:
+                mark("backward + Adam")
+        if phases is not None:  # VmHWM was reset at each mark: the step's peak is the phases' largest
+            print(json.dumps({"before": before, "peak": before + max(phases.values()),
+                              "phases": phases, "seconds": time.perf_counter() - t}))
+            return
     else:
         train(opts)
     print(json.dumps({"before": before, "peak": _peak(), "seconds": time.perf_counter() - t}))
@@ -318,8 +343,10 @@ def main() -> int:
                     print(p.stderr[-3000:])
                     return 1
                 got[part] = d = json.loads(p.stdout.strip().splitlines()[-1])
+                by = "".join(f", {k} +{v / 2**20:.0f} MB" for k, v in d.get("phases", {}).items())
                 print(f"RSS {st} {part}: before {d['before'] / 2**20:.0f} MB, peak {d['peak'] / 2**20:.0f} MB "
-                      f"({d['seconds']:.0f} s, load {_load()})", flush=True)
+                      f"({d['seconds']:.0f} s, load {_load()}){' (beyond the batch' + by + ')' if by else ''}",
+                      flush=True)
             mb = lambda v: f"{v / 2**20:.0f} MB"  # noqa: E731
             base = got["train"]["before"]
             reader = got["reader"]["peak"] - got["reader"]["before"]
