@@ -146,9 +146,12 @@ def ref_feature_mask(x, max_width, generator):
 
 @pytest.mark.parametrize("shape", [(12, 3, 7, 37), (9, 2, 53), (5, 4, 25, 64)])
 @pytest.mark.parametrize("prob", [0.5, 1.0, 0.0])
-def test_mixup_in_place_equals_the_out_of_place_formula(shape, prob):
+@pytest.mark.parametrize("chunk", [augment.MIX_CHUNK_BYTES, 1000])
+def test_mixup_in_place_equals_the_out_of_place_formula(shape, prob, chunk, monkeypatch):
     """Same seed -> bit-equal features, targets, lam and partners, the generator left in the same
-    state; rows of odd widths exercise the vectorised kernels' tails; x is written in place."""
+    state; rows of odd widths exercise the vectorised kernels' tails; x is written in place, the
+    mixed rows read in one chunk or one row at a time."""
+    monkeypatch.setattr(augment, "MIX_CHUNK_BYTES", chunk)
     for seed in range(4):
         x = torch.randn(shape, generator=gen(100 + seed)) * 3
         y = (torch.rand(shape[0], 5, generator=gen(200 + seed)) < 0.3).float()

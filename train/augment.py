@@ -29,6 +29,9 @@ def smooth_targets(targets: Tensor, eps: float, multilabel: bool = True) -> Tens
     return targets * (1 - eps) + eps / c
 
 
+MIX_CHUNK_BYTES = 64 << 20  # mixup reads the rows it mixes in chunks of about this size
+
+
 def beta(n: int, a: float, b: float, generator: torch.Generator) -> Tensor:
     """n draws of Beta(a, b). torch's Beta takes no generator: seed numpy from ours."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -48,13 +51,18 @@ def mixup_(x: Tensor, targets: Tensor, prob: float, generator: torch.Generator, 
     ly = lam.to(targets.device).view(n, 1)
     targets = ly * targets.float() + (1 - ly) * targets[partner.to(targets.device)].float()
     x = x.float()
-    mixed = torch.nonzero(use).flatten()  # rows with lam = 1 stay as they are (lerp(a, b, 1) == b)
+    mixed = torch.nonzero(use).flatten()  # rows with lam = 1 stay as they are (lerp(a, b, 1) == b, finite b)
     if len(mixed):
-        # the partners of the mixed rows, gathered before any row changes: a row may be both
-        start = x.index_select(0, partner[mixed].to(x.device))
+        rows = mixed.to(x.device)
+        # x_i = lerp(x_j, x_i, lam_i), the batched formula's kernel, computed into a copy of the
+        # partners x_j taken before any row changes (a row may be both), reading the mixed rows a
+        # chunk at a time: the partners' copy + one chunk beside the batch, a few kernels per step
+        mix = x.index_select(0, partner[mixed].to(x.device))
         w = lam[mixed].to(x.device).view((-1,) + (1,) * (x.dim() - 1))
-        for k, i in enumerate(mixed.tolist()):  # x_i = lerp(x_j, x_i, lam_i), as the batched formula
-            torch.lerp(start[k], x[i], w[k], out=x[i])
+        chunk = max(1, MIX_CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
+        for a in range(0, len(rows), chunk):
+            mix[a:a + chunk].lerp_(x.index_select(0, rows[a:a + chunk]), w[a:a + chunk])
+        x.index_copy_(0, rows, mix)
     return x, targets, lam, partner
 
 
