@@ -71,19 +71,21 @@ def cache(tmp_path_factory, request):
     return c, c.read("features", np.arange(N))  # the f16 values every reader returns
 
 
-@pytest.mark.parametrize("streaming", [True, False])
-def test_steps_writing_into_batches_never_touch_a_batch_in_use(cache, streaming):
-    """Batches as the trainer takes them (reused reader buffers when streaming, a resident field
-    otherwise), each written by a step's mixup and masks: every batch still arrives intact, and
-    the resident field is unchanged afterwards."""
+@pytest.mark.parametrize("field, streaming", [("features", True), ("features", False), ("mean", True)])
+def test_steps_writing_into_batches_never_touch_a_batch_in_use(cache, field, streaming):
+    """Batches as the trainer takes them (reused reader buffers when streaming rows, batches
+    gathered from a window when streaming `mean`, a resident field otherwise), each written by a
+    step's mixup and masks: every batch still arrives intact, the resident field is unchanged."""
     c, f16 = cache
+    if field == "mean":
+        f16 = c.read("mean", np.arange(N))
     budget = 100 if streaming else 1 << 30
-    store = FeatureStore(c, "features", memory_budget=budget, block_bytes=5 * L * T * D * 2, buffer_blocks=3)
+    store = FeatureStore(c, field, memory_budget=budget, block_bytes=5 * L * T * D * 2, buffer_blocks=3)
     assert store.in_memory != streaming
     torch.manual_seed(0)
-    head = build_head("tl-tr", L, D, C, 8)
+    head = build_head("tl-tr" if field == "features" else "wa-mlp", L, D, C, 8 if field == "features" else None)
     opt, gen = make_optimizer(head, 1e-3), torch.Generator().manual_seed(0)
-    cfg = StepConfig(True, 10, 4, 1.0, 0.1)
+    cfg = StepConfig(True, 10 if field == "features" else 0, 4, 1.0, 0.1)
     y = torch.zeros(4, C)
     order = np.random.default_rng(0).permutation(np.arange(N).repeat(3))
     ptrs = set()
@@ -93,7 +95,7 @@ def test_steps_writing_into_batches_never_touch_a_batch_in_use(cache, streaming)
         ptrs.add(x.data_ptr())
         train_step(head, opt, x, y[:len(idx)], cfg, gen)
         assert not torch.equal(x, before)  # written in place: mixup of every clip
-    if streaming:  # the steps wrote into reused reader buffers (a few, reused many times)
+    if streaming and field == "features":  # the steps wrote into reused reader buffers (a few, reused many times)
         assert len(ptrs) <= 2 * store.read_threads + 2 < len(order) // 4
-    else:
+    if not streaming:
         assert np.array_equal(store.get(np.arange(N)).numpy(), f16)
