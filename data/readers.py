@@ -8,8 +8,9 @@ rows with plain `os.preadv` calls straight from the shard files into a batch buf
 per row, no HDF5 call per row, adjacent rows in one call; the GIL is released while they copy),
 while a prefetch thread asks the kernel to read the current and the next window ahead, block by
 block (`POSIX_FADV_WILLNEED`: sequential disk reads, no copy to user space). Batch buffers are
-reused once the caller has let go of them: a fresh 100 MB buffer costs a page fault per 4 KiB
-page, which from the page cache cost more than the copy itself (BENCHMARKS.md).
+reused once the caller has let go of them, and kept by the store from one epoch to the next: a
+fresh 100 MB buffer costs a page fault per page, which from the page cache cost more than the
+copy itself (BENCHMARKS.md).
 
 Fields whose rows are not stored whole (`mean`: HDF5 chunks of 256 rows of one layer, so that
 probing reads one layer) stream by window instead (`_stream_windows`): a row read alone there
@@ -30,11 +31,12 @@ stored, against their checksums the first time this process reads them (`Cache.c
 Memory: `memory_budget` bounds the cache data the store holds: the resident field (in memory), or
 in streaming the batch buffers, stored and (CPU store) converted: those being read, the one handed
 to the caller and the one it held before, at least 3 batches whatever the budget; streaming by
-window: two windows and one block of staging, at least 5 blocks whatever the budget. It does not
-bound what the caller computes from a batch (activations kept for autograd, the model and
-optimiser; the trainer's step augments the batch it is handed in place, which is safe: a batch
-buffer is refilled only once nothing references it, and a window's batches are fresh tensors
-gathered from it); nothing is held from one epoch to the next.
+window: two windows and one block of staging, at least 5 blocks whatever the budget. Between
+epochs the store keeps its batch buffers (for other batch sizes too while they all fit the
+budget); windows are not kept. It does not bound what the caller computes from a batch
+(activations kept for autograd, the model and optimiser; the trainer's step augments the batch it
+is handed in place, which is safe: a batch buffer is refilled only once nothing references it,
+and a window's batches are fresh tensors gathered from it).
 """
 from __future__ import annotations
 
@@ -96,6 +98,9 @@ class FeatureStore:
         self._layouts: dict[int, tuple[int, np.ndarray] | None] = {}
         self._chunk_layouts: dict[int, tuple[int, np.ndarray, int] | None] = {}
         self._pin = torch.cuda.is_available()  # pinned host batches: async host-to-device copies
+        # streaming batch buffers, kept between epochs (`_pool`): (shape, dtype) -> _Buffers
+        self._pools: dict[tuple, _Buffers] = {}
+        self._pools_lock = threading.Lock()
         self._scale = self._row_shard = None
         if self.stored == np.int8:  # [S, L, D] scales and each row's shard, on the device
             self._scale = torch.from_numpy(self.cache.scales(field)).to(self.device, torch.float16)
@@ -386,6 +391,23 @@ class FeatureStore:
             pos = offsets[rows - self.cache.shards[s][1]]
             os.posix_fadvise(fd, int(pos.min()), int(pos.max() - pos.min()) + self.row_bytes, os.POSIX_FADV_WILLNEED)
 
+    def _pool(self, shape: tuple, dtype, keep: int) -> _Buffers:
+        """The batch buffers of `shape` and `dtype`, kept by the store from one epoch to the next:
+        fresh ones every epoch cost a page fault (and zeroing) per page again, measured 1.3-1.5x
+        slower warm epochs (BENCHMARKS.md). Pools of other shapes (another batch size) are dropped
+        while all pools together would hold more than the memory budget (or than this one alone)."""
+        key = (tuple(shape), np.dtype(dtype))
+        with self._pools_lock:
+            pool = self._pools.pop(key, None) or _Buffers(shape, dtype, keep)
+            pool.resize(keep)
+            limit = max(self.memory_budget, pool.capacity())
+            for other in list(self._pools):  # oldest first
+                if pool.capacity() + sum(p.capacity() for p in self._pools.values()) <= limit:
+                    break
+                del self._pools[other]
+            self._pools[key] = pool  # last: the most recently used
+            return pool
+
     def _stream(self, idx, batch_size, shuffle, rng, dtype):
         plan = self._plan(idx, shuffle, rng)
         w = self.buffer_blocks
@@ -404,8 +426,8 @@ class FeatureStore:
         batch_bytes = batch_size * self.row_bytes + (batch_size * self.row_values * dtype.itemsize if convert else 0)
         depth = int(max(1, min(2 * self.read_threads, self.memory_budget // max(1, batch_bytes) - 2)))
         # pinned host memory (CUDA) comes from torch's caching host allocator, which reuses it already
-        buffers = None if self._pin else _Buffers(shape, self.stored, depth + 2)
-        outs = _Buffers(shape, _NUMPY[dtype], depth + 2) if convert else None
+        buffers = None if self._pin else self._pool(shape, self.stored, depth + 2)
+        outs = self._pool(shape, _NUMPY[dtype], depth + 2) if convert else None
         ahead, stop = threading.Semaphore(2), threading.Event()  # windows advised, not yet entered
 
         def prefetch():
@@ -450,23 +472,35 @@ class FeatureStore:
 
 
 class _Buffers:
-    """Host batch buffers of one streamed epoch, reused once nobody holds them. A buffer is free
-    when the only reference to its array is ours: every tensor or array made from it
-    (`torch.from_numpy`, numpy views) keeps a reference to it. At most `keep` are kept; beyond
-    that (a caller holding many batches) buffers are allocated and freed as usual."""
+    """Host batch buffers of one shape, reused once nobody holds them (kept by the store between
+    epochs). A buffer is free when the only reference to its array is ours: every tensor or array
+    made from it (`torch.from_numpy`, numpy views) keeps a reference to it, and so does a reader
+    thread still filling it. At most `keep` are kept; beyond that (a caller holding many batches)
+    buffers are allocated and freed as usual."""
 
     def __init__(self, shape: tuple, dtype: np.dtype, keep: int):
-        self.shape, self.dtype, self.keep = shape, dtype, keep
+        self.shape, self.dtype, self.keep = tuple(shape), np.dtype(dtype), keep
         self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def capacity(self) -> int:
+        """Bytes this pool may hold between epochs."""
+        return self.keep * self.dtype.itemsize * int(np.prod(self.shape))
+
+    def resize(self, keep: int) -> None:
+        with self._lock:
+            self.keep = keep
+            del self._free[keep:]  # held ones stay alive with their holders
 
     def take(self) -> np.ndarray:
-        for i in range(len(self._free)):
-            if sys.getrefcount(self._free[i]) == 2:  # the list's reference + getrefcount's argument
-                return self._free[i]
-        buf = np.empty(self.shape, self.dtype)
-        if len(self._free) < self.keep:
-            self._free.append(buf)
-        return buf
+        with self._lock:  # the taker's reference exists before the lock is let go
+            for buf in self._free:
+                if sys.getrefcount(buf) == 3:  # the list's, the loop's and getrefcount's argument
+                    return buf
+            buf = np.empty(self.shape, self.dtype)
+            if len(self._free) < self.keep:
+                self._free.append(buf)
+            return buf
 
 
 def _preadv_all(fd: int, buffers: list, offset: int) -> None:

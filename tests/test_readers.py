@@ -145,11 +145,39 @@ def test_streaming_reuses_buffers_only_when_released(cache):
     assert len({x.data_ptr() for _, x in kept}) == len(kept)
     for idx, x in kept:
         assert np.array_equal(store.values(x, idx).numpy(), f16[idx])
+    del kept, x  # let go: the store's buffers are free again
     ptrs = set()
     for idx, x in store.iter_batches(np.arange(N).repeat(2), 4, dtype=None):
         ptrs.add(x.data_ptr())
         assert np.array_equal(store.values(x, idx).numpy(), f16[idx])
     assert len(ptrs) <= 2 * store.read_threads + 2 < 2 * N // 4
+    del x
+    # the next epoch gets the same buffers back; batches a caller kept from the last one stay intact
+    assert {x.data_ptr() for _, x in store.iter_batches(np.arange(N), 4, dtype=None)} <= ptrs
+    held = list(store.iter_batches(np.arange(8), 4, dtype=None))
+    for idx, x in store.iter_batches(np.arange(N), 4, dtype=None):
+        assert x.data_ptr() not in {h.data_ptr() for _, h in held}
+        assert np.array_equal(store.values(x, idx).numpy(), f16[idx])
+    for idx, x in held:
+        assert np.array_equal(store.values(x, idx).numpy(), f16[idx])
+
+
+def test_kept_buffers_of_other_batch_sizes_stay_within_the_budget(cache):
+    """Pools of other batch sizes are kept between epochs only while all fit the memory budget."""
+    c, _ = cache
+    row = c.stored_dtype.itemsize * L * T * D
+    store = FeatureStore(c, memory_budget=32 * row, block_bytes=5 * row)
+    assert not store.in_memory
+
+    def epoch(bs):
+        for _ in store.iter_batches(np.arange(N), bs, dtype=None):
+            pass
+        return {k[0][0]: p.capacity() // row for k, p in store._pools.items()}
+
+    assert epoch(2) == {2: 12}  # 4 being read + 2 held: 6 batches of 2 rows
+    assert epoch(3) == {2: 12, 3: 18}  # 30 rows <= 32: both kept
+    assert epoch(8) == {8: 32}  # 2 being read + 2 held fill the budget alone
+    assert epoch(2) == {2: 12}
 
 
 def test_dask_view_sizes_tasks_by_stored_bytes(cache, monkeypatch):
