@@ -17,7 +17,8 @@ privileges for clean pages) and warm (files read once before) reads:
         (cold: the first --cold-clips clips' shards; warm: the first --warm-clips', which must fit
         the page cache beside whatever else runs, else "warm" reads come from the disk)
     (b) stream: `FeatureStore` streaming (memory budget below the cache), one shuffled epoch of
-        batches as stored (int8 stays int8), no compute: the reader
+        batches as stored (int8 stays int8), no compute: the reader. As in a training run, one
+        store per cache and mode lives through all rounds (round r = its epoch r)
     (b') +f32: the same batches as the trainer takes them, converted to f32 on the device (here
         the CPU: the conversion the step would otherwise do first; int8 dequantised in that pass)
     (c) dask: the dask view of `mean`, one layer, computed (what wat-probe reads per layer)
@@ -117,14 +118,11 @@ def raw_read(paths, threads: int, buffer: int, piece: int = 8 << 20) -> tuple[in
         return n, time.perf_counter() - t
 
 
-def stream(cache, batch: int, threads: int, seed: int, budget: int, dtype) -> tuple[int, float]:
-    from wat.data.readers import FeatureStore
-
-    store = FeatureStore(cache, "features", memory_budget=budget, read_threads=threads)
-    assert not store.in_memory
+def stream(store, batch: int, seed: int, dtype) -> tuple[int, float]:
+    """One shuffled epoch of `store` (a streaming FeatureStore), no compute."""
     n = 0
     t = time.perf_counter()
-    for idx, x in store.iter_batches(np.arange(len(cache)), batch, shuffle=True, seed=seed, dtype=dtype):
+    for idx, x in store.iter_batches(np.arange(len(store)), batch, shuffle=True, seed=seed, dtype=dtype):
         n += len(idx)
     return n, time.perf_counter() - t
 
@@ -297,6 +295,7 @@ def main() -> int:
               f"(once per process; the first epoch of a run pays it)", flush=True)
     print(f"memory: {_meminfo()}; load average {_load()}", flush=True)
     res: dict[tuple, list[float]] = {}  # (temp, storage, mode) -> MB/s per round
+    readers = {}  # (temp, storage, mode) -> its FeatureStore
     temps = ["warm"] if a.no_cold else ["cold", "warm"]
     modes = {"raw": None, "raw8": None, "stream": None, "+f32": "float32", "dask": None}
     for r in range(a.rounds):
@@ -316,8 +315,12 @@ def main() -> int:
                         mbs = n * a.dim * c.stored_dtype.itemsize / dt / 1e6
                     else:
                         import torch
-                        budget = min(1 << 30, size[temp, st] // 2)
-                        n, dt = stream(c, a.batch, a.threads, r, budget, dtype and getattr(torch, dtype))
+                        from wat.data.readers import FeatureStore
+                        if (temp, st, mode) not in readers:  # kept between rounds, as between epochs
+                            readers[temp, st, mode] = FeatureStore(c, "features", read_threads=a.threads,
+                                                                   memory_budget=min(1 << 30, size[temp, st] // 2))
+                            assert not readers[temp, st, mode].in_memory
+                        n, dt = stream(readers[temp, st, mode], a.batch, r, dtype and getattr(torch, dtype))
                         mbs = n * row[st] / dt / 1e6
                     res.setdefault((temp, st, mode), []).append(mbs)
                     extra = f" = {mbs * 1e6 / row[st]:.0f} samples/s" if mode in ("stream", "+f32") else ""
