@@ -31,12 +31,14 @@ stored, against their checksums the first time this process reads them (`Cache.c
 Memory: `memory_budget` bounds the cache data the store holds: the resident field (in memory), or
 in streaming the batch buffers, stored and (CPU store) converted: those being read, the one handed
 to the caller and the one it held before, at least 3 batches whatever the budget; streaming by
-window: two windows and one block of staging, at least 5 blocks whatever the budget. Between
-epochs the store keeps its batch buffers (for other batch sizes too while they all fit the
-budget); windows are not kept. It does not bound what the caller computes from a batch
-(activations kept for autograd, the model and optimiser; the trainer's step augments the batch it
-is handed in place, which is safe: a batch buffer is refilled only once nothing references it,
-and a window's batches are fresh tensors gathered from it).
+window: two windows and one block of staging, at least 5 blocks whatever the budget. Batch
+buffers are kept between epochs (those of other batch sizes too while all fit the budget beside
+the resident field; windows are not kept); a resident CPU store's batches come from such buffers
+too (3 batches, beyond the field when it fills the budget). It does not bound what the caller
+computes from a batch (activations kept for autograd, the model and optimiser; the trainer's step
+augments the batch it is handed in place, which is safe: a batch buffer is refilled only once
+nothing references it, a resident batch is a copy of its rows, and a window's batches are fresh
+tensors gathered from it).
 """
 from __future__ import annotations
 
@@ -200,15 +202,39 @@ class FeatureStore:
             raise IndexError(f"index out of range for a cache of {len(self)} clips")
         rng = np.random.default_rng(seed)
         if self.in_memory:
-            order = rng.permutation(idx) if shuffle else idx
-            for a in range(0, len(order), batch_size):
-                b = order[a:a + batch_size]
-                yield b, self.get(b, dtype)
+            yield from self._resident(rng.permutation(idx) if shuffle else idx, batch_size, dtype)
             return
         if not all(self._layout(s) is not None for s in range(len(self.cache.shards))):
             yield from self._stream_windows(idx, batch_size, shuffle, rng, dtype)
             return
         yield from self._stream(idx, batch_size, shuffle, rng, dtype)
+
+    def _converts(self, dtype) -> bool:
+        """Whether batches in `dtype` are converted on the host, into kept buffers (a CPU store)."""
+        return self.device.type == "cpu" and dtype in _NUMPY and dtype != _TORCH[self.stored]
+
+    def _resident(self, order: np.ndarray, batch_size: int, dtype):
+        """Batches of the resident field in `order`: what `get` returns, but on a CPU store
+        gathered and converted into kept buffers (reused once the caller lets go, as streaming's):
+        fresh ones cost a page fault per page, which made resident epochs several times slower
+        than streamed ones at large width (BENCHMARKS.md)."""
+        if self.device.type != "cpu":  # the device's caching allocator reuses memory already
+            for a in range(0, len(order), batch_size):
+                b = order[a:a + batch_size]
+                yield b, self.get(b, dtype)
+            return
+        shape = (batch_size,) + self.shape
+        convert = self._converts(dtype)
+        # the batch being made, the one handed to the caller and the one it held before
+        rows = self._pool(shape, self.stored, 3)
+        outs = self._pool(shape, _NUMPY[dtype], 3) if convert else None
+        for a in range(0, len(order), batch_size):
+            b = order[a:a + batch_size]
+            q = torch.index_select(self._data, 0, torch.from_numpy(b), out=torch.from_numpy(rows.take()[:len(b)]))
+            x = self.values(q, b, dtype, torch.from_numpy(outs.take()[:len(b)])) if convert else self.values(q, b, dtype)
+            del q
+            yield b, x
+            del x
 
     # ------------------------------------------------- streaming rows not stored whole (`mean`)
 
@@ -397,10 +423,11 @@ class FeatureStore:
         slower warm epochs (BENCHMARKS.md). Pools of other shapes (another batch size) are dropped
         while all pools together would hold more than the memory budget (or than this one alone)."""
         key = (tuple(shape), np.dtype(dtype))
+        resident = self.row_bytes * len(self) if self.in_memory else 0
         with self._pools_lock:
             pool = self._pools.pop(key, None) or _Buffers(shape, dtype, keep)
             pool.resize(keep)
-            limit = max(self.memory_budget, pool.capacity())
+            limit = max(self.memory_budget - resident, pool.capacity())
             for other in list(self._pools):  # oldest first
                 if pool.capacity() + sum(p.capacity() for p in self._pools.values()) <= limit:
                     break
@@ -420,7 +447,7 @@ class FeatureStore:
         # A CPU store converts in the reader threads, into reused buffers: in parallel, beside the
         # caller's step. Elsewhere the caller's thread converts on the device after the copy there.
         shape = (batch_size,) + self.shape
-        convert = self.device.type == "cpu" and dtype in _NUMPY and dtype != _TORCH[self.stored]
+        convert = self._converts(dtype)
         # batches held at once: `depth` being read, the one handed to the caller and the one it
         # held before (still referenced while the next is asked for): depth + 2 within the budget
         batch_bytes = batch_size * self.row_bytes + (batch_size * self.row_values * dtype.itemsize if convert else 0)

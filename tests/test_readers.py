@@ -136,11 +136,13 @@ def test_values_in_the_compute_dtype(cache):
             assert torch.equal(x32, stored.float())
 
 
-def test_streaming_reuses_buffers_only_when_released(cache):
-    """A caller that keeps every batch gets distinct, intact batches; one that lets each go gets
-    the same few buffers back (a fresh large buffer per batch costs a page fault per page)."""
+@pytest.mark.parametrize("mode", [0, 1])
+def test_batches_reuse_buffers_only_when_released(cache, mode):
+    """Resident or streamed: a caller that keeps every batch gets distinct, intact batches; one
+    that lets each go gets the same few buffers back (a fresh large buffer per batch costs a page
+    fault per page), also in the next epoch."""
     c, f16 = cache
-    store = _stores(c)[1]
+    store = _stores(c)[mode]
     kept = list(store.iter_batches(np.arange(N), 4, dtype=None))
     assert len({x.data_ptr() for _, x in kept}) == len(kept)
     for idx, x in kept:

@@ -219,10 +219,8 @@ def batches(store: FeatureStore, order: np.ndarray, bs: int, gen: torch.Generato
     windows of a few blocks of rows, shards and blocks visited in a random order (for `mean` at
     large width up to 6144 clips a window, 1536 when the memory budget holds less; see
     wat.data.readers). Same `gen` state, same batches."""
-    if store.in_memory:  # order is already random: index the resident tensor
-        for a in range(0, len(order), bs):
-            b = order[a:a + bs]
-            yield b, store.get(b, COMPUTE)
+    if store.in_memory:  # order is already random: index the resident tensor (into kept buffers)
+        yield from store.iter_batches(order, bs, shuffle=False, dtype=COMPUTE)
     else:  # shard-ordered blocks + shuffle buffer, seeded from our generator
         seed = int(torch.randint(0, 2**62, (1,), generator=gen))
         yield from store.iter_batches(order, bs, shuffle=True, seed=seed, dtype=COMPUTE)
