@@ -24,7 +24,9 @@ privileges for clean pages) and warm (files read once before) reads:
     (c) dask: the dask view of `mean`, one layer, computed (what wat-probe reads per layer)
 
 Rounds interleave the modes, so machine load hits them alike; the best round of each is printed
-with the median beside it, and the load average (os.getloadavg) with every round. A shard's
+with the median beside it, and the load average (os.getloadavg) with every round. The reader's
+columns count its stores' later epochs (rounds 2..; a training run's steady state) and show the
+first epoch (round 1: buffers allocated, the process's first reads) in a column of its own. A shard's
 CRC-32s are checked the first time a process reads it: that is done (and timed) before the rounds.
 
 --rss-budget runs three child processes on the first shards that hold more bytes than the
@@ -227,20 +229,24 @@ def _meminfo() -> str:
 
 
 def table(res, stores, temps, modes, row, caches, full, dim) -> None:
-    """The markdown table: best round and median per mode."""
+    """The markdown table: best round and median per mode; the reader's columns from its stores'
+    later epochs (rounds 2..), as in training, and their first epochs (round 1) beside them."""
     print("\n| reads | storage | (a) raw MB/s | (a0) raw, 8 MiB buffer | (b) stream MB/s | (b) samples/s "
-          "| (b)/(a) | (b') +f32 samples/s | (c) dask 1 layer of mean |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| (b)/(a) | (b') +f32 samples/s | (c) dask 1 layer of mean | (b), (b') first epoch samples/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for temp in temps:
         for st in stores:
             ra, r0, rb, rf, rc = (res[(temp, st, m)] for m in modes)
+            first = f"{rb[0] * 1e6 / row[st]:.0f}, {rf[0] * 1e6 / row[st]:.0f}"
+            rb, rf = (v[1:] or v for v in (rb, rf))
             md = statistics.median
             print(f"| {temp} | {st} | {max(ra):.0f} (median {md(ra):.0f}) | {max(r0):.0f} (median {md(r0):.0f}) "
                   f"| {max(rb):.0f} (median {md(rb):.0f}) "
                   f"| {max(rb) * 1e6 / row[st]:.0f} (median {md(rb) * 1e6 / row[st]:.0f}) "
                   f"| {max(rb) / max(ra):.2f} (medians {md(rb) / md(ra):.2f}) "
                   f"| {max(rf) * 1e6 / row[st]:.0f} (median {md(rf) * 1e6 / row[st]:.0f}) | "
-                  f"{len(caches[temp, st]) / (max(rc) * 1e6 / (dim * full[st].stored_dtype.itemsize)):.2f} s |")
+                  f"{len(caches[temp, st]) / (max(rc) * 1e6 / (dim * full[st].stored_dtype.itemsize)):.2f} s "
+                  f"| {first} |")
 
 
 def main() -> int:
