@@ -226,8 +226,8 @@ class FeatureStore:
         shape = (batch_size,) + self.shape
         convert = self._converts(dtype)
         # the batch being made, the one handed to the caller and the one it held before
-        rows = self._pool(shape, self.stored, 3)
-        outs = self._pool(shape, _NUMPY[dtype], 3) if convert else None
+        pools = self._pools_for(shape, 3, self.stored, *([_NUMPY[dtype]] if convert else []))
+        rows, outs = pools[0], (pools[1] if convert else None)
         for a in range(0, len(order), batch_size):
             b = order[a:a + batch_size]
             q = torch.index_select(self._data, 0, torch.from_numpy(b), out=torch.from_numpy(rows.take()[:len(b)]))
@@ -417,23 +417,26 @@ class FeatureStore:
             pos = offsets[rows - self.cache.shards[s][1]]
             os.posix_fadvise(fd, int(pos.min()), int(pos.max() - pos.min()) + self.row_bytes, os.POSIX_FADV_WILLNEED)
 
-    def _pool(self, shape: tuple, dtype, keep: int) -> _Buffers:
-        """The batch buffers of `shape` and `dtype`, kept by the store from one epoch to the next:
-        fresh ones every epoch cost a page fault (and zeroing) per page again, measured 1.3-1.5x
-        slower warm epochs (BENCHMARKS.md). Pools of other shapes (another batch size) are dropped
-        while all pools together would hold more than the memory budget (or than this one alone)."""
-        key = (tuple(shape), np.dtype(dtype))
+    def _pools_for(self, shape: tuple, keep: int, *dtypes) -> list[_Buffers]:
+        """The batch buffers of `shape` in each of `dtypes` (an epoch's stored and converted
+        batches), kept by the store from one epoch to the next: fresh ones every epoch cost a page
+        fault (and zeroing) per page again, measured 1.3-1.5x slower warm epochs (BENCHMARKS.md).
+        Pools of other shapes (another batch size) are dropped while all pools together would hold
+        more than the memory budget beside the resident field (or than these alone)."""
         resident = self.row_bytes * len(self) if self.in_memory else 0
         with self._pools_lock:
-            pool = self._pools.pop(key, None) or _Buffers(shape, dtype, keep)
-            pool.resize(keep)
-            limit = max(self.memory_budget - resident, pool.capacity())
+            keys = [(tuple(shape), np.dtype(d)) for d in dtypes]
+            pools = [self._pools.pop(k, None) or _Buffers(shape, d, keep) for k, d in zip(keys, dtypes)]
+            for pool in pools:
+                pool.resize(keep)
+            need = sum(p.capacity() for p in pools)
+            limit = max(self.memory_budget - resident, need)
             for other in list(self._pools):  # oldest first
-                if pool.capacity() + sum(p.capacity() for p in self._pools.values()) <= limit:
+                if need + sum(p.capacity() for p in self._pools.values()) <= limit:
                     break
                 del self._pools[other]
-            self._pools[key] = pool  # last: the most recently used
-            return pool
+            self._pools.update(zip(keys, pools))  # last: the most recently used
+            return pools
 
     def _stream(self, idx, batch_size, shuffle, rng, dtype):
         plan = self._plan(idx, shuffle, rng)
@@ -453,8 +456,10 @@ class FeatureStore:
         batch_bytes = batch_size * self.row_bytes + (batch_size * self.row_values * dtype.itemsize if convert else 0)
         depth = int(max(1, min(2 * self.read_threads, self.memory_budget // max(1, batch_bytes) - 2)))
         # pinned host memory (CUDA) comes from torch's caching host allocator, which reuses it already
-        buffers = None if self._pin else self._pool(shape, self.stored, depth + 2)
-        outs = self._pool(shape, _NUMPY[dtype], depth + 2) if convert else None
+        pools = self._pools_for(shape, depth + 2, *([] if self._pin else [self.stored]),
+                                *([_NUMPY[dtype]] if convert else []))
+        buffers = None if self._pin else pools.pop(0)
+        outs = pools.pop(0) if convert else None
         ahead, stop = threading.Semaphore(2), threading.Event()  # windows advised, not yet entered
 
         def prefetch():

@@ -180,6 +180,10 @@ def test_kept_buffers_of_other_batch_sizes_stay_within_the_budget(cache):
     assert epoch(3) == {2: 12, 3: 18}  # 30 rows <= 32: both kept
     assert epoch(8) == {8: 32}  # 2 being read + 2 held fill the budget alone
     assert epoch(2) == {2: 12}
+    # an epoch's stored and converted (f32) buffers are kept together, beyond the budget if need be
+    for _ in store.iter_batches(np.arange(N), 8, dtype=torch.float32):
+        pass
+    assert {(k[0][0], k[1]) for k in store._pools} == {(8, c.stored_dtype), (8, np.dtype(np.float32))}
 
 
 def test_dask_view_sizes_tasks_by_stored_bytes(cache, monkeypatch):
