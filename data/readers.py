@@ -100,7 +100,7 @@ class FeatureStore:
         self._layouts: dict[int, tuple[int, np.ndarray] | None] = {}
         self._chunk_layouts: dict[int, tuple[int, np.ndarray, int] | None] = {}
         self._pin = torch.cuda.is_available()  # pinned host batches: async host-to-device copies
-        # streaming batch buffers, kept between epochs (`_pool`): (shape, dtype) -> _Buffers
+        # batch buffers, kept between epochs (`_pools_for`): (shape, dtype) -> _Buffers
         self._pools: dict[tuple, _Buffers] = {}
         self._pools_lock = threading.Lock()
         self._scale = self._row_shard = None
