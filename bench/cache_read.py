@@ -230,20 +230,24 @@ def _meminfo() -> str:
 
 def table(res, stores, temps, modes, row, caches, full, dim) -> None:
     """The markdown table: best round and median per mode; the reader's columns from its stores'
-    later epochs (rounds 2..), as in training, and their first epochs (round 1) beside them."""
+    later epochs (rounds 2..), as in training, and their first epochs (round 1) beside them.
+    (b)/(a) pairs each round's (b) with the same round's (a), read seconds apart, so that load
+    moving between rounds cancels: the median of those ratios and their range."""
     print("\n| reads | storage | (a) raw MB/s | (a0) raw, 8 MiB buffer | (b) stream MB/s | (b) samples/s "
-          "| (b)/(a) | (b') +f32 samples/s | (c) dask 1 layer of mean | (b), (b') first epoch samples/s |")
+          "| (b)/(a) per round: median (range) | (b') +f32 samples/s | (c) dask 1 layer of mean "
+          "| (b), (b') first epoch samples/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for temp in temps:
         for st in stores:
             ra, r0, rb, rf, rc = (res[(temp, st, m)] for m in modes)
             first = f"{rb[0] * 1e6 / row[st]:.0f}, {rf[0] * 1e6 / row[st]:.0f}"
+            ratio = [b / a for a, b in zip(ra, rb)][1:] or [rb[0] / ra[0]]
             rb, rf = (v[1:] or v for v in (rb, rf))
             md = statistics.median
             print(f"| {temp} | {st} | {max(ra):.0f} (median {md(ra):.0f}) | {max(r0):.0f} (median {md(r0):.0f}) "
                   f"| {max(rb):.0f} (median {md(rb):.0f}) "
                   f"| {max(rb) * 1e6 / row[st]:.0f} (median {md(rb) * 1e6 / row[st]:.0f}) "
-                  f"| {max(rb) / max(ra):.2f} (medians {md(rb) / md(ra):.2f}) "
+                  f"| {md(ratio):.2f} ({min(ratio):.2f}-{max(ratio):.2f}) "
                   f"| {max(rf) * 1e6 / row[st]:.0f} (median {md(rf) * 1e6 / row[st]:.0f}) | "
                   f"{len(caches[temp, st]) / (max(rc) * 1e6 / (dim * full[st].stored_dtype.itemsize)):.2f} s "
                   f"| {first} |")
