@@ -50,8 +50,8 @@ if ! "$PY" -c "$need" 2>/dev/null; then
         # --no-deps: wheels/ holds exactly what such a box lacks (Makefile GPU_WHEELS); the box's own
         # packages stay as they are, and an older pin there (click, say) cannot stop the install
         echo "installing wat and its missing dependencies from wheels/ (no network)"
-        "$PY" -m pip install -q --no-index --no-deps wheels/*.whl || exit 1
-        "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+        "$PY" -m pip install -q --no-index --no-deps --no-compile wheels/*.whl || exit 1
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-build-isolation -e . || exit 1
         "$PY" -c "$need" || { echo "gpu_check.sh: error: wat still does not import after installing wheels/" >&2; exit 2; }
     else
         echo "gpu_check.sh: error: $PY cannot import wat and its dependencies; run 'make gpu-wheels' where pip works and bring wheels/" >&2
