@@ -7,7 +7,17 @@
       to the host, numpy pooling, `np.savez_compressed` per clip (the Whisper-AT research data path)
 
 and prints `pipeline/bare` and `pipeline/official`. On CUDA it also prints the encoder's achieved
-TFLOP/s (analytic FLOP count of the convs, projections, MLPs and attention).
+TFLOP/s (analytic FLOP count of the convs, projections, MLPs and attention). The pipeline's stall
+account (`Summary.stalls`: what its main loop waited for, what its writer thread was busy with) is
+printed with it. `--null-encoder` adds the host side's ceiling:
+
+  (d) null-encoder pipeline: `extract_dataset` with its encoder call replaced, in this process only,
+      by precomputed f16 results of the model's shape on the device: decoding, copies, checksums and
+      HDF5 writes at full width, no encoder compute ("only": no weights needed, not even loaded)
+  (e) disk write: the same number of bytes written to a plain file in --workdir and fsynced, the
+      physical limit of any cache writer on this disk
+
+    python bench/extract_throughput.py --model large-v1 --null-encoder only --batch-size 32 --clips 512
 
     python bench/extract_throughput.py                                  # CPU: base, trim, 5 s clips
     python bench/extract_throughput.py --device cuda --model large-v1 --batch-size 32 --clips 2000
@@ -32,8 +42,10 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -43,9 +55,10 @@ from wat.data.cache import POLICIES
 from wat.data.datasets import load_dataset
 from wat.data.demo import CLASSES, make_demo
 from wat.extract.layers import LayerTaps, log_mel, pad30_input, short_input
+from wat.extract import pipeline
 from wat.extract.pipeline import ExtractOptions, extract_dataset, get_model
 
-from common import dense_peak_tflops, device_name, whisper_model, write_json
+from common import dense_peak_tflops, device_name, whisper_dims, whisper_model, write_json
 
 
 def dataset(workdir: Path, n: int, seconds: float, pool: int):
@@ -76,12 +89,59 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_pipeline(model, ds, options, workdir) -> float:
+def bench_pipeline(model, ds, options, workdir):
+    """The extraction `Summary` of a run over `ds` (after a short warm-up run)."""
     warm = replace(ds, clips=ds.clips[: options.batch_size * 2])
     extract_dataset(warm, replace(options, overwrite=True, progress=False), workdir / "warm.h5", model=model)
     s = extract_dataset(ds, replace(options, overwrite=True), workdir / "feats.h5", model=model)
     print(s)
-    return s.processed / s.wall_s
+    return s
+
+
+def null_model(name: str):
+    """`name`'s dims, a name and a fingerprint, no weights: all the pipeline reads of the model when
+    `null_encoder` stands in for the encoder."""
+    return SimpleNamespace(dims=whisper_dims(name), _wat_name=f"null-{name}", _wat_fingerprint="null-encoder")
+
+
+@contextmanager
+def null_encoder(device: str):
+    """Replace `wat.extract.pipeline.encode_batch` (this process only) by a function that returns
+    precomputed f16 features, means and finite flags of the right shapes on `device`: what remains of
+    the pipeline is its host side (decode, copies, checksums, HDF5 writes) at full width."""
+    real, made = pipeline.encode_batch, {}
+
+    def encode(model, audio, options):
+        n = len(audio)
+        if made.get("rows", 0) < n:
+            g = torch.Generator().manual_seed(0)
+            shape = (max(n, options.batch_size), model.dims.n_audio_layer if options.layers is None
+                     else len(pipeline._layers(options, model.dims.n_audio_layer)), options.frames,
+                     model.dims.n_audio_state)
+            feats = torch.randn(shape, generator=g).to(torch.float16)
+            made.update(rows=shape[0], out=(feats.to(device), feats.float().mean(2).half().to(device),
+                                            torch.ones(shape[0], dtype=torch.bool, device=device)))
+        return tuple(t[:n] for t in made["out"])
+
+    pipeline.encode_batch = encode
+    try:
+        yield
+    finally:
+        pipeline.encode_batch = real
+
+
+def disk_write_rate(workdir: Path, nbytes: int, piece: int = 64 << 20) -> float:
+    """Bytes/s of writing `nbytes` (random bytes) to a plain file in `workdir` and fsyncing it."""
+    block = np.random.default_rng(0).integers(0, 256, piece, np.uint8).tobytes()
+    path = workdir / "disk-rate.bin"
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for a in range(0, nbytes, piece):
+            f.write(block[: min(piece, nbytes - a)])
+        os.fsync(f.fileno())
+    rate = nbytes / (time.perf_counter() - t0)
+    path.unlink()
+    return rate
 
 
 @torch.inference_mode()
@@ -181,6 +241,59 @@ def bench_official(model, ds, options, n_samples, workdir, n: int, ffmpeg: str |
     return min(n, len(ds.clips)) / (time.perf_counter() - t0)
 
 
+def bench_real(model, args, options, n_samples, work: Path, gpu: str) -> dict:
+    """(a), (b), (c) and their ratios, printed; their JSON fields."""
+    ds = dataset(work, args.clips, args.clip_seconds, args.pool)
+    ffmpeg = official_ffmpeg(work)
+    print(f"official-style decoding: {'ffmpeg subprocess per clip (' + ffmpeg + ')' if ffmpeg else 'in-process (no ffmpeg found: conservative)'}")
+    run, bare, hooked, official = None, 0.0, 0.0, 0.0
+    for _ in range(args.repeat):  # interleaved; the best of each: other load on the machine only slows down
+        s = bench_pipeline(model, ds, options, work)
+        run = s if run is None or s.clips_per_s > run.clips_per_s else run
+        b, h = bench_bare(model, ds, options, n_samples)
+        bare, hooked = max(bare, b), max(hooked, h)
+        official = max(official, bench_official(model, ds, options, n_samples, work, args.official_clips or args.clips,
+                                                ffmpeg))
+    pipe = run.clips_per_s
+    print(f"(a) pipeline        {pipe:9.2f} clips/s   ({run.stalls})")
+    print(f"(b) bare encoder    {bare:9.2f} clips/s   (with pooling hooks {hooked:.2f})")
+    print(f"(c) official-style  {official:9.2f} clips/s")
+    print(f"pipeline/bare      {pipe / bare:.3f}")
+    print(f"pipeline/official  {pipe / official:.2f}")
+    f = encoder_flops(model.dims, mel_frames(options, n_samples))
+    peak = dense_peak_tflops(gpu) if args.device.startswith("cuda") else None
+    print(f"encoder: {f / 1e9:.1f} GFLOP/clip; bare {bare * f / 1e12:.2f} TFLOP/s, pipeline {pipe * f / 1e12:.2f} TFLOP/s"
+          + (f" = {100 * bare * f / 1e12 / peak:.0f}% / {100 * pipe * f / 1e12 / peak:.0f}% of {gpu}'s dense fp16 peak "
+             f"{peak:.0f}" if peak else ""))
+    return {"pipeline": pipe, "bare": bare, "bare_hooked": hooked, "official": official,
+            "pipeline_bare": pipe / bare, "pipeline_official": pipe / official,
+            "encoder_gflop_per_clip": f / 1e9, "bare_tflops": bare * f / 1e12,
+            "pipeline_tflops": pipe * f / 1e12, "peak_tflops": peak, "stalls": asdict(run.stalls) if run.stalls else None}
+
+
+def bench_null(args, options, work: Path, pipe: float | None) -> dict:
+    """(d) and (e), printed; their JSON fields."""
+    model = null_model(args.model)
+    ds = dataset(work, args.null_clips or args.clips, args.clip_seconds, args.pool)
+    run, disk = None, 0.0
+    for _ in range(args.repeat):
+        with null_encoder(args.device):
+            s = bench_pipeline(model, ds, options, work)
+        run = s if run is None or s.clips_per_s > run.clips_per_s else run
+        disk = max(disk, disk_write_rate(work, s.bytes))
+    per_clip = run.bytes / run.written
+    rate, disk_clips = run.clips_per_s, disk / per_clip
+    print(f"(d) null-encoder pipeline {rate:9.2f} clips/s = {rate * per_clip / 1e6:.0f} MB/s of cache "
+          f"({per_clip / 1e6:.2f} MB/clip; {run.stalls})")
+    print(f"(e) disk write            {disk_clips:9.2f} clips/s = {disk / 1e6:.0f} MB/s ({run.bytes / 1e9:.2f} GB, fsync)")
+    print(f"null-encoder/disk  {rate / disk_clips:.3f}")
+    if pipe:
+        print(f"pipeline/null-encoder  {pipe / rate:.3f}")
+    return {"null_encoder": rate, "null_stalls": asdict(run.stalls) if run.stalls else None, "null_clips": run.processed,
+            "disk_write_mb_s": disk / 1e6, "disk_clips": disk_clips, "null_disk": rate / disk_clips,
+            "mb_per_clip": per_clip / 1e6}
+
+
 def rss_child(args) -> None:
     """Run the pipeline over args.rss_child clips in this process; print peak RSS as JSON."""
     options = ExtractOptions(model=args.model, policy=args.policy, device=args.device, batch_size=args.batch_size,
@@ -232,14 +345,19 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON (bench/gpu_check.sh)")
     p.add_argument("--rss", type=int, nargs="+", metavar="N", help="peak RSS of the pipeline for N clips, each run in a child")
     p.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--null-encoder", nargs="?", const="also", default="no", choices=("no", "also", "only"),
+                   help="also (or only) (d) the pipeline with the encoder replaced by precomputed results and "
+                        "(e) the disk's write rate for the same bytes: the host side's ceiling")
+    p.add_argument("--null-clips", type=int, default=None, help="clips for (d) (default: --clips)")
     args = p.parse_args(argv)
     for name in ("batch_size", "shard_size", "frames", "clips", "pool", "repeat"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < args.clip_seconds <= 30:
         p.error("--clip-seconds must be in (0, 30]")
-    if args.official_clips is not None and args.official_clips < 1:
-        p.error("--official-clips must be at least 1")
+    for name in ("official_clips", "null_clips"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory(prefix="wat-bench-") if args.workdir is None else None
@@ -267,41 +385,22 @@ def main(argv=None) -> int:
                              batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size,
                              clip_seconds=args.clip_seconds)
     n_samples = round(args.clip_seconds * 16000)
-    model, random = whisper_model(args.model, args.device, args.random_weights)
-    ds = dataset(work, args.clips, args.clip_seconds, args.pool)
+    real, null = args.null_encoder != "only", args.null_encoder != "no"
+    model, random = whisper_model(args.model, args.device, args.random_weights) if real else (null_model(args.model), True)
     name = model._wat_name
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
     print(f"model {name}, policy {args.policy}, {args.clip_seconds:g} s clips, batch {args.batch_size}, "
-          f"device {args.device}, {args.clips} clips" + (" (RANDOM WEIGHTS: throughput only)" if random else ""))
-
-    ffmpeg = official_ffmpeg(work)
-    print(f"official-style decoding: {'ffmpeg subprocess per clip (' + ffmpeg + ')' if ffmpeg else 'in-process (no ffmpeg found: conservative)'}")
-    pipe = bare = hooked = official = 0.0
-    for _ in range(args.repeat):  # interleaved; the best of each: other load on the machine only slows down
-        pipe = max(pipe, bench_pipeline(model, ds, options, work))
-        b, h = bench_bare(model, ds, options, n_samples)
-        bare, hooked = max(bare, b), max(hooked, h)
-        official = max(official, bench_official(model, ds, options, n_samples, work, args.official_clips or args.clips,
-                                                ffmpeg))
-    print(f"(a) pipeline        {pipe:9.2f} clips/s")
-    print(f"(b) bare encoder    {bare:9.2f} clips/s   (with pooling hooks {hooked:.2f})")
-    print(f"(c) official-style  {official:9.2f} clips/s")
-    print(f"pipeline/bare      {pipe / bare:.3f}")
-    print(f"pipeline/official  {pipe / official:.2f}")
-    f = encoder_flops(model.dims, mel_frames(options, n_samples))
+          f"device {args.device}, {args.clips} clips" + (" (RANDOM WEIGHTS: throughput only)" if random and real else ""))
     gpu = device_name(args.device)
-    peak = dense_peak_tflops(gpu) if args.device.startswith("cuda") else None
-    print(f"encoder: {f / 1e9:.1f} GFLOP/clip; bare {bare * f / 1e12:.2f} TFLOP/s, pipeline {pipe * f / 1e12:.2f} TFLOP/s"
-          + (f" = {100 * bare * f / 1e12 / peak:.0f}% / {100 * pipe * f / 1e12 / peak:.0f}% of {gpu}'s dense fp16 peak "
-             f"{peak:.0f}" if peak else ""))
+    record = {"bench": "extract", "device": gpu, "model": name, "random_weights": random, "policy": args.policy,
+              "batch_size": args.batch_size, "clips": args.clips}
+    if real:
+        record.update(bench_real(model, args, options, n_samples, work, gpu))
+    if null:
+        record.update(bench_null(args, options, work, record.get("pipeline")))
     if args.json:
-        write_json(args.json, {"bench": "extract", "device": gpu, "model": name, "random_weights": random,
-                               "policy": args.policy, "batch_size": args.batch_size, "clips": args.clips,
-                               "pipeline": pipe, "bare": bare, "bare_hooked": hooked, "official": official,
-                               "pipeline_bare": pipe / bare, "pipeline_official": pipe / official,
-                               "encoder_gflop_per_clip": f / 1e9, "bare_tflops": bare * f / 1e12,
-                               "pipeline_tflops": pipe * f / 1e12, "peak_tflops": peak})
+        write_json(args.json, record)
     return 0
 
 

@@ -87,7 +87,9 @@ import hashlib
 import io
 import json
 import os
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -282,9 +284,48 @@ def _features_chunks(shape) -> tuple:
 def row_crc32(block: np.ndarray) -> np.ndarray:
     """CRC-32 (zlib) of each row of `block`, over its bytes as stored (f16 or int8, C order): uint32 [n].
     Any other dtype is taken as values to be stored as f16."""
+    return _gather_crc32(_row_crc32_async(block))
+
+
+_CRC_PIECE = 16 << 20  # bytes of rows per CRC task
+_crc_threads: ThreadPoolExecutor | None = None
+
+
+def _row_crc32_async(block: np.ndarray) -> list:
+    """`row_crc32` as futures over pieces of rows, computed by a few threads: zlib releases the GIL
+    for large buffers, so they run beside each other and beside the caller (e.g. its HDF5 write)."""
+    global _crc_threads
     block = np.ascontiguousarray(block, dtype=np.int8 if block.dtype == np.int8 else "<f2")
     rows = block.reshape(len(block), -1)
-    return np.fromiter((zlib.crc32(r) for r in rows), np.uint32, len(block))
+    if _crc_threads is None:
+        _crc_threads = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="wat-crc32")
+    step = max(1, _CRC_PIECE // max(1, rows.itemsize * rows.shape[1]))
+    return [_crc_threads.submit(lambda part: [zlib.crc32(r) for r in part], rows[a:a + step])
+            for a in range(0, len(rows), step)]
+
+
+def _gather_crc32(futures: list) -> np.ndarray:
+    return np.array([c for f in futures for c in f.result()], np.uint32)
+
+
+def _nonfinite_rows(x: np.ndarray, piece: int = 1 << 20) -> np.ndarray:
+    """Indices of the rows of `x` that hold a NaN or an inf. f16 rows (what the extractor writes) are
+    checked on their bits, a piece of ~`piece` bytes at a time: exponent all ones = not finite. That is
+    ~10x numpy's f16 isfinite, which converts every value to f32 first."""
+    n, bad = len(x), []
+    if x.dtype != np.float16:
+        for a in range(0, n, 256):
+            part = x[a:a + 256]
+            bad.extend(a + np.flatnonzero(~np.isfinite(part).reshape(len(part), -1).all(axis=1)))
+        return np.asarray(bad, np.int64)
+    bits = np.ascontiguousarray(x).view(np.uint16).reshape(n, -1)
+    step = max(1, piece // max(1, bits.itemsize * bits.shape[1]))
+    tmp = np.empty((min(step, n), bits.shape[1]), np.uint16)
+    for a in range(0, n, step):
+        part = tmp[:len(bits[a:a + step])]
+        np.bitwise_and(bits[a:a + step], 0x7FFF, out=part)
+        bad.extend(a + np.flatnonzero(part.max(axis=1) >= 0x7C00))
+    return np.asarray(bad, np.int64)
 
 
 def layer_crc32(block: np.ndarray) -> np.ndarray:
@@ -438,10 +479,13 @@ def _row_scale(field: str, scale: np.ndarray) -> np.ndarray:
 
 
 def write_shard(path, meta: CacheMeta, ids, features, labels, folds=None, durations=None, mean=None,
-                columns: dict | None = None) -> None:
+                columns: dict | None = None, timing: dict | None = None) -> None:
     """Write one shard atomically. features [N, L, T, D] any float, stored as `meta.storage`
     (f16, or int8 with per-(layer, channel) scales of this shard); labels: index tuples;
-    columns: {name: N values} for exactly the optional columns `meta.columns` names."""
+    columns: {name: N values} for exactly the optional columns `meta.columns` names.
+    `timing`: gets "checksum", the seconds spent on the finite check and waiting for the CRC-32s
+    (computed by threads while the rows are written)."""
+    t_check = time.perf_counter()
     path = Path(path)
     ids = [str(i) for i in ids]
     n = len(ids)
@@ -455,11 +499,10 @@ def write_shard(path, meta: CacheMeta, ids, features, labels, folds=None, durati
         raise CacheError(f"{path}: duplicate ids in shard")
     if len(labels) != n:
         raise CacheError(f"{path}: {len(labels)} label rows for {n} clips")
-    for a in range(0, n, 256):  # a NaN in a cache poisons every model trained on it: refuse here
-        finite = np.isfinite(features[a:a + 256]).reshape(min(256, n - a), -1).all(axis=1)
-        if not finite.all():
-            bad = [ids[a + i] for i in np.flatnonzero(~finite)[:5]]
-            raise CacheError(f"{path}: NaN/inf in features of clip(s) {', '.join(bad)}")
+    bad = _nonfinite_rows(features)  # a NaN in a cache poisons every model trained on it: refuse here
+    if len(bad):
+        raise CacheError(f"{path}: NaN/inf in features of clip(s) {', '.join(ids[i] for i in bad[:5])}")
+    t_check = time.perf_counter() - t_check
     if mean is None:
         mean = features.mean(axis=2, dtype=np.float32)  # fp32 accumulation, no fp32 copy of features
     mean = np.asarray(mean)
@@ -478,16 +521,25 @@ def write_shard(path, meta: CacheMeta, ids, features, labels, folds=None, durati
     else:
         stored = {"features": features.astype(np.float16, copy=False), "mean": mean.astype(np.float16)}
     path.parent.mkdir(parents=True, exist_ok=True)
+    # checksums over the arrays that go to disk (int8 storage: the quantised values), computed while
+    # they are written; their datasets are made first (as zeros, filled in last), as they always were
+    crcs = {name: _row_crc32_async(stored[name]) for name in FIELDS}
+    t_crc = time.perf_counter()
+    mean_layers = layer_crc32(stored["mean"])  # small: n x L rows of D values
+    t_check += time.perf_counter() - t_crc
     with _atomic_h5(path) as f:
         f.attrs.update(meta.to_attrs())
         f.attrs.update(kind="shard", n_clips=n, digest=_digest(ids, meta))
         f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
-        # checksums over the arrays that go to disk (int8 storage: the quantised values)
         for name in FIELDS:
-            f.create_dataset(CHECKSUMS[name], data=row_crc32(stored[name]))
-        f.create_dataset(MEAN_LAYER_CRC, data=layer_crc32(stored["mean"]))
+            f.create_dataset(CHECKSUMS[name], data=np.zeros(n, np.uint32))
+        f.create_dataset(MEAN_LAYER_CRC, data=mean_layers)
         f.create_dataset("features", data=stored.pop("features"), chunks=_features_chunks(features.shape))
         f.create_dataset("mean", data=stored.pop("mean"), chunks=(min(256, n), 1, meta.dim))
+        t_crc = time.perf_counter()
+        for name in FIELDS:
+            f[CHECKSUMS[name]][...] = _gather_crc32(crcs[name])
+        t_check += time.perf_counter() - t_crc
         for name, data in stored.items():  # the int8 scales
             f.create_dataset(name, data=data)
         f.create_dataset("label_indptr", data=indptr)
@@ -496,6 +548,8 @@ def write_shard(path, meta: CacheMeta, ids, features, labels, folds=None, durati
         f.create_dataset("duration", data=durations)
         for name, values in columns.items():
             f.create_dataset(name, data=values, dtype=COLUMNS[name])
+    if timing is not None:
+        timing["checksum"] = timing.get("checksum", 0.0) + t_check
 
 
 def _check_columns(path, meta: CacheMeta, columns: dict, n: int) -> dict:

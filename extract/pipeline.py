@@ -16,8 +16,9 @@ ones that are not finished. A shard is finished when its record exists; the reco
 Data path: DataLoader worker processes decode, resample and fit each clip to `clip_seconds`
 (returning the error instead of raising); the main process computes the log-mel per clip on the
 device and runs the encoder with pooling inside the forward hooks (`encode_layers`), collecting
-batch k only after batch k+1 is queued; a writer thread turns each completed shard into a file.
-Host memory: at most ~3 shard buffers (filling, queued, writing) of S x L x T x D f16 each.
+batch k only after batches k+1 and k+2 are queued; a writer thread turns each completed shard into a
+file. Host memory: ~3 shard buffers (filling, queued, writing) of S x L x T x D f16 each, one more
+while batches of two shards are in flight. `Summary.stalls` says which stage the others waited for.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import queue
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -118,6 +119,23 @@ class ShardResult:
 
 
 @dataclass
+class Stalls:
+    """Where this run's extraction time went, in seconds (cheap: a clock read per batch and per shard).
+    The main loop's share (audio + device + writer + copies <= the wall time) says which stage the
+    others waited for; the writer thread's busy time (checksum + write) says what a writer stall cost."""
+    audio: float = 0.0     # main loop waiting for the next decoded batch (the loader's workers)
+    device: float = 0.0    # main loop in the encoder call and waiting for its results (CUDA: the event sync)
+    writer: float = 0.0    # main loop waiting to hand a full shard to the writer thread (its queue full)
+    copies: float = 0.0    # main loop copying results into the shard buffer
+    checksum: float = 0.0  # writer thread: finite check and CRC-32 of the rows (`wcache.write_shard`)
+    write: float = 0.0     # writer thread: the rest of the HDF5 file (create, write, fsync, rename) and the record
+
+    def __str__(self) -> str:
+        return (f"waits: audio {self.audio:.1f} s, device {self.device:.1f} s, writer {self.writer:.1f} s "
+                f"(copies {self.copies:.1f} s); writer busy: checksum {self.checksum:.1f} s, write {self.write:.1f} s")
+
+
+@dataclass
 class Summary:
     index: str
     shard_dir: str
@@ -131,6 +149,7 @@ class Summary:
     damaged: list[str] = field(default_factory=list)  # finished shards that failed their check: redone
     wall_s: float = 0.0
     bytes: int = 0
+    stalls: Stalls | None = None      # None when the shards ran elsewhere (a runner) or nothing was to do
 
     @property
     def clips_per_s(self) -> float:
@@ -143,6 +162,8 @@ class Summary:
             f"{self.processed} clips processed in {self.wall_s:.1f} s ({self.clips_per_s:.1f} clips/s), "
             f"{self.bytes / 1e6:.1f} MB on disk",
         ]
+        if self.stalls is not None:
+            lines.append(str(self.stalls))
         if self.damaged:
             lines.append(f"{len(self.damaged)} damaged shard(s) found and extracted again:")
             lines += [f"  {d}" for d in self.damaged[:5]]
@@ -373,24 +394,32 @@ class _ShardBuffer:
         self.done = 0
         self.t0 = time.perf_counter()
 
-    def add(self, k: int, row: np.ndarray, mean: np.ndarray, seconds: float):
-        self.features[len(self.rows)] = row
-        self.mean[len(self.rows)] = mean
-        self.rows.append(k)
-        self.seconds.append(seconds)
+    def add(self, ks: list[int], features: np.ndarray, mean: np.ndarray, seconds: list[float]):
+        """Append the rows of clip positions `ks` (ascending): one copy per array, not one per row."""
+        a, b = len(self.rows), len(self.rows) + len(ks)
+        self.features[a:b] = features
+        self.mean[a:b] = mean
+        self.rows += ks
+        self.seconds += seconds
 
-    def write(self, shard_dir, meta) -> ShardResult:
+    def write(self, shard_dir, meta, stalls: Stalls | None = None) -> ShardResult:
+        t0, timing = time.perf_counter(), {}
         n, path = len(self.rows), wcache.shard_path(shard_dir, self.index)
         if n:
             clips = [self.clips[k] for k in self.rows]
             wcache.write_shard(path, meta, [c.id for c in clips], self.features[:n], [c.labels for c in clips],
-                               folds=[c.fold for c in clips], durations=self.seconds, mean=self.mean[:n])
+                               folds=[c.fold for c in clips], durations=self.seconds, mean=self.mean[:n],
+                               timing=timing)
         elif path.exists():
             path.unlink()  # left by an earlier run of a different dataset version; the record says empty
         errors = [(self.clips[k].id, str(self.clips[k].path), r) for k, r in sorted(self.errors.items())]
         result = ShardResult(self.index, str(path) if n else None, len(self.clips), n, errors,
                              time.perf_counter() - self.t0)
         write_json(record_path(shard_dir, self.index), asdict(result), indent=None)
+        if stalls is not None:
+            checksum = timing.get("checksum", 0.0)
+            stalls.checksum += checksum
+            stalls.write += time.perf_counter() - t0 - checksum
         return result
 
 
@@ -406,47 +435,94 @@ def encode_batch(model, audio: torch.Tensor, options: ExtractOptions):
     return feats, mean, torch.isfinite(feats).flatten(1).all(1)
 
 
+# Batches queued on the device before the oldest one is collected: the host copies batch k while the
+# device computes k+1 and k+2, so a slow copy or a late decoded batch does not leave the device idle.
+_IN_FLIGHT = 2
+
+
+class _PinnedRing:
+    """Page-locked host buffers for the device -> host copies, allocated once per run and reused in
+    turn (pinning is a costly system call). A slot is reused `len(slots)` batches later, after the
+    batch that used it was settled: at most `_IN_FLIGHT` batches are pending."""
+
+    def __init__(self, batch_size: int, slots: int = _IN_FLIGHT + 1):
+        self.batch_size, self.slots, self.next = batch_size, [None] * slots, 0
+
+    def take(self, out: tuple) -> list[torch.Tensor]:
+        i, self.next = self.next, (self.next + 1) % len(self.slots)
+        slot = self.slots[i]
+        if slot is None or any(h.shape[1:] != t.shape[1:] or len(h) < len(t) for h, t in zip(slot, out)):
+            rows = max(self.batch_size, len(out[0]))
+            slot = self.slots[i] = [torch.empty((rows, *t.shape[1:]), dtype=t.dtype, pin_memory=True) for t in out]
+        return [h[:len(t)] for h, t in zip(slot, out)]
+
+
 class _InFlight:
     """One batch whose features are being computed / copied to the host. On CUDA the copy goes into
-    pinned memory behind an event, so the next batch is queued on the GPU before we wait for this one."""
+    pinned memory behind an event, so later batches are queued on the GPU before we wait for this one."""
 
-    def __init__(self, buf, start: int, batch, model, options: ExtractOptions):
+    def __init__(self, buf, start: int, batch, model, options: ExtractOptions, ring: _PinnedRing | None,
+                 stalls: Stalls):
         self.buf, self.start, self.batch, self.event = buf, start, batch, None
         self.host = None
+        t0 = time.perf_counter()
         if len(batch["index"]):
             out = encode_batch(model, batch["audio"].to(options.device, non_blocking=True), options)
             if out[0].is_cuda:
-                self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in out]
+                self.host = (ring or _PinnedRing(len(out[0]), 1)).take(out)
                 for h, t in zip(self.host, out):
                     h.copy_(t, non_blocking=True)
                 self.event = torch.cuda.Event()
                 self.event.record(torch.cuda.current_stream(out[0].device))  # cuda:N, not the current device
             else:
                 self.host = out
+        stalls.device += time.perf_counter() - t0
 
-    def settle(self) -> int:
+    def settle(self, stalls: Stalls) -> int:
         """Move the results into the shard buffer; returns the number of clips done."""
+        t0 = time.perf_counter()
         if self.event is not None:
             self.event.synchronize()
+        t1 = time.perf_counter()
         buf, start, batch = self.buf, self.start, self.batch
         for k, reason in batch["errors"]:
             buf.errors[k - start] = reason
         if self.host is not None:
             feats, mean, ok = (t.numpy() for t in self.host)
-            for j, k in enumerate(batch["index"].tolist()):
-                if ok[j]:
-                    buf.add(k - start, feats[j], mean[j], batch["seconds"][j])
-                else:
-                    buf.errors[k - start] = "non-finite encoder output"
+            ks = batch["index"].numpy() - start
+            for j in np.flatnonzero(~ok):
+                buf.errors[int(ks[j])] = "non-finite encoder output"
+            if ok.all():
+                buf.add(ks.tolist(), feats, mean, batch["seconds"])
+            else:
+                good = np.flatnonzero(ok)
+                buf.add(ks[good].tolist(), feats[good], mean[good], [batch["seconds"][j] for j in good])
         n = len(batch["index"]) + len(batch["errors"])
         buf.done += n
+        stalls.device += t1 - t0
+        stalls.copies += time.perf_counter() - t1
         return n
 
 
+def _timed(batches, stalls: Stalls):
+    """The loader's batches, adding the time spent waiting for each to `stalls.audio`."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        stalls.audio += time.perf_counter() - t0
+        yield batch
+
+
 def encode_shards(model, shards: list[tuple[int, list[Clip]]], options: ExtractOptions, meta: wcache.CacheMeta,
-                  n_samples: int, bar=None):
+                  n_samples: int, bar=None, stalls: Stalls | None = None):
     """Yield a filled `_ShardBuffer` per shard, in order. Decoding runs ahead in the loader workers;
-    batch k's results are collected after batch k+1 has been queued on the device."""
+    batch k's results are collected after batches k+1..k+`_IN_FLIGHT` have been queued on the device.
+    The main loop's waits are added to `stalls`."""
+    stalls = stalls if stalls is not None else Stalls()
     flat: list[Clip] = []
     batches, owner = [], []
     for i, clips in shards:
@@ -457,31 +533,33 @@ def encode_shards(model, shards: list[tuple[int, list[Clip]]], options: ExtractO
             owner.append((i, start))
     by_index = dict(shards)
     buffers: dict[int, _ShardBuffer] = {}
-    pending: _InFlight | None = None
+    pending: deque[_InFlight] = deque()
+    ring = _PinnedRing(options.batch_size) if options.device.startswith("cuda") else None
 
     def settle(job: _InFlight):
-        n = job.settle()
+        n = job.settle(stalls)
         if bar is not None:
             bar.update(n)
         if job.buf.done == len(job.buf.clips):
             return buffers.pop(job.buf.index)
 
-    for (i, start), batch in zip(owner, _loader(flat, batches, n_samples, options)):
-        if i not in buffers:  # allocated lazily: at most two shard buffers exist at a time
+    for (i, start), batch in zip(owner, _timed(_loader(flat, batches, n_samples, options), stalls)):
+        if i not in buffers:  # allocated lazily: a shard's buffer exists from its first batch to its last
             buffers[i] = _ShardBuffer(i, by_index[i], meta)
-        job = _InFlight(buffers[i], start, batch, model, options)
-        if pending is not None and (full := settle(pending)) is not None:
+        pending.append(_InFlight(buffers[i], start, batch, model, options, ring, stalls))
+        if len(pending) > _IN_FLIGHT and (full := settle(pending.popleft())) is not None:
             yield full
-        pending = job
-    if pending is not None and (full := settle(pending)) is not None:
-        yield full
+    while pending:
+        if (full := settle(pending.popleft())) is not None:
+            yield full
 
 
 class _Writer:
     """Writes finished shard buffers on a thread; the bounded queue caps host memory at ~3 shards."""
 
-    def __init__(self, shard_dir, meta, maxsize: int = 1):
+    def __init__(self, shard_dir, meta, maxsize: int = 1, stalls: Stalls | None = None):
         self.shard_dir, self.meta = shard_dir, meta
+        self.stalls = stalls if stalls is not None else Stalls()
         self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="wat-shard-writer", daemon=True)
@@ -491,13 +569,15 @@ class _Writer:
         while (buf := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    buf.write(self.shard_dir, self.meta)  # its record on disk is what finish() reads
+                    buf.write(self.shard_dir, self.meta, self.stalls)  # its record on disk is what finish() reads
                 except BaseException as e:  # surfaced in the main thread
                     self.error = e
 
     def put(self, buf):
         self._raise()
+        t0 = time.perf_counter()
         self.queue.put(buf)
+        self.stalls.writer += time.perf_counter() - t0
 
     def close(self):
         self.queue.put(None)
@@ -573,20 +653,23 @@ def _extract(dataset, options, out_index, clip_seconds, model, runner, t0) -> Su
     damaged = drop_damaged(shard_dir, len(shards), meta, options.progress)
     todo = [(i, c) for i, c in enumerate(shards) if finished(shard_dir, i) is None]
     n_todo = sum(len(c) for _, c in todo)
+    stalls = None
     if runner is not None:
         runner.run_shards(todo, options, shard_dir, meta)
     elif todo:
         n_samples = round(clip_seconds * SAMPLE_RATE)
-        writer = _Writer(shard_dir, meta)
+        stalls = Stalls()
+        writer = _Writer(shard_dir, meta, stalls=stalls)
         with progress_bar(total=n_todo, unit="clip", desc="extract", disable=None if options.progress is None
                   else not options.progress, smoothing=0.1) as bar:
             try:
-                for buf in encode_shards(model, todo, options, meta, n_samples, bar):
+                for buf in encode_shards(model, todo, options, meta, n_samples, bar, stalls):
                     writer.put(buf)
             finally:
                 writer.close()
     summary = finish(out_index, shard_dir, len(shards), len(shards) - len(todo), n_todo, clips, dataset, t0)
     summary.damaged = damaged
+    summary.stalls = stalls
     return summary
 
 
