@@ -118,17 +118,21 @@ class ShardResult:
     seconds: float = 0.0
 
 
+_STALLS_LOCK = threading.Lock()
+
+
 @dataclass
 class Stalls:
     """Where this run's extraction time went, in seconds (cheap: a clock read per batch and per shard).
     The main loop's share (audio + device + writer + copies <= the wall time) says which stage the
-    others waited for; the writer thread's busy time (checksum + write) says what a writer stall cost."""
+    others waited for; the writer threads' busy time (checksum + write, summed over the threads) says
+    what a writer stall cost."""
     audio: float = 0.0     # main loop waiting for the next decoded batch (the loader's workers)
     device: float = 0.0    # main loop in the encoder call and waiting for its results (CUDA: the event sync)
     writer: float = 0.0    # main loop waiting to hand a full shard to the writer thread (its queue full)
     copies: float = 0.0    # main loop copying results into the shard buffer
-    checksum: float = 0.0  # writer thread: finite check and CRC-32 of the rows (`wcache.write_shard`)
-    write: float = 0.0     # writer thread: the rest of the HDF5 file (create, write, fsync, rename) and the record
+    checksum: float = 0.0  # writer threads: finite check and waiting for the rows' CRC-32s (`wcache.write_shard`)
+    write: float = 0.0     # writer threads: the rest of the HDF5 file (create, write, fsync, rename) and the record
 
     def __str__(self) -> str:
         return (f"waits: audio {self.audio:.1f} s, device {self.device:.1f} s, writer {self.writer:.1f} s "
@@ -381,13 +385,38 @@ def _loader(clips, batches, n_samples, options):
 
 # ---------------------------------------------------------------- encoding (main process)
 
-class _ShardBuffer:
-    """A shard's rows, filled in clip order into one preallocated host array."""
+class _ArrayPool:
+    """The host arrays of written shard buffers, handed to later shards. A new array costs a page
+    fault per 4 KiB page (the kernel zeroes each) on its first write, in the main loop: ~2 GB per
+    1000 large-v1 clips, more than the copies themselves (bench/extract_throughput.py --null-encoder)."""
 
-    def __init__(self, index: int, clips: list[Clip], meta: wcache.CacheMeta):
+    def __init__(self, keep: int = 4):
+        self.keep, self.free, self.lock = keep, [], threading.Lock()
+
+    def take(self, shape: tuple) -> np.ndarray:
+        """An f16 array of `shape` (a view of a pooled one of at least as many rows, else new)."""
+        with self.lock:
+            for i, a in enumerate(self.free):
+                if a.shape[1:] == shape[1:] and len(a) >= shape[0]:
+                    return self.free.pop(i)[:shape[0]]
+        return np.empty(shape, np.float16)
+
+    def give(self, *arrays: np.ndarray) -> None:
+        with self.lock:
+            for a in arrays:
+                a = a if a.base is None else a.base
+                if len(self.free) < self.keep and isinstance(a, np.ndarray):
+                    self.free.append(a)
+
+
+class _ShardBuffer:
+    """A shard's rows, filled in clip order into one preallocated host array (from `pool` if given)."""
+
+    def __init__(self, index: int, clips: list[Clip], meta: wcache.CacheMeta, pool: _ArrayPool | None = None):
         self.index, self.clips = index, clips
-        self.features = np.empty((len(clips), meta.n_layers, meta.n_frames, meta.dim), np.float16)
-        self.mean = np.empty((len(clips), meta.n_layers, meta.dim), np.float16)
+        take = pool.take if pool is not None else (lambda shape: np.empty(shape, np.float16))
+        self.features = take((len(clips), meta.n_layers, meta.n_frames, meta.dim))
+        self.mean = take((len(clips), meta.n_layers, meta.dim))
         self.rows: list[int] = []       # clip positions written, in order
         self.seconds: list[float] = []
         self.errors: dict[int, str] = {}
@@ -418,8 +447,9 @@ class _ShardBuffer:
         write_json(record_path(shard_dir, self.index), asdict(result), indent=None)
         if stalls is not None:
             checksum = timing.get("checksum", 0.0)
-            stalls.checksum += checksum
-            stalls.write += time.perf_counter() - t0 - checksum
+            with _STALLS_LOCK:  # several writer threads add to the same account
+                stalls.checksum += checksum
+                stalls.write += time.perf_counter() - t0 - checksum
         return result
 
 
@@ -518,10 +548,10 @@ def _timed(batches, stalls: Stalls):
 
 
 def encode_shards(model, shards: list[tuple[int, list[Clip]]], options: ExtractOptions, meta: wcache.CacheMeta,
-                  n_samples: int, bar=None, stalls: Stalls | None = None):
+                  n_samples: int, bar=None, stalls: Stalls | None = None, pool: _ArrayPool | None = None):
     """Yield a filled `_ShardBuffer` per shard, in order. Decoding runs ahead in the loader workers;
     batch k's results are collected after batches k+1..k+`_IN_FLIGHT` have been queued on the device.
-    The main loop's waits are added to `stalls`."""
+    The main loop's waits are added to `stalls`; shard buffers come from `pool` when given."""
     stalls = stalls if stalls is not None else Stalls()
     flat: list[Clip] = []
     batches, owner = [], []
@@ -545,7 +575,7 @@ def encode_shards(model, shards: list[tuple[int, list[Clip]]], options: ExtractO
 
     for (i, start), batch in zip(owner, _timed(_loader(flat, batches, n_samples, options), stalls)):
         if i not in buffers:  # allocated lazily: a shard's buffer exists from its first batch to its last
-            buffers[i] = _ShardBuffer(i, by_index[i], meta)
+            buffers[i] = _ShardBuffer(i, by_index[i], meta, pool)
         pending.append(_InFlight(buffers[i], start, batch, model, options, ring, stalls))
         if len(pending) > _IN_FLIGHT and (full := settle(pending.popleft())) is not None:
             yield full
@@ -554,16 +584,25 @@ def encode_shards(model, shards: list[tuple[int, list[Clip]]], options: ExtractO
             yield full
 
 
-class _Writer:
-    """Writes finished shard buffers on a thread; the bounded queue caps host memory at ~3 shards."""
+WRITER_THREADS = 2  # shards written at once: one thread's fsync waits for the disk while another writes
 
-    def __init__(self, shard_dir, meta, maxsize: int = 1, stalls: Stalls | None = None):
-        self.shard_dir, self.meta = shard_dir, meta
+
+class _Writer:
+    """Writes finished shard buffers on `threads` threads: while one waits for its fsync (the disk),
+    another checksums and writes the next shard. At most `pending` buffers are handed over and not yet
+    written (writing or waiting), which with the one being filled caps host memory at ~3 shards."""
+
+    def __init__(self, shard_dir, meta, pending: int = 2, stalls: Stalls | None = None,
+                 pool: _ArrayPool | None = None, threads: int = WRITER_THREADS):
+        self.shard_dir, self.meta, self.pool = shard_dir, meta, pool
         self.stalls = stalls if stalls is not None else Stalls()
-        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.queue: queue.Queue = queue.Queue()
+        self.slots = threading.Semaphore(pending)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="wat-shard-writer", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, name=f"wat-shard-writer-{i}", daemon=True)
+                        for i in range(threads)]
+        for t in self.threads:
+            t.start()
 
     def _run(self):
         while (buf := self.queue.get()) is not None:
@@ -572,16 +611,22 @@ class _Writer:
                     buf.write(self.shard_dir, self.meta, self.stalls)  # its record on disk is what finish() reads
                 except BaseException as e:  # surfaced in the main thread
                     self.error = e
+            if self.pool is not None:
+                self.pool.give(buf.features, buf.mean)
+            self.slots.release()
 
     def put(self, buf):
         self._raise()
         t0 = time.perf_counter()
-        self.queue.put(buf)
+        self.slots.acquire()
         self.stalls.writer += time.perf_counter() - t0
+        self.queue.put(buf)
 
     def close(self):
-        self.queue.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join()
         self._raise()
 
     def _raise(self):
@@ -658,12 +703,12 @@ def _extract(dataset, options, out_index, clip_seconds, model, runner, t0) -> Su
         runner.run_shards(todo, options, shard_dir, meta)
     elif todo:
         n_samples = round(clip_seconds * SAMPLE_RATE)
-        stalls = Stalls()
-        writer = _Writer(shard_dir, meta, stalls=stalls)
+        stalls, pool = Stalls(), _ArrayPool()
+        writer = _Writer(shard_dir, meta, stalls=stalls, pool=pool)
         with progress_bar(total=n_todo, unit="clip", desc="extract", disable=None if options.progress is None
                   else not options.progress, smoothing=0.1) as bar:
             try:
-                for buf in encode_shards(model, todo, options, meta, n_samples, bar, stalls):
+                for buf in encode_shards(model, todo, options, meta, n_samples, bar, stalls, pool):
                     writer.put(buf)
             finally:
                 writer.close()

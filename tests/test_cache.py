@@ -239,6 +239,22 @@ def _vds(f, field):
     return dequantize(raw, scale[:, :, None, :] if field == "features" else scale)
 
 
+def test_f16_rows_with_nan_or_inf_are_refused_and_extremes_kept(tmp_path):
+    """write_shard checks f16 rows (the extractor's) on their bits: NaN and +-inf anywhere in a row are
+    refused, naming the clips; the largest finite f16, -0 and subnormals are values like any other."""
+    meta = make_meta()
+    ids, feats, labels, *_ = make_data(6)
+    x = feats.astype(np.float16)
+    x[0, 0, 0, 0], x[1, -1, -1, -1], x[2, 1, 1, 1] = 65504, -0.0, np.float16(6e-8)
+    write_shard(tmp_path / "ok.h5", meta, ids, x, labels)
+    assert verify(tmp_path / "ok.h5") == []
+    for k, v in ((4, np.inf), (5, -np.inf), (3, np.nan)):
+        x[k].reshape(-1)[-1] = v
+        with pytest.raises(CacheError, match=f"NaN/inf in features of clip\\(s\\) .*{ids[k]}"):
+            write_shard(tmp_path / "bad.h5", meta, ids, x, labels)
+    assert not (tmp_path / "bad.h5").exists()
+
+
 def test_cache_pickles_and_reopens(tmp_path):
     index, _, (_, feats, *_) = write_cache(tmp_path)
     cache = open_cache(index)

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from wat.data.datasets import load_dataset
 from wat.data.demo import make_demo
 from wat.extract.cli import main
 from wat.extract.layers import encode_layers
-from wat.extract.pipeline import ERRORS, ExtractError, ExtractOptions, extract_dataset, get_model, shard_dir_for
+from wat.extract.pipeline import (ERRORS, WRITER_THREADS, ExtractError, ExtractOptions, _ArrayPool, extract_dataset,
+                                  get_model, shard_dir_for)
 
 # 2 s of each 5 s demo clip: the same code path at 40% of the encoder cost
 OPTS = dict(model="tiny.en", policy="trim", clip_seconds=2.0, shard_size=8, batch_size=4, num_workers=1, progress=False)
@@ -79,6 +81,30 @@ def test_features_equal_encode_layers(demo, reference, model):
     # the mean field is the time mean of the same features
     np.testing.assert_allclose(cache.read("mean", np.array(rows)).astype(np.float32), want.mean(2),
                                rtol=2e-3, atol=2e-3 * scale)
+
+
+def test_summary_accounts_for_the_waits(reference):
+    """The stall account: every figure >= 0, the main loop's waits within the wall time, the writer
+    threads' busy time within theirs; printed as one line."""
+    _, summary = reference
+    st = asdict(summary.stalls)
+    assert set(st) == {"audio", "device", "writer", "copies", "checksum", "write"}
+    assert all(v >= 0 for v in st.values()), st
+    assert st["audio"] + st["device"] + st["writer"] + st["copies"] <= summary.wall_s
+    assert st["checksum"] + st["write"] <= WRITER_THREADS * summary.wall_s
+    assert st["device"] > 0 and st["write"] > 0  # tiny.en ran on every batch; three shards were written
+    assert "waits: audio " in str(summary) and "writer busy: checksum " in str(summary)
+
+
+def test_shard_arrays_are_reused_not_reallocated():
+    pool = _ArrayPool(keep=1)
+    a = pool.take((8, 2, 3))
+    pool.give(a)
+    b = pool.take((6, 2, 3))  # a smaller last shard: a view of the pooled array
+    assert b.shape == (6, 2, 3) and np.shares_memory(a, b)
+    assert not np.shares_memory(pool.take((6, 2, 3)), a)  # taken: a new one
+    pool.give(b, np.empty((8, 2, 3), np.float16))  # keeps one, the whole array behind the view
+    assert len(pool.free) == 1 and pool.free[0] is a
 
 
 def test_corrupt_clip_only_in_errors_file(demo, reference):
