@@ -268,7 +268,7 @@ def bench_real(model, args, options, n_samples, work: Path, gpu: str) -> dict:
     return {"pipeline": pipe, "bare": bare, "bare_hooked": hooked, "official": official,
             "pipeline_bare": pipe / bare, "pipeline_official": pipe / official,
             "encoder_gflop_per_clip": f / 1e9, "bare_tflops": bare * f / 1e12,
-            "pipeline_tflops": pipe * f / 1e12, "peak_tflops": peak, "stalls": asdict(run.stalls) if run.stalls else None}
+            "pipeline_tflops": pipe * f / 1e12, "peak_tflops": peak, "stalls": asdict(run.stalls) if getattr(run, "stalls", None) else None}
 
 
 def bench_null(args, options, work: Path, pipe: float | None) -> dict:
@@ -284,12 +284,12 @@ def bench_null(args, options, work: Path, pipe: float | None) -> dict:
     per_clip = run.bytes / run.written
     rate, disk_clips = run.clips_per_s, disk / per_clip
     print(f"(d) null-encoder pipeline {rate:9.2f} clips/s = {rate * per_clip / 1e6:.0f} MB/s of cache "
-          f"({per_clip / 1e6:.2f} MB/clip; {run.stalls})")
+          f"({per_clip / 1e6:.2f} MB/clip; {getattr(run, 'stalls', None)})")
     print(f"(e) disk write            {disk_clips:9.2f} clips/s = {disk / 1e6:.0f} MB/s ({run.bytes / 1e9:.2f} GB, fsync)")
     print(f"null-encoder/disk  {rate / disk_clips:.3f}")
     if pipe:
         print(f"pipeline/null-encoder  {pipe / rate:.3f}")
-    return {"null_encoder": rate, "null_stalls": asdict(run.stalls) if run.stalls else None, "null_clips": run.processed,
+    return {"null_encoder": rate, "null_stalls": asdict(run.stalls) if getattr(run, "stalls", None) else None, "null_clips": run.processed,
             "disk_write_mb_s": disk / 1e6, "disk_clips": disk_clips, "null_disk": rate / disk_clips,
             "mb_per_clip": per_clip / 1e6}
 

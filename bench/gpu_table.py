@@ -24,6 +24,11 @@ def _ge(v, t):
     return v is not None and v >= t
 
 
+def _stalls(st: dict) -> str:
+    return (f"audio {st['audio']:.1f}, device {st['device']:.1f}, writer {st['writer']:.1f}, copies "
+            f"{st['copies']:.1f} s; checksum {st['checksum']:.1f}, write {st['write']:.1f} s")
+
+
 def rows(rec: dict, step: str) -> list[tuple[str, str, str, str]]:
     """(what, figure, target, verdict) rows of one record."""
     out = []
@@ -40,6 +45,13 @@ def rows(rec: dict, step: str) -> list[tuple[str, str, str, str]]:
         pct = f" = {100 * rec['bare_tflops'] / peak:.0f}% / {100 * rec['pipeline_tflops'] / peak:.0f}% of {peak:.0f}" if peak else " (peak unknown)"
         row("encoder TFLOP/s bare / pipeline", f"{rec['bare_tflops']:.1f} / {rec['pipeline_tflops']:.1f}{pct}",
             "report (dense fp16 peak)")
+        if rec.get("stalls"):
+            row("pipeline waits (main loop; writer busy)", _stalls(rec["stalls"]), "report")
+        if "null_encoder" in rec:  # --null-encoder: the host side's ceiling beside the disk's
+            row("null-encoder pipeline / disk write clips/s", f"{rec['null_encoder']:.1f} / {rec['disk_clips']:.1f} "
+                f"(disk {rec['disk_write_mb_s']:.0f} MB/s, {rec['mb_per_clip']:.2f} MB/clip; ratio {rec['null_disk']:.2f})",
+                "report")
+            row("null-encoder waits (main loop; writer busy)", _stalls(rec["null_stalls"]), "report")
     elif step.startswith("train"):
         target = 1000 if rec["head"] == "tl-tr" else 10000
         sps = rec["samples_per_s"]

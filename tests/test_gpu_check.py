@@ -34,6 +34,8 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
     assert pad30["policy"] == "pad30" and pad30["random_weights"] and pad30["model"] == "random-micro"
     assert pad30["pipeline"] > 0 and pad30["bare"] > 0 and pad30["peak_tflops"] is None   # no peak for a CPU
     trim = json.loads((out / "extract_trim.json").read_text())
+    assert trim["null_encoder"] > 0 and trim["disk_write_mb_s"] > 0 and trim["stalls"]["write"] > 0   # --null-encoder
+    assert "null-encoder pipeline / disk write" in table and "pipeline waits" in table
     assert trim["encoder_gflop_per_clip"] < pad30["encoder_gflop_per_clip"]     # 1 s of mel frames, not 30 s
     probe = json.loads((out / "probe.json").read_text())
     assert probe["layers"] == 2 and len(probe["rows"]) == 2 and "sklearn_mAP_subset" in probe["rows"][1]
