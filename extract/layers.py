@@ -4,12 +4,13 @@ inside forward hooks, so full-resolution activations never leave the device or o
 from __future__ import annotations
 
 import operator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import whisper
+from torch.overrides import TorchFunctionMode
 from whisper.audio import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 
 from wat.data.cache import POLICIES
@@ -47,10 +48,40 @@ def integer(value) -> int | None:
         return None
 
 
+class _ResidentWindow(TorchFunctionMode):
+    """`whisper.log_mel_spectrogram` makes its STFT window on the CPU and copies it to the audio's
+    device on every call (`torch.hann_window(N_FFT).to(audio.device)`): a blocking copy, which on
+    CUDA first waits for all the work queued on the stream (the previous batch's encoder), so the
+    host could never queue a batch ahead. Inside this mode `torch.hann_window(n)` returns that same
+    window, made on the CPU as whisper makes it and copied to `device` once: the `.to` is a no-op and
+    the values are bit for bit whisper's."""
+
+    _windows: dict = {}
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.hann_window and len(args) == 1 and not kwargs:
+            key = (args[0], str(self.device))
+            if key not in self._windows:  # the mode is off inside its own handler: whisper's own window
+                self._windows[key] = torch.hann_window(args[0]).to(self.device)
+            return self._windows[key]
+        return func(*args, **kwargs)
+
+
+def _whisper_mel(device: torch.device):
+    """The context for calling whisper's log-mel on `device` without a stream sync per call."""
+    return _ResidentWindow(device) if device.type == "cuda" else nullcontext()
+
+
 def log_mel(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
     """[B, S] -> [B, n_mels, S // 160]. One `whisper.log_mel_spectrogram` call per clip: it clamps to
     (max - 8) over the whole tensor it gets, so a batched call would couple clips."""
-    return torch.stack([whisper.log_mel_spectrogram(a, n_mels) for a in audio])
+    with _whisper_mel(audio.device):
+        return torch.stack([whisper.log_mel_spectrogram(a, n_mels) for a in audio])
 
 
 def mel_encoder_frames(mel_frames: int) -> int:
@@ -87,7 +118,8 @@ def pad30_input(clips, n_mels: int = 80) -> tuple[torch.Tensor, list[int]]:
     first window is. Valid encoder frames: `encoder_frames(samples)`."""
     mels, valid = [], []
     for clip in clips:
-        mel = whisper.log_mel_spectrogram(clip, n_mels, padding=N_SAMPLES)
+        with _whisper_mel(clip.device):
+            mel = whisper.log_mel_spectrogram(clip, n_mels, padding=N_SAMPLES)
         frames = min(mel.shape[-1] - N_FRAMES, N_FRAMES)  # transcribe's content_frames, first window
         mels.append(whisper.pad_or_trim(mel[:, :frames], N_FRAMES))
         valid.append(encoder_frames(clip.shape[-1]))

@@ -228,3 +228,17 @@ def test_time_parts_are_adaptive_avg_pool_windows():
     for n in (500, 250, 1500):
         start, end = time_parts(n, 25)
         assert (end - start == n // 25).all() and (start[1:] == end[:-1]).all()
+
+
+def test_resident_window_gives_whispers_log_mel_bit_for_bit():
+    """On CUDA the log-mel runs inside `_ResidentWindow` (whisper's per-call window copy would sync
+    the stream); the mode must hand out exactly whisper's window. Checked here on the CPU device."""
+    from wat.extract.layers import _ResidentWindow
+
+    audio = torch.from_numpy(loud_tone(8000))
+    plain = whisper.log_mel_spectrogram(audio, 80, padding=1000)
+    with _ResidentWindow(torch.device("cpu")):
+        resident = whisper.log_mel_spectrogram(audio, 80, padding=1000)
+        again = whisper.log_mel_spectrogram(audio, 80)
+    assert torch.equal(plain, resident) and torch.equal(again, whisper.log_mel_spectrogram(audio, 80))
+    assert torch.equal(_ResidentWindow._windows[(400, "cpu")], torch.hann_window(400))
