@@ -287,31 +287,34 @@ def row_crc32(block: np.ndarray) -> np.ndarray:
     return _gather_crc32(_row_crc32_async(block))
 
 
-_CRC_PIECE = 16 << 20  # bytes of rows per CRC task
-_crc_threads: ThreadPoolExecutor | None = None
+_PIECE = 16 << 20  # bytes of rows per task of the checksum threads
+_threads: ThreadPoolExecutor | None = None
+
+
+def _row_tasks(fn, rows: np.ndarray) -> list[tuple[int, object]]:
+    """(first row, future of fn(those rows)) per piece of `rows` [n, row bytes...], run by a few
+    threads: zlib and numpy release the GIL on large buffers, so the pieces run beside each other
+    and beside the caller (e.g. its HDF5 write)."""
+    global _threads
+    if _threads is None:
+        _threads = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="wat-rows")
+    step = max(1, _PIECE // max(1, rows.itemsize * rows[0].size)) if len(rows) else 1
+    return [(a, _threads.submit(fn, rows[a:a + step])) for a in range(0, len(rows), step)]
 
 
 def _row_crc32_async(block: np.ndarray) -> list:
-    """`row_crc32` as futures over pieces of rows, computed by a few threads: zlib releases the GIL
-    for large buffers, so they run beside each other and beside the caller (e.g. its HDF5 write)."""
-    global _crc_threads
+    """`row_crc32` as futures (see `_row_tasks`)."""
     block = np.ascontiguousarray(block, dtype=np.int8 if block.dtype == np.int8 else "<f2")
-    rows = block.reshape(len(block), -1)
-    if _crc_threads is None:
-        _crc_threads = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="wat-crc32")
-    step = max(1, _CRC_PIECE // max(1, rows.itemsize * rows.shape[1]))
-    return [_crc_threads.submit(lambda part: [zlib.crc32(r) for r in part], rows[a:a + step])
-            for a in range(0, len(rows), step)]
+    return _row_tasks(lambda part: [zlib.crc32(r) for r in part], block.reshape(len(block), -1))
 
 
-def _gather_crc32(futures: list) -> np.ndarray:
-    return np.array([c for f in futures for c in f.result()], np.uint32)
+def _gather_crc32(tasks: list) -> np.ndarray:
+    return np.array([c for _, f in tasks for c in f.result()], np.uint32)
 
 
-def _nonfinite_rows(x: np.ndarray, piece: int = 1 << 20) -> np.ndarray:
+def _nonfinite_rows(x: np.ndarray) -> np.ndarray:
     """Indices of the rows of `x` that hold a NaN or an inf. f16 rows (what the extractor writes) are
-    checked on their bits, a piece of ~`piece` bytes at a time: exponent all ones = not finite. That is
-    ~10x numpy's f16 isfinite, which converts every value to f32 first."""
+    checked on their bits by the row threads (`_nonfinite_bits`); other types with numpy."""
     n, bad = len(x), []
     if x.dtype != np.float16:
         for a in range(0, n, 256):
@@ -319,13 +322,20 @@ def _nonfinite_rows(x: np.ndarray, piece: int = 1 << 20) -> np.ndarray:
             bad.extend(a + np.flatnonzero(~np.isfinite(part).reshape(len(part), -1).all(axis=1)))
         return np.asarray(bad, np.int64)
     bits = np.ascontiguousarray(x).view(np.uint16).reshape(n, -1)
+    return np.asarray([a + i for a, f in _row_tasks(_nonfinite_bits, bits) for i in f.result()], np.int64)
+
+
+def _nonfinite_bits(bits: np.ndarray, piece: int = 1 << 20) -> list[int]:
+    """Rows of f16 bit patterns [n, m] with an exponent of all ones (inf or NaN), ~`piece` bytes at a
+    time through a small buffer: ~10x numpy's f16 isfinite, which converts every value to f32 first."""
     step = max(1, piece // max(1, bits.itemsize * bits.shape[1]))
-    tmp = np.empty((min(step, n), bits.shape[1]), np.uint16)
-    for a in range(0, n, step):
+    tmp = np.empty((min(step, len(bits)), bits.shape[1]), np.uint16)
+    bad = []
+    for a in range(0, len(bits), step):
         part = tmp[:len(bits[a:a + step])]
         np.bitwise_and(bits[a:a + step], 0x7FFF, out=part)
-        bad.extend(a + np.flatnonzero(part.max(axis=1) >= 0x7C00))
-    return np.asarray(bad, np.int64)
+        bad.extend((a + np.flatnonzero(part.max(axis=1) >= 0x7C00)).tolist())
+    return bad
 
 
 def layer_crc32(block: np.ndarray) -> np.ndarray:
