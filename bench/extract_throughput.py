@@ -130,6 +130,12 @@ def null_encoder(device: str):
         pipeline.encode_batch = real
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """user+sys CPU seconds of this process (all threads) and of its finished children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
 def disk_write_rate(workdir: Path, nbytes: int, piece: int = 64 << 20) -> float:
     """Bytes/s of writing `nbytes` (random bytes) to a plain file in `workdir` and fsyncing it."""
     block = np.random.default_rng(0).integers(0, 256, piece, np.uint8).tobytes()
@@ -275,21 +281,28 @@ def bench_null(args, options, work: Path, pipe: float | None) -> dict:
     """(d) and (e), printed; their JSON fields."""
     model = null_model(args.model)
     ds = dataset(work, args.null_clips or args.clips, args.clip_seconds, args.pool)
-    run, disk = None, 0.0
+    run, disk, cpu = None, 0.0, None
     for _ in range(args.repeat):
+        before = _cpu_seconds()
         with null_encoder(args.device):
             s = bench_pipeline(model, ds, options, work)
+        used = [(b - a) / s.processed for a, b in zip(before, _cpu_seconds())]
+        cpu = used if cpu is None else [min(x, y) for x, y in zip(cpu, used)]
         run = s if run is None or s.clips_per_s > run.clips_per_s else run
         disk = max(disk, disk_write_rate(work, s.bytes))
     per_clip = run.bytes / run.written
     rate, disk_clips = run.clips_per_s, disk / per_clip
     print(f"(d) null-encoder pipeline {rate:9.2f} clips/s = {rate * per_clip / 1e6:.0f} MB/s of cache "
           f"({per_clip / 1e6:.2f} MB/clip; {getattr(run, 'stalls', None)})")
+    # CPU time hardly depends on what else runs on the machine (clock rates and caches aside)
+    print(f"    host CPU per clip: {1e3 * cpu[0]:.1f} ms in this process (user+sys, all threads; with "
+          f"the warm-up run) + {1e3 * cpu[1]:.1f} ms in the decode workers")
     print(f"(e) disk write            {disk_clips:9.2f} clips/s = {disk / 1e6:.0f} MB/s ({run.bytes / 1e9:.2f} GB, fsync)")
     print(f"null-encoder/disk  {rate / disk_clips:.3f}")
     if pipe:
         print(f"pipeline/null-encoder  {pipe / rate:.3f}")
-    return {"null_encoder": rate, "null_stalls": asdict(run.stalls) if getattr(run, "stalls", None) else None, "null_clips": run.processed,
+    return {"null_cpu_ms_per_clip": 1e3 * cpu[0], "null_decode_cpu_ms_per_clip": 1e3 * cpu[1],
+            "null_encoder": rate, "null_stalls": asdict(run.stalls) if getattr(run, "stalls", None) else None, "null_clips": run.processed,
             "disk_write_mb_s": disk / 1e6, "disk_clips": disk_clips, "null_disk": rate / disk_clips,
             "mb_per_clip": per_clip / 1e6}
 
