@@ -16,8 +16,8 @@ ones that are not finished. A shard is finished when its record exists; the reco
 Data path: DataLoader worker processes decode, resample and fit each clip to `clip_seconds`
 (returning the error instead of raising); the main process computes the log-mel per clip on the
 device and runs the encoder with pooling inside the forward hooks (`encode_layers`), collecting
-batch k only after batches k+1 and k+2 are queued; a writer thread turns each completed shard into a
-file. Host memory: ~3 shard buffers (filling, queued, writing) of S x L x T x D f16 each, one more
+batch k only after batches k+1 and k+2 are queued; two writer threads turn the completed shards into
+files. Host memory: ~3 shard buffers (filling, queued, writing) of S x L x T x D f16 each, one more
 while batches of two shards are in flight. `Summary.stalls` says which stage the others waited for.
 """
 from __future__ import annotations
@@ -129,7 +129,7 @@ class Stalls:
     what a writer stall cost."""
     audio: float = 0.0     # main loop waiting for the next decoded batch (the loader's workers)
     device: float = 0.0    # main loop in the encoder call and waiting for its results (CUDA: the event sync)
-    writer: float = 0.0    # main loop waiting to hand a full shard to the writer thread (its queue full)
+    writer: float = 0.0    # main loop waiting to hand a full shard to the writer threads (both still busy)
     copies: float = 0.0    # main loop copying results into the shard buffer
     checksum: float = 0.0  # writer threads: finite check and waiting for the rows' CRC-32s (`wcache.write_shard`)
     write: float = 0.0     # writer threads: the rest of the HDF5 file (create, write, fsync, rename) and the record
