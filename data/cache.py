@@ -291,6 +291,16 @@ _PIECE = 16 << 20  # bytes of rows per task of the checksum threads
 _threads: ThreadPoolExecutor | None = None
 
 
+def _forget_threads() -> None:
+    # a forked child (decode workers, multiprocessing) has none of its parent's threads: a pool
+    # copied from the parent would take tasks and never run them
+    global _threads
+    _threads = None
+
+
+os.register_at_fork(after_in_child=_forget_threads)
+
+
 def _row_tasks(fn, rows: np.ndarray) -> list[tuple[int, object]]:
     """(first row, future of fn(those rows)) per piece of `rows` [n, row bytes...], run by a few
     threads: zlib and numpy release the GIL on large buffers, so the pieces run beside each other
