@@ -3,17 +3,18 @@ inside forward hooks, so full-resolution activations never leave the device or o
 """
 from __future__ import annotations
 
-import operator
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import whisper
 from torch.overrides import TorchFunctionMode
 from whisper.audio import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 
 from wat.data.cache import POLICIES
+
+from .encoders.base import ShortClipError
+from .pooling import integer, layer_subset, pool_frames, time_parts  # noqa: F401 (their old home)
 
 # The fewest samples a clip needs to give an encoder frame of its own audio, per policy.
 # trim: whisper's log-mel of the clip alone (`log_mel_spectrogram` without padding) reflect-pads it
@@ -25,27 +26,12 @@ MIN_SAMPLES = {"trim": N_FFT // 2 + 1, "pad30": HOP_LENGTH}
 MAX_FRAMES = N_FRAMES // 2  # pooled frames per clip: at most the encoder frames of a 30 s window
 
 
-class ShortClipError(ValueError):
-    """A clip shorter than `MIN_SAMPLES[policy]`: no encoder frame of its audio can be computed."""
-
-    def __init__(self, samples: int, policy: str):
-        self.samples, self.policy = samples, policy
-        why = ("whisper's log-mel of the clip alone reflect-pads 200 samples on each side; policy "
-               f"'pad30' takes clips from {MIN_SAMPLES['pad30']} samples" if policy == "trim" else
-               "a shorter clip has no 10 ms log-mel frame, so its features would not depend on its audio")
-        super().__init__(f"a clip of {samples} samples ({1000 * samples / SAMPLE_RATE:g} ms at 16 kHz) is too "
-                         f"short for policy {policy!r}, which needs at least {MIN_SAMPLES[policy]} samples: {why}")
-
-
-def integer(value) -> int | None:
-    """An integer option given as an int, a numpy integer or a decimal string -> int; None for
-    anything else (1.5, nan, inf, True), so a bad value is refused, never silently truncated."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return int(value) if isinstance(value, str) else operator.index(value)
-    except (TypeError, ValueError):
-        return None
+# why a clip under MIN_SAMPLES has no frame of its own, per policy (the ShortClipError message)
+_SHORT_WHY = {
+    "trim": "whisper's log-mel of the clip alone reflect-pads 200 samples on each side; policy "
+            f"'pad30' takes clips from {MIN_SAMPLES['pad30']} samples",
+    "pad30": "a shorter clip has no 10 ms log-mel frame, so its features would not depend on its audio",
+}
 
 
 class _ResidentWindow(TorchFunctionMode):
@@ -126,27 +112,6 @@ def pad30_input(clips, n_mels: int = 80) -> tuple[torch.Tensor, list[int]]:
     return torch.stack(mels), valid
 
 
-def time_parts(n: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
-    """THE time pooling partition: the frames `[start[i], end[i])` whose mean is pooled part i of
-    `n` frames split into `parts`, `start = floor(i n / parts)`, `end = ceil((i + 1) n / parts)`.
-    These are exactly torch's `adaptive_avg_pool1d` windows (official Whisper-AT pooling, used by
-    extraction below); when `parts` does not divide `n`, neighbouring parts share a frame (frame j
-    belongs to every part whose span [i n/parts, (i+1) n/parts) overlaps [j, j+1)). The tagger
-    pools its windows with the same parts (`wat.extract.tag.grid`)."""
-    if n < 1 or parts < 1:
-        raise ValueError(f"time_parts needs n >= 1 and parts >= 1, got {n}, {parts}")
-    i = np.arange(parts)
-    return (i * n) // parts, -((-(i + 1) * n) // parts)
-
-
-def pool_frames(x: torch.Tensor, frames: int, n_valid: int | None) -> torch.Tensor:
-    """Block outputs [B, T, D] -> float32 [B, frames, D]: the means over the `time_parts` of the
-    first `n_valid` frames (None = all), by the fused kernel whose windows `time_parts` spells out
-    (same numbers as the official pooling)."""
-    x = x[:, :n_valid].float().transpose(1, 2)
-    return F.adaptive_avg_pool1d(x, frames).transpose(1, 2)
-
-
 class LayerTaps:
     """Forward hooks on `encoder.blocks` that keep each block's output of the latest encoder call,
     pooled to `frames` windows over its first `n_valid` frames (None = all); `layers`: only these blocks.
@@ -224,19 +189,6 @@ class EncoderPasses:
         self._handle.remove()
 
 
-def layer_subset(spec, n_blocks: int) -> tuple[int, ...]:
-    """`(start, stop)` (either may be None, as in a slice) -> the block indices it names, checked
-    against the encoder's `n_blocks`; None -> every block."""
-    if spec is None:
-        return tuple(range(n_blocks))
-    start, stop = spec
-    start, stop = 0 if start is None else start, n_blocks if stop is None else stop
-    if not 0 <= start < stop <= n_blocks:
-        raise ValueError(f"layers {start}:{stop} outside the encoder's {n_blocks} blocks "
-                         f"(0:{n_blocks} is all of them)")
-    return tuple(range(start, stop))
-
-
 def encode_layers(model, audio, *, frames: int = 25, policy: str = "pad30", layers=None) -> torch.Tensor:
     """16 kHz mono waveforms [B, samples] (tensor or array, equal lengths) -> float32
     [B, L, frames, D] on the model's device: every encoder block's output, mean-pooled over `frames`
@@ -259,7 +211,7 @@ def encode_layers(model, audio, *, frames: int = 25, policy: str = "pad30", laye
     if audio.ndim != 2 or audio.shape[1] == 0:
         raise ValueError(f"audio must be [batch, samples] with samples > 0, got {tuple(audio.shape)}")
     if audio.shape[1] < MIN_SAMPLES[policy]:
-        raise ShortClipError(audio.shape[1], policy)
+        raise ShortClipError(audio.shape[1], policy, MIN_SAMPLES[policy], _SHORT_WHY[policy])
     audio = audio.to(device, torch.float32)
     if policy == "pad30":
         mel, valid = pad30_input(audio, model.dims.n_mels)

@@ -27,6 +27,7 @@ from wat.data import DIST
 from wat.data.files import load_torch, load_torch_dict, one_line, save_torch
 
 from .ct2 import CT2Error, ct2_to_whisper
+from .encoders.base import EncoderError
 from .hf import CONFIG, INDEXES, WEIGHTS, HFError, hf_to_whisper, is_hf_dir, weight_files
 from .offline import OFFLINE, package_dir
 
@@ -39,7 +40,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DOWNLOAD_TIMEOUT = 20.0
 
 
-class WhisperLoadError(Exception):
+class WhisperLoadError(EncoderError):
     """The model cannot be loaded; the message says why and what to do."""
 
 

@@ -1,0 +1,21 @@
+"""Audio encoders behind one interface (`Encoder`), one registered class per family:
+
+    whisper  WhisperEncoder (whisper_encoder.py): openai-whisper names, .pt, CTranslate2 / HF folders, HF ids
+
+`load_encoder(spec, device)` picks the family that accepts `spec`; `@register_encoder` adds one.
+Pooling and layer choice shared by every family: `wat.extract.pooling`.
+"""
+from .base import (BUILTIN, ENCODERS, Encoder, EncoderError, ShortClipError, as_clips, encoder_class,
+                   equal_length_groups, families, load_encoder, register_encoder)
+
+__all__ = ["Encoder", "EncoderError", "ShortClipError", "load_encoder", "register_encoder", "encoder_class",
+           "families", "as_clips", "equal_length_groups", "ENCODERS", "BUILTIN", "WhisperEncoder"]
+
+
+def __getattr__(name):
+    # the family classes are imported on use: `import wat.extract.encoders` loads no encoder library
+    if name == "WhisperEncoder":
+        from .whisper_encoder import WhisperEncoder
+
+        return WhisperEncoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,202 @@
+"""The encoder interface: what every family (Whisper, Hugging Face speech models, CREPE) gives the
+rest of wat, and the registry that turns a `--model` string into a loaded encoder.
+
+A family is one `Encoder` subclass decorated with `@register_encoder` (lhotse's registered
+back-ends): its `family` name (the cache's `encoder` attribute), `accepts(spec)` (could it load this
+string?) and `load(spec, device)`, plus the encoder's sizes and `pooled(clips, ...)`. Everything
+downstream (the extraction pipeline, the HEAR module, the caches' feature record) uses only this
+interface, so a new family is one module and its tests.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..pooling import integer
+
+# family -> module that registers it when imported. `load_encoder` imports these on first use (a
+# family's heavy library is imported only by its own module, and only when it is tried); the
+# catch-all family (`fallback = True`: Whisper) is tried last whatever its place here.
+BUILTIN = {"whisper": "wat.extract.encoders.whisper_encoder"}
+
+ENCODERS: dict[str, type["Encoder"]] = {}  # family -> class, in registration order
+
+
+class EncoderError(Exception):
+    """An encoder cannot be loaded or cannot take these arguments; the message says why and what to do.
+    Each family's load errors derive from it (`wat.extract.load.WhisperLoadError`, ...)."""
+
+
+class ShortClipError(ValueError):
+    """A clip shorter than the encoder's `min_samples(policy)`: no frame of its audio can be computed."""
+
+    def __init__(self, samples: int, policy: str, need: int, why: str = "", sample_rate: int = 16000):
+        self.samples, self.policy, self.need = samples, policy, need
+        super().__init__(f"a clip of {samples} samples ({1000 * samples / sample_rate:g} ms at "
+                         f"{sample_rate / 1000:g} kHz) is too short for policy {policy!r}, which needs at "
+                         f"least {need} samples" + (f": {why}" if why else ""))
+
+
+class Encoder(abc.ABC):
+    """A loaded, frozen audio encoder whose layer outputs wat caches.
+
+        enc = load_encoder("base")                   # or "facebook/hubert-large-ls960-ft", "crepe-tiny"
+        x = enc.pooled(clips, frames=25, policy=enc.policies[0])   # float32 [B, L, 25, D]
+
+    Layers are the encoder's transformer blocks (a convolutional front end is not a layer; CREPE has
+    one layer). `pooled` mean-pools each layer's frames that cover a clip into `frames` windows, the
+    `wat.extract.pooling.time_parts` windows shared by every family; a clip's result never depends
+    on the other clips of its batch."""
+
+    family: ClassVar[str]                 # registry key = the cache's `encoder` ("whisper", "hf", "crepe")
+    policies: ClassVar[tuple[str, ...]]   # input policies accepted; the first is the default
+    fallback: ClassVar[bool] = False      # True: loads whatever no other family accepts (tried last)
+    max_seconds: ClassVar[float | None] = None  # audio encoded per clip (Whisper: its 30 s window); None = all
+
+    name: str                  # what it was loaded from ("base", "facebook/hubert-xlarge-ll60k", "crepe-tiny")
+    fingerprint: str           # sha256 of the encoder's weights ("" = unknown)
+    sample_rate: int           # Hz of the audio `pooled` takes (16000 for all of wat's)
+    n_layers: int              # layers `pooled` can return (blocks of the encoder)
+    dim: int                   # width of each layer's output
+    frame_rate: float          # native frames per second (Whisper and wav2vec2 families 50)
+    device: torch.device       # where it runs; `pooled` returns tensors there
+
+    @abc.abstractmethod
+    def min_samples(self, policy: str) -> int:
+        """The fewest samples a clip needs to give a frame of its own audio under `policy`;
+        `pooled` raises `ShortClipError` for a shorter clip."""
+
+    @abc.abstractmethod
+    def native_frames(self, samples: int, policy: str) -> int:
+        """How many encoder frames cover a clip of `samples` samples (of its first `max_seconds`):
+        the frames `pooled` averages into its `frames` windows."""
+
+    @abc.abstractmethod
+    def pooled(self, clips, *, frames: int, policy: str, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """`clips`: [B, S] tensor/array or a list of 1-D clips of any lengths, at `sample_rate`
+        -> float32 [B, len(layers), frames, dim] on `self.device`: each layer's output over the clip's
+        `native_frames`, mean-pooled into `frames` `time_parts` windows. `layers`: indices in
+        0..n_layers-1, ascending (None = all). Use `self.check(...)` for the arguments."""
+
+    @classmethod
+    @abc.abstractmethod
+    def accepts(cls, spec: str) -> bool:
+        """Could this family load `spec`? Cheap and without side effects where possible (a name
+        pattern, a folder's config); never raises for a spec of another family."""
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, spec: str, device="cpu") -> "Encoder":
+        """Load `spec` (name, file, folder or hub id) onto `device`, in eval mode; `EncoderError`
+        (or a subclass) with the reason and the fix when it cannot."""
+
+    # ------------------------------------------------------------------ shared by every family
+
+    @property
+    def default_policy(self) -> str:
+        return self.policies[0]
+
+    def spec(self, *, policy: str, frames: int, layers: Sequence[int] | None = None, storage: str = "fp16") -> dict:
+        """The feature record of `pooled(..., frames=frames, policy=policy, layers=layers)` stored as
+        `storage`: the `wat.data.cache.CacheMeta` fields it decides (the dataset's fields are added
+        by the caller)."""
+        layers = tuple(range(self.n_layers)) if layers is None else tuple(layers)
+        return dict(model=self.name, fingerprint=self.fingerprint, n_layers=len(layers), dim=self.dim,
+                    n_frames=frames, policy=policy, pooling=f"mean:{frames}", sample_rate=self.sample_rate,
+                    storage=storage, layers=layers)
+
+    def check(self, clips, *, frames, policy: str, layers=None) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+        """Validate `pooled`'s arguments -> (clips as 1-D float32 tensors on `self.device`, layer
+        indices). ValueError for a bad frames/policy/layers value or shape; ShortClipError for a
+        clip under `min_samples(policy)`."""
+        if policy not in self.policies:
+            raise ValueError(f"policy {policy!r} is not one of {self.family} encoder {self.name!r}'s "
+                             f"policies ({', '.join(self.policies)})")
+        if integer(frames) is None or integer(frames) < 1:
+            raise ValueError(f"frames must be an integer >= 1, got {frames!r}")
+        layers = tuple(range(self.n_layers)) if layers is None else tuple(integer(i) for i in layers)
+        if (not layers or any(i is None or not 0 <= i < self.n_layers for i in layers)
+                or any(b <= a for a, b in zip(layers, layers[1:]))):
+            raise ValueError(f"layers must be ascending indices in 0..{self.n_layers - 1}, got {layers!r}")
+        clips = as_clips(clips)
+        for c in clips:
+            if c.shape[0] < self.min_samples(policy):
+                raise ShortClipError(c.shape[0], policy, self.min_samples(policy), sample_rate=self.sample_rate)
+        return [c.to(self.device, torch.float32) for c in clips], layers
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.name!r}: {self.n_layers} layers x {self.dim}, "
+                f"{self.frame_rate:g} frames/s, {self.device}>")
+
+
+def as_clips(clips) -> list[torch.Tensor]:
+    """[B, S] tensor/array or a sequence of 1-D clips -> a list of 1-D tensors (not copied when
+    already tensors); ValueError for another shape or an empty clip."""
+    if torch.is_tensor(clips) or isinstance(clips, np.ndarray):
+        clips = torch.as_tensor(clips)
+        if clips.ndim != 2:
+            raise ValueError(f"clips must be [batch, samples] or a list of 1-D clips, got shape {tuple(clips.shape)}")
+        clips = list(clips)
+    out = [c if torch.is_tensor(c) else torch.as_tensor(np.asarray(c)) for c in clips]
+    for c in out:
+        if c.ndim != 1 or c.shape[0] == 0:
+            raise ValueError(f"each clip must be 1-D with samples > 0, got shape {tuple(c.shape)}")
+    return out
+
+
+def equal_length_groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Positions grouped by equal length, groups in order of first appearance: batches whose clips
+    need no padding, so no clip's result depends on another's length."""
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(int(n), []).append(i)
+    return list(groups.values())
+
+
+def register_encoder(cls: type[Encoder]) -> type[Encoder]:
+    """Class decorator: make `cls` the encoder of its `family` for `load_encoder`."""
+    family = getattr(cls, "family", None)
+    if not isinstance(family, str) or not family:
+        raise TypeError(f"{cls.__name__} needs a class attribute `family` (a non-empty str)")
+    old = ENCODERS.get(family)
+    if old is not None and old.__qualname__ != cls.__qualname__:
+        raise TypeError(f"encoder family {family!r} is already registered by {old.__qualname__}")
+    if not getattr(cls, "policies", None):
+        raise TypeError(f"{cls.__name__} needs `policies`, a non-empty tuple (the first is the default)")
+    ENCODERS[family] = cls
+    return cls
+
+
+def families() -> dict[str, type[Encoder]]:
+    """Every registered family (the built-in ones imported first), in the order `load_encoder`
+    tries them: the catch-all family last."""
+    for module in BUILTIN.values():
+        importlib.import_module(module)
+    return dict(sorted(ENCODERS.items(), key=lambda kv: kv[1].fallback))
+
+
+def encoder_class(family: str) -> type[Encoder]:
+    """The class registered for `family` ("whisper", "hf", "crepe"); EncoderError if none."""
+    if family in BUILTIN:
+        importlib.import_module(BUILTIN[family])
+    if family not in ENCODERS:
+        raise EncoderError(f"unknown encoder family {family!r}; known: {', '.join(families())}")
+    return ENCODERS[family]
+
+
+def load_encoder(spec, device="cpu", *, family: str | None = None) -> Encoder:
+    """The encoder `spec` names, loaded on `device`: CREPE names (crepe-full, crepe-tiny), Hugging
+    Face speech folders or ids (wav2vec2, HuBERT, WavLM, data2vec-audio), else Whisper (every form
+    `wat.extract.load_whisper` takes). `family`: skip the guess (e.g. the family a cache recorded)."""
+    spec = str(spec)
+    if family is not None:
+        return encoder_class(family).load(spec, device)
+    for cls in families().values():
+        if cls.accepts(spec):
+            return cls.load(spec, device)
+    raise EncoderError(f"no encoder family accepts {spec!r} (families: {', '.join(ENCODERS)})")
