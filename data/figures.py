@@ -52,12 +52,40 @@ def pyplot():
     return plt
 
 
+PNG_LINES_KEY = "wat:lines"   # PNG text chunk: JSON list of the labelled lines drawn (plotted_lines)
+
+
 def save(fig, path) -> dict:
     """Write the PNG (files.save_figure: atomic, at the style's 300 dpi) and return what it shows
-    (`text`: every string drawn, `ylim`: the first axes' y-limits), for tests and checks."""
-    shown = {"text": drawn_text(fig), "ylim": tuple(float(v) for v in fig.axes[0].get_ylim())}
-    files.save_figure(fig, path)
+    (`text`: every string drawn, `ylim`: the first axes' y-limits, `lines`: plotted_lines), for tests
+    and checks. The lines also go into the PNG's metadata (`png_lines` reads them back)."""
+    lines = plotted_lines(fig)
+    shown = {"text": drawn_text(fig), "ylim": tuple(float(v) for v in fig.axes[0].get_ylim()), "lines": lines}
+    import json
+    files.save_figure(fig, path, metadata={PNG_LINES_KEY: json.dumps(lines)})
     return shown
+
+
+def plotted_lines(fig) -> list[dict]:
+    """Every labelled line of every axes: {"axes", "label", "x", "y"} (data coordinates; reference lines
+    drawn with axhline have two x values in axes units)."""
+    out = []
+    for i, ax in enumerate(fig.axes):
+        for line in ax.get_lines():
+            label = line.get_label()
+            if label and not label.startswith("_"):
+                out.append({"axes": i, "label": label, "x": [float(v) for v in np.asarray(line.get_xdata(), float)],
+                            "y": [float(v) for v in np.asarray(line.get_ydata(), float)]})
+    return out
+
+
+def png_lines(path) -> list[dict]:
+    """The lines a PNG written by `save` holds, read back from its metadata."""
+    import json
+
+    from PIL import Image
+    with Image.open(path) as im:
+        return json.loads(im.text.get(PNG_LINES_KEY, "[]"))
 
 
 def figure(rows: int = 1, cols: int = 1, *, width: float = COLUMN, height: float | None = None, **kw):

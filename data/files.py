@@ -174,12 +174,12 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path) -> None:
+def save_figure(fig, path, metadata: dict | None = None) -> None:
     """Write a PNG atomically and free the figure (resolution: rcParams savefig.dpi, which the
-    figure style in wat.data.figures sets to 300)."""
+    figure style in wat.data.figures sets to 300; `metadata`: PNG text chunks)."""
     try:
         with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, bbox_inches="tight")
+            fig.savefig(tmp, bbox_inches="tight", metadata=metadata)
     finally:
         pyplot().close(fig)
 

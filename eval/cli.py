@@ -26,7 +26,21 @@ def probe_parser() -> argparse.ArgumentParser:
                    help="'all' (default), or comma-separated encoder blocks and START:STOP ranges of them (STOP "
                         "exclusive, as wat-extract --layers; an open end is the cache's first or last block), "
                         "e.g. 0,8:16")
-    p.add_argument("--fusion", default="mean,concat", help="baselines: none, or any of mean,concat")
+    p.add_argument("--fusion", default="mean,concat",
+                   help="baselines: none, or any of mean,concat,avg,mean_g,avg_g (mean: layer mean, across caches "
+                        "concatenated = the HEAR seed's fusion_cat; concat: every layer; avg: layer means averaged "
+                        "across caches, fusion_avg; _g: k time groups of frames, each group's mean concatenated)")
+    p.add_argument("--groups", type=int_range(1, 1000), default=5, metavar="K",
+                   help="time groups of the _g fusions (default 5, the HEAR seed's)")
+    p.add_argument("--align-to", type=int_range(1, 1000), default=1, metavar="N",
+                   help="fusions across caches: the N-th --features cache whose frame count the others are "
+                        "linearly interpolated to (_g fusions), and whose width with --match-width (default 1)")
+    p.add_argument("--match-width", action="store_true",
+                   help="fusions across caches: interpolate every cache's layer mean to the --align-to cache's width "
+                        "first (the HEAR seed's optional step; lets avg fuse encoders of different widths)")
+    p.add_argument("--relative-depth", action="store_true",
+                   help="layers.png: x = layer / number of layers (encoders of different depth on one axis) "
+                        "instead of the layer index")
     g = p.add_mutually_exclusive_group()
     add_workers(g, "--jobs", help="worker processes (default: the CPUs available)")
     g.add_argument("--scheduler", metavar="ADDRESS", help="run the fits on this dask scheduler")
@@ -44,12 +58,16 @@ def probe_main(argv=None) -> int:
 
     a = parse_args(probe_parser(), argv)
     try:
+        if a.align_to > len(a.features):
+            raise ProbeError(f"--align-to {a.align_to}: only {len(a.features)} --features given")
         opts = ProbeOptions(layers=a.layers, fusion=parse_fusion(a.fusion), folds=a.folds,
                             jobs=a.workers or default_jobs(), scheduler=a.scheduler, C=a.C, max_iter=a.max_iter,
-                            seed=a.seed, device=a.device)
+                            seed=a.seed, device=a.device, groups=a.groups, align_to=a.align_to - 1,
+                            match_width=a.match_width)
         rep = probe(a.features, a.eval_features, opts)
         shown = {**vars(a), "layers": layers_text(a.layers)}   # as typed, not as slices
-        summary = write_probe(rep, a.out, {f"--{k.replace('_', '-')}": v for k, v in shown.items()})
+        summary = write_probe(rep, a.out, {f"--{k.replace('_', '-')}": v for k, v in shown.items()},
+                              relative_depth=a.relative_depth)
     except (ProbeError, CacheError, LabelError, OSError) as e:
         print(f"wat-probe: error: {e}", file=sys.stderr)
         return 2
@@ -57,9 +75,18 @@ def probe_main(argv=None) -> int:
     print(f"{rep.protocol}: best layer {b['layer']}"
           + (f" of features {b['features']}" if len(rep.caches) > 1 else "")
           + f" {rep.metric} {b['score']:.4f} (+-{b['score_std']:.4f}), macro-F1 {b['macro_f1']:.4f}; chance {rep.chance:.4f}")
+    several = len(rep.caches) > 1
+    if several:
+        for m in summary["models"]:
+            best = max((r for r in summary["layers"] if r["features"] == m["features"]), key=lambda r: r["score"])
+            print(f"  {m['label']} ({m['code']}): best layer {best['layer']} {rep.metric} {best['score']:.4f}")
     for f in summary["fusion"]:
-        which = f" of features {'+'.join(map(str, f['features']))}" if len(rep.caches) > 1 else ""
-        print(f"  fusion {f['fusion']} of the layers{which}: {rep.metric} {f['score']:.4f}")
+        if several:
+            print(f"  fusion {f['name']} ({f['description']}): {rep.metric} {f['score']:.4f}")
+        else:
+            print(f"  fusion {f['fusion']} of the layers: {rep.metric} {f['score']:.4f}")
+    for note in summary["notes"]:
+        print(f"  note: {note}")
     print(f"outputs in {a.out}: {', '.join(summary['files'])}")
     print(f"report: {Path(a.out) / 'report.html'}")
     return 0

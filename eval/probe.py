@@ -17,9 +17,9 @@ import numpy as np
 from wat.data.cache import Cache, CacheError, CacheMeta, open_cache
 from wat.data.cliargs import layers_text
 
-from . import metrics
+from . import fusion as fusions, metrics
 
-FUSIONS = ("mean", "concat")
+FUSIONS = fusions.KINDS
 
 
 class ProbeError(Exception):
@@ -38,14 +38,18 @@ class ProbeOptions:
     tol: float = 1e-4                    # multi-label probe: a class stops when every entry of its gradient is below (sklearn's tol)
     seed: int = 0
     device: str | None = None            # multi-label probe device; None = cuda when present
+    groups: int = fusions.F.GROUPS       # k of the `_g` fusions: time groups whose means are concatenated
+    align_to: int = 0                    # cross-cache fusions: the cache (position) whose frames others follow
+    match_width: bool = False            # cross-cache fusions: interpolate widths to that cache's first
 
 
 @dataclass(frozen=True)
 class Feature:
     """What one probe sees: layer(s) of one cache, or a fusion over layers and/or caches."""
-    kind: str                             # "layer" | "mean" | "concat"
+    kind: str                             # "layer" | one of FUSIONS
     caches: tuple[int, ...]
     layers: tuple[tuple[int, ...], ...]   # per cache in `caches`
+    fused: fusions.Fused = fusions.Fused()  # fusions: time groups, aligned frames, matched width
 
     @property
     def name(self) -> str:
@@ -89,6 +93,7 @@ class ProbeReport:
     metas: list[CacheMeta] = field(default_factory=list)       # of `caches`: labels for figures and reports
     n_clips: int = 0                                           # clips probed (train caches)
     n_eval_clips: int = 0                                      # clips tested (eval caches; 0 = K-fold)
+    notes: list[str] = field(default_factory=list)             # fusions skipped and why, time alignment
 
     def layer_results(self, cache: int = 0) -> list[FeatureResult]:
         return [r for r in self.results if r.feature.kind == "layer" and r.feature.caches == (cache,)]
@@ -159,16 +164,21 @@ def select_layers(caches: list[Cache], layers) -> list[tuple[int, ...]]:
     return out
 
 
-def features_to_probe(layers: list[tuple[int, ...]], fusion) -> list[Feature]:
+def features_to_probe(layers: list[tuple[int, ...]], fusion, metas=None,
+                      opts: ProbeOptions | None = None) -> tuple[list[Feature], list[str]]:
+    """Every single layer, then the fusions (`wat.eval.fusion.plan`), and notes on fusions skipped."""
     bad = set(fusion) - set(FUSIONS)
     if bad:
         raise ProbeError(f"unknown fusion {sorted(bad)}; choose from none, {', '.join(FUSIONS)}")
+    opts = opts or ProbeOptions()
     out = [Feature("layer", (c,), ((l,),)) for c, ls in enumerate(layers) for l in ls]
-    for kind in fusion:
-        out += [Feature(kind, (c,), (ls,)) for c, ls in enumerate(layers) if len(ls) > 1]
-        if len(layers) > 1:
-            out.append(Feature(kind, tuple(range(len(layers))), tuple(layers)))
-    return out
+    try:
+        planned, notes = fusions.plan(metas, layers, fusion, groups=opts.groups, reference=opts.align_to,
+                                      match_width=opts.match_width)
+    except ValueError as e:
+        raise ProbeError(str(e)) from None
+    out += [Feature(kind, caches, ls, how) for kind, caches, ls, how in planned]
+    return out, notes
 
 
 def targets(cache: Cache) -> np.ndarray:
@@ -206,14 +216,14 @@ def load_matrix(caches: list[Cache], feat: Feature) -> np.ndarray:
     """[N, D'] float32 of one feature, read through the dask view of the `mean` dataset."""
     from wat.data.readers import dask_view
 
+    if feat.kind not in ("layer", "concat"):
+        return fusions.matrix(caches, feat.kind, feat.caches, feat.layers, feat.fused)
     parts = []
     for c, layers in zip(feat.caches, feat.layers):
         v = dask_view(caches[c], "mean")
         pos = [caches[c].meta.layers.index(l) for l in layers]  # encoder block -> position in the cache
         sel = v[:, pos[0], :] if len(pos) == 1 else v[:, pos, :]
-        if feat.kind == "mean":
-            x = sel.astype(np.float32).mean(axis=1)
-        elif feat.kind == "concat":
+        if feat.kind == "concat":
             x = sel.reshape(sel.shape[0], -1)
         else:
             x = sel
@@ -350,7 +360,9 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
         if not c.layer_checkable("mean"):
             c.verify_field("mean")
     y = targets(train[0])
-    feats = features_to_probe(select_layers(train, opts.layers), opts.fusion)
+    metas = [c.meta for c in train]
+    feats, notes = features_to_probe(select_layers(train, opts.layers), opts.fusion, metas, opts)
+    notes += sorted({n for f in feats if f.kind != "layer" and (n := fusions.time_note(metas, f.fused, f.caches))})
 
     if test:
         y_test = targets(test[0])
@@ -405,8 +417,8 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
     return ProbeReport(metric="mAP" if multilabel else "accuracy", protocol=protocol, n_folds=len(folds),
                        caches=[str(c.path) for c in train], eval_caches=[str(c.path) for c in test or []],
                        keys=meta.vocab.keys, names=meta.vocab.names, chance=chance, results=results,
-                       skipped_classes=sorted(skipped), metas=[c.meta for c in train], n_clips=len(y),
-                       n_eval_clips=len(y_test) if test else 0)
+                       skipped_classes=sorted(skipped), metas=metas, n_clips=len(y),
+                       n_eval_clips=len(y_test) if test else 0, notes=notes)
 
 
 def parse_fusion(text: str) -> tuple[str, ...]:

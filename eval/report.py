@@ -8,6 +8,8 @@ import numpy as np
 from wat.data import figures, htmlreport as H
 from wat.data.files import write_csv, write_json
 
+from . import fusion as fusions
+
 
 def best_layer_counts(classwise: np.ndarray) -> tuple[np.ndarray, int, int]:
     """classwise [C, L] -> (classes whose best layer each layer is, classes with a tie, classes
@@ -26,9 +28,10 @@ def best_layer_counts(classwise: np.ndarray) -> tuple[np.ndarray, int, int]:
 
 # ---------------------------------------------------------------- probe outputs
 
-def write_probe(report, out_dir, options: dict | None = None) -> dict:
+def write_probe(report, out_dir, options: dict | None = None, *, relative_depth: bool = False) -> dict:
     """layers.csv, classwise_f1.csv (+ classwise_ap.csv multi-label), fusion.csv, PNGs, summary.json,
-    report.html (`options`: the run's options, shown in the report)."""
+    report.html (`options`: the run's options, shown in the report; `relative_depth`: layers.png's x
+    is layer / number of layers instead of the layer index)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     several = len(report.caches) > 1
@@ -47,9 +50,12 @@ def write_probe(report, out_dir, options: dict | None = None) -> dict:
                   [(k, n, *[get(r)[i] for _, r in cols]) for i, (k, n) in enumerate(zip(report.keys, report.names))])
 
     fusion = report.fusion_results()
+    labels = figures.distinct_labels(report.metas)
     if fusion:
-        write_csv(out / "fusion.csv", ["fusion", "features", "layers", "score", "score_std", "macro_f1"],
-                  [(r.feature.kind, "+".join(map(str, r.feature.caches)),
+        write_csv(out / "fusion.csv", ["fusion", "name", "description", "features", "layers", "score", "score_std",
+                                       "macro_f1"],
+                  [(r.feature.kind, fusion_name(r, report.metas), fusion_text(r, labels),
+                    "+".join(map(str, r.feature.caches)),
                     ";".join(",".join(map(str, ls)) for ls in r.feature.layers), r.score, r.score_std, r.macro_f1)
                    for r in fusion])
 
@@ -62,7 +68,7 @@ def write_probe(report, out_dir, options: dict | None = None) -> dict:
                      "classes_per_layer": [round(float(v), 4) for v in counts],
                      "classes_tied": ties, "classes_undefined": undefined})
     plot_best_layer_hist(hist, out / "best_layer_hist.png", "AP" if report.metric == "mAP" else "F1", report.metas)
-    plot_layers(report, out / "layers.png")
+    plot_layers(report, out / "layers.png", relative=relative_depth)
 
     best = report.best()
     summary = {
@@ -73,8 +79,13 @@ def write_probe(report, out_dir, options: dict | None = None) -> dict:
                        "score": best.score, "score_std": best.score_std, "macro_f1": best.macro_f1},
         "layers": [{"features": r[0], "layer": r[1], "score": r[2], "score_std": r[3], "macro_f1": r[4]}
                    for r in rows],
-        "fusion": [{"fusion": r.feature.kind, "features": list(r.feature.caches), "score": r.score,
+        "fusion": [{"fusion": r.feature.kind, "name": fusion_name(r, report.metas),
+                    "description": fusion_text(r, labels), "features": list(r.feature.caches), "score": r.score,
                     "score_std": r.score_std, "macro_f1": r.macro_f1} for r in fusion],
+        "models": [{"features": c, "label": labels[c], "code": code, "model": m.model, "layers": list(m.layers),
+                    "dim": m.dim, "frames": m.n_frames}
+                   for c, (m, code) in enumerate(zip(report.metas, fusions.model_codes(report.metas)))],
+        "notes": report.notes,
         "best_layer_hist": hist,
         "skipped_classes": report.skipped_classes,
         "files": sorted({p.name for p in out.iterdir() if ".partial" not in p.name} | {"summary.json", "report.html"}),
@@ -93,7 +104,7 @@ def probe_html(report, summary: dict, out: Path, options: dict) -> Path:
              (f"{m} at the best layer", best["score"]), ("± std over folds", best["score_std"]),
              ("macro-F1 at the best layer", best["macro_f1"]), (f"chance {m}", report.chance)]
     fusion = report.fusion_results()
-    cards += [(_fusion_label(r, labels), r.score) for r in fusion]
+    cards += [(_fusion_label(r, labels, report.metas), r.score) for r in fusion]
     sections = [H.Section("Headline", H.headline(cards)),
                 H.Section("Figures", H.figure(out / "layers.png", f"Probe {m} per encoder layer; dashed: fusion "
                                               "baselines, dotted: chance.")
@@ -102,10 +113,11 @@ def probe_html(report, summary: dict, out: Path, options: dict) -> Path:
         ["model", "layer", m, "std", "macro-F1"],
         [(labels[c], layer, score, sd, f1) for c, layer, score, sd, f1 in
          ((r["features"], r["layer"], r["score"], r["score_std"], r["macro_f1"]) for r in summary["layers"])])))
-    if fusion:
-        sections.append(H.Section("Fusion baselines", H.table(
-            ["fusion", m, "std", "macro-F1"], [(_fusion_label(r, labels), r.score, r.score_std, r.macro_f1)
-                                              for r in fusion])))
+    if fusion or report.notes:
+        rows = [(fusion_name(r, report.metas), fusion_text(r, labels), r.score, r.score_std, r.macro_f1)
+                for r in fusion]
+        sections.append(H.Section("Fusion baselines", (H.table(["fusion", "what", m, "std", "macro-F1"], rows)
+                                                       if rows else "") + _fusion_notes(report, labels)))
     sections.append(H.Section("Per class", _per_class_probe(report, summary, labels)))
     if report.skipped_classes:
         sections.append(H.Section("Skipped classes", H.paragraph(
@@ -139,18 +151,46 @@ def _per_class_probe(report, summary, labels) -> str:
     return H.table(head, rows)
 
 
-def _fusion_label(r, labels) -> str:
-    what = {"mean": "layer mean", "concat": "layer concat"}[r.feature.kind]
-    return what if len(labels) == 1 else f"{what}, {' + '.join(labels[c] for c in r.feature.caches)}"
+def fusion_name(r, metas) -> str:
+    """The HEAR seed's name of a fusion result (`wat.eval.fusion.fusion_name`)."""
+    return fusions.fusion_name(r.feature.kind, r.feature.caches, r.feature.fused, metas)
 
 
-def plot_layers(report, path) -> dict:
-    """Probe score per encoder layer, one line per cache (model), like the Whisper-AT paper's
-    figure 1 (lower); fusion baselines and chance as labelled reference lines."""
+def fusion_text(r, labels) -> str:
+    return fusions.describe(r.feature.kind, r.feature.caches, r.feature.fused, labels)
+
+
+def _fusion_label(r, labels, metas=None) -> str:
+    """Headline and legend label: the description when one model is probed, else the seed's short
+    name (the caption and the report's table say what each is)."""
+    if len(labels) > 1 and metas is not None:
+        return fusion_name(r, metas)
+    return fusion_text(r, labels)
+
+
+def _fusion_notes(report, labels) -> str:
+    codes = fusions.model_codes(report.metas)
+    lines = [f"Letters in the names: {'; '.join(f'{c} = {l}' for c, l in zip(codes, labels))}."] \
+        if len(labels) > 1 else []
+    return "".join(H.paragraph(t) for t in lines + report.notes)
+
+
+def _cross_names(fusion, metas) -> str:
+    """The caption's key to the seed's names of the fusions drawn when several models are probed."""
+    if len(metas) < 2 or not fusion:
+        return ""
+    codes, labels = fusions.model_codes(metas), figures.distinct_labels(metas)
+    what = "; ".join(f"{fusion_name(r, metas)}: {fusion_text(r, codes)}" for r in fusion)
+    return f" Fusions: {what} ({', '.join(f'{c} = {l}' for c, l in zip(codes, labels))})."
+
+
+def plot_layers(report, path, *, relative: bool = False) -> dict:
+    """Probe score per encoder layer, one line per cache (model, labelled from its metadata), like the
+    Whisper-AT paper's figure 1 (lower); fusion baselines and chance as labelled reference lines.
+    x: the layer index, as the paper; `relative`: layer / number of layers, which puts encoders of
+    different depth on one axis."""
     metas = report.metas
     labels = figures.distinct_labels(metas)
-    depths = {m.n_layers for m in metas}
-    relative = len(depths) > 1   # models of different depth: compare at the same relative depth
     fig, axes = figures.figure(width=figures.COLUMN, height=2.4)
     ax = axes[0, 0]
     values = []
@@ -172,7 +212,7 @@ def plot_layers(report, path) -> dict:
             color = figures.COLORS[1 if r.feature.kind == "mean" else 2]
         else:                    # several: a model's own baselines in its colour, cross-model ones black
             color = figures.COLORS[r.feature.caches[0] % 8] if len(r.feature.caches) == 1 else "#000000"
-        figures.reference_line(ax, r.score, _fusion_label(r, labels), color=color,
+        figures.reference_line(ax, r.score, _fusion_label(r, labels, metas), color=color,
                                ls="--" if r.feature.kind == "mean" else "-.")
     figures.reference_line(ax, report.chance, "chance")
     if relative:
@@ -185,9 +225,9 @@ def plot_layers(report, path) -> dict:
     data = (figures.cache_label(m, report.n_clips) if len(metas) == 1
             else f"{m.dataset}: {len(m.vocab)} classes, {report.n_clips} clips")
     figures.title(ax, "Linear probe per layer", data)
-    figures.legend_below(ax, ncol=2)
+    figures.legend_below(ax, ncol=2 if max(map(len, labels)) <= 24 else 1)
     figures.caption(fig, f"{report.protocol}" + (f"; shaded: ±1 standard deviation over the {report.n_folds} folds."
-                                                 if report.n_folds > 1 else "."))
+                                                 if report.n_folds > 1 else ".") + _cross_names(fusion, metas))
     return figures.save(fig, path)
 
 

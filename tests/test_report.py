@@ -96,9 +96,13 @@ def test_several_models_one_line_each(tmp_path):
     plt = figures.pyplot()
     shown = R.plot_layers(rep, tmp_path / "layers.png")
     text = " | ".join(shown["text"])
-    assert "base (trim)" in text and "tiny.en (trim)" in text and "layer concat, base (trim) + tiny.en (trim) 0.93" in text
-    assert "relative depth" in text             # 6 and 4 layers: compared at the same relative depth
+    assert "base (trim)" in text and "tiny.en (trim)" in text and "concat_W1W2 0.93" in text   # the seed's name
+    assert "W1 = base (trim), W2 = tiny.en (trim)" in " ".join(text.split())   # the caption's key to it
+    assert "encoder layer" in text and "relative depth" not in text   # the layer index, as the paper
+    assert [l["label"] for l in shown["lines"]][:2] == ["base (trim)", "tiny.en (trim)"]
     assert shown["ylim"][0] > 0.7
+    text = " | ".join(R.plot_layers(rep, tmp_path / "rel.png", relative=True)["text"])
+    assert "relative depth" in text             # 6 and 4 layers on one axis
     plt.close("all")
 
     # two caches of the same model and policy stay distinguishable

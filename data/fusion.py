@@ -1,0 +1,83 @@
+"""The HEAR seed's ensemble arithmetic ("The Efficacy of Self-Supervised Speech Models as Audio
+Representations", HEAR 2021), shared by the probe's cross-encoder fusions (wat.eval.fusion) and the
+HEAR ensemble module (wat.extract.hear): linear interpolation of a sequence of frames to another
+frame count, of a feature vector to another width, and the `_g` scene embedding (k groups in time,
+each group's mean, concatenated).
+
+Arrays or tensors in, the same kind out (numpy arrays are computed in torch, float32).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+GROUPS = 5   # the paper's k for the `_g` variant
+
+
+def _torch(x):
+    import torch
+
+    return (torch.from_numpy(np.ascontiguousarray(x, np.float32)), True) if isinstance(x, np.ndarray) \
+        else (x.float(), False)
+
+
+def _back(t, was_numpy: bool):
+    return t.numpy() if was_numpy else t
+
+
+def interp_time(x, frames: int):
+    """[..., T, D] -> [..., frames, D]: each feature linearly interpolated along time (torch's
+    `interpolate(mode="linear", align_corners=False)`, the seed's call: both grids span the same
+    clip, frame centres at (j + 0.5) / T of it). T == frames returns the input unchanged."""
+    import torch.nn.functional as F
+
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    if x.shape[-2] == frames:
+        return x
+    t, was_numpy = _torch(x)
+    *lead, n, d = t.shape
+    flat = t.reshape(-1, n, d).transpose(1, 2)                       # [B, D, T]
+    out = F.interpolate(flat, size=frames, mode="linear", align_corners=False)
+    return _back(out.transpose(1, 2).reshape(*lead, frames, d), was_numpy)
+
+
+def interp_width(x, width: int):
+    """[..., D] -> [..., width]: the feature axis linearly interpolated (the seed's optional step that
+    brings every model to one model's width). D == width returns the input unchanged."""
+    import torch.nn.functional as F
+
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    if x.shape[-1] == width:
+        return x
+    t, was_numpy = _torch(x)
+    *lead, d = t.shape
+    out = F.interpolate(t.reshape(-1, 1, d), size=width, mode="linear", align_corners=False)
+    return _back(out.reshape(*lead, width), was_numpy)
+
+
+def group_bounds(frames: int, k: int) -> list[tuple[int, int]]:
+    """k contiguous [start, stop) groups covering all `frames` (sizes differ by at most one, the
+    longer ones first). The seed's code drops the last frames % k frames instead; here every frame
+    counts once."""
+    if k < 1 or frames < k:
+        raise ValueError(f"cannot split {frames} frames into {k} groups")
+    edges = [0]
+    for g in range(k):
+        edges.append(edges[-1] + frames // k + (g < frames % k))
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def group_means(x, k: int = GROUPS):
+    """[N, T, D] -> [N, k * D]: the `_g` scene embedding, the means of k groups of frames in time order,
+    concatenated (group 0's D values first). Fewer than k frames are first interpolated to k."""
+    if x.shape[-2] < k:
+        x = interp_time(x, k)
+    t, was_numpy = _torch(x)
+    import torch
+
+    out = torch.cat([t[..., a:b, :].mean(-2) for a, b in group_bounds(t.shape[-2], k)], dim=-1)
+    return _back(out, was_numpy)
+
+
+__all__ = ["GROUPS", "interp_time", "interp_width", "group_bounds", "group_means"]

@@ -1,0 +1,166 @@
+"""The probe's fusion baselines: of one encoder's layers, and of several encoders (the HEAR seed's
+ensembles, "The Efficacy of Self-Supervised Speech Models as Audio Representations", HEAR 2021).
+
+Kinds (`wat-probe --fusion`):
+  mean     one cache: the mean over its layers (the seed's "fusion" of one model's hidden states);
+           several caches: each cache's layer mean, concatenated (the seed's `fusion_cat_...`)
+  concat   every layer of every cache, concatenated
+  avg      several caches: their layer means averaged (`fusion_avg_...`; equal widths, or --match-width)
+  mean_g   `mean` on frames: layer means per frame (caches aligned in time), cut into k groups in time,
+           each group's mean concatenated (the seed's `_g` scene embedding, k = 5)
+  avg_g    likewise for `avg`
+
+Time: the time-mean fusions use each cache's own time mean (`mean` dataset), which every frame grid
+of the same clip averages alike; the `_g` fusions read the frames (`features`) and linearly
+interpolate each cache's frames to the reference cache's frame count, as the seed aligns its models.
+Width: with `match_width` every cache's layer mean is first linearly interpolated to the reference
+cache's width (the seed's optional step); without it `avg` needs equal widths and is skipped with a
+note otherwise.
+
+Names: the seed's, from one letter per model (x HuBERT X-Large, h other HuBERT, w wav2vec 2.0,
+m WavLM, d data2vec, c CREPE, W Whisper; else the model's first letter; a letter shared by two caches
+is numbered among them: W1, W2): `fusion_cat_xwc`, `fusion_avg_xw`, `fusion_cat_xwc_g` (k = 5; `_g3` for k = 3).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from wat.data import fusion as F
+
+if TYPE_CHECKING:
+    from wat.data.cache import Cache, CacheMeta
+
+KINDS = ("mean", "concat", "avg", "mean_g", "avg_g")
+CROSS_ONLY = ("avg", "avg_g")        # need two caches or more
+
+
+@dataclass(frozen=True)
+class Fused:
+    """How a fusion combines its caches (besides which layers): the `Feature.fusion` of fusions."""
+    groups: int = 0        # k time groups (the `_g` kinds), 0 = time mean
+    frames: int = 0        # `_g`: the frame count every cache is interpolated to
+    width: int = 0         # every cache's layer mean interpolated to this width first; 0 = own widths
+
+
+def model_code(meta: "CacheMeta") -> str:
+    """One letter for a cache's encoder, the seed's where it has one."""
+    name = meta.model.lower()
+    family = getattr(meta, "encoder", "whisper")
+    for code, test in (("c", "crepe" in name), ("x", "hubert" in name and "xlarge" in name), ("h", "hubert" in name),
+                       ("m", "wavlm" in name), ("d", "data2vec" in name), ("w", "wav2vec2" in name),
+                       ("W", family == "whisper")):
+        if test:
+            return code
+    base = re.sub(r"[^a-z0-9]", "", name.rsplit("/", 1)[-1])
+    return base[:1] or "e"
+
+
+def model_codes(metas) -> list[str]:
+    """model_code per cache; a letter shared by several caches is numbered among them (W1, W2)."""
+    codes = [model_code(m) for m in metas]
+    return [f"{c}{codes[:i].count(c) + 1}" if codes.count(c) > 1 else c for i, c in enumerate(codes)]
+
+
+def fusion_name(kind: str, caches: tuple[int, ...], how: Fused, metas) -> str:
+    """The seed's name of a fusion, e.g. fusion_cat_xwc_g (letters in the order of the caches)."""
+    codes = model_codes(metas)
+    letters = "".join(codes[c] for c in caches)
+    base = kind.removesuffix("_g")
+    if base == "concat":
+        name = f"concat_{letters}"          # not one of the seed's: every layer, not the layer means
+    elif len(caches) == 1:
+        name = f"fusion_{letters}"
+    else:
+        name = f"fusion_{'cat' if base == 'mean' else 'avg'}_{letters}"
+    if how.width:
+        name += f"_d{how.width}"
+    if kind.endswith("_g"):
+        name += "_g" if how.groups == F.GROUPS else f"_g{how.groups}"
+    return name
+
+
+def describe(kind: str, caches: tuple[int, ...], how: Fused, labels: list[str]) -> str:
+    """What a fusion is, in words (legend, report, CSV)."""
+    who = " + ".join(labels[c] for c in caches)
+    base = kind.removesuffix("_g")
+    what = {"mean": "layer mean" if len(caches) == 1 else "layer means concatenated",
+            "concat": "layer concat" if len(caches) == 1 else "all layers concatenated",
+            "avg": "layer means averaged"}[base]
+    if how.width:
+        what += f", width interpolated to {how.width}"
+    if how.groups:
+        what += f", {how.groups} time groups of {how.frames}{' aligned' if len(caches) > 1 else ''} frames"
+    return what if len(caches) == 1 and len(labels) == 1 else f"{what}, {who}"
+
+
+def plan(metas, layers: list[tuple[int, ...]], kinds, *, groups: int = F.GROUPS, reference: int = 0,
+         match_width: bool = False) -> tuple[list[tuple[str, tuple[int, ...], tuple, Fused]], list[str]]:
+    """The fusions to probe: (kind, caches, layers per cache, Fused) and notes on those skipped.
+    `reference`: the cache whose frame count (and width, with `match_width`) the others follow."""
+    out, notes = [], []
+    n = len(metas)
+    if not 0 <= reference < n:
+        raise ValueError(f"the reference cache must be 1..{n}, got {reference + 1}")
+    ref = metas[reference]
+    width = ref.dim if match_width and n > 1 else 0
+    for kind in kinds:
+        how = Fused(groups=groups if kind.endswith("_g") else 0,
+                    frames=ref.n_frames if kind.endswith("_g") else 0,
+                    width=width if kind != "concat" else 0)
+        if how.groups and how.frames < groups:
+            notes.append(f"{kind} skipped: {groups} time groups need at least {groups} frames; the reference cache "
+                         f"has {how.frames} (--groups)")
+            continue
+        if kind not in CROSS_ONLY:   # each cache's own layers (one layer alone is that layer's probe)
+            out += [(kind, (c,), (ls,), Fused(how.groups, metas[c].n_frames if how.groups else 0, 0))
+                    for c, ls in enumerate(layers) if len(ls) > 1 or how.groups]
+        if n < 2:
+            continue
+        dims = {metas[c].dim for c in range(n)}
+        if kind.startswith("avg") and not how.width and len(dims) > 1:
+            notes.append(f"{kind} skipped: averaging needs equal widths and the caches have {sorted(dims)} "
+                         "(--match-width interpolates them to the reference cache's)")
+            continue
+        out.append((kind, tuple(range(n)), tuple(layers), how))
+    return out, notes
+
+
+def time_note(metas, how: Fused, caches) -> str | None:
+    """How a `_g` fusion aligned its caches in time (None when every cache already had the frames)."""
+    other = sorted({metas[c].n_frames for c in caches} - {how.frames})
+    if not how.groups or not other:
+        return None
+    return (f"frames linearly interpolated in time to {how.frames} per clip (from {', '.join(map(str, other))}), "
+            "as the HEAR seed aligns its models")
+
+
+# ---------------------------------------------------------------- matrices (run in probe workers)
+
+def _layer_mean(cache: "Cache", layers, *, frames: bool) -> np.ndarray:
+    """[N, D] (time mean) or [N, T, D] (frames) float32: the mean over `layers` of one cache."""
+    from wat.data.readers import dask_view
+
+    v = dask_view(cache, "features" if frames else "mean")
+    pos = [cache.meta.layers.index(l) for l in layers]   # encoder block -> position in the cache
+    return v[:, pos].astype(np.float32).mean(axis=1).compute(scheduler="synchronous")
+
+
+def matrix(caches: list["Cache"], kind: str, members: tuple[int, ...], layers, how: Fused) -> np.ndarray:
+    """[N, D'] float32 of a mean/avg fusion (and their `_g` variants) over `members`."""
+    parts = []
+    for c, ls in zip(members, layers):
+        x = _layer_mean(caches[c], ls, frames=bool(how.groups))
+        if how.groups:
+            x = F.interp_time(x, how.frames)
+        if how.width:
+            x = F.interp_width(x, how.width)
+        parts.append(np.asarray(x, np.float32))
+    x = np.mean(parts, axis=0) if kind.startswith("avg") else np.concatenate(parts, axis=-1)
+    return np.asarray(F.group_means(x, how.groups) if how.groups else x, np.float32)
+
+
+__all__ = ["KINDS", "Fused", "model_code", "model_codes", "fusion_name", "describe", "plan", "time_note", "matrix"]
