@@ -13,6 +13,40 @@ import numpy as np
 GROUPS = 5   # the paper's k for the `_g` variant
 
 
+def model_code(model: str, family: str = "whisper") -> str:
+    """One letter for an encoder in the seed's fusion names, the seed's where it has one: x HuBERT
+    X-Large, h other HuBERT, w wav2vec 2.0, m WavLM, d data2vec, c CREPE, W Whisper; else the model's
+    first letter or digit."""
+    name = model.lower()
+    for code, test in (("c", "crepe" in name), ("x", "hubert" in name and "xlarge" in name), ("h", "hubert" in name),
+                       ("m", "wavlm" in name), ("d", "data2vec" in name), ("w", "wav2vec2" in name),
+                       ("W", family == "whisper")):
+        if test:
+            return code
+    base = "".join(ch for ch in name.rsplit("/", 1)[-1] if ch.isalnum())
+    return base[:1] or "e"
+
+
+def model_codes(models, families=None) -> list[str]:
+    """model_code per model; a letter shared by several is numbered among them (W1, W2)."""
+    codes = [model_code(m, f) for m, f in zip(models, families or ["whisper"] * len(models))]
+    return [f"{c}{codes[:i].count(c) + 1}" if codes.count(c) > 1 else c for i, c in enumerate(codes)]
+
+
+def fusion_name(kind: str, codes, *, width: int = 0, groups: int = 0) -> str:
+    """The seed's name of a fusion of the models with these codes: kind "cat" (layer means
+    concatenated), "avg" (averaged), "concat" (every layer; not one of the seed's) or "mean" (one
+    model's layer mean); `width`: matched width (`_d1024`), `groups`: the `_g` variant (`_g` for the
+    seed's k = 5, else `_g3` ...). E.g. fusion_cat_xwc, fusion_cat_xwc_g, fusion_avg_xw_d1024."""
+    letters = "".join(codes)
+    name = {"concat": f"concat_{letters}", "mean": f"fusion_{letters}"}.get(kind, f"fusion_{kind}_{letters}")
+    if width:
+        name += f"_d{width}"
+    if groups:
+        name += "_g" if groups == GROUPS else f"_g{groups}"
+    return name
+
+
 def _torch(x):
     import torch
 
@@ -80,4 +114,4 @@ def group_means(x, k: int = GROUPS):
     return _back(out, was_numpy)
 
 
-__all__ = ["GROUPS", "interp_time", "interp_width", "group_bounds", "group_means"]
+__all__ = ["GROUPS", "model_code", "model_codes", "fusion_name", "interp_time", "interp_width", "group_bounds", "group_means"]

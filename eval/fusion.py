@@ -17,13 +17,12 @@ Width: with `match_width` every cache's layer mean is first linearly interpolate
 cache's width (the seed's optional step); without it `avg` needs equal widths and is skipped with a
 note otherwise.
 
-Names: the seed's, from one letter per model (x HuBERT X-Large, h other HuBERT, w wav2vec 2.0,
+Names: the seed's (`wat.data.fusion.fusion_name`), one letter per model (x HuBERT X-Large, h HuBERT, w wav2vec 2.0,
 m WavLM, d data2vec, c CREPE, W Whisper; else the model's first letter; a letter shared by two caches
 is numbered among them: W1, W2): `fusion_cat_xwc`, `fusion_avg_xw`, `fusion_cat_xwc_g` (k = 5; `_g3` for k = 3).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,41 +45,17 @@ class Fused:
     width: int = 0         # every cache's layer mean interpolated to this width first; 0 = own widths
 
 
-def model_code(meta: "CacheMeta") -> str:
-    """One letter for a cache's encoder, the seed's where it has one."""
-    name = meta.model.lower()
-    family = getattr(meta, "encoder", "whisper")
-    for code, test in (("c", "crepe" in name), ("x", "hubert" in name and "xlarge" in name), ("h", "hubert" in name),
-                       ("m", "wavlm" in name), ("d", "data2vec" in name), ("w", "wav2vec2" in name),
-                       ("W", family == "whisper")):
-        if test:
-            return code
-    base = re.sub(r"[^a-z0-9]", "", name.rsplit("/", 1)[-1])
-    return base[:1] or "e"
-
-
 def model_codes(metas) -> list[str]:
-    """model_code per cache; a letter shared by several caches is numbered among them (W1, W2)."""
-    codes = [model_code(m) for m in metas]
-    return [f"{c}{codes[:i].count(c) + 1}" if codes.count(c) > 1 else c for i, c in enumerate(codes)]
+    """One letter per cache for the seed's names (`wat.data.fusion.model_code`), numbered when shared."""
+    return F.model_codes([m.model for m in metas], [getattr(m, "encoder", "whisper") for m in metas])
 
 
 def fusion_name(kind: str, caches: tuple[int, ...], how: Fused, metas) -> str:
     """The seed's name of a fusion, e.g. fusion_cat_xwc_g (letters in the order of the caches)."""
     codes = model_codes(metas)
-    letters = "".join(codes[c] for c in caches)
     base = kind.removesuffix("_g")
-    if base == "concat":
-        name = f"concat_{letters}"          # not one of the seed's: every layer, not the layer means
-    elif len(caches) == 1:
-        name = f"fusion_{letters}"
-    else:
-        name = f"fusion_{'cat' if base == 'mean' else 'avg'}_{letters}"
-    if how.width:
-        name += f"_d{how.width}"
-    if kind.endswith("_g"):
-        name += "_g" if how.groups == F.GROUPS else f"_g{how.groups}"
-    return name
+    seed = "concat" if base == "concat" else "mean" if len(caches) == 1 else "cat" if base == "mean" else "avg"
+    return F.fusion_name(seed, [codes[c] for c in caches], width=how.width, groups=how.groups)
 
 
 def describe(kind: str, caches: tuple[int, ...], how: Fused, labels: list[str]) -> str:
@@ -163,4 +138,4 @@ def matrix(caches: list["Cache"], kind: str, members: tuple[int, ...], layers, h
     return np.asarray(F.group_means(x, how.groups) if how.groups else x, np.float32)
 
 
-__all__ = ["KINDS", "Fused", "model_code", "model_codes", "fusion_name", "describe", "plan", "time_note", "matrix"]
+__all__ = ["KINDS", "Fused", "model_codes", "fusion_name", "describe", "plan", "time_note", "matrix"]

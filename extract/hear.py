@@ -8,6 +8,8 @@ imports the encoder.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 from torch import nn
@@ -82,9 +84,23 @@ class WhisperHEAR(nn.Module):
 
 
 def load_model(model_file_path: str = "", *, layers="all", reduce: str = "mean", policy: str = DEFAULT_POLICY,
-               device: str = "cpu", batch_size: int = 16) -> WhisperHEAR:
+               device: str = "cpu", batch_size: int = 16, fusion: str = "cat", groups: int = 0,
+               match_width: bool = False):
     """`model_file_path`: anything `wat.extract.load_whisper` accepts (a name such as tiny.en, a .pt file,
-    a CTranslate2 or Hugging Face folder, a Hugging Face id); empty = the offline `base` model."""
+    a CTranslate2 or Hugging Face folder, a Hugging Face id); empty = the offline `base` model.
+    Several joined with "+" ("a+b+c") are the HEAR seed's ensemble (`wat.extract.hear_ensemble`: each
+    model's layer mean, aligned in time to the first model's frames; `fusion` "cat" or "avg",
+    `groups` k > 0 for the `_g` scene embedding, `match_width` to interpolate widths to the first's)."""
+    from .hear_ensemble import is_ensemble, load
+
+    if is_ensemble(model_file_path):
+        if layers != "all" or reduce != "mean":
+            raise ValueError("an ensemble fuses each model's mean over all its layers (layers='all', reduce='mean')")
+        member = partial(load_model, policy=policy, device=device, batch_size=batch_size)
+        return load(model_file_path, member, get_timestamp_embeddings, fusion=fusion, groups=groups,
+                    match_width=match_width)
+    if (fusion, groups, match_width) != ("cat", 0, False):
+        raise ValueError("fusion, groups and match_width apply to ensembles ('a+b') only")
     return WhisperHEAR(load_whisper(model_file_path or DEFAULT_MODEL, device=device), layers, reduce, policy,
                        batch_size).eval()
 
@@ -99,6 +115,8 @@ def _audio(audio, model: WhisperHEAR) -> torch.Tensor:
 def get_timestamp_embeddings(audio, model: WhisperHEAR) -> tuple[torch.Tensor, torch.Tensor]:
     """([n, T, timestamp_embedding_size] float32, centre of each frame in ms [n, T])."""
     audio = _audio(audio, model)
+    if hasattr(model, "timestamp_embeddings"):   # an ensemble (hear_ensemble.EnsembleHEAR)
+        return model.timestamp_embeddings(audio)
     emb = model.frames(audio)
     step_ms = 1000.0 * SAMPLES_PER_FRAME / model.sample_rate
     ts = (torch.arange(emb.shape[1], dtype=torch.float32, device=emb.device) + 0.5) * step_ms
@@ -106,5 +124,8 @@ def get_timestamp_embeddings(audio, model: WhisperHEAR) -> tuple[torch.Tensor, t
 
 
 def get_scene_embeddings(audio, model: WhisperHEAR) -> torch.Tensor:
-    """[n, scene_embedding_size] float32: the time mean of the timestamp embeddings."""
+    """[n, scene_embedding_size] float32: the time mean of the timestamp embeddings (ensembles: or
+    their `_g` group means)."""
+    if hasattr(model, "scene_embeddings"):
+        return model.scene_embeddings(_audio(audio, model))
     return model.frames(_audio(audio, model)).mean(1)
