@@ -337,18 +337,18 @@ def test_cli_output_format_all_writes_whispers_files_plus_tags(tiny_model, speec
     code = main([str(a), str(b), "--model", "tiny.en", "--head", str(tmp_path / "head.pt"), "--time-res", "2",
                  "--top-k", "2", "--output_format", "all", "--output_dir", str(out_dir), "--beam_size", "1"])
     assert code == 0, capsys.readouterr().err
-    for stem in ("a-x", "b-x"):
+    for stem in ("a/x", "b/x"):  # the inputs' sub-folders below their common parent, mirrored
         for ext in ("txt", "vtt", "srt", "tsv", "json", "tags.tsv"):
             assert (out_dir / f"{stem}.{ext}").is_file(), f"{stem}.{ext}"
-    assert "weather" in (out_dir / "a-x.txt").read_text().lower()
-    assert (out_dir / "a-x.vtt").read_text().startswith("WEBVTT")
-    doc = json.loads((out_dir / "b-x.json").read_text())
+    assert "weather" in (out_dir / "a/x.txt").read_text().lower()
+    assert (out_dir / "a/x.vtt").read_text().startswith("WEBVTT")
+    doc = json.loads((out_dir / "b/x.json").read_text())
     assert "weather" in doc["text"].lower() and len(doc["audio_tags"]) == 3
     # raw scores of every class kept by default, highest first, consistent with the tags
     w = doc["audio_tags"][0]
     assert set(w["scores"]) == {"tone", "noise", "speech"} and doc["audio_classes"] == ["tone", "noise", "speech"]
     assert [list(t) for t in w["tags"]] == [[n, p] for n, p in list(w["scores"].items())[:2]]
-    rows = (out_dir / "b-x.tags.tsv").read_text().splitlines()
+    rows = (out_dir / "b/x.tags.tsv").read_text().splitlines()
     assert rows[0].split("\t") == ["start", "end", "rank", "tag", "probability"] and len(rows) == 1 + 3 * 2
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -14,10 +15,12 @@ from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import format_timestamp, get_writer
 
 from wat.data.audio import AudioError
+from wat.data.datasets import AUDIO_EXTS
 from wat.extract.cli import MODEL_HELP
 from wat.extract.load import WhisperLoadError, load_whisper
 from wat.data.cliargs import MAX_CLASSES, add_device, float_range, int_range, parse_args
-from wat.data.files import make_folder, remove_bare, write_tsv
+from wat.data.files import atomic_write, make_folder, one_line, remove_bare, write_tsv
+from wat.data.naming import output_stems
 from wat.data.progress import progress
 from wat.data.heads import HeadError, load_head
 
@@ -59,18 +62,60 @@ def tag_rows(result) -> list[tuple]:
 TAG_COLUMNS = ("start", "end", "rank", "tag", "probability")
 
 
-def output_names(paths) -> list[str]:
-    """A distinct output stem per input: the file stem, with as many parent folders as it takes to
-    tell two inputs of the same stem apart (`a/x.wav`, `b/x.wav` -> `a-x`, `b-x`), so a run never
-    overwrites its own outputs."""
-    parts = [Path(os.path.abspath(p)).with_suffix("").parts for p in paths]
-    names = []
-    for i, own in enumerate(parts):
-        depth = 1
-        while depth < len(own) and any(o[-depth:] == own[-depth:] for j, o in enumerate(parts) if j != i):
-            depth += 1
-        names.append("-".join(own[-depth:]))
-    return names
+TRANSCRIPTS = ("txt", "vtt", "srt", "tsv", "json")  # whisper's writers, what `all` writes
+
+
+def expand_inputs(items) -> list[str]:
+    """The audio files to tag: files as given (a missing one is reported and skipped later, like an
+    undecodable one); a folder: its audio files (`AUDIO_EXTS`, sub-folders included, hidden entries
+    skipped), sorted. Raises TagError for `-` (standard input is not read: a pipe cannot be seeked
+    and decoded by PyAV and libsndfile alike; save it to a file) and for a folder without audio."""
+    out = []
+    for item in items:
+        if item == "-":
+            raise TagError("-: reading audio from standard input is not supported; save it to a file "
+                           "(e.g. ffmpeg ... out.wav) and pass that")
+        if not os.path.isdir(item):
+            out.append(item)
+            continue
+        found = []
+        for dirpath, dirnames, filenames in os.walk(item):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                      if not f.startswith(".") and os.path.splitext(f)[1].lower() in AUDIO_EXTS]
+        if not found:
+            raise TagError(f"{item}: a folder without audio files ({', '.join(sorted(AUDIO_EXTS))})")
+        out += found
+    return out
+
+
+def output_files(fmt: str) -> tuple[str, ...]:
+    """The files written per input with --output_dir: whisper's transcript(s) and the tags TSV."""
+    return tuple(f".{e}" for e in (TRANSCRIPTS if fmt == "all" else (fmt,))) + (".tags.tsv",)
+
+
+def write_outputs(folder: Path, stem: str, fmt: str, result: dict) -> None:
+    """Write one input's outputs (`output_files`) under `folder` as `stem.*`, each atomically
+    (`files.atomic_write`: whisper's own writers write straight into the final file, which a full
+    disk leaves half-written). A failed write removes this input's files written so far and any
+    sub-folder made for them, then raises the OSError: an input has all its outputs or none."""
+    written, made = [], []
+    try:
+        made = make_folder((folder / stem).parent)
+        for suffix in output_files(fmt):
+            path = folder / f"{stem}{suffix}"
+            if suffix == ".tags.tsv":
+                write_tsv(path, TAG_COLUMNS, tag_rows(result))
+            else:
+                buf = io.StringIO()
+                get_writer(suffix[1:], ".").write_result(result, file=buf, options={})
+                atomic_write(path, buf.getvalue())
+            written.append(path)
+    except OSError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        remove_bare(made)
+        raise
 
 
 def _language(text: str) -> str:
@@ -103,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "passes (tags add only the head's cost). Options follow the whisper command; "
                     "undecodable files are reported and skipped.")
     p.add_argument("audio", nargs="+",
-                   help="audio files: wav, flac, ogg, mp3, m4a, ... (libsndfile, else PyAV; no ffmpeg binary needed)")
+                   help="audio files (wav, flac, ogg, mp3, m4a, ...: libsndfile, else PyAV; no ffmpeg binary "
+                        "needed) or folders (their audio files, sub-folders included); not - (stdin)")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--head", required=True, help="head checkpoint: wat-train output or an official Whisper-AT head")
     p.add_argument("--time-res", "--at_time_res", type=float_range(MIN_RES, 86400.0), default=10.0,
@@ -122,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "--output_dir and --output_format: one JSON object per file per line on stdout")
     out.add_argument("--output_dir", "-o", "--output-dir", dest="output_dir", type=Path,
                      help="write FILE.{txt,vtt,srt,tsv,json} and FILE.tags.tsv there (default with "
-                          "--output_format: the current folder; without either: stdout)")
+                          "--output_format: the current folder; without either: stdout). FILE: the input's "
+                          "path below the folder all inputs share, without its extension (kept where two "
+                          "names would clash)")
     dec = p.add_argument_group("decoding (passed to whisper's transcribe, same defaults as the whisper command)")
     dec.add_argument("--task", choices=("transcribe", "translate"), default="transcribe")
     dec.add_argument("--language", type=_language, help="spoken language code or name; default: detected "
@@ -161,6 +209,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     fmt = {"text": "txt"}.get(args.output_format, args.output_format)
+    try:
+        args.audio = expand_inputs(args.audio)
+    except TagError as e:
+        parser.error(str(e))
     made = []
     if args.output_dir is not None or fmt == "all":
         args.output_dir = args.output_dir or Path(".")
@@ -193,8 +245,7 @@ def _tag(args, fmt: str, to_files: bool) -> int:
         best_of=args.best_of, beam_size=args.beam_size, word_timestamps=args.word_timestamps,
         condition_on_previous_text=args.condition_on_previous_text,
         fp16=args.fp16 and str(args.device).startswith("cuda"))
-    writer = get_writer(fmt, str(args.output_dir)) if to_files else None
-    names = output_names(args.audio)
+    names = output_stems(args.audio, output_files(fmt))
     failed = 0
     for path, name in zip(progress(args.audio, desc="wat-tag", unit="file"), names):
         try:
@@ -205,9 +256,13 @@ def _tag(args, fmt: str, to_files: bool) -> int:
             print(f"wat-tag: error: skipped {e}", file=sys.stderr)
             failed += 1
             continue
-        if writer is not None:  # whisper's writers name files by the stem of the path they get
-            writer(result, str(args.output_dir / f"{name}.audio"), {})
-            write_tsv(args.output_dir / f"{name}.tags.tsv", TAG_COLUMNS, tag_rows(result))
+        if to_files:
+            try:
+                write_outputs(args.output_dir, name, fmt, result)
+            except OSError as e:  # a full disk fails every file after it too: stop here
+                print(f"wat-tag: error: cannot write the outputs of {path} in {args.output_dir} "
+                      f"({e.strerror or one_line(e)}); the files before it are complete", file=sys.stderr)
+                return 2
         elif fmt == "json":
             print(format_json(path, result), flush=True)
         elif fmt == "txt":

@@ -110,6 +110,9 @@ def resolve_classes(vocab: Vocabulary, classes) -> list[int]:
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise TagError(f"unknown class {items[i]!r}: not among the head's {len(vocab)} classes{hint}")
             i += 1
+    if not out:  # "" or ",": no class at all would tag nothing and exit 0
+        raise TagError(f"--classes {classes if isinstance(classes, str) else ','.join(map(str, classes))!r} "
+                       "names no class: give class names or keys, e.g. Speech,Music")
     return sorted(set(out))
 
 
