@@ -6,7 +6,7 @@ import sys
 from collections import Counter
 
 from .audio import AudioError
-from .cliargs import int_range, parse_args, seed_int
+from .cliargs import add_encoding, int_range, parse_args, seed_int
 from .datasets import DATASET_KINDS, DatasetError, load_dataset, problem_counts
 from .demo import CLASSES, make_demo
 
@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     show.add_argument("--dataset", required=True, choices=DATASET_KINDS)
     show.add_argument("--root", required=True, help="dataset folder (audio is looked up under it)")
     show.add_argument("--manifest", help="manifest file or folder, when not in the default place")
+    add_encoding(show, "manifest")
     show.add_argument("--problems", type=int_range(0, 1_000_000), default=5, help="how many skipped rows to show (default 5)")
     args = parse_args(parser, argv)
 
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
             out = make_demo(args.out, clips_per_class=args.clips_per_class, seed=args.seed)
             print(f"wrote {len(CLASSES)} classes x {args.clips_per_class} clips to {out}")
         else:
-            _list(load_dataset(args.dataset, args.root, args.manifest), args.problems)
+            _list(load_dataset(args.dataset, args.root, args.manifest, encoding=args.encoding), args.problems)
     except (DatasetError, AudioError, ValueError, OSError) as e:
         print(f"wat-data: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ defaults, validates and documents them the same way.
     type=float_range(0, 30, lo_open=True)   NaN/inf/out-of-range floats with one error line
     type=layer_range                   wat-extract --layers START:STOP (a slice of encoder blocks)
     type=layer_list                    wat-probe --layers all | 0,4,8:12 (blocks and such slices)
+    add_encoding(p)                    --encoding NAME of manifests/transcripts (default strict UTF-8)
 """
 from __future__ import annotations
 
@@ -120,6 +121,23 @@ def layers_text(layers) -> str:
             return str(s.start)
         return f"{'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}"
     return ",".join(map(one, layers))
+
+
+def encoding_name(text: str) -> str:
+    """argparse type for --encoding: a text encoding Python knows (utf-8, latin-1, cp1252, utf-16...)."""
+    import codecs
+
+    try:
+        return codecs.lookup(text).name
+    except LookupError:
+        raise argparse.ArgumentTypeError(f"unknown encoding {text!r} (e.g. utf-8, latin-1, cp1252, utf-16)") from None
+
+
+def add_encoding(p, what: str = "manifests") -> None:
+    """--encoding of text inputs (read as strict UTF-8 without it: invalid bytes are an error naming the line)."""
+    p.add_argument("--encoding", type=encoding_name, default=None, metavar="NAME",
+                   help=f"text encoding of the {what} (default: UTF-8, a byte-order mark allowed; a file "
+                        "that is not valid UTF-8 is refused, naming the line)")
 
 
 def parse_device(text: str) -> str:

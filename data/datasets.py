@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .labels import LabelError, Vocabulary, audioset_vocabulary
+from .naming import output_stems
 
 AUDIO_EXTS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".webm",
               ".aif", ".aiff", ".au", ".wma", ".mka"}
@@ -63,13 +64,15 @@ def problem_counts(problems) -> Counter:
     return Counter(reason.split(":")[0] for _, reason in problems)
 
 
-def load_dataset(kind: str, root, manifest=None, *, clip_seconds: float | None = None) -> Dataset:
+def load_dataset(kind: str, root, manifest=None, *, clip_seconds: float | None = None,
+                 encoding: str | None = None) -> Dataset:
     """Load a dataset of `kind` (one of `DATASET_KINDS`) from `root`; `manifest` overrides where its list lives.
 
     esc50: root/meta/esc50.csv (or `manifest`) and root/audio/. as20k/as2m/aseval: the official segment
     CSVs in `manifest` (a file or a folder; default root), audio found anywhere under root by YTID.
     json: an AST-style manifest (`manifest`, or root when it is a file). folder: root/CLASS/*.wav.
     csv: a `path,labels[,fold]` file (`manifest`, or root when it is a file).
+    Manifests are read as UTF-8 (`read_text`), or as `encoding` when given.
     """
     if kind not in DATASET_KINDS:
         raise DatasetError(f"unknown dataset kind {kind!r}; expected one of {', '.join(DATASET_KINDS)}")
@@ -77,9 +80,9 @@ def load_dataset(kind: str, root, manifest=None, *, clip_seconds: float | None =
     if not root.exists():
         raise DatasetError(f"{kind}: {root} does not exist")
     if kind == "esc50":
-        ds = _esc50(root, Path(manifest) if manifest else root / "meta" / "esc50.csv")
+        ds = _esc50(root, Path(manifest) if manifest else root / "meta" / "esc50.csv", encoding)
     elif kind in AUDIOSET_SPLITS:
-        ds = _audioset(kind, root, Path(manifest) if manifest else root)
+        ds = _audioset(kind, root, Path(manifest) if manifest else root, encoding)
     elif kind == "folder":
         if manifest:
             raise DatasetError("folder: takes no manifest (classes are the sub-folders of root)")
@@ -88,7 +91,7 @@ def load_dataset(kind: str, root, manifest=None, *, clip_seconds: float | None =
         path = Path(manifest) if manifest else root
         if not path.is_file():
             raise DatasetError(f"{kind}: manifest {path} is not a file")
-        ds = _json(path) if kind == "json" else _csv(path)
+        ds = _json(path, encoding) if kind == "json" else _csv(path, encoding)
     if clip_seconds is not None:
         ds.clip_seconds = float(clip_seconds)
     if not ds.clips:
@@ -110,8 +113,8 @@ def _finish(name, rows, vocab, multilabel, clip_seconds, problems) -> Dataset:
     return Dataset(name, clips, vocab, multilabel, clip_seconds, problems)
 
 
-def _esc50(root: Path, meta: Path) -> Dataset:
-    rows, problems = read_csv_rows(meta, required=("filename", "fold", "target", "category"))
+def _esc50(root: Path, meta: Path, encoding: str | None = None) -> Dataset:
+    rows, problems = read_csv_rows(meta, required=("filename", "fold", "target", "category"), encoding=encoding)
     categories: dict[int, str] = {}
     parsed = []
     for where, row in rows:
@@ -141,7 +144,7 @@ def _esc50(root: Path, meta: Path) -> Dataset:
     return _finish("esc50", clips, vocab, False, 5.0, problems)
 
 
-def _audioset(kind: str, root: Path, manifest: Path) -> Dataset:
+def _audioset(kind: str, root: Path, manifest: Path, encoding: str | None = None) -> Dataset:
     if manifest.is_dir():
         files = [manifest / name for name in AUDIOSET_SPLITS[kind]]
         missing = [str(f) for f in files if not f.is_file()]
@@ -155,24 +158,23 @@ def _audioset(kind: str, root: Path, manifest: Path) -> Dataset:
     audio = index_audio(root)
     problems, clips = [], []
     for file in files:
-        with open(file, encoding="utf-8-sig", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                where = f"{file.name}:{lineno}"
-                try:
-                    ytid, start, end, labels = parse_segment_row(line)
-                    labels = vocab.parse(labels)
-                except (ValueError, LabelError) as e:
-                    kind_of = "unknown label" if isinstance(e, LabelError) else "malformed"
-                    problems.append((where, f"{kind_of}: {e}"))
-                    continue
-                path = match_audio(audio, ytid, start)
-                if path is None:
-                    problems.append((ytid, "no audio"))
-                    continue
-                clips.append(Clip(ytid, path, labels))
+        for lineno, line in enumerate(text_lines(read_text(file, encoding)), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            where = f"{file.name}:{lineno}"
+            try:
+                ytid, start, end, labels = parse_segment_row(line)
+                labels = vocab.parse(labels)
+            except (ValueError, LabelError) as e:
+                kind_of = "unknown label" if isinstance(e, LabelError) else "malformed"
+                problems.append((where, f"{kind_of}: {e}"))
+                continue
+            path = match_audio(audio, ytid, start)
+            if path is None:
+                problems.append((ytid, "no audio"))
+                continue
+            clips.append(Clip(ytid, path, labels))
     return _finish(kind, clips, vocab, True, 10.0, problems)
 
 
@@ -236,6 +238,20 @@ def match_audio(index, ytid: str, start: float) -> str | None:
     return None
 
 
+MAX_FOLD = 32767  # folds are stored as int16 in the cache (-1 = none)
+
+
+def parse_fold(value) -> int:
+    """A manifest's fold: an integer in 0..MAX_FOLD, or -1 for none; ValueError otherwise (the row
+    is skipped as malformed, named: a fold past int16 used to fail at the end of extraction)."""
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"fold {value!r} is not an integer")
+    fold = int(str(value).strip()) if isinstance(value, str) else int(value)
+    if not -1 <= fold <= MAX_FOLD:
+        raise ValueError(f"fold {fold} outside 0..{MAX_FOLD} (or -1: none)")
+    return fold
+
+
 def _labels_vocab(label_lists) -> Vocabulary:
     """AudioSet when at least half of the distinct labels are MIDs (the others then become "unknown
     label" problem rows: one stray "Dog" must not turn an AudioSet manifest into a custom vocabulary),
@@ -277,9 +293,10 @@ def _manifest_path(text: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _json(manifest: Path) -> Dataset:
+def _json(manifest: Path, encoding: str | None = None) -> Dataset:
+    text = read_text(manifest, encoding)
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8-sig"))["data"]
+        data = json.loads(text)["data"]
         if not isinstance(data, list):
             raise TypeError("'data' is not a list")
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -292,7 +309,7 @@ def _json(manifest: Path) -> Dataset:
             if not isinstance(wav, str) or not wav.strip():
                 raise ValueError("'wav' is not a path")
             labels = labels.split(",") if isinstance(labels, str) else [str(x) for x in labels]
-            fold = int(item.get("fold", -1))
+            fold = parse_fold(item.get("fold", -1))
         except (TypeError, KeyError, ValueError, AttributeError) as e:
             problems.append((where, f"malformed: {type(e).__name__}: {e}"))
             continue
@@ -300,15 +317,15 @@ def _json(manifest: Path) -> Dataset:
     return _labelled_clips("json", entries, problems, manifest.parent)
 
 
-def _csv(manifest: Path) -> Dataset:
-    rows, problems = read_csv_rows(manifest, required=("path", "labels"))
+def _csv(manifest: Path, encoding: str | None = None) -> Dataset:
+    rows, problems = read_csv_rows(manifest, required=("path", "labels"), encoding=encoding)
     entries = []
     for where, row in rows:
         try:
             text = row["path"].strip()
             if not text:
                 raise ValueError("empty path")
-            fold = int(row["fold"]) if (row.get("fold") or "").strip() else -1
+            fold = parse_fold(row["fold"]) if (row.get("fold") or "").strip() else -1
         except ValueError as e:
             problems.append((where, f"malformed: {e}"))
             continue
@@ -317,12 +334,46 @@ def _csv(manifest: Path) -> Dataset:
     return _labelled_clips("csv", entries, problems, manifest.parent)
 
 
-def read_csv_rows(path: Path, required) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
-    """A headed CSV, line by line so that one bad quote cannot swallow the rest of the file."""
+ENCODING_FIX = ("give the file's encoding with --encoding (e.g. latin-1, cp1252, utf-16) or convert it "
+                "to UTF-8")
+
+
+def read_text(path, encoding: str | None = None) -> str:
+    """A manifest's or transcript's text: strict UTF-8 (a leading byte-order mark is dropped), or
+    `encoding` when given. Bytes that do not decode raise DatasetError naming the file, line and
+    column: replacing them (errors="replace") merged labels such as `café` and `cafè` of a latin-1
+    file into one class `caf\ufffd` without a word."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
+    name = encoding or "utf-8"
+    try:
+        return data.decode(encoding or "utf-8-sig")
+    except LookupError:
+        raise DatasetError(f"--encoding {encoding!r}: not an encoding Python knows") from None
+    except UnicodeError as e:
+        start = getattr(e, "start", 0)
+        line = data.count(b"\n", 0, start) + 1
+        column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        raise DatasetError(f"{path}:{line}: not valid {name} (byte 0x{data[start]:02x} at column {column}); "
+                           f"{ENCODING_FIX}") from None
+
+
+def text_lines(text: str) -> list[str]:
+    """Lines split at \\n, \\r\\n or \\r only (str.splitlines also splits at form feeds, U+2028 and
+    other characters a CSV field may hold)."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def read_csv_rows(path: Path, required, encoding: str | None = None) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
+    """A headed CSV, line by line so that one bad quote cannot swallow the rest of the file; the
+    text as `read_text` decodes it."""
     if not path.is_file():
         raise DatasetError(f"manifest {path} not found")
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
-        lines = f.read().splitlines()
+    lines = text_lines(read_text(path, encoding))
     if not lines:
         raise DatasetError(f"{path}: empty file")
     try:
@@ -357,13 +408,16 @@ def _folder(root: Path) -> Dataset:
     if not classes:
         raise DatasetError(f"folder: {root} has no class sub-folders")
     vocab = Vocabulary.from_names(classes)
-    clips = []
+    found = []
     for label, name in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(root / name):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for file in sorted(filenames):
                 path = Path(dirpath) / file
                 if path.suffix.lower() in AUDIO_EXTS and not file.startswith("."):
-                    clip_id = path.relative_to(root).with_suffix("").as_posix()
-                    clips.append(Clip(clip_id, str(path), (label,)))
+                    found.append((path, label))
+    # ids: the path below root without its extension, kept where two files would share an id
+    # (`dog/a.wav`, `dog/a.flac` -> `dog/a.wav`, `dog/a.flac`: two clips, not one dropped as a duplicate)
+    ids = output_stems([p for p, _ in found], root=root, exact=True)
+    clips = [Clip(clip_id, str(path), (label,)) for clip_id, (path, label) in zip(ids, found)]
     return _finish("folder", clips, vocab, False, 10.0, [])

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from wat.data.cache import POLICIES
-from wat.data.cliargs import add_device, add_workers, float_range, int_range, layer_range, parse_args
+from wat.data.cliargs import add_device, add_encoding, add_workers, float_range, int_range, layer_range, parse_args
 from wat.data.datasets import DATASET_KINDS
 
 # --model help of every CLI that loads Whisper (what wat.extract.load_whisper accepts); kept here,
@@ -24,6 +24,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=DATASET_KINDS)
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--manifest", help="CSV/JSON manifest (AudioSet segment CSV, AST JSON, path,labels CSV)")
+    add_encoding(p, "manifest")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--out", required=True, help="index file to write, e.g. feats.h5 (shards go to feats.shards/)")
     p.add_argument("--policy", choices=POLICIES, default="pad30",
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
         num_workers=args.decode_workers, shard_size=args.shard_size, limit=args.limit, overwrite=args.overwrite,
         clip_seconds=args.clip_seconds, store=args.store, layers=args.layers)
     try:
-        dataset = load_dataset(args.dataset, args.root, args.manifest, clip_seconds=args.clip_seconds)
+        dataset = load_dataset(args.dataset, args.root, args.manifest, clip_seconds=args.clip_seconds,
+                               encoding=args.encoding)
         if args.scheduler or args.workers:
             from .cluster import DaskRunner, connect
             with connect(args.scheduler, args.workers, options.device) as client:

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wat.data.datasets import AUDIO_EXTS, DatasetError, read_csv_rows  # the one line-by-line CSV reader
+from wat.data.datasets import AUDIO_EXTS, DatasetError, read_csv_rows, read_text, text_lines
 
 
 class SpeechError(ValueError):
@@ -35,13 +35,14 @@ class Speech:
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (id or row, path, reason)
 
 
-def load_speech(source) -> Speech:
-    """A LibriSpeech-layout folder or a `path,text` CSV file."""
+def load_speech(source, encoding: str | None = None) -> Speech:
+    """A LibriSpeech-layout folder or a `path,text` CSV file. Transcripts and the CSV are read as
+    UTF-8, or `encoding` (`wat.data.datasets.read_text`: invalid bytes are an error naming the line)."""
     source = Path(source)
     if source.is_dir():
-        speech = _librispeech(source)
+        speech = _librispeech(source, encoding)
     elif source.is_file():
-        speech = _csv(source)
+        speech = _csv(source, encoding)
     else:
         raise SpeechError(f"speech input {source} does not exist")
     if not speech.utterances:
@@ -64,7 +65,7 @@ def _finish(name: str, rows: list[Utterance], problems) -> Speech:
     return Speech(name, out, problems)
 
 
-def _librispeech(root: Path) -> Speech:
+def _librispeech(root: Path, encoding: str | None = None) -> Speech:
     rows, problems, transcribed = [], [], set()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -73,20 +74,23 @@ def _librispeech(root: Path) -> Speech:
                  if os.path.splitext(n)[1].lower() in AUDIO_EXTS and not n.startswith(".")}
         for name in sorted(n for n in filenames if n.endswith(".trans.txt")):
             tpath = folder / name
-            with open(tpath, encoding="utf-8-sig", errors="replace") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    where = f"{tpath.name}:{lineno}"
-                    uid, _, text = line.strip().partition(" ")
-                    text = text.strip()
-                    transcribed.add((folder, uid))
-                    if uid not in audio:
-                        problems.append((uid, str(folder / f"{uid}.flac"), f"no audio: for {where}"))
-                    elif not text:
-                        problems.append((uid, str(audio[uid]), f"empty transcript: {where}"))
-                    else:
-                        rows.append(Utterance(uid, str(audio[uid]), text))
+            try:
+                lines = text_lines(read_text(tpath, encoding))
+            except DatasetError as e:
+                raise SpeechError(str(e)) from None
+            for lineno, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                where = f"{tpath.name}:{lineno}"
+                uid, _, text = line.strip().partition(" ")
+                text = text.strip()
+                transcribed.add((folder, uid))
+                if uid not in audio:
+                    problems.append((uid, str(folder / f"{uid}.flac"), f"no audio: for {where}"))
+                elif not text:
+                    problems.append((uid, str(audio[uid]), f"empty transcript: {where}"))
+                else:
+                    rows.append(Utterance(uid, str(audio[uid]), text))
         if any(n.endswith(".trans.txt") for n in filenames):
             for uid, path in audio.items():
                 if (folder, uid) not in transcribed:
@@ -94,9 +98,9 @@ def _librispeech(root: Path) -> Speech:
     return _finish("librispeech", rows, problems)
 
 
-def _csv(path: Path) -> Speech:
+def _csv(path: Path, encoding: str | None = None) -> Speech:
     try:
-        rows, bad = read_csv_rows(path, required=("path", "text"))
+        rows, bad = read_csv_rows(path, required=("path", "text"), encoding=encoding)
     except DatasetError as e:
         raise SpeechError(str(e)) from None
     out, problems = [], [(where, "", reason) for where, reason in bad]
