@@ -67,22 +67,46 @@ def load_audio(path, *, sample_rate: int = SAMPLE_RATE, offset: float = 0.0, dur
 
     if audio.shape[0] == 0 or audio.shape[1] == 0:
         raise AudioError(path, "no samples decoded" if audio.shape[1] else "no audio channels")
-    if not np.isfinite(audio).all():
+    if not np.isfinite(audio).all():  # before resampling, which would spread a NaN over its neighbours
         raise AudioError(path, "non-finite samples (NaN or inf)")
-    if not np.any(audio):
-        raise AudioError(path, "silent (all samples are zero)")
     mono = audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0]
     if rate != sample_rate:
         mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
     # decided on what the caller gets: 1 sample at 44.1 kHz resamples to none, which padding would
     # have turned into seconds of silence carrying the clip's label
-    need = math.ceil(MIN_SECONDS * sample_rate)
-    if len(mono) < need:
-        raise AudioError(path, f"too short: {audio.shape[0]} sample(s) at {rate} Hz give {len(mono)} at "
-                               f"{sample_rate} Hz, fewer than one {MIN_SECONDS * 1000:g} ms analysis window ({need})")
-    if not np.any(mono):
-        raise AudioError(path, "silent after resampling (all samples are zero)")
+    check_clip(mono, path, sample_rate=sample_rate,
+               source=f"{audio.shape[0]} sample(s) at {rate} Hz give {len(mono)} at {sample_rate} Hz")
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def check_clip(audio: np.ndarray, path, *, sample_rate: int = SAMPLE_RATE, where: str = "",
+               source: str = "") -> None:
+    """THE clip-validity rule, applied to the audio a caller will use: raise AudioError when it holds
+    a NaN or inf, is shorter than one analysis window (`MIN_SECONDS`), or is silent (all zero).
+    `load_audio` applies it to the decoded file, `clip_window` to the clip window cut from it (a file
+    silent for the window's length and loud after it is a silent clip); `where` names that window in
+    the reason, `source` says where a too-short length came from."""
+    tail = f" {where}" if where else ""
+    if not np.isfinite(audio).all():
+        raise AudioError(path, f"non-finite samples (NaN or inf){tail}")
+    need = math.ceil(MIN_SECONDS * sample_rate)
+    if len(audio) < need:
+        got = source or f"{len(audio)} sample(s) at {sample_rate} Hz"
+        raise AudioError(path, f"too short{tail}: {got}, fewer than one {MIN_SECONDS * 1000:g} ms analysis "
+                               f"window ({need})")
+    if not np.any(audio):
+        raise AudioError(path, f"silent (all samples are zero){tail}")
+
+
+def clip_window(audio: np.ndarray, n_samples: int, path, *, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, float]:
+    """The clip as the encoder gets it: the first `n_samples` of `audio`, zero-padded to that length
+    (`fit_length`), as float32, and the seconds of real audio in it. The audio inside the window must
+    pass `check_clip` (raises AudioError): the extractor used to check only the whole file, so 6 s
+    of silence followed by sound, cut to a 5 s window, was stored as a labelled silent clip."""
+    real = audio[:n_samples]
+    check_clip(real, path, sample_rate=sample_rate,
+               where=f"in the clip window (its first {n_samples / sample_rate:g} s)" if len(audio) > n_samples else "")
+    return fit_length(audio, n_samples).astype(np.float32, copy=False), len(real) / sample_rate
 
 
 def fit_length(audio: np.ndarray, n_samples: int) -> np.ndarray:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import queue
 import sys
@@ -40,11 +41,11 @@ from tqdm import tqdm
 
 from wat.data import cache as wcache
 from wat.data.progress import progress as progress_bar
-from wat.data.audio import SAMPLE_RATE, fit_length, load_audio
+from wat.data.audio import MIN_SECONDS, SAMPLE_RATE, clip_window, load_audio
 from wat.data.datasets import Clip, Dataset
 from wat.data.files import LockedError, locked_folder, write_json, write_tsv
 
-from .layers import MAX_FRAMES, encode_layers, layer_subset
+from .layers import MAX_FRAMES, MIN_SAMPLES, encode_layers, encoder_frames, layer_subset
 from .load import fingerprint, load_whisper, model_name
 
 MANIFEST = "manifest.json"
@@ -190,9 +191,22 @@ def shard_dir_for(index_path) -> Path:
 
 
 def resolve_clip_seconds(dataset: Dataset, options: ExtractOptions) -> float:
+    """The clip length of the run, checked before any work against what a clip of that length can
+    give: at least one analysis window and the policy's fewest samples (`MIN_SAMPLES`: shorter
+    windows failed every clip, or raised mid-run), and at least `options.frames` encoder frames
+    (more pooled frames than encoder frames would repeat frames: refused, not stored)."""
     seconds = float(options.clip_seconds or dataset.clip_seconds)
     if not 0 < seconds <= MAX_SECONDS:
         raise ExtractError(f"clip length must be in (0, {MAX_SECONDS:g}] s for Whisper's encoder, got {seconds:g}")
+    n = round(seconds * SAMPLE_RATE)
+    need = max(math.ceil(MIN_SECONDS * SAMPLE_RATE), MIN_SAMPLES.get(options.policy, 1))
+    if n < need:
+        raise ExtractError(f"--clip-seconds {seconds:g}: {n} samples, fewer than the {need} ({need / SAMPLE_RATE * 1000:g} ms) "
+                           f"a clip needs for policy {options.policy!r}")
+    have = encoder_frames(n)
+    if options.frames > have:
+        raise ExtractError(f"--frames {options.frames}: a clip of {seconds:g} s has {have} encoder frames; ask for at "
+                           f"most {have} (more would repeat frames), or a longer --clip-seconds")
     return seconds
 
 
@@ -321,10 +335,10 @@ class _ClipAudio(torch.utils.data.Dataset):
         clip = self.clips[k]
         try:
             audio = load_audio(clip.path, offset=clip.offset, duration=clip.duration)
+            window, seconds = clip_window(audio, self.n_samples, clip.path)  # checked after the cut
         except Exception as e:  # any decoder failure is this clip's problem, not the run's
             return k, None, _reason(e), 0.0
-        seconds = min(audio.size, self.n_samples) / SAMPLE_RATE
-        return k, fit_length(audio, self.n_samples).astype(np.float32, copy=False), "", seconds
+        return k, window, "", seconds
 
 
 def _reason(e: Exception) -> str:
