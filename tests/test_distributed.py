@@ -12,15 +12,19 @@ from wat.train.loop import Interrupted, TrainOptions, train
 
 from test_train import multilabel
 
-# No augmentation draws, so one process and two see the same clips in every global step and must
-# agree to float tolerance (gradient sums in another order). 33 training clips in global batches of
-# 16: the last step has one clip, so rank 1 takes part in it with an empty share.
-OPTS = dict(head="tl-tr", proj_dim=16, epochs=3, lr=1e-3, batch_size=16, mixup=0.0, time_mask=0, seed=3)
+# Mixup and both masks on: the ranks draw for the whole global batch from one generator state and
+# apply their clips' draws (mixup partners on the other rank read from the store), so one process and
+# two see the same augmented clips in every global step and must agree to float tolerance (gradient
+# sums in another order). 33 training clips in global batches of 16: the last step has one clip, so
+# rank 1 takes part in it with an empty share.
+OPTS = dict(head="tl-tr", proj_dim=16, epochs=3, lr=1e-3, batch_size=16, mixup=0.5, time_mask=2, feature_mask=3,
+            seed=3)
 
 
 def _argv(tr, te, out, resume=False):
     a = ["--features", str(tr), "--eval-features", str(te), "--head", "tl-tr", "--proj-dim", "16", "--epochs", "3",
-         "--lr", "1e-3", "--batch-size", "16", "--mixup", "0", "--time-mask", "0", "--seed", "3", "--out", str(out)]
+         "--lr", "1e-3", "--batch-size", "16", "--mixup", "0.5", "--time-mask", "2", "--feature-mask", "3", "--seed", "3",
+         "--out", str(out)]
     return a + ["--resume"] if resume else a
 
 
@@ -61,7 +65,8 @@ def test_torchrun_two_processes_match_one_and_resume(tmp_path):
     _same(tmp_path / "one", tmp_path / "two")
     names = sorted(p.name for p in (tmp_path / "two").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "one").iterdir())  # one set of outputs, no per-rank files
-    assert torch.load(tmp_path / "two" / "last.pt", weights_only=True)["aug"] is not None  # both ranks' streams
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["processes"] == 2
+    assert json.loads((tmp_path / "one" / "metrics.json").read_text())["processes"] == 1
 
     _torchrun(_argv(tr, te, tmp_path / "cut", resume=True))  # ... and two processes finish the run
     _same(tmp_path / "one", tmp_path / "cut")

@@ -23,7 +23,7 @@ def _old_views(parts, cfg, gen):
             v = ref_time_mask(x, cfg.time_mask, gen) if x.dim() == 4 else x
             out.append(ref_feature_mask(v, cfg.feature_mask, gen))
         return torch.cat(out) if k > 1 else out[0]
-    xs = [views(x, k) for x, k in parts]
+    xs = [views(x, k) for x, k, _share in parts]
     return torch.cat(xs) if len(xs) > 1 else xs[0]
 
 
@@ -31,7 +31,8 @@ def _run(monkeypatch, old: bool, kind, x, y, cfg, unlabeled):
     """One train_step (the old out-of-place augmentation when `old`): (loss, head input, params, batch after)."""
     with monkeypatch.context() as m:
         if old:
-            m.setattr(augment, "mixup_", ref_mixup)
+            m.setattr(augment, "mixup_", lambda x, y, p, g, alpha=10.0, share=None, partners=None:
+                      ref_mixup(x, y, p, g, alpha))
             m.setattr(step, "_views", _old_views)
         torch.manual_seed(0)
         head = build_head(kind, L, D, C, 8 if kind == "tl-tr" else None)

@@ -14,8 +14,15 @@ last batch or a rank with no clip left (it contributes zeros). A hand-written al
 the DistributedDataParallel wrapper for exactly that: DDP averages over ranks, which is only the
 batch mean when every rank has the same number of clips.
 
-Augmentation draws (mixup, masks, unlabeled batches) come from a per-rank generator, so ranks do not
-repeat each other's masks; the checkpoint keeps every rank's generator. Rank 0 alone evaluates and
+Augmentation draws (mixup, masks, unlabeled batches) are made for the whole global batch from the
+generator every rank shares (the same state everywhere: `last.pt` holds one, and resumes on any
+number of processes), and each rank applies the draws of its own clips (`augment.Share`); a mixup
+partner held by another rank is read from the store (`epoch._shares`). So with a cache held in
+memory (the `FeatureStore` is resident: the usual case) N processes and one make the same steps, up
+to the order of float additions in the gradient sums. With a cache streamed from disk (larger than
+the memory budget) each rank shuffles its share of an epoch within windows on its own: the clips of
+a step then differ from one process's, and mixup partners come from the rank's own clips. Rank 0
+alone evaluates and
 writes (RUN_DIR lock, checkpoints, metrics, figures); all ranks read the same caches and `last.pt`
 (multi-node: RUN_DIR and the caches on a shared file system).
 """

@@ -226,13 +226,24 @@ def batches(store: FeatureStore, order: np.ndarray, bs: int, gen: torch.Generato
         yield from store.iter_batches(order, bs, shuffle=True, seed=seed, dtype=COMPUTE)
 
 
-def unlabeled_batches(store: FeatureStore, n: int, gen: torch.Generator):
-    """Endless batches of `n` unlabeled clips."""
+def unlabeled_batches(store: FeatureStore, n: int, gen: torch.Generator, world=None):
+    """Endless batches of `n` unlabeled clips. Under torchrun (`world.parallel`) every rank draws
+    the same `n` clips (one generator state) and yields (its `Share` of them: every N-th from its
+    rank, those rows), so the ranks' unlabeled clips together are one process's batch."""
+    parallel = world is not None and world.parallel
+    share = None
+    if parallel:
+        from .augment import Share
+        share = Share(torch.arange(world.rank, n, world.size), n)
     while True:
         if store.in_memory:
-            yield store.get(torch.randint(0, len(store), (n,), generator=gen).numpy(), COMPUTE)
+            idx = torch.randint(0, len(store), (n,), generator=gen).numpy()
+            if not parallel:
+                yield store.get(idx, COMPUTE)
+            else:
+                yield share, store.get(idx[share.rows.numpy()], COMPUTE)
         else:
             seed = int(torch.randint(0, 2**62, (1,), generator=gen))
             for _, x in store.iter_batches(np.arange(len(store)), n, shuffle=True, seed=seed, dtype=COMPUTE):
                 if len(x) == n:
-                    yield x
+                    yield x if not parallel else (share, x[share.rows.to(x.device)])

@@ -8,8 +8,8 @@ Protocols: one split (train cache, optional eval cache), or `folds=K` (ESC-50: K
 lockstep, each on K-1 folds and scored on the held-out one; one epoch is chosen by the
 fold-averaged score, never per fold). Every random draw comes from one seeded torch.Generator
 whose state is checkpointed with everything else in `last.pt`, so `resume` reproduces an
-uninterrupted run bit for bit. Under torchrun (`distributed`) the ranks share that generator for
-the epoch order and each has its own for augmentation, all checkpointed by rank 0.
+uninterrupted run bit for bit. Under torchrun (`distributed`) every rank holds the same generator
+state and draws for whole global batches, so one last.pt resumes on any number of processes.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from wat.data.heads import Features, build_head, head_problems, load_head, save_
 from wat.eval import metrics
 
 from . import board as tb
-from .distributed import World, from_main, gather, join, leave, world_from_env
+from .distributed import World, from_main, join, leave, world_from_env
 from .epoch import train_epoch
 from .evaluation import predict, score
 from .inputs import Checked, Setup, balanced_weights, check_inputs, load_inputs, prepare
@@ -106,17 +106,10 @@ def train(opts: TrainOptions) -> dict:
         leave(world)
 
 
-def _aug_generator(seed: int, world: World, gen: torch.Generator) -> torch.Generator:
-    """One process: `gen` itself. Ranks: an own stream per (seed, rank)."""
-    if not world.parallel:
-        return gen
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, world.rank]).generate_state(1)[0]))
-
-
 def _train(opts: TrainOptions, checked: Checked, init: dict | None, out: Path, world: World, device) -> dict:
     s = load_inputs(checked, opts, device)
     gen = seed_all(opts.seed)
-    aug = _aug_generator(opts.seed, world, gen)
+    aug = gen  # one stream on every rank: draws are made for whole global batches (`distributed`)
     heads = [_build(opts, s.cache, s.info.n_classes, init) for _ in s.splits]  # the run's inits first
     weights = balanced_weights(s.y) if opts.balanced else None
     autocast, scaler = amp(device)
@@ -138,13 +131,7 @@ def _train(opts: TrainOptions, checked: Checked, init: dict | None, out: Path, w
                 f.restore(state)
             if scaler is not None and ck["scaler"]:
                 scaler.load_state_dict(ck["scaler"])
-            set_rng_state(gen, ck["rng"])
-            if world.parallel:
-                # the same number of processes continues every rank's augmentation stream; another
-                # number (a job restarted on fewer GPUs) draws fresh streams for the epochs to come
-                augs = ck.get("aug") or []
-                aug.set_state(augs[world.rank]) if len(augs) == world.size else aug.manual_seed(
-                    int(np.random.SeedSequence([opts.seed, world.rank, ck["epoch"]]).generate_state(1)[0]))
+            set_rng_state(gen, ck["rng"])  # every draw, on any number of processes
         except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:
             raise TrainError(f"--resume: {last} does not fit this run ({type(e).__name__}: {one_line(e)}); "
                              "delete it to start afresh") from None
@@ -158,7 +145,7 @@ def _train(opts: TrainOptions, checked: Checked, init: dict | None, out: Path, w
     finally:
         if board is not None:
             board.close()
-    final = _finish(out, opts, s, fits, history, best, autocast, lr) if world.main else None
+    final = _finish(out, opts, s, fits, history, best, autocast, lr, world.size) if world.main else None
     return from_main(final, world)
 
 
@@ -203,7 +190,6 @@ def _epochs(out: Path, opts: TrainOptions, s: Setup, fits: list[Fit], gen, aug, 
                     p = predict(fit.averaged_head(), s.ev.store, fit.eval_idx, s.cfg.multilabel, autocast=autocast)
                     r["score_wa"] = score(s.ev_y[fit.eval_idx], p[:, :n_primary], s.cfg.multilabel)["score"]
             rec["folds"][fit.name] = r
-        augs = gather(aug.get_state(), world) if world.parallel else None
         if not world.main:
             continue  # the weights are the same on every rank: rank 0 keeps the record
         folds = rec["folds"].values()
@@ -223,8 +209,8 @@ def _epochs(out: Path, opts: TrainOptions, s: Setup, fits: list[Fit], gen, aug, 
         history.append(rec)
         save_checkpoint(out / "last.pt", {"epoch": epoch + 1, "options": resume_key(opts), "fits": [f.state() for f in fits],
                                "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(gen),
-                               "aug": augs, "history": history, "best": best, "lr": json_safe(lr)})
-        write_metrics(out, opts, s.info, fits[0].head, history, best, None, lr)
+                               "processes": world.size, "history": history, "best": best, "lr": json_safe(lr)})
+        write_metrics(out, opts, s.info, fits[0].head, history, best, None, lr, world.size)
         if board is not None:
             board.epoch(rec, metric)
     return best
@@ -236,7 +222,7 @@ def _fit_dir(out: Path, fit: Fit, fits: list) -> Path:
     return d
 
 
-def _finish(out, opts, s: Setup, fits, history, best, autocast, lr: dict) -> dict:
+def _finish(out, opts, s: Setup, fits, history, best, autocast, lr: dict, processes: int = 1) -> dict:
     vocab, info, multilabel = s.cache.meta.vocab, s.info, s.cfg.multilabel
     wa_scores = {}
     for fit in fits:
@@ -260,7 +246,7 @@ def _finish(out, opts, s: Setup, fits, history, best, autocast, lr: dict) -> dic
             final.update(mAUC=sc["mAUC"], d_prime=sc["d_prime"], skipped_classes=sc["skipped_classes"])
         write_per_class(out / "per_class.csv", vocab, sc["scores"], s.ev_y[idx].sum(0))
     final = json_safe(final)
-    record = write_metrics(out, opts, info, fits[0].head, history, best, final, lr)
+    record = write_metrics(out, opts, info, fits[0].head, history, best, final, lr, processes)
     meta, n_clips = s.cache.meta, len(s.cache)
     ev_cache = s.ev.cache if s.ev is not None and s.ev is not s.data else None
     if s.ev is None:

@@ -57,7 +57,7 @@ def search_lr(name: str, train_idx: np.ndarray, s: Setup, opts: TrainOptions, bu
         o = dataclasses.replace(opts, lr=lr, epochs=n_ep, weight_average=None)
         f = Fit(f"{name} lr {lr:g}", copy.deepcopy(init), o, tr, ho, device)
         gen = torch.Generator().manual_seed(opts.seed + 7919)  # not the run's generator: see module doc
-        aug = gen if not world.parallel else torch.Generator().manual_seed(opts.seed + 7919 + 104729 * world.rank)
+        aug = gen  # the same on every rank, as the run's (`distributed`)
         scaler = amp(device)[1]  # a fresh one: the run's scaler state stays the run's
         late = []
         for e in range(n_ep):

@@ -17,9 +17,10 @@ from .options import TrainOptions, milestones, wa_range
 
 
 def write_metrics(out: Path, opts: TrainOptions, info: HeadInfo, head, history: list[dict], best: dict,
-                  final: dict | None, lr: dict | None = None) -> dict:
-    """`lr`: where each head's learning rate came from (--lr, the kind's default, the --lr auto search)."""
-    d = {"options": {k: v for k, v in dataclasses.asdict(opts).items()},
+                  final: dict | None, lr: dict | None = None, processes: int = 1) -> dict:
+    """`lr`: where each head's learning rate came from (--lr, the kind's default, the --lr auto search);
+    `processes`: how many processes trained the run (torchrun's WORLD_SIZE; 1 without it)."""
+    d = {"options": {k: v for k, v in dataclasses.asdict(opts).items()}, "processes": processes,
          "head": {"kind": info.kind, "proj_dim": info.proj_dim, "n_parameters": n_parameters(head),
                   "n_classes": info.n_classes, "primary_classes": info.primary_classes},
          "cache": {"model": info.model, "fingerprint": info.fingerprint, "policy": info.policy,
