@@ -15,12 +15,13 @@ byte-identical for a seed and does not depend on anything installed (no TTS).
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-from .files import write_csv
+from .files import atomic_write, make_folder, remove_bare, write_csv
 
 RATE = 44_100
 SECONDS = 5.0
@@ -211,21 +212,36 @@ def synth_clip(target: int, seed: int, index: int) -> np.ndarray:
 
 
 def make_demo(out, clips_per_class: int = 8, seed: int = 0) -> Path:
-    """Write `out`/audio/*.wav (44.1 kHz 16-bit, 5 s) and `out`/meta/esc50.csv; returns `out`."""
+    """Write `out`/audio/*.wav (44.1 kHz 16-bit, 5 s) and `out`/meta/esc50.csv; returns `out`.
+    Every file is written atomically (`files.atomic_write`); when a write fails (a full disk) the
+    files and folders this call created are removed again and the OSError is raised: no
+    half-written clip and no dataset without its manifest is left behind."""
     if clips_per_class < 1:
         raise ValueError("clips_per_class must be at least 1")
     out = Path(out)
-    (out / "audio").mkdir(parents=True, exist_ok=True)
-    (out / "meta").mkdir(parents=True, exist_ok=True)
+    made = make_folder(out / "audio") + make_folder(out / "meta")
+    new: list[Path] = []
     rows = []
-    for target, fn in enumerate(CLASSES):
-        for j in range(clips_per_class):
-            fold = j % FOLDS + 1  # balanced folds per class
-            src = f"{target:02d}{j:04d}"
-            name = f"{fold}-{src}-A-{target}.wav"
-            sf.write(out / "audio" / name, synth_clip(target, seed, j), RATE, subtype="PCM_16")
-            rows.append((name, fold, target, fn.__name__, "False", src, "A"))
-    rows.sort()
-    write_csv(out / "meta" / "esc50.csv", ("filename", "fold", "target", "category", "esc10", "src_file", "take"),
-              rows, lineterminator="\n")
+    try:
+        for target, fn in enumerate(CLASSES):
+            for j in range(clips_per_class):
+                fold = j % FOLDS + 1  # balanced folds per class
+                src = f"{target:02d}{j:04d}"
+                name = f"{fold}-{src}-A-{target}.wav"
+                buf = io.BytesIO()
+                sf.write(buf, synth_clip(target, seed, j), RATE, subtype="PCM_16", format="WAV")
+                path = out / "audio" / name
+                if not path.exists():
+                    new.append(path)
+                atomic_write(path, buf.getvalue())
+                rows.append((name, fold, target, fn.__name__, "False", src, "A"))
+        rows.sort()
+        write_csv(out / "meta" / "esc50.csv", ("filename", "fold", "target", "category", "esc10", "src_file", "take"),
+                  rows, lineterminator="\n")
+    except OSError:
+        for path in new:
+            path.unlink(missing_ok=True)
+        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):  # innermost first
+            remove_bare([folder])
+        raise
     return out

@@ -7,7 +7,7 @@ import argparse
 import math
 import sys
 
-from wat.data.cliargs import add_device, add_workers, int_range, parse_args, positive_int, seed_int
+from wat.data.cliargs import add_device, add_encoding, add_workers, int_range, parse_args, positive_int, seed_int
 from wat.extract.cli import MODEL_HELP
 
 DATASETS = ("esc50", "json", "folder", "csv")  # wat dataset kinds that can be single-label
@@ -25,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-dataset", required=True, choices=DATASETS, help="kind of the noise dataset (single-label)")
     p.add_argument("--noise-root", required=True, help="noise dataset folder (e.g. ESC-50)")
     p.add_argument("--noise-manifest", help="manifest of the noise dataset, when not in its usual place")
+    add_encoding(p, "transcripts, speech CSV and noise manifest")
     p.add_argument("--model", action="append", required=True, metavar="MODEL",
                    help=MODEL_HELP + "; repeat to compare models")
     p.add_argument("--snr", default="20,10,5,0,-5,-10", help="SNRs in dB, comma-separated (default: the paper's)")
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
             models=tuple(a.model), snrs=parse_snrs(a.snr), noise_per_utterance=a.noise_per_utterance, seed=a.seed,
             device=a.device, batch_size=a.batch_size, chunk_size=a.chunk_size, limit=a.limit,
             language=None if a.language == "auto" else a.language, noise_policy=a.noise_policy, jobs=a.workers,
-            overwrite=a.overwrite)
+            overwrite=a.overwrite, encoding=a.encoding)
         options.check()
         if options.language is not None:
             from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE

@@ -64,6 +64,7 @@ class RobustOptions:
     jobs: int = 1                     # probe worker processes
     progress: bool | None = None      # None: as wat.data.progress is set (bar on a TTY, else log lines); False: none
     overwrite: bool = False
+    encoding: str | None = None       # of transcripts, the speech CSV and the noise manifest (None: strict UTF-8)
 
     def check(self) -> None:
         if not self.models:
@@ -106,7 +107,7 @@ def slug(name: str) -> str:
 
 def make_plan(speech_path, noise_kind: str, noise_root, noise_manifest, options: RobustOptions) -> Plan:
     """Utterances, noise clips and the deterministic mixture list (nothing decoded yet)."""
-    speech = load_speech(speech_path)
+    speech = load_speech(speech_path, options.encoding)
     problems = [("", i, p, r) for i, p, r in speech.problems]
     usable = []
     for u in speech.utterances:  # a reference with no words after normalisation cannot be scored
@@ -119,12 +120,16 @@ def make_plan(speech_path, noise_kind: str, noise_root, noise_manifest, options:
     if not usable:
         raise RobustError(f"no utterance with a scorable transcript in {speech_path}")
     speech = replace(speech, utterances=usable)
-    noise = load_dataset(noise_kind, noise_root, noise_manifest)
+    noise = load_dataset(noise_kind, noise_root, noise_manifest, encoding=options.encoding)
     if noise.multilabel:
         raise RobustError(f"--noise-dataset {noise_kind}: needs single-label clips (one noise class per mixture); "
                           f"{noise.name} is multi-label")
     problems += [("", row, "", f"noise: {reason}") for row, reason in noise.problems]
     labels = [c.labels[0] for c in noise.clips]
+    n_classes = len(set(labels))
+    if options.noise_per_utterance > n_classes:  # each utterance gets clips of different classes
+        raise RobustError(f"--noise-per-utterance {options.noise_per_utterance}: the noise dataset has clips of only "
+                          f"{n_classes} classes, and an utterance's noise clips are of different classes")
     assigned = assign_noise(len(usable), labels, len(noise.vocab), per_utterance=options.noise_per_utterance,
                             seed=options.seed)
     mixtures, chunks = [], []
