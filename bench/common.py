@@ -53,7 +53,7 @@ def whisper_model(name: str, device: str, random: str = "never"):
     if random == "always":
         return random_whisper(name, device), True
     try:
-        return get_model(name, device), False
+        return get_model(name, device).model, False  # the whisper.Whisper of the WhisperEncoder
     except Exception as e:   # any load failure: network, missing file, corrupt cache
         if random != "fallback":
             raise

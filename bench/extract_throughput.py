@@ -55,6 +55,7 @@ from wat.data.cache import POLICIES
 from wat.data.datasets import load_dataset
 from wat.data.demo import CLASSES, make_demo
 from wat.extract.layers import LayerTaps, log_mel, pad30_input, short_input
+from wat.extract.pooling import layer_subset
 from wat.extract import pipeline
 from wat.extract.pipeline import ExtractOptions, extract_dataset, get_model
 
@@ -111,13 +112,12 @@ def null_encoder(device: str):
     the pipeline is its host side (decode, copies, checksums, HDF5 writes) at full width."""
     real, made = pipeline.encode_batch, {}
 
-    def encode(model, audio, options):
+    def encode(encoder, audio, options):
         n = len(audio)
         if made.get("rows", 0) < n:
             g = torch.Generator().manual_seed(0)
-            shape = (max(n, options.batch_size), model.dims.n_audio_layer if options.layers is None
-                     else len(pipeline._layers(options, model.dims.n_audio_layer)), options.frames,
-                     model.dims.n_audio_state)
+            shape = (max(n, options.batch_size), len(layer_subset(options.layers, encoder.n_layers)),
+                     options.frames, encoder.dim)
             feats = torch.randn(shape, generator=g).to(torch.float16)
             made.update(rows=shape[0], out=(feats.to(device), feats.float().mean(2).half().to(device),
                                             torch.ones(shape[0], dtype=torch.bool, device=device)))

@@ -1,4 +1,5 @@
-"""wat-extract: run a frozen Whisper encoder once over a dataset into a resumable HDF5 feature cache."""
+"""wat-extract: run a frozen encoder (Whisper, a Hugging Face speech model, CREPE) once over a dataset into a
+resumable HDF5 feature cache."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,10 @@ from wat.data.datasets import DATASET_KINDS
 # not in load.py, so that --help does not import torch
 MODEL_HELP = ("Whisper name (tiny.en, base, large-v2, large-v3, ...; 'large' is large-v3), a .pt file, "
               "a CTranslate2 or Hugging Face model folder, or a Hugging Face id (openai/whisper-large-v3)")
+# --model help of the commands that take any encoder (what wat.extract.encoders.load_encoder accepts)
+ENCODER_HELP = ("encoder: a Whisper model (name such as tiny.en, base, large-v2; a .pt file; a CTranslate2 or "
+                "Hugging Face Whisper folder or id), a Hugging Face wav2vec2 / HuBERT / WavLM / data2vec-audio "
+                "folder or id (facebook/hubert-large-ls960-ft), or crepe-full / crepe-tiny")
 
 
 STORES = ("fp16", "int8")  # = wat.data.cache.STORAGES (not imported here: --help stays instant)
@@ -25,22 +30,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--manifest", help="CSV/JSON manifest (AudioSet segment CSV, AST JSON, path,labels CSV)")
     add_encoding(p, "manifest")
-    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--model", required=True, help=ENCODER_HELP)
     p.add_argument("--out", required=True, help="index file to write, e.g. feats.h5 (shards go to feats.shards/)")
-    p.add_argument("--policy", choices=POLICIES, default="pad30",
-                   help="pad30 (default): encode the 30 s window whisper.transcribe feeds the encoder (the clip's "
-                        "log-mel padded with zero log-mel frames), pooling the clip's frames: what wat-tag sees; "
-                        "trim: encode only the clip, faster")
-    # bounds: the encoder has 1500 positions (30 s); beyond the others a value is a typo, not a setting
-    p.add_argument("--frames", type=int_range(1, 1500), default=25, help="pooled frames per clip (default 25)")
+    p.add_argument("--policy", choices=POLICIES, default=None,
+                   help="Whisper: pad30 (its default) encodes the 30 s window whisper.transcribe feeds the encoder "
+                        "(the clip's log-mel padded with zero log-mel frames), pooling the clip's frames: what "
+                        "wat-tag sees; trim encodes only the clip, faster. Other encoders have no 30 s window: "
+                        "trim only (the default for them; pad30 is refused)")
+    # bounds: beyond these a value is a typo, not a setting; what the encoder can give is checked once it is loaded
+    p.add_argument("--frames", type=int_range(1, 100_000), default=25,
+                   help="pooled frames per clip (default 25; Whisper: at most 1500, its frames of 30 s)")
     add_device(p)
     p.add_argument("--batch-size", type=int_range(1, 4096), default=16, help="clips per encoder call (default 16)")
     p.add_argument("--decode-workers", "--num-workers", dest="decode_workers", type=int_range(0, 256), default=None, metavar="N",
                    help="audio decoding processes (default: up to 8 on CUDA; on CPU 1 if a core is free of torch threads, else 0)")
     p.add_argument("--shard-size", type=int_range(1, 1_000_000), default=1000, help="clips per shard (default 1000)")
     p.add_argument("--limit", type=int_range(1), default=None, help="only the first N clips (sorted by id)")
-    p.add_argument("--clip-seconds", type=float_range(0, 30, lo_open=True), default=None,
-                   help="pad/trim every clip to this length, at most 30 s (default: the dataset's)")
+    p.add_argument("--clip-seconds", type=float_range(0, 600, lo_open=True), default=None,
+                   help="pad/trim every clip to this length (default: the dataset's; Whisper: at most 30 s, "
+                        "other encoders at most 600 s)")
     p.add_argument("--store", choices=STORES, default="fp16",
                    help="stored precision: fp16 (default) or int8 (half the bytes; per-shard scales per "
                         "layer and channel, dequantised by the readers)")
@@ -58,7 +66,7 @@ def main(argv=None) -> int:
     from wat.data.cache import CacheError
     from wat.data.datasets import DatasetError, load_dataset
 
-    from .load import WhisperLoadError
+    from .encoders import EncoderError
     from .pipeline import ExtractError, ExtractOptions, extract_dataset
 
     options = ExtractOptions(
@@ -74,7 +82,7 @@ def main(argv=None) -> int:
                 summary = extract_dataset(dataset, options, args.out, runner=DaskRunner(client))
         else:
             summary = extract_dataset(dataset, options, args.out)
-    except (DatasetError, ExtractError, WhisperLoadError, CacheError, OSError) as e:
+    except (DatasetError, ExtractError, EncoderError, CacheError, OSError) as e:
         print(f"wat-extract: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

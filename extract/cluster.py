@@ -19,7 +19,6 @@ from wat.data.progress import progress
 
 from wat.data.datasets import Dataset
 
-from .load import fingerprint
 from .pipeline import ExtractError, ExtractOptions, ShardResult, cache_meta, extract_shard, get_model
 
 RETRIES = 2
@@ -69,16 +68,16 @@ def _resources(client: Client, device: str) -> dict | None:
 
 
 def _meta_task(dataset: Dataset, options: ExtractOptions, clip_seconds: float):
-    model = get_model(options.model, options.device)
-    return cache_meta(model, dataset, options, clip_seconds)
+    encoder = get_model(options.model, options.device)
+    return cache_meta(encoder, dataset, options, clip_seconds)
 
 
 def _shard_task(clips, options: ExtractOptions, path: str, meta) -> ShardResult:
-    model = get_model(options.model, options.device)
-    if fingerprint(model) != meta.fingerprint:
-        raise ExtractError(f"worker loaded {options.model!r} with fingerprint {fingerprint(model)}, "
+    encoder = get_model(options.model, options.device)
+    if encoder.fingerprint != meta.fingerprint:
+        raise ExtractError(f"worker loaded {options.model!r} with fingerprint {encoder.fingerprint}, "
                            f"the run uses {meta.fingerprint}: workers must see the same weights")
-    return extract_shard(model, clips, options, path, meta)
+    return extract_shard(encoder, clips, options, path, meta)
 
 
 class DaskRunner:
@@ -101,6 +100,8 @@ def model_meta(client: Client, dataset: Dataset, options: ExtractOptions, clip_s
                         resources=_resources(client, options.device))
     try:
         return fut.result()
+    except ExtractError:  # the worker's encoder cannot give these features: its message says why
+        raise
     except Exception as e:
         raise ExtractError(f"loading {options.model!r} on a dask worker failed: {e}") from None
 

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -45,14 +45,13 @@ from wat.data.audio import MIN_SECONDS, SAMPLE_RATE, clip_window, load_audio
 from wat.data.datasets import Clip, Dataset
 from wat.data.files import LockedError, locked_folder, write_json, write_tsv
 
-from .layers import MAX_FRAMES, MIN_SAMPLES, encode_layers, encoder_frames, layer_subset
-from .load import fingerprint, load_whisper, model_name
+from .encoders import Encoder, as_encoder, load_encoder
+from .pooling import layer_subset
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"  # held (flock) by the run writing this folder
 ERRORS = "errors.tsv"
 PROBLEMS = "problems.tsv"
-MAX_SECONDS = 30.0  # the encoder has 1500 positions = 30 s
 
 
 class ExtractError(Exception):
@@ -69,7 +68,7 @@ class ShardRunner(Protocol):
     so this module never imports a scheduler."""
 
     def cache_meta(self, dataset: Dataset, options: "ExtractOptions", clip_seconds: float) -> wcache.CacheMeta:
-        """The cache meta of `options.model`, computed where the model is loaded."""
+        """The cache meta of `options.model` (`cache_meta`), computed where the model is loaded."""
 
     def run_shards(self, todo: list, options: "ExtractOptions", shard_dir: Path, meta: wcache.CacheMeta) -> list:
         """Extract every (index, clips) shard of `todo` into `shard_dir`; raise ExtractError on failure."""
@@ -77,8 +76,8 @@ class ShardRunner(Protocol):
 
 @dataclass
 class ExtractOptions:
-    model: str = "tiny.en"            # anything load_whisper accepts
-    policy: str = "pad30"             # "pad30" | "trim"
+    model: str = "tiny.en"            # anything load_encoder accepts (Whisper, HF speech model, crepe-*)
+    policy: str | None = None         # "pad30" | "trim"; None = the encoder's default (Whisper pad30, others trim)
     frames: int = 25                  # pooled frames per clip
     device: str = "cpu"
     batch_size: int = 16
@@ -92,15 +91,13 @@ class ExtractOptions:
     layers: tuple | None = None       # (start, stop) slice of encoder blocks to keep; None = all
 
     def check(self) -> None:
-        if self.policy not in wcache.POLICIES:
+        if self.policy is not None and self.policy not in wcache.POLICIES:
             raise ExtractError(f"unknown policy {self.policy!r} ({' or '.join(wcache.POLICIES)})")
         if self.store not in wcache.STORAGES:
             raise ExtractError(f"unknown storage {self.store!r} ({' or '.join(wcache.STORAGES)})")
         for name in ("frames", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ExtractError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.frames > MAX_FRAMES:
-            raise ExtractError(f"frames must be <= {MAX_FRAMES} (the encoder frames of 30 s), got {self.frames}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ExtractError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.limit is not None and self.limit < 0:
@@ -191,22 +188,11 @@ def shard_dir_for(index_path) -> Path:
 
 
 def resolve_clip_seconds(dataset: Dataset, options: ExtractOptions) -> float:
-    """The clip length of the run, checked before any work against what a clip of that length can
-    give: at least one analysis window and the policy's fewest samples (`MIN_SAMPLES`: shorter
-    windows failed every clip, or raised mid-run), and at least `options.frames` encoder frames
-    (more pooled frames than encoder frames would repeat frames: refused, not stored)."""
+    """The clip length of the run (`options.clip_seconds` or the dataset's); what the encoder can
+    take of it is checked where the encoder is loaded (`cache_meta`)."""
     seconds = float(options.clip_seconds or dataset.clip_seconds)
-    if not 0 < seconds <= MAX_SECONDS:
-        raise ExtractError(f"clip length must be in (0, {MAX_SECONDS:g}] s for Whisper's encoder, got {seconds:g}")
-    n = round(seconds * SAMPLE_RATE)
-    need = max(math.ceil(MIN_SECONDS * SAMPLE_RATE), MIN_SAMPLES.get(options.policy, 1))
-    if n < need:
-        raise ExtractError(f"--clip-seconds {seconds:g}: {n} samples, fewer than the {need} ({need / SAMPLE_RATE * 1000:g} ms) "
-                           f"a clip needs for policy {options.policy!r}")
-    have = encoder_frames(n)
-    if options.frames > have:
-        raise ExtractError(f"--frames {options.frames}: a clip of {seconds:g} s has {have} encoder frames; ask for at "
-                           f"most {have} (more would repeat frames), or a longer --clip-seconds")
+    if not 0 < seconds < float("inf"):
+        raise ExtractError(f"clip length must be a number of seconds > 0, got {seconds:g}")
     return seconds
 
 
@@ -297,20 +283,45 @@ def finished(shard_dir, i: int) -> dict | None:
     return rec
 
 
-def cache_meta(model, dataset: Dataset, options: ExtractOptions, clip_seconds: float) -> wcache.CacheMeta:
-    import whisper
-
-    versions = {"torch": torch.__version__, "numpy": np.__version__,
-                "openai-whisper": getattr(whisper, "__version__", "?")}
-    dims = model.dims
-    layers = _layers(options, dims.n_audio_layer)
-    return wcache.CacheMeta(
-        model=model_name(model), fingerprint=fingerprint(model), n_layers=len(layers),
-        n_frames=options.frames, dim=dims.n_audio_state, policy=options.policy,
-        pooling=f"mean:{options.frames}", sample_rate=SAMPLE_RATE, clip_seconds=clip_seconds,
-        vocab=dataset.vocab, multilabel=dataset.multilabel, dataset=dataset.name, versions=versions,
-        storage=options.store, layers=layers,
-    )
+def cache_meta(encoder, dataset: Dataset, options: ExtractOptions, clip_seconds: float) -> wcache.CacheMeta:
+    """The metadata of `dataset`'s features by `encoder` (an `Encoder`, or a loaded Whisper) under
+    `options`; ExtractError when the encoder cannot give them (a policy it does not take, clips
+    longer than it encodes, more frames than its longest clip has). `options.policy` None = the
+    encoder's default policy."""
+    encoder = as_encoder(encoder)
+    try:
+        policy = encoder.policy_for(options.policy)
+    except ValueError as e:
+        raise ExtractError(str(e)) from None
+    if encoder.sample_rate != SAMPLE_RATE:  # the decoders resample every clip to wat's one rate
+        raise ExtractError(f"the {encoder.family} encoder {encoder.name!r} takes {encoder.sample_rate} Hz audio; "
+                           f"wat decodes audio at {SAMPLE_RATE} Hz")
+    if encoder.max_seconds is not None:
+        if clip_seconds > encoder.max_seconds:
+            raise ExtractError(f"clip length must be at most {encoder.max_seconds:g} s for the {encoder.family} "
+                               f"encoder {encoder.name!r} (what it encodes of a clip), got {clip_seconds:g}")
+        most = encoder.native_frames(round(encoder.max_seconds * SAMPLE_RATE), policy)
+        if options.frames > most:
+            raise ExtractError(f"frames must be <= {most} (the encoder frames of {encoder.max_seconds:g} s), "
+                               f"got {options.frames}")
+    # the clip length against what a clip of it can give: at least one analysis window and the
+    # encoder's fewest samples (shorter windows failed every clip, or raised mid-run), and at least
+    # `options.frames` encoder frames (more pooled frames than encoder frames would repeat frames:
+    # refused, not stored)
+    n = round(clip_seconds * SAMPLE_RATE)
+    need = max(math.ceil(MIN_SECONDS * SAMPLE_RATE), encoder.min_samples(policy))
+    if n < need:
+        raise ExtractError(f"--clip-seconds {clip_seconds:g}: {n} samples, fewer than the {need} "
+                           f"({need / SAMPLE_RATE * 1000:g} ms) a clip needs for policy {policy!r}")
+    have = encoder.native_frames(n, policy)
+    if options.frames > have:
+        raise ExtractError(f"--frames {options.frames}: a clip of {clip_seconds:g} s has {have} encoder frames; ask "
+                           f"for at most {have} (more would repeat frames), or a longer --clip-seconds")
+    versions = {"torch": torch.__version__, "numpy": np.__version__, **encoder.library_versions()}
+    spec = encoder.spec(policy=policy, frames=options.frames, layers=_layers(options, encoder.n_layers),
+                        storage=options.store)
+    return wcache.CacheMeta(**spec, clip_seconds=clip_seconds, vocab=dataset.vocab, multilabel=dataset.multilabel,
+                            dataset=dataset.name, versions=versions)
 
 
 def _layers(options: ExtractOptions, n_blocks: int) -> tuple[int, ...]:
@@ -468,12 +479,13 @@ class _ShardBuffer:
 
 
 @torch.inference_mode()
-def encode_batch(model, audio: torch.Tensor, options: ExtractOptions):
+def encode_batch(encoder: Encoder, audio: torch.Tensor, options: ExtractOptions):
     """audio [B, S] on the device -> (features f16 [B, L, T, D], time mean f16 [B, L, D], finite [B]),
-    still on the device. `encode_layers` computes the log-mel per clip and runs the encoder under
-    fp16 autocast on CUDA. The mean is taken here in fp32 (not by the host from the f16 rows)."""
-    feats = encode_layers(model, audio, frames=options.frames, policy=options.policy,
-                          layers=_layers(options, model.dims.n_audio_layer))
+    still on the device. `encoder.pooled` computes its input per clip (Whisper: the log-mel) and runs
+    the encoder (under fp16 autocast on CUDA). The mean is taken here in fp32 (not by the host from
+    the f16 rows). `options.policy` is the run's, resolved (`cache_meta`)."""
+    feats = encoder.pooled(audio, frames=options.frames, policy=options.policy,
+                           layers=_layers(options, encoder.n_layers))
     mean = feats.mean(2).to(torch.float16)
     feats = feats.to(torch.float16)  # the stored type: a value that overflows f16 is non-finite too
     return feats, mean, torch.isfinite(feats).flatten(1).all(1)
@@ -505,13 +517,13 @@ class _InFlight:
     """One batch whose features are being computed / copied to the host. On CUDA the copy goes into
     pinned memory behind an event, so later batches are queued on the GPU before we wait for this one."""
 
-    def __init__(self, buf, start: int, batch, model, options: ExtractOptions, ring: _PinnedRing | None,
+    def __init__(self, buf, start: int, batch, encoder: Encoder, options: ExtractOptions, ring: _PinnedRing | None,
                  stalls: Stalls):
         self.buf, self.start, self.batch, self.event = buf, start, batch, None
         self.host = None
         t0 = time.perf_counter()
         if len(batch["index"]):
-            out = encode_batch(model, batch["audio"].to(options.device, non_blocking=True), options)
+            out = encode_batch(encoder, batch["audio"].to(options.device, non_blocking=True), options)
             if out[0].is_cuda:
                 self.host = (ring or _PinnedRing(len(out[0]), 1)).take(out)
                 for h, t in zip(self.host, out):
@@ -561,7 +573,7 @@ def _timed(batches, stalls: Stalls):
         yield batch
 
 
-def encode_shards(model, shards: list[tuple[int, list[Clip]]], options: ExtractOptions, meta: wcache.CacheMeta,
+def encode_shards(encoder: Encoder, shards: list[tuple[int, list[Clip]]], options: ExtractOptions, meta: wcache.CacheMeta,
                   n_samples: int, bar=None, stalls: Stalls | None = None, pool: _ArrayPool | None = None):
     """Yield a filled `_ShardBuffer` per shard, in order. Decoding runs ahead in the loader workers;
     batch k's results are collected after batches k+1..k+`_IN_FLIGHT` have been queued on the device.
@@ -590,7 +602,7 @@ def encode_shards(model, shards: list[tuple[int, list[Clip]]], options: ExtractO
     for (i, start), batch in zip(owner, _timed(_loader(flat, batches, n_samples, options), stalls)):
         if i not in buffers:  # allocated lazily: a shard's buffer exists from its first batch to its last
             buffers[i] = _ShardBuffer(i, by_index[i], meta, pool)
-        pending.append(_InFlight(buffers[i], start, batch, model, options, ring, stalls))
+        pending.append(_InFlight(buffers[i], start, batch, encoder, options, ring, stalls))
         if len(pending) > _IN_FLIGHT and (full := settle(pending.popleft())) is not None:
             yield full
     while pending:
@@ -650,17 +662,20 @@ class _Writer:
 
 # ---------------------------------------------------------------- entry points
 
-def extract_shard(model, clips: list[Clip], options: ExtractOptions, path, meta: wcache.CacheMeta,
+def extract_shard(encoder, clips: list[Clip], options: ExtractOptions, path, meta: wcache.CacheMeta,
                   n_samples: int | None = None) -> ShardResult:
-    """Encode one shard's clips and write shard `path` (`.../shard-NNNNN.h5`) plus its record.
+    """Encode one shard's clips with `encoder` (an `Encoder` or a loaded Whisper) and write shard
+    `path` (`.../shard-NNNNN.h5`) plus its record.
 
-    The unit of work for the dask driver; `path` fixes the shard folder and the shard number."""
+    The unit of work for the dask driver; `path` fixes the shard folder and the shard number.
+    `options.policy` None means `meta.policy`."""
     path = Path(path)
     index = int(path.stem.split("-")[-1])
     if not clips:
         raise ExtractError(f"{path}: a shard needs at least one clip")
     n_samples = n_samples or round(meta.clip_seconds * SAMPLE_RATE)
-    buf = next(encode_shards(model, [(index, clips)], options, meta, n_samples))
+    options = replace(options, policy=meta.policy)
+    buf = next(encode_shards(as_encoder(encoder), [(index, clips)], options, meta, n_samples))
     return buf.write(path.parent, meta)
 
 
@@ -668,13 +683,13 @@ _MODELS: dict = {}
 _MODEL_LOCK = threading.Lock()
 
 
-def get_model(spec: str, device: str):
-    """The model for `spec`, loaded once per process (the last one used stays loaded)."""
+def get_model(spec: str, device: str) -> Encoder:
+    """The encoder `spec` names (`load_encoder`), loaded once per process (the last one used stays loaded)."""
     key = (spec, device)
     with _MODEL_LOCK:
         if key not in _MODELS:
             _MODELS.clear()
-            _MODELS[key] = load_whisper(spec, device=device)
+            _MODELS[key] = load_encoder(spec, device=device)
         return _MODELS[key]
 
 
@@ -682,7 +697,8 @@ def extract_dataset(dataset: Dataset, options: ExtractOptions, out_index, *, mod
                     runner: ShardRunner | None = None) -> Summary:
     """Extract `dataset` into shards beside `out_index` and build the index. Resumes by default.
 
-    `model`: an already loaded Whisper (else `options.model` is loaded once). `runner`: runs the
+    `model`: an already loaded `Encoder` or Whisper (else `options.model` is loaded once, by
+    `load_encoder`); `options.policy` None = the encoder's default policy. `runner`: runs the
     shards elsewhere instead (`wat.extract.cluster.DaskRunner(client)`); its workers load
     `options.model`, so passing a `model` too is a RunnerConflict. The run holds a lock on the
     shard folder: a second run on the same output is refused before any model is loaded."""
@@ -705,8 +721,9 @@ def _extract(dataset, options, out_index, clip_seconds, model, runner, t0) -> Su
     if runner is not None:
         meta = runner.cache_meta(dataset, options, clip_seconds)
     else:
-        model = model or get_model(options.model, options.device)
+        model = as_encoder(model) if model is not None else get_model(options.model, options.device)
         meta = cache_meta(model, dataset, options, clip_seconds)
+    options = replace(options, policy=meta.policy)  # None (the encoder's default) resolved
     shard_dir = prepare_output(out_index, run_manifest(dataset, clips, meta, options), options.overwrite)
 
     damaged = drop_damaged(shard_dir, len(shards), meta, options.progress)

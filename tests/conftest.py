@@ -88,3 +88,52 @@ def demo_head_pad30(demo_cache_pad30, tmp_path_factory) -> Path:
     train(TrainOptions(features=str(demo_cache_pad30), out=str(out), head="tl-tr", proj_dim=64, epochs=20,
                        lr=1e-3, batch_size=8, mixup=0.0, seed=0, progress=False))
     return out / "wa.pt"
+
+
+@pytest.fixture
+def toy_encoder():
+    """A test-only encoder family "toy" (specs "toy-*"), registered for the test and removed after it:
+    the generic encoder paths without a model library. Returns the class."""
+    import torch
+
+    from wat.extract.encoders import ENCODERS, Encoder, register_encoder
+    from wat.extract.pooling import pool_frames
+
+    class ToyEncoder(Encoder):
+        """2 "layers" of 3 channels at 100 frames/s (160-sample hops): frame t of layer l is
+        (l + 1) * (the mean of its hop, the hop's energy, t)."""
+
+        family = "toy"
+        policies = ("trim",)
+        sample_rate, frame_rate, n_layers, dim = 16000, 100.0, 2, 3
+        hop = 160
+
+        def __init__(self, name):
+            self.name, self.fingerprint, self.device = name, "f" * 64, torch.device("cpu")
+
+        def min_samples(self, policy):
+            return self.hop
+
+        def native_frames(self, samples, policy):
+            return samples // self.hop
+
+        def pooled(self, clips, *, frames, policy, layers=None):
+            clips, layers = self.check(clips, frames=frames, policy=policy, layers=layers)
+            out = []
+            for c in clips:
+                hops = c[: self.native_frames(len(c), policy) * self.hop].reshape(-1, self.hop)
+                x = torch.stack([hops.mean(1), (hops ** 2).mean(1), torch.arange(len(hops), dtype=torch.float32)], 1)
+                out.append(torch.stack([(i + 1) * pool_frames(x[None], frames, None)[0] for i in layers]))
+            return torch.stack(out)
+
+        @classmethod
+        def accepts(cls, spec):
+            return spec.startswith("toy-")
+
+        @classmethod
+        def load(cls, spec, device="cpu"):
+            return cls(spec)
+
+    register_encoder(ToyEncoder)
+    yield ToyEncoder
+    ENCODERS.pop("toy", None)

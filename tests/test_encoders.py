@@ -1,6 +1,6 @@
 """The encoder interface (wat.extract.encoders): the registry and `load_encoder` dispatch, the shared
 argument checks, and WhisperEncoder = the Whisper path bit for bit (`encode_layers`, fingerprint,
-name). A test-only family registered here exercises the generic paths; the product has no mock."""
+name). A test-only family (conftest's `toy_encoder`) exercises the generic paths; the product has no mock."""
 import numpy as np
 import pytest
 import torch
@@ -13,49 +13,6 @@ from wat.extract.load import WhisperLoadError
 from wat.extract.pooling import pool_frames, time_parts
 
 SR = 16000
-
-
-class ToyEncoder(Encoder):
-    """A test family: 2 "layers" of 3 channels at 100 frames/s (160-sample hops), whose frame t of
-    layer l is (l + 1) * (the mean of its hop, the hop's energy, t); accepts specs "toy-*"."""
-
-    family = "toy"
-    policies = ("trim",)
-    sample_rate, frame_rate, n_layers, dim = SR, 100.0, 2, 3
-    hop = 160
-
-    def __init__(self, name):
-        self.name, self.fingerprint, self.device = name, "f" * 64, torch.device("cpu")
-
-    def min_samples(self, policy):
-        return self.hop
-
-    def native_frames(self, samples, policy):
-        return samples // self.hop
-
-    def pooled(self, clips, *, frames, policy, layers=None):
-        clips, layers = self.check(clips, frames=frames, policy=policy, layers=layers)
-        out = []
-        for c in clips:
-            hops = c[: self.native_frames(len(c), policy) * self.hop].reshape(-1, self.hop)
-            x = torch.stack([hops.mean(1), (hops ** 2).mean(1), torch.arange(len(hops), dtype=torch.float32)], 1)
-            out.append(torch.stack([(i + 1) * pool_frames(x[None], frames, None)[0] for i in layers]))
-        return torch.stack(out)
-
-    @classmethod
-    def accepts(cls, spec):
-        return spec.startswith("toy-")
-
-    @classmethod
-    def load(cls, spec, device="cpu"):
-        return cls(spec)
-
-
-@pytest.fixture
-def toy():
-    register_encoder(ToyEncoder)
-    yield
-    ENCODERS.pop("toy", None)
 
 
 def test_whisper_encoder_is_the_whisper_path_bit_for_bit(tiny_model, speech_audio):
@@ -88,13 +45,13 @@ def test_whisper_list_of_clips_of_any_lengths_is_each_clip_alone(tiny_model, spe
                                        rtol=1e-5, atol=1e-5)
 
 
-def test_load_encoder_dispatch_and_errors(tiny_model, toy):
+def test_load_encoder_dispatch_and_errors(tiny_model, toy_encoder):
     assert list(families())[-1] == "whisper"  # the catch-all is tried last
     toy = load_encoder("toy-1")
-    assert isinstance(toy, ToyEncoder) and toy.name == "toy-1"
+    assert isinstance(toy, toy_encoder) and toy.name == "toy-1"
     enc = load_encoder("tiny.en")
     assert isinstance(enc, WhisperEncoder) and enc.fingerprint == fingerprint(tiny_model)
-    assert isinstance(load_encoder("toy-2", family="toy"), ToyEncoder)
+    assert isinstance(load_encoder("toy-2", family="toy"), toy_encoder)
     assert encoder_class("whisper") is WhisperEncoder
     with pytest.raises(EncoderError, match="unknown encoder family 'nope'"):
         encoder_class("nope")
@@ -103,14 +60,14 @@ def test_load_encoder_dispatch_and_errors(tiny_model, toy):
     assert issubclass(WhisperLoadError, EncoderError)
 
 
-def test_register_encoder_refuses_half_defined_or_duplicate_families(toy):
-    class NoFamily(ToyEncoder):
+def test_register_encoder_refuses_half_defined_or_duplicate_families(toy_encoder):
+    class NoFamily(toy_encoder):
         family = ""
 
-    class Other(ToyEncoder):
+    class Other(toy_encoder):
         pass
 
-    class NoPolicies(ToyEncoder):
+    class NoPolicies(toy_encoder):
         family, policies = "nopol", ()
 
     with pytest.raises(TypeError, match="family"):
@@ -119,11 +76,11 @@ def test_register_encoder_refuses_half_defined_or_duplicate_families(toy):
         register_encoder(Other)
     with pytest.raises(TypeError, match="policies"):
         register_encoder(NoPolicies)
-    assert register_encoder(ToyEncoder) is ToyEncoder  # re-registering the same class is harmless
+    assert register_encoder(toy_encoder) is toy_encoder  # re-registering the same class is harmless
 
 
-def test_generic_checks_and_pooling():
-    enc = ToyEncoder("toy-x")
+def test_generic_checks_and_pooling(toy_encoder):
+    enc = toy_encoder("toy-x")
     clips = [np.linspace(-1, 1, 1600, dtype=np.float32), np.ones(800, np.float32)]
     got = enc.pooled(clips, frames=4, policy="trim", layers=[1])
     assert got.shape == (2, 1, 4, 3)
@@ -135,7 +92,7 @@ def test_generic_checks_and_pooling():
     assert enc.spec(policy="trim", frames=4)["layers"] == (0, 1)
     with pytest.raises(ShortClipError, match="159 samples .* policy 'trim', which needs at least 160"):
         enc.pooled([np.ones(159, np.float32)], frames=1, policy="trim")
-    for bad, match in [(dict(policy="pad30"), "not one of toy encoder 'toy-x'"), (dict(frames=0), "frames"),
+    for bad, match in [(dict(policy="pad30"), "does not apply to the toy encoder .toy-x., which takes .trim.*Whisper.s 30 s"), (dict(frames=0), "frames"),
                        (dict(frames=2.5), "frames"), (dict(layers=[2]), "layers"), (dict(layers=[1, 0]), "layers"),
                        (dict(layers=[]), "layers")]:
         with pytest.raises(ValueError, match=match):
@@ -155,3 +112,38 @@ def test_pool_frames_takes_one_valid_count_per_clip():
     got = pool_frames(x, 3, [10, 4, 7])
     for i, n in enumerate([10, 4, 7]):
         torch.testing.assert_close(got[i], pool_frames(x[i:i + 1, :n], 3, None)[0])
+
+
+def test_wat_extract_runs_any_registered_encoder(toy_encoder, tmp_path, capsys):
+    """`--model` goes through `load_encoder`: a non-Whisper family extracts with its own default policy
+    (trim), its own sizes and layer subsets; `--policy pad30` is refused with one line before any work."""
+    from wat.data import load_dataset, make_demo, open_cache
+    from wat.data.audio import fit_length, load_audio
+    from wat.extract.cli import main
+    from wat.extract.pipeline import shard_dir_for
+
+    root = make_demo(tmp_path / "demo", clips_per_class=1, seed=3)
+    base = ["--dataset", "esc50", "--root", str(root), "--model", "toy-a", "--frames", "10", "--shard-size", "4"]
+    assert main([*base, "--out", str(tmp_path / "pad30.h5"), "--policy", "pad30"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["wat-extract: error: policy 'pad30' does not apply to the toy encoder 'toy-a', which takes "
+                   "'trim' (default 'trim': leave the policy out) ('pad30' is Whisper's 30 s transcription window; "
+                   "this encoder takes the clip as it is)"]
+    assert not shard_dir_for(tmp_path / "pad30.h5").exists()
+
+    assert main([*base, "--out", str(tmp_path / "f.h5"), "--progress", "none"]) == 0
+    cache = open_cache(tmp_path / "f.h5")
+    m = cache.meta
+    assert (m.model, m.policy, m.n_layers, m.dim, m.n_frames, m.layers) == ("toy-a", "trim", 2, 3, 10, (0, 1))
+    clips = {c.id: c for c in load_dataset("esc50", root).clips}
+    rows = np.arange(len(cache))
+    n = round(m.clip_seconds * SR)
+    audio = [fit_length(load_audio(clips[cache.ids[r]].path), n) for r in rows]
+    want = toy_encoder("toy-a").pooled(audio, frames=10, policy="trim").numpy()
+    got = cache.read("features", rows).astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+    assert main([*base, "--out", str(tmp_path / "sub.h5"), "--layers", "1:2", "--progress", "none"]) == 0
+    sub = open_cache(tmp_path / "sub.h5")
+    assert sub.meta.layers == (1,)
+    np.testing.assert_array_equal(sub.read("features", rows), cache.read("features", rows)[:, 1:])

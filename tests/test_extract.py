@@ -37,7 +37,7 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model():
-    return get_model("tiny.en", "cpu")
+    return get_model("tiny.en", "cpu").model  # the whisper.Whisper of the WhisperEncoder
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def test_full_disk_is_an_error_line_not_a_crash(demo, model, tmp_path):
 
 
 @pytest.mark.parametrize("option,value", [("--num-workers", "-1"), ("--decode-workers", "100000"), ("--frames", "0"),
-                                          ("--frames", "99999"), ("--batch-size", "-1"), ("--batch-size", "nan"),
+                                          ("--frames", "100001"), ("--batch-size", "-1"), ("--batch-size", "nan"),
                                           ("--shard-size", "0"), ("--limit", "-1"), ("--limit", "0"),
                                           ("--clip-seconds", "nan"), ("--clip-seconds", "0"), ("--clip-seconds", "-5"),
                                           ("--clip-seconds", "inf"), ("--clip-seconds", "1e9"), ("--workers", "0")])
@@ -287,8 +287,18 @@ def test_bad_numbers_are_one_error_line_before_the_model_loads(tmp_path, capsys,
     assert sum(line.startswith("wat-extract: error:") for line in err) == 1 and "Traceback" not in "".join(err)
     with pytest.raises(ExtractError, match="num_workers must be >= 0"):  # the library refuses it too
         ExtractOptions(num_workers=-1).check()
-    with pytest.raises(ExtractError, match="frames must be <= 1500"):     # before encode_layers would
-        ExtractOptions(frames=1501).check()
+
+
+def test_what_the_encoder_cannot_give_is_refused_before_any_work(demo, model, tmp_path):
+    """Whisper encodes 30 s (1500 frames): more frames or longer clips are refused once the encoder is
+    known, before a shard folder exists; so is a policy the encoder does not take."""
+    root, _ = demo
+    ds = load_dataset("esc50", root)
+    for opts, match in [(dict(frames=1501), "frames must be <= 1500 .the encoder frames of 30 s"),
+                        (dict(clip_seconds=31.0), "at most 30 s for the whisper encoder 'tiny.en'")]:
+        with pytest.raises(ExtractError, match=match):
+            extract_dataset(ds, ExtractOptions(**{**OPTS, **opts}), tmp_path / "f.h5", model=model)
+        assert not shard_dir_for(tmp_path / "f.h5").exists()
 
 
 

@@ -9,7 +9,17 @@ from .base import (BUILTIN, ENCODERS, Encoder, EncoderError, ShortClipError, as_
                    equal_length_groups, families, load_encoder, register_encoder)
 
 __all__ = ["Encoder", "EncoderError", "ShortClipError", "load_encoder", "register_encoder", "encoder_class",
-           "families", "as_clips", "equal_length_groups", "ENCODERS", "BUILTIN", "WhisperEncoder"]
+           "families", "as_clips", "as_encoder", "equal_length_groups", "ENCODERS", "BUILTIN", "WhisperEncoder"]
+
+
+def as_encoder(model) -> Encoder:
+    """`model` as an `Encoder`: an Encoder as it is; a loaded `whisper.Whisper` (what
+    `wat.extract.load_whisper` returns) wrapped in a `WhisperEncoder`."""
+    if isinstance(model, Encoder):
+        return model
+    from .whisper_encoder import WhisperEncoder
+
+    return WhisperEncoder(model)
 
 
 def __getattr__(name):

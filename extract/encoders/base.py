@@ -101,6 +101,23 @@ class Encoder(abc.ABC):
     def default_policy(self) -> str:
         return self.policies[0]
 
+    def policy_for(self, policy: str | None) -> str:
+        """`policy` checked against this encoder's (None = its default); ValueError naming the ones it takes."""
+        if policy is None:
+            return self.default_policy
+        if policy not in self.policies:
+            why = (" ('pad30' is Whisper's 30 s transcription window; this encoder takes the clip as it is)"
+                   if policy == "pad30" else "")
+            raise ValueError(f"policy {policy!r} does not apply to the {self.family} encoder {self.name!r}, which "
+                             f"takes {' or '.join(repr(p) for p in self.policies)} (default "
+                             f"{self.default_policy!r}: leave the policy out){why}")
+        return policy
+
+    def library_versions(self) -> dict[str, str]:
+        """Versions of the libraries that computed the features ({"transformers": "4.57.1"}), recorded
+        in the cache beside torch's and numpy's: informative only."""
+        return {}
+
     def spec(self, *, policy: str, frames: int, layers: Sequence[int] | None = None, storage: str = "fp16") -> dict:
         """The feature record of `pooled(..., frames=frames, policy=policy, layers=layers)` stored as
         `storage`: the `wat.data.cache.CacheMeta` fields it decides (the dataset's fields are added
@@ -114,9 +131,9 @@ class Encoder(abc.ABC):
         """Validate `pooled`'s arguments -> (clips as 1-D float32 tensors on `self.device`, layer
         indices). ValueError for a bad frames/policy/layers value or shape; ShortClipError for a
         clip under `min_samples(policy)`."""
-        if policy not in self.policies:
-            raise ValueError(f"policy {policy!r} is not one of {self.family} encoder {self.name!r}'s "
-                             f"policies ({', '.join(self.policies)})")
+        self.policy_for(policy)
+        if policy is None:
+            raise ValueError("policy must be given (the encoder's default: `policy_for(None)`)")
         if integer(frames) is None or integer(frames) < 1:
             raise ValueError(f"frames must be an integer >= 1, got {frames!r}")
         layers = tuple(range(self.n_layers)) if layers is None else tuple(integer(i) for i in layers)

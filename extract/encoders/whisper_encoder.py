@@ -45,6 +45,11 @@ class WhisperEncoder(Encoder):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def library_versions(self) -> dict[str, str]:
+        import whisper
+
+        return {"openai-whisper": getattr(whisper, "__version__", "?")}
+
     def min_samples(self, policy: str) -> int:
         return MIN_SAMPLES[policy]
 
