@@ -104,9 +104,14 @@ def _fold_list(text: str) -> tuple[int, ...]:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wat-eval", description="Score a trained head on a feature cache.")
-    p.add_argument("--features", required=True, metavar="TEST_H5")
-    p.add_argument("--head", required=True, metavar="HEAD_PT", help="wat head (RUN_DIR/wa.pt) or official Whisper-AT head")
+    p = argparse.ArgumentParser(prog="wat-eval", description="Score a trained head on a feature cache; or, with "
+                                "--table, lay finished wat-train runs out as Whisper-AT's Table 1.")
+    p.add_argument("--features", metavar="TEST_H5", help="cache to score the head on (required without --table)")
+    p.add_argument("--head", metavar="HEAD_PT", help="wat head (RUN_DIR/wa.pt) or official Whisper-AT head "
+                   "(required without --table)")
+    p.add_argument("--table", nargs="+", metavar="RUN_DIR",
+                   help="instead: wat-train output folders (--folds K or --eval-features runs) -> OUT/table.md and "
+                        "table.csv, one row per encoder and head, a column per dataset (the paper's Table 1 layout)")
     p.add_argument("--top-k", type=int_range(1, MAX_CLASSES), default=5, help="top-k class indices saved per clip (and top-k accuracy)")
     p.add_argument("--threshold", type=float_range(0, 1), help="decision threshold for every class (multi-label)")
     p.add_argument("--tune-thresholds-on", metavar="CACHE",
@@ -124,7 +129,14 @@ def eval_main(argv=None) -> int:
     from wat.data.heads import HeadError
     from .evaluate import EvalError, EvalOptions, evaluate
 
-    a = parse_args(eval_parser(), argv)
+    p = eval_parser()
+    a = parse_args(p, argv)
+    if a.table:
+        if a.features or a.head:
+            p.error("--table reads finished runs: give it without --features/--head")
+        return _table_main(a)
+    if not (a.features and a.head):
+        p.error("the following arguments are required: --features, --head (or --table RUN_DIR ...)")
     folds = a.tune_folds
     if folds and not a.tune_thresholds_on:
         print("wat-eval: error: --tune-folds needs --tune-thresholds-on", file=sys.stderr)
@@ -146,6 +158,22 @@ def eval_main(argv=None) -> int:
         d = r["decisions"]
         print(f"thresholds {d['thresholds']}: macro-F1 {_f(d['macro_f1'])}, micro-F1 {_f(d['micro_f1'])}")
     print(f"outputs in {a.out}; report: {Path(a.out) / 'report.html'}")
+    return 0
+
+
+def _table_main(a) -> int:
+    from .table import TableError, write_table
+
+    try:
+        header, lines, rows = write_table(a.table, a.out)
+    except (TableError, OSError) as e:
+        print(f"wat-eval: error: {e}", file=sys.stderr)
+        return 2
+    widths = [max(len(x) for x in col) for col in zip(header, *lines)]
+    for line in [header] + lines:
+        print("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
+    print(f"scores in %: the weight-averaged head, fold mean ± std ({len(rows)} runs); "
+          f"table in {Path(a.out) / 'table.md'} and table.csv")
     return 0
 
 
