@@ -1,10 +1,11 @@
-"""HEAR 2021 API over Whisper's encoder layers (check with `hear-validator wat.extract.hear -m tiny.en`).
+"""HEAR 2021 API over any encoder's layers (check with `hear-validator wat.extract.hear -m tiny.en`).
 
-Timestamp embeddings are the encoder frames themselves (one per 20 ms, centred at 10, 30, 50 ms ...;
-as many as cover the audio, `encoder_frames`), each the mean (or concatenation) of the chosen
-layers' outputs before `ln_post`; the scene embedding is their mean over time. Audio longer than
-30 s is encoded in consecutive 30 s windows. Lives in `wat.extract` because `wat.eval` never
-imports the encoder.
+Timestamp embeddings are the encoder's native frames themselves (`Encoder.all_frames`: Whisper and
+the wav2vec2 family one per 20 ms, CREPE one per hop), each the mean (or concatenation) of the chosen
+layers' outputs (Whisper: before `ln_post`); timestamps are the frames' centres
+(`Encoder.timestamps`: Whisper 10, 30, 50 ms ...); the scene embedding is their mean over time.
+Whisper encodes audio longer than 30 s in consecutive 30 s windows; the other encoders take the
+clip whole. Lives in `wat.extract` because `wat.eval` never imports the encoder.
 """
 from __future__ import annotations
 
@@ -13,32 +14,27 @@ from functools import partial
 import numpy as np
 import torch
 from torch import nn
-from whisper.audio import HOP_LENGTH, N_SAMPLES
 
-from wat.data.cache import POLICIES
-
-from .layers import MIN_SAMPLES, encode_layers, encoder_frames, integer
-from .load import fingerprint, load_whisper, model_name
+from .encoders import Encoder, as_encoder, load_encoder
+from .pooling import integer
 
 DEFAULT_MODEL = "base"
 # HEAR clips are short and only the embeddings are used: feeding only the clip ("trim", as in the
-# Whisper-AT research features) costs 1/15 of padding 2 s to 30 s ("pad30", what wat-tag sees)
+# Whisper-AT research features) costs 1/15 of padding 2 s to 30 s ("pad30", what wat-tag sees);
+# every encoder family takes trim
 DEFAULT_POLICY = "trim"
-SAMPLES_PER_FRAME = 320   # one encoder frame: 2 mel hops of 160 samples = 20 ms
 
 
-class WhisperHEAR(nn.Module):
-    """The object `load_model` returns: Whisper's encoder plus the HEAR attributes.
+class HEARModel(nn.Module):
+    """The object `load_model` returns: an encoder (`wat.extract.encoders.Encoder`, or a loaded
+    Whisper) plus the HEAR attributes. `encoder.model`, where it is a torch module, is registered as
+    a sub-module (so `.eval()` reaches it)."""
 
-    It carries `dims` and `encoder` like a Whisper model (the decoder is dropped), so
-    `encode_layers` runs on it directly."""
-
-    sample_rate = 16000
-
-    def __init__(self, whisper_model, layers="all", reduce: str = "mean", policy: str = DEFAULT_POLICY,
+    def __init__(self, encoder, layers="all", reduce: str = "mean", policy: str = DEFAULT_POLICY,
                  batch_size: int = 16):
         super().__init__()
-        n = whisper_model.dims.n_audio_layer
+        encoder = as_encoder(encoder)
+        n = encoder.n_layers
         self.layers = tuple(range(n)) if layers == "all" else tuple(integer(l) for l in layers)
         if not self.layers or any(l is None or not 0 <= l < n for l in self.layers):
             raise ValueError(f"layers must be 'all' or integer indices in 0..{n - 1}, got {layers!r}")
@@ -46,48 +42,42 @@ class WhisperHEAR(nn.Module):
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if reduce not in ("mean", "concat"):
             raise ValueError(f"reduce must be 'mean' or 'concat', got {reduce!r}")
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        self.reduce, self.policy, self.batch_size = reduce, policy, integer(batch_size)
-        self.dims = whisper_model.dims
-        self.encoder = whisper_model.encoder
-        self.name, self.fingerprint = model_name(whisper_model), fingerprint(whisper_model)
-        width = self.dims.n_audio_state
-        self.scene_embedding_size = width * (len(self.layers) if reduce == "concat" else 1)
+        self.policy = encoder.policy_for(policy)
+        self.reduce, self.batch_size = reduce, integer(batch_size)
+        self.wrapped = encoder
+        if isinstance(getattr(encoder, "model", None), nn.Module):
+            self.model = encoder.model
+        self.sample_rate = encoder.sample_rate
+        self.name, self.family, self.fingerprint = encoder.name, encoder.family, encoder.fingerprint
+        self.scene_embedding_size = encoder.dim * (len(self.layers) if reduce == "concat" else 1)
         self.timestamp_embedding_size = self.scene_embedding_size
 
     def frames(self, audio: torch.Tensor) -> torch.Tensor:
-        """[n, samples] -> [n, T, size] float32: the T encoder frames covering each 30 s window
-        (`encoder_frames`: a window ending 1..159 samples into a 320-sample step adds no frame), so
-        the pooling into T parts keeps each frame once.
+        """[n, samples] -> [n, T, size] float32: the T native frames covering each clip
+        (`Encoder.all_frames`), the chosen layers averaged or concatenated. A clip shorter than the
+        encoder's `min_samples(policy)` raises `ShortClipError`."""
+        n = audio.shape[0]
+        tapped = sorted(set(self.layers))      # the encoder returns layers in ascending order
+        pick = [tapped.index(l) for l in self.layers]
+        x = torch.cat([self.wrapped.all_frames(audio[b:b + self.batch_size], policy=self.policy, layers=tapped)
+                       for b in range(0, n, self.batch_size)])[:, pick]     # [n, L', T, D]
+        return x.mean(1) if self.reduce == "mean" else x.permute(0, 2, 1, 3).reshape(n, x.shape[2], -1)
 
-        A last window too short to encode on its own (`MIN_SAMPLES`) is the tail of longer audio:
-        under 160 samples it reaches no log-mel frame, so it adds no encoder frame, as the same
-        samples add none inside a window; 160..200 samples (trim: whisper's STFT needs 201) are
-        encoded with the previous encoder frame's 320 samples in front, and only the tail's frame
-        is kept: its log-mel frames are centred where the tail's own are, so its timestamp is true.
-        A whole clip that short raises `ShortClipError`."""
-        n, samples = audio.shape
-        outs = []
-        for a in range(0, samples, N_SAMPLES):       # 30 s windows; the last may be shorter
-            end = min(a + N_SAMPLES, samples)
-            if a and end - a < HOP_LENGTH:
-                break
-            start = a - SAMPLES_PER_FRAME if a and end - a < MIN_SAMPLES[self.policy] else a
-            window = audio[:, start:end]
-            k, t = encoder_frames(end - start), encoder_frames(end - a)   # frames encoded, frames kept
-            parts = [encode_layers(self, window[b:b + self.batch_size], frames=k, policy=self.policy)
-                     for b in range(0, n, self.batch_size)]
-            x = torch.cat(parts)[:, list(self.layers), k - t:]        # [n, L', T, D]
-            outs.append(x.mean(1) if self.reduce == "mean" else x.permute(0, 2, 1, 3).reshape(n, t, -1))
-        return torch.cat(outs, dim=1)
+    def timestamps(self, n_frames: int) -> torch.Tensor:
+        """Centre of each native frame in ms, [n_frames] float32 (`Encoder.timestamps`)."""
+        return self.wrapped.timestamps(n_frames)
+
+
+WhisperHEAR = HEARModel  # its name when it served Whisper only
 
 
 def load_model(model_file_path: str = "", *, layers="all", reduce: str = "mean", policy: str = DEFAULT_POLICY,
                device: str = "cpu", batch_size: int = 16, fusion: str = "cat", groups: int = 0,
                match_width: bool = False):
-    """`model_file_path`: anything `wat.extract.load_whisper` accepts (a name such as tiny.en, a .pt file,
-    a CTranslate2 or Hugging Face folder, a Hugging Face id); empty = the offline `base` model.
+    """`model_file_path`: anything `wat.extract.encoders.load_encoder` accepts (a Whisper name such as
+    tiny.en, a .pt file, a CTranslate2 or Hugging Face Whisper folder or id; a Hugging Face
+    wav2vec2 / HuBERT / WavLM / data2vec-audio folder or id; crepe-full, crepe-tiny); empty = the
+    offline `base` model. `policy`: "trim" (default, every encoder) or "pad30" (Whisper only).
     Several joined with "+" ("a+b+c") are the HEAR seed's ensemble (`wat.extract.hear_ensemble`: each
     model's layer mean, aligned in time to the first model's frames; `fusion` "cat" or "avg",
     `groups` k > 0 for the `_g` scene embedding, `match_width` to interpolate widths to the first's)."""
@@ -101,29 +91,30 @@ def load_model(model_file_path: str = "", *, layers="all", reduce: str = "mean",
                     match_width=match_width)
     if (fusion, groups, match_width) != ("cat", 0, False):
         raise ValueError("fusion, groups and match_width apply to ensembles ('a+b') only")
-    return WhisperHEAR(load_whisper(model_file_path or DEFAULT_MODEL, device=device), layers, reduce, policy,
-                       batch_size).eval()
+    encoder = load_encoder(model_file_path or DEFAULT_MODEL, device=device)
+    if encoder.family == "whisper":
+        encoder.model.decoder = None  # its text decoder: never used for embeddings, up to half the weights
+    return HEARModel(encoder, layers, reduce, policy, batch_size).eval()
 
 
-def _audio(audio, model: WhisperHEAR) -> torch.Tensor:
+def _audio(audio, model: HEARModel) -> torch.Tensor:
     audio = torch.as_tensor(np.asarray(audio) if not torch.is_tensor(audio) else audio)
     if audio.ndim != 2 or audio.shape[1] == 0:
         raise ValueError(f"audio must be [n_sounds, n_samples] at {model.sample_rate} Hz, got {tuple(audio.shape)}")
     return audio.float()
 
 
-def get_timestamp_embeddings(audio, model: WhisperHEAR) -> tuple[torch.Tensor, torch.Tensor]:
+def get_timestamp_embeddings(audio, model: HEARModel) -> tuple[torch.Tensor, torch.Tensor]:
     """([n, T, timestamp_embedding_size] float32, centre of each frame in ms [n, T])."""
     audio = _audio(audio, model)
     if hasattr(model, "timestamp_embeddings"):   # an ensemble (hear_ensemble.EnsembleHEAR)
         return model.timestamp_embeddings(audio)
     emb = model.frames(audio)
-    step_ms = 1000.0 * SAMPLES_PER_FRAME / model.sample_rate
-    ts = (torch.arange(emb.shape[1], dtype=torch.float32, device=emb.device) + 0.5) * step_ms
+    ts = model.timestamps(emb.shape[1]).to(emb.device, torch.float32)
     return emb, ts.expand(emb.shape[0], -1).contiguous()
 
 
-def get_scene_embeddings(audio, model: WhisperHEAR) -> torch.Tensor:
+def get_scene_embeddings(audio, model: HEARModel) -> torch.Tensor:
     """[n, scene_embedding_size] float32: the time mean of the timestamp embeddings (ensembles: or
     their `_g` group means)."""
     if hasattr(model, "scene_embeddings"):

@@ -147,3 +147,35 @@ def test_wat_extract_runs_any_registered_encoder(toy_encoder, tmp_path, capsys):
     sub = open_cache(tmp_path / "sub.h5")
     assert sub.meta.layers == (1,)
     np.testing.assert_array_equal(sub.read("features", rows), cache.read("features", rows)[:, 1:])
+
+
+def test_hear_module_serves_any_encoder(toy_encoder, monkeypatch, capsys):
+    """`wat.extract.hear.load_model` takes any registered family: timestamp embeddings are its native
+    frames (here 100 per second, centred at 5, 15, 25 ms), and the real hearvalidator passes."""
+    import importlib
+    import sys
+    import types
+
+    from wat.extract import hear
+
+    m = hear.load_model("toy-a")
+    assert (m.name, m.family, m.sample_rate, m.timestamp_embedding_size) == ("toy-a", "toy", 16000, 3)
+    audio = torch.rand(2, 1600) * 2 - 1
+    emb, ts = hear.get_timestamp_embeddings(audio, m)
+    frames = toy_encoder("toy-a").pooled(audio, frames=10, policy="trim")      # 10 native frames: no pooling
+    torch.testing.assert_close(emb, frames.mean(1))
+    assert ts.shape == (2, 10) and ts[0, :3].tolist() == [5.0, 15.0, 25.0]
+    torch.testing.assert_close(hear.get_scene_embeddings(audio, m), frames.mean(1).mean(1))
+    cat = hear.load_model("toy-a", layers=[1, 0], reduce="concat")
+    torch.testing.assert_close(hear.get_timestamp_embeddings(audio, cat)[0],
+                               torch.cat([frames[:, 1], frames[:, 0]], -1))
+    with pytest.raises(ValueError, match="policy 'pad30' does not apply to the toy encoder"):
+        hear.load_model("toy-a", policy="pad30")
+
+    tf = types.ModuleType("tensorflow")   # as tests/test_hear.py: a stand-in for its TF-only checks
+    tf.Module = type("Module", (), {})
+    monkeypatch.setitem(sys.modules, "tensorflow", tf)
+    monkeypatch.delitem(sys.modules, "hearvalidator.validate", raising=False)
+    validate = importlib.import_module("hearvalidator.validate")
+    validate.ValidateModel("wat.extract.hear", "toy-a", device="cpu")()
+    assert "Interval between timestamps is 10.0ms" in capsys.readouterr().out

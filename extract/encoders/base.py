@@ -113,6 +113,17 @@ class Encoder(abc.ABC):
                              f"{self.default_policy!r}: leave the policy out){why}")
         return policy
 
+    def all_frames(self, audio: torch.Tensor, *, policy: str, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """Every native frame of each clip, unpooled: [n, S] (equal lengths) -> float32
+        [n, len(layers), T, dim], T = `native_frames(S, policy)` (the HEAR module's timestamp
+        embeddings). Families with `max_seconds` override it to encode longer audio window by window."""
+        return self.pooled(audio, frames=self.native_frames(audio.shape[-1], policy), policy=policy, layers=layers)
+
+    def timestamps(self, n_frames: int) -> torch.Tensor:
+        """The centre of each of `n_frames` native frames in ms, float32 [n_frames]: frame j spans
+        [j, j + 1) / frame_rate s. Override where the frames are centred elsewhere (CREPE: at j hops)."""
+        return (torch.arange(n_frames, dtype=torch.float32) + 0.5) * (1000.0 / self.frame_rate)
+
     def library_versions(self) -> dict[str, str]:
         """Versions of the libraries that computed the features ({"transformers": "4.57.1"}), recorded
         in the cache beside torch's and numpy's: informative only."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from whisper.audio import HOP_LENGTH, SAMPLE_RATE
+from whisper.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 
 from ..layers import MIN_SAMPLES, encode_layers, encoder_frames
 from ..load import fingerprint, load_whisper, model_name
@@ -67,6 +67,29 @@ class WhisperEncoder(Encoder):
             batch = torch.stack([clips[i] for i in group])
             out[group] = encode_layers(self.model, batch, frames=frames, policy=policy, layers=layers)
         return out
+
+    def all_frames(self, audio: torch.Tensor, *, policy: str, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """[n, S] -> [n, L, T, D] float32: the encoder frames covering the audio (`encoder_frames` per 30 s
+        window: a window ending 1..159 samples into a 320-sample step adds no frame), audio longer than
+        30 s encoded in consecutive 30 s windows, each frame kept once.
+
+        A last window too short to encode on its own (`MIN_SAMPLES`) is the tail of longer audio:
+        under 160 samples it reaches no log-mel frame, so it adds no encoder frame, as the same
+        samples add none inside a window; 160..200 samples (trim: whisper's STFT needs 201) are
+        encoded with the previous encoder frame's 320 samples in front, and only the tail's frame
+        is kept: its log-mel frames are centred where the tail's own are, so its timestamp is true.
+        A whole clip that short raises `ShortClipError`."""
+        samples = audio.shape[-1]
+        outs = []
+        for a in range(0, samples, N_SAMPLES):       # 30 s windows; the last may be shorter
+            end = min(a + N_SAMPLES, samples)
+            if a and end - a < HOP_LENGTH:
+                break
+            start = a - SAMPLES_PER_FRAME if a and end - a < MIN_SAMPLES[policy] else a
+            k, t = encoder_frames(end - start), encoder_frames(end - a)   # frames encoded, frames kept
+            x = encode_layers(self.model, audio[:, start:end], frames=k, policy=policy, layers=layers)
+            outs.append(x[:, :, k - t:])
+        return torch.cat(outs, dim=2)
 
     @classmethod
     def accepts(cls, spec: str) -> bool:
