@@ -20,8 +20,9 @@ def probe_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--eval-features", action="append", metavar="TEST_H5",
                    help="train on --features, test on this cache (one per --features)")
-    g.add_argument("--folds", type=int_range(2, 1000), default=5,
-                   help="K-fold protocol: the cache's own folds when it has them, else a seeded K-fold split")
+    g.add_argument("--folds", type=int_range(2, 1000), default=None,
+                   help="K-fold protocol: the cache's own folds when it has them (a K given must be their "
+                        "number), else a seeded K-fold split (default 5)")
     p.add_argument("--layers", type=layer_list, default="all", metavar="all|BLOCKS",
                    help="'all' (default), or comma-separated encoder blocks and START:STOP ranges of them (STOP "
                         "exclusive, as wat-extract --layers; an open end is the cache's first or last block), "

@@ -30,7 +30,7 @@ class ProbeError(Exception):
 class ProbeOptions:
     layers: list | None = None           # encoder blocks (ints) and/or slices of them; None = all
     fusion: tuple[str, ...] = FUSIONS    # baselines besides the single layers
-    folds: int = 5                       # K-fold when the cache has no folds and no eval cache is given
+    folds: int | None = None             # K-fold when the cache has no folds (None: 5); must match a cache's own
     jobs: int = 1                        # worker processes
     scheduler: str | None = None         # address of a running dask scheduler (overrides jobs)
     C: float = 1.0                       # inverse L2 strength (sklearn convention), both probes
@@ -192,11 +192,18 @@ def targets(cache: Cache) -> np.ndarray:
     return np.array([lab[0] for lab in cache.labels], np.int64)
 
 
-def make_folds(cache: Cache, y: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, str]:
-    """Fold id per clip: the cache's own folds when every clip has one, else a seeded K-fold split."""
+def make_folds(cache: Cache, y: np.ndarray, k: int | None, seed: int) -> tuple[np.ndarray, str]:
+    """Fold id per clip: the cache's own folds when every clip has one, else a seeded K-fold split
+    (k None: 5). A `k` given that differs from the cache's own fold count is refused (as wat-train
+    refuses it): it used to run the cache's folds and exit 0."""
     f = np.asarray(cache.folds)
     if len(f) and (f >= 0).all() and len(np.unique(f)) > 1:
-        return f.astype(np.int64), f"{len(np.unique(f))}-fold (cache folds)"
+        held = np.unique(f)
+        if k is not None and k != len(held):
+            raise ProbeError(f"--folds {k}: {cache.path} has {len(held)} folds of its own ({', '.join(map(str, held))}); "
+                             f"give --folds {len(held)} or leave --folds out")
+        return f.astype(np.int64), f"{len(held)}-fold (cache folds)"
+    k = 5 if k is None else k
     if k < 2:
         raise ProbeError("--folds must be at least 2 (or give --eval-features)")
     from sklearn.model_selection import KFold, StratifiedKFold
@@ -208,6 +215,27 @@ def make_folds(cache: Cache, y: np.ndarray, k: int, seed: int) -> tuple[np.ndarr
     for i, (_, test) in enumerate(split):
         out[test] = i
     return out, f"{k}-fold (seeded split)"
+
+
+def check_splits(y: np.ndarray, y_test: np.ndarray, folds: list, fold_ids, multilabel: bool, names) -> None:
+    """Refuse, before any fit, splits a probe cannot learn or score: training clips of one class
+    only (single-label: sklearn raised mid-run), or without any positive label, and test clips
+    without any positive label (multi-label: no AP to average). One line naming the fold."""
+    for k, (tr, te) in enumerate(folds):
+        where = "the training clips" if fold_ids is None else f"fold {fold_ids[k]}'s training clips (the other folds)"
+        test = "the eval clips" if fold_ids is None else f"fold {fold_ids[k]}'s clips"
+        if multilabel:
+            if not y[tr].any():
+                raise ProbeError(f"{where} carry no label at all: nothing to learn")
+            if not y_test[te].any():
+                raise ProbeError(f"{test} carry no label at all: no class can be scored (too few labelled clips)")
+        else:
+            present = np.unique(y[tr])
+            if len(present) < 2:
+                whole = len(np.unique(y)) < 2
+                raise ProbeError((f"every clip is of class {names[present[0]]!r}" if whole else
+                                  f"{where} are all of class {names[present[0]]!r}")
+                                 + ": a probe needs clips of at least two classes")
 
 
 # ---------------------------------------------------------------- one task (runs in a worker)
@@ -372,6 +400,7 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
         fold_of, protocol = make_folds(train[0], y, opts.folds, opts.seed)
         folds = [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in np.unique(fold_of)]
         y_test = y
+    check_splits(y, y_test, folds, None if test else np.unique(fold_of), multilabel, meta.vocab.names)
     if multilabel and not opts.scheduler and opts.jobs > 1:
         import torch
         if (opts.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):

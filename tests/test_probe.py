@@ -70,7 +70,7 @@ def test_single_label_probe_finds_informative_layer(tmp_path):
 
 def test_parallel_jobs_match_serial_and_layer_subset(tmp_path):
     feats = write_synthetic_cache(tmp_path / "c", informative=1)
-    opts = dict(layers=[1, 3], fusion=("mean",), folds=2)
+    opts = dict(layers=[1, 3], fusion=("mean",))  # the cache's own 5 folds
     a = P.probe([feats], None, P.ProbeOptions(jobs=1, **opts))
     b = P.probe([feats], None, P.ProbeOptions(jobs=2, **opts))
     assert [r.feature.name for r in a.results] == ["0:1", "0:3", "mean[0]"]
