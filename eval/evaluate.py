@@ -14,7 +14,7 @@ import numpy as np
 
 from wat.data import figures
 from wat.data.cache import Cache, CacheError, open_cache
-from wat.data.files import write_csv, write_json
+from wat.data.files import atomic_path, make_folder, remove_bare, write_csv, write_json
 from wat.data.heads import Features, HeadError, HeadInfo, head_field, head_problems, load_head, probabilities, save_head
 from wat.data.labels import Vocabulary
 
@@ -102,13 +102,28 @@ def evaluate(features, head_path, out_dir, opts: EvalOptions | None = None) -> d
         tuned = _tune(head, info, cache, opts, device)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    made = make_folder(out)
+    try:
+        return _evaluate(cache, head, info, head_path, features, out, opts, device, tuned)
+    except BaseException:
+        remove_bare(made)  # a run refused or failed before writing anything leaves no folder
+        raise
+
+
+def _evaluate(cache: Cache, head, info: HeadInfo, head_path, features, out: Path, opts: EvalOptions, device,
+              tuned) -> dict:
     probs = predict(head, info, cache, batch_size=opts.batch_size, device=device)
+    bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+    if len(bad):
+        raise EvalError(f"the head gives NaN or infinite scores for {len(bad)} clip(s) of {cache.path} (e.g. "
+                        f"{', '.join(map(str, cache.ids[bad[:3]]))}): non-finite weights or features; "
+                        "`wat-cache verify` checks the cache")
     vocab, n = cache.meta.vocab, len(cache.meta.vocab)
     k = min(opts.top_k, n)
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    np.savez_compressed(out / "predictions.npz", ids=cache.ids.astype(str), keys=np.array(vocab.keys),
-                        probs=probs.astype(np.float16), top_k=top.astype(np.int32))
+    with atomic_path(out / "predictions.npz") as tmp, open(tmp, "wb") as f:  # never a torn file
+        np.savez_compressed(f, ids=cache.ids.astype(str), keys=np.array(vocab.keys),
+                            probs=probs.astype(np.float16), top_k=top.astype(np.int32))
 
     y = cache.label_matrix()
     if info.multilabel:

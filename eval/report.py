@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from wat.data import figures, htmlreport as H
-from wat.data.files import write_csv, write_json
+from wat.data.files import make_folder, remove_bare, write_csv, write_json
 
 from . import fusion as fusions
 
@@ -33,7 +33,15 @@ def write_probe(report, out_dir, options: dict | None = None, *, relative_depth:
     report.html (`options`: the run's options, shown in the report; `relative_depth`: layers.png's x
     is layer / number of layers instead of the layer index)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    made = make_folder(out)
+    try:
+        return _write_probe(report, out, options, relative_depth)
+    except BaseException:
+        remove_bare(made)  # a write that failed at once (a full disk) leaves no empty folder
+        raise
+
+
+def _write_probe(report, out: Path, options: dict | None, relative_depth: bool) -> dict:
     several = len(report.caches) > 1
     rows = [(r.feature.caches[0], r.feature.layers[0][0], r.score, r.score_std, r.macro_f1)
             for c in range(len(report.caches)) for r in report.layer_results(c)]
