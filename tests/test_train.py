@@ -139,7 +139,7 @@ def test_resume_is_bit_identical_and_wa_averages(tmp_path):
     ma = json.loads((tmp_path / "full" / "metrics.json").read_text())["epochs"]
     mb = json.loads((tmp_path / "cut" / "metrics.json").read_text())["epochs"]
     assert ma == mb
-    with pytest.raises(TrainError, match="different options"):
+    with pytest.raises(TrainError, match=r"other options \(--lr: 0\.001 -> 0\.5\)"):  # the option, both values
         train(opts(tr, tmp_path / "cut", resume=True, **{**kw, "lr": 0.5}))
 
 

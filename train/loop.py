@@ -35,7 +35,7 @@ from .lrsearch import CANDIDATES, search_lr
 from .options import HEAD_LR, Interrupted, TrainError, TrainOptions, milestones, wa_range
 from .outputs import plot_curves, write_metrics, write_per_class, write_report
 from .resume import check_resume, resumed_lr
-from .state import Fit, load_checkpoint, resume_key, rng_state, save_checkpoint, seed_all, set_rng_state
+from .state import Fit, load_checkpoint, option_differences, resume_key, rng_state, save_checkpoint, seed_all, set_rng_state
 from .step import StepConfig, amp, make_optimizer, train_step
 
 __all__ = ["train", "prepare", "TrainOptions", "TrainError", "Interrupted", "milestones", "wa_range",
@@ -119,8 +119,9 @@ def _train(opts: TrainOptions, checked: Checked, init: dict | None, out: Path, w
 
     last = out / "last.pt"
     ck = load_checkpoint(last) if opts.resume and last.exists() else None
-    if ck is not None and ck["options"] != resume_key(opts):
-        raise TrainError(f"--resume: {last} was written with different options")
+    if ck is not None and (changed := option_differences(ck["options"], resume_key(opts))):
+        raise TrainError(f"--resume: {last} was written with other options ({'; '.join(changed)}); rerun with "
+                         "those, or delete it to start afresh")
     lr = _learning_rates(opts, s, init, weights, world, device, autocast, ck)
     fits = [Fit(name, head, opts, tr, te, device, lr=lr["per_head"][name])
             for head, (name, tr, te) in zip(heads, s.splits)]

@@ -92,13 +92,38 @@ def seed_all(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+PATH_OPTIONS = ("features", "eval_features", "unlabeled_features", "init")  # compared as resolved paths
+
+
 def resume_key(opts: TrainOptions) -> dict:
-    """The options a resumed run must share with the run that wrote last.pt."""
+    """The options a resumed run must share with the run that wrote last.pt; paths resolved (a
+    cache given as `feats.h5` and as `/data/feats.h5` is one cache)."""
     d = dataclasses.asdict(opts)
     for k in ("resume", "max_epochs_this_run", "progress", "memory_budget", "device", "out", "tensorboard"):
         d.pop(k)
     d["weight_average"] = list(d["weight_average"]) if d["weight_average"] else None
+    for k in PATH_OPTIONS:
+        if d.get(k):
+            d[k] = _resolved(d[k])
     return d
+
+
+def _resolved(path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def option_differences(old: dict, new: dict) -> list[str]:
+    """What differs between a checkpoint's `resume_key` and this run's, one `--option: old -> new`
+    each (paths of checkpoints written before paths were resolved are resolved here, as well as
+    they still can be)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "(absent)"), new.get(k, "(absent)")
+        if k in PATH_OPTIONS and isinstance(a, str) and a:
+            a = _resolved(a)
+        if a != b:
+            out.append(f"--{k.replace('_', '-')}: {a!r} -> {b!r}")
+    return out
 
 
 def save_checkpoint(path: Path, obj: dict) -> None:
