@@ -179,27 +179,16 @@ def check_inputs(opts: TrainOptions, world_size: int = 1) -> Checked:
 
 
 def _check_splits(splits: list, y: np.ndarray, meta, opts: TrainOptions) -> None:
-    """Refuse, before RUN_DIR is made, splits a head cannot learn from: single-label training clips
-    of one class only (the whole cache, or a fold's training clips: one line naming the fold), and
-    an --lr auto search that would hold out no clip (it holds out every 5th clip of each class)."""
-    from .lrsearch import HELD_OUT_EVERY, split
-    from .options import HEAD_LR
-
-    names = meta.vocab.names
+    """Refuse, before RUN_DIR is made, single-label training clips of one class only (the whole
+    cache, or a fold's training clips: one line naming the fold): a head cannot learn from them."""
+    if meta.multilabel:
+        return
     for name, tr, _ in splits:
-        where = "the training clips" if name == "main" else f"{name}'s training clips (the other folds)"
-        if not meta.multilabel:
-            present = np.unique(y[tr].argmax(1))
-            if len(present) < 2:
-                raise TrainError(f"{where} are all of class {names[present[0]]!r}: a single-label head needs "
-                                 "clips of at least two classes")
-        searches = opts.lr == "auto" or (opts.lr is None and opts.head not in HEAD_LR)
-        if searches:
-            s_tr, s_ho = split(tr, y, opts.seed)
-            if not len(s_ho) or not len(s_tr):
-                raise TrainError(f"--lr auto: {where} ({len(tr)}) are too few to search a learning rate on (every "
-                                 f"{HELD_OUT_EVERY}th clip of each class is held out: none would be, or nothing left "
-                                 "to train on); give --lr")
+        present = np.unique(y[tr].argmax(1))
+        if len(present) < 2:
+            where = "the training clips" if name == "main" else f"{name}'s training clips (the other folds)"
+            raise TrainError(f"{where} are all of class {meta.vocab.names[present[0]]!r}: a single-label head "
+                             "needs clips of at least two classes")
 
 
 def load_inputs(c: Checked, opts: TrainOptions, device) -> Setup:

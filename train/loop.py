@@ -31,7 +31,7 @@ from .distributed import World, from_main, join, leave, world_from_env
 from .epoch import train_epoch
 from .evaluation import predict, score
 from .inputs import Checked, Setup, balanced_weights, check_inputs, load_inputs, prepare
-from .lrsearch import CANDIDATES, search_lr
+from .lrsearch import CANDIDATES, check_searchable, search_lr
 from .options import HEAD_LR, Interrupted, TrainError, TrainOptions, milestones, wa_range
 from .outputs import plot_curves, write_metrics, write_per_class, write_report
 from .resume import check_resume, resumed_lr
@@ -87,6 +87,8 @@ def train(opts: TrainOptions) -> dict:
         # every input is checked before RUN_DIR is made: a refused run leaves no folder behind
         checked = check_inputs(opts, world.size)
         opts = checked.opts  # the batch size resolved: metrics.json and last.pt record the one used
+        if opts.lr == "auto" or (opts.lr is None and opts.head not in HEAD_LR):
+            check_searchable(checked.splits, checked.y, opts.seed)
         if opts.batch_size % world.size:
             raise TrainError(f"--batch-size {opts.batch_size} is the global batch: it must be a multiple of "
                              f"the {world.size} processes")

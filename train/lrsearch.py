@@ -20,7 +20,7 @@ from .distributed import World, from_main
 from .epoch import train_epoch
 from .evaluation import predict
 from .inputs import Setup
-from .options import TrainOptions
+from .options import TrainError, TrainOptions
 from .state import Fit
 from .step import amp
 
@@ -43,6 +43,18 @@ def split(train_idx: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, 
     for c in np.unique(first):
         held[np.flatnonzero(first == c)[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]] = True
     return np.sort(idx[~held]), np.sort(idx[held])
+
+
+def check_searchable(splits: list, y: np.ndarray, seed: int) -> None:
+    """Raise TrainError, before the run makes RUN_DIR, when a head's training clips are too few to
+    search on: the split would hold out no clip (every 5th of each class), or keep none to train on."""
+    for name, tr, _ in splits:
+        s_tr, s_ho = split(tr, y, seed)
+        if not len(s_ho) or not len(s_tr):
+            where = "the training clips" if name == "main" else f"{name}'s training clips (the other folds)"
+            raise TrainError(f"--lr auto: {where} ({len(tr)}) are too few to search a learning rate on (every "
+                             f"{HELD_OUT_EVERY}th clip of each class is held out: none would be, or none would be "
+                             "left to train on); give --lr")
 
 
 def search_lr(name: str, train_idx: np.ndarray, s: Setup, opts: TrainOptions, build, weights, world: World,
