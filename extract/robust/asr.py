@@ -15,6 +15,10 @@ committed fixture utterances they do not), and may skip a window they judge sile
 Longer than 30 s: `model.transcribe` (temperature 0, so no fall-back re-runs a window) with taps
 on every encoder call: one pass per 30 s window, the features are those of the first window, which
 is the pad30 input of the utterance (`encode_layers` of the whole utterance gives the same rows).
+
+CTC fine-tuned encoders (`*ForCTC` checkpoints of the Hugging Face family): `decode_ctc`, one forward of
+the batch gives the pooled layers and the CTC logits, decoded greedily with the checkpoint's tokenizer;
+no 30 s window (the whole utterance in one pass).
 """
 from __future__ import annotations
 
@@ -105,6 +109,19 @@ def transcribe_long(model, clip: np.ndarray, options: AsrOptions = AsrOptions())
         result = model.transcribe(np.asarray(clip, np.float32), condition_on_previous_text=True,
                                   no_speech_threshold=None, verbose=None, **_decoding(model, options))
     return result["text"].strip(), taps.first.float(), taps.calls
+
+
+@torch.inference_mode()
+def decode_ctc(encoder, clips: list[np.ndarray], frames: int = 25):
+    """A CTC fine-tuned encoder (`*ForCTC`, `encoder.ctc`): clips of any length -> (greedy transcripts
+    through the checkpoint's own tokenizer, float32 features [B, L, frames, D] on the encoder's
+    device), both from one forward of the batch (`pooled_and_logits`: the pooled layers are
+    `encoder.pooled` of the same clips, the logits those of transformers' own forward)."""
+    if not clips or any(len(c) == 0 for c in clips):
+        raise ValueError("decode_ctc takes 1 or more non-empty clips")
+    pooled, logits, valid = encoder.pooled_and_logits([torch.as_tensor(c, dtype=torch.float32) for c in clips],
+                                                      frames=frames)
+    return encoder.ctc_decode(logits, valid), pooled
 
 
 def seconds(clip: np.ndarray) -> float:

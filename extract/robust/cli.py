@@ -27,7 +27,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-manifest", help="manifest of the noise dataset, when not in its usual place")
     add_encoding(p, "transcripts, speech CSV and noise manifest")
     p.add_argument("--model", action="append", required=True, metavar="MODEL",
-                   help=MODEL_HELP + "; repeat to compare models")
+                   help=MODEL_HELP + "; or a CTC fine-tuned (*ForCTC) Hugging Face wav2vec2 / HuBERT / WavLM / "
+                        "data2vec-audio folder or id (facebook/wav2vec2-base-960h; greedy CTC with its own tokenizer); "
+                        "repeat to compare models on the same mixtures")
     p.add_argument("--snr", default="20,10,5,0,-5,-10", help="SNRs in dB, comma-separated (default: the paper's)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--noise-per-utterance", type=int_range(1, 1000), default=1,
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
     from wat.data.cache import CacheError
     from wat.data.datasets import DatasetError
     from wat.eval.probe import ProbeError
-    from wat.extract.load import WhisperLoadError
+    from wat.extract.encoders import EncoderError
+    from wat.extract.pipeline import ExtractError
 
     from .report import speech_line
     from .run import RobustError, RobustOptions, run_robust
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
         p.error(str(e))
     try:
         summary = run_robust(a.speech, a.noise_dataset, a.noise_root, a.out, options, noise_manifest=a.noise_manifest)
-    except (RobustError, SpeechError, DatasetError, WhisperLoadError, CacheError, ProbeError, OSError) as e:
+    except (RobustError, SpeechError, DatasetError, EncoderError, ExtractError, CacheError, ProbeError, OSError) as e:
         print(f"wat-robust: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

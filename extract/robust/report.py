@@ -233,6 +233,9 @@ def write_report(out: Path, plan, runs: list[dict], rows: list[dict], problems, 
                        if noise_rep else None})
         models[m] = {
             "dir": str(run["dir"].relative_to(out)),
+            "recognizer": {"whisper": "whisper.decode, temperature 0, without timestamps",
+                           "ctc": "greedy CTC (argmax per frame) through the checkpoint's tokenizer"}[run.get("asr", "whisper")],
+            "classwise_figure": str((run["dir"] / "classwise.png").relative_to(out)),
             "features": str(run["index"].relative_to(out)),
             "features_per_snr": {f"{s:+g}": str(p.relative_to(out)) for s, p in run["per_snr"].items()},
             "noise_features": str(run["noise_index"].relative_to(out)),
@@ -255,6 +258,8 @@ def write_report(out: Path, plan, runs: list[dict], rows: list[dict], problems, 
     data = data_label(plan.speech.name, len(decoded), panels[0]["noise_meta"])
     plot_wer_vs_snr(panels, data, out / "wer_vs_snr.png")
     plot_classwise(panels, (snrs[0], snrs[-1]), data, out / "classwise.png")
+    for p, run in zip(panels, runs):   # one figure per model too, beside its caches
+        plot_classwise([p], (snrs[0], snrs[-1]), data, run["dir"] / "classwise.png")
     plot_layers(panels, data, out / "layers.png")
     summary = {
         # utterances: decoded and scored by at least one model (planned = utterances + failed)
@@ -302,10 +307,14 @@ def robust_html(out: Path, summary: dict, rows: list[dict], panels: list[dict], 
                            f"{c['n_classes']} classes)", c["pearson_r"]))
         if m["noise_probe"]["accuracy"] is not None:
             cards.append((f"{who}noise alone: last-layer probe accuracy", m["noise_probe"]["accuracy"]))
+    classwise = f"WER increase from {hi:+g} to {lo:+g} dB against the class F1 of a last-layer linear probe on the " \
+                "noise clips alone (paper figure 2)"
+    per_model = [(summary["models"][p["name"]]["classwise_figure"], f"{label}, per noise class: {classwise}.")
+                 for p, label in zip(panels, labels)] if several else \
+        [("classwise.png", f"Per noise class: {classwise}.")]
     figs = "".join(H.figure(out / f, cap) for f, cap in (
         ("wer_vs_snr.png", "Corpus WER per SNR, one line per model (paper figure 1, upper)."),
-        ("classwise.png", f"Per noise class: WER increase from {hi:+g} to {lo:+g} dB against the class F1 of a "
-                          "last-layer linear probe on the noise clips alone (paper figure 2)."),
+        *per_model,
         ("layers.png", "Linear probe of the noise class per encoder layer on the noisy speech, one line per SNR "
                        "(paper figure 1, lower); dotted: chance; dashed, or named at the edge when outside the axis: the "
                        "last-layer probe on the noise clips alone.")))

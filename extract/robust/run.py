@@ -32,13 +32,13 @@ from wat.data.progress import progress
 from wat.data import cache as wcache
 from wat.data.audio import SAMPLE_RATE, AudioError, load_audio
 from wat.data.datasets import Dataset, load_dataset
-from wat.extract.load import load_whisper, model_name
+from wat.extract.encoders import Encoder, as_encoder, load_encoder
 from wat.data.files import make_folder, remove_bare, write_json, write_tsv
 from wat.extract.pipeline import (ExtractOptions, cache_meta, extract_dataset, finished, prepare_output,
                                   record_path)
 
 from . import wer as wer_mod
-from .asr import MAX_SAMPLES, AsrOptions, decode_batch, transcribe_long
+from .asr import MAX_SAMPLES, AsrOptions, decode_batch, decode_ctc, transcribe_long
 from .mix import MixError, assign_noise, mix
 from .speech import Speech, Utterance, load_speech
 
@@ -51,7 +51,7 @@ class RobustError(Exception):
 
 @dataclass
 class RobustOptions:
-    models: tuple[str, ...] = ("tiny.en",)  # anything load_whisper accepts, one run each
+    models: tuple[str, ...] = ("tiny.en",)  # Whisper models, CTC fine-tuned HF checkpoints (load_encoder); one run each
     snrs: tuple[float, ...] = (20.0, 10.0, 5.0, 0.0, -5.0, -10.0)  # dB; the paper's grid
     noise_per_utterance: int = 1      # noise clips (of different classes) mixed with each utterance
     seed: int = 0                     # noise assignment
@@ -154,9 +154,26 @@ def _manifest(plan: Plan, meta: wcache.CacheMeta, options: RobustOptions) -> dic
             "mixtures_sha256": h.hexdigest()[:16], "kind": "wat-robust"}
 
 
-def _meta(model, plan: Plan, options: RobustOptions) -> wcache.CacheMeta:
+def recognizer(encoder: Encoder, spec: str) -> str:
+    """How `encoder` transcribes: "whisper" (its decoder) or "ctc" (a `*ForCTC` head and its tokenizer);
+    RobustError for an encoder without a speech recognizer."""
+    if encoder.family == "whisper":
+        return "whisper"
+    ctc = getattr(encoder, "ctc", None)
+    if ctc is None:
+        raise RobustError(f"--model {spec}: the {encoder.family} encoder {encoder.name!r} has no speech recognizer; "
+                          "wat-robust transcribes with Whisper models and CTC fine-tuned (*ForCTC) checkpoints")
+    if ctc.tokenizer is None:
+        raise RobustError(f"--model {spec}: cannot decode its CTC output: {ctc.problem}")
+    return "ctc"
+
+
+def _meta(encoder: Encoder, plan: Plan, options: RobustOptions) -> wcache.CacheMeta:
+    """Whisper: transcribe's pad30 window; CTC models: the mixture as it is (trim). `clip_seconds` is
+    Whisper's window either way: a CTC model decodes and pools a longer utterance whole."""
     ds = replace(plan.noise, name=f"robust:{plan.speech.name}+{plan.noise.name}")
-    meta = cache_meta(model, ds, ExtractOptions(policy="pad30"), MAX_SAMPLES / SAMPLE_RATE)
+    policy = "pad30" if encoder.family == "whisper" else "trim"
+    meta = cache_meta(encoder, ds, ExtractOptions(policy=policy), MAX_SAMPLES / SAMPLE_RATE)
     return replace(meta, columns=COLUMNS)
 
 
@@ -180,7 +197,11 @@ def _reason(e: Exception) -> str:
 
 def run_chunk(model, plan: Plan, index: int, chunk: list[Mixture], shard_dir: Path, meta: wcache.CacheMeta,
               audio: _Audio, options: RobustOptions, bar=None) -> dict:
-    """Mix, decode + encode (one pass), write the chunk's shard, then its record (the commit point)."""
+    """Mix, decode + encode (one pass), write the chunk's shard, then its record (the commit point).
+    `model`: a Whisper model or an `Encoder` (Whisper, or CTC fine-tuned: `recognizer`)."""
+    encoder = as_encoder(model)
+    ctc = encoder.family != "whisper"
+    model = None if ctc else encoder.model
     asr = AsrOptions(language=options.language, frames=meta.n_frames)
     ok, errors = [], []
     for m in chunk:
@@ -194,15 +215,18 @@ def run_chunk(model, plan: Plan, index: int, chunk: list[Mixture], shard_dir: Pa
     # (mixture, text, features [L, T, D] f32 numpy, seconds, encoder passes over this mixture:
     # 1 in a decode batch, one per 30 s window through transcribe)
     rows = []
-    short = [(m, x) for m, x in ok if len(x) <= MAX_SAMPLES]
+    short = [(m, x) for m, x in ok if ctc or len(x) <= MAX_SAMPLES]
     for b in range(0, len(short), options.batch_size):
         batch = short[b:b + options.batch_size]
-        texts, feats = decode_batch(model, [x for _, x in batch], asr)
+        if ctc:
+            texts, feats = decode_ctc(encoder, [x for _, x in batch], meta.n_frames)
+        else:
+            texts, feats = decode_batch(model, [x for _, x in batch], asr)
         feats = feats.cpu().numpy()
         rows += [(m, t, f, len(x) / SAMPLE_RATE, 1) for (m, x), t, f in zip(batch, texts, feats)]
         if bar is not None:
             bar.update(len(batch))
-    for m, x in ((m, x) for m, x in ok if len(x) > MAX_SAMPLES):
+    for m, x in ((m, x) for m, x in ok if not ctc and len(x) > MAX_SAMPLES):
         text, feats, passes = transcribe_long(model, x, asr)
         rows.append((m, text, feats.cpu().numpy()[0], MAX_SAMPLES / SAMPLE_RATE, passes))
         if bar is not None:
@@ -233,24 +257,32 @@ def run_chunk(model, plan: Plan, index: int, chunk: list[Mixture], shard_dir: Pa
     return record
 
 
-def run_model(spec: str, plan: Plan, options: RobustOptions, out: Path, bar=None, model=None) -> dict:
-    """One model: the mixture cache (resumed), its per-SNR indexes and the noise-alone cache."""
-    model = model or load_whisper(spec, device=options.device)
-    name = model_name(model)
+def run_model(spec: str, plan: Plan, options: RobustOptions, out: Path, bar=None, model=None,
+              audio: _Audio | None = None) -> dict:
+    """One model: the mixture cache (resumed), its per-SNR indexes and the noise-alone cache.
+    `model`: already loaded (a Whisper model or an Encoder); `audio`: the decoded speech and noise
+    shared by every model of the run (the same mixtures for each)."""
+    encoder = as_encoder(model) if model is not None else load_encoder(spec, device=options.device)
+    asr = recognizer(encoder, spec)
+    try:
+        noise_policy = encoder.policy_for(options.noise_policy)
+    except ValueError as e:
+        raise RobustError(f"--noise-policy: {e}") from None
+    name = encoder.name
     mdir = out / slug(name)
     index = mdir / "feats.h5"
-    meta = _meta(model, plan, options)
+    meta = _meta(encoder, plan, options)
     try:
         shard_dir = prepare_output(index, _manifest(plan, meta, options), options.overwrite)
     except Exception as e:  # ExtractError: made differently
         raise RobustError(str(e)) from None
-    audio = _Audio(plan)
+    audio = audio or _Audio(plan)
     for i, chunk in enumerate(plan.chunks):
         if finished(shard_dir, i) is not None:  # kept from an earlier run
             if bar is not None:
                 bar.update(len(chunk))
             continue
-        run_chunk(model, plan, i, chunk, shard_dir, meta, audio, options, bar)
+        run_chunk(encoder, plan, i, chunk, shard_dir, meta, audio, options, bar)
     records = [finished(shard_dir, i) for i in range(len(plan.chunks))]
     written = [(c[0].snr, wcache.shard_path(shard_dir, i)) for i, (c, r) in enumerate(zip(plan.chunks, records))
                if r["n_written"] > 0]
@@ -262,12 +294,12 @@ def run_model(spec: str, plan: Plan, options: RobustOptions, out: Path, bar=None
         per_snr[snr] = mdir / f"feats_snr{snr:+g}.h5"
         wcache.build_index(per_snr[snr], [p for s, p in written if s == snr])
     noise_index = mdir / "noise.h5"
-    extract_dataset(plan.noise, ExtractOptions(model=spec, policy=options.noise_policy, device=options.device,
+    extract_dataset(plan.noise, ExtractOptions(model=spec, policy=noise_policy, device=options.device,
                                                batch_size=options.batch_size, num_workers=0,
                                                progress=options.progress, overwrite=options.overwrite),
-                    noise_index, model=model)
+                    noise_index, model=encoder)
     return {"name": name, "dir": mdir, "index": index, "per_snr": per_snr, "noise_index": noise_index,
-            "n_layers": model.dims.n_audio_layer, "records": records}
+            "n_layers": encoder.n_layers, "records": records, "asr": asr}
 
 
 def score(plan: Plan, runs: list[dict]) -> list[dict]:
@@ -301,11 +333,12 @@ def run_robust(speech_path, noise_kind: str, noise_root, out, options: RobustOpt
     made = make_folder(out)  # after the inputs are checked; removed again if no model gets to write
     runs, problems = [], list(plan.problems)
     todo_total = len(plan.mixtures) * len(options.models)
+    audio = _Audio(plan)   # one mixture set: every model hears the same mixtures
     try:
         with progress(total=todo_total, unit="mix", desc="wat-robust", disable=None if options.progress is None
                       else not options.progress, smoothing=0.1) as bar:
             for spec in options.models:
-                run = run_model(spec, plan, options, out, bar, model=(models or {}).get(spec))
+                run = run_model(spec, plan, options, out, bar, model=(models or {}).get(spec), audio=audio)
                 runs.append(run)
                 problems += [(run["name"], *e) for r in run["records"] for e in r["errors"]]
     except BaseException:  # e.g. a --model that does not load: no empty --out left behind
