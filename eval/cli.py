@@ -12,8 +12,9 @@ from wat.data.labels import LabelError
 
 
 def probe_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wat-probe", description="Linear probe on every encoder layer's time-mean "
-                                "features (and fusion baselines); reads only the cache's `mean` dataset.")
+    p = argparse.ArgumentParser(prog="wat-probe", description="Probes (linear; X-ARES's MLP and kNN) on every "
+                                "encoder layer's time-mean features (and fusion baselines); reads only the cache's "
+                                "`mean` dataset.")
     p.add_argument("--features", action="append", required=True, metavar="FEATS_H5",
                    help="cache to probe; repeat to also probe the concatenation of several caches "
                         "(same clip ids in the same order)")
@@ -42,19 +43,30 @@ def probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--relative-depth", action="store_true",
                    help="layers.png: x = layer / number of layers (encoders of different depth on one axis) "
                         "instead of the layer index")
+    p.add_argument("--probe", default="linear", metavar="KINDS",
+                   help="comma-separated probe kinds, each with its benchmark's protocol: linear (standardised "
+                        "features, L2 logistic regression; default), mlp (X-ARES: LayerNorm + Linear, Adam, "
+                        "--mlp-* options), knn (X-ARES: cosine, --knn-k neighbours, softmax at --knn-temperature)")
+    p.add_argument("--mlp-lr", type=float_range(0, 10, lo_open=True), default=1e-3, help="mlp probe: Adam's "
+                   "learning rate at the first epoch, cosine-annealed to a tenth of it (X-ARES: 1e-3)")
+    p.add_argument("--mlp-epochs", type=int_range(1, 10_000), default=10, help="mlp probe: epochs (X-ARES: 10)")
+    p.add_argument("--mlp-batch-size", type=int_range(1, 1 << 20), default=32, help="mlp probe: batch (X-ARES: 32)")
+    p.add_argument("--knn-k", type=int_range(1, 100_000), default=10, help="knn probe: neighbours (X-ARES: 10)")
+    p.add_argument("--knn-temperature", type=float_range(0, 1e6, lo_open=True), default=0.07,
+                   help="knn probe: softmax temperature on the cosine similarities (X-ARES: 0.07)")
     g = p.add_mutually_exclusive_group()
     add_workers(g, "--jobs", help="worker processes (default: the CPUs available)")
     g.add_argument("--scheduler", metavar="ADDRESS", help="run the fits on this dask scheduler")
     p.add_argument("--C", type=float_range(0, 1e12, lo_open=True), default=1.0, help="inverse L2 regularisation strength")
     p.add_argument("--max-iter", type=int_range(1, 1_000_000), default=200)
     p.add_argument("--seed", type=seed_int, default=0)
-    add_device(p, "multi-label probe device")
+    add_device(p, "device of the multi-label linear, mlp and knn probes")
     p.add_argument("--out", required=True, metavar="PROBE_DIR")
     return p
 
 
 def probe_main(argv=None) -> int:
-    from .probe import ProbeError, ProbeOptions, default_jobs, parse_fusion, probe
+    from .probe import ProbeError, ProbeOptions, default_jobs, parse_fusion, parse_probes, probe
     from .report import write_probe
 
     a = parse_args(probe_parser(), argv)
@@ -64,7 +76,9 @@ def probe_main(argv=None) -> int:
         opts = ProbeOptions(layers=a.layers, fusion=parse_fusion(a.fusion), folds=a.folds,
                             jobs=a.workers or default_jobs(), scheduler=a.scheduler, C=a.C, max_iter=a.max_iter,
                             seed=a.seed, device=a.device, groups=a.groups, align_to=a.align_to - 1,
-                            match_width=a.match_width)
+                            match_width=a.match_width, probes=parse_probes(a.probe, {
+                                "mlp": dict(lr=a.mlp_lr, epochs=a.mlp_epochs, batch_size=a.mlp_batch_size),
+                                "knn": dict(k=a.knn_k, temperature=a.knn_temperature)}))
         rep = probe(a.features, a.eval_features, opts)
         shown = {**vars(a), "layers": layers_text(a.layers)}   # as typed, not as slices
         summary = write_probe(rep, a.out, {f"--{k.replace('_', '-')}": v for k, v in shown.items()},
@@ -72,25 +86,32 @@ def probe_main(argv=None) -> int:
     except (ProbeError, CacheError, LabelError, OSError) as e:
         print(f"wat-probe: error: {e}", file=sys.stderr)
         return 2
-    b = summary["best_layer"]
-    print(f"{rep.protocol}: best layer {b['layer']}"
-          + (f" of features {b['features']}" if len(rep.caches) > 1 else "")
-          + f" {rep.metric} {b['score']:.4f} (+-{b['score_std']:.4f}), macro-F1 {b['macro_f1']:.4f}; chance {rep.chance:.4f}")
-    several = len(rep.caches) > 1
-    if several:
-        for m in summary["models"]:
-            best = max((r for r in summary["layers"] if r["features"] == m["features"]), key=lambda r: r["score"])
-            print(f"  {m['label']} ({m['code']}): best layer {best['layer']} {rep.metric} {best['score']:.4f}")
-    for f in summary["fusion"]:
-        if several:
-            print(f"  fusion {f['name']} ({f['description']}): {rep.metric} {f['score']:.4f}")
-        else:
-            print(f"  fusion {f['fusion']} of the layers: {rep.metric} {f['score']:.4f}")
+    for kind in rep.probes:
+        _print_probe(rep, summary, kind)
     for note in summary["notes"]:
         print(f"  note: {note}")
     print(f"outputs in {a.out}: {', '.join(summary['files'])}")
     print(f"report: {Path(a.out) / 'report.html'}")
     return 0
+
+
+def _print_probe(rep, summary: dict, kind: str) -> None:
+    """The best layer (per model when several) and the fusions of one probe kind."""
+    b = summary["best_layer_by_probe"][kind]
+    print(f"{rep.protocol}: {kind + ' probe: ' if len(rep.probes) > 1 else ''}best layer {b['layer']}"
+          + (f" of features {b['features']}" if len(rep.caches) > 1 else "")
+          + f" {rep.metric} {b['score']:.4f} (+-{b['score_std']:.4f}), macro-F1 {b['macro_f1']:.4f}; chance {rep.chance:.4f}")
+    several = len(rep.caches) > 1
+    if several:
+        for m in summary["models"]:
+            best = max((r for r in summary["layers"] if r["features"] == m["features"] and r["probe"] == kind),
+                       key=lambda r: r["score"])
+            print(f"  {m['label']} ({m['code']}): best layer {best['layer']} {rep.metric} {best['score']:.4f}")
+    for f in (f for f in summary["fusion"] if f["probe"] == kind):
+        if several:
+            print(f"  fusion {f['name']} ({f['description']}): {rep.metric} {f['score']:.4f}")
+        else:
+            print(f"  fusion {f['fusion']} of the layers: {rep.metric} {f['score']:.4f}")
 
 
 def _fold_list(text: str) -> tuple[int, ...]:

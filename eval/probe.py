@@ -7,6 +7,7 @@ cluster, so memory stays bounded by one layer's matrix per worker.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from contextlib import contextmanager
@@ -17,9 +18,10 @@ import numpy as np
 from wat.data.cache import Cache, CacheError, CacheMeta, open_cache
 from wat.data.cliargs import layers_text
 
-from . import fusion as fusions, metrics
+from . import fusion as fusions, metrics, probe_kinds
 
 FUSIONS = fusions.KINDS
+log = logging.getLogger(__name__)
 
 
 class ProbeError(Exception):
@@ -37,10 +39,11 @@ class ProbeOptions:
     max_iter: int = 200
     tol: float = 1e-4                    # multi-label probe: a class stops when every entry of its gradient is below (sklearn's tol)
     seed: int = 0
-    device: str | None = None            # multi-label probe device; None = cuda when present
+    device: str | None = None            # device of the torch fits (multi-label linear, mlp, knn); None = cuda when present
     groups: int = fusions.F.GROUPS       # k of the `_g` fusions: time groups whose means are concatenated
     align_to: int = 0                    # cross-cache fusions: the cache (position) whose frames others follow
     match_width: bool = False            # cross-cache fusions: interpolate widths to that cache's first
+    probes: tuple = ("linear",)          # probe kinds (`probe_kinds`): names (their benchmark's defaults) or ProbeKind instances
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class FeatureResult:
     fold_macro_f1: list[float]
     classwise_f1: np.ndarray              # [C] on the pooled test predictions, NaN where undefined
     classwise_ap: np.ndarray | None       # [C] multi-label only, NaN where no positives
+    probe: str = "linear"                 # the probe kind (`probe_kinds`) that scored it
 
     @property
     def score(self) -> float:
@@ -94,15 +98,21 @@ class ProbeReport:
     n_clips: int = 0                                           # clips probed (train caches)
     n_eval_clips: int = 0                                      # clips tested (eval caches; 0 = K-fold)
     notes: list[str] = field(default_factory=list)             # fusions skipped and why, time alignment
+    probes: tuple[str, ...] = ("linear",)                      # probe kinds run, in order; the first is the primary
 
-    def layer_results(self, cache: int = 0) -> list[FeatureResult]:
-        return [r for r in self.results if r.feature.kind == "layer" and r.feature.caches == (cache,)]
+    def layer_results(self, cache: int = 0, probe: str | None = None) -> list[FeatureResult]:
+        """Per-layer results of one probe kind (None: the primary, `probes[0]`)."""
+        probe = probe or self.probes[0]
+        return [r for r in self.results
+                if r.feature.kind == "layer" and r.feature.caches == (cache,) and r.probe == probe]
 
-    def fusion_results(self) -> list[FeatureResult]:
-        return [r for r in self.results if r.feature.kind != "layer"]
+    def fusion_results(self, probe: str | None = None) -> list[FeatureResult]:
+        probe = probe or self.probes[0]
+        return [r for r in self.results if r.feature.kind != "layer" and r.probe == probe]
 
-    def best(self) -> FeatureResult:
-        return max((r for r in self.results if r.feature.kind == "layer"), key=lambda r: r.score)
+    def best(self, probe: str | None = None) -> FeatureResult:
+        probe = probe or self.probes[0]
+        return max((r for r in self.results if r.feature.kind == "layer" and r.probe == probe), key=lambda r: r.score)
 
 
 # ---------------------------------------------------------------- inputs
@@ -259,49 +269,17 @@ def load_matrix(caches: list[Cache], feat: Feature) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
-def _logistic(xtr, ytr, xte, n_classes, opts: ProbeOptions) -> np.ndarray:
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    import warnings
-
-    clf = LogisticRegression(C=opts.C, max_iter=opts.max_iter)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)   # a probe, not a final model
-        clf.fit(xtr, ytr)
-    out = np.zeros((len(xte), n_classes), np.float32)
-    out[:, clf.classes_] = clf.predict_proba(xte)
-    return out
-
-
-def _bce_probe(xtr, ytr, xte, opts: ProbeOptions) -> np.ndarray:
-    """Independent L2 logistic regressions per class: sklearn's one-vs-rest lbfgs fits with C, tol and
-    max_iter, batched over classes (`wat.eval.logistic`: same path, same stop, so the same mAP)."""
-    import torch
-
-    from .logistic import fit_logistic
-
-    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    x = torch.from_numpy(np.ascontiguousarray(xtr, np.float32)).to(device)
-    w, b, _ = fit_logistic(x, torch.from_numpy(np.asarray(ytr)).to(device), opts.C, opts.tol, opts.max_iter)
-    del x
-    xte = torch.from_numpy(np.ascontiguousarray(xte, np.float32)).to(device)
-    return torch.sigmoid(xte @ w.T + b).cpu().numpy()
-
-
 def fit_task(train: list[Cache], test: list[Cache] | None, feat: Feature, tr_idx, te_idx, y,
-             multilabel: bool, n_classes: int, opts: ProbeOptions) -> np.ndarray:
-    """Probabilities [len(te_idx), C] of one probe. `test` None: test rows come from the train caches."""
-    from sklearn.preprocessing import StandardScaler
-
+             multilabel: bool, n_classes: int, opts: ProbeOptions,
+             kind: probe_kinds.ProbeKind | None = None) -> np.ndarray:
+    """Probabilities [len(te_idx), C] of one probe of `kind` (None: linear). `test` None: test rows
+    come from the train caches."""
     x = load_matrix(train, feat)
     xtr = x[tr_idx]
     xte = (x if test is None else load_matrix(test, feat))[te_idx]
     del x
-    scaler = StandardScaler().fit(xtr)
-    xtr, xte = scaler.transform(xtr).astype(np.float32), scaler.transform(xte).astype(np.float32)
-    if multilabel:
-        return _bce_probe(xtr, y[tr_idx], xte, opts)
-    return _logistic(xtr, y[tr_idx], xte, n_classes, opts)
+    kind = kind or probe_kinds.LinearProbe()
+    return kind.fit_predict(xtr, y[tr_idx], xte, n_classes=n_classes, multilabel=multilabel, opts=opts)
 
 
 def _call(i, args):
@@ -373,6 +351,10 @@ def run_tasks(tasks: list[tuple], opts: ProbeOptions):
 def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> ProbeReport:
     """Probe every selected layer (and the fusion baselines) of one or more aligned caches."""
     opts = opts or ProbeOptions()
+    try:
+        kinds = probe_kinds.resolve(opts.probes)
+    except probe_kinds.ProbeKindError as e:
+        raise ProbeError(str(e)) from None
     train = _open(features)
     if not train:
         raise ProbeError("no --features given")
@@ -401,23 +383,28 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
         folds = [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in np.unique(fold_of)]
         y_test = y
     check_splits(y, y_test, folds, None if test else np.unique(fold_of), multilabel, meta.vocab.names)
-    if multilabel and not opts.scheduler and opts.jobs > 1:
+    for kind in kinds:
+        note = kind.advice(min(len(tr) for tr, _ in folds))
+        if note:
+            log.warning(note)
+    if any(kind.uses_device(multilabel) for kind in kinds) and not opts.scheduler and opts.jobs > 1:
         import torch
         if (opts.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
             # the GPU does the work; forked workers could not use CUDA anyway
             opts = replace(opts, jobs=1, device=opts.device or "cuda")
-    tasks = [(train, test, feat, tr, te, y, multilabel, n_classes, opts)
-             for feat in feats for tr, te in folds]
+    runs = [(f, kind) for f in feats for kind in kinds]   # a run: one feature probed by one kind
+    tasks = [(train, test, feat, tr, te, y, multilabel, n_classes, opts, kind)
+             for feat, kind in runs for tr, te in folds]
 
     n_test = len(y_test)
-    pooled: dict[Feature, np.ndarray] = {}     # test-set probabilities of features still running
-    left = {f: len(folds) for f in feats}
-    fold_scores = {f: [None] * len(folds) for f in feats}
-    fold_f1 = {f: [None] * len(folds) for f in feats}
-    done: dict[Feature, FeatureResult] = {}
+    pooled: dict[tuple, np.ndarray] = {}       # test-set probabilities of runs still going
+    left = {f: len(folds) for f in runs}
+    fold_scores = {f: [None] * len(folds) for f in runs}
+    fold_f1 = {f: [None] * len(folds) for f in runs}
+    done: dict[tuple, FeatureResult] = {}
     skipped: set[int] = set()
     for i, probs in run_tasks(tasks, opts):
-        feat, k = feats[i // len(folds)], i % len(folds)
+        feat, k = runs[i // len(folds)], i % len(folds)
         te = folds[k][1]
         pooled.setdefault(feat, np.zeros((n_test, n_classes), np.float32))[te] = probs
         if multilabel:
@@ -439,15 +426,16 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
                 ap = np.array([np.nan if v is None else v for v in metrics.per_class_ap(y_test, p)[0]])
             else:
                 cw, ap = metrics.per_class_f1(y_test, p.argmax(1), n_classes), None
-            done[feat] = FeatureResult(feat, fold_scores[feat], fold_f1[feat], cw, ap)
-    results = [done[f] for f in feats]
+            done[feat] = FeatureResult(feat[0], fold_scores[feat], fold_f1[feat], cw, ap, probe=feat[1].name)
+    results = [done[f] for f in runs]
 
     chance = metrics.chance(y_test)
     return ProbeReport(metric="mAP" if multilabel else "accuracy", protocol=protocol, n_folds=len(folds),
                        caches=[str(c.path) for c in train], eval_caches=[str(c.path) for c in test or []],
                        keys=meta.vocab.keys, names=meta.vocab.names, chance=chance, results=results,
                        skipped_classes=sorted(skipped), metas=metas, n_clips=len(y),
-                       n_eval_clips=len(y_test) if test else 0, notes=notes)
+                       n_eval_clips=len(y_test) if test else 0, notes=notes,
+                       probes=tuple(kind.name for kind in kinds))
 
 
 def parse_fusion(text: str) -> tuple[str, ...]:
@@ -458,9 +446,20 @@ def parse_fusion(text: str) -> tuple[str, ...]:
     return parts
 
 
+def parse_probes(text: str, settings: dict[str, dict] | None = None) -> tuple:
+    """--probe "linear,mlp,knn" -> probe kinds, each built with its `settings[name]` (e.g. the
+    --mlp-* / --knn-* options; the kind's defaults otherwise)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        known = probe_kinds.resolve(names)   # unknown or repeated names, none at all
+        return tuple(type(k)(**(settings or {}).get(k.name, {})) for k in known)
+    except probe_kinds.ProbeKindError as e:
+        raise ProbeError(f"--probe: {e}") from None
+
+
 def default_jobs() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 __all__ = ["ProbeError", "ProbeOptions", "Feature", "FeatureResult", "ProbeReport", "probe", "load_matrix",
-           "check_aligned", "make_folds", "parse_fusion", "CacheError"]
+           "check_aligned", "make_folds", "parse_fusion", "parse_probes", "CacheError"]

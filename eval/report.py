@@ -43,13 +43,15 @@ def write_probe(report, out_dir, options: dict | None = None, *, relative_depth:
 
 def _write_probe(report, out: Path, options: dict | None, relative_depth: bool) -> dict:
     several = len(report.caches) > 1
-    rows = [(r.feature.caches[0], r.feature.layers[0][0], r.score, r.score_std, r.macro_f1)
-            for c in range(len(report.caches)) for r in report.layer_results(c)]
-    write_csv(out / "layers.csv", ["features", "layer", "score", "score_std", "macro_f1"], rows)
+    kinds = report.probes   # probe kinds; the first is the primary (headline, best-layer histogram)
+    rows = [(kind, r.feature.caches[0], r.feature.layers[0][0], r.score, r.score_std, r.macro_f1)
+            for kind in kinds for c in range(len(report.caches)) for r in report.layer_results(c, kind)]
+    write_csv(out / "layers.csv", ["probe", "features", "layer", "score", "score_std", "macro_f1"], rows)
 
     per_cache = [report.layer_results(c) for c in range(len(report.caches))]
-    cols = [(f"c{c}_layer_{r.feature.layers[0][0]}" if several else f"layer_{r.feature.layers[0][0]}", r)
-            for c, rs in enumerate(per_cache) for r in rs]
+    # class-wise tables: every kind's layers, columns prefixed by the kind when there are several
+    cols = [(("" if len(kinds) == 1 else f"{kind}_") + (f"c{c}_" if several else "") + f"layer_{r.feature.layers[0][0]}", r)
+            for kind in kinds for c in range(len(report.caches)) for r in report.layer_results(c, kind)]
     tables = [("classwise_f1.csv", lambda r: r.classwise_f1)]
     if report.metric == "mAP":
         tables.append(("classwise_ap.csv", lambda r: r.classwise_ap))
@@ -57,12 +59,12 @@ def _write_probe(report, out: Path, options: dict | None, relative_depth: bool) 
         write_csv(out / name, ["class", "name"] + [c for c, _ in cols],
                   [(k, n, *[get(r)[i] for _, r in cols]) for i, (k, n) in enumerate(zip(report.keys, report.names))])
 
-    fusion = report.fusion_results()
+    fusion = [r for kind in kinds for r in report.fusion_results(kind)]
     labels = figures.distinct_labels(report.metas)
     if fusion:
-        write_csv(out / "fusion.csv", ["fusion", "name", "description", "features", "layers", "score", "score_std",
-                                       "macro_f1"],
-                  [(r.feature.kind, fusion_name(r, report.metas), fusion_text(r, labels),
+        write_csv(out / "fusion.csv", ["probe", "fusion", "name", "description", "features", "layers", "score",
+                                       "score_std", "macro_f1"],
+                  [(r.probe, r.feature.kind, fusion_name(r, report.metas), fusion_text(r, labels),
                     "+".join(map(str, r.feature.caches)),
                     ";".join(",".join(map(str, ls)) for ls in r.feature.layers), r.score, r.score_std, r.macro_f1)
                    for r in fusion])
@@ -78,16 +80,20 @@ def _write_probe(report, out: Path, options: dict | None, relative_depth: bool) 
     plot_best_layer_hist(hist, out / "best_layer_hist.png", "AP" if report.metric == "mAP" else "F1", report.metas)
     plot_layers(report, out / "layers.png", relative=relative_depth)
 
-    best = report.best()
+    def best_of(kind):
+        b = report.best(kind)
+        return {"features": b.feature.caches[0], "layer": b.feature.layers[0][0], "score": b.score,
+                "score_std": b.score_std, "macro_f1": b.macro_f1}
+
     summary = {
         "metric": report.metric, "protocol": report.protocol, "n_folds": report.n_folds,
         "features": report.caches, "eval_features": report.eval_caches, "n_classes": len(report.keys),
-        "chance": report.chance,
-        "best_layer": {"features": best.feature.caches[0], "layer": best.feature.layers[0][0],
-                       "score": best.score, "score_std": best.score_std, "macro_f1": best.macro_f1},
-        "layers": [{"features": r[0], "layer": r[1], "score": r[2], "score_std": r[3], "macro_f1": r[4]}
-                   for r in rows],
-        "fusion": [{"fusion": r.feature.kind, "name": fusion_name(r, report.metas),
+        "chance": report.chance, "probes": list(kinds),
+        "best_layer": best_of(kinds[0]),                         # of the primary probe kind
+        "best_layer_by_probe": {kind: best_of(kind) for kind in kinds},
+        "layers": [{"probe": r[0], "features": r[1], "layer": r[2], "score": r[3], "score_std": r[4],
+                    "macro_f1": r[5]} for r in rows],
+        "fusion": [{"probe": r.probe, "fusion": r.feature.kind, "name": fusion_name(r, report.metas),
                     "description": fusion_text(r, labels), "features": list(r.feature.caches), "score": r.score,
                     "score_std": r.score_std, "macro_f1": r.macro_f1} for r in fusion],
         "models": [{"features": c, "label": labels[c], "code": code, "model": m.model, "layers": list(m.layers),
@@ -108,23 +114,30 @@ def probe_html(report, summary: dict, out: Path, options: dict) -> Path:
     labels = figures.distinct_labels(report.metas)
     best, several = summary["best_layer"], len(report.caches) > 1
     m = report.metric
-    cards = [(f"best layer{' (' + labels[best['features']] + ')' if several else ''}", best["layer"]),
-             (f"{m} at the best layer", best["score"]), ("± std over folds", best["score_std"]),
-             ("macro-F1 at the best layer", best["macro_f1"]), (f"chance {m}", report.chance)]
-    fusion = report.fusion_results()
-    cards += [(_fusion_label(r, labels, report.metas), r.score) for r in fusion]
+    kinds = report.probes
+    what = (lambda kind: f"{kind} probe, " if len(kinds) > 1 else "")   # several kinds: cards name theirs
+    cards = []
+    for kind in kinds:
+        b = summary["best_layer_by_probe"][kind]
+        cards += [(f"{what(kind)}best layer{' (' + labels[b['features']] + ')' if several else ''}", b["layer"]),
+                  (f"{what(kind)}{m} at the best layer", b["score"]), ("± std over folds", b["score_std"]),
+                  ("macro-F1 at the best layer", b["macro_f1"])]
+        cards += [(what(kind) + _fusion_label(r, labels, report.metas), r.score) for r in report.fusion_results(kind)]
+    cards.append((f"chance {m}", report.chance))
+    fusion = [r for kind in kinds for r in report.fusion_results(kind)]
+    lines, hist = ("one line per probe kind; ", f" ({kinds[0]} probe)") if len(kinds) > 1 else ("", "")
     sections = [H.Section("Headline", H.headline(cards)),
-                H.Section("Figures", H.figure(out / "layers.png", f"Probe {m} per encoder layer; dashed: fusion "
-                                              "baselines, dotted: chance.")
-                          + H.figure(out / "best_layer_hist.png", "Best layer per class; ties split evenly."))]
+                H.Section("Figures", H.figure(out / "layers.png", f"Probe {m} per encoder layer; {lines}dashed: "
+                                              "fusion baselines, dotted: chance.")
+                          + H.figure(out / "best_layer_hist.png", f"Best layer per class{hist}; ties split evenly."))]
     sections.append(H.Section(f"Per layer ({report.protocol})", H.table(
-        ["model", "layer", m, "std", "macro-F1"],
-        [(labels[c], layer, score, sd, f1) for c, layer, score, sd, f1 in
-         ((r["features"], r["layer"], r["score"], r["score_std"], r["macro_f1"]) for r in summary["layers"])])))
+        ["probe", "model", "layer", m, "std", "macro-F1"],
+        [(kind, labels[c], layer, score, sd, f1) for kind, c, layer, score, sd, f1 in
+         ((r["probe"], r["features"], r["layer"], r["score"], r["score_std"], r["macro_f1"]) for r in summary["layers"])])))
     if fusion or report.notes:
-        rows = [(fusion_name(r, report.metas), fusion_text(r, labels), r.score, r.score_std, r.macro_f1)
+        rows = [(r.probe, fusion_name(r, report.metas), fusion_text(r, labels), r.score, r.score_std, r.macro_f1)
                 for r in fusion]
-        sections.append(H.Section("Fusion baselines", (H.table(["fusion", "what", m, "std", "macro-F1"], rows)
+        sections.append(H.Section("Fusion baselines", (H.table(["probe", "fusion", "what", m, "std", "macro-F1"], rows)
                                                        if rows else "") + _fusion_notes(report, labels)))
     sections.append(H.Section("Per class", _per_class_probe(report, summary, labels)))
     if report.skipped_classes:
@@ -138,7 +151,11 @@ def probe_html(report, summary: dict, out: Path, options: dict) -> Path:
     sections.append(H.Section("Options", H.key_values(options)))
     sub = (f"{figures.cache_label(report.metas[0], report.n_clips)}; {report.protocol}" if not several else
            f"{', '.join(labels)}; {report.metas[0].dataset}, {report.n_clips} clips; {report.protocol}")
-    return H.write_report(out / "report.html", "wat-probe: linear probe per layer", sub, sections)
+    return H.write_report(out / "report.html", f"wat-probe: {probes_title(kinds)} per layer", sub, sections)
+
+
+def probes_title(kinds) -> str:
+    return "linear probe" if tuple(kinds) == ("linear",) else " / ".join(kinds) + " probes"
 
 
 def _per_class_probe(report, summary, labels) -> str:
@@ -154,7 +171,7 @@ def _per_class_probe(report, summary, labels) -> str:
         row = mat[i]
         own = "" if np.isnan(row).all() else ", ".join(str(layers[j]) for j in np.flatnonzero(row == np.nanmax(row)))
         rows.append((name, key, at.classwise_f1[i]) + ((at.classwise_ap[i],) if by_ap else ()) + (own,))
-    head = ["class", "key", f"F1 at layer {best['layer']}"] + ([f"AP at layer {best['layer']}"] if by_ap else []) \
+    head = ["class", "key", f"F1 at layer {best['layer']}" + (f" ({report.probes[0]})" if len(report.probes) > 1 else "")] + ([f"AP at layer {best['layer']}"] if by_ap else []) \
         + [f"best layer(s) by {'AP' if by_ap else 'F1'}" + (f" ({labels[best['features']]})" if len(labels) > 1 else "")]
     return H.table(head, rows)
 
@@ -192,6 +209,10 @@ def _cross_names(fusion, metas) -> str:
     return f" Fusions: {what} ({', '.join(f'{c} = {l}' for c, l in zip(codes, labels))})."
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P")   # per probe kind
+_KIND_LS = ("-", "--", ":", "-.")
+
+
 def plot_layers(report, path, *, relative: bool = False) -> dict:
     """Probe score per encoder layer, one line per cache (model, labelled from its metadata), like the
     Whisper-AT paper's figure 1 (lower); fusion baselines and chance as labelled reference lines.
@@ -199,29 +220,37 @@ def plot_layers(report, path, *, relative: bool = False) -> dict:
     different depth on one axis."""
     metas = report.metas
     labels = figures.distinct_labels(metas)
-    fig, axes = figures.figure(width=figures.COLUMN, height=2.4)
+    kinds = report.probes
+    fig, axes = figures.figure(width=figures.COLUMN, height=2.4 + 0.15 * (len(kinds) - 1))
     ax = axes[0, 0]
     values = []
-    for c, m in enumerate(metas):
-        rs = report.layer_results(c)
-        layer = np.array([r.feature.layers[0][0] for r in rs], float)
-        x = (layer + 1) / m.n_layers if relative else layer
-        y = np.array([r.score for r in rs])
-        sd = np.array([r.score_std for r in rs])
-        line, = ax.plot(x, y, marker="o", label=labels[c])
-        if report.n_folds > 1:
-            ax.fill_between(x, y - sd, y + sd, color=line.get_color(), alpha=0.18, lw=0)
-        values += [y - sd, y + sd]
-    fusion = report.fusion_results()
+    for j, kind in enumerate(kinds):     # one line per model and probe kind
+        for c, m in enumerate(metas):
+            rs = report.layer_results(c, kind)
+            layer = np.array([r.feature.layers[0][0] for r in rs], float)
+            x = (layer + 1) / m.n_layers if relative else layer
+            y = np.array([r.score for r in rs])
+            sd = np.array([r.score_std for r in rs])
+            # several kinds: one model gets a colour per kind; several models a colour per model, a style per kind
+            style = {} if len(kinds) == 1 else dict(color=figures.COLORS[(j if len(metas) == 1 else c) % 8],
+                                                    ls="-" if len(metas) == 1 else _KIND_LS[j % len(_KIND_LS)])
+            name = labels[c] if len(kinds) == 1 else (f"{kind} probe" if len(metas) == 1 else f"{labels[c]}, {kind}")
+            line, = ax.plot(x, y, marker=_MARKERS[j % len(_MARKERS)], label=name, **style)
+            if report.n_folds > 1:
+                ax.fill_between(x, y - sd, y + sd, color=line.get_color(), alpha=0.18 / len(kinds), lw=0)
+            values += [y - sd, y + sd]
+    fusion = [r for kind in kinds for r in report.fusion_results(kind)]
     values += [[r.score for r in fusion]]
     ax.set_ylim(*figures.data_limits(np.concatenate([np.ravel(v) for v in values]), bounds=(0, 1)))
     for r in fusion:
-        if len(metas) == 1:      # one model: the baselines get colours of their own
+        if len(kinds) > 1 and len(metas) == 1:   # several kinds: a kind's baselines in its line's colour
+            color = figures.COLORS[kinds.index(r.probe) % 8]
+        elif len(metas) == 1:    # one model: the baselines get colours of their own
             color = figures.COLORS[1 if r.feature.kind == "mean" else 2]
         else:                    # several: a model's own baselines in its colour, cross-model ones black
             color = figures.COLORS[r.feature.caches[0] % 8] if len(r.feature.caches) == 1 else "#000000"
-        figures.reference_line(ax, r.score, _fusion_label(r, labels, metas), color=color,
-                               ls="--" if r.feature.kind == "mean" else "-.")
+        figures.reference_line(ax, r.score, (f"{r.probe}, " if len(kinds) > 1 else "") + _fusion_label(r, labels, metas),
+                               color=color, ls="--" if r.feature.kind == "mean" else "-.")
     figures.reference_line(ax, report.chance, "chance")
     if relative:
         ax.set_xlabel("relative depth (layer / number of layers)")
@@ -232,7 +261,7 @@ def plot_layers(report, path, *, relative: bool = False) -> dict:
     m = metas[0]
     data = (figures.cache_label(m, report.n_clips) if len(metas) == 1
             else f"{m.dataset}: {len(m.vocab)} classes, {report.n_clips} clips")
-    figures.title(ax, "Linear probe per layer", data)
+    figures.title(ax, f"{probes_title(kinds)[0].upper()}{probes_title(kinds)[1:]} per layer", data)
     figures.legend_below(ax, ncol=2 if max(map(len, labels)) <= 24 else 1)
     figures.caption(fig, f"{report.protocol}" + (f"; shaded: ±1 standard deviation over the {report.n_folds} folds."
                                                  if report.n_folds > 1 else ".") + _cross_names(fusion, metas))

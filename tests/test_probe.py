@@ -208,11 +208,13 @@ def test_demo_cache_best_layer_far_above_chance(demo_cache_trim, tmp_path):
 def test_bce_probe_matches_sklearn_logistic_regression():
     """The multi-label probe is C independent L2 logistic regressions (sklearn's objective)."""
     from sklearn.linear_model import LogisticRegression
+
+    from wat.eval.probe_kinds import bce_probe
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 6)).astype(np.float32)
     y = (x @ rng.normal(size=(6, 3)) + rng.normal(size=(120, 3))) > 0.5
     opts = P.ProbeOptions(C=0.5, max_iter=500, device="cpu")
-    got = P._bce_probe(x[:80], y[:80], x[80:], opts)
+    got = bce_probe(x[:80], y[:80], x[80:], opts)
     for c in range(3):
         ref = LogisticRegression(C=0.5, max_iter=1000, tol=1e-8).fit(x[:80], y[:80, c]).predict_proba(x[80:])[:, 1]
         np.testing.assert_allclose(got[:, c], ref, atol=2e-3)
