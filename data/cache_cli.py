@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
-        print(f"wat-cache: {len(problems)} problem(s) in {args.file}", file=sys.stderr)
+        print(f"wat-cache: error: {len(problems)} problem(s) in {args.file} (listed above)", file=sys.stderr)
         return 1
     d = info(args.file)
     print(f"OK: {d['clips']} clips, {d['shards']} shards")

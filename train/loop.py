@@ -22,7 +22,7 @@ import torch
 from wat.data import figures
 from wat.data.cache import Cache
 from wat.data.files import LockedError, json_safe, locked_folder, one_line
-from wat.data.heads import Features, build_head, head_problems, load_head, save_head
+from wat.data.heads import Features, HeadError, build_head, head_problems, load_head, save_head
 
 from wat.eval import metrics
 
@@ -47,7 +47,10 @@ def _init_state(opts: TrainOptions, cache: Cache, n_classes: int) -> dict | None
     if not opts.init:
         return None
     m = cache.meta
-    src, info = load_head(opts.init, n_layers=m.n_layers)
+    try:
+        src, info = load_head(opts.init, n_layers=m.n_layers)
+    except HeadError as e:
+        raise TrainError(f"--init: {e}") from None
     # transfer to other classes is allowed: the classes and label type are not compared
     feats = Features(m.n_layers, m.dim, m.model, m.fingerprint, m.policy, m.n_frames, layers=m.layers,
                      pad30_padding=m.pad30_padding)

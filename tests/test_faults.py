@@ -1,0 +1,316 @@
+"""Fault injection: the classes of failure issue 25 found, kept closed.
+
+- a full disk (RLIMIT_FSIZE: write() fails with EFBIG, as with ENOSPC) in every command that writes
+  files: one `PROG: error:` line, exit 2, no traceback, no `.partial` file, no half-written file (each
+  file left is whole: atomic writes), no folder the run made and left empty. wat-extract and
+  wat-train have their own (subprocess) cases in test_extract.py / test_train.py; kill -9 and resume
+  of the long commands (wat-extract, wat-train, wat-robust) are in those modules and test_robust.py.
+- adversarial output names: `output_stems` over name sets built to collide, and wat-tag writing them.
+- a sweep over every command's error paths (missing, empty, foreign and wrong-kind inputs, unwritable
+  outputs, refusals): each is one error line and exit 1/2, never a traceback.
+- byte flips over every field of a small fp16 and int8 cache: see test_integrity.py.
+
+In-process where it can be (a file-size limit set and restored around one `main()` call; Python
+ignores SIGXFSZ, so the write fails instead of killing the process): a few seconds per case.
+"""
+import json
+import os
+import resource
+import signal
+import unicodedata
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wat.data.labels import Vocabulary
+from wat.data.naming import output_stems
+from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+
+N, L, T, D, C = 40, 3, 4, 16, 4
+
+
+@contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past `nbytes` in any file fail with EFBIG (a full disk) while the block runs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+
+
+def one_error(capsys, code, prog: str, *needles) -> str:
+    """The command failed with one `PROG: error:` line (exit 1 or 2) and no traceback; returns it."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(f"{prog}: error:")]
+    assert code in (1, 2) and "Traceback" not in err, (code, err[-3000:])
+    assert len(lines) == 1, err[-3000:]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def run_main(main, argv):
+    """main(argv) -> exit status (SystemExit from argparse included)."""
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+def no_partial_files(folder: Path):
+    assert not [p for p in folder.rglob("*") if ".partial" in p.name], list(folder.rglob("*"))
+
+
+def whole(path: Path) -> None:
+    """A file a command left must be readable as what it is (atomic writes: never torn)."""
+    data = path.read_bytes()
+    assert data, path
+    if path.suffix == ".json":
+        json.loads(data)
+    elif path.suffix == ".png":
+        assert data.startswith(b"\x89PNG") and data.rstrip().endswith(b"IEND\xaeB`\x82"), path
+    elif path.suffix == ".npz":
+        np.load(path).files
+    elif path.suffix in (".csv", ".tsv", ".txt", ".html", ".vtt", ".srt"):
+        data.decode("utf-8")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A single-label 4-class cache of 40 clips in 4 folds whose class shows in the features, and a
+    WA-MLP head trained on it."""
+    from wat.train.loop import TrainOptions, train
+    root = tmp_path_factory.mktemp("small")
+    rng = np.random.default_rng(0)
+    y = np.arange(N) % C
+    x = rng.standard_normal((N, L, T, D)).astype(np.float32)
+    x[np.arange(N), :, :, y] += 2.0
+    meta = synthetic_meta(vocab=Vocabulary.from_names([f"c{i}" for i in range(C)]), multilabel=False,
+                          n_layers=L, n_frames=T, dim=D)
+    write_synthetic_cache(root / "feats.h5", meta, x, [(int(c),) for c in y], folds=np.arange(N) % 4 + 1,
+                          shards=[20, 20], shard_dir=root / "feats.shards")
+    train(TrainOptions(features=str(root / "feats.h5"), out=str(root / "run"), head="wa-mlp", epochs=2, lr=1e-2,
+                       batch_size=8, progress=False))
+    return root / "feats.h5", root / "run" / "wa.pt"
+
+
+# ---------------------------------------------------------------- full disk, every writer
+
+def test_full_disk_wat_data_demo(tmp_path, capsys):
+    from wat.data.cli import main
+    out = tmp_path / "new" / "demo"
+    with file_size_limit(100_000):  # a clip is 441 kB: the first one fails
+        code = run_main(main, ["demo", "--out", out, "--clips-per-class", "1"])
+    one_error(capsys, code, "wat-data", "File too large")
+    assert code == 2 and not (tmp_path / "new").exists()  # what it made is gone again
+    with file_size_limit(6_000_000):  # every clip fits; a rerun into an existing folder, then the CSV fits too
+        assert run_main(main, ["demo", "--out", out, "--clips-per-class", "1"]) == 0
+    for p in out.rglob("*"):
+        if p.is_file():
+            whole(p)
+
+
+def test_full_disk_wat_probe(small, tmp_path, capsys):
+    from wat.eval.cli import probe_main
+    feats, _ = small
+    out = tmp_path / "probe"
+    with file_size_limit(3_000):  # the CSVs fit, the first PNG does not
+        code = run_main(probe_main, ["--features", feats, "--out", out, "--workers", "1", "--fusion", "none"])
+    one_error(capsys, code, "wat-probe", "File too large")
+    no_partial_files(tmp_path)
+    for p in out.rglob("*"):
+        whole(p)
+    with file_size_limit(1):  # nothing fits: no empty folder is left
+        code = run_main(probe_main, ["--features", feats, "--out", tmp_path / "p2", "--workers", "1", "--fusion", "none"])
+    one_error(capsys, code, "wat-probe", "File too large")
+    assert not (tmp_path / "p2").exists()
+
+
+def test_full_disk_wat_eval(small, tmp_path, capsys):
+    from wat.eval.cli import eval_main
+    feats, head = small
+    for limit, out in ((1, tmp_path / "e1"), (2_500, tmp_path / "e2")):
+        with file_size_limit(limit):
+            code = run_main(eval_main, ["--features", feats, "--head", head, "--out", out])
+        one_error(capsys, code, "wat-eval", "File too large")
+        no_partial_files(tmp_path)
+        if out.exists():
+            assert any(out.iterdir())  # a folder is left only with whole files in it
+            for p in out.rglob("*"):
+                whole(p)
+    assert not (tmp_path / "e1").exists()
+
+
+def test_full_disk_wat_tag(tiny_model, speech_wav, tmp_path, capsys):
+    """-f all under a limit that lets the small outputs through: an input gets all its files or none."""
+    from wat.data.heads import save_head
+    from wat.extract.tag.cli import main
+    from test_tag import _random_head
+    head, info = _random_head(tiny_model)
+    save_head(tmp_path / "head.pt", head, info)
+    audio = tmp_path / "in" / "x.wav"
+    audio.parent.mkdir()
+    audio.write_bytes(speech_wav.read_bytes())
+    argv = [audio, "--model", "tiny.en", "--head", tmp_path / "head.pt", "--time-res", "2", "-f", "all",
+            "--beam_size", "1", "--best_of", "1"]
+    assert run_main(main, argv + ["-o", tmp_path / "full"]) == 0
+    sizes = sorted(p.stat().st_size for p in (tmp_path / "full").iterdir())
+    with file_size_limit(sizes[len(sizes) // 2]):  # some outputs fit, others not
+        code = run_main(main, argv + ["-o", tmp_path / "cut"])
+    one_error(capsys, code, "wat-tag", "File too large", "x.wav")
+    assert code == 2 and not (tmp_path / "cut").exists()  # the one input has none of its outputs
+
+
+# ---------------------------------------------------------------- adversarial output names
+
+def _files(stems, suffixes):
+    keys = [unicodedata.normalize("NFC", s + x).casefold() for s in stems for x in suffixes]
+    folders = {unicodedata.normalize("NFC", "/".join(s.split("/")[:k])).casefold()
+               for s in stems for k in range(1, len(s.split("/")))}
+    return keys, folders
+
+
+NAME_SETS = {
+    "same stem, two folders": ["a/x.wav", "b/x.wav"],
+    "same flattened path": ["a/x.wav", "a-x.wav", "a_x.wav"],
+    "same stem, two extensions": ["d/y.wav", "d/y.flac", "d/y.wav.flac"],
+    "case only": ["A.wav", "a.wav", "a.WAV"],
+    "unicode forms": ["caf\u00e9.wav", "cafe\u0301.wav"],
+    "one file twice": ["x.wav", "x.wav", "./x.wav"],
+    "a file where a folder must be": ["a.wav", "a/x.wav"],
+    "a suffix inside a name": ["x.wav", "x.tags.wav"],
+    "tilde names": ["x.wav", "x.wav~2.flac", "x.flac", "X.wav"],
+}
+
+
+@pytest.mark.parametrize("name", list(NAME_SETS))
+@pytest.mark.parametrize("suffixes", [("",), (".txt", ".tags.tsv"), (".txt", ".vtt", ".srt", ".tsv", ".json", ".tags.tsv")])
+def test_output_stems_never_collide(name, suffixes, tmp_path):
+    paths = [tmp_path / p for p in NAME_SETS[name]]
+    stems = output_stems(paths, suffixes)
+    keys, folders = _files(stems, suffixes)
+    assert len(set(keys)) == len(keys), (name, stems)            # distinct files, as a case-insensitive disk sees them
+    assert not set(keys) & folders, (name, stems)               # no file where another output needs a folder
+    assert all(s and not s.startswith("/") and ".." not in s.split("/") for s in stems)
+    if len({os.path.abspath(p) for p in paths}) == len(paths) and name not in ("case only", "unicode forms"):
+        # readable: the name is the input's path below the common parent, with or without its extension
+        top = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+        rel = [Path(os.path.relpath(p, top)).as_posix() for p in paths]
+        assert all(r == s or r.rsplit(".", 1)[0] == s or s.startswith(r) for r, s in zip(rel, stems)), stems
+
+
+def test_output_stems_are_plain_stems_when_nothing_clashes(tmp_path):
+    assert output_stems([tmp_path / "one.wav", tmp_path / "two.flac"]) == ["one", "two"]
+    assert output_stems(["a/x.wav", "b/x.wav"]) == ["a/x", "b/x"]
+    assert output_stems(["d/y.wav", "d/y.flac"]) == ["y.wav", "y.flac"]
+    assert output_stems(["A.wav", "a.wav"]) == ["A.wav", "a.wav~2"]
+    assert output_stems(["A.wav", "a.wav"], exact=True) == ["A", "a"]  # ids, not files
+
+
+def test_wat_tag_writes_adversarial_names_without_overwriting(tiny_model, speech_audio, tmp_path, capsys):
+    """Inputs whose names clash every way at once, given as files and as a folder: every input gets
+    its own complete set of files, none is overwritten (each holds its own input's transcript path)."""
+    import soundfile as sf
+    from wat.data.heads import save_head
+    from wat.extract.tag.cli import expand_inputs, main
+    from test_tag import _random_head
+    head, info = _random_head(tiny_model)
+    save_head(tmp_path / "head.pt", head, info)
+    root = tmp_path / "in"
+    names = ["a/x.wav", "a-x.wav", "d/y.wav", "d/y.flac", "Z.wav", "z.wav"]
+    clip = speech_audio[:16000 * 2]
+    for n in names:
+        (root / n).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(root / n, clip, 16000)
+    out = tmp_path / "out"
+    code = run_main(main, [root, "--model", "tiny.en", "--head", tmp_path / "head.pt", "--time-res", "2",
+                           "-f", "json", "-o", out, "--beam_size", "1", "--best_of", "1"])
+    assert code == 0, capsys.readouterr().err
+    docs = sorted(out.rglob("*.json"))
+    assert len(docs) == len(names) and len(sorted(out.rglob("*.tags.tsv"))) == len(names)
+    # whisper's JSON writer keeps no file name: each input is told apart by its output name
+    stems = sorted(str(p.relative_to(out))[:-len(".json")] for p in docs)
+    assert stems == sorted(output_stems(expand_inputs([str(root)]), (".json", ".tags.tsv")))
+    assert {"a/x", "a-x", "d/y.wav", "d/y.flac", "Z.wav"} <= set(stems)
+
+
+# ---------------------------------------------------------------- every command's error paths
+
+def _junk(tmp_path):
+    """Inputs of the wrong kind: a text file, an empty file, a folder, a torch file of a list."""
+    import torch
+    (tmp_path / "text.h5").write_text("not hdf5\n")
+    (tmp_path / "empty.h5").write_bytes(b"")
+    (tmp_path / "folder.h5").mkdir()
+    torch.save([1, 2], tmp_path / "list.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    (tmp_path / "file").write_text("a file where a folder should be\n")
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes("path,labels\nx.wav,caf\u00e9\n".encode("latin-1"))
+    return tmp_path
+
+
+def _sweep():
+    """(prog, main module:function, argv template, what the error line must contain). `{j}`: the junk
+    folder, `{c}`: the small cache, `{h}`: its head."""
+    missing = "{j}/missing"
+    cases = []
+    for bad in (missing + ".h5", "{j}/text.h5", "{j}/empty.h5", "{j}/folder.h5"):
+        cases += [("wat-cache", "wat.data.cache_cli:main", ["info", bad], ""),
+                  ("wat-cache", "wat.data.cache_cli:main", ["verify", bad], ""),
+                  ("wat-train", "wat.train.cli:main", ["--features", bad, "--out", "{j}/run"], ""),
+                  ("wat-probe", "wat.eval.cli:probe_main", ["--features", bad, "--out", "{j}/p"], ""),
+                  ("wat-eval", "wat.eval.cli:eval_main", ["--features", bad, "--head", "{h}", "--out", "{j}/e"], "")]
+    for bad in (missing + ".pt", "{j}/text.pt", "{j}/list.pt", "{j}/folder.h5"):
+        cases += [("wat-eval", "wat.eval.cli:eval_main", ["--features", "{c}", "--head", bad, "--out", "{j}/e"], ""),
+                  ("wat-train", "wat.train.cli:main", ["--features", "{c}", "--init", bad, "--head", "wa-mlp",
+                                                       "--out", "{j}/run"], "--init")]
+    cases += [
+        ("wat-train", "wat.train.cli:main", ["--features", "{c}", "--folds", "3", "--out", "{j}/run"], "--folds 3"),
+        ("wat-train", "wat.train.cli:main", ["--features", "{c}", "--eval-features", missing + ".h5", "--out", "{j}/run"], ""),
+        ("wat-train", "wat.train.cli:main", ["--features", "{c}", "--out", "{j}/file", "--head", "wa-mlp",
+                                             "--epochs", "1"], "file"),
+        ("wat-probe", "wat.eval.cli:probe_main", ["--features", "{c}", "--folds", "3", "--out", "{j}/p"], "--folds 3"),
+        ("wat-probe", "wat.eval.cli:probe_main", ["--features", "{c}", "--layers", "7", "--out", "{j}/p"], "layer"),
+        ("wat-probe", "wat.eval.cli:probe_main", ["--features", "{c}", "--eval-features", "{j}/text.h5", "--out", "{j}/p"], ""),
+        ("wat-eval", "wat.eval.cli:eval_main", ["--features", "{c}", "--head", "{h}", "--out", "{j}/file"], ""),
+        ("wat-eval", "wat.eval.cli:eval_main", ["--features", "{c}", "--head", "{h}", "--out", "{j}/e",
+                                                "--tune-thresholds-on", "{c}"], "multi-label"),
+        ("wat-data", "wat.data.cli:main", ["list", "--dataset", "csv", "--root", "{j}/latin1.csv"], "latin1.csv:2"),
+        ("wat-data", "wat.data.cli:main", ["list", "--dataset", "esc50", "--root", missing], ""),
+        ("wat-data", "wat.data.cli:main", ["list", "--dataset", "folder", "--root", "{j}/folder.h5"], ""),
+        ("wat-data", "wat.data.cli:main", ["demo", "--out", "{j}/file"], ""),
+        ("wat-extract", "wat.extract.cli:main", ["--dataset", "csv", "--root", "{j}/latin1.csv", "--model", "tiny.en",
+                                                 "--out", "{j}/x.h5"], "latin1.csv:2"),
+        ("wat-extract", "wat.extract.cli:main", ["--dataset", "esc50", "--root", missing, "--model", "tiny.en",
+                                                 "--out", "{j}/x.h5"], ""),
+        ("wat-tag", "wat.extract.tag.cli:main", ["-", "--model", "tiny.en", "--head", "{h}"], "standard input"),
+        ("wat-tag", "wat.extract.tag.cli:main", ["{j}/folder.h5", "--model", "tiny.en", "--head", "{h}"], "without audio"),
+        ("wat-tag", "wat.extract.tag.cli:main", ["{j}/text.h5", "--model", "tiny.en", "--head", "{h}", "-o", "{j}/file"], ""),
+        ("wat-robust", "wat.extract.robust.cli:main", ["--speech", missing, "--noise-dataset", "esc50", "--noise-root",
+                                                       missing, "--model", "tiny.en", "--out", "{j}/r"], ""),
+    ]
+    return cases
+
+
+SWEEP = _sweep()
+
+
+@pytest.mark.parametrize("prog,target,argv,needle", SWEEP, ids=[f"{p} {' '.join(a)}" for p, _, a, _ in SWEEP])
+def test_error_paths_are_one_line(small, tmp_path, capsys, prog, target, argv, needle):
+    import importlib
+    feats, head = small
+    junk = _junk(tmp_path)
+    module, fn = target.split(":")
+    main = getattr(importlib.import_module(module), fn)
+    before = {p for p in junk.rglob("*")}
+    code = run_main(main, [a.format(j=junk, c=feats, h=head) for a in argv])
+    one_error(capsys, code, prog, needle)
+    made = {p for p in junk.rglob("*")} - before
+    assert not [p for p in made if p.is_dir() and not any(p.iterdir())], made  # no empty folder left
