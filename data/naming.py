@@ -82,10 +82,18 @@ def output_stems(paths, suffixes=("",), *, root=None, exact: bool = False) -> li
     raise AssertionError(f"output_stems: names still clash: {[stem(i) for i in sorted(clash)]}")
 
 
-def output_folder_name(name: str) -> str:
-    """A folder name for a free-form label such as a model spec (`/models/large-v1.pt` ->
+def folder_name(name: str) -> str:
+    """A folder name for a free-form label such as a model name (`/models/large-v1.pt` ->
     `large-v1.pt`, `org/model` -> `model`): its last path part with characters outside
-    [A-Za-z0-9._+-] replaced by `_`. Give a list of them to `output_stems` to make them distinct."""
+    [A-Za-z0-9._+-] replaced by `_`."""
     import re
 
     return re.sub(r"[^A-Za-z0-9._+-]", "_", PurePosixPath(name.replace("\\", "/")).name) or "model"
+
+
+def distinct_name(name: str, taken, position: int) -> str:
+    """`name`, or `name~N` (N = `position`, 1-based) when a name already `taken` is the same file
+    on a case-insensitive disk (rule 3 above, for outputs named one at a time, e.g. one folder per
+    model as each model loads)."""
+    keys = {_key(t) for t in taken}
+    return name if _key(name) not in keys else f"{name}~{position}"

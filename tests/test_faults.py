@@ -213,6 +213,16 @@ def test_output_stems_are_plain_stems_when_nothing_clashes(tmp_path):
     assert output_stems(["A.wav", "a.wav"], exact=True) == ["A", "a"]  # ids, not files
 
 
+def test_folders_named_one_at_a_time_never_collide():
+    """wat-robust names a folder per model as each loads: `/a/model.pt` and `/b/Model.pt` are two."""
+    from wat.data.naming import distinct_name, folder_name
+    taken = []
+    for k, spec in enumerate(["/a/model.pt", "/b/Model.pt", "org/model.pt", "tiny.en"], 1):
+        taken.append(distinct_name(folder_name(spec), taken, k))
+    assert taken == ["model.pt", "Model.pt~2", "model.pt~3", "tiny.en"]
+    assert folder_name("org/a b:c") == "a_b_c" and folder_name("") == "model"
+
+
 def test_wat_tag_writes_adversarial_names_without_overwriting(tiny_model, speech_audio, tmp_path, capsys):
     """Inputs whose names clash every way at once, given as files and as a folder: every input gets
     its own complete set of files, none is overwritten (each holds its own input's transcript path)."""

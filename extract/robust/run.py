@@ -19,7 +19,6 @@ audio, silent noise) is recorded in problems.tsv with its reason and skipped.
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -34,6 +33,7 @@ from wat.data.audio import SAMPLE_RATE, AudioError, load_audio
 from wat.data.datasets import Dataset, load_dataset
 from wat.extract.encoders import Encoder, as_encoder, load_encoder
 from wat.data.files import make_folder, remove_bare, write_json, write_tsv
+from wat.data.naming import distinct_name, folder_name
 from wat.extract.pipeline import (ExtractOptions, cache_meta, extract_dataset, finished, prepare_output,
                                   record_path)
 
@@ -69,6 +69,9 @@ class RobustOptions:
     def check(self) -> None:
         if not self.models:
             raise RobustError("give at least one --model")
+        twice = sorted({m for m in self.models if self.models.count(m) > 1})
+        if twice:
+            raise RobustError(f"--model {twice[0]} is given more than once")
         if len(set(self.snrs)) < 2 or not all(math.isfinite(s) and -60 <= s <= 100 for s in self.snrs):
             raise RobustError(f"--snr needs at least two distinct finite values in [-60, 100] dB, got {list(self.snrs)}")
         for name, low, high in (("noise_per_utterance", 1, 1000), ("batch_size", 1, 4096),
@@ -102,7 +105,7 @@ class Plan:
 
 def slug(name: str) -> str:
     """A folder name for a model spec ("tiny.en", "/models/large-v1.pt" -> "large-v1.pt")."""
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", Path(name).name) or "model"
+    return folder_name(name)
 
 
 def make_plan(speech_path, noise_kind: str, noise_root, noise_manifest, options: RobustOptions) -> Plan:
@@ -258,10 +261,12 @@ def run_chunk(model, plan: Plan, index: int, chunk: list[Mixture], shard_dir: Pa
 
 
 def run_model(spec: str, plan: Plan, options: RobustOptions, out: Path, bar=None, model=None,
-              audio: _Audio | None = None) -> dict:
+              audio: _Audio | None = None, taken: tuple = (), position: int = 1) -> dict:
     """One model: the mixture cache (resumed), its per-SNR indexes and the noise-alone cache.
     `model`: already loaded (a Whisper model or an Encoder); `audio`: the decoded speech and noise
-    shared by every model of the run (the same mixtures for each)."""
+    shared by every model of the run (the same mixtures for each). `taken`: the folders of the run's
+    models before this one (at `position`, 1-based): a model whose folder name clashes with one of
+    them gets `NAME~position` (`wat.data.naming.distinct_name`), never another model's folder."""
     encoder = as_encoder(model) if model is not None else load_encoder(spec, device=options.device)
     asr = recognizer(encoder, spec)
     try:
@@ -269,7 +274,7 @@ def run_model(spec: str, plan: Plan, options: RobustOptions, out: Path, bar=None
     except ValueError as e:
         raise RobustError(f"--noise-policy: {e}") from None
     name = encoder.name
-    mdir = out / slug(name)
+    mdir = out / distinct_name(slug(name), taken, position)
     index = mdir / "feats.h5"
     meta = _meta(encoder, plan, options)
     try:
@@ -337,8 +342,9 @@ def run_robust(speech_path, noise_kind: str, noise_root, out, options: RobustOpt
     try:
         with progress(total=todo_total, unit="mix", desc="wat-robust", disable=None if options.progress is None
                       else not options.progress, smoothing=0.1) as bar:
-            for spec in options.models:
-                run = run_model(spec, plan, options, out, bar, model=(models or {}).get(spec), audio=audio)
+            for k, spec in enumerate(options.models, 1):
+                run = run_model(spec, plan, options, out, bar, model=(models or {}).get(spec), audio=audio,
+                                taken=tuple(r["dir"].name for r in runs), position=k)
                 runs.append(run)
                 problems += [(run["name"], *e) for r in run["records"] for e in r["errors"]]
     except BaseException:  # e.g. a --model that does not load: no empty --out left behind
