@@ -207,6 +207,10 @@ class TLTr(_TransformerHead):
     def __init__(self, n_layers: int, dim_in: int, n_classes: int, proj_dim: int | None = None):
         super().__init__(n_layers)
         width = proj_dim or dim_in
+        if width % LAYER_HEADS:  # every Whisper width is a multiple; other encoders' need not be (CREPE, ...)
+            raise HeadError(f"{self.kind} on features {dim_in} wide: its layer block has {LAYER_HEADS} attention "
+                            f"heads, so the width must be a multiple of {LAYER_HEADS}; project the features "
+                            f"with --proj-dim (a multiple of {LAYER_HEADS})")
         self.down_layer = _projection(dim_in, proj_dim)
         self.time_tr = ResidualAttentionBlock(width, TIME_HEADS)
         self.layer_tr = ResidualAttentionBlock(width, LAYER_HEADS)

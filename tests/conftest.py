@@ -90,10 +90,10 @@ def demo_head_pad30(demo_cache_pad30, tmp_path_factory) -> Path:
     return out / "wa.pt"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def toy_encoder():
-    """A test-only encoder family "toy" (specs "toy-*"), registered for the test and removed after it:
-    the generic encoder paths without a model library. Returns the class."""
+    """A test-only encoder family "toy" (specs "toy-*"), registered from the first test that uses it to
+    the end of the session: the generic encoder paths without a model library. Returns the class."""
     import torch
 
     from wat.extract.encoders import ENCODERS, Encoder, register_encoder

@@ -1,0 +1,82 @@
+"""Everything downstream of the cache takes features of any encoder: wat-train (every head kind),
+wat-probe and wat-eval on a cache extracted by a non-Whisper family (conftest's test-only `toy`),
+and TL-Tr on caches as deep and wide as the seed papers' encoders (24 x 1024, 48 x 1280)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from wat.data.heads import build_head
+from wat.data.labels import Vocabulary
+from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+from wat.eval.cli import eval_main, probe_main
+from wat.extract.cli import main as extract_main
+from wat.train.cli import main as train_main
+
+
+@pytest.fixture(scope="module")
+def toy_cache(toy_encoder, demo_data, tmp_path_factory):
+    """The demo set (88 clips, 11 classes, 5 folds) through the toy encoder: 2 layers x 3 channels."""
+    out = tmp_path_factory.mktemp("toy") / "toy.h5"
+    assert extract_main(["--dataset", "esc50", "--root", str(demo_data), "--model", "toy-b", "--frames", "8",
+                         "--out", str(out), "--progress", "none"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("head,more", [("last-mlp", []), ("wa-mlp", []), ("wa-tr", ["--proj-dim", "8"]),
+                                       ("tl-tr", ["--proj-dim", "8"])])
+def test_train_probe_eval_on_another_encoders_cache(toy_cache, tmp_path, head, more):
+    run = tmp_path / head
+    assert train_main(["--features", str(toy_cache), "--eval-features", str(toy_cache), "--head", head, *more,
+                       "--epochs", "2", "--out", str(run), "--progress", "none"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["head"] == head or metrics.get("options", {}).get("head", head) == head
+    ev = tmp_path / f"eval-{head}"
+    assert eval_main(["--features", str(toy_cache), "--head", str(run / "wa.pt"), "--out", str(ev),
+                      "--progress", "none"]) == 0
+    assert (ev / "per_class.csv").exists()
+    if head == "tl-tr":   # the probe once: every layer of the toy cache
+        probe = tmp_path / "probe"
+        assert probe_main(["--features", str(toy_cache), "--folds", "5", "--out", str(probe),
+                           "--progress", "none"]) == 0
+        assert (probe / "layers.csv").read_text().count("\n") >= 3   # header + 2 layers
+
+
+def test_tl_tr_on_a_width_its_heads_cannot_split_is_one_error_line(toy_cache, tmp_path, capsys):
+    assert train_main(["--features", str(toy_cache), "--eval-features", str(toy_cache), "--head", "tl-tr",
+                       "--out", str(tmp_path / "run"), "--progress", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["wat-train: error: tl-tr on features 3 wide: its layer block has 8 attention heads, so the "
+                   "width must be a multiple of 8; project the features with --proj-dim (a multiple of 8)"]
+
+
+@pytest.mark.parametrize("n_layers,dim", [(24, 1024), (48, 1280)])
+def test_tl_tr_on_deep_wide_encoder_caches(tmp_path, n_layers, dim):
+    """wav2vec2-Large-Robust is 24 x 1024, HuBERT X-Large 48 x 1280: wat-train and wat-eval run TL-Tr
+    on caches of those shapes (a few clips; projected to 128 wide, as the README's recipe), and the
+    paper's unprojected TL-Tr1024 / TL-Tr1280 builds and takes a training step at full width."""
+    rng = np.random.default_rng(0)
+    vocab = Vocabulary(("a", "b"), ("class a", "class b"))
+    n, t = 12, 4
+    labels = [[i % 2] for i in range(n)]
+    feats = rng.standard_normal((n, n_layers, t, dim)).astype(np.float16)
+    feats[1::2, :, :, :8] += 1.0   # class 1 is findable
+    meta = synthetic_meta(vocab=vocab, multilabel=False, n_layers=n_layers, n_frames=t, dim=dim,
+                          model=f"enc-{n_layers}x{dim}")
+    train, test = tmp_path / "train.h5", tmp_path / "test.h5"
+    write_synthetic_cache(train, meta, feats, labels, shards=1, shard_dir=tmp_path / "tr")
+    write_synthetic_cache(test, meta, feats[:4], labels[:4], shards=1, shard_dir=tmp_path / "te")
+    run = tmp_path / "run"
+    assert train_main(["--features", str(train), "--eval-features", str(test), "--head", "tl-tr",
+                       "--proj-dim", "128", "--epochs", "1", "--batch-size", "4",
+                       "--out", str(run), "--progress", "none"]) == 0
+    assert eval_main(["--features", str(test), "--head", str(run / "wa.pt"), "--out", str(tmp_path / "ev"),
+                      "--progress", "none"]) == 0
+
+    torch.manual_seed(0)
+    head = build_head("tl-tr", n_layers, dim, 2)              # no projection: the encoder's width
+    x = torch.from_numpy(feats[:2]).float()
+    loss = torch.nn.functional.cross_entropy(head(x), torch.tensor([0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in head.parameters())
