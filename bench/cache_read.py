@@ -58,7 +58,7 @@ from common import drop
 
 def make_cache(folder: Path, n: int, n_layers: int, dim: int, storage: str, shard_clips: int) -> Path:
     from wat.data.labels import Vocabulary
-    from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+    from common import synthetic_meta, write_synthetic_cache
 
     index = folder / "feats.h5"
     if index.exists():
@@ -134,7 +134,7 @@ def stream(store, batch: int, seed: int, dtype) -> tuple[int, float]:
 
 
 def dask_layer(cache, layer: int) -> tuple[int, float]:
-    from wat.data.readers import dask_view
+    from wat.data.cache import dask_view
 
     t = time.perf_counter()
     x = dask_view(cache, "mean")[:, layer, :].astype(np.float32).compute(scheduler="synchronous")
@@ -165,7 +165,7 @@ def rss_child(part: str, index: str, budget: int, out: str, batch: int) -> None:
     """Runs in a child process (peak RSS only grows): the baseline, then one part alone."""
     import torch
     from wat.data.cache import open_cache
-    from wat.data.readers import FeatureStore
+    from wat.data.cache.store import FeatureStore
     from wat.train.loop import TrainOptions, train
     torch.set_num_threads(2)
 
@@ -329,7 +329,7 @@ def main() -> int:
                         mbs = n * a.dim * c.stored_dtype.itemsize / dt / 1e6
                     else:
                         import torch
-                        from wat.data.readers import FeatureStore
+                        from wat.data.cache.store import FeatureStore
                         if (temp, st, mode) not in readers:  # kept between rounds, as between epochs
                             readers[temp, st, mode] = FeatureStore(c, "features", read_threads=a.threads,
                                                                    memory_budget=min(1 << 30, size[temp, st] // 2))

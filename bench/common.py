@@ -2,7 +2,12 @@
 of the real sizes, the GPU's dense matrix peak, and the JSON results the GPU check collects."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+# the tests' factory of synthetic caches (tests/synthetic_cache.py) serves the bench scripts too
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from synthetic_cache import synthetic_meta, write_synthetic_cache  # noqa: E402  (re-exported)
 
 # openai-whisper's ModelDimensions per size (encoder and decoder alike), for random-weight models when
 # the real weights cannot be had (a box without network): throughput depends on the shapes only.

@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from wat.data import cache as C
+from wat.data.cache import handles
 from wat.data.labels import Vocabulary
-from wat.data.readers import dask_view
-from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+from wat.data.cache import dask_view
+from common import synthetic_meta, write_synthetic_cache
 
 from common import drop
 
@@ -83,11 +84,11 @@ def main(argv=None) -> int:
           f"the whole mean {layer * cache.meta.n_layers / 2**20:.1f} MiB; load {os.getloadavg()[0]:.1f}", flush=True)
 
     def verify():
-        C._VERIFIED.clear()
+        handles.VERIFIED.clear()
         cache.verify_field("mean")
 
     def via_dask():
-        C._VERIFIED.clear()
+        handles.VERIFIED.clear()
         assert cache.layer_checkable("mean")
         dask_view(cache, "mean")[:, a.layer, :].compute(scheduler="synchronous")
 

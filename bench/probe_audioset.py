@@ -38,7 +38,7 @@ import numpy as np
 
 from wat.data.cache import build_index, open_cache, shard_path, write_shard
 from wat.data.labels import audioset_vocabulary
-from wat.data.synthetic import synthetic_meta
+from common import synthetic_meta
 from wat.eval.probe import Feature, ProbeOptions, load_matrix, probe
 
 from common import device_name, write_json

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+from common import synthetic_meta, write_synthetic_cache
 from wat.data.labels import Vocabulary
 from wat.eval.probe import ProbeOptions, probe
 

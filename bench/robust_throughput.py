@@ -31,10 +31,10 @@ import whisper
 from wat.data import load_dataset, make_demo
 from wat.data.audio import load_audio
 from wat.extract import EncoderPasses, encode_layers, load_whisper
-from wat.extract.robust.asr import AsrOptions, decode_batch
-from wat.extract.robust.mix import mix
-from wat.extract.robust.speech import load_speech
-from wat.extract.robust.wer import corpus, normalize
+from wat.robust.asr import AsrOptions, decode_batch
+from wat.robust.mix import mix
+from wat.robust.speech import load_speech
+from wat.robust.wer import corpus, normalize
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,7 @@ import numpy as np
 
 def graded_cache(folder: Path, storage: str, n: int, seed: int = 0) -> Path:
     from wat.data.labels import Vocabulary
-    from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+    from common import synthetic_meta, write_synthetic_cache
 
     L, T, D, C = 8, 25, 256, 10
     rng = np.random.default_rng(seed)
@@ -73,7 +73,7 @@ def tltr_score(path, out: Path, epochs: int) -> float:
 def stream_rate(path, dtype) -> float:
     """Samples/s of a streaming store's second epoch in `dtype` (None: as stored)."""
     from wat.data.cache import open_cache
-    from wat.data.readers import FeatureStore
+    from wat.data.cache.store import FeatureStore
 
     cache = open_cache(path)
     size = sum(p.stat().st_size for p, _, _ in cache.shards)

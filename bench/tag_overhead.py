@@ -25,7 +25,7 @@ import torch
 from wat.data import demo
 from wat.data.audio import load_audio
 from wat.extract import EncoderPasses
-from wat.extract.tag import transcribe_and_tag
+from wat.tag import transcribe_and_tag
 from wat.data.heads import HeadInfo, build_head, load_head
 
 from common import device_name, whisper_model, write_json

@@ -23,8 +23,8 @@ import torch
 
 from wat.data.cache import open_cache
 from wat.data.labels import audioset_vocabulary
-from wat.data.readers import FeatureStore
-from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+from wat.data.cache.store import FeatureStore
+from common import synthetic_meta, write_synthetic_cache
 from wat.data.heads import build_head, head_field
 from wat.train.inputs import COMPUTE, batches
 from wat.train.step import StepConfig, amp, make_optimizer, train_step

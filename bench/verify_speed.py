@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from wat.data.cache import _bad_rows, open_cache, row_crc32, verify
+from wat.data.cache import open_cache, row_crc32, verify
+from wat.data.cache.integrity import corrupt_rows
 from wat.data.labels import Vocabulary
-from wat.data.readers import FeatureStore
-from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+from wat.data.cache.store import FeatureStore
+from common import synthetic_meta, write_synthetic_cache
 
 
 def synthetic_cache(root: Path, n: int, shard: int = 500, L: int = 6, T: int = 25, D: int = 512) -> Path:
@@ -64,8 +65,8 @@ def store_load(index, check: bool) -> int:
             cache.mark_verified(s, "features")
     store = FeatureStore(cache, "features", memory_budget=1 << 40)
     n = store._data.numel() * 2
-    from wat.data import cache as wcache
-    wcache._VERIFIED.clear()
+    from wat.data.cache import handles
+    handles.VERIFIED.clear()
     cache.close()
     return n
 
@@ -101,7 +102,7 @@ def main():
             print(f"  {name:24s} {t:7.3f} s  {size / t / 1e9:6.2f} GB/s of shard files")
         block = open_cache(index).dataset(0, "features")[:]
         crc = row_crc32(block)
-        checks = {"CRC-32 per row": lambda: _bad_rows(block, crc), "zero/non-finite scan": lambda: _bad_rows(block, None)}
+        checks = {"CRC-32 per row": lambda: corrupt_rows(block, crc), "zero/non-finite scan": lambda: corrupt_rows(block, None)}
         for name, fn in checks.items():
             t = min(_timed(fn) for _ in range(args.rounds))
             print(f"  {name:24s} {block.nbytes / t / 1e9:6.2f} GB/s on one {block.nbytes / 1e6:.0f} MB shard in memory")

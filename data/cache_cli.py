@@ -6,7 +6,7 @@ import json
 import sys
 
 from .cache import CacheError, info, verify
-from .cliargs import parse_args
+from .clikit.args import parse_args
 
 
 def _print_info(d: dict) -> None:

@@ -6,7 +6,7 @@ import sys
 from collections import Counter
 
 from .audio import AudioError
-from .cliargs import add_encoding, int_range, parse_args, seed_int
+from .clikit.args import add_encoding, int_range, parse_args, seed_int
 from .datasets import DATASET_KINDS, DatasetError, load_dataset, problem_counts
 from .demo import CLASSES, make_demo
 

@@ -176,7 +176,7 @@ def pyplot():
 
 def save_figure(fig, path, metadata: dict | None = None) -> None:
     """Write a PNG atomically and free the figure (resolution: rcParams savefig.dpi, which the
-    figure style in wat.data.figures sets to 300; `metadata`: PNG text chunks)."""
+    figure style in wat.data.report.figures sets to 300; `metadata`: PNG text chunks)."""
     try:
         with atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, bbox_inches="tight", metadata=metadata)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from wat.data.cache import CacheError
-from wat.data.cliargs import (MAX_CLASSES, add_device, add_workers, float_range, int_range, layer_list, layers_text,
+from wat.data.clikit.args import (MAX_CLASSES, add_device, add_workers, float_range, int_range, layer_list, layers_text,
                               parse_args, seed_int)
 from wat.data.labels import LabelError
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wat.data import figures
+from wat.data.report import figures
 from wat.data.cache import Cache, CacheError, open_cache
 from wat.data.files import atomic_path, make_folder, remove_bare, write_csv, write_json
 from wat.data.heads import Features, HeadError, HeadInfo, head_field, head_problems, load_head, probabilities, save_head
@@ -38,7 +38,7 @@ class EvalOptions:
 def predict(head, info: HeadInfo, cache: Cache, indices=None, *, batch_size=256, device="cpu") -> np.ndarray:
     """Probabilities [N, n_vocab] float32 over `indices` (default all), read in order in blocks."""
     import torch
-    from wat.data.progress import progress
+    from wat.data.clikit.progress import progress
 
     idx = np.arange(len(cache)) if indices is None else np.asarray(indices, np.int64)
     n_out = len(cache.meta.vocab)

@@ -117,7 +117,7 @@ def time_note(metas, how: Fused, caches) -> str | None:
 
 def _layer_mean(cache: "Cache", layers, *, frames: bool) -> np.ndarray:
     """[N, D] (time mean) or [N, T, D] (frames) float32: the mean over `layers` of one cache."""
-    from wat.data.readers import dask_view
+    from wat.data.cache import dask_view
 
     v = dask_view(cache, "features" if frames else "mean")
     pos = [cache.meta.layers.index(l) for l in layers]   # encoder block -> position in the cache

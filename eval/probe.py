@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from wat.data.cache import Cache, CacheError, CacheMeta, open_cache
-from wat.data.cliargs import layers_text
+from wat.data.clikit.args import layers_text
 
 from . import fusion as fusions, metrics, probe_kinds
 
@@ -252,7 +252,7 @@ def check_splits(y: np.ndarray, y_test: np.ndarray, folds: list, fold_ids, multi
 
 def load_matrix(caches: list[Cache], feat: Feature) -> np.ndarray:
     """[N, D'] float32 of one feature, read through the dask view of the `mean` dataset."""
-    from wat.data.readers import dask_view
+    from wat.data.cache import dask_view
 
     if feat.kind not in ("layer", "concat"):
         return fusions.matrix(caches, feat.kind, feat.caches, feat.layers, feat.fused)
@@ -313,7 +313,7 @@ def _one_thread():
 
 def run_tasks(tasks: list[tuple], opts: ProbeOptions):
     """Yield (task index, result) in completion order: dask cluster, process pool, or in-process."""
-    from wat.data.progress import progress
+    from wat.data.clikit.progress import progress
 
     bar = progress(total=len(tasks), desc="probe", unit="fit")
     if opts.scheduler:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wat.data import figures, htmlreport as H
+from wat.data.report import figures, page as H
 from wat.data.files import make_folder, remove_bare, write_csv, write_json
 
 from . import fusion as fusions

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from wat.data.cache import POLICIES
-from wat.data.cliargs import add_device, add_encoding, add_workers, float_range, int_range, layer_range, parse_args
+from wat.data.clikit.args import add_device, add_encoding, add_workers, float_range, int_range, layer_range, parse_args
 from wat.data.datasets import DATASET_KINDS
 
 # --model help of every CLI that loads Whisper (what wat.extract.load_whisper accepts); kept here,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import dask
 from distributed import Client, LocalCluster, as_completed
-from wat.data.progress import progress
+from wat.data.clikit.progress import progress
 
 from wat.data.datasets import Dataset
 

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from wat.data import cache as wcache
-from wat.data.progress import progress as progress_bar
+from wat.data.clikit.progress import progress as progress_bar
 from wat.data.audio import MIN_SECONDS, SAMPLE_RATE, clip_window, load_audio
 from wat.data.datasets import Clip, Dataset
 from wat.data.files import LockedError, locked_folder, write_json, write_tsv
@@ -86,7 +86,7 @@ class ExtractOptions:
     limit: int | None = None          # only the first N clips (sorted by id)
     overwrite: bool = False
     clip_seconds: float | None = None  # None = the dataset's nominal length
-    progress: bool | None = None      # None: as wat.data.progress is set (bar on a TTY, else log lines); False: none
+    progress: bool | None = None      # None: as wat.data.clikit.progress is set (bar on a TTY, else log lines); False: none
     store: str = "fp16"               # stored precision: "fp16" | "int8" (half the bytes, scaled per shard)
     layers: tuple | None = None       # (start, stop) slice of encoder blocks to keep; None = all
 

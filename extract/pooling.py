@@ -31,7 +31,7 @@ def time_parts(n: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
     These are exactly torch's `adaptive_avg_pool1d` windows (official Whisper-AT pooling, used by
     extraction below); when `parts` does not divide `n`, neighbouring parts share a frame (frame j
     belongs to every part whose span [i n/parts, (i+1) n/parts) overlaps [j, j+1)). The tagger
-    pools its windows with the same parts (`wat.extract.tag.grid`)."""
+    pools its windows with the same parts (`wat.tag.grid`)."""
     if n < 1 or parts < 1:
         raise ValueError(f"time_parts needs n >= 1 and parts >= 1, got {n}, {parts}")
     i = np.arange(parts)

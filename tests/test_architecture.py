@@ -1,22 +1,31 @@
 """The package graph (README "Layout"): every import of every module, read with `ast` (nothing is
-executed), mapped to its package node; any edge not allowed below, or a cycle, fails."""
+executed), mapped to its package node; any edge not allowed below, or a cycle, fails.
+
+Stages (data <- extract -> cache -> train/eval) below, applications (tag, robust) on top: an
+application may import stages, no stage may import an application, except the two deprecation
+aliases that keep the old import names (`ALIASES`)."""
 import ast
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# folder -> package (setup.cfg package_dir); sub-packages that are nodes of their own come first
-NODES = {"extract/tag": "wat.extract.tag", "extract/robust": "wat.extract.robust",
-         "data": "wat.data", "eval": "wat.eval", "train": "wat.train", "extract": "wat.extract"}
+# folder -> package (setup.cfg package_dir)
+NODES = {"data": "wat.data", "eval": "wat.eval", "train": "wat.train", "extract": "wat.extract",
+         "tag": "wat.tag", "robust": "wat.robust"}
+STAGES = {"wat.data", "wat.extract", "wat.train", "wat.eval"}
+APPS = {"wat.tag", "wat.robust"}
 ALLOWED = {
     "wat.data": set(),
     "wat.eval": {"wat.data"},
     "wat.train": {"wat.data", "wat.eval"},
     "wat.extract": {"wat.data"},
-    "wat.extract.tag": {"wat.extract", "wat.data"},
-    "wat.extract.robust": {"wat.extract", "wat.data", "wat.eval"},
+    "wat.tag": {"wat.extract", "wat.data"},
+    "wat.robust": {"wat.extract", "wat.data", "wat.eval"},
 }
+# the only imports of an application from below: deprecation aliases of the names the applications
+# had when they lived under extract/ (module -> the application it re-exports)
+ALIASES = {"wat.extract.tag": "wat.tag", "wat.extract.robust": "wat.robust"}
 # edges allowed only to some modules of the target: training scores with the one metrics module
 ONLY = {("wat.train", "wat.eval"): {"wat.eval", "wat.eval.metrics"}}
 
@@ -76,6 +85,8 @@ def edges(root: Path) -> list[tuple[str, str, str, str, int]]:
 def violations(root: Path) -> list[str]:
     bad = []
     for src, dst, mod, target, line in edges(root):
+        if ALIASES.get(mod) == target:
+            continue
         if dst not in ALLOWED[src]:
             bad.append(f"{mod}:{line} imports {target}: {src} -> {dst} is not in the package graph")
         elif (src, dst) in ONLY and target not in ONLY[(src, dst)]:
@@ -111,8 +122,9 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def package_graph(root: Path) -> dict[str, set[str]]:
     g = {n: set() for n in NODES.values()}
-    for src, dst, *_ in edges(root):
-        g[src].add(dst)
+    for src, dst, mod, target, _ in edges(root):
+        if ALIASES.get(mod) != target:
+            g[src].add(dst)
     return g
 
 
@@ -121,7 +133,8 @@ def test_allowed_graph_itself_has_no_cycle():
 
 
 def test_every_import_follows_the_package_graph():
-    assert len(modules(ROOT)) > 30 and "wat.extract.tag.cli" in modules(ROOT)  # the walk found the sources
+    mods = modules(ROOT)
+    assert len(mods) > 30 and {"wat.tag.cli", "wat.robust.cli", "wat.data.cache.read"} <= set(mods)  # the walk found the sources
     assert violations(ROOT) == []
     assert cycle(package_graph(ROOT)) is None
 
@@ -130,6 +143,12 @@ def test_train_and_eval_need_no_extract_and_not_each_other():
     g = package_graph(ROOT)
     assert "wat.extract" not in g["wat.train"] | g["wat.eval"]
     assert "wat.train" not in g["wat.eval"]
+
+
+def test_applications_stand_above_the_stages():
+    assert set(ALLOWED) == STAGES | APPS and not any(ALLOWED[s] & APPS for s in STAGES)
+    assert all(ALLOWED[a] <= STAGES for a in APPS)  # and not on each other
+    assert all(node_of(alias) in STAGES and app in APPS for alias, app in ALIASES.items())
 
 
 def _tree(tmp_path, extra: dict[str, str]) -> Path:
@@ -147,14 +166,25 @@ def _tree(tmp_path, extra: dict[str, str]) -> Path:
     ("train/loop.py", "from wat.eval import report\n", "may import only"),
     ("train/loop.py", "from wat.eval.report import write_probe\n", "may import only"),
     ("data/cache.py", "def f():\n    from ..extract import load\n", "wat.data -> wat.extract"),
-    ("extract/layers.py", "from .tag import grid\n", "wat.extract -> wat.extract.tag"),
-    ("extract/tag/cli.py", "from wat.train import loop\n", "wat.extract.tag -> wat.train"),
+    ("extract/layers.py", "from wat.tag import grid\n", "wat.extract -> wat.tag"),
+    ("extract/pipeline.py", "from wat.robust.run import run_robust\n", "wat.extract -> wat.robust"),
+    ("extract/tag.py", "from wat.robust import run\n", "wat.extract -> wat.robust"),  # an alias of another app
+    ("data/cache.py", "import wat.tag\n", "wat.data -> wat.tag"),
+    ("eval/report.py", "from wat.robust import report\n", "wat.eval -> wat.robust"),
+    ("tag/cli.py", "from wat.train import loop\n", "wat.tag -> wat.train"),
+    ("tag/cli.py", "from wat.robust import run\n", "wat.tag -> wat.robust"),
 ])
 def test_a_forbidden_import_fails(tmp_path, rel, text, expect):
     root = _tree(tmp_path, {"train/loop.py": "", "eval/report.py": "", "extract/load.py": "",
-                            "extract/tag/grid.py": "", rel: text})
+                            "tag/grid.py": "", "robust/run.py": "", rel: text})
     bad = violations(root)
     assert len(bad) == 1 and expect in bad[0]
+
+
+def test_the_deprecation_aliases_are_allowed(tmp_path):
+    root = _tree(tmp_path, {"tag/grid.py": "", "robust/run.py": "", "extract/tag.py": "from wat.tag import *\n",
+                            "extract/robust.py": "from wat.robust import *\n"})
+    assert violations(root) == [] and cycle(package_graph(root)) is None
 
 
 def test_a_cycle_fails():

@@ -13,7 +13,7 @@ from wat.data.cache import (CacheError, CacheMeta, build_index, dequantize, info
                             verify, write_shard)
 from wat.data.cache_cli import main as cache_main
 from wat.data.labels import Vocabulary
-from wat.data.synthetic import write_synthetic_cache
+from synthetic_cache import write_synthetic_cache
 
 N, L, T, D, C = 50, 4, 25, 16, 6
 VOCAB = Vocabulary(tuple(f"/m/{i}" for i in range(C)), tuple(f"class {i}" for i in range(C)))

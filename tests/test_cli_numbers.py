@@ -8,8 +8,8 @@ import pytest
 from wat.data.cli import main as data_main
 from wat.eval.cli import eval_main, probe_main
 from wat.extract.cli import main as extract_main
-from wat.extract.robust.cli import main as robust_main
-from wat.extract.tag.cli import main as tag_main
+from wat.robust.cli import main as robust_main
+from wat.tag.cli import main as tag_main
 from wat.train.cli import main as train_main
 
 HUGE = str(10**12)
@@ -79,7 +79,7 @@ def test_eval_negative_batch_size_never_reaches_the_head(tmp_path, capsys):
 
 
 def test_good_numbers_still_parse():
-    from wat.data.cliargs import float_range
+    from wat.data.clikit.args import float_range
     from wat.eval.cli import eval_parser, probe_parser
     from wat.train.cli import parser as train_parser
     a = train_parser().parse_args(["--features", "f", "--out", "o", "--lr", "3e-4", "--label-smoothing", "0",
@@ -102,7 +102,7 @@ def test_proj_dim_for_a_head_without_projection_is_one_error_line(tmp_path, caps
 
 
 def test_workers_are_capped_at_a_few_per_cpu(capsys):
-    from wat.data.cliargs import MAX_WORKERS
+    from wat.data.clikit.args import MAX_WORKERS
     line = _one_error(probe_main, ["--features", "f", "--out", "o", "--workers", str(MAX_WORKERS + 1)], "wat-probe", capsys)
     assert f"1..{MAX_WORKERS}" in line
     from wat.eval.cli import probe_parser

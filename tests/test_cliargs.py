@@ -3,12 +3,12 @@ import argparse
 
 import pytest
 
-from wat.data import cliargs
+from wat.data.clikit import args as cliargs
 from wat.eval.cli import eval_parser, probe_main, probe_parser
 from wat.extract.cli import main as extract_main
 from wat.extract.cli import parser as extract_parser
-from wat.extract.tag.cli import build_parser as tag_parser
-from wat.extract.tag.cli import main as tag_main
+from wat.tag.cli import build_parser as tag_parser
+from wat.tag.cli import main as tag_main
 from wat.train.cli import main as train_main
 from wat.train.cli import parser as train_parser
 
@@ -57,7 +57,7 @@ def test_auto_resolves_and_missing_cuda_is_refused(capsys):
 @pytest.mark.parametrize("flag", ["--workers", "--jobs"])
 @pytest.mark.parametrize("value", ["0", "-3", "nan", "2.5", str(10**12)])
 def test_worker_counts_refused_below_one_and_absurdly_high(flag, value, capsys):
-    from wat.data.cliargs import MAX_WORKERS
+    from wat.data.clikit.args import MAX_WORKERS
     with pytest.raises(SystemExit) as e:
         probe_parser().parse_args(["--features", "f", "--out", "o", flag, value])
     assert e.value.code == 2 and f"expected an integer in 1..{MAX_WORKERS}" in capsys.readouterr().err

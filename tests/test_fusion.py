@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from test_probe import write_synthetic_cache
-from wat.data import figures, fusion as DF
+from wat.data import fusion as DF
+from wat.data.report import figures
 from wat.data.cache import open_cache
 from wat.eval import fusion as EF
 from wat.eval import probe as P

@@ -10,7 +10,7 @@ from torch import nn
 from wat.data import heads
 from wat.data.heads import HEADS, Head, load_head
 from wat.data.labels import Vocabulary
-from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+from synthetic_cache import synthetic_meta, write_synthetic_cache
 from wat.eval.cli import eval_main
 from wat.train.loop import TrainOptions, train
 

@@ -7,8 +7,9 @@ import pytest
 from wat.data.cache import CHECKSUMS, MEAN_LAYER_CRC, CorruptCacheError, info, open_cache, shard_path, verify
 from wat.data.cache_cli import main as cache_main
 from wat.data.labels import Vocabulary
-from wat.data.readers import FeatureStore, dask_view
-from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+from wat.data.cache import dask_view
+from wat.data.cache.store import FeatureStore
+from synthetic_cache import synthetic_meta, write_synthetic_cache
 
 N, L, T, D, C = 24, 3, 5, 32, 4
 SIZES = (12, 12)
@@ -166,9 +167,9 @@ def test_one_layer_read_is_checked_on_its_own(tmp_path, monkeypatch, storage):
     """Per-layer checksums: a one-layer read of `mean` checks that layer's bytes (no pass over every
     layer first); a corrupt layer is refused by name when read, caught by verify, and the layers
     around it read as they are."""
-    from wat.data import cache as cache_mod
+    from wat.data.cache import handles
     index, paths, ids = _cache(tmp_path, storage=storage)
-    monkeypatch.setattr(cache_mod, "_VERIFIED", set())
+    monkeypatch.setattr(handles, "VERIFIED", set())
     _corrupt_layer(paths[1], 4, 1)
     cache = open_cache(index)
     assert cache.layer_checkable("mean") and not cache.layer_checkable("features")
@@ -202,16 +203,16 @@ def test_probe_over_every_layer_checks_each_shard_once(tmp_path, monkeypatch, la
     """A probe of every layer (several folds: each layer read once per fold) and a second probe in
     the same process check each shard's `mean` once per process: per layer with per-layer
     checksums, the whole field before the first task without."""
-    from wat.data import cache as cache_mod
+    from wat.data.cache import handles, integrity
     from wat.eval.probe import ProbeOptions, probe
     index, paths, _ = _cache(tmp_path)
     if not layer_checksums:
         for p in paths:
             _strip_layer_checksums(p)
-    monkeypatch.setattr(cache_mod, "_VERIFIED", set())
+    monkeypatch.setattr(handles, "VERIFIED", set())
     crcs = []
-    real = cache_mod.row_crc32
-    monkeypatch.setattr(cache_mod, "row_crc32", lambda block: crcs.append(block.shape) or real(block))
+    real = integrity.row_crc32
+    monkeypatch.setattr(integrity, "row_crc32", lambda block: crcs.append(block.shape) or real(block))
     for _ in range(2):
         rep = probe([index], None, ProbeOptions(fusion=("mean", "concat"), jobs=1))
         assert rep.n_folds == 4 and len(rep.layer_results()) == L

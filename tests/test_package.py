@@ -15,14 +15,14 @@ def _run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-I", "-c", code], cwd=cwd, capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("generic", ["data", "extract", "train", "eval", "tag"])
+@pytest.mark.parametrize("generic", ["data", "extract", "train", "eval", "tag", "robust"])
 def test_no_generic_top_level_package(generic, tmp_path):
     proc = _run_python(f"import {generic}", tmp_path)
     assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr
 
 
 def test_parts_import_under_wat_namespace(tmp_path):
-    code = "import wat.data.labels, wat.extract, wat.train, wat.eval, wat.extract.tag; print(len(wat.data.labels.audioset_vocabulary()))"
+    code = "import wat.data.labels, wat.extract, wat.train, wat.eval, wat.tag, wat.robust; print(len(wat.data.labels.audioset_vocabulary()))"
     proc = _run_python(code, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "527"
@@ -54,8 +54,14 @@ def test_package_data_ships_label_files():
     assert "CC BY-SA 4.0" in folder.joinpath("README.md").read_text()
 
 
-def test_tagger_has_one_import_name(tmp_path):
-    # extract/tag/ is wat.extract.tag only: a second name would be a second copy of every module
-    # (its own TagError class, its own state), as `wat.tag` was
-    proc = _run_python("import wat.extract.tag.cli\nimport wat.tag", tmp_path)
-    assert "ModuleNotFoundError: No module named 'wat.tag'" in proc.stderr
+@pytest.mark.parametrize("app", ["tag", "robust"])
+def test_application_has_one_import_name(app, tmp_path):
+    # tag/ is wat.tag: wat.extract.APP (its name before it moved) is a deprecation alias holding the
+    # same objects, never a second copy of a module (its own error classes, its own state)
+    code = (f"import warnings\nimport wat.{app} as new\nwith warnings.catch_warnings(record=True) as w:\n"
+            f"    warnings.simplefilter('always')\n    import wat.extract.{app} as old\n"
+            "assert all(getattr(old, n) is getattr(new, n) for n in new.__all__)\n"
+            "assert any(issubclass(x.category, DeprecationWarning) for x in w)\n"
+            f"import wat.extract.{app}.cli")
+    proc = _run_python(code, tmp_path)
+    assert f"No module named 'wat.extract.{app}.cli'" in proc.stderr, proc.stderr

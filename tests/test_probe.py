@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from wat.data.labels import Vocabulary
-from wat.data import synthetic
+import synthetic_cache as synthetic
 from wat.eval import probe as P
 from wat.eval.cli import probe_main
 from wat.eval.report import write_probe
@@ -137,7 +137,7 @@ def test_cli_outputs_and_errors(tmp_path, capsys):
 def test_layers_option_blocks_and_ranges(tmp_path, capsys):
     """--layers takes blocks and wat-extract's START:STOP slices (an open end: the cache's first or
     last block); blocks the cache lacks or names twice are one error line, exit 2, after the cache opens."""
-    from wat.data.cliargs import layer_list, layers_text
+    from wat.data.clikit.args import layer_list, layers_text
     feats = write_synthetic_cache(tmp_path / "c", n_layers=6, n=60)
     cache = P._open([feats])
     for text, want in [("all", (0, 1, 2, 3, 4, 5)), ("2", (2,)), ("1:3", (1, 2)), ("4:", (4, 5)), (":2", (0, 1)),
@@ -163,17 +163,17 @@ def test_layers_option_blocks_and_ranges(tmp_path, capsys):
 
 
 def test_layer_probe_reads_only_its_layer(tmp_path, monkeypatch):
-    from wat.data import readers
+    from wat.data.cache import view
     feats = write_synthetic_cache(tmp_path / "c", n_layers=5)
     seen = []
-    real = readers._ShardField.__getitem__
+    real = view._ShardField.__getitem__
 
     def spy(self, key):
         out = real(self, key)
         seen.append(out.shape)
         return out
 
-    monkeypatch.setattr(readers._ShardField, "__getitem__", spy)
+    monkeypatch.setattr(view._ShardField, "__getitem__", spy)
     x = P.load_matrix(P._open([feats]), P.Feature("layer", (0,), ((3,),)))
     assert x.shape == (150, 12) and x.dtype == np.float32
     assert seen and all(s[1] == 1 for s in seen)          # one layer per read, never [rows, L, D]

@@ -1,13 +1,13 @@
-"""wat.data.progress and the reporting options every command shares (-v/--quiet/--progress)."""
+"""wat.data.clikit.progress and the reporting options every command shares (-v/--quiet/--progress)."""
 import io
 import logging
 
 import pytest
 
-from wat.data import progress as wprogress
+from wat.data.clikit import progress as wprogress
 from wat.data.cli import main as data_main
-from wat.data.cliargs import add_reporting, apply_reporting
-from wat.data.progress import configure, progress
+from wat.data.clikit.args import add_reporting, apply_reporting
+from wat.data.clikit.progress import configure, progress
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from wat.data.cache import open_cache
-from wat.data.readers import FeatureStore, available_memory, dask_view
+from wat.data.cache import dask_view
+from wat.data.cache.store import FeatureStore, available_memory
 
 from test_cache import D, L, LAYOUTS, N, T, make_meta, write_cache
 
@@ -107,13 +108,13 @@ def test_dask_view_with_processes(cache):
 
 
 def test_streaming_opens_each_shard_once(cache, monkeypatch):
-    import wat.data.cache as cache_mod
+    import wat.data.cache.handles as cache_mod
 
     c, _ = cache
     c.close()
     opened = []
-    real = cache_mod._open_h5
-    monkeypatch.setattr(cache_mod, "_open_h5", lambda p: opened.append(str(p)) or real(p))
+    real = cache_mod.open_h5
+    monkeypatch.setattr(cache_mod, "open_h5", lambda p: opened.append(str(p)) or real(p))
     store = _stores(c)[1]
     for _ in range(2):
         assert sum(len(i) for i, _ in store.iter_batches(np.arange(N).repeat(3), 5)) == 3 * N
@@ -188,7 +189,7 @@ def test_kept_buffers_of_other_batch_sizes_stay_within_the_budget(cache):
 
 def test_dask_view_sizes_tasks_by_stored_bytes(cache, monkeypatch):
     """A task reads ~_DASK_TASK_BYTES of stored bytes: twice the rows for int8 (1 byte a value)."""
-    import wat.data.readers as readers
+    import wat.data.cache.view as readers
 
     c, _ = cache
     per_row = int(np.prod(c.shape("features")[1:]))
@@ -210,7 +211,7 @@ MEAN_SHARDS = [300, 1200, 45, 600]  # HDF5 chunks of min(256, n) rows of one lay
 def means(tmp_path_factory, request):
     """(cache, in-memory mean store) of a cache whose shards span several chunk rows."""
     from wat.data.labels import Vocabulary
-    from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+    from synthetic_cache import synthetic_meta, write_synthetic_cache
 
     n = sum(MEAN_SHARDS)
     vocab = Vocabulary.from_names(["a", "b"])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from test_probe import write_synthetic_cache
-from wat.data import figures
+from wat.data.report import figures
 from wat.data.cache import open_cache
 from wat.data.labels import Vocabulary
 from wat.eval import probe as P
@@ -35,7 +35,7 @@ def test_cache_metadata_says_how_pad30_windows_were_padded():
     different features: the report's cache table must tell them apart; trim has no padding."""
     from dataclasses import replace
 
-    from wat.data.htmlreport import cache_metadata
+    from wat.data.report.page import cache_metadata
     assert cache_metadata(_meta(policy="trim"))["input policy"] == "trim"
     pad = _meta(policy="pad30")
     assert cache_metadata(pad)["input policy"] == "pad30 (mel-padded)"
@@ -125,7 +125,7 @@ def _robust_panel(meta):
     points = [{"class": f"class {i}", "f1": 0.4 + 0.05 * i, "wer_increase": 5.0 + 3 * i + (i % 3),
                "wer_high_snr": 0.1, "wer_low_snr": 0.1 + (5.0 + 3 * i) / 100} for i in range(10)]
     points.append({"class": "loud", "f1": 0.9, "wer_increase": 80.0, "wer_high_snr": 0.1, "wer_low_snr": 0.9})
-    from wat.extract.robust import report as RR
+    from wat.robust import report as RR
     return {"meta": meta, "name": "xyz_out", "wer": [(20.0, 0.12, 20), (0.0, 0.27, 20), (-10.0, 0.49, 20)],
             "points": points, "correlation": RR.correlation(points), "missing": 0,
             "layers": {20.0: ([0, 1, 2, 3], [0.90, 0.91, 0.93, 0.94], [0.01] * 4),
@@ -135,7 +135,7 @@ def _robust_panel(meta):
 
 
 def test_robust_figures_follow_the_data_and_name_models_from_metadata(tmp_path):
-    from wat.extract.robust import report as RR
+    from wat.robust import report as RR
     meta = _meta("base", n_layers=4, n_classes=11, policy="pad30", dataset="robust:csv+esc50")
     panels = [_robust_panel(meta)]                      # "xyz_out": a folder name that must never show
     data = RR.data_label("csv", 10, _meta("base", n_classes=11, dataset="esc50"))

@@ -17,10 +17,10 @@ import torch
 import whisper
 
 from wat.extract import EncoderPasses, encode_layers
-from wat.extract.robust import (MixError, RobustOptions, assign_noise, corpus, errors, load_speech, mix, normalize,
+from wat.robust import (MixError, RobustOptions, assign_noise, corpus, errors, load_speech, mix, normalize,
                                 run_robust, snr_db)
-from wat.extract.robust.asr import decode_batch, transcribe_long
-from wat.extract.robust.speech import SpeechError
+from wat.robust.asr import decode_batch, transcribe_long
+from wat.robust.speech import SpeechError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LIBRI = FIXTURES / "librispeech"
@@ -199,7 +199,7 @@ def robust_run(tiny_model, tmp_path_factory):
 
 def test_run_outputs(robust_run, tiny_model):
     from wat.data import open_cache
-    from wat.extract.robust.run import _Audio, make_plan
+    from wat.robust.run import _Audio, make_plan
 
     root, speech, noise, opts, summary = robust_run
     out = root / "out"
@@ -277,7 +277,7 @@ def test_resume_after_kill(robust_run, tiny_model, tmp_path):
     same results as the uninterrupted run."""
     root, speech, noise, opts, summary = robust_run
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "wat.extract.robust.cli", "--speech", str(speech), "--noise-dataset", "esc50",
+    cmd = [sys.executable, "-m", "wat.robust.cli", "--speech", str(speech), "--noise-dataset", "esc50",
            "--noise-root", str(noise), "--model", "tiny.en", "--snr", "20,-10", "--chunk-size", "2",
            "--batch-size", "4", "--device", "cpu", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -300,7 +300,7 @@ def test_resume_after_kill(robust_run, tiny_model, tmp_path):
 def test_cli_summary_lines(robust_run, monkeypatch, capsys):
     """What the CLI prints of a finished run: planned mixtures, utterances decoded of planned and
     the failed ones, problem rows, WER per SNR."""
-    from wat.extract.robust import cli, run
+    from wat.robust import cli, run
 
     root, speech, noise, opts, summary = robust_run
     monkeypatch.setattr(run, "run_robust", lambda *a, **k: summary)
@@ -314,7 +314,7 @@ def test_cli_summary_lines(robust_run, monkeypatch, capsys):
 
 
 def test_refused_model_leaves_no_out_folder(robust_run, capsys, tmp_path):
-    from wat.extract.robust.cli import main
+    from wat.robust.cli import main
 
     root, speech, noise, opts, summary = robust_run
     assert main(["--speech", str(speech), "--noise-dataset", "esc50", "--noise-root", str(noise), "--model",
@@ -325,7 +325,7 @@ def test_refused_model_leaves_no_out_folder(robust_run, capsys, tmp_path):
 
 
 def test_cli_errors(capsys, tmp_path):
-    from wat.extract.robust.cli import main
+    from wat.robust.cli import main
 
     base = ["--speech", str(LIBRI), "--noise-dataset", "esc50", "--noise-root", str(tmp_path), "--model", "tiny.en",
             "--out", str(tmp_path / "o")]

@@ -6,7 +6,7 @@ import torch
 
 from wat.data.cache import open_cache
 from wat.data.heads import build_head
-from wat.data.readers import FeatureStore
+from wat.data.cache.store import FeatureStore
 from wat.train import augment, step
 from wat.train.inputs import COMPUTE, batches
 from wat.train.step import StepConfig, make_optimizer, train_step

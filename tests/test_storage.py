@@ -190,7 +190,7 @@ def test_int8_trained_head_scores_fp16_features_alike(demo_cache_pad30, tmp_path
 def test_layer_subset_head_through_train_eval_tag_probe(demo_cache_pad30, tiny_model, demo_data, tmp_path):
     from wat.eval.evaluate import EvalError, EvalOptions, evaluate
     from wat.eval.probe import ProbeError, ProbeOptions, probe
-    from wat.extract.tag import transcribe_and_tag
+    from wat.tag import transcribe_and_tag
     from wat.data.heads import load_head
     from wat.train.loop import TrainError, TrainOptions, train
 
@@ -223,7 +223,7 @@ def test_layer_subset_head_through_train_eval_tag_probe(demo_cache_pad30, tiny_m
 
 
 def test_shared_encoder_taps_only_the_head_blocks(tiny_model, speech_audio):
-    from wat.extract.tag.tagging import SharedEncoder
+    from wat.tag.tagging import SharedEncoder
 
     import whisper
     mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(speech_audio)))[None]

@@ -1,4 +1,4 @@
-"""wat.extract.tag: transcript unchanged, tags from the same encoder passes, windows on the absolute grid."""
+"""wat.tag: transcript unchanged, tags from the same encoder passes, windows on the absolute grid."""
 import json
 import os
 
@@ -9,9 +9,9 @@ import whisper
 
 from wat.data.labels import Vocabulary, audioset_vocabulary
 from wat.extract import EncoderPasses
-from wat.extract.tag import TagError, WindowPool, check_head, resolve_classes, select_tags, transcribe_and_tag
-from wat.extract.tag.cli import main
-from wat.extract.tag.tagging import SharedEncoder
+from wat.tag import TagError, WindowPool, check_head, resolve_classes, select_tags, transcribe_and_tag
+from wat.tag.cli import main
+from wat.tag.tagging import SharedEncoder
 from wat.data.heads import HeadInfo, build_head, save_head
 
 SR = 16000
@@ -355,7 +355,7 @@ def test_cli_output_format_all_writes_whispers_files_plus_tags(tiny_model, speec
 def test_parse_at_label_matches_whisper_at_output_shape(tiny_model, speech_audio):
     """Same arguments and output shape as whisper-at's parse_at_label: a list with one
     {"time": {"start", "end"}, "audio tags": [(name, value), ...]} per window."""
-    from wat.extract.tag import parse_at_label
+    from wat.tag import parse_at_label
     head, info = _random_head(tiny_model)
     result = transcribe_and_tag(tiny_model, (head, info), speech_audio, time_res=2.0, keep_scores=None,
                                 fp16=False, temperature=0.0)

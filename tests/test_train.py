@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+from synthetic_cache import synthetic_meta, write_synthetic_cache
 from wat.data.labels import Vocabulary, audioset_vocabulary
 from wat.train import cli
 from wat.data.heads import build_head, load_head

@@ -11,7 +11,7 @@ from wat.data.cache import CacheError
 from wat.data.files import LockedError
 from wat.data.labels import LabelError
 
-from wat.data.cliargs import add_device, float_range, int_range, parse_args, seed_int
+from wat.data.clikit.args import add_device, float_range, int_range, parse_args, seed_int
 from wat.data.heads import HEADS, LAYER_HEADS, HeadError
 from .loop import Interrupted, TrainError, TrainOptions, train
 from .options import BATCH, HEAD_LR, MIN_STEPS

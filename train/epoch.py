@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from wat.data.progress import progress
+from wat.data.clikit.progress import progress
 
 from . import augment
 from .distributed import World, all_reduce_grads, local_share

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from wat.data.heads import probabilities
-from wat.data.readers import FeatureStore
+from wat.data.cache.store import FeatureStore
 from wat.eval import metrics
 
 from .inputs import COMPUTE

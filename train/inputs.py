@@ -17,7 +17,7 @@ import torch
 from wat.data.cache import Cache, CacheError, open_cache
 from wat.data.heads import HeadInfo, head_class, head_field
 from wat.data.labels import Vocabulary, parent_labels
-from wat.data.readers import FeatureStore
+from wat.data.cache.store import FeatureStore
 
 from .options import TrainError, TrainOptions, default_batch, wa_range
 from .step import StepConfig
@@ -232,7 +232,7 @@ def batches(store: FeatureStore, order: np.ndarray, bs: int, gen: torch.Generato
     randomness for sequential reads: the clips of `order` (repeats kept) are shuffled within
     windows of a few blocks of rows, shards and blocks visited in a random order (for `mean` at
     large width up to 6144 clips a window, 1536 when the memory budget holds less; see
-    wat.data.readers). Same `gen` state, same batches."""
+    wat.data.cache.store). Same `gen` state, same batches."""
     if store.in_memory:  # order is already random: index the resident tensor (into kept buffers)
         yield from store.iter_batches(order, bs, shuffle=False, dtype=COMPUTE)
     else:  # shard-ordered blocks + shuffle buffer, seeded from our generator

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wat.data import figures
+from wat.data.report import figures
 from wat.data.cache import Cache
 from wat.data.files import LockedError, json_safe, locked_folder, one_line
 from wat.data.heads import Features, HeadError, build_head, head_problems, load_head, save_head

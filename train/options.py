@@ -42,7 +42,7 @@ class TrainOptions:
     resume: bool = False
     memory_budget: int | None = None    # bytes for the in-memory store; None = half of free memory
     max_epochs_this_run: int | None = None  # stop (Interrupted) after this many epochs: tests, time limits
-    progress: bool | None = None        # None: as wat.data.progress is set (bar on a TTY, else log lines); False: none
+    progress: bool | None = None        # None: as wat.data.clikit.progress is set (bar on a TTY, else log lines); False: none
     tensorboard: str | None = None      # folder for TensorBoard event files (per-epoch scalars); None = off
 
 

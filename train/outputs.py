@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wat.data import figures, htmlreport as H
+from wat.data.report import figures, page as H
 from wat.data.files import write_csv, write_json
 from wat.data.heads import HeadInfo, n_parameters
 from wat.data.labels import Vocabulary

@@ -84,7 +84,7 @@ def train_step(head, opt, x, targets, cfg: StepConfig, gen: torch.Generator, *, 
     supervised loss averaged over views + CR on the labeled and the unlabeled views.
     The step owns `x`: augmentation writes into it (mixup into an f32 copy when x is not f32),
     so a caller must not reuse a batch after its step. The trainer's batches are fresh tensors or
-    reader buffers that the reader refills only once nothing references them (data/readers.py).
+    reader buffers that the reader refills only once nothing references them (wat.data.cache.store).
     Data-parallel runs pass `reduce(n) -> global count` and `shares`: the augmentation draws are
     made for the whole global batch (every process draws the same) and the loss backpropagated is
     this process's share of the global-batch means, labeled and unlabeled parts weighted by their

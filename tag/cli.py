@@ -18,17 +18,17 @@ from wat.data.audio import AudioError
 from wat.data.datasets import AUDIO_EXTS
 from wat.extract.cli import MODEL_HELP
 from wat.extract.load import WhisperLoadError, load_whisper
-from wat.data.cliargs import MAX_CLASSES, add_device, float_range, int_range, parse_args
+from wat.data.clikit.args import MAX_CLASSES, add_device, float_range, int_range, parse_args
 from wat.data.files import atomic_write, make_folder, one_line, remove_bare, write_tsv
 from wat.data.naming import output_stems
-from wat.data.progress import progress
+from wat.data.clikit.progress import progress
 from wat.data.heads import HeadError, load_head
 
 from .grid import MIN_RES
 from .tagging import TagError, check_head, head_vocabulary, resolve_classes, transcribe_and_tag
 
 # whisper's --output_format values; `all` writes every one of them
-log = logging.getLogger("wat.extract.tag")
+log = logging.getLogger("wat.tag")
 
 FORMATS = ("txt", "vtt", "srt", "tsv", "json", "all")
 

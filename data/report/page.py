@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write
+from ..files import atomic_write
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

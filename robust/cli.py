@@ -7,7 +7,7 @@ import argparse
 import math
 import sys
 
-from wat.data.cliargs import add_device, add_encoding, add_workers, int_range, parse_args, positive_int, seed_int
+from wat.data.clikit.args import add_device, add_encoding, add_workers, int_range, parse_args, positive_int, seed_int
 from wat.extract.cli import MODEL_HELP
 
 DATASETS = ("esc50", "json", "folder", "csv")  # wat dataset kinds that can be single-label

@@ -15,7 +15,7 @@ import textwrap
 
 import numpy as np
 
-from . import files
+from .. import files
 
 COLUMN = 3.3      # inches: one column of a two-column paper (ICASSP, Interspeech, IEEE)
 PAGE = 6.9        # inches: the full text width of the same layouts

@@ -8,8 +8,8 @@ from typing import Callable
 
 import numpy as np
 
-from .cache import CacheMeta, build_index, shard_path, write_shard
-from .labels import Vocabulary
+from wat.data.cache import CacheMeta, build_index, shard_path, write_shard
+from wat.data.labels import Vocabulary
 
 
 def synthetic_meta(*, vocab: Vocabulary, multilabel: bool, n_layers: int, n_frames: int, dim: int,

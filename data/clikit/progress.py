@@ -3,7 +3,7 @@
 On a terminal it is a tqdm bar; in a batch log (stderr not a terminal: SLURM, nohup, CI) it is one
 plain line at a steady interval — done/total, rate, ETA; nothing for loops shorter than that — instead of a bar redrawn with carriage
 returns that a log file cannot show. The commands set the mode once from `--progress` (see
-`wat.data.cliargs`); library callers get `auto`.
+`wat.data.clikit.args`); library callers get `auto`.
 
     for x in progress(items, desc="extract", unit="clip"): ...
     with progress(total=n, desc="verify", unit="B", unit_scale=True) as bar: bar.update(k)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from wat.data.progress import progress
+from wat.data.clikit.progress import progress
 
 from wat.data import cache as wcache
 from wat.data.audio import SAMPLE_RATE, AudioError, load_audio
@@ -62,7 +62,7 @@ class RobustOptions:
     language: str | None = "en"       # None: detected per utterance (multilingual models)
     noise_policy: str = "trim"        # noise-alone features: trim = the paper's research features
     jobs: int = 1                     # probe worker processes
-    progress: bool | None = None      # None: as wat.data.progress is set (bar on a TTY, else log lines); False: none
+    progress: bool | None = None      # None: as wat.data.clikit.progress is set (bar on a TTY, else log lines); False: none
     overwrite: bool = False
     encoding: str | None = None       # of transcripts, the speech CSV and the noise manifest (None: strict UTF-8)
 

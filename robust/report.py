@@ -1,7 +1,7 @@
 """wat-robust's outputs: the probes (wat-probe's machinery on the caches the run wrote), wer.csv,
-the three figures of the paper's section 3 in wat's one figure style (wat.data.figures: labels from
+the three figures of the paper's section 3 in wat's one figure style (wat.data.report.figures: labels from
 the caches' own metadata, axes scaled to the data), summary.json and a self-contained report.html
-(wat.data.htmlreport)."""
+(wat.data.report.page)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wat.data import figures, htmlreport as H
+from wat.data.report import figures, page as H
 from wat.data.cache import open_cache
 from wat.data.files import write_csv, write_json
 
