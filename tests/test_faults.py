@@ -26,7 +26,7 @@ import pytest
 
 from wat.data.labels import Vocabulary
 from wat.data.naming import output_stems
-from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+from synthetic_cache import synthetic_meta, write_synthetic_cache
 
 N, L, T, D, C = 40, 3, 4, 16, 4
 
@@ -150,7 +150,7 @@ def test_full_disk_wat_eval(small, tmp_path, capsys):
 def test_full_disk_wat_tag(tiny_model, speech_wav, tmp_path, capsys):
     """-f all under a limit that lets the small outputs through: an input gets all its files or none."""
     from wat.data.heads import save_head
-    from wat.extract.tag.cli import main
+    from wat.tag.cli import main
     from test_tag import _random_head
     head, info = _random_head(tiny_model)
     save_head(tmp_path / "head.pt", head, info)
@@ -228,7 +228,7 @@ def test_wat_tag_writes_adversarial_names_without_overwriting(tiny_model, speech
     its own complete set of files, none is overwritten (each holds its own input's transcript path)."""
     import soundfile as sf
     from wat.data.heads import save_head
-    from wat.extract.tag.cli import expand_inputs, main
+    from wat.tag.cli import expand_inputs, main
     from test_tag import _random_head
     head, info = _random_head(tiny_model)
     save_head(tmp_path / "head.pt", head, info)
@@ -300,10 +300,10 @@ def _sweep():
                                                  "--out", "{j}/x.h5"], "latin1.csv:2"),
         ("wat-extract", "wat.extract.cli:main", ["--dataset", "esc50", "--root", missing, "--model", "tiny.en",
                                                  "--out", "{j}/x.h5"], ""),
-        ("wat-tag", "wat.extract.tag.cli:main", ["-", "--model", "tiny.en", "--head", "{h}"], "standard input"),
-        ("wat-tag", "wat.extract.tag.cli:main", ["{j}/folder.h5", "--model", "tiny.en", "--head", "{h}"], "without audio"),
-        ("wat-tag", "wat.extract.tag.cli:main", ["{j}/text.h5", "--model", "tiny.en", "--head", "{h}", "-o", "{j}/file"], ""),
-        ("wat-robust", "wat.extract.robust.cli:main", ["--speech", missing, "--noise-dataset", "esc50", "--noise-root",
+        ("wat-tag", "wat.tag.cli:main", ["-", "--model", "tiny.en", "--head", "{h}"], "standard input"),
+        ("wat-tag", "wat.tag.cli:main", ["{j}/folder.h5", "--model", "tiny.en", "--head", "{h}"], "without audio"),
+        ("wat-tag", "wat.tag.cli:main", ["{j}/text.h5", "--model", "tiny.en", "--head", "{h}", "-o", "{j}/file"], ""),
+        ("wat-robust", "wat.robust.cli:main", ["--speech", missing, "--noise-dataset", "esc50", "--noise-root",
                                                        missing, "--model", "tiny.en", "--out", "{j}/r"], ""),
     ]
     return cases
