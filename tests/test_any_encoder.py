@@ -9,7 +9,7 @@ import torch
 
 from wat.data.heads import build_head
 from wat.data.labels import Vocabulary
-from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+from synthetic_cache import synthetic_meta, write_synthetic_cache
 from wat.eval.cli import eval_main, probe_main
 from wat.extract.cli import main as extract_main
 from wat.train.cli import main as train_main
