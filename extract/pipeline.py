@@ -43,6 +43,7 @@ from wat.data import cache as wcache
 from wat.data.clikit.progress import progress as progress_bar
 from wat.data.audio import MIN_SECONDS, SAMPLE_RATE, clip_window, load_audio
 from wat.data.datasets import Clip, Dataset
+from wat.data.spec import WHISPER
 from wat.data.files import LockedError, locked_folder, write_json, write_tsv
 
 from .encoders import Encoder, as_encoder, load_encoder
@@ -215,6 +216,8 @@ def run_manifest(dataset: Dataset, clips: list[Clip], meta: wcache.CacheMeta, op
         "clip_seconds": meta.clip_seconds,
         "shard_size": options.shard_size, "dataset": dataset.name, "n_clips": len(clips),
         "clips_sha256": _ids_digest(clips), "storage": meta.storage, "layers": _show_layers(meta, options),
+        # the encoder family: absent for Whisper (its run folders stay as they were)
+        **({"encoder": meta.encoder} if meta.encoder != WHISPER else {}),
     }
 
 
@@ -320,8 +323,8 @@ def cache_meta(encoder, dataset: Dataset, options: ExtractOptions, clip_seconds:
     versions = {"torch": torch.__version__, "numpy": np.__version__, **encoder.library_versions()}
     spec = encoder.spec(policy=policy, frames=options.frames, layers=_layers(options, encoder.n_layers),
                         storage=options.store)
-    return wcache.CacheMeta(**spec, clip_seconds=clip_seconds, vocab=dataset.vocab, multilabel=dataset.multilabel,
-                            dataset=dataset.name, versions=versions)
+    return wcache.CacheMeta.of(spec, clip_seconds=clip_seconds, vocab=dataset.vocab, multilabel=dataset.multilabel,
+                               dataset=dataset.name, versions=versions)
 
 
 def _layers(options: ExtractOptions, n_blocks: int) -> tuple[int, ...]:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from wat.data.spec import FeatureSpec, Policy
 from wat.extract import encode_layers, fingerprint, model_name
 from wat.extract.encoders import (ENCODERS, Encoder, EncoderError, ShortClipError, as_clips, encoder_class,
                                   equal_length_groups, families, load_encoder, register_encoder)
@@ -28,9 +29,9 @@ def test_whisper_encoder_is_the_whisper_path_bit_for_bit(tiny_model, speech_audi
             assert torch.equal(got, encode_layers(tiny_model, x, frames=25, policy=policy, layers=layers))
     assert enc.native_frames(3 * SR, "trim") == enc.native_frames(3 * SR, "pad30") == 150
     assert enc.min_samples("trim") == 201 and enc.min_samples("pad30") == 160
-    assert enc.spec(policy="trim", frames=10, layers=(1, 3)) == dict(
-        model="tiny.en", fingerprint=fingerprint(tiny_model), n_layers=2, dim=384, n_frames=10, policy="trim",
-        pooling="mean:10", sample_rate=16000, storage="fp16", layers=(1, 3))
+    assert enc.spec(policy="trim", frames=10, layers=(1, 3)) == FeatureSpec(
+        encoder="whisper", model="tiny.en", fingerprint=fingerprint(tiny_model), n_layers=2, dim=384, n_frames=10,
+        policy=Policy.TRIM, pooling="mean:10", sample_rate=16000, storage="fp16", layers=(1, 3))
 
 
 def test_whisper_list_of_clips_of_any_lengths_is_each_clip_alone(tiny_model, speech_audio):
@@ -89,7 +90,7 @@ def test_generic_checks_and_pooling(toy_encoder):
     want = [2 * np.arange(5, dtype=np.float32)[s:e].mean() for s, e in zip(start, end)]
     np.testing.assert_allclose(got[1, 0, :, 2].numpy(), want, rtol=1e-6)
     np.testing.assert_allclose(got[1, 0, :, :2].numpy(), 2.0, rtol=1e-6)
-    assert enc.spec(policy="trim", frames=4)["layers"] == (0, 1)
+    assert enc.spec(policy="trim", frames=4).layers == (0, 1)
     with pytest.raises(ShortClipError, match="159 samples .* policy 'trim', which needs at least 160"):
         enc.pooled([np.ones(159, np.float32)], frames=1, policy="trim")
     for bad, match in [(dict(policy="pad30"), "does not apply to the toy encoder .toy-x., which takes .trim.*Whisper.s 30 s"), (dict(frames=0), "frames"),

@@ -90,7 +90,7 @@ def _info(opts: TrainOptions, cache: Cache, vocab: Vocabulary, primary: int | No
     m = cache.meta
     return HeadInfo(opts.head, m.n_layers, m.dim, len(vocab), opts.proj_dim, m.n_frames, vocab.to_json(),
                     m.model, m.fingerprint, m.policy, m.multilabel, primary, layers=list(m.layers),
-                    pad30_padding=m.pad30_padding)
+                    pad30_padding=m.pad30_padding, encoder=m.encoder)
 
 
 def _compatible(meta, other: Cache, flag: str, path: str, ignore=()) -> None:

@@ -53,7 +53,7 @@ def _init_state(opts: TrainOptions, cache: Cache, n_classes: int) -> dict | None
         raise TrainError(f"--init: {e}") from None
     # transfer to other classes is allowed: the classes and label type are not compared
     feats = Features(m.n_layers, m.dim, m.model, m.fingerprint, m.policy, m.n_frames, layers=m.layers,
-                     pad30_padding=m.pad30_padding)
+                     pad30_padding=m.pad30_padding, encoder=m.encoder)
     bad = head_problems(info, feats)
     if bad:
         raise TrainError(f"--init {opts.init} does not fit {opts.features}: {'; '.join(bad)}")

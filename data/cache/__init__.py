@@ -69,6 +69,9 @@ take them for the older pad30 features and mix the two). pad30 files of versions
 ("samples"), which is not what transcription feeds the encoder; they are still read, but never
 next to "mel" features (`incompatibilities`, and `wat.data.heads.head_problems` for heads trained on them).
 Trim caches have no padding (`pad30_padding` absent, "" in `CacheMeta`) and keep versions 2/3.
+Version 5: caches of a non-Whisper encoder (`encoder` attribute: its family, "hf", "crepe", ...;
+absent = "whisper", so Whisper caches are written as before); a version-4 reader would take them
+for Whisper features. What the features are is `CacheMeta.spec` (`wat.data.spec.FeatureSpec`).
 Version 1 files (no checksums) are still read. Optional columns are
 per-clip metadata that a reader may use or ignore (wat-robust writes `snr` and `utterance`;
 wat-probe/wat-train ignore them); a new one is one row in `COLUMNS`. Caches whose shards hold

@@ -163,4 +163,5 @@ def info(path) -> dict:
         "bytes_on_disk": int(sum(p.stat().st_size for p in files)),
         "checksums": sum(cache.checksummed),  # shards with per-clip checksums (schema 2+)
         "versions": m.versions,
+        **({"encoder": m.encoder} if m.encoder != "whisper" else {}),  # absent: Whisper (output as before)
     }

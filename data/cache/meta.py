@@ -11,10 +11,12 @@ import h5py
 import numpy as np
 
 from ..labels import LabelError, Vocabulary
+from ..spec import PAD30_FIX, WHISPER, FeatureSpec, Policy, padding_of
 
 
-SCHEMA_VERSION = 4   # the newest schema this wat reads (and writes when a file needs it)
-READABLE_VERSIONS = (1, 2, 3, 4)  # 1: no per-clip checksums; 3: int8 storage or a layer subset; 4: pad30 = "mel"
+SCHEMA_VERSION = 5   # the newest schema this wat reads (and writes when a file needs it)
+# 1: no per-clip checksums; 3: int8 storage or a layer subset; 4: pad30 = "mel"; 5: a non-Whisper encoder
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 FIELDS = ("features", "mean")
 CHECKSUMS = {"features": "features_crc32", "mean": "mean_crc32"}  # field -> its per-row CRC-32 dataset
 MEAN_LAYER_CRC = "mean_layer_crc32"  # per-(clip, layer) CRC-32 of `mean` (optional, see the table)
@@ -32,17 +34,6 @@ POLICIES = ("pad30", "trim")  # what the encoder sees: 30 s windows as in ASR, o
 # what this wat extracts; "samples": zero samples before the log-mel, pad30 caches of schema <= 3.
 PAD30_PADDING = "mel"
 PAD30_PADDINGS = ("mel", "samples")
-PAD30_FIX = ("pad30 features from before cache schema 4 were padded with zero samples, not with the zero "
-             "log-mel frames transcription feeds the encoder: re-extract that cache with wat-extract "
-             "(and retrain heads trained on it)")
-
-
-def padding_of(policy: str, pad30_padding: str | None) -> str:
-    """The padding of `policy` features: "" for trim; for pad30 the recorded one, or "samples" when
-    none is recorded (files and heads written before schema 4)."""
-    if policy != "pad30":
-        return ""
-    return pad30_padding or "samples"
 
 
 class CacheError(Exception):
@@ -56,7 +47,9 @@ class CorruptCacheError(CacheError):
 
 @dataclass(frozen=True, kw_only=True)
 class CacheMeta:
-    """What the features of a cache are (keyword-only: a dozen fields of similar types)."""
+    """What the features of a cache are (keyword-only: a dozen fields of similar types): its
+    `FeatureSpec` (`spec`; the fields model..storage, layers, pad30_padding, encoder) and the
+    dataset's fields (clip_seconds, vocab, multilabel, dataset, versions, columns)."""
 
     model: str
     fingerprint: str
@@ -75,6 +68,7 @@ class CacheMeta:
     layers: tuple = ()       # encoder block index of each stored layer; () = all n_layers blocks
     columns: tuple[str, ...] = ()  # optional per-clip columns present (names in COLUMNS)
     pad30_padding: str = PAD30_PADDING  # pad30 only ("" for trim): "mel" (transcribe's window) | "samples"
+    encoder: str = WHISPER   # encoder family; files without the attribute are Whisper's
 
     def __post_init__(self):
         layers = tuple(int(x) for x in self.layers) or tuple(range(self.n_layers))
@@ -85,10 +79,14 @@ class CacheMeta:
         bad = [c for c in self.columns if c not in COLUMNS]
         if bad:
             raise CacheError(f"unknown optional column(s) {bad}; known: {', '.join(COLUMNS)}")
-        padding = padding_of(self.policy, self.pad30_padding)
-        if self.policy == "pad30" and padding not in PAD30_PADDINGS:
-            raise CacheError(f"unknown pad30 padding {padding!r}; one of {', '.join(PAD30_PADDINGS)}")
-        object.__setattr__(self, "pad30_padding", padding)
+        try:
+            policy = Policy.of(self.policy, self.pad30_padding)
+        except ValueError as e:
+            raise CacheError(str(e)) from None
+        if not self.encoder:
+            raise CacheError("the encoder family must be named")
+        object.__setattr__(self, "policy", policy.recorded)
+        object.__setattr__(self, "pad30_padding", policy.padding)
         object.__setattr__(self, "layers", layers)  # frozen: normalised once, here
         object.__setattr__(self, "columns", tuple(sorted(self.columns)))
 
@@ -97,10 +95,26 @@ class CacheMeta:
         """True when the cache holds blocks 0..L-1 (no subset, or a subset that is a prefix)."""
         return self.layers == tuple(range(self.n_layers))
 
+    @property
+    def spec(self) -> FeatureSpec:
+        """The features' record (the one compatibility rule lives there)."""
+        return FeatureSpec(encoder=self.encoder, model=self.model, fingerprint=self.fingerprint,
+                           policy=Policy.of(self.policy, self.pad30_padding), n_layers=self.n_layers,
+                           layers=self.layers, dim=self.dim, n_frames=self.n_frames, pooling=self.pooling,
+                           sample_rate=self.sample_rate, storage=self.storage)
+
+    @classmethod
+    def of(cls, spec: FeatureSpec, **dataset) -> "CacheMeta":
+        """The meta of features `spec` of a dataset (clip_seconds, vocab, multilabel, dataset, ...)."""
+        return cls(encoder=spec.encoder, model=spec.model, fingerprint=spec.fingerprint, n_layers=spec.n_layers,
+                   n_frames=spec.n_frames, dim=spec.dim, policy=spec.policy.recorded, pooling=spec.pooling,
+                   sample_rate=spec.sample_rate, storage=spec.storage, layers=spec.layers,
+                   pad30_padding=spec.policy.padding, **dataset)
+
     def to_attrs(self) -> dict:
         d = {k: getattr(self, k) for k in _META_KEYS}
         plain = self.storage == "fp16" and self.all_layers  # what a version-2 reader reads right
-        version = 4 if self.pad30_padding == "mel" else 2 if plain else 3
+        version = 5 if self.encoder != WHISPER else 4 if self.pad30_padding == "mel" else 2 if plain else 3
         d.update(schema_version=version, vocab=self.vocab.to_json(),
                  versions=json.dumps(self.versions, sort_keys=True), storage=self.storage,
                  layers=json.dumps(list(self.layers)))
@@ -108,6 +122,8 @@ class CacheMeta:
             d["columns"] = json.dumps(list(self.columns))
         if self.pad30_padding == "mel":  # absent: "samples" (pad30 files of schema <= 3) or trim
             d["pad30_padding"] = self.pad30_padding
+        if self.encoder != WHISPER:  # absent: Whisper (its caches stay byte-identical)
+            d["encoder"] = self.encoder
         return d
 
     @classmethod
@@ -128,22 +144,20 @@ class CacheMeta:
                        dataset=attr_str(attrs["dataset"]), versions=json.loads(attr_str(attrs.get("versions", "{}"))),
                        storage=attr_str(attrs.get("storage", "fp16")), layers=tuple(json.loads(attr_str(attrs.get("layers", "[]")))),
                        columns=tuple(json.loads(attr_str(attrs.get("columns", "[]")))),
-                       pad30_padding=attr_str(attrs.get("pad30_padding", "")))
+                       pad30_padding=attr_str(attrs.get("pad30_padding", "")),
+                       encoder=attr_str(attrs.get("encoder", WHISPER)))
         except KeyError as e:
             raise CacheError(f"not a wat cache file: attribute {e.args[0]!r} missing") from None
         except (ValueError, LabelError) as e:
             raise CacheError(f"unreadable cache attributes: {e}") from None
 
     def incompatibilities(self, other: "CacheMeta", *, same_cache: bool = False) -> list[str]:
-        """What makes features of `other` unusable next to ours (model name/versions don't count).
-        The stored precision is transparent to readers, so two caches may differ in it; the shards
-        of one cache (`same_cache`) may not: one output holds one precision."""
-        keys = ("fingerprint", "policy", "pooling", "n_layers", "layers", "n_frames", "dim", "sample_rate",
-                "multilabel", "columns") + (("storage",) if same_cache else ())
-        out = [f"{k}: {_show(getattr(self, k))} != {_show(getattr(other, k))}"
-               for k in keys if getattr(self, k) != getattr(other, k)]
-        if self.policy == other.policy and self.pad30_padding != other.pad30_padding:
-            out.append(f"pad30_padding: {self.pad30_padding} != {other.pad30_padding} ({PAD30_FIX})")
+        """What makes features of `other` unusable next to ours: the features' rule
+        (`FeatureSpec.incompatibilities`; model name/versions don't count, the stored precision
+        only within one cache, `same_cache`), then the dataset's: label type, columns, classes."""
+        out = self.spec.incompatibilities(other.spec, same_cache=same_cache)
+        out += [f"{k}: {getattr(self, k)!r} != {getattr(other, k)!r}"
+                for k in ("multilabel", "columns") if getattr(self, k) != getattr(other, k)]
         if self.vocab != other.vocab:
             out.append(f"vocab: {len(self.vocab)} classes != {len(other.vocab)} classes"
                        if len(self.vocab) != len(other.vocab) else "vocab: different classes")
@@ -162,15 +176,10 @@ class CacheMeta:
             d.pop("layers")
         if self.pad30_padding != "mel":  # absent before schema 4: digests of older caches still match
             d.pop("pad30_padding")
+        if self.encoder == WHISPER:  # absent before schema 5: digests of Whisper caches still match
+            d.pop("encoder")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 def attr_str(v) -> str:
     return v.decode("utf-8") if isinstance(v, bytes) else str(v)
-
-
-def _show(v) -> str:
-    if (isinstance(v, tuple) and len(v) > 2 and all(isinstance(x, int) for x in v)
-            and v == tuple(range(v[0], v[-1] + 1))):
-        return f"{v[0]}:{v[-1] + 1}"  # layer ranges read as the --layers option that made them
-    return repr(v)

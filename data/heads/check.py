@@ -1,14 +1,14 @@
-"""Head vs features: `Features` (what a head is about to be fed) and `head_problems`, the one rule
-for wat-train --init, wat-eval and wat-tag."""
+"""Head vs features: `Features` (what a head is about to be fed) and `head_problems`, the rule for
+wat-train --init, wat-eval and wat-tag: the features' rule (`FeatureSpec.incompatibilities`, head
+voice) plus the classes and label type."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from ..cache import PAD30_FIX, PAD30_PADDING, CacheMeta, padding_of
+from ..cache import PAD30_PADDING, CacheMeta
 from ..labels import Vocabulary
+from ..spec import WHISPER, FeatureSpec, Policy, padding_of
 from .checkpoint import HeadInfo
-from .kinds import head_field
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Features:
     layers: tuple[int, ...] | None = None  # encoder block of each layer; None: a live encoder, whose
                                            # n_layers blocks are all there to pick the head's from
     pad30_padding: str = PAD30_PADDING  # pad30: "mel" (transcription, this wat's caches) | "samples"
+    encoder: str = WHISPER              # encoder family
 
     def __post_init__(self):
         object.__setattr__(self, "pad30_padding", padding_of(self.policy, self.pad30_padding))
@@ -34,78 +35,21 @@ class Features:
     @classmethod
     def of_cache(cls, meta: CacheMeta) -> "Features":
         return cls(meta.n_layers, meta.dim, meta.model, meta.fingerprint, meta.policy, meta.n_frames,
-                   meta.vocab, meta.multilabel, meta.layers, meta.pad30_padding)
+                   meta.vocab, meta.multilabel, meta.layers, meta.pad30_padding, meta.encoder)
 
-
-# A Whisper release name, as wat, openai-whisper, whisper-at (official heads: "whisper-at:SIZE") and
-# Hugging Face ids ("openai/whisper-large-v3") spell it; other names (paths, fine-tunes) match nothing.
-_RELEASE = re.compile(r"(?:whisper-at:|whisper-)?(tiny|base|small|medium|large)(\.en)?(-v\d)?(-turbo)?")
-
-
-def _whisper_release(name: str) -> tuple[str, frozenset[str] | None] | None:
-    """(size, the large releases the name can stand for) of a Whisper release name, None for other
-    names. The release set is None for sizes below large, which have one release each. "large" is
-    large-v3 in openai-whisper (and so in wat); whisper-at's official large heads were trained on
-    large-v1 or large-v2 (its "large" is large-v2), and the head file does not say which."""
-    base = name.rsplit("/", 1)[-1]
-    if base == "turbo":  # openai-whisper's alias
-        return "large", frozenset({"large-v3-turbo"})
-    m = _RELEASE.fullmatch(base)
-    if not m:
-        return None
-    size, _, version, turbo = m.groups()
-    if size != "large":
-        return size, None
-    if name.startswith("whisper-at:"):
-        return size, frozenset({"large-v1", "large-v2"})
-    return size, frozenset({f"large{version or '-v3'}{turbo or ''}"})
+    @property
+    def spec(self) -> FeatureSpec:
+        return FeatureSpec(encoder=self.encoder, model=self.model, fingerprint=self.fingerprint,
+                           policy=Policy.of(self.policy, self.pad30_padding), n_layers=self.n_layers,
+                           layers=self.layers, dim=self.dim, n_frames=self.n_frames,
+                           pooling="" if self.n_frames is None else f"mean:{self.n_frames}", sample_rate=16000)
 
 
 def head_problems(info: HeadInfo, feats: Features) -> list[str]:
-    """Why `feats` are not what the head was trained on (empty: they are). The one rule for
-    wat-train --init, wat-eval and wat-tag; mirrors `CacheMeta.incompatibilities`.
-
-    Encoder weights: compared by fingerprint when both sides know theirs; otherwise (official
-    Whisper-AT heads record only the Whisper size their width implies) by Whisper release name, when
-    both names are release names: the size, and for large models the release (large-v1/-v2 for an
-    official head, large-v3 for "large", large-v3-turbo, ...)."""
-    out = []
-    blocks = info.blocks
-    # a head trained on a --layers cache reads those blocks: a cache must hold exactly them, a live
-    # encoder must have them (wat-tag taps only those)
-    live_subset = feats.layers is None and info.layers is not None
-    if live_subset:
-        fits = info.dim_in == feats.dim and max(blocks) < feats.n_layers
-    else:
-        fits = (info.n_layers, info.dim_in) == (feats.n_layers, feats.dim)
-    if not fits:
-        trained = f" (trained on {info.model})" if info.model else ""
-        which = f" (blocks {blocks[0]}..{blocks[-1]})" if info.layers is not None else ""
-        out.append(f"layers x width: head expects {info.n_layers} encoder layers{which} of width {info.dim_in}"
-                   f"{trained}, the features have {feats.n_layers} layers of width {feats.dim}")
-    elif feats.layers is not None and blocks != tuple(feats.layers):
-        out.append(f"encoder blocks: head reads {list(blocks)}, the features hold {list(feats.layers)}")
-    if feats.n_frames is not None and head_field(info.kind) == "features" and info.n_frames != feats.n_frames:
-        out.append(f"frames: head {info.n_frames}, cache {feats.n_frames}")
-    if info.fingerprint and feats.fingerprint:
-        if info.fingerprint != feats.fingerprint:
-            out.append(f"Whisper weights: head trained on {info.model or '?'} ({info.fingerprint[:12]}), "
-                       f"features from {feats.model or '?'} ({feats.fingerprint[:12]})")
-    else:
-        mine, theirs = _whisper_release(info.model), _whisper_release(feats.model)
-        if mine and theirs and mine[0] != theirs[0]:
-            out.append(f"Whisper weights: head trained on {info.model} (a {mine[0]} model), "
-                       f"features from {feats.model} (a {theirs[0]} model)")
-        elif mine and theirs and mine[1] and theirs[1] and not mine[1] & theirs[1]:
-            out.append(f"Whisper weights: head trained on {info.model} ({' or '.join(sorted(mine[1]))}), "
-                       f"features from {feats.model} ({' or '.join(sorted(theirs[1]))}); 'large' is "
-                       "large-v3 in openai-whisper and wat but large-v2 in whisper-at")
-    if info.policy != feats.policy:
-        out.append(f"input policy: head {info.policy}, cache {feats.policy} "
-                   f"(the head was trained on '{info.policy}' features)")
-    elif info.pad30_padding != feats.pad30_padding:
-        out.append(f"input policy: head pad30 with {info.pad30_padding} padding, features pad30 with "
-                   f"{feats.pad30_padding} padding ({PAD30_FIX})")
+    """Why `feats` are not what the head was trained on (empty: they are): the features' rule,
+    `info.spec.incompatibilities(feats.spec, head=True)` (encoder family, layers, frames, weights,
+    input policy), then the label type and classes when `feats` knows them."""
+    out = info.spec.incompatibilities(feats.spec, head=True)
     if feats.multilabel is not None and info.multilabel != feats.multilabel:
         out.append(f"label type: head {'multi' if info.multilabel else 'single'}-label, "
                    f"cache {'multi' if feats.multilabel else 'single'}-label")

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..cache import PAD30_PADDING, PAD30_PADDINGS, padding_of
+from ..cache import PAD30_PADDING, PAD30_PADDINGS
+from ..spec import WHISPER, FeatureSpec, Policy, padding_of
 from ..files import load_torch_dict, save_torch
 from ..labels import Vocabulary
 from .kinds import HeadError, build_head
@@ -39,6 +40,7 @@ class HeadInfo:
     layers: list[int] | None = None  # encoder block of each input layer (a --layers cache); None = 0..n_layers-1
     pad30_padding: str = PAD30_PADDING  # pad30 features: "mel" (transcribe's window) | "samples" (a cache of
                                         # schema <= 3; head files without the field); "" for trim
+    encoder: str = WHISPER      # encoder family of the features (head files without the field: Whisper)
 
     def __post_init__(self):
         self.pad30_padding = padding_of(self.policy, self.pad30_padding)
@@ -48,8 +50,23 @@ class HeadInfo:
         """The encoder blocks the head reads, in its input order."""
         return tuple(self.layers) if self.layers is not None else tuple(range(self.n_layers))
 
+    @property
+    def spec(self) -> FeatureSpec:
+        """The features the head was trained on (`n_frames` None: a head that reads the time mean
+        takes any frame count). The one rule: `spec.incompatibilities(features, head=True)`."""
+        from .kinds import head_field
+
+        return FeatureSpec(encoder=self.encoder, model=self.model, fingerprint=self.fingerprint,
+                           policy=Policy.of(self.policy, self.pad30_padding), n_layers=self.n_layers,
+                           layers=self.blocks, dim=self.dim_in,
+                           n_frames=self.n_frames if head_field(self.kind) == "features" else None,
+                           pooling=f"mean:{self.n_frames}", sample_rate=16000)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.encoder == WHISPER:  # absent: Whisper (head files stay byte-identical)
+            del d["encoder"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadInfo":
@@ -71,6 +88,10 @@ class HeadInfo:
                 raise HeadError(f"head info {k} = {v!r} is not {' or '.join(t.__name__ for t in want)}")
         if info.policy == "pad30" and info.pad30_padding not in PAD30_PADDINGS:
             raise HeadError(f"head info: pad30_padding {info.pad30_padding!r} is not one of {', '.join(PAD30_PADDINGS)}")
+        try:
+            Policy.of(info.policy, info.pad30_padding)
+        except ValueError as e:
+            raise HeadError(f"head info: {e}") from None
         if min(info.n_layers, info.dim_in, info.n_classes, info.n_frames) < 1:
             raise HeadError("head info: n_layers, dim_in, n_classes and n_frames must be at least 1")
         if info.thresholds is not None and (len(info.thresholds) != info.n_classes
@@ -98,7 +119,7 @@ _INFO_TYPES = {"kind": (str,), "n_layers": (int,), "dim_in": (int,), "n_classes"
                "proj_dim": (int, type(None)), "n_frames": (int,), "vocab_json": (str,), "model": (str,),
                "fingerprint": (str,), "policy": (str,), "multilabel": (bool,),
                "primary_classes": (int, type(None)), "thresholds": (list, type(None)),
-               "layers": (list, type(None)), "pad30_padding": (str,)}
+               "layers": (list, type(None)), "pad30_padding": (str,), "encoder": (str,)}
 
 
 def head_from_info(info: HeadInfo) -> nn.Module:

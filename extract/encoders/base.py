@@ -17,6 +17,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from wat.data.spec import FeatureSpec
+
 from ..pooling import integer
 
 # family -> module that registers it when imported. `load_encoder` imports these on first use (a
@@ -129,14 +131,13 @@ class Encoder(abc.ABC):
         in the cache beside torch's and numpy's: informative only."""
         return {}
 
-    def spec(self, *, policy: str, frames: int, layers: Sequence[int] | None = None, storage: str = "fp16") -> dict:
+    def spec(self, *, policy: str, frames: int, layers: Sequence[int] | None = None, storage: str = "fp16") -> FeatureSpec:
         """The feature record of `pooled(..., frames=frames, policy=policy, layers=layers)` stored as
-        `storage`: the `wat.data.cache.CacheMeta` fields it decides (the dataset's fields are added
-        by the caller)."""
+        `storage` (`wat.data.cache.CacheMeta.of(spec, ...)` adds the dataset's fields)."""
         layers = tuple(range(self.n_layers)) if layers is None else tuple(layers)
-        return dict(model=self.name, fingerprint=self.fingerprint, n_layers=len(layers), dim=self.dim,
-                    n_frames=frames, policy=policy, pooling=f"mean:{frames}", sample_rate=self.sample_rate,
-                    storage=storage, layers=layers)
+        return FeatureSpec(encoder=self.family, model=self.name, fingerprint=self.fingerprint, n_layers=len(layers),
+                           dim=self.dim, n_frames=frames, policy=policy, pooling=f"mean:{frames}",
+                           sample_rate=self.sample_rate, storage=storage, layers=layers)
 
     def check(self, clips, *, frames, policy: str, layers=None) -> tuple[list[torch.Tensor], tuple[int, ...]]:
         """Validate `pooled`'s arguments -> (clips as 1-D float32 tensors on `self.device`, layer
