@@ -17,7 +17,8 @@ from whisper.utils import format_timestamp, get_writer
 from wat.data.audio import AudioError
 from wat.data.datasets import AUDIO_EXTS
 from wat.extract.cli import MODEL_HELP
-from wat.extract.load import WhisperLoadError, load_whisper
+from wat.extract.encoders import EncoderError, family_of
+from wat.extract.load import load_whisper
 from wat.data.clikit.args import MAX_CLASSES, add_device, float_range, int_range, parse_args
 from wat.data.files import atomic_write, make_folder, one_line, remove_bare, write_tsv
 from wat.data.naming import output_stems
@@ -223,15 +224,26 @@ def main(argv=None) -> int:
         remove_bare(made)
 
 
+def whisper_only(spec: str) -> None:
+    """Refuse, before loading anything, a `--model` that another encoder family loads: tags come from
+    the encoder pass of Whisper's own transcription, which only a Whisper model makes."""
+    family = family_of(spec)
+    if family != "whisper":
+        raise TagError(f"--model {spec}: a {family} encoder, not Whisper; wat-tag tags audio from the encoder pass "
+                       f"of Whisper's transcription, so it needs a Whisper model (heads trained on {family} features "
+                       f"score clips with wat-eval on a cache made by wat-extract --model {spec})")
+
+
 def _tag(args, fmt: str, to_files: bool) -> int:
     try:
+        whisper_only(args.model)
         model = load_whisper(args.model, device=args.device)
         head = load_head(args.head)
         check_head(model, head[1], allow_policy_mismatch=args.allow_policy_mismatch)
         if args.classes is not None:  # unknown names fail here, before any file
             vocab = head_vocabulary(head[1])
             args.classes = [vocab.keys[i] for i in resolve_classes(vocab, args.classes)]
-    except (WhisperLoadError, HeadError, TagError) as e:
+    except (EncoderError, HeadError, TagError) as e:
         print(f"wat-tag: error: {e}", file=sys.stderr)
         return 2
     language = args.language

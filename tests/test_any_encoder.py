@@ -80,3 +80,22 @@ def test_tl_tr_on_deep_wide_encoder_caches(tmp_path, n_layers, dim):
     loss = torch.nn.functional.cross_entropy(head(x), torch.tensor([0, 1]))
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in head.parameters())
+
+
+def test_wat_tag_needs_whisper_and_a_whisper_head(toy_cache, speech_wav, tmp_path, capsys):
+    """wat-tag tags from Whisper's transcription pass: another family's --model is refused before
+    anything loads; a head trained on another encoder's features is refused for the Whisper model."""
+    from wat.tag.cli import main as tag_main
+
+    run = tmp_path / "run"
+    assert train_main(["--features", str(toy_cache), "--eval-features", str(toy_cache), "--head", "wa-mlp",
+                       "--epochs", "1", "--out", str(run), "--progress", "none"]) == 0
+    capsys.readouterr()
+    assert tag_main([str(speech_wav), "--model", "toy-b", "--head", str(run / "wa.pt")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "wat-tag: error: --model toy-b: a toy encoder, not Whisper; wat-tag tags audio from the encoder pass of "
+        "Whisper's transcription, so it needs a Whisper model (heads trained on toy features score clips with "
+        "wat-eval on a cache made by wat-extract --model toy-b)"]
+    assert tag_main([str(speech_wav), "--model", "tiny.en", "--head", str(run / "wa.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wat-tag: error: head does not fit the model") and "toy-b" in err[0], err

@@ -180,3 +180,9 @@ def test_hear_module_serves_any_encoder(toy_encoder, monkeypatch, capsys):
     validate = importlib.import_module("hearvalidator.validate")
     validate.ValidateModel("wat.extract.hear", "toy-a", device="cpu")()
     assert "Interval between timestamps is 10.0ms" in capsys.readouterr().out
+
+
+def test_family_of_names_the_family_without_loading(toy_encoder):
+    from wat.extract.encoders import family_of
+
+    assert family_of("toy-q") == "toy" and family_of("tiny.en") == "whisper" and family_of("no/such") == "whisper"

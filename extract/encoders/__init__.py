@@ -6,10 +6,10 @@
 Pooling and layer choice shared by every family: `wat.extract.pooling`.
 """
 from .base import (BUILTIN, ENCODERS, Encoder, EncoderError, ShortClipError, as_clips, encoder_class,
-                   equal_length_groups, families, load_encoder, register_encoder)
+                   equal_length_groups, families, family_of, load_encoder, register_encoder)
 
 __all__ = ["Encoder", "EncoderError", "ShortClipError", "load_encoder", "register_encoder", "encoder_class",
-           "families", "as_clips", "as_encoder", "equal_length_groups", "ENCODERS", "BUILTIN", "WhisperEncoder"]
+           "families", "family_of", "as_clips", "as_encoder", "equal_length_groups", "ENCODERS", "BUILTIN", "WhisperEncoder"]
 
 
 def as_encoder(model) -> Encoder:

@@ -218,14 +218,17 @@ def encoder_class(family: str) -> type[Encoder]:
     return ENCODERS[family]
 
 
+def family_of(spec) -> str:
+    """The family that `load_encoder(spec)` would load `spec` with, without loading it: the first
+    whose `accepts(spec)` is true, the catch-all (Whisper) last."""
+    for family, cls in families().items():
+        if cls.accepts(str(spec)):
+            return family
+    raise EncoderError(f"no encoder family accepts {str(spec)!r} (families: {', '.join(ENCODERS)})")
+
+
 def load_encoder(spec, device="cpu", *, family: str | None = None) -> Encoder:
     """The encoder `spec` names, loaded on `device`: CREPE names (crepe-full, crepe-tiny), Hugging
     Face speech folders or ids (wav2vec2, HuBERT, WavLM, data2vec-audio), else Whisper (every form
     `wat.extract.load_whisper` takes). `family`: skip the guess (e.g. the family a cache recorded)."""
-    spec = str(spec)
-    if family is not None:
-        return encoder_class(family).load(spec, device)
-    for cls in families().values():
-        if cls.accepts(spec):
-            return cls.load(spec, device)
-    raise EncoderError(f"no encoder family accepts {spec!r} (families: {', '.join(ENCODERS)})")
+    return encoder_class(family or family_of(spec)).load(str(spec), device)
