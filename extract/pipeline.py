@@ -23,7 +23,6 @@ while batches of two shards are in flight. `Summary.stalls` says which stage the
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import queue
@@ -37,22 +36,20 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from wat.data import cache as wcache
 from wat.data.clikit.progress import progress as progress_bar
 from wat.data.audio import MIN_SECONDS, SAMPLE_RATE, clip_window, load_audio
 from wat.data.datasets import Clip, Dataset
 from wat.data.spec import WHISPER
-from wat.data.files import LockedError, locked_folder, write_json, write_tsv
+# the shard folder (ShardRun) moved to wat.data.cache.shardrun; its names stay importable from here
+from wat.data.cache.shardrun import (ERRORS, LOCK, MANIFEST, PROBLEMS, ShardRun, ShardRunError,  # noqa: F401
+                                     finished, record_path, shard_dir_for, write_record)
+from wat.data.files import LockedError, write_tsv
 
 from .encoders import Encoder, as_encoder, load_encoder
 from .pooling import layer_subset
 
-MANIFEST = "manifest.json"
-LOCK = ".lock"  # held (flock) by the run writing this folder
-ERRORS = "errors.tsv"
-PROBLEMS = "problems.tsv"
 
 
 class ExtractError(Exception):
@@ -182,12 +179,6 @@ def _reason_counts(errors) -> Counter:
     return Counter(r.split(": ")[-1][:100] for _, _, r in errors)
 
 
-def shard_dir_for(index_path) -> Path:
-    """`feats.h5` -> `feats.shards/` beside it."""
-    p = Path(index_path)
-    return p.with_name(p.stem + ".shards")
-
-
 def resolve_clip_seconds(dataset: Dataset, options: ExtractOptions) -> float:
     """The clip length of the run (`options.clip_seconds` or the dataset's); what the encoder can
     take of it is checked where the encoder is loaded (`cache_meta`)."""
@@ -221,69 +212,16 @@ def run_manifest(dataset: Dataset, clips: list[Clip], meta: wcache.CacheMeta, op
     }
 
 
-# what runs made before `storage`/`layers` existed wrote: no key, fp16 and every layer
-_MANIFEST_DEFAULTS = {"storage": "fp16", "layers": "all"}
-
-
-def _with_defaults(manifest: dict) -> dict:
-    # both sides: older runs, and callers that write only fp16 of every layer (wat-robust), omit the
-    # storage/layers keys; runs before cache schema 4 omit the padding (their pad30 padded samples)
-    out = {**_MANIFEST_DEFAULTS, **manifest}
-    out.setdefault("pad30_padding", wcache.padding_of(out.get("policy", ""), None))
-    return out
-
-
 def _show_layers(meta: wcache.CacheMeta, options: ExtractOptions) -> str:
     return "all" if options.layers is None else f"{meta.layers[0]}:{meta.layers[-1] + 1}"
 
 
 def prepare_output(index_path, manifest: dict, overwrite: bool) -> Path:
-    """Create the shard folder, or check that the one there was made the same way."""
-    index_path, shard_dir = Path(index_path), shard_dir_for(index_path)
-    mpath = shard_dir / MANIFEST
-    old = json.loads(mpath.read_text()) if mpath.exists() else None
-    manifest = _with_defaults(manifest)
-    if old is not None:
-        old = _with_defaults(old)
-    if old is not None and old != manifest and not overwrite:
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in manifest.items() if old.get(k) != v)
-        raise ExtractError(f"{shard_dir} was extracted differently ({diff}); use --overwrite to replace it "
-                           f"or choose another --out")
-    if old is None and index_path.exists() and not overwrite:
-        raise ExtractError(f"{index_path} exists and was not made by this extractor run; use --overwrite or another --out")
-    if overwrite:
-        _clear(index_path, shard_dir)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    write_json(mpath, manifest, indent=None)
-    return shard_dir
-
-
-def _clear(index_path: Path, shard_dir: Path) -> None:
-    # only remove what this module writes: never a user's other files
-    if index_path.exists():
-        index_path.unlink()
-    if shard_dir.is_dir():
-        for p in shard_dir.iterdir():
-            if p.name.startswith("shard-") or p.name in (MANIFEST, ERRORS, PROBLEMS) or p.name.endswith(".partial"):
-                p.unlink()
-
-
-def record_path(shard_dir, i: int) -> Path:
-    return Path(shard_dir) / f"shard-{i:05d}.json"
-
-
-def finished(shard_dir, i: int) -> dict | None:
-    """The shard's record if the shard is complete on disk, else None (to be redone)."""
-    rp = record_path(shard_dir, i)
-    if not rp.exists():
-        return None
+    """Create the shard folder, or check that the one there was made the same way (`ShardRun.prepare`)."""
     try:
-        rec = json.loads(rp.read_text())
-    except (OSError, ValueError):
-        return None
-    if rec.get("n_written", 0) > 0 and not wcache.shard_path(shard_dir, i).exists():
-        return None
-    return rec
+        return ShardRun(index_path).prepare(manifest, overwrite)
+    except ShardRunError as e:
+        raise ExtractError(str(e)) from None
 
 
 def cache_meta(encoder, dataset: Dataset, options: ExtractOptions, clip_seconds: float) -> wcache.CacheMeta:
@@ -472,7 +410,7 @@ class _ShardBuffer:
         errors = [(self.clips[k].id, str(self.clips[k].path), r) for k, r in sorted(self.errors.items())]
         result = ShardResult(self.index, str(path) if n else None, len(self.clips), n, errors,
                              time.perf_counter() - self.t0)
-        write_json(record_path(shard_dir, self.index), asdict(result), indent=None)
+        write_record(shard_dir, self.index, asdict(result))
         if stalls is not None:
             checksum = timing.get("checksum", 0.0)
             with _STALLS_LOCK:  # several writer threads add to the same account
@@ -711,14 +649,15 @@ def extract_dataset(dataset: Dataset, options: ExtractOptions, out_index, *, mod
                              f"options.model ({options.model!r}) themselves; pass one or the other")
     options.check()
     clip_seconds = resolve_clip_seconds(dataset, options)
+    run = ShardRun(out_index)
     try:  # a run refused before it wrote anything (e.g. a model that does not load) leaves no folder
-        with locked_folder(shard_dir_for(out_index), LOCK, f"the feature cache {out_index}"):
-            return _extract(dataset, options, out_index, clip_seconds, model, runner, t0)
-    except LockedError as e:
+        with run.locked(f"the feature cache {out_index}"):
+            return _extract(dataset, options, run, clip_seconds, model, runner, t0)
+    except (LockedError, ShardRunError) as e:
         raise ExtractError(str(e)) from None
 
 
-def _extract(dataset, options, out_index, clip_seconds, model, runner, t0) -> Summary:
+def _extract(dataset, options, run: ShardRun, clip_seconds, model, runner, t0) -> Summary:
     clips = dataset.clips[: options.limit] if options.limit is not None else list(dataset.clips)
     shards = plan_shards(clips, options.shard_size)
     if runner is not None:
@@ -727,10 +666,10 @@ def _extract(dataset, options, out_index, clip_seconds, model, runner, t0) -> Su
         model = as_encoder(model) if model is not None else get_model(options.model, options.device)
         meta = cache_meta(model, dataset, options, clip_seconds)
     options = replace(options, policy=meta.policy)  # None (the encoder's default) resolved
-    shard_dir = prepare_output(out_index, run_manifest(dataset, clips, meta, options), options.overwrite)
+    shard_dir = run.prepare(run_manifest(dataset, clips, meta, options), options.overwrite)
 
-    damaged = drop_damaged(shard_dir, len(shards), meta, options.progress)
-    todo = [(i, c) for i, c in enumerate(shards) if finished(shard_dir, i) is None]
+    damaged = run.drop_damaged(len(shards), meta, options.progress)
+    todo = [(i, c) for i, c in enumerate(shards) if run.finished(i) is None]
     n_todo = sum(len(c) for _, c in todo)
     stalls = None
     if runner is not None:
@@ -746,47 +685,24 @@ def _extract(dataset, options, out_index, clip_seconds, model, runner, t0) -> Su
                     writer.put(buf)
             finally:
                 writer.close()
-    summary = finish(out_index, shard_dir, len(shards), len(shards) - len(todo), n_todo, clips, dataset, t0)
+    summary = finish(run, len(shards), len(shards) - len(todo), n_todo, clips, dataset, t0)
     summary.damaged = damaged
     summary.stalls = stalls
     return summary
 
 
-def drop_damaged(shard_dir: Path, n_shards: int, meta: wcache.CacheMeta, progress: bool | None = None) -> list[str]:
-    """Check every finished shard in full (`wat.data.cache.check_shard`: every byte against its
-    checksums) and forget those that fail (truncated, bit rot, edited), so that this run extracts
-    them again. Reading a shard costs a small fraction of encoding it. Returns one line per shard."""
-    done = [(i, r) for i in range(n_shards) if (r := finished(shard_dir, i)) is not None and r["n_written"] > 0]
-    row = 2 * (meta.n_layers * meta.n_frames * meta.dim + meta.n_layers * meta.dim)
-    out = []
-    with progress_bar(total=row * sum(r["n_written"] for _, r in done), unit="B", unit_scale=True, desc="check",
-              disable=None if progress is None else not progress) as bar:
-        for i, _ in done:
-            path = wcache.shard_path(shard_dir, i)
-            problems, _ = wcache.check_shard(path, meta, bar=bar)
-            if problems:
-                out.append(f"{path.name}: {problems[0]}")
-                tqdm.write(f"wat-extract: {path.name} is damaged, extracting it again ({problems[0]})", file=sys.stderr)
-                record_path(shard_dir, i).unlink(missing_ok=True)  # the record first: no record = to do
-                path.unlink(missing_ok=True)
-    return out
-
-
-def finish(out_index, shard_dir: Path, n_shards: int, resumed: int, processed: int, clips, dataset, t0) -> Summary:
+def finish(run: ShardRun, n_shards: int, resumed: int, processed: int, clips, dataset, t0) -> Summary:
     """Merge the shard records into errors.tsv and build the index over the non-empty shards."""
-    records = [finished(shard_dir, i) for i in range(n_shards)]
-    missing = [i for i, r in enumerate(records) if r is None]
-    if missing:
-        raise ExtractError(f"{len(missing)} shard(s) not finished ({', '.join(map(str, missing[:10]))}); "
-                           f"rerun the same command to resume")
+    out_index, shard_dir = run.index, run.dir
+    records = run.records(n_shards)
     errors = sorted((tuple(e) for r in records for e in r["errors"]), key=lambda e: e[0])
     write_tsv(shard_dir / ERRORS, ["id", "path", "reason"], errors)
     # dataset rows that never became clips (no audio file, bad label...)
     write_tsv(shard_dir / PROBLEMS, ["row", "reason"], dataset.problems)
-    written = [wcache.shard_path(shard_dir, i) for i, r in enumerate(records) if r["n_written"] > 0]
+    written = run.written(records)
     if not written:
         raise ExtractError(f"no clip could be extracted (all {len(clips)} failed; see {shard_dir / ERRORS})")
-    wcache.build_index(out_index, written)
+    run.build_index(written)
     size = Path(out_index).stat().st_size + sum(p.stat().st_size for p in written)
     return Summary(index=str(out_index), shard_dir=str(shard_dir), n_clips=len(clips),
                    written=sum(r["n_written"] for r in records), processed=processed, resumed_shards=resumed,

@@ -32,10 +32,10 @@ from wat.data import cache as wcache
 from wat.data.audio import SAMPLE_RATE, AudioError, load_audio
 from wat.data.datasets import Dataset, load_dataset
 from wat.extract.encoders import Encoder, as_encoder, load_encoder
-from wat.data.files import make_folder, remove_bare, write_json, write_tsv
+from wat.data.files import LockedError, locked_folder, write_tsv
 from wat.data.naming import distinct_name, folder_name
-from wat.extract.pipeline import (ExtractOptions, cache_meta, extract_dataset, finished, prepare_output,
-                                  record_path)
+from wat.data.cache.shardrun import ShardRun, ShardRunError, write_record
+from wat.extract.pipeline import ExtractOptions, cache_meta, extract_dataset
 
 from . import wer as wer_mod
 from .asr import MAX_SAMPLES, AsrOptions, decode_batch, decode_ctc, transcribe_long
@@ -43,6 +43,7 @@ from .mix import MixError, assign_noise, mix
 from .speech import Speech, Utterance, load_speech
 
 COLUMNS = ("snr", "utterance")
+LOCK = ".wat-robust.lock"  # in --out: held (an OS lock) by the run writing it; a killed run's file is harmless
 
 
 class RobustError(Exception):
@@ -256,7 +257,7 @@ def run_chunk(model, plan: Plan, index: int, chunk: list[Mixture], shard_dir: Pa
                         "noise": plan.noise.clips[m.noise].id, "noise_class": int(plan.noise.clips[m.noise].labels[0]),
                         "snr": m.snr, "text": text, "encoder_passes": passes}
                        for m, text, _, _, passes in good]}
-    write_json(record_path(shard_dir, index), record, indent=None)
+    write_record(shard_dir, index, record)
     return record
 
 
@@ -277,23 +278,14 @@ def run_model(spec: str, plan: Plan, options: RobustOptions, out: Path, bar=None
     mdir = out / distinct_name(slug(name), taken, position)
     index = mdir / "feats.h5"
     meta = _meta(encoder, plan, options)
-    try:
-        shard_dir = prepare_output(index, _manifest(plan, meta, options), options.overwrite)
-    except Exception as e:  # ExtractError: made differently
+    run = ShardRun(index, tool="wat-robust")
+    try:  # the shard folder as wat-extract keeps it: one run at a time, damaged shards made again
+        with run.locked(f"the mixture cache {index}"):
+            records, written = _mixture_shards(run, encoder, plan, meta, audio or _Audio(plan), options, bar)
+    except (LockedError, ShardRunError) as e:
         raise RobustError(str(e)) from None
-    audio = audio or _Audio(plan)
-    for i, chunk in enumerate(plan.chunks):
-        if finished(shard_dir, i) is not None:  # kept from an earlier run
-            if bar is not None:
-                bar.update(len(chunk))
-            continue
-        run_chunk(encoder, plan, i, chunk, shard_dir, meta, audio, options, bar)
-    records = [finished(shard_dir, i) for i in range(len(plan.chunks))]
-    written = [(c[0].snr, wcache.shard_path(shard_dir, i)) for i, (c, r) in enumerate(zip(plan.chunks, records))
-               if r["n_written"] > 0]
     if not written:
         raise RobustError(f"{name}: no mixture could be transcribed (see {out / 'problems.tsv'})")
-    wcache.build_index(index, [p for _, p in written])
     per_snr = {}
     for snr in sorted({s for s, _ in written}, reverse=True):
         per_snr[snr] = mdir / f"feats_snr{snr:+g}.h5"
@@ -305,6 +297,26 @@ def run_model(spec: str, plan: Plan, options: RobustOptions, out: Path, bar=None
                     noise_index, model=encoder)
     return {"name": name, "dir": mdir, "index": index, "per_snr": per_snr, "noise_index": noise_index,
             "n_layers": encoder.n_layers, "records": records, "asr": asr}
+
+
+def _mixture_shards(run: ShardRun, encoder, plan: Plan, meta: wcache.CacheMeta, audio: _Audio,
+                    options: RobustOptions, bar=None) -> tuple[list[dict], list[tuple[float, Path]]]:
+    """The mixture cache of one model, resumed: (every chunk's record, (snr, shard) of the chunks
+    that hold rows); the index over them is built."""
+    shard_dir = run.prepare(_manifest(plan, meta, options), options.overwrite)
+    run.drop_damaged(len(plan.chunks), meta, options.progress)
+    for i, chunk in enumerate(plan.chunks):
+        if run.finished(i) is not None:  # kept from an earlier run
+            if bar is not None:
+                bar.update(len(chunk))
+            continue
+        run_chunk(encoder, plan, i, chunk, shard_dir, meta, audio, options, bar)
+    records = run.records(len(plan.chunks))
+    written = [(c[0].snr, wcache.shard_path(shard_dir, i)) for i, (c, r) in enumerate(zip(plan.chunks, records))
+               if r["n_written"] > 0]
+    if written:
+        run.build_index([p for _, p in written])
+    return records, written
 
 
 def score(plan: Plan, runs: list[dict]) -> list[dict]:
@@ -335,21 +347,25 @@ def run_robust(speech_path, noise_kind: str, noise_root, out, options: RobustOpt
     options.check()
     out = Path(out)
     plan = make_plan(speech_path, noise_kind, noise_root, noise_manifest, options)
-    made = make_folder(out)  # after the inputs are checked; removed again if no model gets to write
+    try:  # after the inputs are checked; a second run on this --out is refused, and a run that fails
+        # before any model wrote (e.g. a --model that does not load) leaves no empty --out behind
+        with locked_folder(out, LOCK, f"the wat-robust output {out}"):
+            return _run(plan, out, options, models, report)
+    except LockedError as e:
+        raise RobustError(str(e)) from None
+
+
+def _run(plan: Plan, out: Path, options: RobustOptions, models: dict | None, report) -> dict:
     runs, problems = [], list(plan.problems)
     todo_total = len(plan.mixtures) * len(options.models)
     audio = _Audio(plan)   # one mixture set: every model hears the same mixtures
-    try:
-        with progress(total=todo_total, unit="mix", desc="wat-robust", disable=None if options.progress is None
-                      else not options.progress, smoothing=0.1) as bar:
-            for k, spec in enumerate(options.models, 1):
-                run = run_model(spec, plan, options, out, bar, model=(models or {}).get(spec), audio=audio,
-                                taken=tuple(r["dir"].name for r in runs), position=k)
-                runs.append(run)
-                problems += [(run["name"], *e) for r in run["records"] for e in r["errors"]]
-    except BaseException:  # e.g. a --model that does not load: no empty --out left behind
-        remove_bare(made)
-        raise
+    with progress(total=todo_total, unit="mix", desc="wat-robust", disable=None if options.progress is None
+                  else not options.progress, smoothing=0.1) as bar:
+        for k, spec in enumerate(options.models, 1):
+            run = run_model(spec, plan, options, out, bar, model=(models or {}).get(spec), audio=audio,
+                            taken=tuple(r["dir"].name for r in runs), position=k)
+            runs.append(run)
+            problems += [(run["name"], *e) for r in run["records"] for e in r["errors"]]
     write_tsv(out / "problems.tsv", ("model", "id", "path", "reason"), problems)
     rows = score(plan, runs)
     return report.write_report(out, plan, runs, rows, problems, options)

@@ -4,6 +4,7 @@ after kill -9) on the committed espeak-ng utterances and the synthetic demo nois
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +18,8 @@ import torch
 import whisper
 
 from wat.extract import EncoderPasses, encode_layers
-from wat.robust import (MixError, RobustOptions, assign_noise, corpus, errors, load_speech, mix, normalize,
-                                run_robust, snr_db)
+from wat.robust import (MixError, RobustError, RobustOptions, assign_noise, corpus, errors, load_speech, mix,
+                        normalize, run_robust, snr_db)
 from wat.robust.asr import decode_batch, transcribe_long
 from wat.robust.speech import SpeechError
 
@@ -286,6 +287,9 @@ def test_resume_after_kill(robust_run, tiny_model, tmp_path):
     deadline = time.time() + 300
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    # a second run on the same --out while the first is writing it: refused at once, nothing touched
+    with pytest.raises(RobustError, match="is being written by another run"):
+        run_robust(speech, "esc50", noise, out, opts, models={"tiny.en": tiny_model})
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert first.exists()
@@ -293,6 +297,28 @@ def test_resume_after_kill(robust_run, tiny_model, tmp_path):
     assert not (out / "summary.json").exists()
     again = run_robust(speech, "esc50", noise, out, opts, models={"tiny.en": tiny_model})
     assert first.stat().st_mtime_ns == kept                       # finished work was not redone
+    assert again["models"]["tiny.en"]["wer"] == summary["models"]["tiny.en"]["wer"]
+    assert (out / "wer.csv").read_text() == (root / "out" / "wer.csv").read_text()
+
+
+def test_a_damaged_shard_is_made_again_on_resume(robust_run, tiny_model, tmp_path, capsys):
+    """A truncated mixture shard of a finished run: the rerun finds it (the full check wat-extract
+    makes), makes that chunk again and ends with the same results; the other chunks are kept."""
+    from wat.data.cache import verify
+
+    root, speech, noise, opts, summary = robust_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    shards = out / "tiny.en" / "feats.shards"
+    bad = sorted(shards.glob("shard-*.h5"))[1]
+    kept = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.h5") if p != bad}
+    size = bad.stat().st_size
+    with open(bad, "r+b") as f:
+        f.truncate(size // 2)
+    again = run_robust(speech, "esc50", noise, out, opts, models={"tiny.en": tiny_model})
+    assert f"wat-robust: {bad.name} is damaged, extracting it again" in capsys.readouterr().err
+    assert bad.stat().st_size == size and verify(out / "tiny.en" / "feats.h5") == []
+    assert {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.h5") if p != bad} == kept
     assert again["models"]["tiny.en"]["wer"] == summary["models"]["tiny.en"]["wer"]
     assert (out / "wer.csv").read_text() == (root / "out" / "wer.csv").read_text()
 
