@@ -1,9 +1,12 @@
 """Cache integrity: per-clip checksums catch any zeroed or flipped byte range in features or mean, in
 `wat-cache verify` and in every reader (training, probing, evaluation refuse a corrupt clip)."""
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
 
+from wat.data.cache.integrity import FIELD_CRC, SHARD_CHECKS
 from wat.data.cache import CHECKSUMS, MEAN_LAYER_CRC, CorruptCacheError, info, open_cache, shard_path, verify
 from wat.data.cache_cli import main as cache_main
 from wat.data.labels import Vocabulary
@@ -134,9 +137,15 @@ def _strip_checksums(path) -> None:
 
 
 def _strip_layer_checksums(path) -> None:
-    """Make a shard look like one written before per-layer checksums of `mean` (schema 2-4 alike)."""
+    """Make a shard look like one written before per-layer checksums of `mean` (schema 2-4 alike),
+    so also before field checksums, and its index (`_cache`'s feats.h5) one built before them."""
     with h5py.File(path, "r+") as f:
         del f[MEAN_LAYER_CRC]
+        del f.attrs[FIELD_CRC]
+    with h5py.File(Path(path).parent.parent / "feats.h5", "r+") as f:
+        if SHARD_CHECKS in f:
+            del f[SHARD_CHECKS]
+        f.attrs.pop(FIELD_CRC, None)
 
 
 def test_schema_1_cache_opens_with_a_note_and_zero_rows_are_refused(tmp_path, capsys):

@@ -76,10 +76,11 @@ def test_schema_version_says_who_can_read_the_file(tmp_path):
         with h5py.File(p, "r") as f:
             assert int(f.attrs["schema_version"]) == 4 and f.attrs["pad30_padding"] == "mel"
         assert open_cache(p).meta.pad30_padding == "mel"
-    # a shard written before storage/layers existed (no such attributes) still opens, as sample-padded pad30
+    # a shard written before storage/layers existed (no such attributes, nor field checksums) still
+    # opens, as sample-padded pad30
     old = tmp_path / "samples-2-False.h5"
     with h5py.File(old, "r+") as f:
-        del f.attrs["storage"], f.attrs["layers"]
+        del f.attrs["storage"], f.attrs["layers"], f.attrs["field_crc32"]
     meta = open_cache(old).meta
     assert meta.storage == "fp16" and meta.layers == (0, 1, 2, 3) and meta == make_meta(pad30_padding="samples")
     assert make_meta(storage="int8").digest() != make_meta().digest() != make_meta(layers=(1, 2, 3, 4)).digest()

@@ -54,6 +54,24 @@ index of each stored layer (`wat-extract --layers 8:32`); L = len(layers).
     shards (no checksums) still open; for them readers refuse rows that are all zero or non-finite,
     and `verify`/`info` say that the shards carry no checksums.
 
+    Field checksums (`field_crc32`, every shard and index written since issue 25): everything else
+    that decides a result is covered too. The attribute is JSON {dataset: CRC-32 of its bytes, ...,
+    "@attrs": CRC-32 of the file's other attributes}, over every dataset but `features` and `mean`
+    (whose rows have their own) and the index's virtual datasets: ids, labels (`label_indptr`,
+    `label_indices`), `fold`, `duration`, the int8 scales, the optional columns, the row checksums
+    themselves, and in the index `shard_paths`, `shard_rows`, `shard_digests` and
+    `shard_field_crc32` (utf-8 [S]: each shard's `field_crc32` as the index was built over it, so a
+    shard whose record was removed or rewritten is refused). Bytes are hashed as stored, strings
+    before decoding (`integrity.field_bytes`), so a flipped byte is a checksum failure, never a
+    decode error. Written last by `integrity.seal`; checked by `open_cache` on every field it reads
+    (the index's, and each shard's attributes), by `Cache` when it reads a shard's scales or row
+    checksums, by `check_layer_block`, by `build_index` on every shard field it copies, and in full by
+    `check_shard`/`verify` (which also compare each shard's per-clip fields with the index's copies).
+    Any failure is one CacheError line naming the file and the field. Like `mean_layer_crc32` this
+    is optional integrity data, not a schema change (no version bump): older files have no
+    `field_crc32` and read as before, with structural checks only (label CSR in range, one entry
+    per clip), and older readers ignore the attribute and the index dataset.
+
 Attributes (shard and index alike): `schema_version`, `kind` ("shard" | "index"), `model`,
 `fingerprint`, `n_layers`, `n_frames`, `dim`, `policy`, `pad30_padding`, `pooling`, `sample_rate`, `clip_seconds`,
 `vocab` (Vocabulary JSON), `multilabel`, `dataset`, `versions` (JSON), `storage`, `layers` (JSON
@@ -81,7 +99,7 @@ Index file (`feats.h5`): `features` and `mean` are HDF5 virtual datasets over th
 source paths relative to the index's folder (HDF5 resolves them there, so the folder can be moved;
 missing sources read as NaN, never zeros); `ids`, `label_indptr`, `label_indices`, `fold`,
 `duration` and the optional columns are copied in; `shard_paths` (utf-8, relative), `shard_rows`
-(int64) and `shard_digests` (utf-8) record the shards; int8 caches also copy each shard's scales
+(int64), `shard_digests` (utf-8) and `shard_field_crc32` (utf-8, see field checksums) record the shards; int8 caches also copy each shard's scales
 into `features_scale` and `mean_scale` [S, L, D] (the virtual datasets hold the raw int8 values).
 `open_cache` checks every shard against these records before any read,
 and `Cache.read` reads the shards directly, so a VDS fill value can never reach a caller.

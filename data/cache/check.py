@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from .handles import open_h5
-from .integrity import corrupt_rows, layer_crc32
+from .integrity import corrupt_rows, field_problems, layer_crc32
 from .layout import dequantize, row_scale, shard_digest
 from .meta import CHECKSUMS, COLUMNS, FIELDS, MEAN_LAYER_CRC, STORED, CacheError, CacheMeta, attr_str
-from .read import has_checksums, open_cache
+from .read import has_checksums, open_cache, read_field
 
 
 def _what(row: np.ndarray) -> str:
@@ -38,8 +38,13 @@ def check_shard(p, meta: CacheMeta | None = None, *, probe_rows: int = 16, rng=N
         bad = meta.incompatibilities(m, same_cache=True) if meta is not None else []
         if bad:
             problems.append(f"{p}: attributes differ: {'; '.join(bad)}")
+        damaged = field_problems(p, f)  # every field and attribute against its recorded CRC-32
+        problems += list(damaged.values())
         try:
-            ids = list(f["ids"].asstr()[:])
+            try:
+                ids = list(f["ids"].asstr()[:])
+            except UnicodeDecodeError:
+                return problems + [f"{p}: ids holds bytes that are not UTF-8"], []
             n = len(ids)
             stored = STORED[m.storage]
             want = {"features": ((n, m.n_layers, m.n_frames, m.dim), stored),
@@ -54,12 +59,13 @@ def check_shard(p, meta: CacheMeta | None = None, *, probe_rows: int = 16, rng=N
             if by_layer:
                 want[MEAN_LAYER_CRC] = ((n, m.n_layers), np.uint32)
             want.update({name: ((n,), COLUMNS[name]) for name in m.columns})
+            shapes = []
             for name, (shape, dtype) in want.items():
                 d = f[name]
                 if d.shape != shape or d.dtype != dtype:
-                    problems.append(f"{p}: {name} is {d.dtype}{list(d.shape)}, expected {np.dtype(dtype)}{list(shape)}")
-            if problems:
-                return problems, ids
+                    shapes.append(f"{p}: {name} is {d.dtype}{list(d.shape)}, expected {np.dtype(dtype)}{list(shape)}")
+            if shapes or bad:  # nothing more can be read as this cache's
+                return problems + shapes, ids
             if int(f.attrs["n_clips"]) != n or attr_str(f.attrs["digest"]) != shard_digest(ids, m):
                 problems.append(f"{p}: ids do not match the shard's digest")
             ip, ix = f["label_indptr"][:], f["label_indices"][:]
@@ -79,8 +85,10 @@ def check_shard(p, meta: CacheMeta | None = None, *, probe_rows: int = 16, rng=N
             else:
                 deq = {name: (lambda x: x) for name in FIELDS}
                 atol = 1e-2
-            crc = {k: f[c][:] if checksummed else None for k, c in CHECKSUMS.items()}
-            crc_layers = f[MEAN_LAYER_CRC][:] if by_layer else None
+            # rows are compared with checksums that are themselves intact (a damaged checksum array is
+            # reported above as that field, not as every clip of the shard)
+            crc = {k: f[c][:] if checksummed and c not in damaged else None for k, c in CHECKSUMS.items()}
+            crc_layers = f[MEAN_LAYER_CRC][:] if by_layer and MEAN_LAYER_CRC not in damaged else None
             step = max(1, (64 << 20) // max(1, feats.dtype.itemsize * int(np.prod(feats.shape[1:]))))
             bad_rows = {"features": [], "mean": []}
             for a in range(0, n, step):
@@ -105,8 +113,8 @@ def check_shard(p, meta: CacheMeta | None = None, *, probe_rows: int = 16, rng=N
                 got = deq["mean"](mean[sample]).astype(np.float32)
                 if not np.allclose(got, expect, rtol=1e-2, atol=atol, equal_nan=True):
                     problems.append(f"{p}: mean disagrees with the time mean of features")
-        except (OSError, KeyError) as e:
-            problems.append(f"{p}: unreadable ({e})")
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            problems.append(f"{p}: unreadable ({' '.join(str(e).split())[:200]})")
             return problems, []
     return problems, ids
 
@@ -121,6 +129,8 @@ def verify(path, *, probe_rows: int = 16, progress: bool | None = None) -> list[
     from ..clikit.progress import progress as progress_bar
 
     problems, seen = [], {}
+    with open_h5(cache.path) as f:  # the index's fields open_cache does not read (its copies of the scales)
+        problems += list(field_problems(cache.path, f).values())
     rng = np.random.default_rng(0)
     total = cache.stored_dtype.itemsize * len(cache) * (int(np.prod(cache.shape("features")[1:])) + int(np.prod(cache.shape("mean")[1:])))
     with progress_bar(total=total, unit="B", unit_scale=True, desc="verify",
@@ -130,12 +140,38 @@ def verify(path, *, probe_rows: int = 16, progress: bool | None = None) -> list[
             problems += probs
             if ids and list(ids) != list(cache.ids[a:b]):
                 problems.append(f"{p}: ids differ from the index")
+            if cache.path != p:
+                problems += _agrees_with_index(cache, p, a, b)
             for i in ids:
                 if i in seen:
                     problems.append(f"{p}: duplicate id {i!r} (also in {seen[i]})")
                 else:
                     seen[i] = p
     return problems
+
+
+def _agrees_with_index(cache, p, a: int, b: int) -> list[str]:
+    """The per-clip fields the index copied from shard `p` (rows a..b of the cache) must equal the
+    shard's: readers use the index's copies, extraction's rerun checks the shard's. A field that
+    fails its own checksum is reported by `check_shard`, not compared."""
+    s = [q for q, _, _ in cache.shards].index(p)
+    with open_h5(cache.path) as index:
+        scales = {n: index[n][s] for n in (f + "_scale" for f in FIELDS) if n in index}
+    ip = cache._indptr
+    want = {"fold": cache.folds[a:b], "duration": cache.durations[a:b],
+            "label_indptr": ip[a:b + 1] - ip[a], "label_indices": cache._indices[ip[a]:ip[b]],
+            **{name: v[a:b] for name, v in cache.columns.items()}, **scales}
+    out = []
+    with open_h5(p) as f:
+        for name, expected in want.items():
+            try:
+                got = read_field(p, f, name)
+            except CacheError:
+                continue
+            if got.shape != np.shape(expected) or not np.array_equal(got, expected, equal_nan=got.dtype.kind == "f"):
+                out.append(f"{p}: {name} differs from the index {cache.path}'s copy (rerun the wat-extract command "
+                           "to rebuild the index)")
+    return out
 
 
 def info(path) -> dict:

@@ -1,7 +1,10 @@
 """Checksums: CRC-32 per clip row (and per clip and layer of `mean`), computed by a few threads,
-the non-finite check of a block being written, and the one-layer check of a `mean` read."""
+the non-finite check of a block being written, and the one-layer check of a `mean` read; and the
+CRC-32 of every other field and of the attributes (`seal` when a file is written, `check_field`
+when a reader reads a field, `field_problems` for verify)."""
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -96,9 +99,16 @@ def check_layer_block(path, rows: slice, layers: slice, block: np.ndarray) -> No
         return
     f = handle(str(path))
     crc = f[MEAN_LAYER_CRC]
+    whole = (where, f"field:{MEAN_LAYER_CRC}", mtime, size)
+    if whole not in handles.VERIFIED:  # the checksums themselves, once per process (N x L uint32)
+        check_field(path, f, MEAN_LAYER_CRC)
+        handles.VERIFIED.add(whole)
     bad = np.flatnonzero((layer_crc32(block) != crc[rows, layers]).any(axis=1))
     if len(bad):
-        ids = f["ids"].asstr()[rows][bad]
+        try:
+            ids = f["ids"].asstr()[rows][bad]
+        except (OSError, ValueError, UnicodeDecodeError):  # the ids are damaged too: name rows
+            ids = [f"row {rows.start + int(i)}" for i in bad]
         raise CorruptCacheError(corrupt_message(path, "mean", ids, True))
     if rows.start == 0 and rows.stop >= crc.shape[0]:
         handles.VERIFIED.update(keys)
@@ -118,3 +128,122 @@ def corrupt_rows(block: np.ndarray, crc: np.ndarray | None) -> np.ndarray:
         flat = block.reshape(len(block), -1)
         return np.flatnonzero(~np.isfinite(flat).all(1) | ~flat.any(1))
     return np.flatnonzero(row_crc32(block) != crc)
+
+
+# ---------------------------------------------------------------- every other field (see the package doc)
+
+FIELD_CRC = "field_crc32"          # attribute: JSON {dataset: CRC-32 of its bytes, ATTRS: of the other attributes}
+ATTRS = "@attrs"                   # FIELD_CRC's key for the file's attributes
+SHARD_CHECKS = "shard_field_crc32"  # index dataset: each shard's FIELD_CRC attribute as built ("" = none)
+SEALED_SKIP = ("features", "mean")  # their rows carry their own CRC-32s (read in part, never whole)
+FIX = ("the file changed since it was written (bit rot, a bad copy, an edit): `wat-cache verify` lists every "
+       "problem, and rerunning the wat-extract command that made the cache rebuilds damaged shards and the index")
+
+
+def field_bytes(values) -> bytes:
+    """The bytes a field's CRC-32 covers: numbers as stored (C order), strings (variable-length
+    utf-8, read undecoded as bytes) each followed by a NUL. A reader hashes what it read, so a flipped
+    byte in a string is a checksum failure, never a decode error."""
+    a = np.asarray(values)
+    if a.dtype == object:
+        return b"".join((v if isinstance(v, bytes) else str(v).encode("utf-8")) + b"\0" for v in a.reshape(-1))
+    return np.ascontiguousarray(a).tobytes()
+
+
+def raw(dset) -> np.ndarray:
+    """All of a dataset as stored (variable-length strings as bytes, not decoded)."""
+    return dset[()] if dset.shape == () else dset[...]
+
+
+def _attr_bytes(attrs) -> bytes:
+    out = []
+    for k in sorted(attrs.keys()):
+        if k == FIELD_CRC:
+            continue
+        v = attrs[k]
+        if isinstance(v, str):
+            b = b"s" + v.encode("utf-8")
+        elif isinstance(v, bytes):
+            b = b"b" + v
+        else:
+            a = np.asarray(v)
+            b = b"n" + a.dtype.str.encode() + str(a.shape).encode() + field_bytes(a)
+        out.append(k.encode("utf-8") + b"\0" + b + b"\0")
+    return b"".join(out)
+
+
+def seal(f) -> str:
+    """Record the CRC-32 of every dataset of an open file being written (but `SEALED_SKIP` and
+    virtual datasets) and of its attributes, as the FIELD_CRC attribute (written last: it covers the
+    others). The bytes are read back from the file, as readers will see them. Returns the JSON."""
+    import h5py
+
+    crc = {}
+    for name, dset in f.items():
+        if name in SEALED_SKIP or not isinstance(dset, h5py.Dataset) or dset.is_virtual:
+            continue
+        crc[name] = zlib.crc32(field_bytes(raw(dset)))
+    crc[ATTRS] = zlib.crc32(_attr_bytes(f.attrs))
+    text = json.dumps(crc, sort_keys=True)
+    f.attrs[FIELD_CRC] = text
+    return text
+
+
+def recorded(f) -> dict | None:
+    """The file's FIELD_CRC record, or None for a file written before field checksums (or whose
+    record is unreadable: then every field is reported, `field_problems`)."""
+    text = f.attrs.get(FIELD_CRC)
+    if text is None:
+        return None
+    try:
+        crc = json.loads(text.decode() if isinstance(text, bytes) else str(text))
+        return crc if isinstance(crc, dict) else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+
+
+def field_problem(path, f, name: str, values=None) -> str | None:
+    """Why field `name` of the open file `f` (at `path`) is not what was written, or None: its bytes
+    (`values` as read, else read here) against the file's FIELD_CRC; ATTRS: the attributes. Files
+    without the record: None (nothing to check against)."""
+    crc = recorded(f)
+    if crc is None:
+        return None
+    if name not in crc:
+        return f"{path}: {name}: its checksum is missing from the file's record ({FIELD_CRC}): {FIX}"
+    got = zlib.crc32(_attr_bytes(f.attrs) if name == ATTRS else field_bytes(raw(f[name]) if values is None else values))
+    if got != crc[name]:
+        return f"{path}: its attributes fail their checksum: {FIX}" if name == ATTRS else \
+            f"{path}: {name} fails its checksum: {FIX}"
+    return None
+
+
+def check_field(path, f, name: str, values=None) -> None:
+    """`field_problem` as a CorruptCacheError (what readers call on each small field they read)."""
+    problem = field_problem(path, f, name, values)
+    if problem:
+        raise CorruptCacheError(problem)
+
+
+def field_problems(path, f) -> dict[str, str]:
+    """{field: why} for every field of the open file `f` whose bytes (or attributes: ATTRS) differ
+    from its FIELD_CRC record, and datasets the record lacks or lists but the file does not (verify)."""
+    import h5py
+
+    crc = recorded(f)
+    if crc is None:
+        return {}
+    names = set(crc) | {n for n, d in f.items() if n not in SEALED_SKIP and isinstance(d, h5py.Dataset)
+                        and not d.is_virtual}
+    out = {}
+    for name in sorted(names):
+        if name != ATTRS and name not in f:
+            out[name] = f"{path}: {name}: recorded in {FIELD_CRC} but missing from the file: {FIX}"
+            continue
+        try:
+            problem = field_problem(path, f, name)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # the bytes cannot even be read
+            problem = f"{path}: {name}: unreadable ({' '.join(str(e).split())[:200]}): {FIX}"
+        if problem:
+            out[name] = problem
+    return out

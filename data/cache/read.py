@@ -10,7 +10,7 @@ import numpy as np
 
 from . import handles
 from .handles import forget, handle, open_h5, verify_key
-from .integrity import corrupt_message, corrupt_rows
+from .integrity import ATTRS, FIELD_CRC, FIX, SHARD_CHECKS, check_field, corrupt_message, corrupt_rows, raw
 from .layout import dequantize, row_scale, shard_digest
 from .meta import CHECKSUMS, FIELDS, MEAN_LAYER_CRC, STORED, CacheError, CacheMeta, CorruptCacheError, attr_str
 
@@ -19,16 +19,51 @@ def read_column(dset: h5py.Dataset) -> np.ndarray:
     return np.array(dset.asstr()[:], dtype=str) if h5py.check_string_dtype(dset.dtype) else dset[:]
 
 
-def shard_record(path: Path) -> tuple[CacheMeta, int, str, bool]:
-    """(meta, clips, digest, has checksums) of a shard file."""
+def read_field(path, f: h5py.File, name: str) -> np.ndarray:
+    """Dataset `name` of the open file `f` (at `path`), checked against the file's field checksums
+    (`integrity.check_field`; files written before them: not), strings decoded. Whatever is wrong
+    with it (missing, unreadable, changed bytes, not UTF-8) is one CacheError naming file and field."""
+    try:
+        data = raw(f[name])
+    except KeyError:
+        raise CacheError(f"{path}: dataset {name!r} is missing") from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CorruptCacheError(f"{path}: {name} is unreadable ({' '.join(str(e).split())[:200]}): {FIX}") from None
+    check_field(path, f, name, data)
+    if data.dtype == object:
+        try:
+            return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in data.reshape(-1)], dtype=str)
+        except UnicodeDecodeError:
+            raise CorruptCacheError(f"{path}: {name} holds bytes that are not UTF-8: {FIX}") from None
+    return data
+
+
+def check_labels(path, indptr: np.ndarray, indices: np.ndarray, n: int, n_classes: int) -> None:
+    """The label CSR must be one row per clip, in order, with class indices in range (files
+    without field checksums are checked only this way; a flipped index used to be a traceback)."""
+    if indptr.shape != (n + 1,) or indptr[0] != 0 or indptr[-1] != len(indices) or \
+            (np.diff(indptr.astype(np.int64)) < 0).any():
+        raise CorruptCacheError(f"{path}: label_indptr is not one row of labels per clip: {FIX}")
+    if len(indices) and (indices.min() < 0 or indices.max() >= n_classes):
+        raise CorruptCacheError(f"{path}: label_indices holds classes outside 0..{n_classes - 1}: {FIX}")
+
+
+def shard_record(path: Path) -> tuple[CacheMeta, int, str, bool, str]:
+    """(meta, clips, digest, has checksums, its field checksums as recorded: "" for none) of a
+    shard file; its attributes are checked against their checksum."""
     with open_h5(path) as f:
-        if attr_str(f.attrs.get("kind", "")) != "shard":
-            raise CacheError(f"{path}: not a shard file")
+        kind = attr_str(f.attrs.get("kind", ""))
+        if kind != "shard":
+            raise CacheError(f"{path}: not a shard file (attribute kind is {kind!r})")
+        check_field(path, f, ATTRS)
         try:
             meta = CacheMeta.from_attrs(f.attrs)
+            return (meta, int(f.attrs["n_clips"]), attr_str(f.attrs["digest"]), has_checksums(f),
+                    attr_str(f.attrs.get(FIELD_CRC, "")))
         except CacheError as e:
             raise CacheError(f"{path}: {e}") from None
-        return meta, int(f.attrs["n_clips"]), attr_str(f.attrs["digest"]), has_checksums(f)
+        except (KeyError, ValueError, TypeError) as e:
+            raise CacheError(f"{path}: unreadable shard attributes ({e})") from None
 
 
 def has_checksums(f: h5py.File) -> bool:
@@ -39,7 +74,7 @@ class Cache:
     """An opened, validated cache. Picklable: it holds paths, and files are opened per process."""
 
     def __init__(self, path, meta, ids, label_indptr, label_indices, folds, durations, shards, checksummed=None,
-                 columns=None):
+                 columns=None, shard_digests=()):
         self.path = Path(path)
         self.meta: CacheMeta = meta
         self.ids: np.ndarray = ids
@@ -50,6 +85,7 @@ class Cache:
         # per shard: holds per-clip checksums (schema 2), else only zero/non-finite rows are caught
         self.checksummed: list[bool] = list(checksummed) if checksummed is not None else [True] * len(shards)
         self.columns: dict[str, np.ndarray] = columns or {}  # the optional columns, by name
+        self.shard_digests: tuple[str, ...] = tuple(shard_digests)  # as the index records them
         self._starts = np.array([s[1] for s in shards], np.int64)
         self._crc: dict[tuple[int, str], np.ndarray] = {}
 
@@ -89,7 +125,15 @@ class Cache:
     def _scales(self) -> dict[str, np.ndarray]:
         if self.meta.storage != "int8":
             return {}
-        return {f: np.stack([self.dataset(s, f + "_scale")[:] for s in range(len(self.shards))]) for f in FIELDS}
+        out = {}
+        for f in FIELDS:  # every value of a shard depends on them: checked against their checksums
+            scales = [read_field(p, handle(str(p)), f + "_scale") for p, _, _ in self.shards]
+            for (p, _, _), sc in zip(self.shards, scales):
+                if sc.shape != (self.meta.n_layers, self.meta.dim) or not np.isfinite(sc).all() or (sc < 0).any():
+                    raise CorruptCacheError(f"{p}: {f}_scale is not {self.meta.n_layers} x {self.meta.dim} finite "
+                                            f"scales >= 0: {FIX}")
+            out[f] = np.stack(scales)
+        return out
 
     def scales(self, field: str) -> np.ndarray | None:
         """[S, L, D] f32 int8 scales of `field` per shard (x = q * scale); None for fp16 caches."""
@@ -124,6 +168,33 @@ class Cache:
             out[where] = self.dequantize(field, rows, int(s))[inverse]
         return out
 
+    @cached_property
+    def content_digest(self) -> str:
+        """sha256 of what this cache holds as its index lists it: the meta's digest (model
+        fingerprint, policy, dims, layers, storage, vocabulary...), every clip's id, labels, fold and
+        duration, the optional columns, and every shard's digest. A resumed training run compares it
+        with the one it started on (`wat.train`): a cache re-extracted another way at the same path
+        differs."""
+        import hashlib
+
+        h = hashlib.sha256(self.meta.digest().encode())
+        for a in (self.ids.astype(str), self._indptr.astype(np.int64), self._indices.astype(np.int64),
+                  self.folds.astype(np.int64), self.durations.astype(np.float32),
+                  *(np.asarray(self.columns[k]).astype(str) if np.asarray(self.columns[k]).dtype.kind in "OUS"
+                    else np.asarray(self.columns[k]) for k in sorted(self.columns))):
+            h.update(str(a.shape).encode() + np.ascontiguousarray(a).tobytes())
+        h.update("\0".join(self.shard_digests).encode())
+        return h.hexdigest()
+
+    def identity(self) -> dict:
+        """What a result computed from this cache depends on, for people and for comparison: model
+        fingerprint, policy (and pad30 padding), schema version, storage, blocks, clips, and
+        `content_digest`."""
+        m = self.meta
+        return {"fingerprint": m.fingerprint, "policy": m.policy, "pad30_padding": m.pad30_padding,
+                "schema": int(m.to_attrs()["schema_version"]), "storage": m.storage, "layers": list(m.layers),
+                "clips": len(self), "content": self.content_digest}
+
     def close(self) -> None:
         for p, _, _ in self.shards:
             forget(str(p))
@@ -138,7 +209,8 @@ class Cache:
             return corrupt_rows(block, None)
         key = (shard, field)
         if key not in self._crc:
-            self._crc[key] = self.dataset(shard, CHECKSUMS[field])[:]
+            path = self.shards[shard][0]
+            self._crc[key] = read_field(path, handle(str(path)), CHECKSUMS[field])
         crc = self._crc[key]
         return corrupt_rows(block, crc[rows] if isinstance(rows, np.ndarray) else crc[rows:rows + len(block)])
 
@@ -196,40 +268,50 @@ def read_rows(dset: h5py.Dataset, rows: np.ndarray, max_gap: int = 8) -> np.ndar
 
 
 def open_cache(path) -> Cache:
-    """Open an index file or a single shard; every shard is checked before anything is read."""
+    """Open an index file or a single shard; every shard is checked before anything is read, and
+    every field read here (ids, labels, folds, durations, columns, the shard records, the
+    attributes) against the file's field checksums (`integrity.seal`)."""
     path = Path(path)
     with open_h5(path) as f:
         kind = attr_str(f.attrs.get("kind", ""))
         if kind not in ("index", "shard"):
-            raise CacheError(f"{path}: not a wat cache file")
+            raise CacheError(f"{path}: not a wat cache file (attribute kind is {kind!r}, not index or shard)")
+        check_field(path, f, ATTRS)
         try:
             meta = CacheMeta.from_attrs(f.attrs)
         except CacheError as e:
             raise CacheError(f"{path}: {e}") from None
-        ids = np.array(f["ids"].asstr()[:], dtype=str)
-        indptr, indices = f["label_indptr"][:], f["label_indices"][:]
-        folds, durs = f["fold"][:], f["duration"][:]
-        try:
-            columns = {name: read_column(f[name]) for name in meta.columns}
-        except KeyError as e:
-            raise CacheError(f"{path}: optional column {e.args[0]!r} named in the attributes is missing") from None
+        ids = read_field(path, f, "ids")
+        indptr, indices = read_field(path, f, "label_indptr"), read_field(path, f, "label_indices")
+        check_labels(path, indptr, indices, len(ids), len(meta.vocab))
+        folds, durs = read_field(path, f, "fold"), read_field(path, f, "duration")
+        if folds.shape != ids.shape or durs.shape != ids.shape:
+            raise CorruptCacheError(f"{path}: fold/duration do not hold one entry per clip: {FIX}")
+        missing = [name for name in meta.columns if name not in f]
+        if missing:
+            raise CacheError(f"{path}: optional column {missing[0]!r} named in the attributes is missing")
+        columns = {name: read_field(path, f, name) for name in meta.columns}
         if any(len(v) != len(ids) for v in columns.values()):
             raise CacheError(f"{path}: an optional column does not have one entry per clip")
         if kind == "shard":
             if int(f.attrs["n_clips"]) != len(ids) or attr_str(f.attrs["digest"]) != shard_digest(ids, meta):
                 raise CacheError(f"{path}: shard content does not match its own digest")
-            records = [(path, len(ids), attr_str(f.attrs["digest"]))]
+            records = [(path, len(ids), attr_str(f.attrs["digest"]), None)]
             checksummed = [has_checksums(f)]
         else:
-            records = [(path.parent / p, int(r), d) for p, r, d in zip(
-                f["shard_paths"].asstr()[:], f["shard_rows"][:], f["shard_digests"].asstr()[:])]
+            paths, rows = read_field(path, f, "shard_paths"), read_field(path, f, "shard_rows")
+            digests = read_field(path, f, "shard_digests")
+            checks = read_field(path, f, SHARD_CHECKS) if SHARD_CHECKS in f else [None] * len(paths)
+            if not len(paths) == len(rows) == len(digests) == len(checks):
+                raise CorruptCacheError(f"{path}: the shard records do not agree in length: {FIX}")
+            records = [(path.parent / p, int(r), d, c) for p, r, d, c in zip(paths, rows, digests, checks)]
     shards, start = [], 0
     if kind == "index":
         checksummed = []
-    for p, rows, digest in records:
+    for p, rows, digest, checks in records:
         forget(str(p))  # a re-written shard must not be read through an old handle
         if kind == "index":
-            m, n, d, crc = shard_record(p)
+            m, n, d, crc, sealed = shard_record(p)
             checksummed.append(crc)
             bad = meta.incompatibilities(m, same_cache=True)
             if bad:
@@ -238,8 +320,12 @@ def open_cache(path) -> Cache:
                 raise CacheError(f"{p}: {n} clips, index {path} expects {rows}")
             if d != digest:
                 raise CacheError(f"{p}: not the shard the index {path} was built from (digest differs)")
+            if checks is not None and sealed != checks:  # e.g. its field checksums removed or rewritten
+                raise CorruptCacheError(f"{p}: its field checksums ({FIELD_CRC}) are not those the index {path} "
+                                        f"was built with: {FIX}")
         shards.append((p, start, start + rows))
         start += rows
     if start != len(ids):
         raise CacheError(f"{path}: shards hold {start} clips, index lists {len(ids)}")
-    return Cache(path, meta, ids, indptr, indices, folds, durs, shards, checksummed, columns)
+    return Cache(path, meta, ids, indptr, indices, folds, durs, shards, checksummed, columns,
+                 [r[2] for r in records])

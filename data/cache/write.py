@@ -13,10 +13,10 @@ import numpy as np
 
 from ..files import atomic_path
 from .handles import open_h5
-from .integrity import gather_crc32, layer_crc32, nonfinite_rows, row_crc32_async
+from .integrity import SHARD_CHECKS, gather_crc32, layer_crc32, nonfinite_rows, row_crc32_async, seal
 from .layout import features_chunks, int8_scale, quantize, row_scale, shard_digest
 from .meta import CHECKSUMS, COLUMNS, FIELDS, MEAN_LAYER_CRC, STORED, STR, CacheError, CacheMeta
-from .read import read_column, shard_record
+from .read import check_labels, read_field, shard_record
 
 
 class _WriteGuard(io.RawIOBase):
@@ -171,6 +171,7 @@ def write_shard(path, meta: CacheMeta, ids, features, labels, folds=None, durati
         f.create_dataset("duration", data=durations)
         for name, values in columns.items():
             f.create_dataset(name, data=values, dtype=COLUMNS[name])
+        seal(f)  # last: the CRC-32 of every other field and of the attributes
     if timing is not None:
         timing["checksum"] = timing.get("checksum", 0.0) + t_check
 
@@ -211,19 +212,21 @@ def build_index(index_path, shard_paths) -> None:
     scales = {"features_scale": [], "mean_scale": []} if meta.storage == "int8" else {}
     cols = {name: [] for name in meta.columns}
     offset = 0
-    for p in shard_paths:
+    for p in shard_paths:  # every field copied is checked first: a damaged one is never sealed anew
         with open_h5(p) as f:
             for name in cols:
-                cols[name].append(read_column(f[name]))
-            ids.extend(f["ids"].asstr()[:])
+                cols[name].append(read_field(p, f, name))
+            ids.extend(read_field(p, f, "ids"))
             for name, got in scales.items():
-                got.append(f[name][:])
-            ip = f["label_indptr"][:].astype(np.int64)
+                got.append(read_field(p, f, name))
+            ip, ix = read_field(p, f, "label_indptr").astype(np.int64), read_field(p, f, "label_indices")
+            n_meta = len(meta.vocab)
+            check_labels(p, ip, ix, len(ip) - 1, n_meta)
             indptr.append(ip[1:] + offset)
             offset += int(ip[-1])
-            indices.append(f["label_indices"][:])
-            folds.append(f["fold"][:])
-            durs.append(f["duration"][:])
+            indices.append(ix)
+            folds.append(read_field(p, f, "fold"))
+            durs.append(read_field(p, f, "duration"))
     if len(set(ids)) != len(ids):
         raise CacheError(f"{index_path}: clip ids repeat across shards")
     stored = STORED[meta.storage]
@@ -255,3 +258,5 @@ def build_index(index_path, shard_paths) -> None:
         f.create_dataset("shard_digests", data=np.array([r[2] for r in records], dtype=object), dtype=STR)
         for name, got in scales.items():
             f.create_dataset(name, data=np.stack(got))
+        f.create_dataset(SHARD_CHECKS, data=np.array([r[4] for r in records], dtype=object), dtype=STR)
+        seal(f)  # last: the CRC-32 of every field copied above and of the attributes
