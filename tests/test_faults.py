@@ -324,3 +324,160 @@ def test_error_paths_are_one_line(small, tmp_path, capsys, prog, target, argv, n
     one_error(capsys, code, prog, needle)
     made = {p for p in junk.rglob("*")} - before
     assert not [p for p in made if p.is_dir() and not any(p.iterdir())], made  # no empty folder left
+
+
+# ---------------------------------------------------------------- byte flips over every field
+
+FL, FT, FD, FC = 2, 3, 8, 3
+FLIP_SIZES = (6, 5)
+
+
+def _flip_cache(folder: Path, storage: str) -> Path:
+    """Two shards (6 + 5 clips) of a single-label cache with folds, durations and both optional
+    columns, as wat-robust writes them: every kind of field the schema has."""
+    from wat.data.cache import build_index, shard_path, write_shard
+    rng = np.random.default_rng(1)
+    n = sum(FLIP_SIZES)
+    meta = synthetic_meta(vocab=Vocabulary.from_names(["a", "b", "c"]), multilabel=False, n_layers=FL, n_frames=FT,
+                          dim=FD, storage=storage, columns=("snr", "utterance"))
+    x = rng.standard_normal((n, FL, FT, FD)).astype(np.float32)
+    paths, a = [], 0
+    for s, k in enumerate(FLIP_SIZES):
+        paths.append(shard_path(folder / "feats.shards", s))
+        write_shard(paths[-1], meta, [f"clip{i:03d}" for i in range(a, a + k)], x[a:a + k],
+                    [(i % FC,) for i in range(a, a + k)], folds=[i % 3 + 1 for i in range(a, a + k)],
+                    durations=[1.0 + i / 10 for i in range(a, a + k)],
+                    columns={"snr": [float(i) for i in range(a, a + k)], "utterance": [f"u{i}" for i in range(a, a + k)]})
+        a += k
+    build_index(folder / "feats.h5", paths)
+    return folder / "feats.h5"
+
+
+def _read_all(index: Path):
+    """Everything a reader takes from a cache, through every reader: labels, folds, durations, columns,
+    `Cache.read` of both fields, the training store of both, the dask view of `mean`."""
+    from wat.data.cache import dask_view, open_cache
+    from wat.data.cache.store import FeatureStore
+    c = open_cache(index)
+    out = {"ids": c.ids, "labels": c.label_matrix(), "folds": c.folds, "durations": c.durations,
+           **{k: v for k, v in c.columns.items()}}
+    for field in ("features", "mean"):
+        out[f"read {field}"] = c.read(field, np.arange(len(c)))
+        out[f"store {field}"] = FeatureStore(c, field, memory_budget=1 << 30).get(np.arange(len(c))).numpy()
+    out["dask mean"] = dask_view(c, "mean").compute(scheduler="synchronous")
+    return out
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
+def _spans(path: Path, name: str) -> list[tuple[int, int]]:
+    """(offset, length) of a dataset's bytes in the file (its storage; strings: their heap references)."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        d = f[name]
+        if d.chunks is None:
+            return [(d.id.get_offset(), d.id.get_storage_size())]
+        return [(i.byte_offset, i.size) for i in (d.id.get_chunk_info(k) for k in range(d.id.get_num_chunks()))]
+
+
+def _flip(path: Path, offset: int, n: int = 1) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(n)
+        f.seek(offset)
+        f.write(bytes(x ^ 0x5A for x in b))
+
+
+def _fields(folder: Path):
+    """(file, dataset or '@NAME' attribute) of every field of the clean cache in `folder`."""
+    import h5py
+    out = []
+    for path in [folder / "feats.h5", *sorted((folder / "feats.shards").glob("shard-*.h5"))]:
+        with h5py.File(path, "r") as f:
+            out += [(path.relative_to(folder), n) for n, d in f.items() if not d.is_virtual]
+            out += [(path.relative_to(folder), "@" + n) for n in f.attrs]
+    return out
+
+
+def _change_attr(path: Path, name: str) -> None:
+    import h5py
+    with h5py.File(path, "r+") as f:
+        v = f.attrs[name]
+        if isinstance(v, str):
+            f.attrs[name] = v[:-1] + chr(ord(v[-1]) ^ 1) if v else "x"   # one character, one bit
+        elif isinstance(v, (bool, np.bool_)):
+            f.attrs[name] = not v
+        else:
+            f.attrs[name] = v + 1
+
+
+@pytest.fixture(scope="module", params=["fp16", "int8"])
+def flip_cache(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"flip-{request.param}")
+    index = _flip_cache(folder, request.param)
+    return folder, _read_all(index)
+
+
+def test_byte_flips_over_every_field_are_caught(flip_cache, tmp_path, capsys):
+    """Every dataset (raw bytes flipped in the file: its storage, and for strings also a character in
+    the heap) and every attribute (one character or bit changed) of the index and of a shard:
+    `wat-cache verify` names the file and the field (exit 1, no traceback), and every reader either
+    refuses with one CacheError line or reads exactly the clean values (the field is not one it uses)."""
+    import shutil
+    import h5py
+    from wat.data.cache import CacheError, verify
+    from wat.data.cache_cli import main as cache_main
+    clean, want = flip_cache
+    cases = []
+    for rel, name in _fields(clean):
+        if name.startswith("@"):
+            cases.append((rel, name, "attr"))
+            continue
+        cases.append((rel, name, "storage"))
+        with h5py.File(clean / rel, "r") as f:
+            if h5py.check_string_dtype(f[name].dtype):
+                cases.append((rel, name, "heap"))
+    assert len(cases) > 60
+    missed = []
+    for k, (rel, name, how) in enumerate(cases):
+        folder = tmp_path / f"case{k}"
+        shutil.copytree(clean, folder)
+        path = folder / rel
+        if how == "attr":
+            _change_attr(path, name[1:])
+        elif how == "heap":  # the string's own bytes (a shard path also lies in the VDS mapping: not that)
+            with h5py.File(path, "r") as f:
+                first = f[name][0]
+            data, at = path.read_bytes(), -1
+            while (at := data.find(first, at + 1)) >= 0:
+                _flip(path, at + len(first) - 1)
+                with h5py.File(path, "r") as f:
+                    if f[name][0] != first:
+                        break
+                _flip(path, at + len(first) - 1)  # not this copy: back as it was
+            assert at >= 0, (rel, name)
+        else:
+            offset, length = _spans(path, name)[0]
+            _flip(path, offset + length // 2)
+        problems = verify(folder / "feats.h5")
+        field = name.lstrip("@")
+        named = [p for p in problems if str(rel.name) in p and (field in p or "attributes" in p)]
+        if not named:
+            missed.append((str(rel), name, how, problems[:2]))
+        code = cache_main(["verify", str(folder / "feats.h5")])
+        err = capsys.readouterr().err
+        if code != 1 or "Traceback" in err or not err.strip().splitlines()[-1].startswith("wat-cache: error:"):
+            missed.append((str(rel), name, how, f"wat-cache verify exit {code}: {err[-300:]}"))
+        try:
+            got = _read_all(folder / "feats.h5")
+        except CacheError as e:
+            if "\n" in str(e) or str(rel.name) not in str(e):
+                missed.append((str(rel), name, how, f"reader: {e}"))
+        else:
+            if not _same(got, want):
+                missed.append((str(rel), name, how, "read changed values silently"))
+        shutil.rmtree(folder)
+    assert not missed, "\n".join(map(str, missed))
+
