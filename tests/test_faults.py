@@ -481,3 +481,38 @@ def test_byte_flips_over_every_field_are_caught(flip_cache, tmp_path, capsys):
         shutil.rmtree(folder)
     assert not missed, "\n".join(map(str, missed))
 
+
+# ---------------------------------------------------------------- resume checks the data
+
+def test_resume_refuses_other_data_at_the_same_path(tmp_path):
+    """--resume after the cache was re-extracted with another policy (same path, same options): refused
+    naming the option, the field and both values; a relative spelling of the same path resumes."""
+    import shutil
+    from wat.train.loop import Interrupted, TrainError, TrainOptions, train
+    y = np.arange(N) % C
+    x = np.random.default_rng(0).standard_normal((N, L, T, D)).astype(np.float32)
+
+    def cache(policy: str, folder: Path) -> Path:
+        meta = synthetic_meta(vocab=Vocabulary.from_names([f"c{i}" for i in range(C)]), multilabel=False,
+                              n_layers=L, n_frames=T, dim=D, policy=policy)
+        write_synthetic_cache(folder / "feats.h5", meta, x, [(int(c),) for c in y], shards=2,
+                              shard_dir=folder / "feats.shards")
+        return folder / "feats.h5"
+
+    feats = cache("trim", tmp_path / "c")
+    kw = dict(out=str(tmp_path / "run"), head="wa-mlp", epochs=3, lr=1e-2, batch_size=8, progress=False)
+    with pytest.raises(Interrupted):
+        train(TrainOptions(features=str(feats), max_epochs_this_run=1, **kw))
+    shutil.rmtree(tmp_path / "c")
+    cache("pad30", tmp_path / "c")  # re-extracted another way, same path
+    with pytest.raises(TrainError, match=r"other data .*--features policy: 'trim' -> 'pad30'.*--features content"):
+        train(TrainOptions(features=str(feats), resume=True, **kw))
+    shutil.rmtree(tmp_path / "c")
+    cache("trim", tmp_path / "c")  # the same data again: resumes, also given as a relative path
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        train(TrainOptions(features="c/feats.h5", resume=True, **kw))
+    finally:
+        os.chdir(cwd)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["best"]["epoch"] == 3

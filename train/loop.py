@@ -14,6 +14,7 @@ state and draws for whole global batches, so one last.pt resumes on any number o
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from .lrsearch import CANDIDATES, check_searchable, search_lr
 from .options import HEAD_LR, Interrupted, TrainError, TrainOptions, milestones, wa_range
 from .outputs import plot_curves, write_metrics, write_per_class, write_report
 from .resume import check_resume, resumed_lr
-from .state import Fit, load_checkpoint, option_differences, resume_key, rng_state, save_checkpoint, seed_all, set_rng_state
+from .state import Fit, data_differences, data_identity, load_checkpoint, option_differences, resume_key, rng_state, save_checkpoint, seed_all, set_rng_state
 from .step import StepConfig, amp, make_optimizer, train_step
 
 __all__ = ["train", "prepare", "TrainOptions", "TrainError", "Interrupted", "milestones", "wa_range",
@@ -73,6 +74,8 @@ def _build(opts: TrainOptions, cache: Cache, n_classes: int, init: dict | None):
         head.load_state_dict(init, strict=False)
     return head
 
+
+log = logging.getLogger("wat.train")
 
 LOCK = "wat-train.lock"  # in RUN_DIR: one writer per run folder (a stale one after kill -9 is harmless)
 
@@ -112,6 +115,19 @@ def train(opts: TrainOptions) -> dict:
 
 
 def _train(opts: TrainOptions, checked: Checked, init: dict | None, out: Path, world: World, device) -> dict:
+    last = out / "last.pt"
+    ck = load_checkpoint(last) if opts.resume and last.exists() else None
+    # what --resume must find again, checked before the stores load (minutes on a large cache)
+    if ck is not None and (changed := option_differences(ck["options"], resume_key(opts))):
+        raise TrainError(f"--resume: {last} was written with other options ({'; '.join(changed)}); rerun with "
+                         "those, or delete it to start afresh")
+    data = data_identity({"features": checked.cache, "eval_features": checked.ecache,
+                          "unlabeled_features": checked.ucache})
+    if ck is not None and isinstance(ck.get("data"), dict) and (changed := data_differences(ck["data"], data)):
+        raise TrainError(f"--resume: {last} was trained on other data at these paths ({'; '.join(changed)}); "
+                         "point the options at that data, or delete it to start afresh")
+    if ck is not None and not isinstance(ck.get("data"), dict):
+        log.warning("--resume: %s predates data checks; the caches it was trained on cannot be compared", last)
     s = load_inputs(checked, opts, device)
     gen = seed_all(opts.seed)
     aug = gen  # one stream on every rank: draws are made for whole global batches (`distributed`)
@@ -122,11 +138,6 @@ def _train(opts: TrainOptions, checked: Checked, init: dict | None, out: Path, w
     best = {"epoch": 0, "score": None}
     start = 0
 
-    last = out / "last.pt"
-    ck = load_checkpoint(last) if opts.resume and last.exists() else None
-    if ck is not None and (changed := option_differences(ck["options"], resume_key(opts))):
-        raise TrainError(f"--resume: {last} was written with other options ({'; '.join(changed)}); rerun with "
-                         "those, or delete it to start afresh")
     lr = _learning_rates(opts, s, init, weights, world, device, autocast, ck)
     fits = [Fit(name, head, opts, tr, te, device, lr=lr["per_head"][name])
             for head, (name, tr, te) in zip(heads, s.splits)]
@@ -147,7 +158,8 @@ def _train(opts: TrainOptions, checked: Checked, init: dict | None, out: Path, w
     if opts.tensorboard is not None and world.main:
         board = tb.Board(opts.tensorboard, [f.name for f in fits], start)
     try:
-        best = _epochs(out, opts, s, fits, gen, aug, world, scaler, autocast, weights, history, best, start, board, lr)
+        best = _epochs(out, opts, s, fits, gen, aug, world, scaler, autocast, weights, history, best, start, board, lr,
+                       data)
     finally:
         if board is not None:
             board.close()
@@ -173,9 +185,10 @@ def _learning_rates(opts: TrainOptions, s: Setup, init: dict | None, weights, wo
 
 
 def _epochs(out: Path, opts: TrainOptions, s: Setup, fits: list[Fit], gen, aug, world: World, scaler, autocast,
-            weights, history: list[dict], best: dict, start: int, board, lr: dict) -> dict:
+            weights, history: list[dict], best: dict, start: int, board, lr: dict, data: dict) -> dict:
     """Epochs start+1..opts.epochs: train, score, choose, checkpoint; returns the chosen epoch.
-    Every rank trains; rank 0 alone scores, chooses and writes."""
+    Every rank trains; rank 0 alone scores, chooses and writes. `data`: the caches' identities,
+    kept in last.pt for --resume."""
     a_wa, b_wa = wa_range(opts)
     n_primary = len(s.cache.meta.vocab)
     metric = "mAP" if s.cfg.multilabel else "accuracy"
@@ -213,7 +226,8 @@ def _epochs(out: Path, opts: TrainOptions, s: Setup, fits: list[Fit], gen, aug, 
         if len(fits) == 1:  # one split: no per-fold level
             rec.update(rec.pop("folds")["main"])
         history.append(rec)
-        save_checkpoint(out / "last.pt", {"epoch": epoch + 1, "options": resume_key(opts), "fits": [f.state() for f in fits],
+        save_checkpoint(out / "last.pt", {"epoch": epoch + 1, "options": resume_key(opts), "data": data,
+                                          "fits": [f.state() for f in fits],
                                "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(gen),
                                "processes": world.size, "history": history, "best": best, "lr": json_safe(lr)})
         write_metrics(out, opts, s.info, fits[0].head, history, best, None, lr, world.size)

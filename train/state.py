@@ -108,6 +108,24 @@ def resume_key(opts: TrainOptions) -> dict:
     return d
 
 
+def data_identity(caches: dict) -> dict:
+    """{option: `Cache.identity()` or None} of the caches a run reads (`--features`, ...): what a
+    resumed run must find again (`data_differences`)."""
+    return {k: (c.identity() if c is not None else None) for k, c in caches.items()}
+
+
+def data_differences(old: dict, new: dict) -> list[str]:
+    """What differs between the data a checkpoint was trained on and this run's, one
+    `--option field: old -> new` each (e.g. a cache re-extracted with another policy at the same path)."""
+    out = []
+    for opt in sorted(set(old) | set(new)):
+        a, b = old.get(opt) or {}, new.get(opt) or {}
+        for k in list(b) + [k for k in a if k not in b]:  # as `Cache.identity` orders them: the digest last
+            if a.get(k) != b.get(k):
+                out.append(f"--{opt.replace('_', '-')} {k}: {a.get(k, '(none)')!r} -> {b.get(k, '(none)')!r}")
+    return out
+
+
 def _resolved(path) -> str:
     return str(Path(path).expanduser().resolve())
 
