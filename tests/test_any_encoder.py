@@ -99,3 +99,33 @@ def test_wat_tag_needs_whisper_and_a_whisper_head(toy_cache, speech_wav, tmp_pat
     assert tag_main([str(speech_wav), "--model", "tiny.en", "--head", str(run / "wa.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("wat-tag: error: head does not fit the model") and "toy-b" in err[0], err
+
+
+def test_features_of_two_encoder_families_never_mix(toy_cache, demo_cache_trim, demo_data, tmp_path, capsys):
+    """A head of one family on another's cache, and two caches of different families where one spec is
+    needed (train/eval split, probe split, resumed extraction), are one error line naming the fix."""
+    run = tmp_path / "run"
+    assert train_main(["--features", str(toy_cache), "--eval-features", str(toy_cache), "--head", "wa-mlp",
+                       "--epochs", "1", "--out", str(run), "--progress", "none"]) == 0
+    capsys.readouterr()
+    cases = [
+        (eval_main, ["--features", str(demo_cache_trim), "--head", str(run / "wa.pt"), "--out", str(tmp_path / "e")],
+         "wat-eval: error: ", "encoder: head trained on toy features (toy-b), the features are whisper features "
+                              "(tiny.en): extract with the head's encoder, or train a head on these features"),
+        (train_main, ["--features", str(demo_cache_trim), "--eval-features", str(demo_cache_trim), "--head", "wa-mlp",
+                      "--init", str(run / "wa.pt"), "--out", str(tmp_path / "i")],
+         "wat-train: error: ", "encoder: head trained on toy features"),
+        (train_main, ["--features", str(toy_cache), "--eval-features", str(demo_cache_trim), "--head", "wa-mlp",
+                      "--out", str(tmp_path / "t")],
+         "wat-train: error: ", "encoder: toy != whisper (features of different encoder families never mix: "
+                               "extract with the same encoder)"),
+        (probe_main, ["--features", str(toy_cache), "--eval-features", str(demo_cache_trim), "--out", str(tmp_path / "p")],
+         "wat-probe: error: ", "encoder: toy != whisper"),
+        (extract_main, ["--dataset", "esc50", "--root", str(demo_data), "--model", "tiny.en", "--policy", "trim",
+                        "--out", str(toy_cache)],
+         "wat-extract: error: ", "was extracted differently"),
+    ]
+    for main, argv, prog, want in cases:
+        assert main([*argv, "--progress", "none"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(prog) and want in err[0], (argv, err)

@@ -179,7 +179,7 @@ def test_errors(esc_like, tmp_path, capsys):
     # an official Whisper-AT head (tiny: 4 layers of 384) does not fit these 3-layer features
     official = {f"at_model.{k}": v for k, v in build_head("tl-tr", 4, 384, 527).state_dict().items()}
     torch.save(official, tmp_path / "tiny.pth")
-    fails(["--features", str(tr), "--init", str(tmp_path / "tiny.pth")], "expects 4-layer features")
+    fails(["--features", str(tr), "--init", str(tmp_path / "tiny.pth")], "head expects 4 encoder layers of width 384")
     with pytest.raises(TrainError, match="differ"):
         train(opts(tr, tmp_path / "x", head="wa-mlp", cr_views=2, feature_mask=0))
 

@@ -49,7 +49,7 @@ def _init_state(opts: TrainOptions, cache: Cache, n_classes: int) -> dict | None
         return None
     m = cache.meta
     try:
-        src, info = load_head(opts.init, n_layers=m.n_layers)
+        src, info = load_head(opts.init)  # what it was trained on is checked below, by the one rule
     except HeadError as e:
         raise TrainError(f"--init: {e}") from None
     # transfer to other classes is allowed: the classes and label type are not compared
