@@ -101,8 +101,10 @@ def model_label(meta) -> str:
 
 
 def cache_label(meta, n_clips: int | None = None) -> str:
-    """One-line description of a cache for titles: `Whisper base, pad30, esc50: 11 classes, 110 clips`."""
-    parts = [f"Whisper {meta.model}", meta.policy, meta.dataset]
+    """One-line description of a cache for titles: `Whisper base, pad30, esc50: 11 classes, 110 clips`
+    (another encoder family: its model name alone, `crepe-tiny, trim, ...`)."""
+    whisper = getattr(meta, "encoder", "whisper") == "whisper"
+    parts = [f"Whisper {meta.model}" if whisper else meta.model, meta.policy, meta.dataset]
     tail = f"{len(meta.vocab)} classes" + ("" if n_clips is None else f", {n_clips} clips")
     return ", ".join(parts) + ": " + tail
 

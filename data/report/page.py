@@ -157,7 +157,7 @@ def cache_metadata(meta, n_clips: int | None = None, path=None) -> dict:
     """What a reader needs to know about a cache, from its own metadata."""
     # pad30 windows of schema <= 3 caches were sample-padded, unlike transcription's (schema 4): say which
     policy = f"{meta.policy} ({meta.pad30_padding}-padded)" if meta.pad30_padding else meta.policy
-    d = {"model": meta.model, "input policy": policy, "pooling": meta.pooling, "dataset": meta.dataset,
+    d = {"encoder": getattr(meta, "encoder", "whisper"), "model": meta.model, "input policy": policy, "pooling": meta.pooling, "dataset": meta.dataset,
          "classes": len(meta.vocab), "labels": "multi-label" if meta.multilabel else "single-label",
          "layers x frames x width": f"{meta.n_layers} x {meta.n_frames} x {meta.dim}",
          "clip seconds": meta.clip_seconds, "weights fingerprint": meta.fingerprint[:16]}
