@@ -167,6 +167,21 @@ def test_full_disk_wat_tag(tiny_model, speech_wav, tmp_path, capsys):
     assert code == 2 and not (tmp_path / "cut").exists()  # the one input has none of its outputs
 
 
+def test_full_disk_wat_robust(tiny_model, refusable, tmp_path, capsys):
+    """The shards of the mixture cache cannot be written: one error line, no .partial, and the output
+    folder holds no half-written file (the run made it: with nothing whole in it, it is gone)."""
+    from wat.robust.cli import main
+    argv = ["--speech", refusable["s"], "--noise-dataset", "esc50", "--noise-root", refusable["d"], "--model",
+            "tiny.en", "--snr", "10,0", "--limit", "1", "--out", tmp_path / "r", "--batch-size", "2"]
+    with file_size_limit(20_000):  # a shard of tiny.en features is larger; records and TSVs are not
+        code = run_main(main, argv)
+    one_error(capsys, code, "wat-robust", "File too large")
+    no_partial_files(tmp_path)
+    for p in (tmp_path / "r").rglob("*") if (tmp_path / "r").exists() else ():
+        if p.is_file() and not p.name.endswith(".lock"):
+            whole(p)
+
+
 # ---------------------------------------------------------------- adversarial output names
 
 def _files(stems, suffixes):
@@ -305,25 +320,60 @@ def _sweep():
         ("wat-tag", "wat.tag.cli:main", ["{j}/text.h5", "--model", "tiny.en", "--head", "{h}", "-o", "{j}/file"], ""),
         ("wat-robust", "wat.robust.cli:main", ["--speech", missing, "--noise-dataset", "esc50", "--noise-root",
                                                        missing, "--model", "tiny.en", "--out", "{j}/r"], ""),
+        # refusals before work (issue 25, point 7)
+        ("wat-probe", "wat.eval.cli:probe_main", ["--features", "{o}", "--out", "{j}/p"], "at least two classes"),
+        ("wat-train", "wat.train.cli:main", ["--features", "{o}", "--folds", "2", "--head", "wa-mlp",
+                                             "--out", "{j}/run"], "at least two classes"),
+        ("wat-train", "wat.train.cli:main", ["--features", "{t}", "--eval-features", "{t}", "--lr", "auto",
+                                             "--head", "wa-mlp", "--out", "{j}/run"], "--lr auto"),
+        ("wat-robust", "wat.robust.cli:main", ["--speech", "{s}", "--noise-dataset", "esc50", "--noise-root", "{d}",
+                                               "--model", "tiny.en", "--noise-per-utterance", "50", "--out", "{j}/r"],
+         "--noise-per-utterance 50"),
+        ("wat-extract", "wat.extract.cli:main", ["--dataset", "esc50", "--root", "{d}", "--model", "tiny.en", "--out",
+                                                 "{j}/x.h5", "--policy", "trim", "--clip-seconds", "0.01"],
+         "--clip-seconds 0.01"),
+        ("wat-extract", "wat.extract.cli:main", ["--dataset", "esc50", "--root", "{d}", "--model", "tiny.en", "--out",
+                                                 "{j}/x.h5", "--policy", "trim", "--clip-seconds", "1", "--frames",
+                                                 "1000"], "--frames 1000"),
     ]
     return cases
+
+
+@pytest.fixture(scope="module")
+def refusable(tmp_path_factory):
+    """Inputs of the refusals: a single-label cache of one class in 2 folds ({o}), one of 11 clips of 11
+    classes ({t}), a one-clip-per-class ESC-50-layout dataset ({d}) and LibriSpeech-layout speech ({s})."""
+    from wat.data.demo import make_demo
+    root = tmp_path_factory.mktemp("refusable")
+    x = np.random.default_rng(0).standard_normal((11, L, T, D)).astype(np.float32)
+    one = synthetic_meta(vocab=Vocabulary.from_names(["only", "other"]), multilabel=False, n_layers=L, n_frames=T,
+                         dim=D)
+    write_synthetic_cache(root / "one.h5", one, x, [(0,)] * 11, folds=np.arange(11) % 2 + 1, shards=1,
+                          shard_dir=root / "one")
+    many = synthetic_meta(vocab=Vocabulary.from_names([f"c{i}" for i in range(11)]), multilabel=False, n_layers=L,
+                          n_frames=T, dim=D)
+    write_synthetic_cache(root / "tiny.h5", many, x, [(i,) for i in range(11)], shards=1, shard_dir=root / "tiny")
+    demo = make_demo(root / "demo", clips_per_class=1)
+    return {"o": root / "one.h5", "t": root / "tiny.h5", "d": demo,
+            "s": Path(__file__).parent / "fixtures" / "librispeech"}
 
 
 SWEEP = _sweep()
 
 
 @pytest.mark.parametrize("prog,target,argv,needle", SWEEP, ids=[f"{p} {' '.join(a)}" for p, _, a, _ in SWEEP])
-def test_error_paths_are_one_line(small, tmp_path, capsys, prog, target, argv, needle):
+def test_error_paths_are_one_line(small, refusable, tmp_path, capsys, prog, target, argv, needle):
     import importlib
     feats, head = small
     junk = _junk(tmp_path)
     module, fn = target.split(":")
     main = getattr(importlib.import_module(module), fn)
     before = {p for p in junk.rglob("*")}
-    code = run_main(main, [a.format(j=junk, c=feats, h=head) for a in argv])
+    code = run_main(main, [a.format(j=junk, c=feats, h=head, **refusable) for a in argv])
     one_error(capsys, code, prog, needle)
     made = {p for p in junk.rglob("*")} - before
     assert not [p for p in made if p.is_dir() and not any(p.iterdir())], made  # no empty folder left
+    assert not [p for p in made if p.name in ("run", "p", "e", "r", "x.shards")], made  # refused: no output made
 
 
 # ---------------------------------------------------------------- byte flips over every field
@@ -516,3 +566,68 @@ def test_resume_refuses_other_data_at_the_same_path(tmp_path):
     finally:
         os.chdir(cwd)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["best"]["epoch"] == 3
+
+
+# ---------------------------------------------------------------- inputs: clip windows, text, names
+
+def test_the_clip_window_is_checked_after_it_is_cut(tmp_path):
+    """6 s of silence then sound, cut to a 5 s window: a silent clip, recorded with its reason, not
+    stored with its label; the same file cut to 8 s is a clip. NaN inside the window is refused too."""
+    import soundfile as sf
+    from wat.data.audio import AudioError, check_clip, clip_window
+    from wat.data.datasets import Clip
+    from wat.extract.pipeline import _ClipAudio
+    sr = 16000
+    audio = np.concatenate([np.zeros(6 * sr, np.float32), 0.1 * np.random.default_rng(0).standard_normal(2 * sr)])
+    sf.write(tmp_path / "late.wav", audio.astype(np.float32), sr, subtype="FLOAT")
+    k, window, reason, seconds = _ClipAudio([Clip("late", str(tmp_path / "late.wav"), (0,))], 5 * sr)[0]
+    assert window is None and "silent" in reason and "clip window" in reason, reason
+    k, window, reason, seconds = _ClipAudio([Clip("late", str(tmp_path / "late.wav"), (0,))], 8 * sr)[0]
+    assert reason == "" and len(window) == 8 * sr and seconds == 8.0
+    with pytest.raises(AudioError, match="non-finite"):
+        clip_window(np.array([0.1, np.nan] + [0.1] * 1000, np.float32), 500, "x.wav")
+    with pytest.raises(AudioError, match="too short"):
+        check_clip(np.ones(10, np.float32), "x.wav")
+    assert clip_window(np.ones(100_000, np.float32), 1000, "x.wav")[1] == 1000 / sr
+
+
+def test_manifests_are_strict_utf8_or_the_given_encoding(tmp_path):
+    """A latin-1 CSV: refused naming the line (its labels café and cafè were merged into one class
+    caf\ufffd); with --encoding latin-1 two classes; a fold beyond int16 is a problem row naming its row."""
+    import soundfile as sf
+    from wat.data.datasets import DatasetError, load_dataset
+    for name in ("a.wav", "b.wav", "c.wav"):
+        sf.write(tmp_path / name, 0.1 * np.ones(1600, np.float32), 16000)
+    m = tmp_path / "m.csv"
+    m.write_bytes("path,labels,fold\na.wav,caf\u00e9,1\nb.wav,caf\u00e8,2\nc.wav,caf\u00e9,70000\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"m\.csv:2: not valid utf-8 \(byte 0xe9 at column 10\).*--encoding"):
+        load_dataset("csv", m)
+    ds = load_dataset("csv", m, encoding="latin-1")
+    assert ds.vocab.names == ("caf\u00e8", "caf\u00e9") and [c.id for c in ds.clips] == ["a.wav", "b.wav"]
+    assert ds.problems == [("m.csv:4", "malformed: fold 70000 outside 0..32767 (or -1: none)")]
+    m.write_bytes("path,labels\na.wav,x\u2028y\n".encode("utf-8"))  # a line separator inside a field is no new row
+    assert [c.labels for c in load_dataset("csv", m).clips] == [(0,)]
+
+
+def test_transcripts_are_strict_utf8(tmp_path):
+    import soundfile as sf
+    from wat.robust.speech import SpeechError, load_speech
+    folder = tmp_path / "1" / "2"
+    folder.mkdir(parents=True)
+    sf.write(folder / "1-2-0001.flac", 0.1 * np.ones(16000, np.float32), 16000)
+    (folder / "1-2.trans.txt").write_bytes("1-2-0001 CAF\u00c9 OUVERT\n".encode("latin-1"))
+    with pytest.raises(SpeechError, match=r"1-2\.trans\.txt:1: not valid utf-8"):
+        load_speech(tmp_path)
+    assert load_speech(tmp_path, encoding="latin-1").utterances[0].text == "CAF\u00c9 OUVERT"
+
+
+def test_folder_datasets_keep_two_files_of_one_stem(tmp_path):
+    """`dog/a.wav` and `dog/a.flac` were one clip (the second dropped as a duplicate id)."""
+    import soundfile as sf
+    from wat.data.datasets import load_dataset
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "cat").mkdir()
+    for name in ("dog/a.wav", "dog/a.flac", "cat/b.wav"):
+        sf.write(tmp_path / name, 0.1 * np.ones(1600, np.float32), 16000)
+    ds = load_dataset("folder", tmp_path)
+    assert [c.id for c in ds.clips] == ["cat/b", "dog/a.flac", "dog/a.wav"] and not ds.problems
