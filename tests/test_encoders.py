@@ -144,6 +144,11 @@ def test_wat_extract_runs_any_registered_encoder(toy_encoder, tmp_path, capsys):
     got = cache.read("features", rows).astype(np.float32)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
 
+    # no 30 s window: longer clips are this encoder's to take (Whisper refuses them)
+    assert main([*base, "--out", str(tmp_path / "long.h5"), "--clip-seconds", "40", "--limit", "2",
+                 "--progress", "none"]) == 0
+    assert open_cache(tmp_path / "long.h5").meta.clip_seconds == 40.0
+
     assert main([*base, "--out", str(tmp_path / "sub.h5"), "--layers", "1:2", "--progress", "none"]) == 0
     sub = open_cache(tmp_path / "sub.h5")
     assert sub.meta.layers == (1,)
