@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import soxr
+from .errors import WatError
 
 SAMPLE_RATE = 16_000
 MIN_SECONDS = 0.025  # one Whisper STFT window (400 samples at 16 kHz): shorter audio is an error
@@ -26,7 +27,7 @@ SEEK_PREROLL = 0.5  # seconds decoded and dropped before a PyAV segment
 SOUNDFILE_EXTS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".au", ".w64", ".rf64", ".caf"}
 
 
-class AudioError(Exception):
+class AudioError(WatError):
     """A file that cannot give usable audio; `reason` is short and stable enough to count by."""
 
     def __init__(self, path, reason: str):

@@ -5,8 +5,9 @@ import argparse
 import json
 import sys
 
-from .cache import CacheError, info, verify
+from .cache import info, verify
 from .clikit.args import parse_args
+from .clikit.main import error_line, run_command
 
 
 def _print_info(d: dict) -> None:
@@ -31,6 +32,10 @@ def _print_info(d: dict) -> None:
 
 
 def main(argv=None) -> int:
+    return run_command("wat-cache", lambda: _main(argv))
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="wat-cache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="counts, shapes, model, policy, labels, size on disk")
@@ -41,18 +46,14 @@ def main(argv=None) -> int:
     p_verify.add_argument("file", help="index file (feats.h5) or shard")
     args = parse_args(parser, argv)
     if args.command == "info":
-        try:
-            d = info(args.file)
-        except CacheError as e:
-            print(f"wat-cache: error: {e}", file=sys.stderr)
-            return 2
+        d = info(args.file)
         print(json.dumps(d, indent=2)) if args.json else _print_info(d)
         return 0
     problems = verify(args.file)
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
-        print(f"wat-cache: error: {len(problems)} problem(s) in {args.file} (listed above)", file=sys.stderr)
+        print(error_line("wat-cache", f"{len(problems)} problem(s) in {args.file} (listed above)"), file=sys.stderr)
         return 1
     d = info(args.file)
     print(f"OK: {d['clips']} clips, {d['shards']} shards")

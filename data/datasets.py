@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .labels import LabelError, Vocabulary, audioset_vocabulary
 from .naming import output_stems
+from .errors import WatError
 
 AUDIO_EXTS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".webm",
               ".aif", ".aiff", ".au", ".wma", ".mka"}
@@ -32,7 +33,7 @@ MID = re.compile(r"^/[a-z]/[0-9a-z_]+$")
 ESC50_FOLDS = 5
 
 
-class DatasetError(ValueError):
+class DatasetError(WatError, ValueError):
     """A dataset that cannot be loaded at all (missing manifest, nothing usable)."""
 
 

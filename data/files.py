@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from .errors import WatError
 
 PARTIAL = ".partial"  # temporary files carry this in their name (cleaners and listings skip them)
 
@@ -184,7 +185,7 @@ def save_figure(fig, path, metadata: dict | None = None) -> None:
         pyplot().close(fig)
 
 
-class LockedError(Exception):
+class LockedError(WatError):
     """Another run holds the lock on this output."""
 
 

@@ -11,9 +11,10 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from .errors import WatError
 
 
-class LabelError(ValueError):
+class LabelError(WatError, ValueError):
     """A label that is not in the vocabulary, or a malformed label field."""
 
 

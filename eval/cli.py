@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from wat.data.cache import CacheError
-from wat.data.clikit.args import (MAX_CLASSES, add_device, add_workers, float_range, int_range, layer_list, layers_text,
-                              parse_args, seed_int)
-from wat.data.labels import LabelError
+from wat.data.clikit.args import (MAX_CLASSES, add_device, add_workers, comma_list, float_range, int_range, layer_list,
+                                  layers_text, parse_args, seed_int)
+from wat.data.clikit.main import run_command
 
 
 def probe_parser() -> argparse.ArgumentParser:
@@ -66,26 +64,26 @@ def probe_parser() -> argparse.ArgumentParser:
 
 
 def probe_main(argv=None) -> int:
+    return run_command("wat-probe", lambda: _probe(argv))
+
+
+def _probe(argv) -> int:
+    a = parse_args(probe_parser(), argv)
     from .probe import ProbeError, ProbeOptions, default_jobs, parse_fusion, parse_probes, probe
     from .report import write_probe
 
-    a = parse_args(probe_parser(), argv)
-    try:
-        if a.align_to > len(a.features):
-            raise ProbeError(f"--align-to {a.align_to}: only {len(a.features)} --features given")
-        opts = ProbeOptions(layers=a.layers, fusion=parse_fusion(a.fusion), folds=a.folds,
-                            jobs=a.workers or default_jobs(), scheduler=a.scheduler, C=a.C, max_iter=a.max_iter,
-                            seed=a.seed, device=a.device, groups=a.groups, align_to=a.align_to - 1,
-                            match_width=a.match_width, probes=parse_probes(a.probe, {
-                                "mlp": dict(lr=a.mlp_lr, epochs=a.mlp_epochs, batch_size=a.mlp_batch_size),
-                                "knn": dict(k=a.knn_k, temperature=a.knn_temperature)}))
-        rep = probe(a.features, a.eval_features, opts)
-        shown = {**vars(a), "layers": layers_text(a.layers)}   # as typed, not as slices
-        summary = write_probe(rep, a.out, {f"--{k.replace('_', '-')}": v for k, v in shown.items()},
-                              relative_depth=a.relative_depth)
-    except (ProbeError, CacheError, LabelError, OSError) as e:
-        print(f"wat-probe: error: {e}", file=sys.stderr)
-        return 2
+    if a.align_to > len(a.features):
+        raise ProbeError(f"--align-to {a.align_to}: only {len(a.features)} --features given")
+    opts = ProbeOptions(layers=a.layers, fusion=parse_fusion(a.fusion), folds=a.folds,
+                        jobs=a.workers or default_jobs(), scheduler=a.scheduler, C=a.C, max_iter=a.max_iter,
+                        seed=a.seed, device=a.device, groups=a.groups, align_to=a.align_to - 1,
+                        match_width=a.match_width, probes=parse_probes(a.probe, {
+                            "mlp": dict(lr=a.mlp_lr, epochs=a.mlp_epochs, batch_size=a.mlp_batch_size),
+                            "knn": dict(k=a.knn_k, temperature=a.knn_temperature)}))
+    rep = probe(a.features, a.eval_features, opts)
+    shown = {**vars(a), "layers": layers_text(a.layers)}   # as typed, not as slices
+    summary = write_probe(rep, a.out, {f"--{k.replace('_', '-')}": v for k, v in shown.items()},
+                          relative_depth=a.relative_depth)
     for kind in rep.probes:
         _print_probe(rep, summary, kind)
     for note in summary["notes"]:
@@ -116,13 +114,7 @@ def _print_probe(rep, summary: dict, kind: str) -> None:
 
 def _fold_list(text: str) -> tuple[int, ...]:
     """--tune-folds: comma-separated fold numbers (>= 0), at least one (an empty list would tune on every fold)."""
-    try:
-        folds = tuple(int(f) for f in text.split(","))
-    except ValueError:
-        folds = ()
-    if not folds or min(folds) < 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated fold numbers (>= 0), got {text!r}")
-    return folds
+    return comma_list(text, int_range(0), what="fold number (>= 0)")
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -148,11 +140,14 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def eval_main(argv=None) -> int:
-    from wat.data.heads import HeadError
-    from .evaluate import EvalError, EvalOptions, evaluate
+    return run_command("wat-eval", lambda: _eval(argv))
 
+
+def _eval(argv) -> int:
     p = eval_parser()
     a = parse_args(p, argv)
+    from .evaluate import EvalError, EvalOptions, evaluate
+
     if a.table:
         if a.features or a.head:
             p.error("--table reads finished runs: give it without --features/--head")
@@ -161,15 +156,10 @@ def eval_main(argv=None) -> int:
         p.error("the following arguments are required: --features, --head (or --table RUN_DIR ...)")
     folds = a.tune_folds
     if folds and not a.tune_thresholds_on:
-        print("wat-eval: error: --tune-folds needs --tune-thresholds-on", file=sys.stderr)
-        return 2
+        raise EvalError("--tune-folds needs --tune-thresholds-on")
     opts = EvalOptions(top_k=a.top_k, threshold=a.threshold, tune_on=a.tune_thresholds_on, tune_folds=folds,
                        batch_size=a.batch_size, device=a.device)
-    try:
-        r = evaluate(a.features, a.head, a.out, opts)
-    except (EvalError, HeadError, CacheError, LabelError, OSError) as e:
-        print(f"wat-eval: error: {e}", file=sys.stderr)
-        return 2
+    r = evaluate(a.features, a.head, a.out, opts)
     line = f"{r['n_clips']} clips: mAP {_f(r['mAP'])}, mAUC {_f(r['mAUC'])}, d' {_f(r['d_prime'])}"
     if r.get("accuracy") is not None:
         line += f", accuracy {_f(r['accuracy'])}, top-{r['top_k']} {_f(r['top_k_accuracy'])}"
@@ -184,13 +174,9 @@ def eval_main(argv=None) -> int:
 
 
 def _table_main(a) -> int:
-    from .table import TableError, write_table
+    from .table import write_table
 
-    try:
-        header, lines, rows = write_table(a.table, a.out)
-    except (TableError, OSError) as e:
-        print(f"wat-eval: error: {e}", file=sys.stderr)
-        return 2
+    header, lines, rows = write_table(a.table, a.out)
     widths = [max(len(x) for x in col) for col in zip(header, *lines)]
     for line in [header] + lines:
         print("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())

@@ -19,9 +19,10 @@ from wat.data.heads import Features, HeadError, HeadInfo, head_field, head_probl
 from wat.data.labels import Vocabulary
 
 from . import metrics, report
+from wat.data.errors import WatError
 
 
-class EvalError(Exception):
+class EvalError(WatError):
     """A head and a cache that do not go together, or options that cannot be honoured."""
 
 

@@ -14,17 +14,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from argparse import ArgumentTypeError
 
 from wat.data.cache import Cache, CacheError, CacheMeta, open_cache
-from wat.data.clikit.args import layers_text
+from wat.data.clikit.args import comma_list, layers_text
 
 from . import fusion as fusions, metrics, probe_kinds
+from wat.data.errors import WatError
 
 FUSIONS = fusions.KINDS
 log = logging.getLogger(__name__)
 
 
-class ProbeError(Exception):
+class ProbeError(WatError):
     """Inputs that cannot be probed as asked (mismatched caches, bad layer list, no labels)."""
 
 
@@ -439,7 +441,13 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
 
 
 def parse_fusion(text: str) -> tuple[str, ...]:
-    parts = tuple(t.strip() for t in text.split(",") if t.strip() and t.strip() != "none")
+    """--fusion: "none" (or nothing) or comma-separated fusion names (`comma_list`)."""
+    if text.strip() in ("", "none"):
+        return ()
+    try:
+        parts = comma_list(text, what="fusion")
+    except ArgumentTypeError as e:
+        raise ProbeError(f"--fusion: {e}") from None
     bad = set(parts) - set(FUSIONS)
     if bad:
         raise ProbeError(f"unknown fusion {sorted(bad)}; choose from none, {', '.join(FUSIONS)}")
@@ -449,7 +457,10 @@ def parse_fusion(text: str) -> tuple[str, ...]:
 def parse_probes(text: str, settings: dict[str, dict] | None = None) -> tuple:
     """--probe "linear,mlp,knn" -> probe kinds, each built with its `settings[name]` (e.g. the
     --mlp-* / --knn-* options; the kind's defaults otherwise)."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        names = list(comma_list(text, what="probe kind"))
+    except ArgumentTypeError as e:
+        raise ProbeError(f"--probe: {e}") from None
     try:
         known = probe_kinds.resolve(names)   # unknown or repeated names, none at all
         return tuple(type(k)(**(settings or {}).get(k.name, {})) for k in known)

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wat.data.files import atomic_write, write_csv
+from wat.data.errors import WatError
 
 HEAD_NAMES = {"wa-mlp": "WA-MLP", "last-mlp": "Last-MLP", "wa-tr": "WA-Tr", "tl-tr": "TL-Tr"}
 
 
-class TableError(Exception):
+class TableError(WatError):
     """A run folder that cannot be read into the table."""
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from wat.data.lazy import lazy_names
+
 # name -> module that defines it
 _LAZY = {"load_whisper": "load", "WhisperLoadError": "load", "fingerprint": "load", "model_name": "load",
          "encode_layers": "layers", "encoder_frames": "layers", "EncoderPasses": "layers", "LayerTaps": "layers",
@@ -22,15 +24,4 @@ if TYPE_CHECKING:
     from .load import WhisperLoadError, fingerprint, load_whisper, model_name
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, __all__)

@@ -3,21 +3,12 @@ resumable HDF5 feature cache."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from wat.data.cache import POLICIES
-from wat.data.clikit.args import add_device, add_encoding, add_workers, float_range, int_range, layer_range, parse_args
+from wat.data.clikit.args import (ENCODER_HELP, MODEL_HELP, add_device, add_encoding, add_workers, float_range,  # noqa: F401
+                                  int_range, layer_range, parse_args)
+from wat.data.clikit.main import run_command
 from wat.data.datasets import DATASET_KINDS
-
-# --model help of every CLI that loads Whisper (what wat.extract.load_whisper accepts); kept here,
-# not in load.py, so that --help does not import torch
-MODEL_HELP = ("Whisper name (tiny.en, base, large-v2, large-v3, ...; 'large' is large-v3), a .pt file, "
-              "a CTranslate2 or Hugging Face model folder, or a Hugging Face id (openai/whisper-large-v3)")
-# --model help of the commands that take any encoder (what wat.extract.encoders.load_encoder accepts)
-ENCODER_HELP = ("encoder: a Whisper model (name such as tiny.en, base, large-v2; a .pt file; a CTranslate2 or "
-                "Hugging Face Whisper folder or id), a Hugging Face wav2vec2 / HuBERT / WavLM / data2vec-audio "
-                "folder or id (facebook/hubert-large-ls960-ft), or crepe-full / crepe-tiny")
-
 
 STORES = ("fp16", "int8")  # = wat.data.cache.STORAGES (not imported here: --help stays instant)
 
@@ -62,32 +53,27 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parse_args(parser(), argv)
-    from wat.data.cache import CacheError
-    from wat.data.datasets import DatasetError, load_dataset
+    return run_command("wat-extract", lambda: _main(argv), interrupted="rerun the same command to resume")
 
-    from .encoders import EncoderError
-    from .pipeline import ExtractError, ExtractOptions, extract_dataset
+
+def _main(argv) -> int:
+    args = parse_args(parser(), argv)
+    from wat.data.datasets import load_dataset
+
+    from .pipeline import ExtractOptions, extract_dataset
 
     options = ExtractOptions(
         model=args.model, policy=args.policy, frames=args.frames, device=args.device, batch_size=args.batch_size,
         num_workers=args.decode_workers, shard_size=args.shard_size, limit=args.limit, overwrite=args.overwrite,
         clip_seconds=args.clip_seconds, store=args.store, layers=args.layers)
-    try:
-        dataset = load_dataset(args.dataset, args.root, args.manifest, clip_seconds=args.clip_seconds,
-                               encoding=args.encoding)
-        if args.scheduler or args.workers:
-            from .cluster import DaskRunner, connect
-            with connect(args.scheduler, args.workers, options.device) as client:
-                summary = extract_dataset(dataset, options, args.out, runner=DaskRunner(client))
-        else:
-            summary = extract_dataset(dataset, options, args.out)
-    except (DatasetError, ExtractError, EncoderError, CacheError, OSError) as e:
-        print(f"wat-extract: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("wat-extract: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    dataset = load_dataset(args.dataset, args.root, args.manifest, clip_seconds=args.clip_seconds,
+                           encoding=args.encoding)
+    if args.scheduler or args.workers:
+        from .cluster import DaskRunner, connect
+        with connect(args.scheduler, args.workers, options.device) as client:
+            summary = extract_dataset(dataset, options, args.out, runner=DaskRunner(client))
+    else:
+        summary = extract_dataset(dataset, options, args.out)
     print(summary)
     return 0
 

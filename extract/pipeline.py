@@ -49,10 +49,11 @@ from wat.data.files import LockedError, write_tsv
 
 from .encoders import Encoder, as_encoder, load_encoder
 from .pooling import layer_subset
+from wat.data.errors import WatError
 
 
 
-class ExtractError(Exception):
+class ExtractError(WatError):
     """The run cannot start or finish: mismatched output, bad options, failed shards."""
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
-from wat.data.clikit.args import add_device, add_encoding, add_workers, int_range, parse_args, positive_int, seed_int
-from wat.extract.cli import MODEL_HELP
+from wat.data.clikit.args import (MODEL_HELP, add_device, add_encoding, add_workers, comma_list_of, int_range, parse_args,
+                                  positive_int, seed_int)
+from wat.data.clikit.main import run_command
 
 DATASETS = ("esc50", "json", "folder", "csv")  # wat dataset kinds that can be single-label
 
@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
                    help=MODEL_HELP + "; or a CTC fine-tuned (*ForCTC) Hugging Face wav2vec2 / HuBERT / WavLM / "
                         "data2vec-audio folder or id (facebook/wav2vec2-base-960h; greedy CTC with its own tokenizer); "
                         "repeat to compare models on the same mixtures")
-    p.add_argument("--snr", default="20,10,5,0,-5,-10", help="SNRs in dB, comma-separated (default: the paper's)")
+    p.add_argument("--snr", type=comma_list_of(float, what="number (dB)"), default="20,10,5,0,-5,-10",
+                   help="SNRs in dB, comma-separated (default: the paper's)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--noise-per-utterance", type=int_range(1, 1000), default=1,
                    help="noise clips (of different classes) mixed with each utterance (default 1)")
@@ -48,33 +49,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_snrs(text: str) -> tuple[float, ...]:
-    out = []
-    for part in text.split(","):
-        try:
-            v = float(part.strip())
-        except ValueError:
-            raise ValueError(f"--snr: {part.strip()!r} is not a number") from None
-        out.append(v)
-    return tuple(out)
 
 
 def main(argv=None) -> int:
+    return run_command("wat-robust", lambda: _main(argv), interrupted="rerun the same command to resume")
+
+
+def _main(argv) -> int:
     p = parser()
     a = parse_args(p, argv)
-    from wat.data.cache import CacheError
-    from wat.data.datasets import DatasetError
-    from wat.eval.probe import ProbeError
-    from wat.extract.encoders import EncoderError
-    from wat.extract.pipeline import ExtractError
-
     from .report import speech_line
     from .run import RobustError, RobustOptions, run_robust
-    from .speech import SpeechError
 
     try:
         options = RobustOptions(
-            models=tuple(a.model), snrs=parse_snrs(a.snr), noise_per_utterance=a.noise_per_utterance, seed=a.seed,
+            models=tuple(a.model), snrs=a.snr, noise_per_utterance=a.noise_per_utterance, seed=a.seed,
             device=a.device, batch_size=a.batch_size, chunk_size=a.chunk_size, limit=a.limit,
             language=None if a.language == "auto" else a.language, noise_policy=a.noise_policy, jobs=a.workers,
             overwrite=a.overwrite, encoding=a.encoding)
@@ -87,14 +76,7 @@ def main(argv=None) -> int:
             options.language = code
     except (ValueError, RobustError) as e:
         p.error(str(e))
-    try:
-        summary = run_robust(a.speech, a.noise_dataset, a.noise_root, a.out, options, noise_manifest=a.noise_manifest)
-    except (RobustError, SpeechError, DatasetError, EncoderError, ExtractError, CacheError, ProbeError, OSError) as e:
-        print(f"wat-robust: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("wat-robust: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    summary = run_robust(a.speech, a.noise_dataset, a.noise_root, a.out, options, noise_manifest=a.noise_manifest)
     print(f"{summary['mixtures_per_model']} mixtures per model ({summary['speech']['utterances_planned']} utterances x "
           f"{summary['noise_per_utterance']} noise clip(s) x {len(summary['snrs'])} SNRs); "
           f"{speech_line(summary['speech'])}; {summary['problems']} problem rows (see {a.out}/problems.tsv)")

@@ -19,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from wat.data.errors import WatError
 
 
-class MixError(ValueError):
+class MixError(WatError, ValueError):
     """Speech and noise that cannot be mixed at the asked SNR (silent speech, silent noise)."""
 
 

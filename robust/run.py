@@ -41,12 +41,13 @@ from . import wer as wer_mod
 from .asr import MAX_SAMPLES, AsrOptions, decode_batch, decode_ctc, transcribe_long
 from .mix import MixError, assign_noise, mix
 from .speech import Speech, Utterance, load_speech
+from wat.data.errors import WatError
 
 COLUMNS = ("snr", "utterance")
 LOCK = ".wat-robust.lock"  # in --out: held (an OS lock) by the run writing it; a killed run's file is harmless
 
 
-class RobustError(Exception):
+class RobustError(WatError):
     """The experiment cannot run as asked (bad options, unusable inputs, a changed output folder)."""
 
 

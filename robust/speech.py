@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wat.data.datasets import AUDIO_EXTS, DatasetError, read_csv_rows, read_text, text_lines
+from wat.data.errors import WatError
 
 
-class SpeechError(ValueError):
+class SpeechError(WatError, ValueError):
     """Speech input that cannot be read at all (missing folder or CSV, nothing usable)."""
 
 

@@ -10,23 +10,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
-from whisper.utils import format_timestamp, get_writer
-
+# torch, whisper and the tagger load in the functions that need them: `wat-tag --help` imports neither
 from wat.data.audio import AudioError
 from wat.data.datasets import AUDIO_EXTS
-from wat.extract.cli import MODEL_HELP
-from wat.extract.encoders import EncoderError, family_of
-from wat.extract.load import load_whisper
-from wat.data.clikit.args import MAX_CLASSES, add_device, float_range, int_range, parse_args
+from wat.data.clikit.args import MAX_CLASSES, MODEL_HELP, add_device, float_range, int_range, parse_args
+from wat.data.clikit.main import run_command
 from wat.data.files import atomic_write, make_folder, one_line, remove_bare, write_tsv
 from wat.data.naming import output_stems
 from wat.data.clikit.progress import progress
-from wat.data.heads import HeadError, load_head
 
-from .grid import MIN_RES
-from .tagging import TagError, check_head, head_vocabulary, resolve_classes, transcribe_and_tag
+from . import MIN_RES
 
 # whisper's --output_format values; `all` writes every one of them
 log = logging.getLogger("wat.tag")
@@ -44,6 +37,8 @@ def format_json(path, result) -> str:
 
 
 def format_text(path, result) -> str:
+    from whisper.utils import format_timestamp
+
     lines = [f"== {path} ({result['language']})"]
     for s in result["segments"]:
         lines.append(f"[{format_timestamp(s['start'])} --> {format_timestamp(s['end'])}] {s['text'].strip()}")
@@ -71,6 +66,8 @@ def expand_inputs(items) -> list[str]:
     undecodable one); a folder: its audio files (`AUDIO_EXTS`, sub-folders included, hidden entries
     skipped), sorted. Raises TagError for `-` (standard input is not read: a pipe cannot be seeked
     and decoded by PyAV and libsndfile alike; save it to a file) and for a folder without audio."""
+    from .tagging import TagError
+
     out = []
     for item in items:
         if item == "-":
@@ -100,6 +97,8 @@ def write_outputs(folder: Path, stem: str, fmt: str, result: dict) -> None:
     (`files.atomic_write`: whisper's own writers write straight into the final file, which a full
     disk leaves half-written). A failed write removes this input's files written so far and any
     sub-folder made for them, then raises the OSError: an input has all its outputs or none."""
+    from whisper.utils import get_writer
+
     written, made = [], []
     try:
         made = make_folder((folder / stem).parent)
@@ -121,6 +120,8 @@ def write_outputs(folder: Path, stem: str, fmt: str, result: dict) -> None:
 
 def _language(text: str) -> str:
     """--language: a whisper language code or name (case-insensitive) -> the code."""
+    from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+
     key = text.strip().lower()
     if key in LANGUAGES:
         return key
@@ -207,8 +208,14 @@ def _writable_dir(parser, folder: Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
+    return run_command("wat-tag", lambda: _main(argv))
+
+
+def _main(argv) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
+    from .tagging import TagError
+
     fmt = {"text": "txt"}.get(args.output_format, args.output_format)
     try:
         args.audio = expand_inputs(args.audio)
@@ -227,6 +234,10 @@ def main(argv=None) -> int:
 def whisper_only(spec: str) -> None:
     """Refuse, before loading anything, a `--model` that another encoder family loads: tags come from
     the encoder pass of Whisper's own transcription, which only a Whisper model makes."""
+    from wat.extract.encoders import family_of
+
+    from .tagging import TagError
+
     family = family_of(spec)
     if family != "whisper":
         raise TagError(f"--model {spec}: a {family} encoder, not Whisper; wat-tag tags audio from the encoder pass "
@@ -235,17 +246,21 @@ def whisper_only(spec: str) -> None:
 
 
 def _tag(args, fmt: str, to_files: bool) -> int:
-    try:
-        whisper_only(args.model)
-        model = load_whisper(args.model, device=args.device)
-        head = load_head(args.head)
-        check_head(model, head[1], allow_policy_mismatch=args.allow_policy_mismatch)
-        if args.classes is not None:  # unknown names fail here, before any file
-            vocab = head_vocabulary(head[1])
-            args.classes = [vocab.keys[i] for i in resolve_classes(vocab, args.classes)]
-    except (EncoderError, HeadError, TagError) as e:
-        print(f"wat-tag: error: {e}", file=sys.stderr)
-        return 2
+    import numpy as np
+    from whisper.utils import get_writer
+
+    from wat.data.heads import load_head
+    from wat.extract.load import load_whisper
+
+    from .tagging import TagError, check_head, head_vocabulary, resolve_classes, transcribe_and_tag
+
+    whisper_only(args.model)
+    model = load_whisper(args.model, device=args.device)
+    head = load_head(args.head)
+    check_head(model, head[1], allow_policy_mismatch=args.allow_policy_mismatch)
+    if args.classes is not None:  # unknown names fail here, before any file
+        vocab = head_vocabulary(head[1])
+        args.classes = [vocab.keys[i] for i in resolve_classes(vocab, args.classes)]
     language = args.language
     if language not in (None, "en") and not model.is_multilingual:
         log.warning("%s is an English-only model; transcribing in English, not %r", args.model, language)

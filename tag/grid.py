@@ -21,7 +21,8 @@ from whisper.audio import FRAMES_PER_SECOND
 
 from wat.extract.layers import time_parts
 
-MIN_RES = 0.1  # seconds; below ~5 encoder frames per window tags mean little
+from . import MIN_RES  # noqa: F401  (defined without torch, for wat-tag --help)
+
 
 
 class WindowPool:

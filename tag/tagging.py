@@ -45,12 +45,13 @@ from wat.extract.layers import mel_encoder_frames
 from wat.extract.load import fingerprint, model_name
 
 from .grid import WindowPool
+from wat.data.errors import WatError
 
 POLICY = "pad30"  # what the encoder sees during transcription
 _TRANSCRIBE = importlib.import_module("whisper.transcribe").transcribe.__code__
 
 
-class TagError(ValueError):
+class TagError(WatError, ValueError):
     """A head that does not fit the model, a class name the head does not know, or an encoder call
     that cannot be placed in the file."""
 

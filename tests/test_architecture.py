@@ -197,3 +197,71 @@ def test_no_module_imports_itself_back():
     mods = modules(ROOT)
     g = {name: {m for m, _ in imports(name, path, set(mods)) if m in mods and m != name} for name, path in mods.items()}
     assert cycle(g) is None
+
+
+# ------------------------------------------------------------------ modules, names and commands
+
+def _cli_modules() -> dict[str, str]:
+    """command -> the module of its entry point (setup.cfg console_scripts)."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    lines = [l.split("=") for l in cfg["options.entry_points"]["console_scripts"].splitlines() if l.strip()]
+    return {name.strip(): target.strip().split(":")[0] for name, target in lines}
+
+
+def private_imports(root: Path) -> list[str]:
+    """`from wat.x import _name` (or relative) of a name private to another module; dunders aside."""
+    mods = modules(root)
+    bad = []
+    for name, path in mods.items():
+        here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = node.module or ""
+            if node.level:
+                base = ".".join(here[: len(here) - (node.level - 1)] + ([base] if base else []))
+            if not (base == "wat" or base.startswith("wat.")) or base == name:
+                continue
+            bad += [f"{name}:{node.lineno} imports {a.name} from {base}" for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")]
+    return bad
+
+
+def test_no_private_name_is_imported_across_modules():
+    assert private_imports(ROOT) == []
+
+
+def test_a_private_import_is_found(tmp_path):
+    root = _tree(tmp_path, {"data/cache.py": "_HANDLES = {}\n", "data/readers.py": "from .cache import _HANDLES\n"})
+    assert private_imports(root) == ["wat.data.readers:1 imports _HANDLES from wat.data.cache"]
+
+
+def test_no_library_module_imports_a_command():
+    """The commands' modules (entry points) sit on top of their package: a library module that
+    imported one would pull argparse front ends into library code, and cycles with them."""
+    clis = set(_cli_modules().values())
+    mods = modules(ROOT)
+    bad = [f"{name}:{line} imports {target}" for name, path in mods.items()
+           for target, line in imports(name, path, set(mods)) if target in clis and target != name]
+    assert bad == []
+
+
+@pytest.mark.parametrize("command", sorted(_cli_modules()))
+def test_help_imports_neither_torch_nor_whisper(command):
+    """`COMMAND --help` answers without importing torch or whisper (seconds of imports each)."""
+    import subprocess
+    import sys
+
+    module, func = None, None
+    for line in (ROOT / "setup.cfg").read_text().splitlines():
+        if line.strip().startswith(f"{command} ="):
+            module, func = line.split("=")[1].strip().split(":")
+    code = (f"import sys\nsys.argv = [{command!r}, '--help']\nimport {module} as m\n"
+            f"try:\n    m.{func}()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "print(sorted(n for n in ('torch', 'whisper') if n in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-300:]

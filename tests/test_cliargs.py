@@ -85,3 +85,56 @@ def test_cliargs_number_types():
                         (cliargs.float_range(0, 1), "nan"), (cliargs.float_range(0, float("inf")), "inf")]:
         with pytest.raises(Exception, match="expected"):
             parse(text)
+
+
+# ------------------------------------------------------------------ the CLI kit: one list parser, one ending
+
+def test_comma_list_one_rule():
+    from wat.data.clikit.args import comma_list
+
+    assert comma_list(" -10, 0,20.5", float) == (-10.0, 0.0, 20.5)
+    assert comma_list("mean,concat") == ("mean", "concat")
+    for text in ("", " ", "1,,2", "1,", ",1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="empty"):
+            comma_list(text, float, what="number")
+    with pytest.raises(argparse.ArgumentTypeError, match="'x' is not a number"):
+        comma_list("1,x", float, what="number")
+
+
+def test_a_list_starting_with_a_negative_number_is_a_value():
+    from wat.robust.cli import parser
+
+    for argv, want in ((["--snr", "-10,0"], (-10.0, 0.0)), (["--snr", "-5"], (-5.0,)), (["--snr=20,-10"], (20.0, -10.0))):
+        a = cliargs.parse_args(parser(), ["--speech", "s", "--noise-dataset", "esc50", "--noise-root", "n",
+                                          "--model", "tiny.en", "--out", "o", *argv])
+        assert a.snr == want
+
+
+COMMANDS = {"wat-data": "wat.data.cli:main", "wat-cache": "wat.data.cache_cli:main",
+            "wat-extract": "wat.extract.cli:main", "wat-train": "wat.train.cli:main",
+            "wat-probe": "wat.eval.cli:probe_main", "wat-eval": "wat.eval.cli:eval_main",
+            "wat-tag": "wat.tag.cli:main", "wat-robust": "wat.robust.cli:main"}
+
+
+@pytest.mark.parametrize("prog", sorted(COMMANDS))
+@pytest.mark.parametrize("raised,status,line", [
+    (KeyboardInterrupt(), 130, "interrupted"), ("typed", 2, "error: refused\n  here"), (OSError(28, "No space left"), 2, "error: ")])
+def test_every_command_ends_the_same_way(prog, raised, status, line, monkeypatch, capsys):
+    """Ctrl-C is exit 130, a typed error or an OSError one `prog: error: ...` line and exit 2, in all
+    eight commands (raised where each parses its arguments)."""
+    import importlib
+
+    from wat.data.errors import WatError
+
+    module, func = COMMANDS[prog].split(":")
+    mod = importlib.import_module(module)
+    exc = WatError("refused\n  here") if raised == "typed" else raised
+
+    def boom(*a, **k):
+        raise exc
+    monkeypatch.setattr(mod, "parse_args", boom)
+    assert getattr(mod, func)([]) == status
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{prog}: {line.split(chr(10))[0]}")
+    if raised == "typed":
+        assert err[0] == f"{prog}: error: refused here"

@@ -67,3 +67,12 @@ def test_a_head_kind_must_declare_a_known_field():
         class Bad(Head):
             kind, field = "toy-bad", "spectrogram"
     assert "toy-bad" not in HEADS
+
+
+def test_the_kinds_the_commands_offer_are_the_registered_ones():
+    """wat-train offers `BUILTIN_KINDS` (known without torch, for --help): the kinds kinds.py
+    registers, in its order, each with its own default learning rate."""
+    from wat.data.heads import BUILTIN_KINDS
+
+    assert BUILTIN_KINDS == tuple(k for k, c in HEADS.items() if c.__module__ == "wat.data.heads.kinds")
+    assert all(isinstance(HEADS[k].lr, float) and HEADS[k].lr > 0 for k in BUILTIN_KINDS)

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-
-from wat.data.cache import CacheError
-from wat.data.files import LockedError
-from wat.data.labels import LabelError
 
 from wat.data.clikit.args import add_device, float_range, int_range, parse_args, seed_int
-from wat.data.heads import HEADS, LAYER_HEADS, HeadError
-from .loop import Interrupted, TrainError, TrainOptions, train
-from .options import BATCH, HEAD_LR, MIN_STEPS
+from wat.data.clikit.main import run_command
+from wat.data.heads import BUILTIN_KINDS, LAYER_ATTN_HEADS
+
+from .options import BATCH, MIN_STEPS, TrainOptions
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -38,9 +34,9 @@ def _folds(text: str) -> int:
 
 def _proj_dim(text: str) -> int:
     """A projection width: a multiple of the layer transformer's heads (8), up to 65536."""
-    d = int_range(LAYER_HEADS, 65536)(text)
-    if d % LAYER_HEADS:
-        raise argparse.ArgumentTypeError(f"expected a multiple of {LAYER_HEADS}, got {d}")
+    d = int_range(LAYER_ATTN_HEADS, 65536)(text)
+    if d % LAYER_ATTN_HEADS:
+        raise argparse.ArgumentTypeError(f"expected a multiple of {LAYER_ATTN_HEADS}, got {d}")
     return d
 
 
@@ -63,13 +59,13 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--eval-features", help="evaluation cache, scored every epoch (chooses best.pt)")
     g.add_argument("--folds", type=_folds, default=0, help="cross-validate over the cache's K folds (ESC-50: 5)")
-    p.add_argument("--head", choices=list(HEADS), default="tl-tr")
+    p.add_argument("--head", choices=BUILTIN_KINDS, default="tl-tr")
     p.add_argument("--proj-dim", "--dim", dest="proj_dim", type=_proj_dim,
                    help="TL-Tr/WA-Tr projection width, a multiple of 8 (default: the encoder width)")
     p.add_argument("--epochs", type=int_range(1, 100_000), default=30)
     p.add_argument("--lr", type=_lr, metavar="LR|auto",
                    help="learning rate; 'auto': pick it by a short search on the training clips (default: "
-                        "the head kind's measured default: " + ", ".join(f"{k} {v:g}" for k, v in HEAD_LR.items()) + ")")
+                        "the head kind's own measured rate, Head.lr: BENCHMARKS.md, 'Default training recipe')")
     p.add_argument("--batch-size", type=int_range(1, 1 << 20),
                    help=f"global batch (default: {BATCH}, or fewer on small sets so that an epoch takes at "
                         f"least {MIN_STEPS} steps: training clips // {MIN_STEPS})")
@@ -98,10 +94,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    speak = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs this: rank 0 talks
+    return run_command("wat-train", lambda: _main(argv, speak), interrupted="continue with --resume", speak=speak)
+
+
+def _main(argv, speak: bool) -> int:
     p = parser()
     a = parse_args(p, argv)
+    from wat.data.heads import HeadError, head_class
+
+    from .loop import train
+
     try:
-        HEADS[a.head].check_dim(a.proj_dim)  # --proj-dim with a head kind that has no projection
+        head_class(a.head).check_dim(a.proj_dim)  # --proj-dim with a head kind that has no projection
     except HeadError as e:
         p.error(str(e))
     opts = TrainOptions(
@@ -112,17 +117,7 @@ def main(argv=None) -> int:
         cr_unlabeled_weight=a.cr_unlabeled_weight, unlabeled_ratio=a.unlabeled_ratio,
         parent_labels=a.parent_labels, weight_average=a.weight_average, init=a.init, device=a.device,
         seed=a.seed, resume=a.resume, tensorboard=a.tensorboard)
-    speak = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs this: rank 0 talks
-    try:
-        final = train(opts)
-    except (TrainError, HeadError, CacheError, LabelError, Interrupted, LockedError, OSError) as e:
-        if speak:
-            print(f"wat-train: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if speak:
-            print("wat-train: interrupted; continue with --resume", file=sys.stderr)
-        return 130
+    final = train(opts)
     if speak:
         print(summary_text(final, a.out))
     return 0

@@ -23,7 +23,7 @@ import torch
 from wat.data.report import figures
 from wat.data.cache import Cache
 from wat.data.files import LockedError, json_safe, locked_folder, one_line
-from wat.data.heads import Features, HeadError, build_head, head_problems, load_head, save_head
+from wat.data.heads import Features, HeadError, build_head, head_class, head_problems, load_head, save_head
 
 from wat.eval import metrics
 
@@ -33,7 +33,7 @@ from .epoch import train_epoch
 from .evaluation import predict, score
 from .inputs import Checked, Setup, balanced_weights, check_inputs, load_inputs, prepare
 from .lrsearch import CANDIDATES, check_searchable, search_lr
-from .options import HEAD_LR, Interrupted, TrainError, TrainOptions, milestones, wa_range
+from .options import Interrupted, TrainError, TrainOptions, milestones, wa_range
 from .outputs import plot_curves, write_metrics, write_per_class, write_report
 from .resume import check_resume, resumed_lr
 from .state import Fit, data_differences, data_identity, load_checkpoint, option_differences, resume_key, rng_state, save_checkpoint, seed_all, set_rng_state
@@ -93,7 +93,7 @@ def train(opts: TrainOptions) -> dict:
         # every input is checked before RUN_DIR is made: a refused run leaves no folder behind
         checked = check_inputs(opts, world.size)
         opts = checked.opts  # the batch size resolved: metrics.json and last.pt record the one used
-        if opts.lr == "auto" or (opts.lr is None and opts.head not in HEAD_LR):
+        if opts.lr == "auto" or (opts.lr is None and head_class(opts.head).lr is None):
             check_searchable(checked.splits, checked.y, opts.seed)
         if opts.batch_size % world.size:
             raise TrainError(f"--batch-size {opts.batch_size} is the global batch: it must be a multiple of "
@@ -174,8 +174,8 @@ def _learning_rates(opts: TrainOptions, s: Setup, init: dict | None, weights, wo
     names = [name for name, _, _ in s.splits]
     if isinstance(opts.lr, (int, float)):
         return {"source": "--lr", "per_head": {n: float(opts.lr) for n in names}}
-    if opts.lr is None and opts.head in HEAD_LR:
-        return {"source": f"default for {opts.head}", "per_head": {n: HEAD_LR[opts.head] for n in names}}
+    if opts.lr is None and head_class(opts.head).lr is not None:
+        return {"source": f"default for {opts.head}", "per_head": {n: head_class(opts.head).lr for n in names}}
     if ck is not None and ck.get("lr"):
         return resumed_lr(Path(opts.out) / "last.pt", ck["lr"], names)
     build = lambda: _build(opts, s.cache, s.info.n_classes, init)  # noqa: E731

@@ -3,13 +3,14 @@ options imply (learning-rate milestones, weight-averaging epochs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from wat.data.errors import WatError
 
 
-class TrainError(ValueError):
+class TrainError(WatError, ValueError):
     """Input the trainer cannot use (labels, vocabularies, folds, options)."""
 
 
-class Interrupted(Exception):
+class Interrupted(WatError):
     """Raised by `train` when `max_epochs_this_run` stops a run early (last.pt is written)."""
 
 
@@ -22,7 +23,7 @@ class TrainOptions:
     folds: int = 0                      # >0: cross-validation over the cache's folds
     proj_dim: int | None = None         # TL-Tr / WA-Tr projection width (None = encoder width)
     epochs: int = 30
-    lr: float | str | None = None        # None: the head kind's default (HEAD_LR); "auto": searched (lrsearch)
+    lr: float | str | None = None        # None: the head kind's default (Head.lr); "auto": searched (lrsearch)
     batch_size: int | None = None       # None: BATCH (48), smaller on small sets (default_batch)
     mixup: float = 0.5                  # probability per clip; lambda ~ Beta(10, 10)
     time_mask: int = 10                 # up to this many frames, same on all layers (not for MLP heads)
@@ -46,11 +47,6 @@ class TrainOptions:
     tensorboard: str | None = None      # folder for TensorBoard event files (per-epoch scalars); None = off
 
 
-# The default learning rate of each head kind with every other option at its default (the batch of
-# default_batch included), chosen by measurement: bench/head_defaults.py on the demo set, table in
-# BENCHMARKS.md ("Default training recipe"). TL-Tr keeps the paper's 1e-4 (it measured best there
-# too); WA-Tr 3e-4. A kind missing here (one registered elsewhere) gets the --lr auto search.
-HEAD_LR = {"last-mlp": 1e-2, "wa-mlp": 1e-2, "wa-tr": 3e-4, "tl-tr": 1e-4}
 
 
 BATCH = 48      # the paper's batch (AudioSet: 40,000 steps an epoch)

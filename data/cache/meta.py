@@ -12,6 +12,7 @@ import numpy as np
 
 from ..labels import LabelError, Vocabulary
 from ..spec import PAD30_FIX, WHISPER, FeatureSpec, Policy, padding_of
+from ..errors import WatError
 
 
 SCHEMA_VERSION = 5   # the newest schema this wat reads (and writes when a file needs it)
@@ -36,7 +37,7 @@ PAD30_PADDING = "mel"
 PAD30_PADDINGS = ("mel", "samples")
 
 
-class CacheError(Exception):
+class CacheError(WatError):
     """A cache that cannot be used as asked: missing/partial/mismatched shard, bad schema, bad input."""
 
 

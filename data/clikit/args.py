@@ -23,6 +23,14 @@ import sys
 from .progress import LOG_INTERVAL, MODES
 from .progress import configure as configure_progress
 
+# --model help of every CLI that loads Whisper (what wat.extract.load_whisper accepts); kept here,
+# not in load.py, so that --help does not import torch
+MODEL_HELP = ("Whisper name (tiny.en, base, large-v2, large-v3, ...; 'large' is large-v3), a .pt file, "
+              "a CTranslate2 or Hugging Face model folder, or a Hugging Face id (openai/whisper-large-v3)")
+# --model help of the commands that take any encoder (what wat.extract.encoders.load_encoder accepts)
+ENCODER_HELP = ("encoder: a Whisper model (name such as tiny.en, base, large-v2; a .pt file; a CTranslate2 or "
+                "Hugging Face Whisper folder or id), a Hugging Face wav2vec2 / HuBERT / WavLM / data2vec-audio "
+                "folder or id (facebook/hubert-large-ls960-ft), or crepe-full / crepe-tiny")
 DEVICE_HELP = "auto (default: cuda when available, else cpu), cpu, cuda or cuda:N"
 
 
@@ -82,6 +90,31 @@ def layer_range(text: str) -> tuple[int | None, int | None]:
     if start is not None and stop is not None and start >= stop:
         raise argparse.ArgumentTypeError(f"{text!r}: START must be below STOP")
     return start, stop
+
+
+def comma_list(text: str, item=str, *, what: str = "value") -> tuple:
+    """THE comma-separated list of the commands: items stripped, each turned into a value by `item`
+    (int, float, a parser of one item); an empty list or an empty item ('', '1,,2', '1,') is refused,
+    as is an item `item` refuses (ValueError / ArgumentTypeError), naming it. Negative numbers work as
+    values (`--snr -10,0`: `parse_args` keeps such a value with its option)."""
+    items = [s.strip() for s in text.split(",")]
+    if not any(items) or not all(items):
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty {what} in the comma-separated list")
+    out = []
+    for s in items:
+        try:
+            out.append(item(s))
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            why = f" ({e})" if isinstance(e, argparse.ArgumentTypeError) else ""
+            raise argparse.ArgumentTypeError(f"{s!r} is not a {what}{why}") from None
+    return tuple(out)
+
+
+def comma_list_of(item=str, *, what: str = "value"):
+    """argparse type factory: `comma_list` of `item`s."""
+    def parse(text: str) -> tuple:
+        return comma_list(text, item, what=what)
+    return parse
 
 
 def layer_list(text: str) -> tuple[slice, ...] | None:
@@ -216,11 +249,29 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     parser lacks them) applied, and `--device` (when the parser has one) resolved to the torch device."""
     if not any(a.dest == "quiet" for a in parser._actions):
         add_reporting(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_negative_values(parser, sys.argv[1:] if argv is None else list(argv)))
     apply_reporting(args)
     if getattr(args, "device", None) is not None:
         args.device = resolve_device(parser, args.device)
     return args
+
+
+# a negative number or a comma list starting with one: "-10", "-5.5", "-10,0,20", "-1e3"
+_NEGATIVE = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(,.*)?")
+
+
+def _negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--opt -10,0` -> `--opt=-10,0` for a long option that takes one value: argparse takes "-10,0"
+    for an option (only a lone negative number counts as a value), so a list starting with a negative
+    number would be refused."""
+    takes_value = {s for a in parser._actions if a.nargs is None for s in a.option_strings if s.startswith("--")}
+    out = []
+    for arg in argv:
+        if out and _NEGATIVE.fullmatch(arg) and out[-1] in takes_value:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 # More worker processes than a few per CPU only compete for the CPUs; a value far beyond that is a

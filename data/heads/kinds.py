@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import WatError
+from .names import LAYER_ATTN_HEADS, TIME_ATTN_HEADS
 from .blocks import ResidualAttentionBlock
 
+TIME_HEADS, LAYER_HEADS = TIME_ATTN_HEADS, LAYER_ATTN_HEADS  # the old names of these attention-head counts
 
-TIME_HEADS, LAYER_HEADS = 1, 8
 
-
-class HeadError(ValueError):
+class HeadError(WatError, ValueError):
     """A checkpoint or head configuration that cannot be used."""
 
 
@@ -40,6 +41,11 @@ class Head(nn.Module):
     kind: str = ""
     field: str = "features"     # "features" ([B, L, T, D]) or "mean" ([B, L, D], T times smaller)
     projects: bool = False      # accepts a projection width `proj_dim`
+    # the kind's default learning rate in wat-train with every other option at its default (the default
+    # batch included), chosen by measurement: bench/head_defaults.py on the demo set, table in
+    # BENCHMARKS.md ("Default training recipe"); TL-Tr keeps the paper's 1e-4 (it measured best there
+    # too). None (a kind registered elsewhere without one): wat-train searches it (--lr auto)
+    lr: float | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -71,14 +77,15 @@ class _TransformerHead(Head):
 
     @classmethod
     def check_dim(cls, proj_dim: int | None, what: str = "--proj-dim") -> None:
-        if proj_dim is not None and (proj_dim <= 0 or proj_dim % LAYER_HEADS):
-            raise HeadError(f"{what} {proj_dim}: the projection width must be a positive multiple of {LAYER_HEADS}")
+        if proj_dim is not None and (proj_dim <= 0 or proj_dim % LAYER_ATTN_HEADS):
+            raise HeadError(f"{what} {proj_dim}: the projection width must be a positive multiple of {LAYER_ATTN_HEADS}")
 
 
 class LastMLP(Head):
     """Last layer -> time mean -> LN -> Linear."""
 
     kind, field = "last-mlp", "mean"
+    lr = 1e-2
 
     def __init__(self, n_layers: int, dim_in: int, n_classes: int, proj_dim: int | None = None):
         super().__init__(n_layers)
@@ -93,6 +100,7 @@ class WAMLP(Head):
     """Time mean -> learnable weighted average of the layers -> LN -> Linear."""
 
     kind, field = "wa-mlp", "mean"
+    lr = 1e-2
 
     def __init__(self, n_layers: int, dim_in: int, n_classes: int, proj_dim: int | None = None):
         super().__init__(n_layers)
@@ -111,13 +119,14 @@ class WATr(_TransformerHead):
     """Weighted layer average -> [optional LN+Linear to `proj_dim`] -> time block (1 head) -> time mean -> LN -> Linear."""
 
     kind = "wa-tr"
+    lr = 3e-4
 
     def __init__(self, n_layers: int, dim_in: int, n_classes: int, proj_dim: int | None = None):
         super().__init__(n_layers)
         width = proj_dim or dim_in
         self.layer_weight = nn.Parameter(torch.full((n_layers,), 1.0 / n_layers))
         self.down_layer = _projection(dim_in, proj_dim)
-        self.time_tr = ResidualAttentionBlock(width, TIME_HEADS)
+        self.time_tr = ResidualAttentionBlock(width, TIME_ATTN_HEADS)
         self.mlp_layer = _classifier(width, n_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -134,17 +143,18 @@ class TLTr(_TransformerHead):
     `proj_dim=None` keeps the encoder width (official mode `tl_tr_1_8`; else `tl_down_tr_{proj_dim}_1_8`)."""
 
     kind = "tl-tr"
+    lr = 1e-4
 
     def __init__(self, n_layers: int, dim_in: int, n_classes: int, proj_dim: int | None = None):
         super().__init__(n_layers)
         width = proj_dim or dim_in
-        if width % LAYER_HEADS:  # every Whisper width is a multiple; other encoders' need not be (CREPE, ...)
-            raise HeadError(f"{self.kind} on features {dim_in} wide: its layer block has {LAYER_HEADS} attention "
-                            f"heads, so the width must be a multiple of {LAYER_HEADS}; project the features "
-                            f"with --proj-dim (a multiple of {LAYER_HEADS})")
+        if width % LAYER_ATTN_HEADS:  # every Whisper width is a multiple; other encoders' need not be (CREPE, ...)
+            raise HeadError(f"{self.kind} on features {dim_in} wide: its layer block has {LAYER_ATTN_HEADS} attention "
+                            f"heads, so the width must be a multiple of {LAYER_ATTN_HEADS}; project the features "
+                            f"with --proj-dim (a multiple of {LAYER_ATTN_HEADS})")
         self.down_layer = _projection(dim_in, proj_dim)
-        self.time_tr = ResidualAttentionBlock(width, TIME_HEADS)
-        self.layer_tr = ResidualAttentionBlock(width, LAYER_HEADS)
+        self.time_tr = ResidualAttentionBlock(width, TIME_ATTN_HEADS)
+        self.layer_tr = ResidualAttentionBlock(width, LAYER_ATTN_HEADS)
         self.mlp_layer = _classifier(width, n_classes)
 
     def forward(self, x: Tensor) -> Tensor:

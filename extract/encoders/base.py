@@ -20,6 +20,7 @@ import torch
 from wat.data.spec import FeatureSpec
 
 from ..pooling import integer
+from wat.data.errors import WatError
 
 # family -> module that registers it when imported. `load_encoder` imports these on first use (a
 # family's heavy library is imported only by its own module, and only when it is tried); the
@@ -29,7 +30,7 @@ BUILTIN = {"whisper": "wat.extract.encoders.whisper_encoder"}
 ENCODERS: dict[str, type["Encoder"]] = {}  # family -> class, in registration order
 
 
-class EncoderError(Exception):
+class EncoderError(WatError):
     """An encoder cannot be loaded or cannot take these arguments; the message says why and what to do.
     Each family's load errors derive from it (`wat.extract.load.WhisperLoadError`, ...)."""
 
