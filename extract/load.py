@@ -12,6 +12,7 @@ Which source a model came from is logged on the "wat.extract.load" logger (INFO;
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -143,6 +144,15 @@ def _load_ct2(model_dir: Path, device, parts=None, alignment_heads=None, pinned=
     parts = parts or [model_dir / "model.bin"]
     for p in parts:
         if not p.is_file():
+            config = model_dir / "config.json"
+            if config.is_file():  # meant as a Hugging Face folder: say what is wrong with its config
+                try:
+                    kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+                except (ValueError, AttributeError) as e:
+                    raise WhisperLoadError(f"{config}: not a JSON object ({one_line(e)}); a Hugging Face folder "
+                                           "needs config.json with model_type whisper") from None
+                raise WhisperLoadError(f"{config}: model_type is {kind!r}, not 'whisper' (and there is no "
+                                       "CTranslate2 model.bin)")
             raise WhisperLoadError(f"{p}: no such file (a CTranslate2 model directory needs model.bin; "
                                    "a Hugging Face folder needs config.json with model_type whisper)")
 

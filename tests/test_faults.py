@@ -276,6 +276,9 @@ def _junk(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     (tmp_path / "text.pt").write_text("not a checkpoint\n")
     (tmp_path / "file").write_text("a file where a folder should be\n")
+    (tmp_path / "badhf").mkdir()
+    (tmp_path / "badhf" / "config.json").write_text("not json{")  # a Hugging Face folder with a broken config
+    (tmp_path / "badhf" / "model.safetensors").write_bytes(b"")
     latin = tmp_path / "latin1.csv"
     latin.write_bytes("path,labels\nx.wav,caf\u00e9\n".encode("latin-1"))
     return tmp_path
@@ -320,6 +323,9 @@ def _sweep():
         ("wat-tag", "wat.tag.cli:main", ["{j}/text.h5", "--model", "tiny.en", "--head", "{h}", "-o", "{j}/file"], ""),
         ("wat-robust", "wat.robust.cli:main", ["--speech", missing, "--noise-dataset", "esc50", "--noise-root",
                                                        missing, "--model", "tiny.en", "--out", "{j}/r"], ""),
+        ("wat-extract", "wat.extract.cli:main", ["--dataset", "esc50", "--root", "{d}", "--model", "{j}/badhf",
+                                                 "--out", "{j}/x.h5"], "config.json: not a JSON object"),
+        ("wat-tag", "wat.tag.cli:main", ["{j}/text.h5", "--model", "{j}/badhf", "--head", "{h}"], "config.json"),
         # refusals before work (issue 25, point 7)
         ("wat-probe", "wat.eval.cli:probe_main", ["--features", "{o}", "--out", "{j}/p"], "at least two classes"),
         ("wat-train", "wat.train.cli:main", ["--features", "{o}", "--folds", "2", "--head", "wa-mlp",
