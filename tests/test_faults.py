@@ -326,6 +326,11 @@ def _sweep():
         ("wat-extract", "wat.extract.cli:main", ["--dataset", "esc50", "--root", "{d}", "--model", "{j}/badhf",
                                                  "--out", "{j}/x.h5"], "config.json: not a JSON object"),
         ("wat-tag", "wat.tag.cli:main", ["{j}/text.h5", "--model", "{j}/badhf", "--head", "{h}"], "config.json"),
+        # negative values reach their option's own check (they were "expected one argument")
+        ("wat-extract", "wat.extract.cli:main", ["--dataset", "esc50", "--root", "{d}", "--model", "tiny.en",
+                                                 "--out", "{j}/x.h5", "--layers", "-1:2"], "numbered from 0"),
+        ("wat-robust", "wat.robust.cli:main", ["--speech", missing, "--noise-dataset", "esc50", "--noise-root", "{d}",
+                                               "--model", "tiny.en", "--snr", "-10,0", "--out", "{j}/r"], "speech"),
         # refusals before work (issue 25, point 7)
         ("wat-probe", "wat.eval.cli:probe_main", ["--features", "{o}", "--out", "{j}/p"], "at least two classes"),
         ("wat-train", "wat.train.cli:main", ["--features", "{o}", "--folds", "2", "--head", "wa-mlp",

@@ -256,8 +256,9 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     return args
 
 
-# a negative number or a comma list starting with one: "-10", "-5.5", "-10,0,20", "-1e3"
-_NEGATIVE = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(,.*)?")
+# a negative number, or a comma list or START:STOP range starting with one: "-10", "-5.5", "-10,0,20",
+# "-1e3", "-1:2" (so that its type says what is wrong with it, not argparse "expected one argument")
+_NEGATIVE = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?([,:].*)?")  # also START:STOP ranges: "-1:2"
 
 
 def _negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
