@@ -186,24 +186,45 @@ def _load_dir(path: Path, device) -> Whisper:
     return _load_hf(path, device) if is_hf_dir(path) else _load_ct2(path, device)
 
 
-def _load_hub(repo_id: str, device) -> Whisper:
-    """An HF model id through huggingface_hub's own cache (download when allowed; HF_HUB_OFFLINE=1
-    or WAT_OFFLINE=1 use only what is cached)."""
+def is_hub_id(spec: str) -> bool:
+    """Does `spec` look like a Hugging Face model id ("owner/name") rather than a file name?
+    (Whether it is a local file or folder is for the caller to check first.)"""
+    return bool(_HUB_ID.fullmatch(spec)) and not spec.endswith((".pt", ".bin"))
+
+
+def hub_offline() -> bool:
+    """Only huggingface_hub's local cache may be used: WAT_OFFLINE=1 or the hub's own HF_HUB_OFFLINE."""
+    from huggingface_hub import constants
+
+    return _wat_offline() or constants.HF_HUB_OFFLINE
+
+
+def hub_snapshot(repo_id: str, patterns, *, what: str, error=None) -> Path:
+    """The files of hub repository `repo_id` matching `patterns` (fnmatch), through huggingface_hub's
+    own cache: downloaded when allowed, the cache only under `hub_offline()`. `what` names what the
+    caller looks for ("a Whisper model") in the error, an `error` (default WhisperLoadError)."""
+    error = error or WhisperLoadError
     try:
-        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub import snapshot_download
     except ImportError:
-        raise WhisperLoadError(f"{repo_id!r} is neither a file nor a folder; loading it as a Hugging "
-                               f"Face model id needs huggingface_hub: pip install '{DIST}[hf]'") from None
-    local_only = _wat_offline() or constants.HF_HUB_OFFLINE
+        raise error(f"{repo_id!r} is neither a file nor a folder; loading it as a Hugging "
+                    f"Face model id needs huggingface_hub: pip install '{DIST}[hf]'") from None
+    local_only = hub_offline()
     try:
-        folder = snapshot_download(repo_id, allow_patterns=list(HUB_FILES), local_files_only=local_only,
+        folder = snapshot_download(repo_id, allow_patterns=list(patterns), local_files_only=local_only,
                                    etag_timeout=10)
     except (OSError, ValueError) as e:  # hub errors are OSErrors (HTTP, not cached) or ValueErrors
         where = "the local Hugging Face cache" if local_only else "the Hugging Face hub or its cache"
-        raise WhisperLoadError(f"{repo_id!r} is neither a file nor a folder, and not a Whisper model "
-                               f"in {where} ({type(e).__name__}: {one_line(e)})") from None
-    folder = Path(folder)
+        raise error(f"{repo_id!r} is neither a file nor a folder, and not {what} "
+                    f"in {where} ({type(e).__name__}: {one_line(e)})") from None
     log.info("%s: Hugging Face snapshot %s", repo_id, folder)
+    return Path(folder)
+
+
+def _load_hub(repo_id: str, device) -> Whisper:
+    """An HF model id through huggingface_hub's own cache (download when allowed; HF_HUB_OFFLINE=1
+    or WAT_OFFLINE=1 use only what is cached)."""
+    folder = hub_snapshot(repo_id, HUB_FILES, what="a Whisper model")
     if not is_hf_dir(folder):
         raise WhisperLoadError(f"{repo_id}: the hub snapshot {folder} is not a Whisper model "
                                "(config.json has no \"model_type\": \"whisper\")")
@@ -274,7 +295,7 @@ def load_whisper(spec, device="cpu") -> Whisper:
         elif path.is_file():
             model = _load_pt(path, device)
             log.info("%s: openai-whisper checkpoint", path)
-        elif _HUB_ID.fullmatch(spec_str) and not spec_str.endswith((".pt", ".bin")):
+        elif is_hub_id(spec_str):
             model = _load_hub(spec_str, device)
         elif os.sep in spec_str or spec_str.endswith((".pt", ".bin")) or spec_str.startswith("."):
             raise WhisperLoadError(f"{spec_str}: no such file or directory")
