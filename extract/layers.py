@@ -14,7 +14,7 @@ from whisper.audio import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 from wat.data.cache import POLICIES
 
 from .encoders.base import ShortClipError
-from .pooling import integer, layer_subset, pool_frames, time_parts  # noqa: F401 (their old home)
+from .pooling import LayerTaps, integer, layer_subset, pool_frames, time_parts  # noqa: F401 (their old home)
 
 # The fewest samples a clip needs to give an encoder frame of its own audio, per policy.
 # trim: whisper's log-mel of the clip alone (`log_mel_spectrogram` without padding) reflect-pads it
@@ -110,53 +110,6 @@ def pad30_input(clips, n_mels: int = 80) -> tuple[torch.Tensor, list[int]]:
         mels.append(whisper.pad_or_trim(mel[:, :frames], N_FRAMES))
         valid.append(encoder_frames(clip.shape[-1]))
     return torch.stack(mels), valid
-
-
-class LayerTaps:
-    """Forward hooks on `encoder.blocks` that keep each block's output of the latest encoder call,
-    pooled to `frames` windows over its first `n_valid` frames (None = all); `layers`: only these blocks.
-
-        with LayerTaps(model.encoder, 25, n_valid=250) as taps:
-            model.encoder(mel)
-        taps.pooled                      # [B, L, frames, D] float32, of the latest call
-
-    `n_valid` may be changed between calls. The result stays on the encoder's device. The hooks are
-    removed on exit; a model with taps attached should not be used from several threads at once.
-    """
-
-    def __init__(self, encoder, frames: int = 25, n_valid: int | None = None, layers=None):
-        self.encoder, self.frames, self.n_valid = encoder, frames, n_valid
-        self._pooled: torch.Tensor | None = None
-        self.layers = range(len(encoder.blocks)) if layers is None else layers  # blocks tapped, in order
-        self._current: list[torch.Tensor] = []
-        self._handles = []
-
-    def _start(self, module, args):
-        self._current = []
-
-    def _tap(self, module, args, output):
-        self._current.append(pool_frames(output, self.frames, self.n_valid))
-
-    def _finish(self, module, args, output):
-        self._pooled = torch.stack(self._current, dim=1)
-        self._current = []
-
-    def __enter__(self) -> "LayerTaps":
-        self._handles = [self.encoder.register_forward_pre_hook(self._start)]
-        self._handles += [self.encoder.blocks[i].register_forward_hook(self._tap) for i in self.layers]
-        self._handles.append(self.encoder.register_forward_hook(self._finish))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    @property
-    def pooled(self) -> torch.Tensor:
-        if self._pooled is None:
-            raise RuntimeError("LayerTaps: the encoder has not been called inside the block")
-        return self._pooled
 
 
 @contextmanager

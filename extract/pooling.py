@@ -60,3 +60,57 @@ def layer_subset(spec, n_blocks: int) -> tuple[int, ...]:
         raise ValueError(f"layers {start}:{stop} outside the encoder's {n_blocks} blocks "
                          f"(0:{n_blocks} is all of them)")
     return tuple(range(start, stop))
+
+
+class LayerTaps:
+    """Forward hooks on an encoder's blocks that keep each block's output of the latest encoder call,
+    pooled to `frames` windows over its first `n_valid` frames (None = all; a per-clip list for a
+    padded batch); `layers`: only these blocks. `blocks`: the encoder's list of blocks (default
+    `encoder.blocks`, openai-whisper's; transformers' speech encoders: `encoder.layers`); a block
+    that returns a tuple (WavLM: output, position bias) is tapped at its first element.
+
+        with LayerTaps(model.encoder, 25, n_valid=250) as taps:
+            model.encoder(mel)
+        taps.pooled                      # [B, L, frames, D] float32, of the latest call
+
+    Pooling inside the hooks means full-resolution activations never outlive their block.
+    `n_valid` may be changed between calls. The result stays on the encoder's device. The hooks are
+    removed on exit; a model with taps attached should not be used from several threads at once.
+    """
+
+    def __init__(self, encoder, frames: int = 25, n_valid: int | Sequence[int] | None = None, layers=None,
+                 blocks=None):
+        self.encoder, self.frames, self.n_valid = encoder, frames, n_valid
+        self.blocks = encoder.blocks if blocks is None else blocks
+        self._pooled: torch.Tensor | None = None
+        self.layers = range(len(self.blocks)) if layers is None else layers  # blocks tapped, in order
+        self._current: list[torch.Tensor] = []
+        self._handles = []
+
+    def _start(self, module, args):
+        self._current = []
+
+    def _tap(self, module, args, output):
+        output = output[0] if isinstance(output, tuple) else output
+        self._current.append(pool_frames(output, self.frames, self.n_valid))
+
+    def _finish(self, module, args, output):
+        self._pooled = torch.stack(self._current, dim=1)
+        self._current = []
+
+    def __enter__(self) -> "LayerTaps":
+        self._handles = [self.encoder.register_forward_pre_hook(self._start)]
+        self._handles += [self.blocks[i].register_forward_hook(self._tap) for i in self.layers]
+        self._handles.append(self.encoder.register_forward_hook(self._finish))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @property
+    def pooled(self) -> torch.Tensor:
+        if self._pooled is None:
+            raise RuntimeError("LayerTaps: the encoder has not been called inside the block")
+        return self._pooled
