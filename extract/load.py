@@ -28,7 +28,7 @@ from wat.data import DIST
 from wat.data.files import load_torch, load_torch_dict, one_line, save_torch
 
 from .ct2 import CT2Error, ct2_to_whisper
-from .encoders.base import EncoderError
+from .encoders.base import EncoderError, weights_fingerprint
 from .hf import CONFIG, INDEXES, WEIGHTS, HFError, hf_to_whisper, is_hf_dir, weight_files
 from .offline import OFFLINE, package_dir
 
@@ -322,10 +322,5 @@ def fingerprint(model) -> str:
     two caches with the same fingerprint were made by the same encoder."""
     cached = getattr(model, "_wat_fingerprint", None)
     if cached is None:
-        h = hashlib.sha256()
-        for key, t in sorted(model.encoder.state_dict().items()):
-            t = t.detach().to("cpu", torch.float32).contiguous()
-            h.update(f"{key}:{tuple(t.shape)};".encode())
-            h.update(t.numpy().tobytes())
-        cached = model._wat_fingerprint = h.hexdigest()
+        cached = model._wat_fingerprint = weights_fingerprint(model.encoder.state_dict())
     return cached

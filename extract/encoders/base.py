@@ -10,6 +10,7 @@ interface, so a new family is one module and its tests.
 from __future__ import annotations
 
 import abc
+import hashlib
 import importlib
 from collections.abc import Sequence
 from typing import ClassVar
@@ -186,6 +187,18 @@ def equal_length_groups(lengths: Sequence[int]) -> list[list[int]]:
     for i, n in enumerate(lengths):
         groups.setdefault(int(n), []).append(i)
     return list(groups.values())
+
+
+def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """THE weights fingerprint (`Encoder.fingerprint`): sha256 hex of every tensor's name, shape and
+    float32 values, in name order. The same weights give the same fingerprint whatever file format or
+    precision they were stored in; any changed weight gives another."""
+    h = hashlib.sha256()
+    for key, t in sorted(tensors.items()):
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{key}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def register_encoder(cls: type[Encoder]) -> type[Encoder]:
