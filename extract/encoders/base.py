@@ -26,7 +26,8 @@ from wat.data.errors import WatError
 # family -> module that registers it when imported. `load_encoder` imports these on first use (a
 # family's heavy library is imported only by its own module, and only when it is tried); the
 # catch-all family (`fallback = True`: Whisper) is tried last whatever its place here.
-BUILTIN = {"whisper": "wat.extract.encoders.whisper_encoder"}
+BUILTIN = {"whisper": "wat.extract.encoders.whisper_encoder", "hf": "wat.extract.encoders.hf_speech",
+           "crepe": "wat.extract.encoders.crepe"}
 
 ENCODERS: dict[str, type["Encoder"]] = {}  # family -> class, in registration order
 
