@@ -28,7 +28,7 @@ from wat.data import DIST
 from wat.data.files import load_torch, load_torch_dict, one_line, save_torch
 
 from .ct2 import CT2Error, ct2_to_whisper
-from .encoders.base import EncoderError, weights_fingerprint
+from .encoders.base import EncoderError, encoder_device, weights_fingerprint
 from .hf import CONFIG, INDEXES, WEIGHTS, HFError, hf_to_whisper, is_hf_dir, weight_files
 from .offline import OFFLINE, package_dir
 
@@ -279,12 +279,7 @@ def load_whisper(spec, device="cpu") -> Whisper:
     a `.pt` checkpoint path, a CTranslate2 (faster-whisper) model directory, a Hugging Face Whisper
     folder (config.json + safetensors/pytorch_model.bin) or a Hugging Face model id
     ("openai/whisper-large-v3", through huggingface_hub's cache)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise WhisperLoadError(f"unknown device {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WhisperLoadError(f"device {device!r} requested but CUDA is not available")
+    encoder_device(device, WhisperLoadError)
     spec_str = os.fspath(spec)
     if spec_str in whisper._MODELS:
         model = _load_name(spec_str, device)

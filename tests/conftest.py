@@ -137,3 +137,25 @@ def toy_encoder():
     register_encoder(ToyEncoder)
     yield ToyEncoder
     ENCODERS.pop("toy", None)
+
+
+@pytest.fixture
+def offline_hub(tmp_path):
+    """offline_hub(repo_id, folder) -> env: a huggingface_hub cache under tmp_path/hub holding
+    `folder` as the main snapshot of `repo_id`, and the environment (this one, WAT_OFFLINE unset)
+    that reads it with HF_HUB_OFFLINE=1 (hub ids are loaded in a subprocess: the hub reads its
+    settings at import)."""
+    return lambda repo_id, folder: _offline_hub(tmp_path, repo_id, folder)
+
+
+def _offline_hub(tmp_path: Path, repo_id: str, folder: Path) -> dict:
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    env = {k: v for k, v in os.environ.items() if k != "WAT_OFFLINE"}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    return env

@@ -186,18 +186,12 @@ def test_refused_folders(tmp_path):
         hf_to_whisper(untied)
 
 
-def test_hub_id_through_the_offline_hub_cache(tmp_path):
+def test_hub_id_through_the_offline_hub_cache(offline_hub, tmp_path):
     """`owner/name` resolves through huggingface_hub's cache layout with HF_HUB_OFFLINE=1 (and
     WAT_OFFLINE unset: the hub's own switch is respected); an id not in the cache is a clear error."""
     pytest.importorskip("huggingface_hub")
     folder = save(hf_model("80mel"), tmp_path / "m")
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--wat-test--tiny-whisper"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    env = {k: v for k, v in os.environ.items() if k != "WAT_OFFLINE"}
-    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    env = offline_hub("wat-test/tiny-whisper", folder)
     code = ("from wat.extract import load_whisper, fingerprint; import sys\n"
             "print(fingerprint(load_whisper(sys.argv[1])))")
     out = subprocess.run([sys.executable, "-c", code, "wat-test/tiny-whisper"], env=env,

@@ -4,8 +4,6 @@ WavLM / data2vec-audio models written with `save_pretrained` (both `feat_extract
 against transformers' own outputs: pooled layers = `hidden_states` pooled by hand over the
 `time_parts` windows, input normalised by the checkpoint's own `Wav2Vec2FeatureExtractor`."""
 import json
-import os
-import shutil
 import subprocess
 import sys
 
@@ -282,18 +280,12 @@ def test_fingerprint_is_the_weights(tmp_path):
     assert spec["fingerprint"] == a.fingerprint and spec["model"] == str(tmp_path / "a")
 
 
-def test_hub_id_through_the_offline_hub_cache(tmp_path, clips):
+def test_hub_id_through_the_offline_hub_cache(offline_hub, tmp_path, clips):
     """`owner/name` of a speech model resolves through huggingface_hub's cache with HF_HUB_OFFLINE=1
     (WAT_OFFLINE unset) to the hf family; an id not in the cache is not this family's."""
     pytest.importorskip("huggingface_hub")
     folder = save(tiny_model("hubert-base"), tmp_path / "m")
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--wat-test--tiny-hubert"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    env = {k: v for k, v in os.environ.items() if k != "WAT_OFFLINE"}
-    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    env = offline_hub("wat-test/tiny-hubert", folder)
     code = ("from wat.extract.encoders import load_encoder; from wat.extract.encoders.hf_speech import "
             "HFSpeechEncoder as H; import sys\n"
             "print(H.accepts(sys.argv[1])); e = load_encoder(sys.argv[1]); print(e.family, e.fingerprint)")

@@ -190,6 +190,18 @@ def equal_length_groups(lengths: Sequence[int]) -> list[list[int]]:
     return list(groups.values())
 
 
+def encoder_device(device, error: type[Exception] = EncoderError) -> torch.device:
+    """`device` ("cpu", "cuda", "cuda:1", a torch.device) checked for loading an encoder onto it:
+    `error` for a name torch does not know or CUDA that is not there."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise error(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise error(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
 def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     """THE weights fingerprint (`Encoder.fingerprint`): sha256 hex of every tensor's name, shape and
     float32 values, in name order. The same weights give the same fingerprint whatever file format or

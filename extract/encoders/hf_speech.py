@@ -69,7 +69,7 @@ from pathlib import Path
 import torch
 
 from ..pooling import LayerTaps
-from .base import Encoder, EncoderError, equal_length_groups, register_encoder, weights_fingerprint
+from .base import Encoder, EncoderError, encoder_device, equal_length_groups, register_encoder, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -312,12 +312,7 @@ class HFSpeechEncoder(Encoder):
 
     @classmethod
     def load(cls, spec: str, device="cpu") -> "HFSpeechEncoder":
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise HFSpeechError(f"unknown device {device!r}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise HFSpeechError(f"device {device!r} requested but CUDA is not available")
+        dev = encoder_device(device, HFSpeechError)
         folder = _folder(str(spec))
         config = read_config(folder)
         if config is None:
