@@ -307,3 +307,36 @@ def test_not_this_family(tmp_path):
         HFSpeechEncoder.load(str(tmp_path / "w"))
     with pytest.raises(HFSpeechError, match="no such folder"):
         HFSpeechEncoder.load(str(tmp_path / "missing" / "x.bin"))
+
+
+@pytest.mark.parametrize("spec", ["hf", "crepe-tiny"])
+def test_wat_extract_with_hf_and_crepe(spec, tmp_path):
+    """wat-extract with an HF speech folder and with CREPE tiny: trim by default, the cache's rows
+    are the encoder's pooled layers of the clips as the pipeline cuts them (fp16)."""
+    from wat.data import load_dataset, make_demo, open_cache
+    from wat.data.audio import fit_length, load_audio
+    from wat.extract.cli import main
+
+    if spec == "crepe-tiny":
+        from wat.extract.encoders.crepe import CrepeError
+
+        try:
+            load_encoder(spec)
+        except CrepeError as e:
+            pytest.skip(str(e))
+    else:
+        spec = str(save(tiny_model("wav2vec2-base"), tmp_path / "w2v"))
+    root = make_demo(tmp_path / "demo", clips_per_class=1, seed=3)
+    args = ["--dataset", "esc50", "--root", str(root), "--model", spec, "--frames", "5", "--shard-size", "4",
+            "--limit", "5", "--clip-seconds", "1.5", "--out", str(tmp_path / "f.h5"), "--progress", "none"]
+    assert main(args) == 0
+    cache = open_cache(tmp_path / "f.h5")
+    enc = load_encoder(spec)
+    assert (cache.meta.model, cache.meta.policy, cache.meta.n_layers, cache.meta.dim, cache.meta.fingerprint) == \
+        (spec, "trim", enc.n_layers, enc.dim, enc.fingerprint)
+    clips = {c.id: c for c in load_dataset("esc50", root).clips}
+    rows = np.arange(len(cache))
+    audio = [fit_length(load_audio(clips[cache.ids[r]].path), 24000) for r in rows]
+    want = enc.pooled(audio, frames=5, policy="trim").numpy()
+    got = cache.read("features", rows).astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
