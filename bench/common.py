@@ -102,3 +102,33 @@ def drop(paths) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+# transformers speech-encoder shapes for random-weight models (throughput depends on the shapes only):
+# name -> (model_type, hidden, blocks, heads, ffn, feat_extract_norm, do_stable_layer_norm). "micro" keeps
+# the CPU test of the GPU check fast. The conv feature encoder is the models' own (512 x 7, 20 ms).
+HF_SHAPES = {"micro": ("wav2vec2", 32, 2, 2, 64, "group", False),
+             "wav2vec2-base": ("wav2vec2", 768, 12, 12, 3072, "group", False),
+             "wav2vec2-large": ("wav2vec2", 1024, 24, 16, 4096, "layer", True),
+             "hubert-xlarge": ("hubert", 1280, 48, 16, 5120, "layer", True)}
+
+
+def random_hf_speech(shape: str, folder, device: str):
+    """A random-weight transformers model of `shape` written with save_pretrained (+ its feature
+    extractor) into `folder` and loaded through `load_encoder`, the real path: an HFSpeechEncoder."""
+    import torch
+    from transformers import AutoConfig, AutoModel, Wav2Vec2FeatureExtractor
+
+    from wat.extract.encoders import load_encoder
+
+    if shape not in HF_SHAPES:
+        raise SystemExit(f"unknown HF speech shape {shape!r}; one of {', '.join(HF_SHAPES)}")
+    kind, hidden, blocks, heads, ffn, norm, stable = HF_SHAPES[shape]
+    small = dict(conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2) if shape == "micro" else {}
+    config = AutoConfig.for_model(kind, hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=heads,
+                                  intermediate_size=ffn, feat_extract_norm=norm, do_stable_layer_norm=stable, **small)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs: a 1 B-parameter init is slow on a few CPU cores
+        AutoModel.from_config(config).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(return_attention_mask=norm == "layer").save_pretrained(folder)
+    return load_encoder(str(folder), device=device)

@@ -23,6 +23,12 @@ printed with it. `--null-encoder` adds the host side's ceiling:
     python bench/extract_throughput.py --device cuda --model large-v1 --batch-size 32 --clips 2000
     python bench/extract_throughput.py --device cuda --model large-v1 --random-weights fallback  # no network
     python bench/extract_throughput.py --rss 1000 5000 --model tiny.en  # peak RSS vs dataset size (Linux)
+    python bench/extract_throughput.py --hf-random wav2vec2-base        # a wav2vec2-shaped random model
+
+`--hf-random SHAPE` measures a Hugging Face speech encoder (random weights of a real shape, saved and
+loaded through `load_encoder`) instead of Whisper: (a) the pipeline as above and (b) the transformers
+model alone on normalised batches already in device memory (also timed as `pooled` does it: input
+normalisation and the pooling hooks); no (c), the official Whisper-AT path is Whisper's.
 
 Audio: `make_demo` clips (ESC-50 layout, 5 s, 44.1 kHz wav, decoded and resampled for real); a run
 over more clips than were generated cycles over the files under distinct ids (the OS page cache then
@@ -57,9 +63,11 @@ from wat.data.demo import CLASSES, make_demo
 from wat.extract.layers import LayerTaps, log_mel, pad30_input, short_input
 from wat.extract.pooling import layer_subset
 from wat.extract import pipeline
+from wat.extract.encoders import hf_speech
 from wat.extract.pipeline import ExtractOptions, extract_dataset, get_model
 
-from common import dense_peak_tflops, device_name, whisper_dims, whisper_model, write_json
+from common import (HF_SHAPES, dense_peak_tflops, device_name, random_hf_speech, whisper_dims, whisper_model,
+                    write_json)
 
 
 def dataset(workdir: Path, n: int, seconds: float, pool: int):
@@ -277,6 +285,54 @@ def bench_real(model, args, options, n_samples, work: Path, gpu: str) -> dict:
             "pipeline_tflops": pipe * f / 1e12, "peak_tflops": peak, "stalls": asdict(run.stalls) if getattr(run, "stalls", None) else None}
 
 
+@torch.inference_mode()
+def bench_hf_bare(enc, ds, options, n_samples) -> tuple[float, float]:
+    """clips/s of the transformers model on normalised batches in device memory, then of
+    `enc.pooled` on the same audio (normalisation + the pooling hooks)."""
+    dev, bs = options.device, options.batch_size
+    audio = [torch.from_numpy(fit_length(load_audio(c.path, offset=c.offset, duration=c.duration), n_samples))
+             for c in ds.clips[: min(len(ds.clips), 8 * bs)]]
+    raw = [torch.stack(audio[i:i + bs]).to(dev) for i in range(0, len(audio), bs)]
+    normed = [torch.stack([hf_speech.normalized(c) for c in b]) if enc.normalize else b for b in raw]
+    rounds = max(1, math.ceil(len(ds.clips) / len(audio)))
+    results = []
+    for call in (lambda i: enc.model(normed[i]), lambda i: enc.pooled(raw[i], frames=options.frames, policy="trim")):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=dev.startswith("cuda")):
+            call(0)  # warm-up
+            sync(dev)
+            t0, done = time.perf_counter(), 0
+            for _ in range(rounds):
+                for i in range(len(raw)):
+                    call(i)
+                    done += len(raw[i])
+            sync(dev)
+        results.append(done / (time.perf_counter() - t0))
+    return results[0], results[1]
+
+
+def bench_hf(enc, args, options, n_samples, work: Path) -> dict:
+    """(a) and (b) for an HF speech encoder, printed; their JSON fields."""
+    ds = dataset(work, args.clips, args.clip_seconds, args.pool)
+    run, bare, hooked = None, 0.0, 0.0
+    for _ in range(args.repeat):  # interleaved; the best of each: other load on the machine only slows down
+        s = bench_pipeline(enc, ds, options, work)
+        run = s if run is None or s.clips_per_s > run.clips_per_s else run
+        b, h = bench_hf_bare(enc, ds, options, n_samples)
+        bare, hooked = max(bare, b), max(hooked, h)
+    pipe = run.clips_per_s
+    print(f"(a) pipeline        {pipe:9.2f} clips/s   ({run.stalls})")
+    print(f"(b) bare encoder    {bare:9.2f} clips/s   (as pooled: normalisation + pooling hooks {hooked:.2f})")
+    print(f"pipeline/bare      {pipe / bare:.3f}")
+    peak = total = None
+    if args.device.startswith("cuda"):  # the batch rule: what the largest batch of the run held
+        peak = torch.cuda.max_memory_allocated(args.device) / 1e9
+        total = torch.cuda.get_device_properties(args.device).total_memory / 1e9
+        print(f"peak GPU memory    {peak:.1f} GB of {total:.0f} GB")
+    return {"pipeline": pipe, "bare": bare, "bare_hooked": hooked, "pipeline_bare": pipe / bare,
+            "clip_seconds": args.clip_seconds, "peak_gpu_gb": peak, "gpu_total_gb": total,
+            "stalls": asdict(run.stalls) if getattr(run, "stalls", None) else None}
+
+
 def bench_null(args, options, work: Path, pipe: float | None) -> dict:
     """(d) and (e), printed; their JSON fields."""
     model = null_model(args.model)
@@ -342,6 +398,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="base")
     p.add_argument("--random-weights", choices=("never", "fallback", "always"), default="never",
                    help="random weights with --model's dims: 'fallback' when the weights cannot be loaded")
+    p.add_argument("--hf-random", choices=tuple(HF_SHAPES), metavar="SHAPE",
+                   help=f"a random-weight Hugging Face speech encoder of this shape instead of --model ({', '.join(HF_SHAPES)})")
     p.add_argument("--policy", default="trim", choices=POLICIES)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
@@ -398,6 +456,22 @@ def main(argv=None) -> int:
                              batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size,
                              clip_seconds=args.clip_seconds)
     n_samples = round(args.clip_seconds * 16000)
+    if args.hf_random:
+        if args.null_encoder != "no" or args.rss:
+            p.error("--hf-random measures (a) and (b) only")
+        options.policy = "trim"  # the only policy of these encoders
+        enc = random_hf_speech(args.hf_random, work / f"hf-{args.hf_random}", args.device)
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
+        print(f"model random {args.hf_random} ({enc.n_layers} x {enc.dim}, HF {enc.model.config.model_type}), policy trim, "
+              f"{args.clip_seconds:g} s clips, batch {args.batch_size}, device {args.device}, {args.clips} clips "
+              "(RANDOM WEIGHTS: throughput only)")
+        record = {"bench": "extract_hf", "device": device_name(args.device), "model": f"random-{args.hf_random}",
+                  "random_weights": True, "policy": "trim", "batch_size": args.batch_size, "clips": args.clips}
+        record.update(bench_hf(enc, args, options, n_samples, work))
+        if args.json:
+            write_json(args.json, record)
+        return 0
     real, null = args.null_encoder != "only", args.null_encoder != "no"
     model, random = whisper_model(args.model, args.device, args.random_weights) if real else (null_model(args.model), True)
     name = model._wat_name

@@ -16,6 +16,7 @@ from pathlib import Path
 
 # (step = record file stem, what the table calls it)
 STEPS = (("extract_pad30", "extraction, pad30"), ("extract_trim", "extraction, trim"),
+         ("extract_hf", "extraction, HF speech"),
          ("train_tltr", "training TL-Tr"), ("train_wamlp", "training WA-MLP"),
          ("probe", "probing, AudioSet shape"), ("tag", "tagging overhead"), ("robust", "wat-robust vs paper"))
 
@@ -36,7 +37,15 @@ def rows(rec: dict, step: str) -> list[tuple[str, str, str, str]]:
     def row(what, figure, target="", ok=None):
         out.append((what, figure, target, "" if ok is None else ("ok" if ok else "MISSED")))
 
-    if step.startswith("extract"):
+    if step == "extract_hf":
+        tag = f"{rec['model']} {rec['policy']}, batch {rec['batch_size']}, {rec['clip_seconds']:g} s clips (random weights)"
+        row(f"pipeline clips/s [{tag}]", f"{rec['pipeline']:.1f} (bare {rec['bare']:.1f}, as pooled {rec['bare_hooked']:.1f})")
+        row("pipeline/bare", f"{rec['pipeline_bare']:.3f}", ">= 0.9", _ge(rec["pipeline_bare"], 0.9))
+        if rec.get("peak_gpu_gb") is not None:
+            row("peak GPU memory (batch rule)", f"{rec['peak_gpu_gb']:.1f} GB of {rec['gpu_total_gb']:.0f}", "report")
+        if rec.get("stalls"):
+            row("pipeline waits (main loop; writer busy)", _stalls(rec["stalls"]), "report")
+    elif step.startswith("extract"):
         tag = f"{rec['model']} {rec['policy']}, batch {rec['batch_size']}" + (" (random weights)" if rec["random_weights"] else "")
         row(f"pipeline clips/s [{tag}]", f"{rec['pipeline']:.1f} (bare {rec['bare']:.1f}, official {rec['official']:.2f})")
         row("pipeline/bare", f"{rec['pipeline_bare']:.3f}", ">= 0.9", _ge(rec["pipeline_bare"], 0.9))

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 
 
-def _run(*args, timeout=300):
+def _run(*args, timeout=480):
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=ROOT)
@@ -23,7 +23,7 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
     r = _run("--device", "cpu", "--tiny", "--out", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     table = r.stdout[r.stdout.index("GPU check on"):]
-    for step in ("extraction, pad30", "extraction, trim", "training TL-Tr", "training WA-MLP",
+    for step in ("extraction, pad30", "extraction, trim", "extraction, HF speech", "training TL-Tr", "training WA-MLP",
                  "probing, AudioSet shape", "tagging overhead", "wat-robust vs paper"):
         assert step in table, step
     for what in ("pipeline/bare", "pipeline/official", "encoder TFLOP/s", "tl-tr tiny samples/s, end to end, streaming",
@@ -37,6 +37,9 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
     assert trim["null_encoder"] > 0 and trim["disk_write_mb_s"] > 0 and trim["stalls"]["write"] > 0   # --null-encoder
     assert "null-encoder pipeline / disk write" in table and "pipeline waits" in table
     assert trim["encoder_gflop_per_clip"] < pad30["encoder_gflop_per_clip"]     # 1 s of mel frames, not 30 s
+    hf = json.loads((out / "extract_hf.json").read_text())
+    assert hf["model"] == "random-micro" and hf["policy"] == "trim" and hf["pipeline"] > 0 and hf["bare"] > 0
+    assert hf["peak_gpu_gb"] is None and "peak GPU memory" not in table   # a CPU run has no GPU memory
     probe = json.loads((out / "probe.json").read_text())
     assert probe["layers"] == 2 and len(probe["rows"]) == 2 and "sklearn_mAP_subset" in probe["rows"][1]
     tag = json.loads((out / "tag.json").read_text())
@@ -51,7 +54,7 @@ def test_gpu_table_marks_a_failed_step(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "GPU check on NVIDIA H200" in r.stdout and "MISSED" in r.stdout and "1.020" in r.stdout
-    assert r.stdout.count("FAILED: no result") == 5 and "not run" in r.stdout
+    assert r.stdout.count("FAILED: no result") == 6 and "not run" in r.stdout
 
 
 def test_gpu_check_only_some_steps(tmp_path):
@@ -62,7 +65,7 @@ def test_gpu_check_only_some_steps(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(p.name for p in out.glob("*.json")) == ["train_wamlp.json"]
     table = r.stdout[r.stdout.index("GPU check on"):]
-    assert table.count("not run") == 6 and "FAILED" not in table and "wa-mlp tiny samples/s" in table
+    assert table.count("not run") == 7 and "FAILED" not in table and "wa-mlp tiny samples/s" in table
 
 
 @pytest.mark.parametrize("args", [["--device", "tpu"], ["--bogus"], ["--out"], ["--only", "bogus"], ["--only", ","],
