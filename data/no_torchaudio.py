@@ -26,12 +26,13 @@ import importlib
 import sys
 import types
 
+from wat.data.errors import WatError
 from wat.data.files import one_line
 
 PLACEHOLDER_ATTR = "__wat_placeholder__"  # set on the placeholder module: True
 
 
-class TorchaudioUnavailable(ImportError):
+class TorchaudioUnavailable(WatError, ImportError):
     """A use of torchaudio by a package that was imported without it (`import_without_torchaudio`)."""
 
 
