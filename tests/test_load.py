@@ -18,6 +18,7 @@ from test_ct2 import SMALL, random_whisper, to_ct2
 from wat.extract import WhisperLoadError, fingerprint, load_whisper, model_name
 from wat.extract.load import ChecksumError
 from wat.extract import load as wload
+from wat.data import download
 from wat.extract.ct2 import write_ct2
 
 
@@ -184,7 +185,7 @@ def test_download_goes_through_the_proxy_and_times_out(monkeypatch, tiny_model, 
     for var in ("no_proxy", "NO_PROXY", "WAT_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{server.getsockname()[1]}")
-    monkeypatch.setattr(wload, "DOWNLOAD_TIMEOUT", 0.5)
+    monkeypatch.setattr(download, "DOWNLOAD_TIMEOUT", 0.5)
     monkeypatch.setitem(whisper._MODELS, "tiny.en", "https://models.example.invalid/x/tiny.en.pt")
     urllib.request.install_opener(None)  # urllib reads the proxy variables when it builds its opener
     try:
