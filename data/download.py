@@ -1,6 +1,6 @@
 """Files fetched once into the user cache: where that cache is, the WAT_OFFLINE switch, a file's
 SHA-256, and the one download (atomic, with a progress bar and a timeout) that the Whisper loader
-(`wat.extract.load`) and the official Whisper-AT heads (`wat.data.official`) share.
+(`wat.extract.load`) and the official Whisper-AT heads (`wat.data.heads.official`) share.
 
 A download goes to a `*.partial` temporary file beside its target and is renamed onto it only
 when every byte announced by the server arrived and the caller's check of the file passed: a
@@ -78,7 +78,7 @@ def download(url: str, target, *, desc: str, check=None, timeout: float | None =
 
 
 def _fetch(url: str, dest: Path, desc: str, timeout: float) -> str:
-    from .progress import progress
+    from .clikit.progress import progress
 
     h = hashlib.sha256()
     try:

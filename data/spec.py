@@ -201,6 +201,6 @@ def whisper_release(name: str) -> tuple[str, frozenset[str] | None] | None:
     size, _, version, turbo = m.groups()
     if size != "large":
         return size, None
-    if name.startswith("whisper-at:"):
-        return size, frozenset({"large-v1", "large-v2"})
+    if name.startswith("whisper-at:"):  # an official head: its release when it was fetched by name
+        return size, frozenset({f"large{version}"} if version else {"large-v1", "large-v2"})
     return size, frozenset({f"large{version or '-v3'}{turbo or ''}"})
