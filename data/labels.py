@@ -66,6 +66,31 @@ class Vocabulary:
         return cls(names, names)
 
 
+def _plain(text: str) -> str:
+    # "Vacuum_cleaner", "vacuum-cleaner" and "Vacuum cleaner" are one class name
+    return " ".join(text.lower().replace("_", " ").replace("-", " ").split())
+
+
+def class_rows(vocab: Vocabulary, source: Vocabulary) -> list[int | None]:
+    """For each class of `vocab`, the class of `source` it is (None: none): the same key (an AudioSet
+    MID), else the same name (case, '_', '-' and spaces ignored: "vacuum_cleaner" is AudioSet's
+    "Vacuum cleaner"). A source class is used once at most. This is how a head fine-tuned on
+    another vocabulary keeps its outputs."""
+    by_key = {k: i for i, k in enumerate(source.keys)}
+    by_name = {}
+    for i, name in enumerate(source.names):
+        by_name.setdefault(_plain(name), i)
+    out, used = [], set()
+    for key, name in zip(vocab.keys, vocab.names):
+        hit = by_key.get(key)
+        for text in (key, name):
+            if hit is None:
+                hit = by_name.get(_plain(text))
+        out.append(None if hit in used else hit)
+        used.add(hit)
+    return out
+
+
 def _package_file(name: str):
     return resources.files("wat.data").joinpath("audioset", name)
 

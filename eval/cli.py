@@ -121,8 +121,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wat-eval", description="Score a trained head on a feature cache; or, with "
                                 "--table, lay finished wat-train runs out as Whisper-AT's Table 1.")
     p.add_argument("--features", metavar="TEST_H5", help="cache to score the head on (required without --table)")
-    p.add_argument("--head", metavar="HEAD_PT", help="wat head (RUN_DIR/wa.pt) or official Whisper-AT head "
-                   "(required without --table)")
+    p.add_argument("--head", metavar="HEAD_PT|whisper-at|whisper-at-low",
+                   help="wat head (RUN_DIR/wa.pt), an official Whisper-AT head file, or whisper-at / whisper-at-low: "
+                        "the official head of the cache's Whisper model, downloaded once (required without --table)")
     p.add_argument("--table", nargs="+", metavar="RUN_DIR",
                    help="instead: wat-train output folders (--folds K or --eval-features runs) -> OUT/table.md and "
                         "table.csv, one row per encoder and head, a column per dataset (the paper's Table 1 layout)")

@@ -15,7 +15,8 @@ import numpy as np
 from wat.data.report import figures
 from wat.data.cache import Cache, CacheError, open_cache
 from wat.data.files import atomic_path, make_folder, remove_bare, write_csv, write_json
-from wat.data.heads import Features, HeadError, HeadInfo, head_field, head_problems, load_head, probabilities, save_head
+from wat.data.heads import Features, HeadError, HeadInfo, head_field, head_problems, probabilities, save_head
+from wat.data.heads.official import load_named_head
 from wat.data.labels import Vocabulary
 
 from . import metrics, report
@@ -88,7 +89,7 @@ def evaluate(features, head_path, out_dir, opts: EvalOptions | None = None) -> d
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = _open(features, "--features")
     try:
-        head, info = load_head(head_path, map_location="cpu")
+        head, info = load_named_head(head_path, cache.meta.model, map_location="cpu")
     except HeadError as e:
         raise EvalError(str(e)) from None
     bad = head_problems(info, Features.of_cache(cache.meta))

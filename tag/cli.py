@@ -25,6 +25,10 @@ from . import MIN_RES
 log = logging.getLogger("wat.tag")
 
 FORMATS = ("txt", "vtt", "srt", "tsv", "json", "all")
+# The whisper command defaults to turbo (large-v3-turbo), for which Whisper-AT released no head; small
+# was its default before turbo and is whisper-at's own: the default among models with an official head.
+DEFAULT_MODEL = "small"
+DEFAULT_HEAD = "whisper-at"
 
 
 def _tag_line(tags) -> str:
@@ -152,8 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("audio", nargs="+",
                    help="audio files (wav, flac, ogg, mp3, m4a, ...: libsndfile, else PyAV; no ffmpeg binary "
                         "needed) or folders (their audio files, sub-folders included); not - (stdin)")
-    p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--head", required=True, help="head checkpoint: wat-train output or an official Whisper-AT head")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=MODEL_HELP + f" (default {DEFAULT_MODEL}: whisper-at's default, and the whisper command's "
+                        "before turbo, which has no official head)")
+    p.add_argument("--head", metavar="HEAD|whisper-at|whisper-at-low",
+                   help="head file (wat-train output or an official at_model.* file), or whisper-at / whisper-at-low: "
+                        "the official Whisper-AT AudioSet head of --model, downloaded once into the user cache "
+                        "(default: whisper-at)")
     p.add_argument("--time-res", "--at_time_res", type=float_range(MIN_RES, 86400.0), default=10.0,
                    help=f"tag window length in seconds, {MIN_RES:g} to 86400 (default 10)")
     p.add_argument("--top-k", type=int_range(1, MAX_CLASSES), default=5, help="tags per window (default 5)")
@@ -249,14 +258,23 @@ def _tag(args, fmt: str, to_files: bool) -> int:
     import numpy as np
     from whisper.utils import get_writer
 
-    from wat.data.heads import load_head
+    from wat.data.heads import official
     from wat.extract.load import load_whisper
 
     from .tagging import TagError, check_head, head_vocabulary, resolve_classes, transcribe_and_tag
 
     whisper_only(args.model)
+    # the head first: a head that cannot be had is refused before a model is downloaded or loaded
+    try:
+        head = official.load_named_head(DEFAULT_HEAD if args.head is None else args.head, args.model)
+    except official.OfficialHeadError as e:
+        if args.head is not None:
+            raise
+        raise official.OfficialHeadError(f"no --head: {e}") from None
+    if args.head is None:
+        where = official.folder() / official.file_name(DEFAULT_HEAD, args.model)
+        log.warning("no --head: tags from the official Whisper-AT head of %s (%s)", args.model, where)
     model = load_whisper(args.model, device=args.device)
-    head = load_head(args.head)
     check_head(model, head[1], allow_policy_mismatch=args.allow_policy_mismatch)
     if args.classes is not None:  # unknown names fail here, before any file
         vocab = head_vocabulary(head[1])

@@ -40,7 +40,8 @@ from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_
 
 from wat.data.audio import load_audio
 from wat.data.labels import Vocabulary
-from wat.data.heads import Features, HeadInfo, head_problems, load_head, probabilities
+from wat.data.heads import Features, HeadInfo, head_problems, probabilities
+from wat.data.heads.official import load_named_head
 from wat.extract.layers import mel_encoder_frames
 from wat.extract.load import fingerprint, model_name
 
@@ -234,9 +235,9 @@ def _as_audio(audio_or_path) -> np.ndarray:
     return audio
 
 
-def _resolve_head(head):
-    if isinstance(head, (str, Path)):
-        return load_head(head)
+def _resolve_head(head, model):
+    if isinstance(head, (str, Path)):  # a file, or "whisper-at": the official head of this model
+        return load_named_head(head, model_name(model))
     if isinstance(head, tuple) and len(head) == 2 and isinstance(head[1], HeadInfo):
         return head
     raise TypeError("head must be a checkpoint path or the (module, HeadInfo) pair load_head returns")
@@ -248,7 +249,9 @@ def transcribe_and_tag(model, head, audio_or_path, *, time_res: float = 10.0, to
     """`model.transcribe(audio, **whisper_options)` plus `result["audio_tags"]`: one entry
     `{"start": s, "end": e, "tags": [(name, probability), ...]}` per window `[k*time_res,
     (k+1)*time_res)` of the file (the last one ends at the end of the audio), tags from the encoder
-    passes the transcription makes. `head`: a checkpoint path or `load_head`'s (module, info).
+    passes the transcription makes. `head`: a checkpoint path, `load_head`'s (module, info), or
+    "whisper-at" / "whisper-at-low": the official Whisper-AT head of this model (downloaded once;
+    `wat.data.heads.official`).
     Tags: restricted to `classes` (names or keys), then probabilities (sigmoid for multi-label heads,
     softmax for single-label ones) >= `threshold`, then the `top_k` highest. A window no encoder
     pass covered (e.g. outside `clip_timestamps`) has no tags. The model must not be used from
@@ -257,7 +260,7 @@ def transcribe_and_tag(model, head, audio_or_path, *, time_res: float = 10.0, to
     first) for re-thresholding without the encoder: 0 none (default), K the K highest, None all;
     `result["audio_classes"]` then lists the head's class names in output order (for
     `parse_at_label`'s class indices)."""
-    module, info = _resolve_head(head)
+    module, info = _resolve_head(head, model)
     check_head(model, info, allow_policy_mismatch=allow_policy_mismatch)
     vocab = head_vocabulary(info)
     wanted = None if classes is None else resolve_classes(vocab, classes)

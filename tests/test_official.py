@@ -1,4 +1,4 @@
-"""Official Whisper-AT heads by name (`wat.data.official`): the real download code against a loopback
+"""Official Whisper-AT heads by name (`wat.data.heads.official`): the real download code against a loopback
 HTTP server this module starts (WAT_WHISPER_AT_URL), serving official-format fixture heads
 (`at_model.*` state dicts of the released shapes, random weights, written here). No network."""
 import http.server
@@ -225,3 +225,104 @@ def test_a_named_large_head_is_checked_by_release(server):
     assert "large-v1" in head_problems(info, feats("large-v2"))[0]
     info.model = "whisper-at:large"
     assert head_problems(info, feats("large-v2")) == [] and head_problems(info, feats("large"))
+
+
+# ---------------------------------------------------------------- the commands and the API
+
+def test_wat_tag_without_head_tags_with_the_official_head(server, tiny_model, speech_wav, capsys):
+    """`wat-tag FILE --model tiny.en`: no --head, AudioSet tags from the official head of tiny.en, said
+    in one log line; the same tags as the Python API's transcribe_and_tag(model, "whisper-at", ...)."""
+    import json
+    from wat.tag import transcribe_and_tag
+    from wat.tag.cli import main as tag_main
+    server.files["tiny.en_ori.pth"] = official_head_bytes("tiny.en")
+    assert tag_main([str(speech_wav), "--model", "tiny.en"]) == 0
+    out, err = capsys.readouterr()
+    [line] = [ln for ln in err.splitlines() if "no --head" in ln]
+    assert f"tags from the official Whisper-AT head of tiny.en ({official.folder() / 'tiny.en_ori.pth'})" in line
+    result = json.loads(out)
+    names = set(audioset_vocabulary().names)
+    [window] = result["audio_tags"]
+    assert len(window["tags"]) == 5 and all(name in names for name, _ in window["tags"])
+    api = transcribe_and_tag(tiny_model, "whisper-at", speech_wav)
+    assert [[(n, round(p, 6)) for n, p in w["tags"]] for w in api["audio_tags"]] == \
+        [[(n, round(p, 6)) for n, p in w["tags"]] for w in result["audio_tags"]]
+    assert server.requests == ["tiny.en_ori.pth"]
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["--model", "tiny.en"], "no --head: cannot download official Whisper-AT head tiny.en_ori.pth from "
+                             "{url}/tiny.en_ori.pth: HTTP 404 Not Found; download {url}/tiny.en_ori.pth on a machine"),
+    (["--model", "large-v3"], "no --head: Whisper-AT released no head for large-v3"),
+    (["--model", "large"], "no --head: 'large' is large-v3 in openai-whisper and wat"),
+    (["--model", "tiny.en", "--head", "whisper-at-low"], "error: Whisper-AT released no low-dimension head"),
+    ([], "no --head: cannot download official Whisper-AT head small_ori.pth"),  # the default model: small
+])
+def test_wat_tag_refuses_when_no_head_can_be_had(server, speech_wav, capsys, argv, why):
+    """Decision: without a usable head wat-tag refuses (exit 2, one line with the fix) before loading
+    a model, rather than transcribing without tags: a tagger that silently writes no tags is a
+    silent wrong result, and the whisper command transcribes without them."""
+    from wat.tag.cli import main as tag_main
+    assert tag_main([str(speech_wav)] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wat-tag: error: ") and why.format(url=server.url) in err[0], err
+
+
+def test_wat_tag_offline_names_the_file_and_the_fix(server, speech_wav, capsys, monkeypatch):
+    from wat.tag.cli import main as tag_main
+    monkeypatch.setenv("WAT_OFFLINE", "1")
+    assert tag_main([str(speech_wav), "--model", "base"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wat-tag: error: no --head: official Whisper-AT head base_ori.pth is not cached and "
+                          "WAT_OFFLINE is set: download ") and str(official.folder() / "base_ori.pth") in err
+    assert server.requests == []
+
+
+def test_wat_eval_head_by_name(server, tmp_path, capsys):
+    """wat-eval --head whisper-at scores the official head of the cache's model on an AudioSet cache."""
+    from synthetic_cache import synthetic_meta, write_synthetic_cache
+    from wat.eval.cli import eval_main
+    server.files["tiny.en_ori.pth"] = official_head_bytes("tiny.en")
+    vocab = audioset_vocabulary()
+    rng = np.random.default_rng(0)
+    labels = [tuple(sorted({int(a), int(b)})) for a, b in rng.integers(0, N_AS, (6, 2))]
+    for model in ("tiny.en", "base"):
+        meta = synthetic_meta(model=model, n_layers=4, n_frames=25, dim=384, vocab=vocab, multilabel=True,
+                              policy="pad30")
+        write_synthetic_cache(tmp_path / model / "f.h5", meta, rng.normal(size=(6, 4, 25, 384)).astype(np.float32),
+                              labels, shards=1)
+    assert eval_main(["--features", str(tmp_path / "tiny.en" / "f.h5"), "--head", "whisper-at",
+                      "--out", str(tmp_path / "e")]) == 0
+    assert "6 clips: mAP" in capsys.readouterr().out
+    assert eval_main(["--features", str(tmp_path / "base" / "f.h5"), "--head", "whisper-at",
+                      "--out", str(tmp_path / "e2")]) == 2  # base's head is not served: one line, the fix
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "wat-eval: error: cannot download official Whisper-AT head base_ori.pth" in err[0]
+
+
+BAD_VALUES = ["", " ", "0", "-1", "nan", "inf", "1e30", str(10**12), "whisper-at-LOW"]
+
+
+@pytest.mark.parametrize("value", BAD_VALUES)
+def test_head_and_model_values_are_one_error_line(server, tmp_path, capsys, value):
+    """--head / --init / --model given 0, negative, NaN, absurd or misspelt values: one error line, exit 2."""
+    from wat.eval.cli import eval_main
+    from wat.tag.cli import main as tag_main
+    from wat.train.cli import main as train_main
+    wav = tmp_path / "a.wav"
+    import soundfile as sf
+    sf.write(wav, np.zeros(16000, np.float32), 16000)
+    feats = tmp_path / "f.h5"
+    from synthetic_cache import synthetic_meta, write_synthetic_cache
+    meta = synthetic_meta(model="tiny.en", n_layers=4, n_frames=25, dim=384, vocab=audioset_vocabulary(),
+                          multilabel=True, policy="pad30")
+    write_synthetic_cache(feats, meta, np.zeros((2, 4, 25, 384), np.float32), [(0,), (1,)], shards=1)
+    runs = [("wat-tag", tag_main, [str(wav), "--model", "tiny.en", "--head", value]),
+            ("wat-tag", tag_main, [str(wav), "--model", value, "--head", "whisper-at"]),
+            ("wat-eval", eval_main, ["--features", str(feats), "--head", value, "--out", str(tmp_path / "e")]),
+            ("wat-train", train_main, ["--features", str(feats), "--init", value, "--out", str(tmp_path / "t")])]
+    for prog, main, argv in runs:
+        assert main(argv) == 2, (prog, argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"{prog}: error: ") and "Traceback" not in err[0], (argv, err)
+    assert server.requests == [] and not (tmp_path / "t").exists()

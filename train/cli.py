@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--eval-features", help="evaluation cache, scored every epoch (chooses best.pt)")
     g.add_argument("--folds", type=_folds, default=0, help="cross-validate over the cache's K folds (ESC-50: 5)")
-    p.add_argument("--head", choices=BUILTIN_KINDS, default="tl-tr")
+    p.add_argument("--head", choices=BUILTIN_KINDS,
+                   help="head kind (default: tl-tr, or with --init the init head's kind and projection)")
     p.add_argument("--proj-dim", "--dim", dest="proj_dim", type=_proj_dim,
                    help="TL-Tr/WA-Tr projection width, a multiple of 8 (default: the encoder width)")
     p.add_argument("--epochs", type=int_range(1, 100_000), default=30)
@@ -82,7 +83,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-labels", action="store_true", help="also train on ontology ancestors")
     p.add_argument("--weight-average", type=_range, metavar="START:END",
                    help="average these epochs' weights into wa.pt (default: the second half)")
-    p.add_argument("--init", help="start from a head checkpoint (ours or official Whisper-AT)")
+    p.add_argument("--init", metavar="HEAD|whisper-at|whisper-at-low",
+                   help="start from a head: a head file (ours or an official at_model.* file), or whisper-at / "
+                        "whisper-at-low, the official Whisper-AT head of the cache's Whisper model (downloaded "
+                        "once). The body is kept; the output layer keeps the rows of the classes the init head "
+                        "also has (same AudioSet id or name), the others start fresh")
+    p.add_argument("--allow-policy-mismatch", action="store_true",
+                   help="--init from a head trained on features of another input policy (an official head: pad30) "
+                        "on a cache of this one; the fine-tuned head is a head of the cache's policy")
     add_device(p)
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", required=True, metavar="RUN_DIR")
@@ -106,7 +114,8 @@ def _main(argv, speak: bool) -> int:
     from .loop import train
 
     try:
-        head_class(a.head).check_dim(a.proj_dim)  # --proj-dim with a head kind that has no projection
+        if a.head is not None:
+            head_class(a.head).check_dim(a.proj_dim)  # --proj-dim with a head kind that has no projection
     except HeadError as e:
         p.error(str(e))
     opts = TrainOptions(
@@ -115,7 +124,8 @@ def _main(argv, speak: bool) -> int:
         feature_mask=a.feature_mask, label_smoothing=a.label_smoothing, balanced=a.balanced,
         cr_views=a.cr_views, cr_weight=a.cr_weight, unlabeled_features=a.unlabeled_features,
         cr_unlabeled_weight=a.cr_unlabeled_weight, unlabeled_ratio=a.unlabeled_ratio,
-        parent_labels=a.parent_labels, weight_average=a.weight_average, init=a.init, device=a.device,
+        parent_labels=a.parent_labels, weight_average=a.weight_average, init=a.init,
+        allow_policy_mismatch=a.allow_policy_mismatch, device=a.device,
         seed=a.seed, resume=a.resume, tensorboard=a.tensorboard)
     final = train(opts)
     if speak:

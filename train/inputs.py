@@ -19,6 +19,7 @@ from wat.data.heads import HeadInfo, head_class, head_field
 from wat.data.labels import Vocabulary, parent_labels
 from wat.data.cache.store import FeatureStore
 
+from .init import Init, load_init
 from .options import TrainError, TrainOptions, default_batch, wa_range
 from .step import StepConfig
 
@@ -113,7 +114,8 @@ class Checked:
     ext: tuple | None              # (extended vocabulary, ancestor matrix) with --parent-labels
     cfg: StepConfig
     info: HeadInfo
-    opts: TrainOptions             # the run's options, the batch size resolved (default_batch)
+    opts: TrainOptions             # the run's options, the batch size and head kind resolved
+    init: Init | None = None       # --init: the head to start from, matched to the run's classes
 
 
 def prepare(opts: TrainOptions, device) -> Setup:
@@ -136,6 +138,7 @@ def check_inputs(opts: TrainOptions, world_size: int = 1) -> Checked:
     y = _check_labels(cache, "--features")
     if opts.parent_labels and not meta.multilabel:
         raise TrainError("--parent-labels needs a multi-label cache")
+    opts, init = load_init(opts, cache)  # the head kind is the --init head's unless --head names one
     field = head_field(opts.head)
     head_class(opts.head).check_dim(opts.proj_dim)  # a width the head kind cannot take, before RUN_DIR
 
@@ -174,8 +177,11 @@ def check_inputs(opts: TrainOptions, world_size: int = 1) -> Checked:
     cfg = StepConfig(meta.multilabel, tmask, fmask, opts.mixup, opts.label_smoothing, opts.cr_views,
                      opts.cr_weight, opts.cr_unlabeled_weight)
     ext = _ancestor_matrix(meta.vocab) if opts.parent_labels else None
-    info = _info(opts, cache, ext[0] if ext is not None else meta.vocab, len(meta.vocab) if ext is not None else None)
-    return Checked(cache, y, ecache, ev_y, ucache, splits, field, ext, cfg, info, opts)
+    vocab = ext[0] if ext is not None else meta.vocab
+    info = _info(opts, cache, vocab, len(meta.vocab) if ext is not None else None)
+    if init is not None:
+        init = init.for_vocab(vocab, opts.init)
+    return Checked(cache, y, ecache, ev_y, ucache, splits, field, ext, cfg, info, opts, init)
 
 
 def _check_splits(splits: list, y: np.ndarray, meta, opts: TrainOptions) -> None:

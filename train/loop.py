@@ -23,7 +23,7 @@ import torch
 from wat.data.report import figures
 from wat.data.cache import Cache
 from wat.data.files import LockedError, json_safe, locked_folder, one_line
-from wat.data.heads import Features, HeadError, build_head, head_class, head_problems, load_head, save_head
+from wat.data.heads import build_head, head_class, save_head
 
 from wat.eval import metrics
 
@@ -31,6 +31,7 @@ from . import board as tb
 from .distributed import World, from_main, join, leave, world_from_env
 from .epoch import train_epoch
 from .evaluation import predict, score
+from .init import Init
 from .inputs import Checked, Setup, balanced_weights, check_inputs, load_inputs, prepare
 from .lrsearch import CANDIDATES, check_searchable, search_lr
 from .options import Interrupted, TrainError, TrainOptions, milestones, wa_range
@@ -43,36 +44,10 @@ __all__ = ["train", "prepare", "TrainOptions", "TrainError", "Interrupted", "mil
            "StepConfig", "train_step", "make_optimizer", "predict", "score", "balanced_weights"]
 
 
-def _init_state(opts: TrainOptions, cache: Cache, n_classes: int) -> dict | None:
-    """The --init head's weights to start from, checked against the cache (None without --init)."""
-    if not opts.init:
-        return None
-    m = cache.meta
-    try:
-        src, info = load_head(opts.init)  # what it was trained on is checked below, by the one rule
-    except HeadError as e:
-        raise TrainError(f"--init: {e}") from None
-    # transfer to other classes is allowed: the classes and label type are not compared
-    feats = Features(m.n_layers, m.dim, m.model, m.fingerprint, m.policy, m.n_frames, layers=m.layers,
-                     pad30_padding=m.pad30_padding, encoder=m.encoder)
-    bad = head_problems(info, feats)
-    if bad:
-        raise TrainError(f"--init {opts.init} does not fit {opts.features}: {'; '.join(bad)}")
-    if (info.kind, info.dim_in, info.proj_dim) != (opts.head, m.dim, opts.proj_dim):
-        raise TrainError(f"--init {opts.init} is a {info.kind} head (width {info.dim_in}, projection "
-                         f"{info.proj_dim}); this run trains {opts.head} (width {m.dim}, projection {opts.proj_dim})")
-    state = src.state_dict()
-    if info.n_classes != n_classes:  # transfer: keep everything but the classifier
-        state = {k: v for k, v in state.items() if not k.startswith("mlp_layer.1.")}
-    return state
-
-
-def _build(opts: TrainOptions, cache: Cache, n_classes: int, init: dict | None):
+def _build(opts: TrainOptions, cache: Cache, n_classes: int, init: Init | None):
     m = cache.meta
     head = build_head(opts.head, m.n_layers, m.dim, n_classes, opts.proj_dim)
-    if init is not None:
-        head.load_state_dict(init, strict=False)
-    return head
+    return head if init is None else init.apply(head)
 
 
 log = logging.getLogger("wat.train")
@@ -98,7 +73,7 @@ def train(opts: TrainOptions) -> dict:
         if opts.batch_size % world.size:
             raise TrainError(f"--batch-size {opts.batch_size} is the global batch: it must be a multiple of "
                              f"the {world.size} processes")
-        init = _init_state(opts, checked.cache, checked.info.n_classes)
+        init = checked.init
         with contextlib.ExitStack() as held:
             refused = None
             if world.main:
@@ -114,7 +89,7 @@ def train(opts: TrainOptions) -> dict:
         leave(world)
 
 
-def _train(opts: TrainOptions, checked: Checked, init: dict | None, out: Path, world: World, device) -> dict:
+def _train(opts: TrainOptions, checked: Checked, init: Init | None, out: Path, world: World, device) -> dict:
     last = out / "last.pt"
     ck = load_checkpoint(last) if opts.resume and last.exists() else None
     # what --resume must find again, checked before the stores load (minutes on a large cache)
@@ -167,7 +142,7 @@ def _train(opts: TrainOptions, checked: Checked, init: dict | None, out: Path, w
     return from_main(final, world)
 
 
-def _learning_rates(opts: TrainOptions, s: Setup, init: dict | None, weights, world: World, device, autocast, ck) -> dict:
+def _learning_rates(opts: TrainOptions, s: Setup, init: Init | None, weights, world: World, device, autocast, ck) -> dict:
     """{"source", "per_head": {fit name: lr}, "search"?}: --lr as given, the head kind's measured
     default, or (--lr auto, or a kind without a default) a search per head on its training clips.
     A resumed run reuses the checkpoint's choice instead of searching again."""

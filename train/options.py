@@ -18,7 +18,7 @@ class Interrupted(WatError):
 class TrainOptions:
     features: str
     out: str
-    head: str = "tl-tr"
+    head: str | None = None             # head kind; None: the --init head's kind (and projection), else tl-tr
     eval_features: str | None = None
     folds: int = 0                      # >0: cross-validation over the cache's folds
     proj_dim: int | None = None         # TL-Tr / WA-Tr projection width (None = encoder width)
@@ -37,7 +37,8 @@ class TrainOptions:
     unlabeled_ratio: int = 4            # unlabeled clips per labeled clip in each step
     parent_labels: bool = False
     weight_average: tuple[int, int] | None = None  # 1-based inclusive epochs; None = second half
-    init: str | None = None             # start from a head checkpoint (ours or official Whisper-AT)
+    init: str | None = None             # start from a head file (ours or official) or "whisper-at"/"whisper-at-low"
+    allow_policy_mismatch: bool = False  # --init from a head trained on features of another input policy
     device: str = "cpu"
     seed: int = 0
     resume: bool = False
