@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from test_official import N_AS, official_head_bytes, server  # noqa: F401  (server: a fixture)
-from wat.data import official
+from wat.data.heads import official
 from wat.data.heads import build_head, load_head
 from wat.data.labels import Vocabulary, audioset_vocabulary
-from wat.data.synthetic import synthetic_meta, write_synthetic_cache
+from synthetic_cache import synthetic_meta, write_synthetic_cache
 from wat.train import cli
 from wat.train.inputs import check_inputs
 from wat.train.loop import TrainOptions, _build, train
