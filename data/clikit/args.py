@@ -124,23 +124,21 @@ def layer_list(text: str) -> tuple[slice, ...] | None:
     the cache lacks are refused where the cache is known (`wat.eval.probe.select_layers`)."""
     if text.strip().lower() == "all":
         return None
-    out = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            raise argparse.ArgumentTypeError(f"{text!r}: an empty item (every layer is 'all')")
-        if ":" in item:
-            out.append(slice(*layer_range(item)))
-            continue
-        try:
-            block = int(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated encoder blocks and START:STOP "
-                                             f"ranges (e.g. 0,8:16), got {text!r}") from None
-        if block < 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: blocks are numbered from 0")
-        out.append(slice(block, block + 1))
-    return tuple(out)
+    try:
+        return comma_list(text, _block_item, what="layer")
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; expected 'all' (every layer) or comma-separated encoder blocks "
+                                         f"and START:STOP ranges, e.g. 0,8:16") from None
+
+
+def _block_item(item: str) -> slice:
+    """One item of `layer_list`: a block `5` or a `layer_range` `8:32` -> a slice of blocks."""
+    if ":" in item:
+        return slice(*layer_range(item))
+    block = int(item)
+    if block < 0:
+        raise argparse.ArgumentTypeError("blocks are numbered from 0")
+    return slice(block, block + 1)
 
 
 def layers_text(layers) -> str:
