@@ -70,3 +70,46 @@ def test_torchrun_two_processes_match_one_and_resume(tmp_path):
 
     _torchrun(_argv(tr, te, tmp_path / "cut", resume=True))  # ... and two processes finish the run
     _same(tmp_path / "one", tmp_path / "cut")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("n", [12, 7])
+def test_rank_shares_of_a_step_add_up_to_the_one_process_step(world, n):
+    """In-process, every augmentation on (mixup with partners on other ranks, time and feature masks,
+    CR views, unlabeled views): the gradients the ranks' shares backpropagate (what all_reduce_grads
+    adds up and divides by the global count) equal one process's for the whole batch, also for a
+    short last batch where ranks hold different numbers of clips."""
+    from wat.data.heads import build_head
+    from wat.train import augment
+    from wat.train.step import Shares, StepConfig, _loss
+
+    g = torch.Generator().manual_seed(0)
+    L, T, D, C, U = 2, 6, 8, 3, 2 * n
+    x = torch.randn((n, L, T, D), generator=g)
+    y = (torch.rand(n, C, generator=g) < 0.4).float()
+    u = torch.randn((U, L, T, D), generator=g)
+    cfg = StepConfig(True, 3, 2, 0.7, 0.1, cr_views=2)
+    torch.manual_seed(0)
+    head = build_head("tl-tr", L, D, C, 8)
+
+    def grads(loss):
+        head.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad.clone() for p in head.parameters()]
+
+    lab, unl = _loss(head, x.clone(), y, cfg, torch.Generator().manual_seed(5), None, u.clone())
+    one = grads(lab + unl)
+
+    def partners(pos):
+        return x[pos].clone(), augment.smooth_targets(y[pos], cfg.label_smoothing, cfg.multilabel)
+
+    total = [torch.zeros_like(p) for p in head.parameters()]
+    for rank in range(world):
+        rows, urows = torch.arange(rank, n, world), torch.arange(rank, U, world)
+        shares = Shares(augment.Share(rows, n), augment.Share(urows, U), partners)
+        lab, unl = _loss(head, x[rows].clone(), y[rows], cfg, torch.Generator().manual_seed(5), None,
+                         u[urows].clone(), shares)
+        part = grads(lab * len(rows) + unl * (n * len(urows) / U))  # train_step's weighting
+        total = [t + p for t, p in zip(total, part)]
+    for a, b in zip(one, total):
+        torch.testing.assert_close(b / n, a, rtol=1e-4, atol=1e-6)
