@@ -1,0 +1,101 @@
+"""wat-xares: X-ARES on wat encoders (an encoder file for `python -m xares.run`) and on wat caches
+(a cache exported as a task's X-ARES embeddings)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from wat.data.cliargs import int_range, parse_args
+
+ENCODER_FILE = '''"""X-ARES encoder: {model}, layer {layer}, policy {policy} (written by wat-xares encoder)."""
+from wat.extract import xares
+
+{name} = xares.encoder_class({model!r}, layer={layer!r}, policy={policy!r}, batch_size={batch_size})
+'''
+
+
+def _layer(text: str):
+    from .layers import parse_layer
+    try:
+        return parse_layer(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wat-xares", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("encoder", help="write an X-ARES encoder file: python -m xares.run FILE TASK.py ...")
+    e.add_argument("--model", default="base", help="any wat encoder (wat-extract --model)")
+    e.add_argument("--layer", type=_layer, default=-1, help="a block (negative: from the last; default -1), mean "
+                   "(the mean of every block's output) or concat (every block, concatenated along features)")
+    e.add_argument("--policy", choices=("pad30", "trim"), help="Whisper's input policy (default pad30)")
+    e.add_argument("--batch-size", type=int_range(1, 4096), default=16, help="clips encoded together")
+    e.add_argument("--out", required=True, help="the .py file to write (run X-ARES from its folder)")
+    r = sub.add_parser("run", help="python -m xares.run in this process (xares imported without torchaudio), "
+                       "e.g. wat-xares run enc.py esc50_task.py --from-stage 2")
+    r.add_argument("encoder_py", help="encoder file (wat-xares encoder), relative to the current folder")
+    r.add_argument("tasks_py", nargs="+", help="X-ARES task files")
+    r.add_argument("--from-stage", type=int_range(0, 2), default=0, help="0 download, 1 encode, 2 score")
+    r.add_argument("--to-stage", type=int_range(0, 2), default=2)
+    x = sub.add_parser("export", help="a wat cache as a task's X-ARES embeddings (no re-encoding)")
+    x.add_argument("--features", required=True, metavar="FEATS_H5", help="cache of the task's clips")
+    x.add_argument("--task", required=True, metavar="TASK_PY", help="X-ARES task file, e.g. src/tasks/esc50_task.py")
+    x.add_argument("--layer", type=_layer, default=-1, help="as for `encoder` (blocks as the cache names them)")
+    x.add_argument("--env-root", help="X-ARES's env folder (default: the task's, ./env)")
+    x.add_argument("--encoder-name", help="the encoder class name X-ARES will run with (default: what "
+                   "`wat-xares encoder` names the same model, layer and policy)")
+    x.add_argument("--skip-missing", action="store_true", help="leave out task clips the cache lacks")
+    x.add_argument("--overwrite", action="store_true", help="replace embeddings exported before")
+    return p
+
+
+def main(argv=None) -> int:
+    a = parse_args(parser(), argv)
+    if a.command == "encoder":
+        from .encoder import class_name
+        name = class_name(a.model, a.layer, a.policy)
+        path = Path(a.out)
+        if path.suffix != ".py" or not path.stem.isidentifier():
+            print(f"wat-xares: error: --out {a.out}: X-ARES imports the file as a module: a name.py whose name is "
+                  "an identifier", file=sys.stderr)
+            return 2
+        try:
+            path.write_text(ENCODER_FILE.format(model=a.model, layer=a.layer, policy=a.policy, name=name,
+                                                batch_size=a.batch_size))
+        except OSError as e:
+            print(f"wat-xares: error: {e}", file=sys.stderr)
+            return 2
+        print(f"{path}: class {name}; run: python -m xares.run {path} src/tasks/esc50_task.py")
+        return 0
+    from wat.data.cache import CacheError
+
+    from .export import XaresError, export_task, import_xares
+    if a.command == "run":
+        # xares.run imports the encoder and task files as modules named after their paths from here;
+        # one process (max_jobs 0): spawned workers would import xares again, without the placeholder
+        sys.path.insert(0, str(Path.cwd()))
+        try:
+            import_xares("xares.run").main(argparse.Namespace(encoder_py=a.encoder_py, tasks_py=a.tasks_py,
+                                                              max_jobs=0, from_stage=a.from_stage, to_stage=a.to_stage))
+        except XaresError as e:
+            print(f"wat-xares: error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        r = export_task(a.features, a.task, layer=a.layer, encoder_name=a.encoder_name, env_root=a.env_root,
+                        skip_missing=a.skip_missing, overwrite=a.overwrite)
+    except (XaresError, CacheError, OSError) as e:
+        print(f"wat-xares: error: {e}", file=sys.stderr)
+        return 2
+    splits = ", ".join(f"{k}: {v}" for k, v in r["splits"].items())
+    print(f"{r['embeddings']}: {sum(r['splits'].values())} clips ({splits}), {r['frames_per_clip']} frames x "
+          f"{r['output_dim']} per clip" + (f"; {r['skipped']} task clips not in the cache skipped" if r["skipped"] else ""))
+    print(f"score with X-ARES using the encoder class {r['encoder_name']} (its name is the embeddings folder), e.g. "
+          f"`wat-xares encoder --out enc.py ...` then `python -m xares.run enc.py TASK.py --from-stage 2`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
