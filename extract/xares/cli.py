@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from wat.data.cliargs import int_range, parse_args
+from wat.data.clikit.args import int_range, parse_args
 
 ENCODER_FILE = '''"""X-ARES encoder: {model}, layer {layer}, policy {policy} (written by wat-xares encoder)."""
 from wat.extract import xares

@@ -126,7 +126,7 @@ def export_task(features, task, *, layer: LayerChoice = -1, encoder_name: str | 
     import torch
 
     from wat.data.cache import open_cache
-    from wat.data.readers import FeatureStore
+    from wat.data.cache import FeatureStore
 
     from .encoder import class_name
 
