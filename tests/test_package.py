@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CLIS = ["wat-data", "wat-cache", "wat-extract", "wat-train", "wat-probe", "wat-eval", "wat-tag", "wat-robust"]
+CLIS = ["wat-data", "wat-cache", "wat-extract", "wat-train", "wat-probe", "wat-eval", "wat-tag", "wat-robust", "wat-xares"]
 
 
 def _run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
