@@ -10,9 +10,16 @@
 xares itself is installed without its torchaudio dependency (`make venv`; setup.cfg extra `xares`),
 and imported through `wat.data.no_torchaudio`.
 """
-from .encoder import XaresEncoder, class_name, encoder_class
-from .export import XaresError, export_task, import_xares, load_task
-from .layers import parse_layer
+_LAZY = {"XaresEncoder": "encoder", "encoder_class": "encoder", "class_name": "encoder", "export_task": "export",
+         "load_task": "export", "import_xares": "export", "XaresError": "export", "parse_layer": "layers"}
 
-__all__ = ["XaresEncoder", "encoder_class", "class_name", "export_task", "load_task", "import_xares", "XaresError",
-           "parse_layer"]
+
+def __getattr__(name):
+    # torch is imported by the modules that need it, when first asked for: `wat-xares --help` stays instant
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -3,9 +3,10 @@ every block concatenated along features."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
-import torch
+if TYPE_CHECKING:   # only tensors' own methods are used: parsing a --layer never imports torch
+    import torch
 
 LayerChoice = Union[int, str]   # a block (negative: from the last), "mean" or "concat"
 CHOICES = ("mean", "concat")
@@ -41,7 +42,7 @@ def output_dim(layer: LayerChoice, n_blocks: int, dim: int) -> int:
     return dim * n_blocks if parse_layer(layer) == "concat" else dim
 
 
-def reduce_layers(x: torch.Tensor, layer: LayerChoice) -> torch.Tensor:
+def reduce_layers(x: "torch.Tensor", layer: LayerChoice) -> "torch.Tensor":
     """[B, L, T, D] (the chosen blocks) -> [B, T, D'] (D' = L x D for concat, block by block)."""
     layer = parse_layer(layer)
     if layer == "mean":
@@ -52,7 +53,7 @@ def reduce_layers(x: torch.Tensor, layer: LayerChoice) -> torch.Tensor:
 
 
 def layer_name(layer: LayerChoice) -> str:
-    """For class and folder names: L5, Last, L-2 -> LastM2... ("LayerMean", "LayerConcat")."""
+    """For class and folder names: 5 -> L5, -1 -> Last, -3 -> Last2Back, "mean" -> LayerMean."""
     layer = parse_layer(layer)
     if isinstance(layer, str):
         return f"Layer{layer.capitalize()}"
