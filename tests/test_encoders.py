@@ -144,6 +144,16 @@ def test_wat_extract_runs_any_registered_encoder(toy_encoder, tmp_path, capsys):
     got = cache.read("features", rows).astype(np.float32)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
 
+    # the encoder gets each clip's real samples, not the window zero-padded to --clip-seconds
+    assert main([*base, "--out", str(tmp_path / "pad.h5"), "--clip-seconds", "6", "--limit", "3",
+                 "--progress", "none"]) == 0
+    padded = open_cache(tmp_path / "pad.h5")
+    audio = [load_audio(clips[padded.ids[r]].path) for r in range(3)]
+    assert {len(a) for a in audio} == {5 * SR} and np.allclose(padded.durations, 5.0)
+    want = toy_encoder("toy-a").pooled(audio, frames=10, policy="trim").numpy()
+    np.testing.assert_allclose(padded.read("features", np.arange(3)).astype(np.float32), want,
+                               rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
     # no 30 s window: longer clips are this encoder's to take (Whisper refuses them)
     assert main([*base, "--out", str(tmp_path / "long.h5"), "--clip-seconds", "40", "--limit", "2",
                  "--progress", "none"]) == 0
@@ -191,3 +201,37 @@ def test_family_of_names_the_family_without_loading(toy_encoder):
     from wat.extract.encoders import family_of
 
     assert family_of("toy-q") == "toy" and family_of("tiny.en") == "whisper" and family_of("no/such") == "whisper"
+
+
+def test_a_clip_too_short_for_the_encoder_is_skipped_with_its_reason(toy_encoder, tmp_path):
+    """Clips go to a non-Whisper encoder unpadded: one shorter than its `min_samples` (here a family
+    whose frames are 0.5 s) is that clip's recorded error, not a failed batch or run."""
+    import soundfile as sf
+
+    from wat.data import open_cache
+    from wat.extract.cli import main
+    from wat.extract.encoders import ENCODERS, register_encoder
+    from wat.extract.pipeline import shard_dir_for
+
+    class HalfSecond(toy_encoder):
+        family, hop = "toy-half", 8000
+
+        @classmethod
+        def accepts(cls, spec):
+            return spec.startswith("half-")
+
+    rng = np.random.default_rng(0)
+    sf.write(tmp_path / "long.wav", rng.uniform(-0.5, 0.5, 2 * SR).astype(np.float32), SR)
+    sf.write(tmp_path / "short.wav", rng.uniform(-0.5, 0.5, 4800).astype(np.float32), SR)   # 0.3 s
+    (tmp_path / "clips.csv").write_text("path,labels\nlong.wav,a\nshort.wav,b\n")
+    register_encoder(HalfSecond)
+    try:
+        assert main(["--dataset", "csv", "--root", str(tmp_path), "--manifest", str(tmp_path / "clips.csv"),
+                     "--model", "half-1", "--frames", "2", "--clip-seconds", "1", "--out", str(tmp_path / "f.h5"),
+                     "--progress", "none"]) == 0
+    finally:
+        ENCODERS.pop("toy-half", None)
+    cache = open_cache(tmp_path / "f.h5")
+    assert len(cache) == 1 and cache.meta.encoder == "toy-half"
+    errors = (shard_dir_for(tmp_path / "f.h5") / "errors.tsv").read_text()
+    assert "short.wav" in errors and "4800 samples of audio, fewer than the 8000 the toy-half encoder 'half-1' needs" in errors

@@ -62,6 +62,10 @@ class Encoder(abc.ABC):
     policies: ClassVar[tuple[str, ...]]   # input policies accepted; the first is the default
     fallback: ClassVar[bool] = False      # True: loads whatever no other family accepts (tried last)
     max_seconds: ClassVar[float | None] = None  # audio encoded per clip (Whisper: its 30 s window); None = all
+    # wat-extract fits every clip to the run's clip length; True: the encoder gets the zero-padded
+    # window (Whisper, as wat always fed it: its caches stay byte-identical), False: only the clip's
+    # real samples (zero padding would change per-clip normalisation and GroupNorm statistics)
+    pad_to_clip_length: ClassVar[bool] = False
 
     name: str                  # what it was loaded from ("base", "facebook/hubert-xlarge-ll60k", "crepe-tiny")
     fingerprint: str           # sha256 of the encoder's weights ("" = unknown)

@@ -78,6 +78,10 @@ class CrepeEncoder(Encoder):
     def native_frames(self, samples: int, policy: str = "trim") -> int:
         return 1 + samples // HOP  # torchcrepe.preprocess with pad=True
 
+    def timestamps(self, n_frames: int) -> torch.Tensor:
+        """torchcrepe centres frame j's 1024-sample window on sample j * HOP: j * 10 ms."""
+        return torch.arange(n_frames, dtype=torch.float32) * (1000.0 * HOP / SAMPLE_RATE)
+
     def pooled(self, clips, *, frames: int, policy: str = "trim", layers: Sequence[int] | None = None) -> torch.Tensor:
         clips, layers = self.check(clips, frames=frames, policy=policy, layers=layers)
         windows = [next(self._preprocess(c[None], SAMPLE_RATE, HOP, None, self.device, True)) for c in clips]

@@ -229,6 +229,12 @@ class HFSpeechEncoder(Encoder):
     def native_frames(self, samples: int, policy: str = "trim") -> int:
         return conv_frames(samples, self._kernels, self._strides)
 
+    def timestamps(self, n_frames: int) -> torch.Tensor:
+        """Frame j reads samples [j s, j s + r) (s: the conv stack's total stride, r: its receptive
+        field): centred at (j s + r / 2) / sample_rate, 12.5 + 20 j ms with the default convs."""
+        stride, field = math.prod(self._strides), receptive_field(self._kernels, self._strides)
+        return (torch.arange(n_frames, dtype=torch.float32) * stride + field / 2) * (1000.0 / SAMPLE_RATE)
+
     # ------------------------------------------------------------------ features
 
     def pooled(self, clips, *, frames: int, policy: str = "trim", layers: Sequence[int] | None = None) -> torch.Tensor:

@@ -25,6 +25,7 @@ class WhisperEncoder(Encoder):
     policies = ("pad30", "trim")
     fallback = True        # names, .pt files, CTranslate2 and HF Whisper folders, HF ids: the rest
     max_seconds = 30.0     # 1500 encoder positions
+    pad_to_clip_length = True  # a short clip is encoded zero-padded to the run's clip length, as always
     sample_rate = SAMPLE_RATE
     frame_rate = SAMPLE_RATE / SAMPLES_PER_FRAME
 
