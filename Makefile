@@ -106,7 +106,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/probe_speed.py
 	$(BIN)/python bench/tag_overhead.py --model base --runs 7 --temperature 0 --threads 1
-	$(BIN)/python bench/robust_throughput.py --model tiny.en --mixtures 16 --rounds 3
+	$(BIN)/python bench/robust_throughput.py --model tiny.en --ctc wav2vec2-base --mixtures 16 --rounds 3
 
 # Wheels of wat's dependencies that a GPU box's own Python may lack, for bench/gpu_check.sh on a machine
 # without network (it installs from wheels/ with pip --no-index). GPU_PY: that box's Python version.

@@ -113,11 +113,18 @@ HF_SHAPES = {"micro": ("wav2vec2", 32, 2, 2, 64, "group", False),
              "hubert-xlarge": ("hubert", 1280, 48, 16, 5120, "layer", True)}
 
 
-def random_hf_speech(shape: str, folder, device: str):
+# the character vocabulary of the English CTC checkpoints (facebook/wav2vec2-base-960h, hubert-large-ls960-ft)
+CTC_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ETAONIHSRDLUMWCFGYPBVK'XJQZ"]
+
+
+def random_hf_speech(shape: str, folder, device: str, ctc: bool = False):
     """A random-weight transformers model of `shape` written with save_pretrained (+ its feature
-    extractor) into `folder` and loaded through `load_encoder`, the real path: an HFSpeechEncoder."""
+    extractor) into `folder` and loaded through `load_encoder`, the real path: an HFSpeechEncoder.
+    `ctc`: a *ForCTC model with the English character vocabulary (CTC_VOCAB) and its tokenizer files."""
+    import json
+
     import torch
-    from transformers import AutoConfig, AutoModel, Wav2Vec2FeatureExtractor
+    from transformers import AutoConfig, AutoModel, AutoModelForCTC, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor
 
     from wat.extract.encoders import load_encoder
 
@@ -125,10 +132,16 @@ def random_hf_speech(shape: str, folder, device: str):
         raise SystemExit(f"unknown HF speech shape {shape!r}; one of {', '.join(HF_SHAPES)}")
     kind, hidden, blocks, heads, ffn, norm, stable = HF_SHAPES[shape]
     small = dict(conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2) if shape == "micro" else {}
+    if ctc:
+        small.update(vocab_size=len(CTC_VOCAB), pad_token_id=0)
     config = AutoConfig.for_model(kind, hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=heads,
                                   intermediate_size=ffn, feat_extract_norm=norm, do_stable_layer_norm=stable, **small)
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: a 1 B-parameter init is slow on a few CPU cores
-        AutoModel.from_config(config).save_pretrained(folder)
+        (AutoModelForCTC if ctc else AutoModel).from_config(config).save_pretrained(folder)
     Wav2Vec2FeatureExtractor(return_attention_mask=norm == "layer").save_pretrained(folder)
+    if ctc:
+        vocab = Path(folder) / "vocab.json"
+        vocab.write_text(json.dumps({t: i for i, t in enumerate(CTC_VOCAB)}))
+        Wav2Vec2CTCTokenizer(str(vocab)).save_pretrained(folder)
     return load_encoder(str(folder), device=device)
