@@ -66,14 +66,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def one_pass(decode, batches) -> list[str]:
+    """wat-robust's way: per batch one call giving the transcripts and the features (copied to the host)."""
+    texts = []
+    for b in batches:
+        t, f = decode(b)
+        f.cpu().numpy()
+        texts += t
+    return texts
+
+
 def whisper_modes(model, xs, batches, asr, fp16, sample_len):
     def ours():
-        texts = []
-        for b in batches:
-            t, f = decode_batch(model, b, asr)
-            f.cpu().numpy()
-            texts += t
-        return texts
+        return one_pass(lambda b: decode_batch(model, b, asr), batches)
 
     def paper():
         texts = []
@@ -97,12 +102,7 @@ def ctc_modes(enc, xs, batches):
     from wat.extract.encoders.hf_speech import normalized
 
     def ours():
-        texts = []
-        for b in batches:
-            t, f = decode_ctc(enc, b, FRAMES)
-            f.cpu().numpy()
-            texts += t
-        return texts
+        return one_pass(lambda b: decode_ctc(enc, b, FRAMES), batches)
 
     @torch.inference_mode()
     def paper():
