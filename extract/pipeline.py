@@ -49,7 +49,7 @@ from wat.data.cache.shardrun import (ERRORS, LOCK, MANIFEST, PROBLEMS, ShardRun,
                                      finished, record_path, shard_dir_for, write_record)
 from wat.data.files import LockedError, write_tsv
 
-from .encoders import Encoder, as_encoder, load_encoder
+from .encoders import Encoder, as_encoder, encoder_class, family_of, load_encoder
 from .pooling import layer_subset
 from wat.data.errors import WatError
 
@@ -688,6 +688,11 @@ def _extract(dataset, options, run: ShardRun, clip_seconds, model, runner, t0) -
     if runner is not None:
         meta = runner.cache_meta(dataset, options, clip_seconds)
     else:
+        if model is None:  # a policy the family does not take: refused before its weights load
+            try:
+                encoder_class(family_of(options.model)).check_policy(options.policy, options.model)
+            except ValueError as e:
+                raise ExtractError(str(e)) from None
         model = as_encoder(model) if model is not None else get_model(options.model, options.device)
         meta = cache_meta(model, dataset, options, clip_seconds)
     options = replace(options, policy=meta.policy)  # None (the encoder's default) resolved

@@ -18,7 +18,7 @@ def pytest_configure(config):
     # 2-core machine two competing torch threads ran several times slower than one.
     import torch
     torch.set_num_threads(1)
-    cache = config.cache.mkdir("xdg-cache") if config.cache else tempfile.mkdtemp(prefix="wat-xdg-")
+    cache = config.cache.mkdir("xdg-cache") if getattr(config, "cache", None) else tempfile.mkdtemp(prefix="wat-xdg-")
     os.environ["XDG_CACHE_HOME"] = str(cache)
 
 

@@ -115,9 +115,10 @@ def test_pool_frames_takes_one_valid_count_per_clip():
         torch.testing.assert_close(got[i], pool_frames(x[i:i + 1, :n], 3, None)[0])
 
 
-def test_wat_extract_runs_any_registered_encoder(toy_encoder, tmp_path, capsys):
+def test_wat_extract_runs_any_registered_encoder(toy_encoder, tmp_path, capsys, monkeypatch):
     """`--model` goes through `load_encoder`: a non-Whisper family extracts with its own default policy
-    (trim), its own sizes and layer subsets; `--policy pad30` is refused with one line before any work."""
+    (trim), its own sizes and layer subsets; `--policy pad30` is refused with one line before any work,
+    the model's loading included."""
     from wat.data import load_dataset, make_demo, open_cache
     from wat.data.audio import fit_length, load_audio
     from wat.extract.cli import main
@@ -125,7 +126,11 @@ def test_wat_extract_runs_any_registered_encoder(toy_encoder, tmp_path, capsys):
 
     root = make_demo(tmp_path / "demo", clips_per_class=1, seed=3)
     base = ["--dataset", "esc50", "--root", str(root), "--model", "toy-a", "--frames", "10", "--shard-size", "4"]
-    assert main([*base, "--out", str(tmp_path / "pad30.h5"), "--policy", "pad30"]) == 2
+    loads = []
+    with monkeypatch.context() as m:
+        m.setattr(toy_encoder, "load", classmethod(lambda cls, spec, device="cpu": loads.append(spec) or cls(spec)))
+        assert main([*base, "--out", str(tmp_path / "pad30.h5"), "--policy", "pad30"]) == 2
+    assert loads == []
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["wat-extract: error: policy 'pad30' does not apply to the toy encoder 'toy-a', which takes "
                    "'trim' (default 'trim': leave the policy out) ('pad30' is Whisper's 30 s transcription window; "

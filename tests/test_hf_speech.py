@@ -176,6 +176,18 @@ def test_missing_feature_extractor_config_is_the_default_with_a_warning(tmp_path
         load_encoder(tmp_path / "m")
 
 
+def test_loading_draws_no_transformers_bar(tmp_path, capfd):
+    """A refusal after a load must stay one line: transformers' own "Loading weights" bar is off
+    during the load, and its setting is as it was afterwards."""
+    folder = save(tiny_model("wav2vec2-base"), tmp_path / "m")
+    hf_logging = transformers.utils.logging
+    assert hf_logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    load_encoder(folder)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def test_frames_from_the_conv_arithmetic_and_short_clips(tmp_path):
     model = tiny_model("wav2vec2-lv60")
     enc = load_encoder(save(model, tmp_path / "m"))

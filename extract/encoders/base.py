@@ -112,14 +112,20 @@ class Encoder(abc.ABC):
 
     def policy_for(self, policy: str | None) -> str:
         """`policy` checked against this encoder's (None = its default); ValueError naming the ones it takes."""
+        return self.check_policy(policy, self.name)
+
+    @classmethod
+    def check_policy(cls, policy: str | None, name: str) -> str:
+        """`policy_for` before loading: the policies are the family's, so a run can refuse one before
+        the weights load (HuBERT X-Large is ~4 GB). `name`: the model, for the message."""
         if policy is None:
-            return self.default_policy
-        if policy not in self.policies:
+            return cls.policies[0]
+        if policy not in cls.policies:
             why = (" ('pad30' is Whisper's 30 s transcription window; this encoder takes the clip as it is)"
                    if policy == "pad30" else "")
-            raise ValueError(f"policy {policy!r} does not apply to the {self.family} encoder {self.name!r}, which "
-                             f"takes {' or '.join(repr(p) for p in self.policies)} (default "
-                             f"{self.default_policy!r}: leave the policy out){why}")
+            raise ValueError(f"policy {policy!r} does not apply to the {cls.family} encoder {name!r}, which "
+                             f"takes {' or '.join(repr(p) for p in cls.policies)} (default "
+                             f"{cls.policies[0]!r}: leave the policy out){why}")
         return policy
 
     def all_frames(self, audio: torch.Tensor, *, policy: str, layers: Sequence[int] | None = None) -> torch.Tensor:

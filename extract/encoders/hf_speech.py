@@ -63,6 +63,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -334,7 +335,8 @@ class HFSpeechEncoder(Encoder):
                                 f"pip install '{DIST}[speech]'") from None
         auto = transformers.AutoModelForCTC if ctc else transformers.AutoModel
         try:
-            model = auto.from_pretrained(str(folder), weights_only=True)
+            with _quiet_loading(transformers):
+                model = auto.from_pretrained(str(folder), weights_only=True)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             from wat.data.files import one_line
 
@@ -344,6 +346,20 @@ class HFSpeechEncoder(Encoder):
         log.info("%s: %s (%s, %d blocks x %d, do_normalize=%s)", spec, type(model).__name__, config["model_type"],
                  model.config.num_hidden_layers, model.config.hidden_size, normalize)
         return cls(model, name=str(spec), normalize=normalize, tokenizer=tokenizer, tokenizer_problem=problem)
+
+
+@contextmanager
+def _quiet_loading(transformers):
+    """transformers 5 draws a "Loading weights" bar on stderr for every `from_pretrained`, whatever
+    wat's --progress says, so a one-line refusal after a load would not be one line: off for the load."""
+    hf_logging = transformers.utils.logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _hub(repo_id: str, patterns) -> Path:
