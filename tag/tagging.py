@@ -137,6 +137,40 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.shape == b.shape and a.stride() == b.stride() and a._version == b._version)
 
 
+class FrameTaps:
+    """Forward hooks on the encoder blocks a head reads (`layers`, None = all) that keep, for each
+    item of the next encoder call, every tapped block's output over its first `n_valid[i]` frames
+    (the frames of its audio; the rest of the 1500 is padding). `take()` -> per item [n_i, L, D]."""
+
+    def __init__(self, encoder, layers=None):
+        self.blocks = encoder.blocks
+        self.layers = range(len(self.blocks)) if layers is None else layers
+        self.n_valid: list[int] = []
+        self._outs: list[list[torch.Tensor]] = []
+        self._hooks = []
+
+    def __enter__(self) -> "FrameTaps":
+        self._hooks = [self.blocks[i].register_forward_hook(self._tap) for i in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._outs = [], []
+
+    def _tap(self, module, args, output):
+        if output.shape[0] != len(self.n_valid):
+            raise TagError(f"encoder batch of {output.shape[0]}, taps set for {len(self.n_valid)}")
+        # copies of the audio frames only: the block's full [B, 1500, D] output is freed
+        self._outs.append([output[i, :n].clone() if n < output.shape[1] else output[i]
+                           for i, n in enumerate(self.n_valid)])
+
+    def take(self) -> list[torch.Tensor]:
+        """The latest call's frames, per item [n_valid[i], L, D] (on the encoder's device)."""
+        outs, self._outs = self._outs, []
+        return [torch.stack([o[i] for o in outs], 1) for i in range(len(self.n_valid))]
+
+
 class SharedEncoder(nn.Module):
     """Stands in for `model.encoder` during one transcription (see the module docstring).
     `audio` is the float32 waveform transcription was given (used only for the fallback search)."""
@@ -144,28 +178,20 @@ class SharedEncoder(nn.Module):
     def __init__(self, encoder, audio: np.ndarray, on_frames, layers=None):
         super().__init__()
         self.encoder, self.on_frames = encoder, on_frames
-        self.layers = range(len(encoder.blocks)) if layers is None else layers  # blocks the head reads
+        self.taps = FrameTaps(encoder, layers)  # the blocks the head reads
         self.audio, self._mel = audio, None
         self.content_frames = len(audio) // HOP_LENGTH
         self.last_seek = 0
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._outs: list[torch.Tensor] = []
-        self._n = 0
-        self._hooks = []
 
     def __enter__(self) -> "SharedEncoder":
         # per-frame outputs, not LayerTaps' pooled ones: where successive calls overlap is only
         # known at the next call, and pooling happens on the absolute grid after that
-        self._hooks = [self.encoder.blocks[i].register_forward_hook(self._tap) for i in self.layers]
+        self.taps.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-    def _tap(self, module, args, output):
-        self._outs.append(output[0, : self._n])  # a view: no copy
+        self.taps.__exit__(*exc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._last is not None and _same_tensor(x, self._last[0]):
@@ -173,16 +199,20 @@ class SharedEncoder(nn.Module):
         if x.dim() != 3 or x.shape[0] != 1:
             raise TagError(f"tagging follows one 30 s segment at a time; encoder got {tuple(x.shape)}")
         seek, size = self.locate(x[0])
-        if size == 0:  # no audio in this input (language detection on an empty file)
-            return self.encoder(x)
-        self._n = mel_encoder_frames(size)
-        self._outs = []
+        out = self.encode_at(x, seek, size)
+        self._last = (x, out)
+        return out
+
+    def encode_at(self, x: torch.Tensor, seek: int, size: int) -> torch.Tensor:
+        """The encoder's output for the [1, n_mels, 3000] input `x`, known to hold the file's mel
+        frames [seek, seek + size) (then padding), whose audio frames go to `on_frames`."""
+        self.taps.n_valid = [mel_encoder_frames(size)]
         out = self.encoder(x)
-        feats = torch.stack(self._outs, 1)  # [n, L, D]
-        self._outs = []
+        feats, = self.taps.take()  # [n, L, D]
+        if size == 0:  # no audio in this input (language detection on an empty file)
+            return out
         self.last_seek = seek
         self.on_frames(seek, size, feats)
-        self._last = (x, out)
         return out
 
     def locate(self, x: torch.Tensor) -> tuple[int, int]:
@@ -237,10 +267,80 @@ def _as_audio(audio_or_path) -> np.ndarray:
 
 def _resolve_head(head, model):
     if isinstance(head, (str, Path)):  # a file, or "whisper-at": the official head of this model
-        return load_named_head(head, model_name(model))
+        return load_named_head(head, "" if model is None else model_name(model))
     if isinstance(head, tuple) and len(head) == 2 and isinstance(head[1], HeadInfo):
         return head
     raise TypeError("head must be a checkpoint path or the (module, HeadInfo) pair load_head returns")
+
+
+class Tagger:
+    """A head applied to encoder frames placed on the absolute time grid: what tagging does whichever
+    way the frames were made (the passes of `model.transcribe`, of faster-whisper, a batch of files).
+
+        tagger = Tagger(model, head, time_res=10)
+        pool = tagger.pool(n_samples)              # one per file
+        tagger.score(pool.add_call(seek, size, frames)); ...; tagger.score(pool.close())
+        tagger.output(pool)                        # {"audio_tags": [...], ("audio_classes": [...])}
+
+    `model`: the Whisper model whose encoder makes the frames (the head is checked against it), or
+    None when the caller checked the head itself (another encoder family)."""
+
+    def __init__(self, model, head, *, time_res: float = 10.0, top_k: int | None = 5, threshold: float | None = None,
+                 classes=None, allow_policy_mismatch: bool = False, keep_scores: int | None = 0, device=None):
+        self.module, self.info = _resolve_head(head, model)
+        if model is not None:
+            check_head(model, self.info, allow_policy_mismatch=allow_policy_mismatch)
+            device = next(model.parameters()).device
+        self.vocab = head_vocabulary(self.info)
+        self.wanted = None if classes is None else resolve_classes(self.vocab, classes)
+        self.time_res, self.top_k, self.threshold, self.keep_scores = time_res, top_k, threshold, keep_scores
+        self.device = torch.device(device or "cpu")
+        self.module = self.module.to(self.device).eval()
+        self.probs: dict[int, dict[int, np.ndarray]] = {}  # id(pool) -> window -> class probabilities
+
+    @property
+    def layers(self):
+        """The encoder blocks the head reads (None: all)."""
+        return self.info.blocks
+
+    def pool(self, n_samples: int) -> WindowPool:
+        """The time grid of a file of `n_samples` 16 kHz samples."""
+        pool = WindowPool(n_samples // HOP_LENGTH, n_samples / SAMPLE_RATE, self.time_res, self.info.n_frames)
+        self.probs[id(pool)] = {}
+        return pool
+
+    def score(self, pool: WindowPool, windows) -> None:
+        """Apply the head to `windows` [(k, [L, n_frames, D])] of `pool` (as `WindowPool` hands them out)."""
+        self.score_pooled(pool, [k for k, _ in windows], [x for _, x in windows])
+
+    def score_pooled(self, pool: WindowPool, ks, feats) -> None:
+        """Apply the head to windows `ks` of `pool` whose pooled features are `feats` ([L, n_frames, D] each)."""
+        if not ks:
+            return
+        with torch.inference_mode():
+            p = probabilities(self.module(torch.stack(list(feats)).to(self.device)), self.info.multilabel,
+                              len(self.vocab))
+        for k, row in zip(ks, p.cpu().numpy()):
+            self.probs[id(pool)][k] = row
+
+    def output(self, pool: WindowPool) -> dict:
+        """{"audio_tags": one entry per window of the file, ("audio_classes": the class names when
+        `keep_scores` keeps scores)}; forgets the pool."""
+        probs = self.probs.pop(id(pool))
+        names = self.vocab.names
+        tags = []
+        for k in range(pool.n_windows):
+            start, end = pool.bounds(k)
+            window = {"start": start, "end": end,
+                      "tags": [] if k not in probs else select_tags(probs[k], names, top_k=self.top_k,
+                                                                    threshold=self.threshold, classes=self.wanted)}
+            if self.keep_scores != 0:
+                window["scores"] = {} if k not in probs else dict(select_tags(probs[k], names, top_k=self.keep_scores))
+            tags.append(window)
+        out = {"audio_tags": tags}
+        if self.keep_scores != 0:
+            out["audio_classes"] = list(names)
+        return out
 
 
 def transcribe_and_tag(model, head, audio_or_path, *, time_res: float = 10.0, top_k: int | None = 5,
@@ -260,26 +360,13 @@ def transcribe_and_tag(model, head, audio_or_path, *, time_res: float = 10.0, to
     first) for re-thresholding without the encoder: 0 none (default), K the K highest, None all;
     `result["audio_classes"]` then lists the head's class names in output order (for
     `parse_at_label`'s class indices)."""
-    module, info = _resolve_head(head, model)
-    check_head(model, info, allow_policy_mismatch=allow_policy_mismatch)
-    vocab = head_vocabulary(info)
-    wanted = None if classes is None else resolve_classes(vocab, classes)
+    tagger = head if isinstance(head, Tagger) else Tagger(
+        model, head, time_res=time_res, top_k=top_k, threshold=threshold, classes=classes,
+        allow_policy_mismatch=allow_policy_mismatch, keep_scores=keep_scores)
     audio = _as_audio(audio_or_path)
-    device = next(model.parameters()).device
-    module = module.to(device).eval()
-
-    pool = WindowPool(len(audio) // HOP_LENGTH, len(audio) / SAMPLE_RATE, time_res, info.n_frames)
-    probs: dict[int, np.ndarray] = {}
-
-    def tag(windows):
-        if not windows:
-            return
-        with torch.inference_mode():
-            p = probabilities(module(torch.stack([x for _, x in windows]).to(device)), info.multilabel, len(vocab))
-        for (k, _), row in zip(windows, p.cpu().numpy()):
-            probs[k] = row
-
-    shared = SharedEncoder(model.encoder, audio, lambda *call: tag(pool.add_call(*call)), info.blocks)
+    pool = tagger.pool(len(audio))
+    shared = SharedEncoder(model.encoder, audio, lambda *call: tagger.score(pool, pool.add_call(*call)),
+                           tagger.layers)
     encoder = model.encoder
     model.encoder = shared
     try:
@@ -287,18 +374,6 @@ def transcribe_and_tag(model, head, audio_or_path, *, time_res: float = 10.0, to
             result = model.transcribe(audio, **whisper_options)
     finally:
         model.encoder = encoder
-    tag(pool.close())
-
-    names = vocab.names
-    result["audio_tags"] = []
-    for k in range(pool.n_windows):
-        start, end = pool.bounds(k)
-        tags = [] if k not in probs else select_tags(probs[k], names, top_k=top_k, threshold=threshold,
-                                                     classes=wanted)
-        window = {"start": start, "end": end, "tags": tags}
-        if keep_scores != 0:
-            window["scores"] = {} if k not in probs else dict(select_tags(probs[k], names, top_k=keep_scores))
-        result["audio_tags"].append(window)
-    if keep_scores != 0:
-        result["audio_classes"] = list(names)
+    tagger.score(pool, pool.close())
+    result.update(tagger.output(pool))
     return result
