@@ -73,17 +73,21 @@ def _load_pt(path: Path, device) -> Whisper:
         raise WhisperLoadError(f"{path}: {e}") from None
 
 
+def _check_pinned(path, got: str, want: str, source: str) -> None:
+    if got != want:
+        raise ChecksumError(f"{path}: SHA-256 {got[:16]}... is not the pinned {want[:16]}... of "
+                            f"{source or 'this file'}; the installed file differs from the release "
+                            f"wat was checked with (reinstall it: pip install --force-reinstall "
+                            f"--no-deps {source})")
+
+
 def _cached_convert(kind: str, files: list[Path], convert, device, alignment_heads=None,
                     pinned: list[str] | None = None, source: str = "") -> Whisper:
     """Convert once; later loads read the cached `.pt` in $XDG_CACHE_HOME/wat, keyed by the content
     of `files` (every file the conversion reads). `pinned`: the SHA-256 each file must have."""
     digests = [sha256(p) for p in files]
     for path, got, want in zip(files, digests, pinned or []):
-        if got != want:
-            raise ChecksumError(f"{path}: SHA-256 {got[:16]}... is not the pinned {want[:16]}... of "
-                                f"{source or 'this file'}; the installed file differs from the release "
-                                f"wat was checked with (reinstall it: pip install --force-reinstall "
-                                f"--no-deps {source})")
+        _check_pinned(path, got, want, source)
     key = hashlib.sha256("".join(digests).encode()).hexdigest()
     cached = cache_root("wat") / f"{kind}-{key[:32]}.pt"
     if cached.is_file():
@@ -222,6 +226,29 @@ def _load_offline(name: str, device, reason: str, fallback: bool = True) -> Whis
     return _load_ct2(package_dir(package) / sub, device, parts=paths,
                      alignment_heads=whisper._ALIGNMENT_HEADS.get(name),
                      pinned=[part.sha256 for part in copy.parts], source=source)
+
+
+def offline_ct2_files(name: str) -> dict[str, bytes] | None:
+    """The offline CTranslate2 copy of Whisper `name` as {file name: bytes}, what faster-whisper's
+    `WhisperModel(name, files=...)` loads: `model.bin` (its parts joined, each part's SHA-256 checked
+    against the pin as `load_whisper` checks it: `ChecksumError`) and the small files beside it
+    (config.json, tokenizer.json, vocabulary). None when `name` has no offline copy or its package
+    is not installed."""
+    copy = OFFLINE.get(name)
+    roots = [package_dir(part.package) for part in copy.parts] if copy else [None]
+    if None in roots:
+        return None
+    source = " ".join(copy.requirements)
+    model = []
+    for root, part in zip(roots, copy.parts):
+        data = (root / part.path).read_bytes()
+        _check_pinned(root / part.path, hashlib.sha256(data).hexdigest(), part.sha256, source)
+        model.append(data)
+    package, sub = copy.model_dir
+    folder = package_dir(package) / sub
+    files = {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+             if p.is_file() and p.suffix in (".json", ".txt")}
+    return {**files, "model.bin": b"".join(model)}
 
 
 def _load_name(name: str, device) -> Whisper:

@@ -29,7 +29,8 @@ import torch
 import whisper
 from whisper.audio import N_SAMPLES, SAMPLE_RATE
 
-from wat.extract.layers import LayerTaps, pad30_input, pool_frames
+from wat.extract.decode import decode_features, encode_pad30
+from wat.extract.layers import LayerTaps, encoder_frames, pool_frames
 
 MAX_SAMPLES = N_SAMPLES  # what one decode window holds
 
@@ -89,12 +90,11 @@ def decode_batch(model, clips: list[np.ndarray], options: AsrOptions = AsrOption
     if not clips or any(len(c) == 0 or len(c) > MAX_SAMPLES for c in clips):
         raise ValueError("decode_batch takes 1 or more clips of 1..30 s")
     device = _device(model)
-    mel, n_valid = pad30_input([torch.as_tensor(c, dtype=torch.float32).to(device) for c in clips],
-                               model.dims.n_mels)
-    mel = mel.to(next(model.encoder.parameters()).dtype)
-    with ClipTaps(model.encoder, options.frames, n_valid) as taps:
-        results = whisper.decode(model, mel, whisper.DecodingOptions(
-            without_timestamps=True, **_decoding(model, options)))
+    decoding = whisper.DecodingOptions(without_timestamps=True, **_decoding(model, options))
+    with ClipTaps(model.encoder, options.frames, [encoder_frames(len(c)) for c in clips]) as taps:
+        _, features = encode_pad30(model, [torch.as_tensor(c, dtype=torch.float32).to(device) for c in clips],
+                                   fp16=decoding.fp16)
+    results = decode_features(model, features, decoding)
     if taps.calls != 1:  # the promise: one encoder pass gives both outputs
         raise RuntimeError(f"whisper.decode ran the encoder {taps.calls} times for one batch")
     return [r.text for r in results], taps.pooled.float()

@@ -254,7 +254,7 @@ class SharedEncoder(nn.Module):
                        "encoder calls on segments of the audio given to transcribe_and_tag")
 
 
-def _as_audio(audio_or_path) -> np.ndarray:
+def as_audio(audio_or_path) -> np.ndarray:
     if isinstance(audio_or_path, (str, Path)):
         return load_audio(audio_or_path)
     if torch.is_tensor(audio_or_path):
@@ -363,7 +363,7 @@ def transcribe_and_tag(model, head, audio_or_path, *, time_res: float = 10.0, to
     tagger = head if isinstance(head, Tagger) else Tagger(
         model, head, time_res=time_res, top_k=top_k, threshold=threshold, classes=classes,
         allow_policy_mismatch=allow_policy_mismatch, keep_scores=keep_scores)
-    audio = _as_audio(audio_or_path)
+    audio = as_audio(audio_or_path)
     pool = tagger.pool(len(audio))
     shared = SharedEncoder(model.encoder, audio, lambda *call: tagger.score(pool, pool.add_call(*call)),
                            tagger.layers)
