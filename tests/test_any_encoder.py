@@ -96,7 +96,7 @@ def test_wat_tag_needs_whisper_and_a_whisper_head(toy_cache, speech_wav, tmp_pat
     assert capsys.readouterr().err.strip().splitlines() == [
         "wat-tag: error: --model toy-b: a toy encoder, not Whisper; wat-tag tags audio from the encoder pass of "
         "Whisper's transcription, so it needs a Whisper model (heads trained on toy features score clips with "
-        "wat-eval on a cache made by wat-extract --model toy-b)"]
+        "wat-eval on a cache made by wat-extract --model toy-b, or tag files with --task tag: tags only, no transcript)"]
     assert tag_main([str(speech_wav), "--model", "tiny.en", "--head", str(run / "wa.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("wat-tag: error: head does not fit the model") and "toy-b" in err[0], err
