@@ -1,0 +1,189 @@
+"""wat-tag's fast paths against the paths they replace, side by side in one run (ratios):
+
+1. `backend`: faster-whisper backend vs openai-whisper backend, transcript + tags of one file
+   (`--seconds`, default 60: the committed LibriSpeech-layout utterances and speech_en.wav over the
+   demo's background sounds), the whisper command's defaults (beam 5, best of 5, temperature
+   fall-backs), `--compute-types` (auto = float32 on the CPU); tags compared (max |dp|) and the
+   transcripts' WER (openai as reference, Whisper's English normaliser).
+2. `batch`: `--files` (default 64) files of 5-15 s (utterances over background) transcribed + tagged
+   in batches of `--batch-size` vs one by one (`transcribe_and_tag(..., without_timestamps=True)`,
+   what a batch equals), at `--beam-size` (default 5 as the whisper command; 1 = greedy, where the
+   decoder batches too: openai-whisper decodes several audios with beam search only one at a time).
+3. `tags_only`: `--sounds` (default 64) demo sound clips (5 s, no speech): tags only (batched) vs
+   transcript + tags with the whisper command's defaults (one by one; only `--slow-sounds` of them
+   are timed, the ratio is per clip), and tags only vs the bare batched encoder on the same windows.
+
+Each pair runs alternately after a warm-up; times are medians of `--runs`. Prints one JSON record.
+
+    python bench/tag_speed.py --model base --runs 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import soxr
+import torch
+
+from wat.data import demo
+from wat.data.audio import load_audio
+from wat.data.heads import HeadInfo, build_head
+from wat.data.labels import audioset_vocabulary
+from wat.extract.decode import encode_pad30
+from wat.robust.wer import corpus
+from wat.tag.batch import tag_only, transcribe_batch
+from wat.tag.tagging import Tagger, transcribe_and_tag
+
+from common import device_name, whisper_model
+
+SR = 16_000
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+OPTS = dict(temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), beam_size=5, best_of=5, language="en")
+
+
+def speech() -> list[np.ndarray]:
+    return [load_audio(p) for p in sorted((FIXTURES / "librispeech").rglob("*.flac"))] + [
+        load_audio(FIXTURES / "speech_en.wav")]
+
+
+def background(seconds: float, seed: int) -> np.ndarray:
+    kinds = [demo.CLASSES.index(f) for f in (demo.rain, demo.engine, demo.siren)]
+    clips = [soxr.resample(demo.synth_clip(kinds[(seed + i) % 3], seed, i), demo.RATE, SR)
+             for i in range(int(np.ceil(seconds / demo.SECONDS)))]
+    x = np.concatenate(clips)[: int(seconds * SR)]
+    return (0.05 * x / np.abs(x).max()).astype(np.float32)
+
+
+def with_speech(seconds: float, utterances, seed: int) -> np.ndarray:
+    audio = background(seconds, seed)
+    rng, at = np.random.default_rng(seed), int(0.5 * SR)
+    while True:
+        u = utterances[rng.integers(len(utterances))]
+        if at + len(u) > len(audio):
+            return audio
+        audio[at:at + len(u)] += u
+        at += len(u) + int(rng.uniform(0.3, 1.5) * SR)
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def pair(runs: int, a, b):
+    """Median seconds of a and b, run alternately after one warm-up each; and their last outputs."""
+    ta, tb = [], []
+    out_a, out_b = a(), b()
+    for _ in range(runs):
+        t, out_a = timed(a)
+        ta.append(t)
+        t, out_b = timed(b)
+        tb.append(t)
+    return statistics.median(ta), statistics.median(tb), out_a, out_b
+
+
+def max_dp(x, y) -> float:
+    return max((abs(p - q) for wx, wy in zip(x["audio_tags"], y["audio_tags"])
+                for p, q in zip(wx["scores"].values(), wy["scores"].values())), default=0.0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="base")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--only", nargs="+", default=["backend", "batch", "tags_only"])
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--compute-types", nargs="+", default=["auto", "int8"])
+    p.add_argument("--files", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--beam-size", type=int, nargs="+", default=[5, 1])
+    p.add_argument("--sounds", type=int, default=64)
+    p.add_argument("--slow-sounds", type=int, default=4)
+    args = p.parse_args(argv)
+
+    torch.manual_seed(0)
+    model, _ = whisper_model(args.model, "cpu")
+    d = model.dims
+    head = build_head("tl-tr", d.n_audio_layer, d.n_audio_state, 527, proj_dim=d.n_audio_state).eval()
+    info = HeadInfo("tl-tr", d.n_audio_layer, d.n_audio_state, 527, proj_dim=d.n_audio_state,
+                    vocab_json=audioset_vocabulary().to_json(), model=args.model)
+    tagger = Tagger(model, (head, info), keep_scores=None)
+    utterances = speech()
+    rec = {"model": args.model, "device": device_name("cpu"), "threads": torch.get_num_threads(),
+           "load_before": os.getloadavg()[0], "runs": args.runs}
+
+    if "backend" in args.only:
+        from wat.tag.faster import load_faster, transcribe_and_tag_faster
+
+        audio = with_speech(args.seconds, utterances, 0)
+        for ct in args.compute_types:
+            fw = load_faster(args.model, model, compute_type=ct)
+            t_open, t_fast, slow, fast = pair(
+                args.runs, lambda: transcribe_and_tag(model, tagger, audio, fp16=False, **OPTS),
+                lambda: transcribe_and_tag_faster(fw, model, tagger, audio, **OPTS))
+            rec[f"backend_{ct}"] = {
+                "openai_s": t_open, "faster_s": t_fast, "speedup": t_open / t_fast,
+                "tags_max_abs_diff": max_dp(slow, fast),
+                "same_windows": [s["seek"] for s in slow["segments"]] == [s["seek"] for s in fast["segments"]],
+                "wer_faster_vs_openai": corpus([(slow["text"], fast["text"])]).wer}
+        rec["backend_wer_utterances"] = {}
+        for ct in args.compute_types:
+            fw = load_faster(args.model, model, compute_type=ct)
+            pairs = [(transcribe_and_tag(model, tagger, u, fp16=False, **OPTS)["text"],
+                      transcribe_and_tag_faster(fw, model, tagger, u, **OPTS)["text"]) for u in utterances]
+            rec["backend_wer_utterances"][ct] = corpus(pairs).wer
+
+    if "batch" in args.only:
+        rng = np.random.default_rng(1)
+        files = [with_speech(float(rng.uniform(5, 15)), utterances, 100 + i) for i in range(args.files)]
+        rec["batch"] = {"files": len(files), "batch_size": args.batch_size,
+                        "seconds": float(sum(map(len, files)) / SR)}
+        for beam in args.beam_size:
+            opts = {**OPTS, "beam_size": beam, "fp16": False}
+
+            def batched():
+                return [r for i in range(0, len(files), args.batch_size)
+                        for r in transcribe_batch(model, tagger, files[i:i + args.batch_size], **opts)]
+
+            t_one, t_batch, one, bat = pair(
+                args.runs, lambda: [transcribe_and_tag(model, tagger, f, without_timestamps=True, **opts)
+                                    for f in files], batched)
+            rec["batch"][f"beam{beam}"] = {
+                "one_by_one_s": t_one, "batched_s": t_batch, "speedup": t_one / t_batch,
+                "same_text": sum(a["text"] == b["text"] for a, b in zip(one, bat)),
+                "tags_max_abs_diff": max(max_dp(a, b) for a, b in zip(one, bat))}
+
+    if "tags_only" in args.only:
+        sounds = [soxr.resample(demo.synth_clip(i % len(demo.CLASSES), 7, i), demo.RATE, SR).astype(np.float32)
+                  for i in range(args.sounds)]
+        slow = sounds[: args.slow_sounds]
+        t_full, t_only, full, only = pair(
+            args.runs, lambda: [transcribe_and_tag(model, tagger, s, fp16=False, **OPTS) for s in slow],
+            lambda: list(tag_only(model, tagger, sounds, batch_size=args.batch_size)))
+
+        def bare():
+            with torch.inference_mode():
+                for i in range(0, len(sounds), args.batch_size):
+                    encode_pad30(model, [torch.from_numpy(s) for s in sounds[i:i + args.batch_size]])
+
+        t_bare, t_only2, _, _ = pair(args.runs, bare, lambda: list(tag_only(model, tagger, sounds,
+                                                                            batch_size=args.batch_size)))
+        rec["tags_only"] = {
+            "sounds": len(sounds), "timed_full": len(slow), "full_s_per_clip": t_full / len(slow),
+            "tags_only_s_per_clip": t_only / len(sounds),
+            "speedup_vs_transcript": (t_full / len(slow)) / (t_only / len(sounds)),
+            "tags_max_abs_diff": max(max_dp(a, b) for a, b in zip(full, only)),
+            "bare_encoder_s": t_bare, "tags_only_s": t_only2, "throughput_vs_bare": t_bare / t_only2}
+    rec["load_after"] = os.getloadavg()[0]
+    print(json.dumps(rec, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
