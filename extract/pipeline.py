@@ -48,6 +48,7 @@ from wat.data.spec import WHISPER
 from wat.data.cache.shardrun import (ERRORS, LOCK, MANIFEST, PROBLEMS, ShardRun, ShardRunError,  # noqa: F401
                                      finished, record_path, shard_dir_for, write_record)
 from wat.data.files import LockedError, write_tsv
+from wat.data.hostpool import HostPool
 
 from .encoders import Encoder, as_encoder, encoder_class, family_of, load_encoder
 from .pooling import layer_subset
@@ -354,38 +355,27 @@ def _loader(clips, batches, n_samples, options):
 
 # ---------------------------------------------------------------- encoding (main process)
 
-class _ArrayPool:
-    """The host arrays of written shard buffers, handed to later shards. A new array costs a page
-    fault per 4 KiB page (the kernel zeroes each) on its first write, in the main loop: ~2 GB per
-    1000 large-v1 clips, more than the copies themselves (bench/extract_throughput.py --null-encoder)."""
-
-    def __init__(self, keep: int = 4):
-        self.keep, self.free, self.lock = keep, [], threading.Lock()
-
-    def take(self, shape: tuple) -> np.ndarray:
-        """An f16 array of `shape` (a view of a pooled one of at least as many rows, else new)."""
-        with self.lock:
-            for i, a in enumerate(self.free):
-                if a.shape[1:] == shape[1:] and len(a) >= shape[0]:
-                    return self.free.pop(i)[:shape[0]]
-        return np.empty(shape, np.float16)
-
-    def give(self, *arrays: np.ndarray) -> None:
-        with self.lock:
-            for a in arrays:
-                a = a if a.base is None else a.base
-                if len(self.free) < self.keep and isinstance(a, np.ndarray):
-                    self.free.append(a)
+def shard_pools(meta: wcache.CacheMeta, shard_size: int, keep: int = 4) -> tuple[HostPool, HostPool]:
+    """The host arrays of the shard buffers (features, mean), reused by later shards: a new array
+    costs a page fault per 4 KiB page (the kernel zeroes each) on its first write, in the main
+    loop: ~2 GB per 1000 large-v1 clips, more than the copies themselves (bench/extract_throughput.py
+    --null-encoder). `keep`: the shards alive at once when each takes at least `_IN_FLIGHT` batches:
+    the one being filled, the one whose last batches are still in flight, and those handed to the
+    writer (`_Writer`'s `pending`, 2); a shard's arrays come back when its writer thread lets go of it."""
+    return (HostPool((shard_size, meta.n_layers, meta.n_frames, meta.dim), np.float16, keep),
+            HostPool((shard_size, meta.n_layers, meta.dim), np.float16, keep))
 
 
 class _ShardBuffer:
-    """A shard's rows, filled in clip order into one preallocated host array (from `pool` if given)."""
+    """A shard's rows, filled in clip order into one preallocated host array per field (from
+    `pools`, `shard_pools`, when given)."""
 
-    def __init__(self, index: int, clips: list[Clip], meta: wcache.CacheMeta, pool: _ArrayPool | None = None):
+    def __init__(self, index: int, clips: list[Clip], meta: wcache.CacheMeta,
+                 pools: tuple[HostPool, HostPool] | None = None):
         self.index, self.clips = index, clips
-        take = pool.take if pool is not None else (lambda shape: np.empty(shape, np.float16))
-        self.features = take((len(clips), meta.n_layers, meta.n_frames, meta.dim))
-        self.mean = take((len(clips), meta.n_layers, meta.dim))
+        if pools is None:
+            pools = shard_pools(meta, len(clips), keep=0)  # nothing kept: plain arrays
+        self.features, self.mean = (p.take(len(clips)) for p in pools)
         self.rows: list[int] = []       # clip positions written, in order
         self.seconds: list[float] = []
         self.errors: dict[int, str] = {}
@@ -458,28 +448,21 @@ def _real_lengths(batch: dict, encoder: Encoder, policy: str) -> dict:
 _IN_FLIGHT = 2
 
 
-class _PinnedRing:
-    """Page-locked host buffers for the device -> host copies, allocated once per run and reused in
-    turn (pinning is a costly system call). A slot is reused `len(slots)` batches later, after the
-    batch that used it was settled: at most `_IN_FLIGHT` batches are pending."""
-
-    def __init__(self, batch_size: int, slots: int = _IN_FLIGHT + 1):
-        self.batch_size, self.slots, self.next = batch_size, [None] * slots, 0
-
-    def take(self, out: tuple) -> list[torch.Tensor]:
-        i, self.next = self.next, (self.next + 1) % len(self.slots)
-        slot = self.slots[i]
-        if slot is None or any(h.shape[1:] != t.shape[1:] or len(h) < len(t) for h, t in zip(slot, out)):
-            rows = max(self.batch_size, len(out[0]))
-            slot = self.slots[i] = [torch.empty((rows, *t.shape[1:]), dtype=t.dtype, pin_memory=True) for t in out]
-        return [h[:len(t)] for h, t in zip(slot, out)]
+def staging_pools(meta: wcache.CacheMeta, batch_size: int) -> list[HostPool]:
+    """Pinned host buffers for a batch's device -> host copies (features, mean, finite): pinning
+    is a costly system call, so a run pins `_IN_FLIGHT` + 1 batches once (the pending ones and the
+    one being queued) and reuses them. Allocated only when an encoder's output is on a CUDA
+    device (nothing is pinned without CUDA: `HostPool.pinned`)."""
+    shapes = ((meta.n_layers, meta.n_frames, meta.dim), np.float16), ((meta.n_layers, meta.dim), np.float16), ((), bool)
+    return [HostPool((batch_size, *shape), dtype, _IN_FLIGHT + 1, pinned=True) for shape, dtype in shapes]
 
 
 class _InFlight:
     """One batch whose features are being computed / copied to the host. On CUDA the copy goes into
-    pinned memory behind an event, so later batches are queued on the GPU before we wait for this one."""
+    pinned memory (`staging`, kept until `settle`) behind an event, so later batches are queued on
+    the GPU before we wait for this one."""
 
-    def __init__(self, buf, start: int, batch, encoder: Encoder, options: ExtractOptions, ring: _PinnedRing | None,
+    def __init__(self, buf, start: int, batch, encoder: Encoder, options: ExtractOptions, staging: list[HostPool],
                  stalls: Stalls):
         self.buf, self.start, self.batch, self.event = buf, start, batch, None
         self.host = None
@@ -491,7 +474,7 @@ class _InFlight:
         if len(batch["index"]):
             out = encode_batch(encoder, batch["audio"].to(options.device, non_blocking=True), options, lengths)
             if out[0].is_cuda:
-                self.host = (ring or _PinnedRing(len(out[0]), 1)).take(out)
+                self.host = [torch.from_numpy(p.take(len(t))) for p, t in zip(staging, out)]
                 for h, t in zip(self.host, out):
                     h.copy_(t, non_blocking=True)
                 self.event = torch.cuda.Event()
@@ -540,10 +523,11 @@ def _timed(batches, stalls: Stalls):
 
 
 def encode_shards(encoder: Encoder, shards: list[tuple[int, list[Clip]]], options: ExtractOptions, meta: wcache.CacheMeta,
-                  n_samples: int, bar=None, stalls: Stalls | None = None, pool: _ArrayPool | None = None):
+                  n_samples: int, bar=None, stalls: Stalls | None = None,
+                  pools: tuple[HostPool, HostPool] | None = None):
     """Yield a filled `_ShardBuffer` per shard, in order. Decoding runs ahead in the loader workers;
     batch k's results are collected after batches k+1..k+`_IN_FLIGHT` have been queued on the device.
-    The main loop's waits are added to `stalls`; shard buffers come from `pool` when given."""
+    The main loop's waits are added to `stalls`; shard arrays come from `pools` (`shard_pools`) when given."""
     stalls = stalls if stalls is not None else Stalls()
     flat: list[Clip] = []
     batches, owner = [], []
@@ -556,7 +540,7 @@ def encode_shards(encoder: Encoder, shards: list[tuple[int, list[Clip]]], option
     by_index = dict(shards)
     buffers: dict[int, _ShardBuffer] = {}
     pending: deque[_InFlight] = deque()
-    ring = _PinnedRing(options.batch_size) if options.device.startswith("cuda") else None
+    staging = staging_pools(meta, options.batch_size)
 
     def settle(job: _InFlight):
         n = job.settle(stalls)
@@ -567,8 +551,8 @@ def encode_shards(encoder: Encoder, shards: list[tuple[int, list[Clip]]], option
 
     for (i, start), batch in zip(owner, _timed(_loader(flat, batches, n_samples, options), stalls)):
         if i not in buffers:  # allocated lazily: a shard's buffer exists from its first batch to its last
-            buffers[i] = _ShardBuffer(i, by_index[i], meta, pool)
-        pending.append(_InFlight(buffers[i], start, batch, encoder, options, ring, stalls))
+            buffers[i] = _ShardBuffer(i, by_index[i], meta, pools)
+        pending.append(_InFlight(buffers[i], start, batch, encoder, options, staging, stalls))
         if len(pending) > _IN_FLIGHT and (full := settle(pending.popleft())) is not None:
             yield full
     while pending:
@@ -585,8 +569,8 @@ class _Writer:
     written (writing or waiting), which with the one being filled caps host memory at ~3 shards."""
 
     def __init__(self, shard_dir, meta, pending: int = 2, stalls: Stalls | None = None,
-                 pool: _ArrayPool | None = None, threads: int = WRITER_THREADS):
-        self.shard_dir, self.meta, self.pool = shard_dir, meta, pool
+                 threads: int = WRITER_THREADS):
+        self.shard_dir, self.meta = shard_dir, meta
         self.stalls = stalls if stalls is not None else Stalls()
         self.queue: queue.Queue = queue.Queue()
         self.slots = threading.Semaphore(pending)
@@ -603,8 +587,7 @@ class _Writer:
                     buf.write(self.shard_dir, self.meta, self.stalls)  # its record on disk is what finish() reads
                 except BaseException as e:  # surfaced in the main thread
                     self.error = e
-            if self.pool is not None:
-                self.pool.give(buf.features, buf.mean)
+            del buf  # the last reference: its arrays go back to their pools (`shard_pools`)
             self.slots.release()
 
     def put(self, buf):
@@ -706,13 +689,14 @@ def _extract(dataset, options, run: ShardRun, clip_seconds, model, runner, t0) -
         runner.run_shards(todo, options, shard_dir, meta)
     elif todo:
         n_samples = round(clip_seconds * SAMPLE_RATE)
-        stalls, pool = Stalls(), _ArrayPool()
-        writer = _Writer(shard_dir, meta, stalls=stalls, pool=pool)
+        stalls, pools = Stalls(), shard_pools(meta, options.shard_size)
+        writer = _Writer(shard_dir, meta, stalls=stalls)
         with progress_bar(total=n_todo, unit="clip", desc="extract", disable=None if options.progress is None
                   else not options.progress, smoothing=0.1) as bar:
             try:
-                for buf in encode_shards(model, todo, options, meta, n_samples, bar, stalls, pool):
+                for buf in encode_shards(model, todo, options, meta, n_samples, bar, stalls, pools):
                     writer.put(buf)
+                    del buf  # with the writer only: its thread returns the arrays to `pools`
             finally:
                 writer.close()
     summary = finish(run, len(shards), len(shards) - len(todo), n_todo, clips, dataset, t0)

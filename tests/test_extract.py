@@ -17,7 +17,7 @@ from wat.data.datasets import load_dataset
 from wat.data.demo import make_demo
 from wat.extract.cli import main
 from wat.extract.layers import encode_layers
-from wat.extract.pipeline import (ERRORS, WRITER_THREADS, ExtractError, ExtractOptions, _ArrayPool, extract_dataset,
+from wat.extract.pipeline import (ERRORS, WRITER_THREADS, ExtractError, ExtractOptions, extract_dataset,
                                   get_model, shard_dir_for)
 
 # 2 s of each 5 s demo clip: the same code path at 40% of the encoder cost
@@ -96,15 +96,38 @@ def test_summary_accounts_for_the_waits(reference):
     assert "waits: audio " in str(summary) and "writer busy: checksum " in str(summary)
 
 
-def test_shard_arrays_are_reused_not_reallocated():
-    pool = _ArrayPool(keep=1)
-    a = pool.take((8, 2, 3))
-    pool.give(a)
-    b = pool.take((6, 2, 3))  # a smaller last shard: a view of the pooled array
-    assert b.shape == (6, 2, 3) and np.shares_memory(a, b)
-    assert not np.shares_memory(pool.take((6, 2, 3)), a)  # taken: a new one
-    pool.give(b, np.empty((8, 2, 3), np.float16))  # keeps one, the whole array behind the view
-    assert len(pool.free) == 1 and pool.free[0] is a
+def test_shard_arrays_come_back_to_their_pools_and_shards_stay_intact(demo, model, tmp_path, monkeypatch):
+    """11 shards reuse 4 arrays per field (a new one costs a page fault per page; `shard_pools`), and
+    each shard is written intact: its arrays are refilled only after the writer thread has let go of
+    it. The encoder is replaced by one that writes each clip's mean |sample| into all of its rows."""
+    import wat.extract.pipeline as pipeline
+
+    made, real = [], pipeline.shard_pools
+
+    def counted(*args, **kw):
+        pools = real(*args, **kw)
+        for p in pools:
+            p._new = lambda new=p._new: made.append(1) or new()
+        return pools
+
+    def encode(encoder, audio, options):
+        v = audio.abs().mean(1)[:, None, None, None].expand(len(audio), encoder.n_layers, options.frames, encoder.dim)
+        return v.half(), v[:, :, 0].half(), torch.ones(len(audio), dtype=torch.bool)
+
+    monkeypatch.setattr(pipeline, "shard_pools", counted)
+    monkeypatch.setattr(pipeline, "encode_batch", encode)
+    root, bad = demo
+    out = tmp_path / "f.h5"
+    summary = extract_dataset(load_dataset("esc50", root), ExtractOptions(**{**OPTS, "shard_size": 2, "batch_size": 1}), out, model=model)
+    assert summary.shards == 11 and summary.written == 21
+    assert len(made) <= 2 * 4  # features and mean, 4 arrays each (not 11)
+    cache, paths = open_cache(out), {c.id: c.path for c in load_dataset("esc50", root).clips}
+    n = round(cache.meta.clip_seconds * 16000)
+    want = np.array([np.abs(fit_length(load_audio(paths[i]), n)).mean() for i in cache.ids], np.float16)
+    assert len(set(want.tolist())) == len(want)  # distinct clips, distinguishable rows
+    feats, mean = cache.read("features", np.arange(len(cache))), cache.read("mean", np.arange(len(cache)))
+    np.testing.assert_allclose(feats.astype(np.float32), np.broadcast_to(want[:, None, None, None], feats.shape), rtol=1e-3)
+    np.testing.assert_allclose(mean.astype(np.float32), np.broadcast_to(want[:, None, None], mean.shape), rtol=1e-3)
 
 
 def test_corrupt_clip_only_in_errors_file(demo, reference):

@@ -290,6 +290,29 @@ def test_streaming_mean_is_deterministic_and_shuffles_within_windows(means):
     assert at == len(a)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+def test_streaming_mean_batches_reuse_kept_buffers_only_when_released(means, dtype):
+    """Window streaming cuts its batches (as stored, or converted on this CPU store) into the store's
+    kept buffers (`HostPool`): a caller that lets each batch go gets the same few back (at most 3),
+    this epoch and the next; batches a caller keeps are never refilled."""
+    c, mem = means
+    store = _mean_stream(c, 0)
+    req = np.arange(len(c))
+    ptrs = []
+    for epoch in range(2):
+        ptrs.append(set())
+        for i, x in store.iter_batches(req, 64, seed=epoch, dtype=dtype):
+            ptrs[-1].add(x.data_ptr())
+            assert torch.equal(x, mem.get(i, dtype))
+        del x
+    assert len(ptrs[0]) <= 3 and ptrs[1] <= ptrs[0]  # of 27 batches an epoch
+    assert ((64, ML, MD), c.stored_dtype) in store._pools  # the store's, kept between epochs
+    kept = _epoch(store, req, 64, seed=2, dtype=dtype)
+    assert len({x.data_ptr() for _, x in kept}) == len(kept) > 3
+    for i, x in kept:
+        assert torch.equal(x, mem.get(i, dtype))
+
+
 @pytest.mark.parametrize("budget, buffer_blocks, w", [(0, 8, 2), (8, 8, 3), (8, 2, 2)])
 def test_streaming_mean_holds_at_most_the_budget(means, budget, buffer_blocks, w):
     """The cache data an epoch holds (two windows, the staging block) stays within the memory

@@ -7,10 +7,11 @@ blocks (the shuffle buffer), batches cut from that order. Reader threads then co
 rows with plain `os.preadv` calls straight from the shard files into a batch buffer (one copy
 per row, no HDF5 call per row, adjacent rows in one call; the GIL is released while they copy),
 while a prefetch thread asks the kernel to read the current and the next window ahead, block by
-block (`POSIX_FADV_WILLNEED`: sequential disk reads, no copy to user space). Batch buffers are
-reused once the caller has let go of them, and kept by the store from one epoch to the next: a
-fresh 100 MB buffer costs a page fault per page, which from the page cache cost more than the
-copy itself (BENCHMARKS.md).
+block (`POSIX_FADV_WILLNEED`: sequential disk reads, no copy to user space). Batch buffers come
+from `wat.data.hostpool.HostPool`s (a buffer is refilled once nothing refers to the batch made
+from it; pinned for a GPU store), kept by the store from one epoch to the next: a fresh 100 MB
+buffer costs a page fault per page, which from the page cache cost more than the copy itself
+(BENCHMARKS.md).
 
 Fields whose rows are not stored whole (`mean`: HDF5 chunks of 256 rows of one layer, so that
 probing reads one layer) stream by window instead (`_stream_windows`): a row read alone there
@@ -31,19 +32,18 @@ stored, against their checksums the first time this process reads them (`Cache.c
 Memory: `memory_budget` bounds the cache data the store holds: the resident field (in memory), or
 in streaming the batch buffers, stored and (CPU store) converted: those being read, the one handed
 to the caller and the one it held before, at least 3 batches whatever the budget; streaming by
-window: two windows and one block of staging, at least 5 blocks whatever the budget. Batch
-buffers are kept between epochs (those of other batch sizes too while all fit the budget beside
-the resident field; windows are not kept); a resident CPU store's batches come from such buffers
-too (3 batches, beyond the field when it fills the budget). It does not bound what the caller
-computes from a batch (activations kept for autograd, the model and optimiser; the trainer's step
-augments the batch it is handed in place, which is safe: a batch buffer is refilled only once
-nothing references it, a resident batch is a copy of its rows, and a window's batches are fresh
-tensors gathered from it).
+window: two windows and one block of staging, at least 5 blocks whatever the budget, and 3
+batches. Batch buffers are kept between epochs (those of other batch sizes too while all fit the
+budget beside the resident field; windows are not kept); a resident CPU store's batches come from
+such buffers too (3 batches, beyond the field when it fills the budget). It does not bound what
+the caller computes from a batch (activations kept for autograd, the model and optimiser; the
+trainer's step augments the batch it is handed in place, which is safe: a batch buffer is refilled
+only once nothing references it, and a batch is a copy of its rows, never a view of the resident
+field or of a window).
 """
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..hostpool import HostPool
 from .handles import raw_fd
 from .layout import layer_chunk_offsets, row_offsets
 from .read import Cache, open_cache, read_rows
@@ -103,9 +104,9 @@ class FeatureStore:
         self.read_threads = max(1, read_threads)
         self._layouts: dict[int, tuple[int, np.ndarray] | None] = {}
         self._chunk_layouts: dict[int, tuple[int, np.ndarray, int] | None] = {}
-        self._pin = torch.cuda.is_available()  # pinned host batches: async host-to-device copies
-        # batch buffers, kept between epochs (`_pools_for`): (shape, dtype) -> _Buffers
-        self._pools: dict[tuple, _Buffers] = {}
+        self._pin = torch.cuda.is_available()  # a pinned resident field / `get` rows: async host-to-device copies
+        # batch buffers, kept between epochs (`_pools_for`): (shape, dtype) -> HostPool
+        self._pools: dict[tuple, HostPool] = {}
         self._pools_lock = threading.Lock()
         self._scale = self._row_shard = None
         if self.stored == np.int8:  # [S, L, D] scales and each row's shard, on the device
@@ -237,8 +238,8 @@ class FeatureStore:
         rows, outs = pools[0], (pools[1] if convert else None)
         for a in range(0, len(order), batch_size):
             b = order[a:a + batch_size]
-            q = torch.index_select(self._data, 0, torch.from_numpy(b), out=torch.from_numpy(rows.take()[:len(b)]))
-            x = self.values(q, b, dtype, torch.from_numpy(outs.take()[:len(b)])) if convert else self.values(q, b, dtype)
+            q = torch.index_select(self._data, 0, torch.from_numpy(b), out=torch.from_numpy(rows.take(len(b))))
+            x = self.values(q, b, dtype, torch.from_numpy(outs.take(len(b)))) if convert else self.values(q, b, dtype)
             del q
             yield b, x
             del x
@@ -320,7 +321,10 @@ class FeatureStore:
             places.append(pos[perm])
         size = max((n for _, n in windows), default=0)
         buffers, stage = [None, None], [None]  # two windows, reused; the loader's staging block
-        rows_dtype = _TORCH[self.stored]
+        convert = self._converts(dtype)
+        # batches: the one being gathered, the one handed to the caller and the one it held before
+        pools = self._pools_for((batch_size,) + self.shape, 3, self.stored, *([_NUMPY[dtype]] if convert else []))
+        stored, outs = pools[0], (pools[1] if convert else None)
 
         def load(k: int) -> torch.Tensor:
             if buffers[k % 2] is None:
@@ -343,13 +347,18 @@ class FeatureStore:
                     while i < len(place):
                         if batch is None:
                             rows = order[done:done + batch_size]
-                            batch = torch.empty((len(rows),) + self.shape, dtype=rows_dtype, pin_memory=self._pin)
+                            batch = torch.from_numpy(stored.take(len(rows)))
                         take = min(len(batch) - filled, len(place) - i)
                         torch.index_select(win, 0, place[i:i + take], out=batch[filled:filled + take])
                         filled, i = filled + take, i + take
                         if filled == len(batch):
                             x, batch, filled, done = batch, None, 0, done + len(rows)
-                            yield rows, self.values(x.to(self.device, non_blocking=True), rows, dtype)
+                            if convert:
+                                x = self.values(x, rows, dtype, torch.from_numpy(outs.take(len(rows))))
+                            else:
+                                x = self.values(stored.to_device(x, self.device), rows, dtype)
+                            yield rows, x
+                            del x
                     del win
             finally:
                 if nxt is not None:
@@ -424,16 +433,18 @@ class FeatureStore:
             pos = offsets[rows - self.cache.shards[s][1]]
             os.posix_fadvise(fd, int(pos.min()), int(pos.max() - pos.min()) + self.row_bytes, os.POSIX_FADV_WILLNEED)
 
-    def _pools_for(self, shape: tuple, keep: int, *dtypes) -> list[_Buffers]:
+    def _pools_for(self, shape: tuple, keep: int, *dtypes) -> list[HostPool]:
         """The batch buffers of `shape` in each of `dtypes` (an epoch's stored and converted
-        batches), kept by the store from one epoch to the next: fresh ones every epoch cost a page
-        fault (and zeroing) per page again, measured 1.3-1.5x slower warm epochs (BENCHMARKS.md).
-        Pools of other shapes (another batch size) are dropped while all pools together would hold
-        more than the memory budget beside the resident field (or than these alone)."""
+        batches; `HostPool`s of `keep` buffers, pinned when the store's device is a GPU: its batches
+        are copied there), kept by the store from one epoch to the next: fresh ones every epoch cost
+        a page fault (and zeroing) per page again, measured 1.3-1.5x slower warm epochs
+        (BENCHMARKS.md). Pools of other shapes (another batch size) are dropped while all pools
+        together would hold more than the memory budget beside the resident field (or than these alone)."""
         resident = self.row_bytes * len(self) if self.in_memory else 0
+        pinned = self.device.type == "cuda"
         with self._pools_lock:
             keys = [(tuple(shape), np.dtype(d)) for d in dtypes]
-            pools = [self._pools.pop(k, None) or _Buffers(shape, d, keep) for k, d in zip(keys, dtypes)]
+            pools = [self._pools.pop(k, None) or HostPool(shape, d, keep, pinned=pinned) for k, d in zip(keys, dtypes)]
             for pool in pools:
                 pool.resize(keep)
             need = sum(p.capacity() for p in pools)
@@ -462,11 +473,8 @@ class FeatureStore:
         # held before (still referenced while the next is asked for): depth + 2 within the budget
         batch_bytes = batch_size * self.row_bytes + (batch_size * self.row_values * dtype.itemsize if convert else 0)
         depth = int(max(1, min(2 * self.read_threads, self.memory_budget // max(1, batch_bytes) - 2)))
-        # pinned host memory (CUDA) comes from torch's caching host allocator, which reuses it already
-        pools = self._pools_for(shape, depth + 2, *([] if self._pin else [self.stored]),
-                                *([_NUMPY[dtype]] if convert else []))
-        buffers = None if self._pin else pools.pop(0)
-        outs = pools.pop(0) if convert else None
+        pools = self._pools_for(shape, depth + 2, self.stored, *([_NUMPY[dtype]] if convert else []))
+        buffers, outs = pools[0], (pools[1] if convert else None)
         ahead, stop = threading.Semaphore(2), threading.Event()  # windows advised, not yet entered
 
         def prefetch():
@@ -485,7 +493,7 @@ class FeatureStore:
             if k in enters:
                 ahead.release()
             rows = order[k * batch_size:(k + 1) * batch_size]
-            q = self._fill(rows, None if buf is None else buf[:len(rows)])
+            q = self._fill(rows, buf[:len(rows)])
             return rows, (self.values(q, rows, dtype, torch.from_numpy(out[:len(rows)])) if convert else q)
 
         n = -(-len(order) // batch_size)
@@ -496,11 +504,10 @@ class FeatureStore:
             try:
                 for k in range(n):
                     while len(pending) < depth and k + len(pending) < n:
-                        pending.append(pool.submit(read, k + len(pending), buffers and buffers.take(),
-                                                   outs and outs.take()))
+                        pending.append(pool.submit(read, k + len(pending), buffers.take(), outs and outs.take()))
                     rows, x = pending.popleft().result()
                     if not convert:
-                        x = self.values(x.to(self.device, non_blocking=True), rows, dtype)
+                        x = self.values(buffers.to_device(x, self.device), rows, dtype)
                     yield rows, x
                     del x
             finally:
@@ -508,38 +515,6 @@ class FeatureStore:
                 for f in pending:  # the consumer stopped early: drop what was not started
                     f.cancel()
                 advisor.join()
-
-
-class _Buffers:
-    """Host batch buffers of one shape, reused once nobody holds them (kept by the store between
-    epochs). A buffer is free when the only reference to its array is ours: every tensor or array
-    made from it (`torch.from_numpy`, numpy views) keeps a reference to it, and so does a reader
-    thread still filling it. At most `keep` are kept; beyond that (a caller holding many batches)
-    buffers are allocated and freed as usual."""
-
-    def __init__(self, shape: tuple, dtype: np.dtype, keep: int):
-        self.shape, self.dtype, self.keep = tuple(shape), np.dtype(dtype), keep
-        self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()
-
-    def capacity(self) -> int:
-        """Bytes this pool may hold between epochs."""
-        return self.keep * self.dtype.itemsize * int(np.prod(self.shape))
-
-    def resize(self, keep: int) -> None:
-        with self._lock:
-            self.keep = keep
-            del self._free[keep:]  # held ones stay alive with their holders
-
-    def take(self) -> np.ndarray:
-        with self._lock:  # the taker's reference exists before the lock is let go
-            for buf in self._free:
-                if sys.getrefcount(buf) == 3:  # the list's, the loop's and getrefcount's argument
-                    return buf
-            buf = np.empty(self.shape, self.dtype)
-            if len(self._free) < self.keep:
-                self._free.append(buf)
-            return buf
 
 
 def _preadv_all(fd: int, buffers: list, offset: int) -> None:

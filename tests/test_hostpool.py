@@ -1,0 +1,109 @@
+"""HostPool's one release rule: a buffer is handed out again only once nothing refers to what was
+made from it (and a device copy from it has finished); `keep` bounds what is kept; pinned is a
+property of the pool that falls back to ordinary memory without CUDA."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from wat.data.hostpool import HostPool
+
+
+def _addr(a) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def test_a_buffer_is_reused_once_let_go():
+    pool = HostPool((4, 3), np.float16, keep=2)
+    a = pool.take()
+    assert a.shape == (4, 3) and a.dtype == np.float16
+    where = _addr(a)
+    del a
+    b = pool.take()
+    assert _addr(b) == where  # the same memory, not a new array
+    part = pool.take(2)  # fewer rows: the first rows of another kept buffer
+    assert part.shape == (2, 3) and _addr(part) != where
+    with pytest.raises(ValueError, match="5 rows"):
+        pool.take(5)
+
+
+@pytest.mark.parametrize("hold", ["array", "numpy view", "tensor", "tensor view", "tensor's numpy"])
+def test_no_reuse_while_anything_made_from_it_is_alive(hold):
+    pool = HostPool((4, 3), np.float32, keep=4)
+    a = pool.take()
+    a[:] = 7
+    kept = {"array": lambda: a, "numpy view": lambda: a[1:3], "tensor": lambda: torch.from_numpy(a),
+            "tensor view": lambda: torch.from_numpy(a)[2:].t(), "tensor's numpy": lambda: torch.from_numpy(a)[1].numpy()}[hold]()
+    where = _addr(a)
+    del a
+    for _ in range(2):  # the other kept buffers (new ones, then the same ones back), never the held one
+        others = [pool.take() for _ in range(3)]
+        assert where not in {_addr(o) for o in others}
+        for o in others:
+            o[:] = -1  # what a refill would do
+        del others, o
+    assert (np.asarray(kept) == 7).all()  # untouched
+    del kept
+    assert where in {_addr(b) for b in [pool.take() for _ in range(4)]}  # back in the pool
+
+
+def test_a_buffer_let_go_in_another_thread_comes_back():
+    pool = HostPool((8,), np.int8, keep=1)
+    a = pool.take()
+    where = _addr(a)
+    box = [a]
+    del a
+    t = threading.Thread(target=box.clear)
+    t.start()
+    t.join()
+    assert _addr(pool.take()) == where
+
+
+def test_keep_bounds_what_is_kept():
+    pool = HostPool((2, 2), np.float64, keep=2)
+    held = [pool.take() for _ in range(3)]  # the third is an ordinary array: two are kept
+    assert pool.capacity() == 2 * 2 * 2 * 8 and pool._count == 2
+    kept_addrs = {_addr(h) for h in held[:2]}
+    del held
+    again = [pool.take() for _ in range(3)]
+    assert {_addr(a) for a in again[:2]} == kept_addrs and _addr(again[2]) not in kept_addrs
+    del again
+    pool.resize(1)  # free ones beyond the new bound are dropped
+    assert pool._count == 1 and len(pool._free) == 1
+    pool.resize(0)
+    a = pool.take()
+    del a
+    assert pool._count == 0 and not pool._free  # nothing kept: a plain array, freed as usual
+
+
+def test_pinned_falls_back_to_ordinary_memory_without_cuda(monkeypatch):
+    """The CUDA path's fallback: pinned=True on a machine without CUDA is the same pool in ordinary
+    memory, its `to_device` a plain `.to` (no event, no copy kept), the same release rule."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    pool = HostPool((3, 5), np.float16, keep=2, pinned=True)
+    assert pool.pinned is False
+    x = torch.from_numpy(pool.take())
+    assert not x.is_pinned() and x.dtype == torch.float16
+    assert pool.to_device(x, "cpu") is x and not pool._copies
+    where = x.data_ptr()
+    del x
+    assert torch.from_numpy(pool.take()).data_ptr() == where
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_buffers_are_page_locked_and_kept_while_copied():
+    pool = HostPool((64, 1024), np.float16, keep=1, pinned=True)
+    assert pool.pinned
+    x = torch.from_numpy(pool.take())
+    assert x.is_pinned()
+    x.fill_(3)
+    where = x.data_ptr()
+    y = pool.to_device(x, "cuda")
+    del x  # the copy may still run: the pool holds its source until it has finished
+    z = torch.from_numpy(pool.take())
+    z.fill_(0)  # waited for the copy, then refilled (or a new buffer while the copy ran)
+    assert (y == 3).all().item()
+    del z
+    torch.cuda.synchronize()
+    assert torch.from_numpy(pool.take()).data_ptr() == where
