@@ -110,7 +110,7 @@ def test_shard_arrays_come_back_to_their_pools_and_shards_stay_intact(demo, mode
             p._new = lambda new=p._new: made.append(1) or new()
         return pools
 
-    def encode(encoder, audio, options):
+    def encode(encoder, audio, options, lengths=None):
         v = audio.abs().mean(1)[:, None, None, None].expand(len(audio), encoder.n_layers, options.frames, encoder.dim)
         return v.half(), v[:, :, 0].half(), torch.ones(len(audio), dtype=torch.bool)
 
