@@ -1,8 +1,8 @@
 """The HEAR seed's ensemble arithmetic ("The Efficacy of Self-Supervised Speech Models as Audio
 Representations", HEAR 2021), shared by the probe's cross-encoder fusions (wat.eval.fusion) and the
 HEAR ensemble module (wat.extract.hear): linear interpolation of a sequence of frames to another
-frame count, of a feature vector to another width, and the `_g` scene embedding (k groups in time,
-each group's mean, concatenated).
+frame count or onto other frame times, of a feature vector to another width, and the `_g` scene
+embedding (k groups in time, each group's mean, concatenated).
 
 Arrays or tensors in, the same kind out (numpy arrays are computed in torch, float32).
 """
@@ -75,6 +75,31 @@ def interp_time(x, frames: int):
     return _back(out.transpose(1, 2).reshape(*lead, frames, d), was_numpy)
 
 
+def interp_at(x, times, at):
+    """[..., T, D] frames centred at `times` [T] (ascending) -> [..., len(at), D]: each feature
+    linearly interpolated at the times `at` (any unit, the same for both), held at the first / last
+    frame outside [times[0], times[-1]] (numpy's `interp`). Frames whose centres are known put another
+    model's frames on one model's timestamps (the HEAR ensemble): `interp_time` assumes both grids
+    span the clip alike, which frame centres such as 12.5 + 20 j ms vs 10 j ms do not. A time equal to
+    a frame's centre returns that frame exactly."""
+    import torch
+
+    t, was_numpy = _torch(x)
+    times, at = (torch.as_tensor(np.array(v, np.float32) if isinstance(v, np.ndarray) else v, dtype=torch.float32,
+                                 device=t.device).reshape(-1) for v in (times, at))
+    if times.numel() != t.shape[-2] or times.numel() == 0:
+        raise ValueError(f"{t.shape[-2]} frames need as many times, got {times.numel()}")
+    if times.numel() == 1:
+        return _back(t[..., :1, :].expand(*t.shape[:-2], at.numel(), t.shape[-1]).contiguous(), was_numpy)
+    if bool((times.diff() <= 0).any()):
+        raise ValueError("frame times must be strictly ascending")
+    hi = torch.searchsorted(times, at, right=True).clamp(1, times.numel() - 1)
+    lo = hi - 1
+    w = ((at - times[lo]) / (times[hi] - times[lo])).clamp(0, 1)[:, None]     # [len(at), 1]
+    out = t[..., lo, :] * (1 - w) + t[..., hi, :] * w
+    return _back(out, was_numpy)
+
+
 def interp_width(x, width: int):
     """[..., D] -> [..., width]: the feature axis linearly interpolated (the seed's optional step that
     brings every model to one model's width). D == width returns the input unchanged."""
@@ -114,4 +139,5 @@ def group_means(x, k: int = GROUPS):
     return _back(out, was_numpy)
 
 
-__all__ = ["GROUPS", "model_code", "model_codes", "fusion_name", "interp_time", "interp_width", "group_bounds", "group_means"]
+__all__ = ["GROUPS", "model_code", "model_codes", "fusion_name", "interp_time", "interp_at", "interp_width", "group_bounds",
+           "group_means"]

@@ -43,6 +43,7 @@ class HEARModel(nn.Module):
         if reduce not in ("mean", "concat"):
             raise ValueError(f"reduce must be 'mean' or 'concat', got {reduce!r}")
         self.policy = encoder.policy_for(policy)
+        self.min_samples = encoder.min_samples(self.policy)   # shorter clips raise ShortClipError
         self.reduce, self.batch_size = reduce, integer(batch_size)
         self.wrapped = encoder
         if isinstance(getattr(encoder, "model", None), nn.Module):
@@ -79,7 +80,7 @@ def load_model(model_file_path: str = "", *, layers="all", reduce: str = "mean",
     wav2vec2 / HuBERT / WavLM / data2vec-audio folder or id; crepe-full, crepe-tiny); empty = the
     offline `base` model. `policy`: "trim" (default, every encoder) or "pad30" (Whisper only).
     Several joined with "+" ("a+b+c") are the HEAR seed's ensemble (`wat.extract.hear_ensemble`: each
-    model's layer mean, aligned in time to the first model's frames; `fusion` "cat" or "avg",
+    model's layer mean, interpolated onto the first model's timestamps; `fusion` "cat" or "avg",
     `groups` k > 0 for the `_g` scene embedding, `match_width` to interpolate widths to the first's)."""
     from .hear_ensemble import is_ensemble, load
 
@@ -115,8 +116,8 @@ def get_timestamp_embeddings(audio, model: HEARModel) -> tuple[torch.Tensor, tor
 
 
 def get_scene_embeddings(audio, model: HEARModel) -> torch.Tensor:
-    """[n, scene_embedding_size] float32: the time mean of the timestamp embeddings (ensembles: or
-    their `_g` group means)."""
+    """[n, scene_embedding_size] float32: the time mean of the timestamp embeddings (ensembles: each
+    member's own time mean, fused; or the `_g` group means of the fused timestamp embeddings)."""
     if hasattr(model, "scene_embeddings"):
         return model.scene_embeddings(_audio(audio, model))
     return model.frames(_audio(audio, model)).mean(1)

@@ -3,13 +3,21 @@ frame (what `wat.extract.hear` serves for one encoder), aligned in time and fuse
 
     model = wat.extract.hear.load_model("facebook/hubert-xlarge-ll60k+facebook/wav2vec2-large-lv60+crepe-full")
 
-Timestamp embeddings: every member's frames are linearly interpolated in time to the first member's
-frame count (`wat.data.fusion.interp_time`, the seed's alignment: each sequence spans the same clip),
-optionally each to the first member's width (`match_width`, the seed's optional step), then
-concatenated ("cat", the seed's `fusion_cat_...`) or averaged ("avg"); the timestamps are the first
-member's. Scene embeddings: the time mean of those, or with `groups=k` the `_g` variant (k groups in
-time, each group's mean, concatenated). Put the model whose frame grid you want first (the seed
-aligns to wav2vec 2.0; the wav2vec2 family and Whisper all have 20 ms frames).
+Timestamp embeddings live on the FIRST member's grid: its frames and timestamps as they are; every
+other member's frames are linearly interpolated in time onto those timestamps from its own frame
+centres (`wat.data.fusion.interp_at`; held at its first / last frame outside its own span), optionally
+each brought to the first member's width (`match_width`, the seed's optional step), then
+concatenated ("cat", the seed's `fusion_cat_...`) or averaged ("avg"). Frame centres differ by
+family (`Encoder.timestamps`): the wav2vec2 family 12.5 + 20 j ms, Whisper 10 + 20 j ms, CREPE
+10 j ms; for a 2 s clip that is 99, 100 and 201 frames. The seed's own code interpolates frame
+counts instead (`interp_time`, as if every grid spanned the clip alike): on a 2 s clip it reads
+CREPE 22 ms and Whisper 17 ms away from the last wav2vec2 frame it is fused with.
+Scene embeddings: each member's own time mean (of its native frames, not interpolated),
+concatenated or averaged - the seed's intra-model aggregation + inter-model concatenation, as
+wat-probe's cross-cache `mean` fusion; with `groups=k` the `_g` variant: the fused timestamp
+embeddings cut into k groups in time, each group's mean, concatenated. Put the model whose frame
+grid you want first (the seed aligns to wav2vec 2.0). A clip shorter than some member's
+`min_samples` raises `ShortClipError` naming those members, before any member runs.
 """
 from __future__ import annotations
 
@@ -19,6 +27,8 @@ import torch
 from torch import nn
 
 from wat.data import fusion as F
+
+from .encoders import ShortClipError
 
 SEPARATOR = "+"
 FUSIONS = ("cat", "avg")
@@ -60,6 +70,7 @@ class EnsembleHEAR(nn.Module):
         self.fusion, self.groups = fusion, groups
         self.width = widths[0] if match_width else 0
         self.sample_rate = rates.pop()
+        self.min_samples = max(_min_samples(m) for m in members)   # the fewest samples every member takes
         each = [self.width or w for w in widths]
         self.timestamp_embedding_size = sum(each) if fusion == "cat" else each[0]
         self.scene_embedding_size = self.timestamp_embedding_size * (groups or 1)
@@ -67,22 +78,42 @@ class EnsembleHEAR(nn.Module):
                               [getattr(m, "family", "whisper") for m in members])
         self.name = F.fusion_name(fusion, codes, width=self.width, groups=groups)   # the seed's, e.g. fusion_cat_xwc
 
+    def _width(self, emb: torch.Tensor) -> torch.Tensor:
+        return F.interp_width(emb.float(), self.width) if self.width else emb.float()
+
+    def _fuse(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts, dim=-1) if self.fusion == "cat" else torch.stack(parts).mean(0)
+
+    def _members(self, audio: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each member's (timestamp embeddings [n, T_m, D_m], timestamps [n, T_m]); a clip too short for
+        any member is refused before the first one runs (HuBERT X-Large would run for nothing)."""
+        if audio.shape[-1] < self.min_samples:
+            short = [m for m in self.members if _min_samples(m) > audio.shape[-1]]
+            names = ", ".join(repr(getattr(m, "name", type(m).__name__)) for m in short)
+            raise ShortClipError(audio.shape[-1], getattr(short[0], "policy", "trim"), self.min_samples,
+                                 sample_rate=self.sample_rate, why=f"ensemble member(s) {names} compute no frame "
+                                 "of a shorter clip")
+        return [self.embed(audio, m) for m in self.members]
+
     def timestamp_embeddings(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        outs = [self.embed(audio, m) for m in self.members]
-        frames, timestamps = outs[0][0].shape[1], outs[0][1]
-        parts = []
-        for emb, _ in outs:
-            emb = F.interp_time(emb.float(), frames)
-            parts.append(F.interp_width(emb, self.width) if self.width else emb)
-        fused = torch.cat(parts, dim=-1) if self.fusion == "cat" else torch.stack(parts).mean(0)
-        return fused, timestamps
+        outs = self._members(audio)
+        first, timestamps = outs[0]
+        grid = timestamps[0]                       # equal-length clips: one grid for the batch
+        parts = [self._width(first)] + [self._width(F.interp_at(emb, ts[0], grid)) for emb, ts in outs[1:]]
+        return self._fuse(parts), timestamps
 
     def scene_embeddings(self, audio: torch.Tensor) -> torch.Tensor:
-        emb, _ = self.timestamp_embeddings(audio)
-        return F.group_means(emb, self.groups) if self.groups else emb.mean(1)
+        if self.groups:
+            emb, _ = self.timestamp_embeddings(audio)
+            return F.group_means(emb, self.groups)
+        return self._fuse([self._width(emb.mean(1)) for emb, _ in self._members(audio)])
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.fusion}, groups={self.groups}, width={self.width or 'own'}"
+
+
+def _min_samples(member: nn.Module) -> int:
+    return int(getattr(member, "min_samples", 1))
 
 
 def load(spec: str, load_member: Callable[[str], nn.Module], embed: Embed, *, fusion: str = "cat", groups: int = 0,

@@ -166,3 +166,20 @@ def test_cli_cross_encoder_fusions_and_bad_options(two, tmp_path, capsys):
     assert probe_main(["--features", str(a), "--features", str(b), "--fusion", "mean_g", "--groups", "30",
                        "--jobs", "1", "--out", str(tmp_path / "s")]) == 0
     assert "mean_g skipped: 30 time groups need at least 30 frames" in capsys.readouterr().out
+
+
+def test_interp_at_frame_times_is_numpys_interp():
+    """interp_at: linear between the given frame centres, ends held (np.interp), numpy in -> numpy out;
+    the frames' own times give the frames exactly; one frame is held everywhere."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 7, 3)).astype(np.float32)
+    times, at = np.sort(rng.uniform(0, 100, 7)), np.array([-5.0, 0.0, 12.5, 33.3, 50.0, 99.0, 140.0])
+    got = DF.interp_at(x, times, at)
+    want = np.stack([np.stack([np.interp(at, times, x[n, :, d]) for d in range(3)], 1) for n in range(2)])
+    assert isinstance(got, np.ndarray) and got.shape == (2, 7, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(DF.interp_at(x, times, times), x)
+    np.testing.assert_array_equal(DF.interp_at(x[:, :1], times[:1], at), np.repeat(x[:, :1], 7, axis=1))
+    for bad_times in (times[:6], times[::-1], np.zeros(7)):
+        with pytest.raises(ValueError, match="times"):
+            DF.interp_at(x, bad_times, at)

@@ -37,7 +37,8 @@ KINDS = {
 LENGTHS = (4000, 2721, 5123)  # samples: three lengths, so a batch needs padding or groups
 
 
-def tiny_model(kind: str, seed: int = 0, ctc_vocab: int | None = None):
+def tiny_model(kind: str, seed: int = 0, ctc_vocab: int | None = None, **sizes):
+    """A tiny random model of `kind` (KINDS); `sizes` override SMALL (hidden_size=48, ...)."""
     model_type, norm, stable = KINDS[kind]
     config_cls, model_cls = FAMILIES[model_type]
     extra = {}
@@ -51,7 +52,7 @@ def tiny_model(kind: str, seed: int = 0, ctc_vocab: int | None = None):
         extra.update(vocab_size=ctc_vocab, pad_token_id=0)
         model_cls = HubertForCTC
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**SMALL, **extra})).eval()
+    model = model_cls(config_cls(**{**SMALL, **extra, **sizes})).eval()
     with torch.no_grad():  # HF's init leaves norms at 1/0 and biases at 0: make every tensor distinct
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

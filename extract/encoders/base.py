@@ -131,7 +131,11 @@ class Encoder(abc.ABC):
     def all_frames(self, audio: torch.Tensor, *, policy: str, layers: Sequence[int] | None = None) -> torch.Tensor:
         """Every native frame of each clip, unpooled: [n, S] (equal lengths) -> float32
         [n, len(layers), T, dim], T = `native_frames(S, policy)` (the HEAR module's timestamp
-        embeddings). Families with `max_seconds` override it to encode longer audio window by window."""
+        embeddings). Families with `max_seconds` override it to encode longer audio window by window.
+        ShortClipError for clips under `min_samples(policy)` (they have no native frame to ask for)."""
+        need = self.min_samples(self.policy_for(policy))
+        if audio.shape[-1] < need:
+            raise ShortClipError(audio.shape[-1], policy, need, sample_rate=self.sample_rate)
         return self.pooled(audio, frames=self.native_frames(audio.shape[-1], policy), policy=policy, layers=layers)
 
     def timestamps(self, n_frames: int) -> torch.Tensor:
