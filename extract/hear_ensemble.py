@@ -14,9 +14,13 @@ counts instead (`interp_time`, as if every grid spanned the clip alike): on a 2 
 CREPE 22 ms and Whisper 17 ms away from the last wav2vec2 frame it is fused with.
 Scene embeddings: each member's own time mean (of its native frames, not interpolated),
 concatenated or averaged - the seed's intra-model aggregation + inter-model concatenation, as
-wat-probe's cross-cache `mean` fusion; with `groups=k` the `_g` variant: the fused timestamp
-embeddings cut into k groups in time, each group's mean, concatenated. Put the model whose frame
-grid you want first (the seed aligns to wav2vec 2.0). A clip shorter than some member's
+wat-probe's cross-cache `mean` fusion (the seed's code takes the time mean of its interpolated
+frames instead); with `groups=k` the `_g` variant: the fused timestamp embeddings cut into k groups
+in time, each group's mean, concatenated. Put the model whose frame grid you want first (the seed
+aligns to wav2vec 2.0). The seed's submitted `fusion_cat_xwc` also interpolated every model's width
+to wav2vec 2.0's (3 x 1024 wide): `match_width=True` with the wav2vec2 model first; without it the
+widths add up. Its layer mean also counted transformers' `hidden_states[0]` (the input of the first
+block); wat's layers are the blocks' outputs only, as everywhere in wat. A clip shorter than some member's
 `min_samples` raises `ShortClipError` naming those members, before any member runs.
 """
 from __future__ import annotations
