@@ -1,7 +1,7 @@
 """Cache reading at large width against the machine's limit, side by side in one run.
 
     python bench/cache_read.py                          # 4000 clips x 32 x 25 x 1280 fp16 (~8 GB)
-    python bench/cache_read.py --store fp16,int8        # the same clips stored both ways
+    python bench/cache_read.py --storage fp16,int8       # the same clips stored both ways
     python bench/cache_read.py --rss-budget 900         # + RSS of streaming training, by part
 
 A synthetic cache is written through the real writer (`write_shard` + `build_index`) into --dir,
@@ -228,7 +228,7 @@ def _meminfo() -> str:
             f"page cache {m['Cached'] / 2**20:.1f} GiB")
 
 
-def table(res, stores, temps, modes, row, caches, full, dim) -> None:
+def table(res, storages, temps, modes, row, caches, full, dim) -> None:
     """The markdown table: best round and median per mode; the reader's columns from its stores'
     later epochs (rounds 2..), as in training, and their first epochs (round 1) beside them.
     (b)/(a) pairs each round's (b) with the same round's (a), read seconds apart, so that load
@@ -238,7 +238,7 @@ def table(res, stores, temps, modes, row, caches, full, dim) -> None:
           "| (b), (b') first epoch samples/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for temp in temps:
-        for st in stores:
+        for st in storages:
             ra, r0, rb, rf, rc = (res[(temp, st, m)] for m in modes)
             first = f"{rb[0] * 1e6 / row[st]:.0f}, {rf[0] * 1e6 / row[st]:.0f}"
             ratio = [b / a for a, b in zip(ra, rb)][1:] or [rb[0] / ra[0]]
@@ -259,7 +259,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--shard-clips", type=int, default=500)
-    ap.add_argument("--store", default="fp16", help="comma-separated storages to compare: fp16,int8")
+    ap.add_argument("--storage", default="fp16", help="comma-separated storages to compare: fp16,int8")
+    ap.add_argument("--store", dest="storage", help=argparse.SUPPRESS)  # the old spelling (BENCHMARKS.md commands)
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "wat-bench-cache"),
                     help="where the caches are written (removed at the end unless --keep)")
     ap.add_argument("--rounds", type=int, default=3, help="0: only the RSS runs")
@@ -274,15 +275,15 @@ def main() -> int:
     a = ap.parse_args()
     if min(a.clips, a.layers, a.dim, a.shard_clips, a.rounds + 1, a.batch, a.threads, a.cold_clips, a.warm_clips) < 1 or (a.rss_budget is not None and a.rss_budget < 1):
         ap.error("sizes, batch, threads and the RSS budget must be >= 1, rounds >= 0")
-    stores = a.store.split(",")
-    if set(stores) - {"fp16", "int8"}:
-        ap.error("--store: fp16 and/or int8")
+    storages = a.storage.split(",")
+    if set(storages) - {"fp16", "int8"}:
+        ap.error("--storage: fp16 and/or int8")
 
     from wat.data.cache import open_cache
     root = Path(a.dir)
     full, caches, files, size = {}, {}, {}, {}
     t = time.perf_counter()
-    for st in stores:
+    for st in storages:
         full[st] = open_cache(make_cache(root / st, a.clips, a.layers, a.dim, st, a.shard_clips))
         # RSS runs: the first shards holding more bytes than the budget (a streaming store)
         row_b = full[st].stored_dtype.itemsize * a.layers * 25 * a.dim
@@ -291,17 +292,17 @@ def main() -> int:
             caches[temp, st] = first_shards(full[st], n, root / st)
             files[temp, st] = [str(p) for p, _, _ in caches[temp, st].shards]
             size[temp, st] = sum(os.path.getsize(p) for p in files[temp, st])
-    row = {st: full[st].stored_dtype.itemsize * a.layers * 25 * a.dim for st in stores}
+    row = {st: full[st].stored_dtype.itemsize * a.layers * 25 * a.dim for st in storages}
     print(f"cache: {a.clips} clips x {a.layers} x 25 x {a.dim}; "
           + ", ".join(f"{st} {sum(os.path.getsize(p) for p, _, _ in full[st].shards) / 1e9:.2f} GB in "
-                      f"{len(full[st].shards)} shards" for st in stores)
+                      f"{len(full[st].shards)} shards" for st in storages)
           + f" ({time.perf_counter() - t:.0f} s to make/open); read cold: "
-          + ", ".join(f"{len(caches['cold', st])} clips = {size['cold', st] / 1e9:.2f} GB {st}" for st in stores)
+          + ", ".join(f"{len(caches['cold', st])} clips = {size['cold', st] / 1e9:.2f} GB {st}" for st in storages)
           + "; warm: " + ", ".join(f"{len(caches['warm', st])} clips = {size['warm', st] / 1e9:.2f} GB {st}"
-                                  for st in stores)
+                                  for st in storages)
           + f"; {os.cpu_count()} CPUs, reader threads {a.threads}, batch {a.batch}", flush=True)
 
-    for st in stores:  # each shard's CRC-32s, checked once per process: here, not in round 1's reads
+    for st in storages:  # each shard's CRC-32s, checked once per process: here, not in round 1's reads
         t = time.perf_counter()
         caches["cold", st].verify_field("features")
         caches["warm", st].verify_field("features")
@@ -314,7 +315,7 @@ def main() -> int:
     modes = {"raw": None, "raw8": None, "stream": None, "+f32": "float32", "dask": None}
     for r in range(a.rounds):
         for temp in temps:
-            for st in stores:
+            for st in storages:
                 c, fs = caches[temp, st], files[temp, st]
                 for mode, dtype in modes.items():
                     if temp == "cold":
@@ -343,11 +344,11 @@ def main() -> int:
     print(f"memory after: {_meminfo()}; load average {_load()}")
 
     if a.rounds:
-        table(res, stores, temps, modes, row, caches, full, a.dim)
+        table(res, storages, temps, modes, row, caches, full, a.dim)
 
     if a.rss_budget:
         budget = a.rss_budget << 20
-        for st in stores:
+        for st in storages:
             c = caches["rss", st]
             got = {}
             for part in ("reader", "step", "train"):

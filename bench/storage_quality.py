@@ -5,7 +5,7 @@ streaming reader throughput.
 
 Two sets, each stored both ways through the real writer:
   demo       the synthetic ESC-50-layout demo set (11 classes x --demo-clips), Whisper --model,
-             extracted twice by `extract_dataset` (--store fp16 and --store int8)
+             extracted twice by `extract_dataset` (--storage fp16 and --storage int8)
   graded     a synthetic cache (--synth-clips clips, 10 classes, 8 layers x 25 x 256) whose class
              signal grows with depth and whose channels differ in scale by up to ~50x (as Whisper's
              do), so accuracies are far from 100% and per-channel scales matter
@@ -53,7 +53,7 @@ def demo_cache(folder: Path, root: Path, storage: str, model) -> Path:
     from wat.extract.pipeline import ExtractOptions, extract_dataset
 
     out = folder / "feats.h5"
-    extract_dataset(load_dataset("esc50", root), ExtractOptions(model="?", policy="trim", store=storage,
+    extract_dataset(load_dataset("esc50", root), ExtractOptions(model="?", policy="trim", storage=storage,
                                                                 progress=False), out, model=model)
     return out
 

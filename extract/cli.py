@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from wat.data.cache import POLICIES
+from wat.data.cache import POLICIES, STORAGES
 from wat.data.clikit.args import (ENCODER_HELP, MODEL_HELP, add_device, add_encoding, add_workers, float_range,  # noqa: F401
                                   int_range, layer_range, parse_args)
 from wat.data.clikit.main import run_command
 from wat.data.datasets import DATASET_KINDS
-
-STORES = ("fp16", "int8")  # = wat.data.cache.STORAGES (not imported here: --help stays instant)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,9 +38,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-seconds", type=float_range(0, 600, lo_open=True), default=None,
                    help="pad/trim every clip to this length (default: the dataset's; Whisper: at most 30 s, "
                         "other encoders at most 600 s)")
-    p.add_argument("--store", choices=STORES, default="fp16",
+    p.add_argument("--storage", choices=STORAGES, default="fp16",
                    help="stored precision: fp16 (default) or int8 (half the bytes; per-shard scales per "
                         "layer and channel, dequantised by the readers)")
+    p.add_argument("--store", dest="storage", choices=STORAGES, help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--layers", type=layer_range, metavar="START:STOP",
                    help="keep only encoder blocks START..STOP-1 (e.g. 8:32 of large's 32; default all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache made differently")
@@ -65,7 +64,7 @@ def _main(argv) -> int:
     options = ExtractOptions(
         model=args.model, policy=args.policy, frames=args.frames, device=args.device, batch_size=args.batch_size,
         num_workers=args.decode_workers, shard_size=args.shard_size, limit=args.limit, overwrite=args.overwrite,
-        clip_seconds=args.clip_seconds, store=args.store, layers=args.layers)
+        clip_seconds=args.clip_seconds, storage=args.storage, layers=args.layers)
     dataset = load_dataset(args.dataset, args.root, args.manifest, clip_seconds=args.clip_seconds,
                            encoding=args.encoding)
     if args.scheduler or args.workers:

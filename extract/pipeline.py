@@ -24,6 +24,7 @@ while batches of two shards are in flight. `Summary.stalls` says which stage the
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -31,6 +32,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -89,14 +91,20 @@ class ExtractOptions:
     overwrite: bool = False
     clip_seconds: float | None = None  # None = the dataset's nominal length
     progress: bool | None = None      # None: as wat.data.clikit.progress is set (bar on a TTY, else log lines); False: none
-    store: str = "fp16"               # stored precision: "fp16" | "int8" (half the bytes, scaled per shard)
+    storage: str = "fp16"             # stored precision: "fp16" | "int8" (half the bytes, scaled per shard)
     layers: tuple | None = None       # (start, stop) slice of encoder blocks to keep; None = all
+
+    @property
+    def store(self) -> str:
+        """The old name of `storage` (deprecated): "store" names the reader (`FeatureStore`); the
+        stored precision is `storage` everywhere (the cache attribute, CacheMeta, FeatureSpec)."""
+        return self.storage
 
     def check(self) -> None:
         if self.policy is not None and self.policy not in wcache.POLICIES:
             raise ExtractError(f"unknown policy {self.policy!r} ({' or '.join(wcache.POLICIES)})")
-        if self.store not in wcache.STORAGES:
-            raise ExtractError(f"unknown storage {self.store!r} ({' or '.join(wcache.STORAGES)})")
+        if self.storage not in wcache.STORAGES:
+            raise ExtractError(f"unknown storage {self.storage!r} ({' or '.join(wcache.STORAGES)})")
         for name in ("frames", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ExtractError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -107,6 +115,22 @@ class ExtractOptions:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ExtractError(f"device {self.device!r} requested but CUDA is not available")
 
+
+def _old_store_keyword(init):
+    """ExtractOptions(store=...) (the old name of storage=) keeps working, with a DeprecationWarning;
+    not a field, so `dataclasses.replace` and `asdict` see `storage` only."""
+    @functools.wraps(init)
+    def __init__(self, *args, store: str | None = None, **kw):
+        if store is not None:
+            if "storage" in kw:
+                raise TypeError("ExtractOptions: give storage= only (store= is its old name)")
+            warnings.warn("ExtractOptions(store=...) is deprecated: use storage=", DeprecationWarning, stacklevel=2)
+            kw["storage"] = store
+        init(self, *args, **kw)
+    return __init__
+
+
+ExtractOptions.__init__ = _old_store_keyword(ExtractOptions.__init__)
 
 @dataclass
 class ShardResult:
@@ -264,7 +288,7 @@ def cache_meta(encoder, dataset: Dataset, options: ExtractOptions, clip_seconds:
                            f"for at most {have} (more would repeat frames), or a longer --clip-seconds")
     versions = {"torch": torch.__version__, "numpy": np.__version__, **encoder.library_versions()}
     spec = encoder.spec(policy=policy, frames=options.frames, layers=_layers(options, encoder.n_layers),
-                        storage=options.store)
+                        storage=options.storage)
     return wcache.CacheMeta.of(spec, clip_seconds=clip_seconds, vocab=dataset.vocab, multilabel=dataset.multilabel,
                                dataset=dataset.name, versions=versions)
 

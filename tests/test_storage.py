@@ -14,7 +14,7 @@ from wat.data.cache import CacheError, CacheMeta, build_index, open_cache, shard
 
 def relayout(src, folder, *, storage="fp16", blocks=None):
     """The cache at `src` rewritten shard by shard through the real writer with another storage
-    and/or only the encoder `blocks` (what wat-extract --store/--layers writes, without re-encoding)."""
+    and/or only the encoder `blocks` (what wat-extract --storage/--layers writes, without re-encoding)."""
     cache = open_cache(src)
     m = cache.meta
     pos = list(range(m.n_layers)) if blocks is None else [m.layers.index(b) for b in blocks]
@@ -128,7 +128,7 @@ def test_extract_int8_layer_subset_and_refusals(small_demo, tiny_model, tmp_path
     ds = load_dataset("esc50", small_demo)
     full = extract_dataset(ds, ExtractOptions(**OPTS), tmp_path / "full.h5", model=tiny_model)
     out = tmp_path / "sub.h5"
-    extract_dataset(ds, ExtractOptions(**OPTS, store="int8", layers=(1, None)), out, model=tiny_model)
+    extract_dataset(ds, ExtractOptions(**OPTS, storage="int8", layers=(1, None)), out, model=tiny_model)
     sub, ref = open_cache(out), open_cache(full.index)
     assert sub.meta.storage == "int8" and sub.meta.layers == (1, 2, 3) and sub.meta.n_layers == 3
     assert sub.meta.incompatibilities(ref.meta) == ["n_layers: 3 != 4", "layers: 1:4 != 0:4"]
@@ -139,7 +139,7 @@ def test_extract_int8_layer_subset_and_refusals(small_demo, tiny_model, tmp_path
     amax = np.abs(want).max(axis=(0, 2))[:, None, :]
     assert (np.abs(got - want) <= amax / 254 + np.abs(want) * 2 ** -9 + 1e-3).all()
     # one output, one precision and one layer set: a different rerun is refused unless --overwrite
-    for change in (dict(store="fp16", layers=(1, None)), dict(store="int8"), dict(store="int8", layers=(0, 2))):
+    for change in (dict(storage="fp16", layers=(1, None)), dict(storage="int8"), dict(storage="int8", layers=(0, 2))):
         with pytest.raises(ExtractError, match="extracted differently"):
             extract_dataset(ds, ExtractOptions(**{**OPTS, **change}), out, model=tiny_model)
     s = extract_dataset(ds, ExtractOptions(**OPTS, overwrite=True), out, model=tiny_model)
@@ -153,9 +153,10 @@ def test_extract_int8_layer_subset_and_refusals(small_demo, tiny_model, tmp_path
     (["--layers", "2"], "expected START:STOP"),
     (["--layers", "a:b"], "expected START:STOP"),
     (["--layers", ":0"], "numbered from 0"),
-    (["--store", "fp8"], "invalid choice: 'fp8'"),
+    (["--storage", "fp8"], "invalid choice: 'fp8'"),
+    (["--store", "fp8"], "invalid choice: 'fp8'"),  # the old spelling
 ])
-def test_cli_rejects_bad_store_and_layers(args, message, capsys, tmp_path):
+def test_cli_rejects_bad_storage_and_layers(args, message, capsys, tmp_path):
     from wat.extract.cli import main
     with pytest.raises(SystemExit) as e:
         main(["--dataset", "esc50", "--root", str(tmp_path), "--model", "tiny.en", "--out", str(tmp_path / "f.h5"),
@@ -163,6 +164,30 @@ def test_cli_rejects_bad_store_and_layers(args, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and message in err[-1] and err[-1].startswith("wat-extract: error:")
 
+
+def test_old_store_names_mean_storage():
+    """`store` names the reader (FeatureStore); the stored precision is `storage`. The old spellings
+    keep working: wat-extract --store (unlisted), ExtractOptions(store=) (deprecated), options.store."""
+    import dataclasses
+
+    from wat.extract.cli import parser
+    from wat.extract.pipeline import ExtractOptions
+
+    base = ["--dataset", "esc50", "--root", ".", "--model", "tiny.en", "--out", "f.h5"]
+    assert parser().parse_args(base).storage == "fp16"
+    assert parser().parse_args(base + ["--store", "int8"]).storage == "int8"
+    assert parser().parse_args(base + ["--storage", "int8"]).storage == "int8"
+    assert "--store " not in parser().format_help() and "--storage" in parser().format_help()
+    with pytest.warns(DeprecationWarning, match="storage="):
+        old = ExtractOptions(store="int8")
+    assert old.storage == old.store == "int8" and old == ExtractOptions(storage="int8")
+    with pytest.raises(TypeError, match="storage= only"):
+        ExtractOptions(store="int8", storage="fp16")
+    assert "store" not in {f.name for f in dataclasses.fields(ExtractOptions)}
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dataclasses.replace(old, policy="trim").storage == "int8"  # no warning: store is no field
 
 def test_cli_layers_beyond_the_model_is_one_error_line(small_demo, tmp_path, capsys):
     from wat.extract.cli import main
