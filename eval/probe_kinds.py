@@ -222,7 +222,9 @@ class KNNProbe(ProbeKind):
             for a in range(0, len(test), rows):
                 q = F.normalize(test[a:a + rows].to(device), dim=1)
                 sims, idx = (q @ train.T).topk(k, dim=1)                               # [b, k], sorted
-                w = torch.softmax(sims / self.temperature, dim=1)
+                # shifted by each row's top similarity, in float64: a tiny temperature (1e-300 passes
+                # the CLI's range) is 0 in float32 or overflows sims / T, and softmax(inf, ...) is NaN
+                w = torch.softmax((sims - sims[:, :1]).double() / self.temperature, dim=1).float()
                 if multilabel:
                     scores = torch.einsum("bk,bkc->bc", w, labels[idx])
                 else:

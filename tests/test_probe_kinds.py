@@ -107,6 +107,17 @@ def test_knn_with_fewer_training_clips_than_k_uses_them_all():
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [1e-30, 1e-300])
+def test_knn_with_a_tiny_temperature_is_the_nearest_neighbour_not_nan(T):
+    x, y = toy(n=60)
+    probs = K.KNNProbe(temperature=T).fit_predict(x[:40], y[:40], x[40:], n_classes=4, multilabel=False,
+                                                   opts=P.ProbeOptions(device="cpu"))
+    assert np.isfinite(probs).all() and np.allclose(probs.sum(1), 1)
+    nearest = K.KNNProbe(k=1).fit_predict(x[:40], y[:40], x[40:], n_classes=4, multilabel=False,
+                                          opts=P.ProbeOptions(device="cpu"))
+    np.testing.assert_array_equal(probs.argmax(1), nearest.argmax(1))
+
+
 def test_mlp_learning_rate_follows_xares_cosine_schedule():
     m = K.MLPProbe()
     assert (m.lr, m.epochs, m.batch_size) == (1e-3, 10, 32)
