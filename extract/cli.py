@@ -28,7 +28,8 @@ def parser() -> argparse.ArgumentParser:
                         "trim only (the default for them; pad30 is refused)")
     # bounds: beyond these a value is a typo, not a setting; what the encoder can give is checked once it is loaded
     p.add_argument("--frames", type=int_range(1, 100_000), default=25,
-                   help="pooled frames per clip (default 25; Whisper: at most 1500, its frames of 30 s)")
+                   help="pooled frames per clip (default 25; Whisper: at most 1500, its frames of 30 s; "
+                        "a clip with fewer encoder frames is skipped, listed in errors.tsv)")
     add_device(p)
     p.add_argument("--batch-size", type=int_range(1, 4096), default=16, help="clips per encoder call (default 16)")
     p.add_argument("--decode-workers", "--num-workers", dest="decode_workers", type=int_range(0, 256), default=None, metavar="N",

@@ -451,18 +451,26 @@ def encode_batch(encoder: Encoder, audio: torch.Tensor, options: ExtractOptions,
     return feats, mean, torch.isfinite(feats).flatten(1).all(1)
 
 
-def _real_lengths(batch: dict, encoder: Encoder, policy: str) -> dict:
+def _real_lengths(batch: dict, encoder: Encoder, policy: str, frames: int) -> dict:
     """`batch` with "lengths", each clip's real samples (the rest of its window is zero padding), for
-    an encoder that takes clips as they are; a clip shorter than the encoder's `min_samples` becomes
-    that clip's error instead of failing its batch."""
+    an encoder that takes clips as they are. A clip shorter than the encoder's `min_samples`, or with
+    fewer native frames than the `frames` it is pooled to (pooling would repeat frames: `cache_meta`
+    checks only the nominal clip length), becomes that clip's error instead of a row."""
     need = encoder.min_samples(policy)
     lengths = [round(s * SAMPLE_RATE) for s in batch["seconds"]]
-    keep = [j for j, n in enumerate(lengths) if n >= need]
+    errors, keep = list(batch["errors"]), []
+    for j, n in enumerate(lengths):
+        if n < need:
+            reason = f"{n} samples of audio, fewer than the {need} the {encoder.family} encoder {encoder.name!r} needs"
+        elif (have := encoder.native_frames(n, policy)) < frames:
+            reason = (f"{n} samples of audio give {have} encoder frames, fewer than --frames {frames} "
+                      "(pooling would repeat frames)")
+        else:
+            keep.append(j)
+            continue
+        errors.append((int(batch["index"][j]), reason))
     if len(keep) == len(lengths):
         return {**batch, "lengths": lengths}
-    errors = list(batch["errors"]) + [
-        (int(batch["index"][j]), f"{lengths[j]} samples of audio, fewer than the {need} the {encoder.family} "
-                                 f"encoder {encoder.name!r} needs") for j in range(len(lengths)) if j not in keep]
     return {"index": batch["index"][keep], "audio": batch["audio"][keep], "seconds": [batch["seconds"][j] for j in keep],
             "errors": errors, "lengths": [lengths[j] for j in keep]}
 
@@ -493,7 +501,7 @@ class _InFlight:
         t0 = time.perf_counter()
         lengths = None
         if not encoder.pad_to_clip_length:
-            self.batch = batch = _real_lengths(batch, encoder, options.policy)
+            self.batch = batch = _real_lengths(batch, encoder, options.policy, options.frames)
             lengths = batch["lengths"]
         if len(batch["index"]):
             out = encode_batch(encoder, batch["audio"].to(options.device, non_blocking=True), options, lengths)

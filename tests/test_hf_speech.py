@@ -353,3 +353,29 @@ def test_wat_extract_with_hf_and_crepe(spec, tmp_path):
     want = enc.pooled(audio, frames=5, policy="trim").numpy()
     got = cache.read("features", rows).astype(np.float32)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_wat_extract_skips_a_clip_with_fewer_encoder_frames_than_frames(tmp_path):
+    """Clips reach an HF encoder unpadded, so a clip much shorter than --clip-seconds can have fewer
+    native frames than --frames: pooling would repeat frames. Such a clip is that clip's recorded
+    error (errors.tsv, the summary's reasons), never a row; a clip with exactly --frames is kept."""
+    import soundfile as sf
+
+    from wat.data import open_cache
+    from wat.extract.cli import main
+    from wat.extract.pipeline import shard_dir_for
+
+    folder = str(save(tiny_model("wav2vec2-base"), tmp_path / "w2v"))
+    rng = np.random.default_rng(0)
+    # 16000 samples: 49 frames; 8080: exactly 25 (the default conv stack: (n - 400) // 320 + 1); 3200: 9
+    for name, n in (("long", 16000), ("edge", 8080), ("short", 3200)):
+        sf.write(tmp_path / f"{name}.wav", rng.uniform(-0.5, 0.5, n).astype(np.float32), 16000)
+    (tmp_path / "clips.csv").write_text("path,labels\nlong.wav,a\nedge.wav,b\nshort.wav,a\n")
+    assert main(["--dataset", "csv", "--root", str(tmp_path), "--manifest", str(tmp_path / "clips.csv"),
+                 "--model", folder, "--frames", "25", "--clip-seconds", "1", "--out", str(tmp_path / "f.h5"),
+                 "--progress", "none"]) == 0
+    cache = open_cache(tmp_path / "f.h5")
+    assert sorted(cache.ids) == ["edge.wav", "long.wav"]
+    errors = (shard_dir_for(tmp_path / "f.h5") / "errors.tsv").read_text().splitlines()
+    assert len(errors) == 2 and "short.wav" in errors[1]
+    assert "3200 samples of audio give 9 encoder frames, fewer than --frames 25" in errors[1]
