@@ -1,7 +1,8 @@
 """Speech with reference transcripts: the LibriSpeech layout or a `path,text` CSV.
 
 LibriSpeech: `ROOT/SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt` with lines `SPEAKER-CHAPTER-UTT TEXT`
-next to `SPEAKER-CHAPTER-UTT.flac` (any folder depth works: every `*.trans.txt` under ROOT is read).
+next to `SPEAKER-CHAPTER-UTT.flac` (any folder depth works: every `*.trans.txt` under ROOT is read;
+two audio files of one utterance, `X.wav` and `X.flac`, are refused).
 CSV: a headed file with columns `path` (relative to the CSV's folder, or absolute) and `text`.
 
 Rows that cannot be used (a transcript line without audio, audio without a transcript line, an
@@ -71,9 +72,16 @@ def _librispeech(root: Path, encoding: str | None = None) -> Speech:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         folder = Path(dirpath)
-        audio = {os.path.splitext(n)[0]: folder / n for n in sorted(filenames)
-                 if os.path.splitext(n)[1].lower() in AUDIO_EXTS and not n.startswith(".")}
-        for name in sorted(n for n in filenames if n.endswith(".trans.txt")):
+        transcripts = sorted(n for n in filenames if n.endswith(".trans.txt"))
+        audio: dict[str, Path] = {}
+        for n in sorted(filenames):
+            uid, ext = os.path.splitext(n)
+            if ext.lower() not in AUDIO_EXTS or n.startswith("."):
+                continue
+            if uid in audio and transcripts:  # which file the transcript line means would be a guess
+                raise SpeechError(f"two audio files for utterance {uid}: {audio[uid]} and {folder / n} (keep one)")
+            audio[uid] = folder / n
+        for name in transcripts:
             tpath = folder / name
             try:
                 lines = text_lines(read_text(tpath, encoding))
@@ -92,7 +100,7 @@ def _librispeech(root: Path, encoding: str | None = None) -> Speech:
                     problems.append((uid, str(audio[uid]), f"empty transcript: {where}"))
                 else:
                     rows.append(Utterance(uid, str(audio[uid]), text))
-        if any(n.endswith(".trans.txt") for n in filenames):
+        if transcripts:
             for uid, path in audio.items():
                 if (folder, uid) not in transcribed:
                     problems.append((uid, str(path), "no transcript: not in the folder's *.trans.txt"))

@@ -111,6 +111,25 @@ def test_librispeech_layout_and_bad_rows(tmp_path):
     assert reasons["7-8-0003"].startswith("no transcript")
 
 
+def test_librispeech_audio_files_of_one_utterance_are_refused(tmp_path, capsys):
+    """`X.wav` and `X.flac` beside a transcript line `X ...`: which one is utterance X is a guess
+    (a stem-keyed folder used to keep one silently): refused, naming both files."""
+    from wat.robust.cli import main
+
+    d = tmp_path / "ls" / "7" / "8"
+    d.mkdir(parents=True)
+    for name in ("7-8-0000.flac", "7-8-0000.wav", "7-8-0001.flac"):
+        (d / name).write_bytes((LIBRI / "100/10/100-10-0000.flac").read_bytes())
+    (d / "7-8.trans.txt").write_text("7-8-0000 HELLO THERE\n7-8-0001 GOOD BYE\n")
+    with pytest.raises(SpeechError) as e:
+        load_speech(tmp_path / "ls")
+    assert str(d / "7-8-0000.flac") in str(e.value) and str(d / "7-8-0000.wav") in str(e.value)
+    assert main(["--speech", str(tmp_path / "ls"), "--noise-dataset", "esc50", "--noise-root", str(tmp_path),
+                 "--model", "tiny.en", "--snr", "20,0", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wat-robust: error: ") and "7-8-0000.wav" in err[0]
+
+
 def test_csv_speech(tmp_path):
     (tmp_path / "a.flac").write_bytes((LIBRI / "100/10/100-10-0001.flac").read_bytes())
     (tmp_path / "s.csv").write_text('path,text\na.flac,"Please, close the window"\nmissing.flac,hi\na.flac,\n')
