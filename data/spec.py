@@ -155,7 +155,8 @@ def _head_problems(head: FeatureSpec, feats: FeatureSpec) -> list[str]:
         out.append(f"frames: head {head.n_frames}, cache {feats.n_frames}")
     if head.fingerprint and feats.fingerprint:
         if head.fingerprint != feats.fingerprint:
-            out.append(f"Whisper weights: head trained on {head.model or '?'} ({head.fingerprint[:12]}), "
+            weights = "Whisper weights" if head.encoder == feats.encoder == WHISPER else "encoder weights"
+            out.append(f"{weights}: head trained on {head.model or '?'} ({head.fingerprint[:12]}), "
                        f"features from {feats.model or '?'} ({feats.fingerprint[:12]})")
     else:
         mine, theirs = whisper_release(head.model), whisper_release(feats.model)

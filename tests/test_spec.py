@@ -102,3 +102,24 @@ def test_a_head_of_another_encoder_family_is_refused_with_the_fix():
     assert len(bad) == 1 and bad[0].startswith("encoder: head trained on hf features") and "extract with" in bad[0]
     assert head_problems(_info(encoder="hf"), Features.of_cache(_meta(policy="trim", fingerprint="f" * 16,
                                                                       encoder="hf"))) == []
+
+
+def test_the_weights_line_says_whisper_only_for_two_whisper_sides():
+    """Different weights are named "Whisper weights" only between Whisper features; a head of one
+    family on another's features (or two HF checkpoints) speaks of "encoder weights"."""
+    def spec(encoder, model, fingerprint):
+        return FeatureSpec(encoder=encoder, model=model, fingerprint=fingerprint, policy="trim", n_layers=2, dim=4,
+                           n_frames=25, pooling="mean:25", sample_rate=16000)
+
+    hubert, wav2vec2 = spec("hf", "facebook/hubert-base", "a" * 16), spec("hf", "facebook/wav2vec2-base", "c" * 16)
+    whisper, small = spec("whisper", "base", "b" * 16), spec("whisper", "small", "d" * 16)
+
+    def weights(head, feats):
+        return [p for p in head.incompatibilities(feats, head=True) if "weights" in p]
+
+    assert weights(hubert, whisper) == ["encoder weights: head trained on facebook/hubert-base (aaaaaaaaaaaa), "
+                                        "features from base (bbbbbbbbbbbb)"]
+    assert weights(whisper, hubert)[0].startswith("encoder weights: head trained on base")
+    assert weights(hubert, wav2vec2)[0].startswith("encoder weights: head trained on facebook/hubert-base")
+    assert weights(whisper, small)[0].startswith("Whisper weights: head trained on base")
+    assert not any("Whisper" in p for p in hubert.incompatibilities(whisper, head=True))
