@@ -1,17 +1,11 @@
-"""The batched extractor: a dataset in, a folder of HDF5 shards plus an index out.
+"""The batched extractor: a dataset in, a cache out (`feats.h5` over the shard folder `feats.shards/`,
+whose layout, lock, manifest check and resume are `wat.data.cache.shardrun.ShardRun`'s).
 
-    feats.h5                 the index (`wat.data.cache.build_index`) over the non-empty shards
-    feats.shards/
-      manifest.json          model fingerprint, policy, frames, clip length, shard size, clip list hash:
-                             a rerun that differs in any of these refuses (unless overwrite)
-      shard-00000.h5         clips[0:S] of the sorted clip list, minus the clips that failed
-      shard-00000.json       the shard's record: rows written and (id, path, reason) of each failure
-      errors.tsv             every failed clip (id, path, reason), merged from the records
-      problems.tsv           dataset rows that never became clips (no audio file, bad label...)
-
-Shard i holds clips[i*S:(i+1)*S], so every run cuts the same shards and a rerun only redoes the
-ones that are not finished. A shard is finished when its record exists; the record is written
-(atomically) after the shard file. A shard whose clips all failed has a record and no HDF5 file.
+What this module puts in that folder: shard i holds clips[i*S:(i+1)*S] of the sorted clip list minus
+the clips that failed (so every run cuts the same shards and a rerun redoes only the unfinished
+ones), its record is a `ShardResult` (rows written, (id, path, reason) of each failure), the manifest
+is `run_manifest`, `errors.tsv` merges every failed clip and `problems.tsv` lists the dataset rows
+that never became clips (no audio file, bad label...).
 
 Data path: DataLoader worker processes decode, resample and fit each clip to `clip_seconds`
 (returning the error instead of raising); the main process runs the encoder with pooling inside the
