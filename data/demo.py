@@ -161,6 +161,7 @@ SNR_DB = (10.0, 30.0)       # event vs background scene, uniform
 LEVEL_DBFS = (-30.0, -3.0)  # peak level of the mix, uniform
 DISTRACTOR = 0.3            # chance of a second, quieter event of another class in the background
 DISTRACTOR_DB = (6.0, 15.0)  # how much quieter than the labelled event
+EVENTS_DB = (0.0, 6.0)       # synth_clip(events=...): how much quieter each further event than the first
 
 
 def _babble(rng) -> np.ndarray:
@@ -195,14 +196,23 @@ def _power(x: np.ndarray) -> float:
     return float(np.mean(x[active] ** 2)) if active.any() else 0.0
 
 
-def synth_clip(target: int, seed: int, index: int) -> np.ndarray:
+def synth_clip(target: int, seed: int, index: int, *, events: tuple[int, ...] = (),
+               snr_db: tuple[float, float] = SNR_DB) -> np.ndarray:
     """Clip `index` of class `target` as float32 in [-1, 1]: the event over a background scene at a
-    random SNR (sometimes with a quieter event of another class), at a random loudness."""
-    rng = np.random.default_rng([seed, target, index])
+    random SNR (sometimes with a quieter event of another class), at a random loudness.
+    `events`: classes sounding together with `target`, each 0..EVENTS_DB below it (a class that is
+    a combination of sounds, or a multi-label clip); `snr_db`: the range the SNR is drawn from (of
+    the sum of the events against the scene). The defaults give the demo's clips, byte for byte."""
+    rng = np.random.default_rng([seed, target, *events, index])
     x = CLASSES[target](rng)
     x = x / np.sqrt(_power(x))
+    for e in events:
+        other = CLASSES[e](rng)
+        x = x + other * 10 ** (-rng.uniform(*EVENTS_DB) / 20) / np.sqrt(_power(other))
+    if events:
+        x = x / np.sqrt(_power(x))
     scene = _background(rng)
-    scene *= 10 ** (-rng.uniform(*SNR_DB) / 20) / np.sqrt(np.mean(scene ** 2))
+    scene *= 10 ** (-rng.uniform(*snr_db) / 20) / np.sqrt(np.mean(scene ** 2))
     if rng.uniform() < DISTRACTOR:
         other = (target + rng.integers(1, len(CLASSES))) % len(CLASSES)
         d = CLASSES[other](rng)
