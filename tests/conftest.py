@@ -2,6 +2,7 @@
 tiny.en/base, and XDG_CACHE_HOME points at a stable folder under the pytest cache so the CTranslate2
 conversion is done once, not per run (subprocesses inherit both)."""
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,7 +19,11 @@ def pytest_configure(config):
     # 2-core machine two competing torch threads ran several times slower than one.
     import torch
     torch.set_num_threads(1)
-    cache = config.cache.mkdir("xdg-cache") if getattr(config, "cache", None) else tempfile.mkdtemp(prefix="wat-xdg-")
+    if getattr(config, "cache", None):
+        cache = config.cache.mkdir("xdg-cache")
+    else:  # -p no:cacheprovider: a folder of this run only, removed at its end (it holds converted models)
+        cache = tempfile.mkdtemp(prefix="wat-xdg-")
+        config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
     os.environ["XDG_CACHE_HOME"] = str(cache)
 
 

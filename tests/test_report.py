@@ -3,6 +3,7 @@ pages that render in a real browser (headless Chromium, the Debian package `make
 import base64
 import html.parser
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -255,7 +256,11 @@ def render(page: Path, tmp: Path) -> tuple[dict, Path]:
     r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                         f"--user-data-dir={tmp / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
                         "--virtual-time-budget=3000", "--window-size=1100,1400", f"--screenshot={shot}",
-                        "--dump-dom", copy.as_uri()], capture_output=True, text=True, timeout=120)
+                        "--dump-dom", copy.as_uri()], capture_output=True, text=True, timeout=120,
+                       # Chromium keeps its crash-report settings in $XDG_CONFIG_HOME/chromium and a cache
+                       # in $XDG_CACHE_HOME whatever --user-data-dir says: both under the test's folder
+                       env=dict(os.environ, XDG_CONFIG_HOME=str(tmp / "xdg-config"),
+                                XDG_CACHE_HOME=str(tmp / "xdg-cache")))
     assert r.returncode == 0, r.stderr[-2000:]
     console = [l for l in r.stderr.splitlines() if ":CONSOLE" in l]
     assert not console, console
