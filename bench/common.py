@@ -1,5 +1,6 @@
 """Helpers shared by the bench scripts (not part of the wat package): random-weight Whisper models
-of the real sizes, the GPU's dense matrix peak, and the JSON results the GPU check collects."""
+of the real sizes, the demo cache, the GPU's dense matrix peak, and the JSON results the GPU check
+collects."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +8,9 @@ from pathlib import Path
 
 # the tests' factory of synthetic caches (tests/synthetic_cache.py) serves the bench scripts too
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from synthetic_cache import synthetic_meta, write_synthetic_cache  # noqa: E402  (re-exported)
+from synthetic_cache import synthetic_meta, write_subset, write_synthetic_cache  # noqa: E402  (re-exported)
+# and its official Whisper-AT head mirror (tests/official_mirror.py)
+from official_mirror import Server, init_vs_scratch, serve_standin  # noqa: E402  (re-exported)
 
 # openai-whisper's ModelDimensions per size (encoder and decoder alike), for random-weight models when
 # the real weights cannot be had (a box without network): throughput depends on the shapes only.
@@ -64,6 +67,22 @@ def whisper_model(name: str, device: str, random: str = "never"):
             raise
         print(f"weights of {name} not available ({type(e).__name__}: {str(e)[:120]}): random weights")
         return random_whisper(name, device), True
+
+
+def demo_cache(out: Path, root: Path | None = None, clips_per_class: int = 8) -> Path:
+    """OUT/feats.h5, made once and kept: the demo set (`make_demo`, seed 0, 8 clips per class like the
+    tests' demo; or the ESC-50-layout folder `root`) through tiny.en, policy trim."""
+    feats = out / "feats.h5"
+    if feats.exists():
+        return feats
+    from wat.data import load_dataset, make_demo
+    from wat.extract import load_whisper
+    from wat.extract.pipeline import ExtractOptions, extract_dataset
+    root = root or make_demo(out / "esc50-demo", clips_per_class=clips_per_class, seed=0)
+    extract_dataset(load_dataset("esc50", root), ExtractOptions(model="tiny.en", policy="trim", shard_size=32,
+                                                                num_workers=0, progress=False),
+                    feats, model=load_whisper("tiny.en"))
+    return feats
 
 
 def dense_peak_tflops(device_name: str) -> float | None:

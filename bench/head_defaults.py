@@ -23,22 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from wat.data import load_dataset, make_demo
+from common import demo_cache
 from wat.eval.probe import ProbeOptions, probe
 from wat.train.loop import TrainOptions, train
-
-
-def cache(out: Path, root: Path | None, clips_per_class: int) -> Path:
-    feats = out / "feats.h5"
-    if feats.exists():
-        return feats
-    from wat.extract import load_whisper
-    from wat.extract.pipeline import ExtractOptions, extract_dataset
-    root = root or make_demo(out / "esc50-demo", clips_per_class=clips_per_class, seed=0)
-    ds = load_dataset("esc50", root)
-    extract_dataset(ds, ExtractOptions(model="tiny.en", policy="trim", shard_size=32, num_workers=0, progress=False),
-                    feats, model=load_whisper("tiny.en"))
-    return feats
 
 
 def run(feats: Path, out: Path, **kw) -> tuple[int, float, float, float, list]:
@@ -62,7 +49,7 @@ def main() -> None:
     p.add_argument("--cr", action="store_true", help="each run twice: --cr-views 1 and 2 (consistency regularisation off and on)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    feats = cache(a.out, a.root, a.clips_per_class)
+    feats = demo_cache(a.out, a.root, a.clips_per_class)
     rep = probe([str(feats)], None, ProbeOptions(fusion=(), jobs=1))
     best = max(rep.results, key=lambda r: r.score)
     print(f"cache {feats}: best single-layer linear probe {best.feature.name} accuracy {best.score:.4f} "

@@ -1,6 +1,7 @@
 """Synthetic feature caches for tests and benchmarks: the metadata of a made-up encoder and the
-writer that turns arrays into shards plus an index, through the real `write_shard`/`build_index`.
-(The features themselves are each caller's: what a test needs to learn or find differs.)"""
+writer that turns arrays into shards plus an index, through the real `write_shard`/`build_index`
+(the features themselves are each caller's: what a test needs to learn or find differs), and a
+subset of a real cache's clips written as a cache of its own."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,3 +50,15 @@ def write_synthetic_cache(index, meta: CacheMeta, features: np.ndarray | Callabl
         a = b
     build_index(index, paths)
     return paths
+
+
+def write_subset(cache, rows, index) -> Path:
+    """The clips `rows` of an open cache (`open_cache`) as a cache of their own at `index` (features and
+    time means, one shard in INDEX.shards), through the real writer; returns `index`."""
+    index = Path(index)
+    path = shard_path(index.with_suffix(".shards"), 0)
+    write_shard(path, cache.meta, [cache.ids[i] for i in rows], cache.read("features", rows),
+                [cache.labels[i] for i in rows], cache.folds[rows], cache.durations[rows],
+                mean=cache.read("mean", rows))
+    build_index(index, [path])
+    return index

@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from test_official import N_AS, official_head_bytes, server  # noqa: F401  (server: a fixture)
+from official_mirror import OUT, init_vs_scratch, official_head_bytes, serve_standin
+from test_official import server  # noqa: F401  (a fixture)
 from wat.data.heads import official
-from wat.data.heads import build_head, load_head
+from wat.data.heads import load_head
 from wat.data.labels import Vocabulary, audioset_vocabulary
-from synthetic_cache import synthetic_meta, write_synthetic_cache
+from synthetic_cache import synthetic_meta, write_subset, write_synthetic_cache
 from wat.train import cli
 from wat.train.inputs import check_inputs
-from wat.train.loop import TrainOptions, _build, train
-
-OUT = "mlp_layer.1."
+from wat.train.loop import TrainOptions, _build
 
 
 def tiny_cache(folder, vocab, n=12, seed=0):
@@ -83,58 +82,21 @@ SPLIT = {"pretrain": (1, 2), "fine-tune": (4,), "score": (3, 5)}  # demo folds: 
 @pytest.fixture(scope="module")
 def demo_split3(demo_cache_trim, tmp_path_factory) -> dict:
     """The demo cache (tiny.en, trim) as three caches of disjoint clips, through the real writer."""
-    from wat.data.cache import build_index, open_cache, shard_path, write_shard
+    from wat.data.cache import open_cache
     cache = open_cache(demo_cache_trim)
-    out = {}
-    for name, folds in SPLIT.items():
-        rows = np.flatnonzero(np.isin(cache.folds, folds))
-        folder = tmp_path_factory.mktemp(name)
-        path = shard_path(folder / "feats.shards", 0)
-        write_shard(path, cache.meta, [cache.ids[i] for i in rows], cache.read("features", rows),
-                    [cache.labels[i] for i in rows], cache.folds[rows], cache.durations[rows],
-                    mean=cache.read("mean", rows))
-        build_index(folder / "feats.h5", [path])
-        out[name] = str(folder / "feats.h5")
-    return out
-
-
-def standin_official_head(run_dir, vocab: Vocabulary) -> bytes:
-    """A wat head written as an official head file: its body, and in a fresh 527-row output layer
-    its trained rows at the AudioSet rows of the classes that have one (as an official head's rows
-    for those classes would be); `at_model.*` names."""
-    import io
-    from wat.data.labels import class_rows
-    trained, info = load_head(run_dir / "wa.pt")
-    torch.manual_seed(1)
-    full = build_head("tl-tr", info.n_layers, info.dim_in, N_AS, info.proj_dim).state_dict()
-    state = {k: v for k, v in trained.state_dict().items() if not k.startswith(OUT)}
-    w, b = full[OUT + "weight"].clone(), full[OUT + "bias"].clone()
-    for i, j in enumerate(class_rows(vocab, audioset_vocabulary())):
-        if j is not None:
-            w[j], b[j] = trained.state_dict()[OUT + "weight"][i], trained.state_dict()[OUT + "bias"][i]
-    state.update({OUT + "weight": w, OUT + "bias": b})
-    buf = io.BytesIO()
-    torch.save({f"at_model.{k}": v for k, v in state.items()}, buf)
-    return buf.getvalue()
+    return {name: str(write_subset(cache, np.flatnonzero(np.isin(cache.folds, folds)),
+                                   tmp_path_factory.mktemp(name) / "feats.h5")) for name, folds in SPLIT.items()}
 
 
 def test_starting_from_the_official_head_beats_scratch_on_the_demo(demo_split3, server, tmp_path):  # noqa: F811
     """Few labels of your own: one clip per class (fold 4) to fine-tune on, 33 clips (folds 3 and 5)
     to score. Same recipe (defaults), epochs, seed and clips; the only difference is --init
     whisper-at: a stand-in for the official head, pretrained by wat on folds 1-2 (seen by neither
-    run) and served as tiny.en_ori.pth. The stand-in learnt on trim features, but the official file
-    format implies pad30, hence allow_policy_mismatch (stand-in and fine-tuning both see trim features).
-    Measured on this split with seeds 0, 1, 2 (2026-12-06): scratch 0.394, 0.303, 0.394; --init 0.636,
-    0.697, 0.636 (weight-averaged heads; this test runs seed 0)."""
-    train(TrainOptions(features=demo_split3["pretrain"], out=str(tmp_path / "pre"), progress=False))
-    from wat.data import open_cache
-    vocab = open_cache(demo_split3["pretrain"]).meta.vocab
-    server.files["tiny.en_ori.pth"] = standin_official_head(tmp_path / "pre", vocab)
-    runs = {}
-    for name, init in (("scratch", None), ("init", "whisper-at")):
-        runs[name] = train(TrainOptions(features=demo_split3["fine-tune"], eval_features=demo_split3["score"],
-                                        out=str(tmp_path / name), init=init, allow_policy_mismatch=True,
-                                        progress=False))
+    run) and served as tiny.en_ori.pth.
+    bench/init_from_head.py measures this split and another one with seeds 0-2 (BENCHMARKS.md);
+    this test runs seed 0."""
+    serve_standin(server, demo_split3["pretrain"], tmp_path / "pre")
+    runs = init_vs_scratch(demo_split3["fine-tune"], demo_split3["score"], tmp_path)
     got = {k: (round(r["wa"], 3), round(r["best"], 3)) for k, r in runs.items()}
     assert runs["init"]["wa"] > runs["scratch"]["wa"], got
     print("accuracy on folds 3 and 5 (weight-averaged, best epoch):", got)

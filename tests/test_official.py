@@ -1,12 +1,10 @@
 """Official Whisper-AT heads by name (`wat.data.heads.official`): the real download code against a loopback
 HTTP server this module starts (WAT_WHISPER_AT_URL), serving official-format fixture heads
-(`at_model.*` state dicts of the released shapes, random weights, written here). No network."""
-import http.server
+(`at_model.*` state dicts of the released shapes, random weights: official_mirror.py). No network."""
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -15,68 +13,10 @@ import pytest
 import torch
 
 from wat.data.heads import official
-from wat.data.heads import build_head, load_head
+from wat.data.heads import load_head
 from wat.data.labels import audioset_vocabulary
 from wat.data.heads.official import OfficialHeadError, fetch, load_named_head, release_of
-
-N_AS = 527
-SHAPES = {"tiny.en": (4, 384), "tiny": (4, 384), "base": (6, 512), "small": (12, 768)}
-
-
-def official_head_bytes(release: str, low: bool = False, seed: int = 0) -> bytes:
-    """An official-format head file: `at_model.*` keys, TL-Tr (low: TL-Tr512), 527 outputs."""
-    import io
-    torch.manual_seed(seed)
-    n_layers, dim = SHAPES[release]
-    head = build_head("tl-tr", n_layers, dim, N_AS, 512 if low else None)
-    buf = io.BytesIO()
-    torch.save({f"at_model.{k}": v for k, v in head.state_dict().items()}, buf)
-    return buf.getvalue()
-
-
-class Server:
-    """Serves `files` (name -> bytes) at http://127.0.0.1:PORT/NAME; `mode[name]`: "cut" announces the
-    whole length and sends half, "stall" sends half and waits for `release`; others are 404."""
-
-    def __init__(self):
-        self.files, self.mode, self.requests = {}, {}, []
-        self.release = threading.Event()
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                name = self.path.lstrip("/")
-                outer.requests.append(name)
-                data = outer.files.get(name)
-                if data is None:
-                    self.send_error(404, "Not Found")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                mode = outer.mode.get(name)
-                if mode in ("cut", "stall"):
-                    self.wfile.write(data[: len(data) // 2])
-                    self.wfile.flush()
-                    if mode == "stall":
-                        outer.release.wait(60)
-                    self.close_connection = True
-                    return
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from official_mirror import N_AS, Server, official_head_bytes
 
 
 @pytest.fixture

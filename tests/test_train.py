@@ -298,19 +298,13 @@ def demo_split(demo_cache_trim, tmp_path_factory) -> tuple[Path, Path]:
     means) through the real writer. Two folds scored together, not the 5-fold protocol: a
     default-width TL-Tr takes ~1 min per fold on this CPU; 44 held-out clips (not one fold's 22)
     keep one clip at 2.3 points, under the 5-point bar."""
-    from wat.data.cache import build_index, open_cache, shard_path, write_shard
+    from wat.data.cache import open_cache
+    from synthetic_cache import write_subset
     cache = open_cache(demo_cache_trim)
     held = np.isin(cache.folds, HELD_OUT)
-    out = []
-    for name, rows in (("train", np.flatnonzero(~held)), ("eval", np.flatnonzero(held))):
-        folder = tmp_path_factory.mktemp(f"split-{name}")
-        path = shard_path(folder / "feats.shards", 0)
-        write_shard(path, cache.meta, [cache.ids[i] for i in rows], cache.read("features", rows),
-                    [cache.labels[i] for i in rows], cache.folds[rows], cache.durations[rows],
-                    mean=cache.read("mean", rows))
-        build_index(folder / "feats.h5", [path])
-        out.append(folder / "feats.h5")
-    return out[0], out[1]
+    train, held_out = (write_subset(cache, np.flatnonzero(rows), tmp_path_factory.mktemp(f"split-{name}") / "feats.h5")
+                       for name, rows in (("train", ~held), ("eval", held)))
+    return train, held_out
 
 
 @pytest.fixture(scope="module")
