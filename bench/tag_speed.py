@@ -6,14 +6,14 @@
    fall-backs), `--compute-types` (auto = float32 on the CPU); tags compared (max |dp|) and the
    transcripts' WER (openai as reference, Whisper's English normaliser).
 2. `batch`: `--files` (default 64) files of 5-15 s (utterances over background) transcribed + tagged
-   in batches of `--batch-size` vs one by one (`transcribe_and_tag(..., without_timestamps=True)`,
-   what a batch equals), at `--beam-size` (default 5 as the whisper command; 1 = greedy, where the
-   decoder batches too: openai-whisper decodes several audios with beam search only one at a time).
+   in batches of `--batch-size` vs one by one (`transcribe_and_tag`, what a batch equals), at
+   `--beam-size` (default 5 as the whisper command; 1 = greedy, where the decoder batches too: openai-whisper decodes several audios with beam search only one at a time).
 3. `tags_only`: `--sounds` (default 64) demo sound clips (5 s, no speech): tags only (batched) vs
    transcript + tags with the whisper command's defaults (one by one; only `--slow-sounds` of them
    are timed, the ratio is per clip), and tags only vs the bare batched encoder on the same windows.
 
-Each pair runs alternately after a warm-up; times are medians of `--runs`. Prints one JSON record.
+Each pair runs alternately after a warm-up (batch: on the first batch's files only); times are
+medians of `--runs`. Prints one JSON record.
 
     python bench/tag_speed.py --model base --runs 3
 """
@@ -76,10 +76,13 @@ def timed(fn):
     return time.perf_counter() - t, out
 
 
-def pair(runs: int, a, b):
-    """Median seconds of a and b, run alternately after one warm-up each; and their last outputs."""
+def pair(runs: int, a, b, warm=None):
+    """Median seconds of a and b, run alternately after one warm-up each (`warm`: (a', b') to warm
+    up with instead); and their last outputs."""
     ta, tb = [], []
-    out_a, out_b = a(), b()
+    for f in warm or (a, b):
+        f()
+    out_a = out_b = None
     for _ in range(runs):
         t, out_a = timed(a)
         ta.append(t)
@@ -147,13 +150,16 @@ def main(argv=None) -> int:
         for beam in args.beam_size:
             opts = {**OPTS, "beam_size": beam, "fp16": False}
 
-            def batched():
+            def one_by_one(files=files):
+                return [transcribe_and_tag(model, tagger, f, **opts) for f in files]
+
+            def batched(files=files):
                 return [r for i in range(0, len(files), args.batch_size)
                         for r in transcribe_batch(model, tagger, files[i:i + args.batch_size], **opts)]
 
-            t_one, t_batch, one, bat = pair(
-                args.runs, lambda: [transcribe_and_tag(model, tagger, f, without_timestamps=True, **opts)
-                                    for f in files], batched)
+            first = files[:args.batch_size]
+            t_one, t_batch, one, bat = pair(args.runs, one_by_one, batched,
+                                            warm=(lambda: one_by_one(first), lambda: batched(first)))
             rec["batch"][f"beam{beam}"] = {
                 "one_by_one_s": t_one, "batched_s": t_batch, "speedup": t_one / t_batch,
                 "same_text": sum(a["text"] == b["text"] for a, b in zip(one, bat)),

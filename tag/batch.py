@@ -1,16 +1,17 @@
 """Many files at once: transcript + tags of short files batched across files, and tags only.
 
 **Transcript + tags, files of up to 30 s** (`transcribe_batch`): the batch's pad30 windows (each
-file's own window, `wat.extract.layers.encode_pad30`, the pass wat-robust decodes too) go through
+file's own window, `wat.extract.decode.encode_pad30`, the pass wat-robust decodes too) go through
 the encoder in ONE call, with `FrameTaps` keeping each file's block outputs for its tags; then each
-file goes through `model.transcribe(audio, without_timestamps=True, ...)` itself, unchanged, with
-`model.decode` answered from the batch: the first file's request decodes the whole batch at once
-(`whisper.decode` on the encoder output: no second encoder pass), later files get their row when
-they ask for the same options and the same window. Anything else transcribe asks (a temperature
-fall-back, another window) is decoded for that file alone, still from the batch's encoder output.
-So each result is exactly what transcribe gives for the file alone with `without_timestamps=True`
-(one segment per file: the batch decodes without timestamp tokens), up to the float rounding of a
-batched matrix product, and transcribe's own rules (fall-backs, the no-speech skip) apply.
+file goes through `model.transcribe(audio, ...)` itself, unchanged, with `model.decode` answered
+from the batch: the first file's request decodes the whole batch at once (`whisper.decode` on the
+encoder output: no second encoder pass), later files get their row when they ask for the same
+options on their own pad30 window. Anything else transcribe asks is decoded for that file alone: a
+temperature fall-back from the batch's encoder output, another window (transcribe seeking to the
+last timestamp of a window whose last segment is unfinished) as `model.decode` decodes it, with an
+encoder pass of its own. So each result is exactly what transcribe gives for the file alone
+(timestamps, segments, fall-backs and the no-speech skip included), up to the float rounding of a
+batched matrix product, and the tags are the file's pad30 window's, as when it is transcribed alone.
 Multilingual models without `language`: the language of every file is detected first, batched, on
 the window transcribe detects it on, and files are decoded in groups of one language.
 
@@ -53,7 +54,8 @@ def _content_frames(audio) -> int:
 
 class _BatchDecode:
     """`model.decode` for the files of one batch: the batch's result for a file that asks the
-    batch's options for its own window, else that file alone from the batch's encoder output."""
+    batch's options for its own pad30 window, that file alone from the batch's encoder output for
+    other options on that window, and any other window as whisper decodes it (its own encoder pass)."""
 
     def __init__(self, model, mel: torch.Tensor, features: torch.Tensor):
         self.model, self.mel, self.features = model, mel, features
@@ -62,8 +64,7 @@ class _BatchDecode:
 
     def decode(self, i: int, segment: torch.Tensor, options: whisper.DecodingOptions):
         if segment.ndim != 2 or not torch.equal(segment.to(self.mel.device, self.mel.dtype), self.mel[i]):
-            raise TagError("batched transcription: transcribe asked to decode a window that is not the file's "
-                           "pad30 window (a whisper release whose transcribe differs?)")
+            return whisper.decode(self.model, segment, options)  # a later window of the file
         if self.options is None:  # the first request decodes every file of the batch at once
             self.options, self.results = options, decode_features(self.model, self.features, options)
         if options == self.options:
@@ -83,16 +84,16 @@ def _languages(model, audios, fp16: bool) -> list[str]:
 
 @torch.inference_mode()
 def transcribe_batch(model, tagger: Tagger, audios: list[np.ndarray], **whisper_options) -> list[dict]:
-    """`transcribe_and_tag(model, tagger, audio, without_timestamps=True, **whisper_options)` for
-    each of `audios` (float32 16 kHz, each `batchable`), from one encoder pass and one decode per
-    batch (see the module docstring). `word_timestamps` is not batched (callers send those files
-    one by one)."""
+    """`transcribe_and_tag(model, tagger, audio, **whisper_options)` for each of `audios` (float32
+    16 kHz, each `batchable`), from one encoder pass for the batch's tags and first windows and one
+    decode per batch (see the module docstring). `word_timestamps` is not batched (callers send
+    those files one by one)."""
     if whisper_options.get("word_timestamps"):
         raise ValueError("transcribe_batch: word timestamps are computed file by file (transcribe_and_tag)")
     if not audios or not all(batchable(a) for a in audios):
         raise ValueError("transcribe_batch takes 1 or more files of 10 ms .. 30 s")
     fp16 = bool(whisper_options.get("fp16", True)) and _device(model).type == "cuda"
-    whisper_options = {**whisper_options, "fp16": fp16, "without_timestamps": True}
+    whisper_options = {**whisper_options, "fp16": fp16}
     language = whisper_options.pop("language", None)
     if language is None:
         langs = _languages(model, audios, fp16) if model.is_multilingual else ["en"] * len(audios)

@@ -208,11 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fp16 inference on CUDA (always fp32 on the CPU)")
     fast = p.add_argument_group("speed")
     fast.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int_range(1, 1024), default=16,
-                      help="files of up to 30 s transcribed together (one encoder pass and one decode per batch, "
-                           "without timestamp tokens: one segment per file; text as whisper's transcribe gives "
-                           "each file alone with without_timestamps=True), or windows per encoder call with --task "
-                           "tag (default 16; 1: file by file, whisper's segments; --word_timestamps True and "
-                           "--backend faster-whisper go file by file)")
+                      help="files of up to 30 s transcribed together: one encoder pass and one decode per batch, "
+                           "each file's result (text, timed segments, tags) as whisper's transcribe gives it alone; "
+                           "with --task tag: windows per encoder call (default 16; 1: file by file; "
+                           "--word_timestamps True and --backend faster-whisper go file by file)")
     fast.add_argument("--backend", choices=BACKENDS, default="openai-whisper",
                       help="decoder: openai-whisper (default) or faster-whisper (CTranslate2; extra `faster`; "
                            "its encoder calls are served by wat's encoder, so tags are unchanged)")
@@ -260,6 +259,13 @@ def _main(argv) -> int:
             parser.error("--task tag runs no decoder: --backend and --vad_filter do not apply")
     elif args.backend != "faster-whisper" and (args.vad_filter or args.compute_type != "auto"):
         parser.error(f"--{'vad_filter' if args.vad_filter else 'compute_type'} needs --backend faster-whisper")
+    if args.backend == "faster-whisper":  # not installed: say so before a model loads
+        from .faster import installed_faster_whisper
+
+        try:
+            installed_faster_whisper()
+        except TagError as e:
+            parser.error(str(e))
     try:
         args.audio = expand_inputs(args.audio)
     except TagError as e:

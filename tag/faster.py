@@ -40,7 +40,9 @@ from .tagging import SharedEncoder, Tagger, TagError, as_audio
 
 log = logging.getLogger("wat.tag")
 
-def _faster_whisper():
+
+def installed_faster_whisper():
+    """The faster_whisper module, or TagError naming the extra that installs it."""
     try:
         import faster_whisper
     except ImportError:
@@ -50,7 +52,7 @@ def _faster_whisper():
 
 @functools.cache
 def _model_class():
-    faster_whisper = _faster_whisper()
+    faster_whisper = installed_faster_whisper()
     from faster_whisper.transcribe import get_ctranslate2_storage
 
     class FasterWhisper(faster_whisper.WhisperModel):
@@ -93,7 +95,7 @@ def load_faster(spec: str, model, *, device: str = "cpu", compute_type: str = "a
     """faster-whisper's model for `--model spec`, its encoder calls served by `model` (the torch
     Whisper `load_whisper(spec)` gave: the same weights). CPU threads: torch's. TagError with the fix
     when it cannot be had."""
-    _faster_whisper()
+    installed_faster_whisper()
     name, files = _ct2_source(str(spec))
     dev = torch.device(device)
     if compute_type == "auto":  # the openai backend's precision: fp32 on the CPU, fp16 on CUDA

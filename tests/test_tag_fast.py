@@ -1,21 +1,26 @@
 """wat.tag at speed: batched transcript + tags, tags only (Whisper and other encoder families), the
 faster-whisper backend; each checked against the one-by-one openai-whisper path it must equal."""
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import whisper
+from whisper.audio import pad_or_trim
+from whisper.tokenizer import get_tokenizer
 
 from wat.data.heads import HeadInfo, build_head, save_head
 from wat.data.labels import Vocabulary
 from wat.extract import EncoderPasses
+from wat.extract.decode import encode_pad30
+from wat.extract.layers import pad30_input
 from wat.robust.wer import corpus
-from wat.tag.batch import _windows, tag_only, tag_only_encoder, transcribe_batch
+from wat.tag.batch import _BatchDecode, _windows, tag_only, tag_only_encoder, transcribe_batch
 from wat.tag.cli import main
 from wat.tag.tagging import Tagger, TagError, transcribe_and_tag
-from wat.extract.layers import pad30_input
 
 SR = 16000
 UTTERANCES = sorted((Path(__file__).parent / "fixtures" / "librispeech" / "100" / "10").glob("*.flac"))
@@ -47,23 +52,56 @@ def clips(speech_audio):
 
 
 def test_batch_equals_each_file_transcribed_alone(tiny_model, clips):
-    """One encoder pass and one greedy decode for the batch; every result (text, segments, tags) is
-    transcribe's for the file alone with without_timestamps=True, fall-back rules and all."""
+    """One encoder pass and one decode for the batch's first windows; every result (text, timed
+    segments, tags) is transcribe's for the file alone, fall-back rules and later windows included."""
     tagger = Tagger(tiny_model, _head(tiny_model), time_res=2.0, keep_scores=None)
     opts = dict(temperature=(0.0, 0.2, 0.4), beam_size=None, best_of=5, fp16=False, language=None)
     with EncoderPasses(tiny_model) as passes:
         batch = transcribe_batch(tiny_model, tagger, clips, **opts)
-    assert passes.n == 1 and "decode" not in vars(tiny_model)
+    assert "decode" not in vars(tiny_model)
+    later = 0  # encoder passes transcribe makes for a file's windows after its first, alone
     for got, clip in zip(batch, clips):
-        alone = transcribe_and_tag(tiny_model, tagger, clip, without_timestamps=True, **opts)
+        with EncoderPasses(tiny_model) as alone_passes:
+            alone = transcribe_and_tag(tiny_model, tagger, clip, **opts)
+        later += alone_passes.n - 1
         _same_tags(got.pop("audio_tags"), alone.pop("audio_tags"))
         assert got.pop("audio_classes") == alone.pop("audio_classes")
         assert got["text"] == alone["text"] and got["language"] == alone["language"] == "en"
+        assert len(got["segments"]) == len(alone["segments"])
         for s, t in zip(got["segments"], alone["segments"]):
-            assert s["tokens"] == t["tokens"] and (s["start"], s["end"]) == (t["start"], t["end"])
+            assert s["tokens"] == t["tokens"] and (s["start"], s["end"], s["seek"]) == (t["start"], t["end"], t["seek"])
             assert s["avg_logprob"] == pytest.approx(t["avg_logprob"], abs=1e-4)
-    assert [len(r["segments"]) for r in batch[:4]] == [1, 1, 1, 1]
+    assert passes.n == 1 + later
+    begin = get_tokenizer(False).timestamp_begin  # timed segments, as transcribe makes them alone
+    assert all(r["segments"][0]["tokens"][0] >= begin for r in batch if r["segments"])
     assert "singing" in batch[3]["text"]
+
+
+def test_batch_decodes_a_later_window_alone(tiny_model, clips):
+    """A window other than the file's pad30 one (transcribe seeking on) is decoded as whisper
+    decodes it, with an encoder pass of its own."""
+    mel, features = encode_pad30(tiny_model, [torch.as_tensor(c) for c in clips[:2]])
+    server = _BatchDecode(tiny_model, mel, features)
+    options = whisper.DecodingOptions(temperature=0.0, language="en", fp16=False)
+    later = pad_or_trim(mel[1][:, 200:], 3000)
+    with EncoderPasses(tiny_model) as passes:
+        got = server.decode(1, later, options)
+    assert passes.n == 1 and got.tokens == whisper.decode(tiny_model, later, options).tokens
+    with EncoderPasses(tiny_model) as passes:
+        first = server.decode(1, mel[1], options)
+    assert passes.n == 0 and first.tokens == whisper.decode(tiny_model, mel[1], options).tokens
+
+
+def test_batch_without_timestamps(tiny_model, clips):
+    """without_timestamps=True passes through: one segment per file, as transcribe alone gives."""
+    tagger = Tagger(tiny_model, _head(tiny_model))
+    opts = dict(temperature=0.0, beam_size=None, fp16=False, without_timestamps=True)
+    with EncoderPasses(tiny_model) as passes:
+        batch = transcribe_batch(tiny_model, tagger, clips[:3], **opts)
+    assert passes.n == 1
+    for got, clip in zip(batch, clips):
+        alone = transcribe_and_tag(tiny_model, tagger, clip, **opts)
+        assert got["text"] == alone["text"] and len(got["segments"]) == 1
 
 
 def test_batch_with_beam_search_shares_the_encoder_pass(tiny_model, clips):
@@ -72,8 +110,7 @@ def test_batch_with_beam_search_shares_the_encoder_pass(tiny_model, clips):
         batch = transcribe_batch(tiny_model, tagger, clips[:2], temperature=0.0, beam_size=3, fp16=False)
     assert passes.n == 1
     for got, clip in zip(batch, clips):
-        alone = transcribe_and_tag(tiny_model, tagger, clip, without_timestamps=True, temperature=0.0,
-                                   beam_size=3, fp16=False)
+        alone = transcribe_and_tag(tiny_model, tagger, clip, temperature=0.0, beam_size=3, fp16=False)
         assert got["text"] == alone["text"]
 
 
@@ -140,9 +177,11 @@ def test_cli_batched_and_tags_only(tiny_model, tmp_path, capsys):
     rows = [json.loads(line) for line in cap.out.splitlines()]
     assert [Path(r["file"]).stem for r in rows] == [p.stem for p in UTTERANCES[:3]]
     assert "bad.wav" in cap.err and "1 of 4 files failed" in cap.err
-    one = [transcribe_and_tag(tiny_model, tmp_path / "h.pt", p, beam_size=1, without_timestamps=True)
-           for p in UTTERANCES[:3]]
+    one = [transcribe_and_tag(tiny_model, tmp_path / "h.pt", p, beam_size=1) for p in UTTERANCES[:3]]
     assert [r["text"] for r in rows] == [r["text"] for r in one]
+    def timed(r):
+        return [(s["start"], s["end"], s["tokens"]) for s in r["segments"]]
+    assert [timed(r) for r in rows] == [timed(r) for r in one]
     assert main(common + ["--task", "tag", "-f", "all", "-o", str(tmp_path / "tags")]) == 1
     assert sorted(p.name for p in (tmp_path / "tags").iterdir()) == sorted(
         f"{p.stem}{s}" for p in UTTERANCES[:3] for s in (".json", ".tags.tsv"))
@@ -151,7 +190,9 @@ def test_cli_batched_and_tags_only(tiny_model, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-3"], "--batch-size"),
     (["--batch-size", "nan"], "--batch-size"), (["--batch-size", "1e9"], "--batch-size"),
-    (["--batch-size", "99999999"], "--batch-size"),
+    (["--batch-size", "99999999"], "--batch-size"), (["--batch-size", "1e12"], "--batch-size"),
+    (["--batch-size", ""], "--batch-size"), (["--compute_type", "bogus"], "--compute_type"),
+    (["--vad_filter", "-1"], "--vad_filter"),
     (["--backend", "ctranslate"], "--backend"), (["--compute_type", "int3"], "--compute_type"),
     (["--vad_filter", "nan"], "--vad_filter"), (["--vad_filter", "True"], "needs --backend faster-whisper"),
     (["--compute_type", "int8"], "needs --backend faster-whisper"), (["--task", "tags"], "--task"),
@@ -164,6 +205,16 @@ def test_cli_bad_options_are_one_error_line(args, message, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err
     assert [line for line in err.splitlines() if "error:" in line] == [err.splitlines()[-1]]
+
+
+def test_cli_faster_whisper_not_installed(monkeypatch, capsys):
+    """Without the extra: one error line naming it, before any model loads."""
+    monkeypatch.setitem(sys.modules, "faster_whisper", None)  # import faster_whisper -> ImportError
+    with pytest.raises(SystemExit) as e:
+        main(["x.wav", "--model", "no-such-model", "--head", "h.pt", "--backend", "faster-whisper"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.splitlines()[-1].startswith("wat-tag: error: --backend faster-whisper needs")
+    assert "[faster]" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- faster-whisper backend
