@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -141,6 +142,7 @@ def main(argv=None) -> int:
             pairs = [(transcribe_and_tag(model, tagger, u, fp16=False, **OPTS)["text"],
                       transcribe_and_tag_faster(fw, model, tagger, u, **OPTS)["text"]) for u in utterances]
             rec["backend_wer_utterances"][ct] = corpus(pairs).wer
+        print(json.dumps(rec), file=sys.stderr, flush=True)  # so far
 
     if "batch" in args.only:
         rng = np.random.default_rng(1)
@@ -164,6 +166,7 @@ def main(argv=None) -> int:
                 "one_by_one_s": t_one, "batched_s": t_batch, "speedup": t_one / t_batch,
                 "same_text": sum(a["text"] == b["text"] for a, b in zip(one, bat)),
                 "tags_max_abs_diff": max(max_dp(a, b) for a, b in zip(one, bat))}
+            print(json.dumps(rec), file=sys.stderr, flush=True)  # so far (a long run cut short keeps these)
 
     if "tags_only" in args.only:
         sounds = [soxr.resample(demo.synth_clip(i % len(demo.CLASSES), 7, i), demo.RATE, SR).astype(np.float32)

@@ -171,20 +171,23 @@ def test_cli_batched_and_tags_only(tiny_model, tmp_path, capsys):
     for p in UTTERANCES[:3]:
         sf.write(folder / (p.stem + ".wav"), sf.read(p, dtype="float32")[0], SR)
     (folder / "bad.wav").write_bytes(b"not audio")
+    long = np.concatenate([sf.read(p, dtype="float32")[0] for p in UTTERANCES])  # > 30 s: the window loop
+    assert len(long) > 30 * SR
+    sf.write(folder / "long.wav", long, SR)
+    names = sorted(p.stem for p in folder.iterdir() if p.stem != "bad")
     common = [str(folder), "--model", "tiny.en", "--head", str(tmp_path / "h.pt"), "--progress", "none"]
     assert main(common + ["--batch-size", "2", "--beam_size", "1"]) == 1
     cap = capsys.readouterr()
     rows = [json.loads(line) for line in cap.out.splitlines()]
-    assert [Path(r["file"]).stem for r in rows] == [p.stem for p in UTTERANCES[:3]]
-    assert "bad.wav" in cap.err and "1 of 4 files failed" in cap.err
-    one = [transcribe_and_tag(tiny_model, tmp_path / "h.pt", p, beam_size=1) for p in UTTERANCES[:3]]
+    assert [Path(r["file"]).stem for r in rows] == names
+    assert "bad.wav" in cap.err and "1 of 5 files failed" in cap.err
+    one = [transcribe_and_tag(tiny_model, tmp_path / "h.pt", folder / f"{n}.wav", beam_size=1) for n in names]
     assert [r["text"] for r in rows] == [r["text"] for r in one]
-    def timed(r):
-        return [(s["start"], s["end"], s["tokens"]) for s in r["segments"]]
-    assert [timed(r) for r in rows] == [timed(r) for r in one]
+    assert [[(s["start"], s["end"], s["tokens"]) for s in r["segments"]] for r in rows] == [
+        [(s["start"], s["end"], s["tokens"]) for s in r["segments"]] for r in one]
     assert main(common + ["--task", "tag", "-f", "all", "-o", str(tmp_path / "tags")]) == 1
     assert sorted(p.name for p in (tmp_path / "tags").iterdir()) == sorted(
-        f"{p.stem}{s}" for p in UTTERANCES[:3] for s in (".json", ".tags.tsv"))
+        f"{n}{s}" for n in names for s in (".json", ".tags.tsv"))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -241,7 +244,7 @@ def test_faster_whisper_tags_equal_and_transcripts_close(tiny_model, faster_tiny
     slow = transcribe_and_tag(tiny_model, tagger, audio, fp16=False, **opts)
     assert [s["seek"] for s in fast["segments"]] == [s["seek"] for s in slow["segments"]]
     assert passes.n == len({s["seek"] for s in slow["segments"]})  # one pass per window, the decoder's too
-    _same_tags(fast["audio_tags"], slow["audio_tags"], atol=1e-6)
+    assert fast["audio_tags"] == slow["audio_tags"]  # exactly: the same encoder on the same windows
     refs, hyps = [], []
     for clip in clips[:4]:
         refs.append(transcribe_and_tag(tiny_model, tagger, clip, fp16=False, **opts)["text"])
@@ -260,6 +263,13 @@ def test_faster_whisper_vad_and_word_timestamps(tiny_model, faster_tiny, speech_
     assert "singing" in out["text"] and 3.5 < words[0]["start"] < 5.0  # times of the file, not of the speech
     only, = tag_only(tiny_model, tagger, [audio])
     assert out["audio_tags"] == only["audio_tags"]
+    # without VAD the alignment reads the encoder output wat served: words, and the tags of the one pass
+    with EncoderPasses(tiny_model) as passes:
+        out = transcribe_and_tag_faster(faster_tiny, tiny_model, tagger, audio, word_timestamps=True,
+                                        temperature=0.0, language="en")
+    words = [w for s in out["segments"] for w in s["words"]]
+    assert passes.n == 1 and "singing" in out["text"] and 3.5 < words[0]["start"] < 5.0
+    assert out["audio_tags"] == transcribe_and_tag(tiny_model, tagger, audio, temperature=0.0, fp16=False)["audio_tags"]
 
 
 def test_faster_whisper_cli(tiny_model, faster_tiny, speech_wav, tmp_path, capsys):
