@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from .clikit.args import add_encoding, int_range, parse_args, seed_int
+from .clikit.args import add_encoding, add_out, int_range, parse_args, seed_int
 from .clikit.main import run_command
 from .datasets import DATASET_KINDS, DatasetError, load_dataset, problem_counts
 from .demo import CLASSES, make_demo
@@ -19,7 +19,7 @@ def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="wat-data", description="Datasets for wat: demo data and manifest checks.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="write a synthetic ESC-50-layout dataset")
-    demo.add_argument("--out", required=True, help="output folder (gets audio/ and meta/esc50.csv)")
+    add_out(demo, "output folder (gets audio/ and meta/esc50.csv)")
     demo.add_argument("--clips-per-class", type=int_range(1, 10_000), default=8)
     demo.add_argument("--seed", type=seed_int, default=0)
     show = sub.add_parser("list", help="load a dataset and print counts, classes and skipped rows")

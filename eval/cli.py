@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from wat.data.clikit.args import (MAX_CLASSES, add_device, add_workers, comma_list, float_range, int_range, layer_list,
-                                  layers_text, parse_args, seed_int)
+from wat.data.clikit.args import (MAX_CLASSES, add_device, add_features, add_out, add_workers, comma_list, float_range,
+                                  int_range, layer_list, layers_text, parse_args, seed_int)
 from wat.data.clikit.main import run_command
 
 
@@ -13,9 +13,8 @@ def probe_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wat-probe", description="Probes (linear; X-ARES's MLP and kNN) on every "
                                 "encoder layer's time-mean features (and fusion baselines); reads only the cache's "
                                 "`mean` dataset.")
-    p.add_argument("--features", action="append", required=True, metavar="FEATS_H5",
-                   help="cache to probe; repeat to also probe the concatenation of several caches "
-                        "(same clip ids in the same order)")
+    add_features(p, "cache to probe; repeat to also probe the concatenation of several caches "
+                    "(same clip ids in the same order)", repeat=True)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--eval-features", action="append", metavar="TEST_H5",
                    help="train on --features, test on this cache (one per --features)")
@@ -59,7 +58,7 @@ def probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int_range(1, 1_000_000), default=200)
     p.add_argument("--seed", type=seed_int, default=0)
     add_device(p, "device of the multi-label linear, mlp and knn probes")
-    p.add_argument("--out", required=True, metavar="PROBE_DIR")
+    add_out(p, "output folder: report.html, layers.csv, layers.png, summary.json, ...", metavar="PROBE_DIR")
     return p
 
 
@@ -120,7 +119,7 @@ def _fold_list(text: str) -> tuple[int, ...]:
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wat-eval", description="Score a trained head on a feature cache; or, with "
                                 "--table, lay finished wat-train runs out as Whisper-AT's Table 1.")
-    p.add_argument("--features", metavar="TEST_H5", help="cache to score the head on (required without --table)")
+    add_features(p, "cache to score the head on (required without --table)", metavar="TEST_H5", required=False)
     p.add_argument("--head", metavar="HEAD_PT|whisper-at|whisper-at-low",
                    help="wat head (RUN_DIR/wa.pt), an official Whisper-AT head file, or whisper-at / whisper-at-low: "
                         "the official head of the cache's Whisper model, downloaded once (required without --table)")
@@ -136,7 +135,8 @@ def eval_parser() -> argparse.ArgumentParser:
                    help="tune only on these folds of that cache (the folds the head did not train on)")
     p.add_argument("--batch-size", type=int_range(1, 1 << 20), default=256)
     add_device(p)
-    p.add_argument("--out", required=True, metavar="EVAL_DIR")
+    add_out(p, "output folder: metrics.json, per_class.csv, predictions.npz, report.html, ...; with --table "
+               "table.md and table.csv", metavar="EVAL_DIR")
     return p
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from wat.data.cache import POLICIES, STORAGES
-from wat.data.clikit.args import (ENCODER_HELP, MODEL_HELP, add_device, add_encoding, add_workers, float_range,  # noqa: F401
-                                  int_range, layer_range, parse_args)
+from wat.data.clikit.args import (ENCODER_HELP, MODEL_HELP, add_device, add_encoding, add_model, add_out,  # noqa: F401
+                                  add_workers, float_range, int_range, layer_range, parse_args)
 from wat.data.clikit.main import run_command
 from wat.data.datasets import DATASET_KINDS
 
@@ -19,8 +19,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--manifest", help="CSV/JSON manifest (AudioSet segment CSV, AST JSON, path,labels CSV)")
     add_encoding(p, "manifest")
-    p.add_argument("--model", required=True, help=ENCODER_HELP)
-    p.add_argument("--out", required=True, help="index file to write, e.g. feats.h5 (shards go to feats.shards/)")
+    add_model(p, ENCODER_HELP)
+    add_out(p, "index file to write, e.g. feats.h5 (shards go to feats.shards/)")
     p.add_argument("--policy", choices=POLICIES, default=None,
                    help="Whisper: pad30 (its default) encodes the 30 s window whisper.transcribe feeds the encoder "
                         "(the clip's log-mel padded with zero log-mel frames), pooling the clip's frames: what "

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from wat.data.clikit.args import (MODEL_HELP, add_device, add_encoding, add_workers, comma_list_of, int_range, parse_args,
-                                  positive_int, seed_int)
+from wat.data.clikit.args import (MODEL_HELP, add_device, add_encoding, add_model, add_out, add_workers, comma_list_of,
+                                  int_range, parse_args, positive_int, seed_int)
 from wat.data.clikit.main import run_command
 
 DATASETS = ("esc50", "json", "folder", "csv")  # wat dataset kinds that can be single-label
@@ -26,13 +26,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-root", required=True, help="noise dataset folder (e.g. ESC-50)")
     p.add_argument("--noise-manifest", help="manifest of the noise dataset, when not in its usual place")
     add_encoding(p, "transcripts, speech CSV and noise manifest")
-    p.add_argument("--model", action="append", required=True, metavar="MODEL",
-                   help=MODEL_HELP + "; or a CTC fine-tuned (*ForCTC) Hugging Face wav2vec2 / HuBERT / WavLM / "
-                        "data2vec-audio folder or id (facebook/wav2vec2-base-960h; greedy CTC with its own tokenizer); "
-                        "repeat to compare models on the same mixtures")
+    add_model(p, MODEL_HELP + "; or a CTC fine-tuned (*ForCTC) Hugging Face wav2vec2 / HuBERT / WavLM / "
+                 "data2vec-audio folder or id (facebook/wav2vec2-base-960h; greedy CTC with its own tokenizer); "
+                 "repeat to compare models on the same mixtures", repeat=True)
     p.add_argument("--snr", type=comma_list_of(float, what="number (dB)"), default="20,10,5,0,-5,-10",
                    help="SNRs in dB, comma-separated (default: the paper's)")
-    p.add_argument("--out", required=True, help="output folder")
+    add_out(p, "output folder (see below)")
     p.add_argument("--noise-per-utterance", type=int_range(1, 1000), default=1,
                    help="noise clips (of different classes) mixed with each utterance (default 1)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the noise assignment")

@@ -13,7 +13,7 @@ from pathlib import Path
 # torch, whisper and the tagger load in the functions that need them: `wat-tag --help` imports neither
 from wat.data.audio import AudioError
 from wat.data.datasets import AUDIO_EXTS
-from wat.data.clikit.args import MAX_CLASSES, MODEL_HELP, add_device, float_range, int_range, parse_args
+from wat.data.clikit.args import MAX_CLASSES, MODEL_HELP, add_device, add_model, float_range, int_range, parse_args
 from wat.data.clikit.main import run_command
 from wat.data.files import atomic_write, make_folder, one_line, remove_bare, write_tsv
 from wat.data.naming import output_stems
@@ -163,10 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("audio", nargs="+",
                    help="audio files (wav, flac, ogg, mp3, m4a, ...: libsndfile, else PyAV; no ffmpeg binary "
                         "needed) or folders (their audio files, sub-folders included); not - (stdin)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=MODEL_HELP + f" (default {DEFAULT_MODEL}: whisper-at's default, and the whisper command's "
-                        "before turbo, which has no official head); with --task tag also another encoder family "
-                        "(a Hugging Face speech model, crepe-*) whose cache trained the --head")
+    add_model(p, MODEL_HELP + f" (default {DEFAULT_MODEL}: whisper-at's default, and the whisper command's "
+                 "before turbo, which has no official head); with --task tag also another encoder family "
+                 "(a Hugging Face speech model, crepe-*) whose cache trained the --head", default=DEFAULT_MODEL)
     p.add_argument("--head", metavar="HEAD|whisper-at|whisper-at-low",
                    help="head file (wat-train output or an official at_model.* file), or whisper-at / whisper-at-low: "
                         "the official Whisper-AT AudioSet head of --model, downloaded once into the user cache "

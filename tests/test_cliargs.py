@@ -138,3 +138,63 @@ def test_every_command_ends_the_same_way(prog, raised, status, line, monkeypatch
     assert len(err) == 1 and err[0].startswith(f"{prog}: {line.split(chr(10))[0]}")
     if raised == "typed":
         assert err[0] == f"{prog}: error: refused here"
+
+
+def _kit_parsers():
+    from wat.extract.xares.cli import parser as xares_parser
+    from wat.robust.cli import parser as robust_parser
+    return {"wat-extract": extract_parser, "wat-train": train_parser, "wat-probe": probe_parser,
+            "wat-eval": eval_parser, "wat-tag": tag_parser, "wat-robust": robust_parser, "wat-xares": xares_parser}
+
+
+def _actions(p):
+    """A parser's actions, its sub-commands' included."""
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                yield from _actions(sub)
+        else:
+            yield a
+
+
+@pytest.mark.parametrize("prog", sorted(_kit_parsers()))
+def test_model_out_features_are_the_kits_definitions(prog):
+    """--model, --out and --features come from clikit.args (add_model / add_out / add_features) in every
+    command that has them: one spelling and metavar per option, an empty value refused, and a help
+    text of the command's own."""
+    found = [a for a in _actions(_kit_parsers()[prog]()) if {"--model", "--out", "--features"} & set(a.option_strings)]
+    assert found
+    for a in found:
+        assert a.type.__qualname__ == "nonempty.<locals>.parse", (prog, a.option_strings)
+        assert a.metavar and a.help and len(a.option_strings) == 1
+
+
+@pytest.mark.parametrize("main, argv, line", [
+    (train_main, ["--features", "", "--out", "o"], "argument --features: an empty cache path"),
+    (train_main, ["--features", "f", "--out", " "], "argument --out: an empty path"),
+    (extract_main, ["--dataset", "esc50", "--root", "r", "--model", "", "--out", "o"], "argument --model: an empty model"),
+    (tag_main, ["a.wav", "--model", ""], "argument --model: an empty model"),
+    (probe_main, ["--features", "f", "--features", "", "--out", "o"], "argument --features: an empty cache path"),
+    ("wat.data.cli:main", ["demo", "--out", ""], "argument --out: an empty path"),
+])
+def test_an_empty_model_out_or_features_is_one_error_line(main, argv, line, capsys):
+    if isinstance(main, str):
+        import importlib
+        module, func = main.split(":")
+        main = getattr(importlib.import_module(module), func)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].endswith(line) and ": error: " in err[-1]
+
+
+def test_kit_option_defaults_and_lists():
+    p = argparse.ArgumentParser()
+    cliargs.add_model(p, "m", default="base")
+    cliargs.add_features(p, "f", repeat=True)
+    cliargs.add_out(p, "o", metavar="DIR")
+    a = p.parse_args(["--features", "a.h5", "--features", "b.h5", "--out", "x"])
+    assert (a.model, a.features, a.out) == ("base", ["a.h5", "b.h5"], "x")
+    assert not p._option_string_actions["--model"].required and p._option_string_actions["--out"].required
+    with pytest.raises(ValueError, match="no default"):
+        cliargs.add_model(argparse.ArgumentParser(), "m", default="base", repeat=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from wat.data.clikit.args import add_device, float_range, int_range, parse_args, seed_int
+from wat.data.clikit.args import add_device, add_features, add_out, float_range, int_range, parse_args, seed_int
 from wat.data.clikit.main import run_command
 from wat.data.heads import BUILTIN_KINDS, LAYER_ATTN_HEADS
 
@@ -55,7 +55,7 @@ def _lr(text: str) -> float | str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wat-train", description=__doc__)
-    p.add_argument("--features", required=True, help="training cache (feats.h5)")
+    add_features(p, "training cache (feats.h5)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--eval-features", help="evaluation cache, scored every epoch (chooses best.pt)")
     g.add_argument("--folds", type=_folds, default=0, help="cross-validate over the cache's K folds (ESC-50: 5)")
@@ -93,7 +93,8 @@ def parser() -> argparse.ArgumentParser:
                         "on a cache of this one; the fine-tuned head is a head of the cache's policy")
     add_device(p)
     p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    add_out(p, "run folder: the heads (wa.pt, best.pt; with --folds one sub-folder per fold), last.pt for "
+               "--resume, metrics.json, per_class.csv, curves.png, report.html", metavar="RUN_DIR")
     p.add_argument("--tensorboard", metavar="DIR",
                    help="also log per-epoch loss, lr and held-out scores (per fold, and of the running weight "
                         "average) as TensorBoard events in DIR; watch with: tensorboard --logdir DIR")

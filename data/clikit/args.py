@@ -10,6 +10,9 @@ defaults, validates and documents them the same way.
     type=layer_range                   wat-extract --layers START:STOP (a slice of encoder blocks)
     type=layer_list                    wat-probe --layers all | 0,4,8:12 (blocks and such slices)
     add_encoding(p)                    --encoding NAME of manifests/transcripts (default strict UTF-8)
+    add_model(p, help, default=, repeat=)      --model MODEL (what a command loads)
+    add_out(p, help, metavar=)                 --out PATH (where it writes; always required)
+    add_features(p, help, metavar=, required=, repeat=)   --features FEATS_H5 (a cache it reads)
 """
 from __future__ import annotations
 
@@ -33,6 +36,43 @@ ENCODER_HELP = ("encoder: a Whisper model (name such as tiny.en, base, large-v2;
                 "folder or id (facebook/hubert-large-ls960-ft), or crepe-full / crepe-tiny")
 DEVICE_HELP = "auto (default: cuda when available, else cpu), cpu, cuda or cuda:N"
 
+
+def nonempty(what: str):
+    """argparse type factory: text refused when empty or blank, naming `what` (`--out ''` would be
+    the current folder, `--features ''` a puzzling 'no such file'); the text is kept as given."""
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"an empty {what}")
+        return text
+
+    parse.__name__ = what
+    return parse
+
+
+# --model, --out and --features: one definition each (spelling, metavar, the refusal of an empty
+# value); each command passes the help that says what the option is there.
+
+def add_model(p, help: str = ENCODER_HELP, *, default: str | None = None, repeat: bool = False) -> None:
+    """--model MODEL: what the command loads (`help`: ENCODER_HELP for any encoder family, MODEL_HELP
+    where only Whisper will do, plus what is particular to the command). Required unless there is a
+    `default` (say it in `help`); `repeat`: given once per model, a list."""
+    if repeat and default is not None:
+        raise ValueError("a repeated --model has no default (argparse would append to it)")
+    p.add_argument("--model", required=default is None, default=default, metavar="MODEL",
+                   action="append" if repeat else "store", type=nonempty("model"), help=help)
+
+
+def add_out(p, help: str, *, metavar: str = "OUT") -> None:
+    """--out: where the command writes (a file or folder, as `help` says); always required, so a
+    command never picks a place to write on its own."""
+    p.add_argument("--out", required=True, metavar=metavar, type=nonempty("path"), help=help)
+
+
+def add_features(p, help: str, *, metavar: str = "FEATS_H5", required: bool = True, repeat: bool = False) -> None:
+    """--features: a wat feature cache the command reads (its index file, e.g. feats.h5); `repeat`:
+    given once per cache, a list."""
+    p.add_argument("--features", required=required, metavar=metavar, action="append" if repeat else "store",
+                   type=nonempty("cache path"), help=help)
 
 def int_range(lo: int, hi: int | None = None):
     """argparse type factory: an integer in [lo, hi] (no upper bound when hi is None)."""

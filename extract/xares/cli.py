@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from wat.data.clikit.args import int_range, parse_args
+from wat.data.clikit.args import add_features, add_model, add_out, int_range, parse_args
 
 ENCODER_FILE = '''"""X-ARES encoder: {model}, layer {layer}, policy {policy} (written by wat-xares encoder)."""
 from wat.extract import xares
@@ -27,12 +27,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wat-xares", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("encoder", help="write an X-ARES encoder file: python -m xares.run FILE TASK.py ...")
-    e.add_argument("--model", default="base", help="any wat encoder (wat-extract --model)")
+    add_model(e, "any wat encoder, as wat-extract --model takes (default base)", default="base")
     e.add_argument("--layer", type=_layer, default=-1, help="a block (negative: from the last; default -1), mean "
                    "(the mean of every block's output) or concat (every block, concatenated along features)")
     e.add_argument("--policy", choices=("pad30", "trim"), help="Whisper's input policy (default pad30)")
     e.add_argument("--batch-size", type=int_range(1, 4096), default=16, help="clips encoded together")
-    e.add_argument("--out", required=True, help="the .py file to write (run X-ARES from its folder)")
+    add_out(e, "the .py file to write (run X-ARES from its folder)", metavar="ENCODER_PY")
     r = sub.add_parser("run", help="python -m xares.run in this process (xares imported without torchaudio), "
                        "e.g. wat-xares run enc.py esc50_task.py --from-stage 2")
     r.add_argument("encoder_py", help="encoder file (wat-xares encoder), relative to the current folder")
@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--from-stage", type=int_range(0, 2), default=0, help="0 download, 1 encode, 2 score")
     r.add_argument("--to-stage", type=int_range(0, 2), default=2)
     x = sub.add_parser("export", help="a wat cache as a task's X-ARES embeddings (no re-encoding)")
-    x.add_argument("--features", required=True, metavar="FEATS_H5", help="cache of the task's clips")
+    add_features(x, "cache of the task's clips")
     x.add_argument("--task", required=True, metavar="TASK_PY", help="X-ARES task file, e.g. src/tasks/esc50_task.py")
     x.add_argument("--layer", type=_layer, default=-1, help="as for `encoder` (blocks as the cache names them)")
     x.add_argument("--env-root", help="X-ARES's env folder (default: the task's, ./env)")
