@@ -113,7 +113,7 @@ def test_a_list_starting_with_a_negative_number_is_a_value():
 COMMANDS = {"wat-data": "wat.data.cli:main", "wat-cache": "wat.data.cache_cli:main",
             "wat-extract": "wat.extract.cli:main", "wat-train": "wat.train.cli:main",
             "wat-probe": "wat.eval.cli:probe_main", "wat-eval": "wat.eval.cli:eval_main",
-            "wat-tag": "wat.tag.cli:main", "wat-robust": "wat.robust.cli:main"}
+            "wat-tag": "wat.tag.cli:main", "wat-robust": "wat.robust.cli:main", "wat-xares": "wat.extract.xares.cli:main"}
 
 
 @pytest.mark.parametrize("prog", sorted(COMMANDS))

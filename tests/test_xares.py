@@ -173,3 +173,51 @@ def test_encoder_file_for_xares_run(tmp_path, capsys):
     text = (tmp_path / "enc.py").read_text()
     assert "WatTinyEnL2TrimEncoder = xares.encoder_class('tiny.en', layer=2, policy='trim'" in text
     assert main(["encoder", "--out", str(tmp_path / "bad-name.py")]) == 2
+
+
+def test_encoder_file_refuses_what_xares_run_could_not_build(tmp_path, capsys):
+    """The encoder is built once before its file is written: a layer the model lacks, a policy its
+    family does not take, a model that does not load are one line, and no file is left behind."""
+    from wat.extract.xares.cli import main
+
+    out = tmp_path / "enc.py"
+    for argv, why in ((["--model", MODEL, "--layer", "9"], "not one of the blocks 0..3"),
+                      (["--model", MODEL, "--layer", "-5"], "not one of the blocks 0..3"),
+                      (["--model", "crepe-tiny", "--policy", "pad30"], "does not apply to the crepe encoder"),
+                      (["--model", str(tmp_path / "nope")], "no such file"),
+                      (["--model", MODEL, "--out", str(tmp_path / "no" / "enc.py")], "no folder")):
+        assert main(["encoder", "--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("wat-xares: error:") and why in err[0], err
+    assert list(tmp_path.iterdir()) == []
+    # without --policy: the encoder's default, written out, so the class is named as an export of a
+    # cache of that policy names its folder (it was 'Default', which no cache records)
+    assert main(["encoder", "--model", MODEL, "--layer", "2", "--out", str(out)]) == 0
+    assert "WatTinyEnL2Pad30Encoder = xares.encoder_class('tiny.en', layer=2, policy='pad30'" in out.read_text()
+    assert xares.class_name(MODEL, 2, None) == "WatTinyEnL2Pad30Encoder"
+    assert xares.class_name("crepe-tiny", -1, None) == "WatCrepeTinyLastTrimEncoder"
+
+
+def test_export_and_run_refusals_are_one_line(demo_cache_trim, tmp_path, monkeypatch, capsys):
+    from wat.extract.xares.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not python")
+    (tmp_path / "five_task.py").write_text("def five_config(encoder):\n    return 5\n")
+    (tmp_path / "toy_task.py").write_text(TASK_PY.format(env=str(tmp_path / "env"), n=11))
+    (tmp_path / "enc.py").write_text(f"from wat.extract import xares\n\nWatTinyEncoder = xares.encoder_class({MODEL!r})\n")
+    export = ["export", "--features", str(demo_cache_trim), "--task"]
+    cases = [(export + ["notes.txt"], "a Python file"), (export + ["five_task.py"], "not a TaskConfig"),
+             (export + ["toy_task.py", "--encoder-name", "../../xEncoder"], "an identifier ending in 'Encoder'"),
+             (["run", "nope.py", "toy_task.py"], "nope.py: no such file"),
+             (["run", str(tmp_path / "enc.py"), "toy_task.py"], "below the current folder"),
+             (["run", "enc.py", "toy_task.py", "--from-stage", "2", "--to-stage", "1"], "nothing to run"),
+             (["run", "enc.py", "toy_task.py", "--from-stage", "2"], "no embeddings of WatTinyEnLastPad30Encoder")]
+    from wat.data.no_torchaudio import torchaudio_problem
+    if torchaudio_problem():   # stage 1 would mark the task encoded with no clip in it
+        cases.append((["run", "enc.py", "toy_task.py", "--from-stage", "1"], "cannot be imported here"))
+    for argv, why in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("wat-xares: error:") and why in err[0], (argv, err)
+    assert not (tmp_path / "env").exists() and not (tmp_path.parent / "xEncoder").exists()

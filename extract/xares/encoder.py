@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..encoders.base import equal_length_groups, load_encoder
+from ..encoders.base import encoder_class as encoder_class_of
+from ..encoders.base import equal_length_groups, family_of, load_encoder
 from .layers import LayerChoice, layer_name, output_dim, reduce_layers, resolve_layer
 
 
@@ -89,9 +90,11 @@ def class_name(model: str, layer: LayerChoice, policy: str | None) -> str:
     """The class (and X-ARES embedding folder) name of an encoder choice, e.g.
     `WatBaseL5Pad30Encoder`, `WatOpenaiWhisperLargeV3LayerMeanTrimEncoder`."""
     model = str(model).rstrip("/")
+    if policy is None:   # the encoder's default, by name: an export names a cache by the policy it recorded
+        policy = encoder_class_of(family_of(model)).policies[0]
     words = re.split(r"[^A-Za-z0-9]+", Path(model).name if Path(model).exists() else model)   # a folder: its name
     camel = "".join(w[:1].upper() + w[1:] for w in words if w)
-    return f"Wat{camel}{layer_name(layer)}{(policy or 'Default').capitalize()}Encoder"
+    return f"Wat{camel}{layer_name(layer)}{policy.capitalize()}Encoder"
 
 
 def encoder_class(model: str = "base", layer: LayerChoice = -1, policy: str | None = None, *,

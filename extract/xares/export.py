@@ -25,12 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from wat.data.errors import WatError
+
 from .layers import LayerChoice, output_dim, parse_layer, reduce_layers, resolve_layer
 
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")   # webdataset's key / extension split of a tar member
 
 
-class XaresError(Exception):
+class XaresError(WatError):
     """The export cannot be done as asked (task, cache, layer); the message says why."""
 
 
@@ -81,6 +83,8 @@ def load_task(task):
     if not path.is_file():
         raise XaresError(f"X-ARES task file {path} not found (e.g. xares' src/tasks/esc50_task.py)")
     spec = importlib.util.spec_from_file_location(f"_wat_xares_task_{path.stem}", path)
+    if spec is None:   # importlib makes modules of .py files only
+        raise XaresError(f"{path}: an X-ARES task file is a Python file (.py), e.g. xares' src/tasks/esc50_task.py")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
@@ -89,7 +93,13 @@ def load_task(task):
     makers = [v for k, v in vars(module).items() if k.endswith("_config") and callable(v)]
     if len(makers) != 1:
         raise XaresError(f"{path}: expected one function whose name ends in '_config', found {len(makers)}")
-    return makers[0](None)
+    try:
+        config = makers[0](None)
+    except Exception as e:   # user code too
+        raise XaresError(f"{path}: {makers[0].__name__}(None) failed: {type(e).__name__}: {e}") from None
+    if not isinstance(config, xt.TaskConfig):
+        raise XaresError(f"{path}: {makers[0].__name__}(None) returned a {type(config).__name__}, not a TaskConfig")
+    return config
 
 
 def audio_records(urls) -> list[tuple[str, bytes]]:
@@ -118,6 +128,12 @@ def sample_key(clip_id: str) -> str:
     return Path(clip_id).stem.replace(".", "_")
 
 
+def embeddings_dir(config, encoder_name: str, env_root=None) -> Path:
+    """Where X-ARES keeps (and stage 2 reads) a task's embeddings by the encoder class `encoder_name`
+    (`XaresTask.encoded_tar_dir`); its ready mark is `config.xares_settings.encoded_ready_filename`."""
+    return Path(env_root if env_root is not None else config.env_root) / config.name / config.embedding_dir_name / encoder_name
+
+
 def export_task(features, task, *, layer: LayerChoice = -1, encoder_name: str | None = None,
                 env_root=None, skip_missing: bool = False, overwrite: bool = False) -> dict:
     """Write the cache `features` as the embeddings of `task` (TaskConfig or task file) for the
@@ -142,8 +158,11 @@ def export_task(features, task, *, layer: LayerChoice = -1, encoder_name: str | 
         raise XaresError(f"{features}: {e}") from None
     positions = [meta.layers.index(b) for b in blocks]
     name = encoder_name or class_name(meta.model, parse_layer(layer), meta.policy)
+    if not (name.isidentifier() and name.endswith("Encoder")):   # the folder name: never a path ('../x')
+        raise XaresError(f"encoder name {name!r}: X-ARES names the embeddings folder after the encoder class, "
+                         "an identifier ending in 'Encoder'")
     env_dir = Path(env_root if env_root is not None else config.env_root) / config.name
-    out_dir = env_dir / config.embedding_dir_name / name
+    out_dir = embeddings_dir(config, name, env_root)
     ready = out_dir / config.xares_settings.encoded_ready_filename
     if ready.exists() and not overwrite:
         raise XaresError(f"{out_dir} already holds X-ARES embeddings ({ready.name}); pass overwrite to replace them")
