@@ -107,3 +107,12 @@ def test_workers_are_capped_at_a_few_per_cpu(capsys):
     assert f"1..{MAX_WORKERS}" in line
     from wat.eval.cli import probe_parser
     assert probe_parser().parse_args(["--features", "f", "--out", "o", "--workers", str(MAX_WORKERS)]).workers == MAX_WORKERS
+
+
+def test_allow_policy_mismatch_without_init_is_one_error_line(tmp_path, capsys):
+    # it was accepted and ignored: a run the user believed fine-tuned across policies trained from scratch
+    with pytest.raises(SystemExit) as e:
+        train_main(["--features", str(tmp_path / "f.h5"), "--out", str(tmp_path / "o"), "--allow-policy-mismatch"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert e.value.code == 2 and len(errors) == 1 and "--init" in errors[0], errors
+    assert not (tmp_path / "o").exists()

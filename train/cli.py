@@ -114,6 +114,8 @@ def _main(argv, speak: bool) -> int:
 
     from .loop import train
 
+    if a.allow_policy_mismatch and a.init is None:   # it loosens --init's check only: alone it did nothing, silently
+        p.error("--allow-policy-mismatch applies to --init only (a head trained on features of another policy)")
     try:
         if a.head is not None:
             head_class(a.head).check_dim(a.proj_dim)  # --proj-dim with a head kind that has no projection
