@@ -76,7 +76,9 @@ def test_a_killed_download_leaves_nothing_that_loads(server, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
+        # a hang guard, not a timing check: the subprocess imports torch before it downloads, which
+        # took over 60 s under `nice -n 19` on the shared machine at load 17 (the whole suite failed here)
+        deadline = time.monotonic() + 600
         while not any(p.stat().st_size for p in official.folder().glob("*.partial")):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
