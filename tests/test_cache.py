@@ -134,6 +134,14 @@ def test_write_shard_rejects_bad_input(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing half-written is left behind
 
 
+def test_a_folder_given_for_a_cache_is_named_a_folder(tmp_path):
+    # wat-probe --features DATASET_DIR said "file missing" of a folder that is there
+    with pytest.raises(CacheError, match="a folder, not a cache file"):
+        open_cache(tmp_path)
+    with pytest.raises(CacheError, match="file missing"):
+        open_cache(tmp_path / "none.h5")
+
+
 def test_partial_is_never_a_shard(tmp_path):
     index, paths, (ids, feats, labels, *_) = write_cache(tmp_path, sizes=(20, 30))
     # a crash mid-write leaves only a .partial: simulate by writing one and never renaming it

@@ -20,6 +20,8 @@ def open_h5(path) -> h5py.File:
     path = Path(path)
     if path.name.endswith(".partial"):
         raise CacheError(f"{path}: unfinished file (.partial), not a shard")
+    if path.is_dir():   # e.g. the dataset folder given for the cache: "file missing" sent people looking for it
+        raise CacheError(f"{path}: a folder, not a cache file (the .h5 file wat-extract --out wrote)")
     if not path.is_file():
         raise CacheError(f"{path}: file missing")
     try:
