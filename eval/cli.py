@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from wat.data.clikit.args import (MAX_CLASSES, add_device, add_features, add_out, add_workers, comma_list, float_range,
@@ -71,6 +72,10 @@ def _probe(argv) -> int:
     from .probe import ProbeError, ProbeOptions, default_jobs, parse_fusion, parse_probes, probe
     from .report import write_probe
 
+    paths = [os.path.realpath(f) for f in a.features]
+    twice = next((f for f, r in zip(a.features, paths) if paths.count(r) > 1), None)
+    if twice:   # it probed the cache concatenated with itself, as if it were a second encoder
+        raise ProbeError(f"--features {twice}: the same cache given twice")
     if a.align_to > len(a.features):
         raise ProbeError(f"--align-to {a.align_to}: only {len(a.features)} --features given")
     opts = ProbeOptions(layers=a.layers, fusion=parse_fusion(a.fusion), folds=a.folds,

@@ -279,3 +279,12 @@ def test_multilabel_fit_memory_is_bounded_by_its_block():
     arrays = float(re.search(r"= ([\d.]+) \[block, N\] float32 arrays", out).group(1))
     # within the bound, and not far below it: WORK_ARRAYS is what the fit holds, not a loose bound
     assert 0.6 * WORK_ARRAYS < arrays <= WORK_ARRAYS and "within" in out, out
+
+
+def test_the_same_cache_twice_is_one_error_line(tmp_path, capsys, monkeypatch):
+    # it was probed concatenated with itself, as a second encoder (fusion_cat of one cache twice)
+    monkeypatch.chdir(tmp_path)
+    assert probe_main(["--features", "a.h5", "--features", "./a.h5", "--out", "o"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0] == "wat-probe: error: --features a.h5: the same cache given twice", err
+    assert not (tmp_path / "o").exists()
