@@ -334,6 +334,7 @@ def test_default_options_meet_the_linear_probe_bar(demo_split, demo_split_probe,
                                out=str(tmp_path / head), head=head, progress=False))
     best = max(demo_split_probe)
     got = f"{head} wa {final['wa']:.3f}, best epoch {final['best']:.3f}; probe per layer {demo_split_probe}"
+    print(got, final.get("probe_start"))   # pytest -s: the numbers of every kind, met or not
     if head in SHORT_OF_BAR:
         assert final["wa"] >= best - GUARD, got
         if final["wa"] < best - 0.05:

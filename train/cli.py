@@ -10,7 +10,7 @@ from wat.data.clikit.args import add_device, add_features, add_out, float_range,
 from wat.data.clikit.main import run_command
 from wat.data.heads import BUILTIN_KINDS, LAYER_ATTN_HEADS
 
-from .options import BATCH, MIN_STEPS, TrainOptions
+from .options import BATCH, MIN_STEPS, PROBE_START_CLIPS, PROBE_START_MIN, TrainOptions
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -91,6 +91,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-policy-mismatch", action="store_true",
                    help="--init from a head trained on features of another input policy (an official head: pad30) "
                         "on a cache of this one; the fine-tuned head is a head of the cache's policy")
+    p.add_argument("--probe-start", choices=("auto", "on", "off"), default="auto",
+                   help="start each head as the linear probe of the layer an inner cross-validation on its "
+                        "training clips picks, train on 4/5 of them, and keep that start instead where it scores "
+                        f"higher on the other fifth (auto: on for heads that weigh layers, on sets of {PROBE_START_MIN} to "
+                        f"{PROBE_START_CLIPS} training clips, without --init)")
     add_device(p)
     p.add_argument("--seed", type=seed_int, default=0)
     add_out(p, "run folder: the heads (wa.pt, best.pt; with --folds one sub-folder per fold), last.pt for "
@@ -128,7 +133,8 @@ def _main(argv, speak: bool) -> int:
         cr_views=a.cr_views, cr_weight=a.cr_weight, unlabeled_features=a.unlabeled_features,
         cr_unlabeled_weight=a.cr_unlabeled_weight, unlabeled_ratio=a.unlabeled_ratio,
         parent_labels=a.parent_labels, weight_average=a.weight_average, init=a.init,
-        allow_policy_mismatch=a.allow_policy_mismatch, device=a.device,
+        allow_policy_mismatch=a.allow_policy_mismatch, probe_start={"auto": None, "on": True, "off": False}[a.probe_start],
+        device=a.device,
         seed=a.seed, resume=a.resume, tensorboard=a.tensorboard)
     final = train(opts)
     if speak:
@@ -147,6 +153,9 @@ def summary_text(final: dict, out) -> str:
         lines = ["no held-out clips (no --eval-features or --folds): nothing was scored"]
     for name, fold in final.get("folds", {}).items():
         lines.append(f"  {name}: best {f(fold['best'])}, weight-averaged {f(fold['wa'])}")
+    kept = [name for name, r in final.get("probe_start", {}).items() if r["kept"] == "start"]
+    if kept:
+        lines.append(f"kept the probe start (it scored higher on held-back training clips) as wa.pt: {', '.join(kept)}")
     if final.get("mAUC") is not None:
         lines.append(f"mAUC {f(final['mAUC'])}, d' {f(final.get('d_prime'))}")
     folds = list(final.get("folds", {}))

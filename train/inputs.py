@@ -20,7 +20,7 @@ from wat.data.labels import Vocabulary, parent_labels
 from wat.data.cache.store import FeatureStore
 
 from .init import Init, load_init
-from .options import TrainError, TrainOptions, default_batch, wa_range
+from .options import PROBE_START_MIN, TrainError, TrainOptions, default_batch, wa_range
 from .step import StepConfig
 
 
@@ -132,6 +132,8 @@ def check_inputs(opts: TrainOptions, world_size: int = 1) -> Checked:
         raise TrainError("--epochs, --batch-size and --cr-views must be >= 1")
     if opts.folds and opts.eval_features:
         raise TrainError("use either --eval-features or --folds, not both")
+    if opts.probe_start and opts.init:
+        raise TrainError("--probe-start on would replace the --init head's weights: use one of them")
     wa_range(opts)
     cache = _open(opts.features, "--features")
     meta = cache.meta
@@ -160,6 +162,9 @@ def check_inputs(opts: TrainOptions, world_size: int = 1) -> Checked:
     else:
         splits = [("main", np.arange(len(cache)), None)]
     _check_splits(splits, y, meta, opts)
+    if opts.probe_start and (n := min(len(tr) for _, tr, _ in splits)) < PROBE_START_MIN:
+        raise TrainError(f"--probe-start on: {n} training clips; it holds back a fifth of them and needs "
+                         f"{PROBE_START_MIN} or more")
     if opts.batch_size is None:
         opts = dataclasses.replace(opts, batch_size=default_batch(min(len(tr) for _, tr, _ in splits), world_size))
     if opts.unlabeled_features:

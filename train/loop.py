@@ -34,11 +34,12 @@ from .evaluation import predict, score
 from .init import Init
 from .inputs import Checked, Setup, balanced_weights, check_inputs, load_inputs, prepare
 from .lrsearch import CANDIDATES, check_searchable, search_lr
-from .options import Interrupted, TrainError, TrainOptions, milestones, wa_range
+from .options import PROBE_START_CLIPS, PROBE_START_MIN, Interrupted, TrainError, TrainOptions, milestones, wa_range
 from .outputs import plot_curves, write_metrics, write_per_class, write_report
 from .resume import check_resume, resumed_lr
 from .state import Fit, data_differences, data_identity, load_checkpoint, option_differences, resume_key, rng_state, save_checkpoint, seed_all, set_rng_state
 from .step import StepConfig, amp, make_optimizer, train_step
+from .warmstart import Start
 
 __all__ = ["train", "prepare", "TrainOptions", "TrainError", "Interrupted", "milestones", "wa_range",
            "StepConfig", "train_step", "make_optimizer", "predict", "score", "balanced_weights"]
@@ -107,6 +108,7 @@ def _train(opts: TrainOptions, checked: Checked, init: Init | None, out: Path, w
     gen = seed_all(opts.seed)
     aug = gen  # one stream on every rank: draws are made for whole global batches (`distributed`)
     heads = [_build(opts, s.cache, s.info.n_classes, init) for _ in s.splits]  # the run's inits first
+    starts = _probe_starts(opts, s, heads, init, device)
     weights = balanced_weights(s.y) if opts.balanced else None
     autocast, scaler = amp(device)
     history: list[dict] = []
@@ -114,7 +116,7 @@ def _train(opts: TrainOptions, checked: Checked, init: Init | None, out: Path, w
     start = 0
 
     lr = _learning_rates(opts, s, init, weights, world, device, autocast, ck)
-    fits = [Fit(name, head, opts, tr, te, device, lr=lr["per_head"][name])
+    fits = [Fit(name, head, opts, starts[name].train_idx if name in starts else tr, te, device, lr=lr["per_head"][name])
             for head, (name, tr, te) in zip(heads, s.splits)]
     if ck is not None:
         check_resume(last, ck, fits, opts, s.info.n_classes)
@@ -138,8 +140,27 @@ def _train(opts: TrainOptions, checked: Checked, init: Init | None, out: Path, w
     finally:
         if board is not None:
             board.close()
-    final = _finish(out, opts, s, fits, history, best, autocast, lr, world.size) if world.main else None
+    final = _finish(out, opts, s, fits, history, best, autocast, lr, world.size, starts) if world.main else None
     return from_main(final, world)
+
+
+def _probe_starts(opts: TrainOptions, s: Setup, heads: list, init: Init | None, device) -> dict[str, Start]:
+    """{fit name: Start} where the run starts its heads as the best layer's probe (`warmstart`):
+    --probe-start on, or by default on sets of PROBE_START_MIN to PROBE_START_CLIPS training clips without --init
+    for heads that weigh layers (not LastMLP); else {}. Moves the heads to `device`."""
+    on = opts.probe_start
+    if on is None:  # LastMLP is a linear probe of the last layer already: nothing to start or choose
+        n = [len(tr) for _, tr, _ in s.splits]
+        on = (init is None and PROBE_START_MIN <= min(n) and max(n) <= PROBE_START_CLIPS
+              and (s.cache.meta.n_layers > 1 and (hasattr(heads[0], "layer_weight") or hasattr(heads[0], "layer_tr"))))
+    if not on:
+        return {}
+    y = s.data.targets.cpu().numpy() > 0.5  # the head's outputs: the vocabulary (+ parent labels)
+    starts = {}
+    for head, (name, tr, _) in zip(heads, s.splits):
+        starts[name] = Start(head.to(device), s.data.store, tr, s.cache.folds, y, s.cfg.multilabel, opts.seed)
+        log.info("probe start %s: %s", name, starts[name].info)
+    return starts
 
 
 def _learning_rates(opts: TrainOptions, s: Setup, init: Init | None, weights, world: World, device, autocast, ck) -> dict:
@@ -217,16 +238,21 @@ def _fit_dir(out: Path, fit: Fit, fits: list) -> Path:
     return d
 
 
-def _finish(out, opts, s: Setup, fits, history, best, autocast, lr: dict, processes: int = 1) -> dict:
+def _finish(out, opts, s: Setup, fits, history, best, autocast, lr: dict, processes: int = 1,
+            starts: dict | None = None) -> dict:
     vocab, info, multilabel = s.cache.meta.vocab, s.info, s.cfg.multilabel
-    wa_scores = {}
+    wa_scores, kept = {}, {}
     for fit in fits:
         wa = fit.averaged_head()
+        if fit.name in (starts or {}):  # the probe start where it beats the trained head on held-back clips
+            wa, kept[fit.name] = starts[fit.name].keep_start(wa, s.data.store, autocast)
         save_head(_fit_dir(out, fit, fits) / "wa.pt", wa, info)
         if fit.eval_idx is not None:
             p = predict(wa, s.ev.store, fit.eval_idx, multilabel, autocast=autocast)
             wa_scores[fit.name] = score(s.ev_y[fit.eval_idx], p[:, :len(vocab)], multilabel)["score"]
     final = {"best_epoch": best["epoch"]}
+    if kept:
+        final["probe_start"] = kept
     if s.ev is not None:
         # per-class values of the chosen epoch: over the eval set, or over all held-out folds pooled
         idx = np.concatenate([f.eval_idx for f in fits])

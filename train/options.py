@@ -39,6 +39,8 @@ class TrainOptions:
     weight_average: tuple[int, int] | None = None  # 1-based inclusive epochs; None = second half
     init: str | None = None             # start from a head file (ours or official) or "whisper-at"/"whisper-at-low"
     allow_policy_mismatch: bool = False  # --init from a head trained on features of another input policy
+    probe_start: bool | None = None     # start as the best layer's probe, kept where training does not beat it on
+                                        # held-back training clips (train/warmstart.py); None: on up to PROBE_START_CLIPS, no --init
     device: str = "cpu"
     seed: int = 0
     resume: bool = False
@@ -50,6 +52,8 @@ class TrainOptions:
 
 
 
+PROBE_START_CLIPS = 4000  # probe_start None: on for sets of up to this many training clips (its fits take seconds there)
+PROBE_START_MIN = 10      # and of at least this many (a fifth is held back: at least 2)
 BATCH = 48      # the paper's batch (AudioSet: 40,000 steps an epoch)
 MIN_STEPS = 8   # the default batch gives every epoch at least this many steps (small sets, see default_batch)
 

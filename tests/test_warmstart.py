@@ -1,0 +1,119 @@
+"""The probe start (train/warmstart.py): a head begins as the linear probe of the layer an inner
+cross-validation on its training clips picks, and the run keeps that start where it scores higher
+on held-back training clips."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from synthetic_cache import synthetic_meta, write_synthetic_cache
+from wat.data.cache import FeatureStore, open_cache
+from wat.data.heads import build_head
+from wat.data.labels import Vocabulary
+from wat.train import cli
+from wat.train.evaluation import predict
+from wat.train.loop import TrainError, TrainOptions, train
+from wat.train.warmstart import Start, fit_linear, groups_of, inner_split
+
+L, T, D, K, SIGNAL = 4, 6, 16, 4, 2   # layer SIGNAL alone carries the class
+
+
+@pytest.fixture(scope="module")
+def layer_cache(tmp_path_factory):
+    """Single-label, K classes x 30 clips, 5 folds; only layer SIGNAL tells the classes apart (the
+    others: louder noise, so the layer mean is a worse feature than that layer)."""
+    n = 30 * K
+    rng = np.random.default_rng(0)
+    labels = [(i % K,) for i in range(n)]
+    x = rng.normal(size=(n, L, T, D)) * 3.0 + rng.normal(size=(L, 1, D)) * 3.0   # each layer its own offset, as an encoder's
+    means = rng.normal(size=(K, D)) * 1.5
+    x[:, SIGNAL] = rng.normal(size=(n, T, D)) + means[[c for (c,) in labels]][:, None] + x[:, SIGNAL].mean((0, 1))
+    meta = synthetic_meta(vocab=Vocabulary.from_names([f"c{k}" for k in range(K)]), multilabel=False,
+                          n_layers=L, n_frames=T, dim=D)
+    path = tmp_path_factory.mktemp("layers") / "feats.h5"
+    write_synthetic_cache(path, meta, x.astype(np.float16), labels, folds=np.arange(n) % 5 + 1)
+    return path
+
+
+def _setup(path, field="features"):
+    cache = open_cache(path)
+    y = cache.label_matrix().astype(bool)
+    return cache, FeatureStore(cache, field), y
+
+
+def test_inner_split_holds_back_one_training_fold_or_a_fifth_per_class():
+    folds = np.repeat([1, 2, 3, 4, 5], 8)
+    y = np.eye(4, dtype=bool)[np.arange(40) % 4]
+    tr = np.flatnonzero(folds != 1)
+    fit, held = inner_split(tr, folds, y, seed=0)
+    assert sorted(np.concatenate([fit, held])) == sorted(tr) and not set(fit) & set(held)
+    assert len(np.unique(folds[held])) == 1 and 1 not in folds[held]   # one training fold, never the eval fold
+    no_folds = np.full(40, -1)
+    fit, held = inner_split(np.arange(40), no_folds, y, seed=0)
+    assert len(held) == 8 and (y[held].sum(0) == 2).all()               # a fifth of every class
+    assert (groups_of(np.arange(40), no_folds, y, 0) == groups_of(np.arange(40), no_folds, y, 0)).all()
+
+
+@pytest.mark.parametrize("kind", ["wa-mlp", "wa-tr", "tl-tr"])
+def test_probe_start_picks_the_informative_layer_and_scores_like_its_probe(layer_cache, kind):
+    cache, store, y = _setup(layer_cache, build_head(kind, L, D, K).__class__.field)
+    torch.manual_seed(0)
+    head = build_head(kind, L, D, K)
+    tr, te = np.flatnonzero(cache.folds != 1), np.flatnonzero(cache.folds == 1)
+    start = Start(head, store, tr, cache.folds, y, multilabel=False, seed=0)
+    assert start.info["layer"] == SIGNAL and start.info.get("routed", True), start.info
+    p = predict(head, store, te, multilabel=False)
+    acc = (p.argmax(1) == y[te].argmax(1)).mean()
+    assert acc >= 0.9, (kind, acc, start.info)
+    if kind != "tl-tr":  # blocks are the identity: the head is that layer's probe, exactly
+        m = torch.from_numpy(cache.read("mean", start.train_idx)[:, SIGNAL].astype(np.float64))
+        z = F.layer_norm(m, (D,))
+        mu, sd = z.mean(0), z.std(0, unbiased=False)
+        w, b = fit_linear((z - mu) / sd, y[start.train_idx], False)
+        x = F.layer_norm(torch.from_numpy(cache.read("mean", te)[:, SIGNAL].astype(np.float64)), (D,))
+        want = torch.softmax(((x - mu) / sd) @ w.T + b, 1).numpy()
+        np.testing.assert_allclose(p, want, atol=2e-3)
+
+
+def test_keep_start_only_where_it_scores_higher_then_refitted_on_all_clips(layer_cache):
+    cache, store, y = _setup(layer_cache, "mean")
+    torch.manual_seed(0)
+    head = build_head("wa-mlp", L, D, K)
+    tr = np.flatnonzero(cache.folds != 1)
+    start = Start(head, store, tr, cache.folds, y, multilabel=False, seed=0)
+    assert len(start.held_idx) == len(tr) // 4 and len(start.train_idx) == len(tr) - len(start.held_idx)
+    kept, rec = start.keep_start(copy.deepcopy(head), store)      # a tie: the trained head stays
+    assert rec["kept"] == "trained" and rec["held_back_scores"]["start"] == rec["held_back_scores"]["trained"]
+    worse = copy.deepcopy(head)
+    torch.nn.init.zeros_(worse.mlp_layer[1].weight)                # uniform: chance on the held-back clips
+    kept, rec = start.keep_start(worse, store)
+    assert rec["kept"] == "start" and rec["refit"]["layer"] == SIGNAL
+    assert kept is not worse and not torch.equal(kept.mlp_layer[1].weight, head.mlp_layer[1].weight)  # refitted
+
+
+def test_train_records_the_choice_per_fold_and_off_keeps_the_old_recipe(layer_cache, tmp_path):
+    kw = dict(features=str(layer_cache), head="wa-mlp", folds=5, epochs=2, progress=False)
+    final = train(TrainOptions(out=str(tmp_path / "on"), **kw))
+    assert sorted(final["probe_start"]) == [f"fold{f}" for f in range(1, 6)]
+    for rec in final["probe_start"].values():
+        assert rec["layer"] == SIGNAL and rec["held_back"] == 24 and rec["kept"] in ("start", "trained")
+    saved = json.loads((tmp_path / "on" / "metrics.json").read_text())["final"]["probe_start"]
+    assert saved["fold1"]["kept"] == final["probe_start"]["fold1"]["kept"]
+    off = train(TrainOptions(out=str(tmp_path / "off"), probe_start=False, **kw))
+    assert "probe_start" not in off
+    kw.update(head="last-mlp", epochs=1)   # a linear probe of the last layer already: no start by default
+    assert "probe_start" not in train(TrainOptions(out=str(tmp_path / "last"), **kw))
+
+
+def test_probe_start_refusals(layer_cache, tmp_path, capsys):
+    with pytest.raises(TrainError, match="--init"):
+        train(TrainOptions(features=str(layer_cache), out=str(tmp_path / "a"), init=str(tmp_path / "x.pt"),
+                           probe_start=True, progress=False))
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--features", str(layer_cache), "--out", str(tmp_path / "b"), "--probe-start", "maybe"])
+    assert e.value.code == 2
+    assert "--probe-start" in capsys.readouterr().err

@@ -1,0 +1,264 @@
+"""Probe start: on a small set a head begins as the best layer's linear probe, and the run keeps
+that start where training does not beat it on training clips held back (issue 23.3).
+
+A head trained from a random start on a few hundred clips can end below a linear probe of one
+layer of the same features (BENCHMARKS.md, "Heads against the probe on small sets"). On sets of up
+to PROBE_START_CLIPS training clips (`TrainOptions.probe_start` None) the run therefore:
+1. holds back a fifth of each head's training clips (`inner_split`: one of their cache folds when
+   they span FOLDS_MIN or more, else seeded class-balanced groups); the evaluation clips are never seen;
+2. starts the head as a linear probe fitted on the rest (`probe_start`): every block's residual
+   branches at zero (a block is then the identity), the layer weights (WA-MLP, WA-Tr) one-hot on
+   the layer whose probe scores best in an inner cross-validation, TL-Tr's layer block routed to
+   pass that layer on, the classifier's LayerNorm affine standardising what it sees and its Linear
+   = wat-probe's L2 logistic regression on it (`fit_linear`: sklearn with the probe's defaults);
+3. trains as before on those clips;
+4. scores the weight-averaged head and the start on the held-back clips (`keep_start`): the start
+   is kept only where it scores higher, refitted on all the training clips.
+Every step is deterministic (no draw from the run's generator), so `--resume` rebuilds it.
+The architecture and its numerics are unchanged: only the initial weights and the final choice.
+"""
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .evaluation import predict, score
+from .inputs import COMPUTE
+
+if TYPE_CHECKING:
+    from wat.data.cache import FeatureStore
+
+INNER_K = 5       # a fifth of the training clips held back; inner cross-validation over 5 groups
+FOLDS_MIN = 4     # the clips' cache folds are the groups when they span this many (a fold: at most a quarter)
+ROUTE_MARGIN = 12.0  # TL-Tr routing: attention logits of the chosen layer above any other, every clip
+ROUTE_GAIN = 5.0     # TL-Tr routing: the chosen layer's spread over the clips, times the layer mean's
+
+
+@torch.no_grad()
+def inputs_of(module: nn.Module, head: nn.Module, store: "FeatureStore", indices: np.ndarray,
+              batch_size: int = 256) -> torch.Tensor:
+    """float64 on the CPU: the input of `module` (a part of `head`) for each clip of `indices`, in
+    that order (the head in eval mode: no dropout, no augmentation)."""
+    got: list[torch.Tensor] = []
+    hook = module.register_forward_pre_hook(lambda m, inp: got.append(inp[0].detach().double().cpu()))
+    indices = np.asarray(indices)
+    rows: list[np.ndarray] = []
+    head.eval()
+    try:
+        for idx, x in store.iter_batches(indices, batch_size, shuffle=False, dtype=COMPUTE):
+            head(x)
+            rows.append(np.asarray(idx))
+    finally:
+        hook.remove()
+        head.train()
+    z = torch.cat(got)
+    pos = {int(i): k for k, i in enumerate(np.concatenate(rows))}
+    return z[torch.tensor([pos[int(i)] for i in indices])]
+
+
+def pooled(head: nn.Module, store: "FeatureStore", indices: np.ndarray) -> torch.Tensor:
+    """[len(indices), width]: what the head's classifier (LayerNorm, Linear) sees for each clip."""
+    return inputs_of(head.mlp_layer[0], head, store, indices)
+
+
+def _ln(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:])
+
+
+def _standardised(z: torch.Tensor, by: torch.Tensor | None = None) -> torch.Tensor:
+    ref = z if by is None else by
+    return (z - ref.mean(0)) / ref.std(0, unbiased=False).clamp_min(1e-6)
+
+
+def fit_linear(z: torch.Tensor, y: np.ndarray, multilabel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [C, D], b [C]) float64: wat-probe's linear probe on `z` (already standardised), sklearn's
+    L2 logistic regression with the probe's defaults (C, max_iter, tol): multinomial on single-label
+    clips, one binary fit per class on multi-label ones (the probe's one-vs-rest). A class absent
+    from the clips (or on every clip, multi-label) gets W = 0 and a bias of -10 (+10): e^-10 odds."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    from wat.eval import ProbeOptions
+    o = ProbeOptions()
+    x = z.float().numpy()
+    w, b = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float64), torch.zeros(y.shape[1], dtype=torch.float64)
+
+    def fit(t):
+        clf = LogisticRegression(C=o.C, max_iter=o.max_iter, tol=o.tol)
+        # small fits: one BLAS thread beats a pool's hand-offs (on a loaded CPU, by 2-3x measured)
+        with warnings.catch_warnings(), threadpool_limits(1):
+            warnings.simplefilter("ignore", ConvergenceWarning)   # the probe's stop, as in wat-probe
+            return clf.fit(x, t)
+
+    if multilabel:
+        for c in range(y.shape[1]):
+            if y[:, c].all() or not y[:, c].any():
+                b[c] = 10.0 if y[:, c].all() else -10.0
+                continue
+            clf = fit(y[:, c])
+            w[c], b[c] = torch.from_numpy(clf.coef_[0]), float(clf.intercept_[0])
+        return w, b
+    t = y.argmax(1)
+    present = np.unique(t)
+    b -= 10.0
+    if len(present) == 1:      # nothing to separate: that class everywhere
+        b[present[0]] = 0.0
+        return w, b
+    clf = fit(t)
+    coef, icpt = clf.coef_, clf.intercept_
+    if len(present) == 2:      # sklearn's binary form: one row, for the second class
+        coef, icpt = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-icpt[0] / 2, icpt[0] / 2])
+    b += float(icpt.min())
+    w[present] = torch.from_numpy(coef).double()
+    b[present] = torch.from_numpy(icpt).double()
+    return w, b
+
+
+def inner_score(z: torch.Tensor, y: np.ndarray, groups: np.ndarray, multilabel: bool) -> float:
+    """Mean held-out score (accuracy or mAP) of `fit_linear` over the groups of the clips."""
+    got = []
+    for g in np.unique(groups):
+        tr, te = torch.from_numpy(groups != g), torch.from_numpy(groups == g)
+        w, b = fit_linear(_standardised(z[tr]), y[tr.numpy()], multilabel)
+        a = _standardised(z[te], z[tr]) @ w.T + b
+        p = (torch.sigmoid(a) if multilabel else torch.softmax(a, 1)).float().numpy()
+        got.append(score(y[te.numpy()], p, multilabel)["score"])
+    return float(np.nanmean(got))
+
+
+def groups_of(train_idx: np.ndarray, folds: np.ndarray, y: np.ndarray, seed: int, k: int = INNER_K) -> np.ndarray:
+    """Inner groups of the training clips: their cache folds when they span FOLDS_MIN or more (clips
+    of one source stay together), else `k` seeded groups balanced per (first) class."""
+    f = folds[train_idx]
+    if (f >= 0).all() and len(np.unique(f)) >= FOLDS_MIN:
+        return f.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train_idx))
+    first = y[train_idx].argmax(1)
+    g = np.empty(len(train_idx), np.int64)
+    for c in np.unique(first):
+        rows = order[first[order] == c]
+        g[rows] = (np.arange(len(rows)) + rng.integers(k)) % k
+    return g
+
+
+def inner_split(train_idx: np.ndarray, folds: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(clips to train on, clips held back): one inner group of the training clips held back."""
+    g = groups_of(train_idx, folds, y, seed)
+    held = g == np.unique(g)[0]
+    return train_idx[~held], train_idx[held]
+
+
+def zero_branches(head: nn.Module) -> None:
+    """Every residual block's attention and MLP outputs at zero: the block is the identity (its
+    other weights keep their random start, so training grows the branches from there)."""
+    for m in head.modules():
+        if hasattr(m, "attn") and hasattr(m, "mlp"):
+            for lin in (m.attn.out, m.mlp[-1]):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+
+
+@torch.no_grad()
+def route_layers(head: nn.Module, tokens: torch.Tensor, k: int) -> bool:
+    """TL-Tr's layer block (the identity so far) set to pass layer k on: every layer token attends
+    to token k (a query bias along a direction that tells layer k's token from the others, ROUTE_MARGIN
+    logits apart on every training clip) and adds its value, scaled so that in the layer mean that
+    follows layer k varies over the clips ROUTE_GAIN times as much as the plain mean does.
+    `tokens`: the block's input [N, L, d]. False (block left the identity) when no direction
+    separates layer k's token from the others on every clip."""
+    attn = head.layer_tr.attn
+    a = _ln(tokens)                                   # the block's attn_ln at its start (identity affine)
+    others = [l for l in range(a.shape[1]) if l != k]
+    v = a[:, k].mean(0) - a[:, others].mean((0, 1))
+    v = v / v.norm()
+    s = a @ v                                         # [N, L]
+    margin = float((s[:, k] - s[:, others].max(1).values).min())
+    if margin <= 0:
+        return False
+    d = a.shape[-1]
+    dh = d // attn.n_head
+    beta = ROUTE_MARGIN * dh ** 0.5 / margin
+    alpha = ROUTE_GAIN * float(tokens.mean(1).std(0).mean() / a[:, k].std(0).mean())
+    for lin in (attn.query, attn.key, attn.value, attn.out):
+        lin.weight.zero_()
+        if lin.bias is not None:
+            lin.bias.zero_()
+    for h in range(attn.n_head):
+        attn.query.bias[h * dh] = beta
+        attn.key.weight[h * dh] = v.to(attn.key.weight)
+    attn.value.weight.copy_(torch.eye(d))
+    attn.out.weight.copy_(alpha * torch.eye(d))
+    return True
+
+
+@torch.no_grad()
+def probe_start(head: nn.Module, store: "FeatureStore", indices: np.ndarray, y: np.ndarray, multilabel: bool,
+                groups: np.ndarray) -> dict:
+    """Set `head` (in place) to the linear probe of the layer that an inner cross-validation over
+    `groups` of the clips `indices` (labels `y`, their rows) chooses; returns what was chosen."""
+    zero_branches(head)
+    idx = np.asarray(indices)
+    out: dict = {}
+    lw = getattr(head, "layer_weight", None)
+    if head.n_layers > 1 and lw is not None:
+        scores = []
+        for k in range(head.n_layers):
+            lw.copy_(F.one_hot(torch.tensor(k), head.n_layers).to(lw))
+            scores.append(inner_score(pooled(head, store, idx), y, groups, multilabel))
+        best = int(np.argmax(scores))
+        lw.copy_(F.one_hot(torch.tensor(best), head.n_layers).to(lw))
+        out.update(layer=best, inner_scores=scores)
+    elif head.n_layers > 1 and hasattr(head, "layer_tr"):
+        tokens = inputs_of(head.layer_tr, head, store, idx)   # [N, L, d]: each layer's time mean
+        scores = [inner_score(_ln(tokens[:, k]), y, groups, multilabel) for k in range(head.n_layers)]
+        best = int(np.argmax(scores))
+        out.update(layer=best, inner_scores=scores, routed=route_layers(head, tokens, best))
+    ln, linear = head.mlp_layer
+    ln.weight.fill_(1.0)
+    ln.bias.zero_()
+    z = pooled(head, store, idx)
+    mu, sd = (t.to(ln.weight) for t in (_ln(z).mean(0), _ln(z).std(0, unbiased=False).clamp_min(1e-6)))
+    ln.weight.copy_(1 / sd)
+    ln.bias.copy_(-mu / sd)
+    w, b = fit_linear(_standardised(_ln(z)), y, multilabel)
+    linear.weight.copy_(w.to(linear.weight))
+    linear.bias.copy_(b.to(linear.bias))
+    return out
+
+
+class Start:
+    """One head's probe start: the clips it trains on and holds back, the start (kept to compare
+    at the end) and the untouched initial head (refitted on all the training clips if kept)."""
+
+    def __init__(self, head: nn.Module, store: "FeatureStore", train_idx: np.ndarray, folds: np.ndarray,
+                 y: np.ndarray, multilabel: bool, seed: int):
+        self.all_idx = np.asarray(train_idx)
+        self.train_idx, self.held_idx = inner_split(self.all_idx, folds, y, seed)
+        self.y, self.folds, self.multilabel, self.seed = y, folds, multilabel, seed
+        self.initial = copy.deepcopy(head)
+        self.info = probe_start(head, store, self.train_idx, y[self.train_idx], multilabel,
+                                groups_of(self.train_idx, folds, y, seed))
+        self.start = copy.deepcopy(head)
+
+    def keep_start(self, trained: nn.Module, store: "FeatureStore", autocast=None) -> tuple[nn.Module, dict]:
+        """(the head to keep, the record): `trained` unless the start scores higher on the held-back
+        clips; then the start refitted on all the training clips."""
+        y = self.y[self.held_idx]
+        got = {name: score(y, predict(h, store, self.held_idx, self.multilabel, autocast=autocast)[:, :y.shape[1]],
+                           self.multilabel)["score"] for name, h in (("start", self.start), ("trained", trained))}
+        rec = {**self.info, "held_back": len(self.held_idx), "held_back_scores": got}
+        if not got["start"] > got["trained"]:
+            return trained, {**rec, "kept": "trained"}
+        head = self.initial
+        refit = probe_start(head, store, self.all_idx, self.y[self.all_idx], self.multilabel,
+                            groups_of(self.all_idx, self.folds, self.y, self.seed))
+        return head, {**rec, "kept": "start", "refit": refit}
