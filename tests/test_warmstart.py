@@ -106,6 +106,9 @@ def test_train_records_the_choice_per_fold_and_off_keeps_the_old_recipe(layer_ca
     assert "probe_start" not in off
     kw.update(head="last-mlp", epochs=1)   # a linear probe of the last layer already: no start by default
     assert "probe_start" not in train(TrainOptions(out=str(tmp_path / "last"), **kw))
+    kw.update(head="tl-tr", proj_dim=8)      # measured worse from the start on the demo: only with on
+    assert "probe_start" not in train(TrainOptions(out=str(tmp_path / "tl"), **kw))
+    assert train(TrainOptions(out=str(tmp_path / "tl-on"), probe_start=True, **kw))["probe_start"]["fold1"]["kept"]
 
 
 def test_probe_start_refusals(layer_cache, tmp_path, capsys):

@@ -94,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-start", choices=("auto", "on", "off"), default="auto",
                    help="start each head as the linear probe of the layer an inner cross-validation on its "
                         "training clips picks, train on 4/5 of them, and keep that start instead where it scores "
-                        f"higher on the other fifth (auto: on for heads that weigh layers, on sets of {PROBE_START_MIN} to "
+                        f"higher on the other fifth (auto: on for wa-mlp and wa-tr, on sets of {PROBE_START_MIN} to "
                         f"{PROBE_START_CLIPS} training clips, without --init)")
     add_device(p)
     p.add_argument("--seed", type=seed_int, default=0)

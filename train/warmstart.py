@@ -2,8 +2,9 @@
 that start where training does not beat it on training clips held back (issue 23.3).
 
 A head trained from a random start on a few hundred clips can end below a linear probe of one
-layer of the same features (BENCHMARKS.md, "Heads against the probe on small sets"). On sets of up
-to PROBE_START_CLIPS training clips (`TrainOptions.probe_start` None) the run therefore:
+layer of the same features (BENCHMARKS.md, "Heads against the probe on small sets"). With the probe
+start (`TrainOptions.probe_start`; by default WA-MLP and WA-Tr on sets of PROBE_START_MIN to
+PROBE_START_CLIPS training clips, `train.loop`) the run therefore:
 1. holds back a fifth of each head's training clips (`inner_split`: one of their cache folds when
    they span FOLDS_MIN or more, else seeded class-balanced groups); the evaluation clips are never seen;
 2. starts the head as a linear probe fitted on the rest (`probe_start`): every block's residual
