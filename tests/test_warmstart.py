@@ -120,3 +120,9 @@ def test_probe_start_refusals(layer_cache, tmp_path, capsys):
         cli.main(["--features", str(layer_cache), "--out", str(tmp_path / "b"), "--probe-start", "maybe"])
     assert e.value.code == 2
     assert "--probe-start" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_the_probe_start_resumes_with_it_off():
+    from wat.train.state import option_differences
+    assert option_differences({"epochs": 30}, {"epochs": 30, "probe_start": False}) == []
+    assert option_differences({"epochs": 30}, {"epochs": 30, "probe_start": None}) == ["--probe-start: False -> None"]

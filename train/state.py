@@ -130,13 +130,18 @@ def _resolved(path) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+# options added after checkpoints were written without them: the value those runs had (an old run
+# resumes with --probe-start off)
+ABSENT = {"probe_start": False}
+
+
 def option_differences(old: dict, new: dict) -> list[str]:
     """What differs between a checkpoint's `resume_key` and this run's, one `--option: old -> new`
     each (paths of checkpoints written before paths were resolved are resolved here, as well as
     they still can be)."""
     out = []
     for k in sorted(set(old) | set(new)):
-        a, b = old.get(k, "(absent)"), new.get(k, "(absent)")
+        a, b = old.get(k, ABSENT.get(k, "(absent)")), new.get(k, "(absent)")
         if k in PATH_OPTIONS and isinstance(a, str) and a:
             a = _resolved(a)
         if a != b:
