@@ -122,7 +122,8 @@ def features(name: str, spec: SetSpec, out: Path) -> Path:
 def split(feats: Path, fold: int) -> tuple[Path, Path]:
     """(training cache, eval cache): the clips of the other folds and of `fold`, as two caches
     written through the real writer (the same rows, features and time means)."""
-    from wat.data.cache import build_index, open_cache, shard_path, write_shard
+    from common import write_subset
+    from wat.data.cache import open_cache
     folder = feats.parent / f"holdout{fold}"
     got = folder / "train" / "feats.h5", folder / "eval" / "feats.h5"
     if all(p.exists() for p in got):
@@ -130,12 +131,8 @@ def split(feats: Path, fold: int) -> tuple[Path, Path]:
     cache = open_cache(feats)
     held = cache.folds == fold
     for rows, index in ((np.flatnonzero(~held), got[0]), (np.flatnonzero(held), got[1])):
-        path = shard_path(index.parent / "feats.shards", 0)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_shard(path, cache.meta, [cache.ids[i] for i in rows], cache.read("features", rows),
-                    [cache.labels[i] for i in rows], cache.folds[rows], cache.durations[rows],
-                    mean=cache.read("mean", rows))
-        build_index(index, [path])
+        index.parent.mkdir(parents=True, exist_ok=True)
+        write_subset(cache, rows, index)
     return got
 
 
