@@ -133,14 +133,19 @@ def test_xares_scores_an_exported_cache_and_agrees_with_the_encoder(encoder, dem
 
     assert main(["encoder", "--model", MODEL, "--layer", str(LAYER), "--policy", POLICY,
                  "--out", str(tmp_path / "enc.py")]) == 0
-    run = subprocess.run([sys.executable, "-m", "wat.extract.xares.cli", "run", "enc.py", "toy_task.py",
-                          "--from-stage", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    # in a process whose start method is already chosen (xares.run.main sets spawn without force=:
+    # 'context has already been set'), and left as the caller chose it
+    script = ("import multiprocessing as mp, sys; mp.set_start_method('fork')\n"
+              "from wat.extract.xares.cli import main\n"
+              "code = main(['run', 'enc.py', 'toy_task.py', '--from-stage', '2'])\n"
+              "print('start method', mp.get_start_method()); sys.exit(code)")
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     scores = env / "toy" / "checkpoints" / name
     knn = float((scores / "knn_score.txt").read_text().split()[0])
     mlp = float((scores / "mlp_score.txt").read_text().split()[0])
     assert knn > 0.2 and 0 <= mlp <= 1          # 11 classes, chance 0.09 (tiny.en last layer: ~0.4)
-    assert "Weighted Average KNN Score" in run.stdout
+    assert "Weighted Average KNN Score" in run.stdout and "start method fork" in run.stdout
 
 
 def test_export_refusals(xt, demo_cache_trim, demo_data, tmp_path, capsys):

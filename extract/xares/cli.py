@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -85,11 +86,27 @@ def _run(a, XaresError, import_xares) -> None:
                 if not (where / config.xares_settings.encoded_ready_filename).exists():
                     raise XaresError(f"{task}: no embeddings of {name} in {where} to score: encode them first (X-ARES "
                                      f"stage 1, or `wat-xares export --task {task}` with that encoder's name)")
-        run.main(argparse.Namespace(encoder_py=a.encoder_py, tasks_py=a.tasks_py, max_jobs=0,
-                                    from_stage=a.from_stage, to_stage=a.to_stage))
+        with _start_method_untouched(run):
+            run.main(argparse.Namespace(encoder_py=a.encoder_py, tasks_py=a.tasks_py, max_jobs=0,
+                                        from_stage=a.from_stage, to_stage=a.to_stage))
     except (ValueError, RuntimeError) as e:   # xares.run's own refusals (module not found, no or several *Encoder
         # classes, "Empty dataloader" of a task marked encoded without embeddings)
         raise XaresError(f"xares.run: {e}") from None
+
+
+@contextlib.contextmanager
+def _start_method_untouched(run):
+    """xares.run.main sets the process-wide start method to spawn without force=, which raises
+    "context has already been set" where a start method is already chosen (a second run in one
+    process, or the caller's own choice, pytest's included). With max_jobs 0 it starts no process,
+    so its call is skipped for the run and the caller's setting is left as it was."""
+    mp = run.torch.multiprocessing
+    set_start_method = mp.set_start_method
+    mp.set_start_method = lambda method=None, force=False: None
+    try:
+        yield
+    finally:
+        mp.set_start_method = set_start_method
 
 
 def main(argv=None) -> int:
