@@ -387,6 +387,12 @@ def test_parse_at_label_matches_whisper_at_output_shape(tiny_model, speech_audio
     (["--output_format", "docx"], "--output_format"), (["--device", "tpu"], "--device"),
 ])
 def test_cli_bad_options_are_one_error_line(args, message, tmp_path, capsys):
+    assert_one_error_line(args, message, capsys)
+
+
+def assert_one_error_line(args, message, capsys):
+    """wat-tag with `args` added ends with exit 2 and one error line (its last) holding `message`
+    (also used by test_tag_fast for the batch/backend options)."""
     with pytest.raises(SystemExit) as e:
         main(["x.wav", "--model", "tiny.en", "--head", "h.pt", *args])
     err = capsys.readouterr().err
