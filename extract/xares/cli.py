@@ -9,6 +9,7 @@ from pathlib import Path
 
 from wat.data.clikit.args import add_features, add_model, add_out, int_range, parse_args
 from wat.data.clikit.main import run_command
+from wat.data.files import atomic_write
 
 ENCODER_FILE = '''"""X-ARES encoder: {model}, layer {layer}, policy {policy} (written by wat-xares encoder)."""
 from wat.extract import xares
@@ -131,8 +132,8 @@ def _main(argv) -> int:
         except ValueError as e:
             raise XaresError(f"--model {a.model}: {e}") from None
         name = class_name(a.model, a.layer, encoder.policy)
-        path.write_text(ENCODER_FILE.format(model=a.model, layer=a.layer, policy=encoder.policy, name=name,
-                                            batch_size=a.batch_size))
+        atomic_write(path, ENCODER_FILE.format(model=a.model, layer=a.layer, policy=encoder.policy, name=name,
+                                               batch_size=a.batch_size))
         print(f"{path}: class {name} ({encoder.encoder.n_layers} block(s) of width {encoder.encoder.dim}, output "
               f"{encoder.output_dim} per {encoder.hop_size_in_ms:g} ms); run: python -m xares.run {path} "
               "src/tasks/esc50_task.py")
