@@ -6,7 +6,7 @@ import json
 import sys
 
 from .cache import info, verify
-from .clikit.args import parse_args
+from .clikit.args import nonempty, parse_args
 from .clikit.main import error_line, run_command
 
 
@@ -39,11 +39,11 @@ def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="wat-cache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="counts, shapes, model, policy, labels, size on disk")
-    p_info.add_argument("file", help="index file (feats.h5) or shard")
+    p_info.add_argument("file", type=nonempty("cache path"), help="index file (feats.h5) or shard")
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_verify = sub.add_parser("verify", help="check every byte of every shard against its per-clip checksums; "
                                              "exit 1 listing each problem")
-    p_verify.add_argument("file", help="index file (feats.h5) or shard")
+    p_verify.add_argument("file", type=nonempty("cache path"), help="index file (feats.h5) or shard")
     args = parse_args(parser, argv)
     if args.command == "info":
         d = info(args.file)

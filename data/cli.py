@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from .clikit.args import add_encoding, add_out, int_range, parse_args, seed_int
+from .clikit.args import add_encoding, add_out, int_range, nonempty, parse_args, seed_int
 from .clikit.main import run_command
 from .datasets import DATASET_KINDS, DatasetError, load_dataset, problem_counts
 from .demo import CLASSES, make_demo
@@ -24,8 +24,8 @@ def _main(argv) -> int:
     demo.add_argument("--seed", type=seed_int, default=0)
     show = sub.add_parser("list", help="load a dataset and print counts, classes and skipped rows")
     show.add_argument("--dataset", required=True, choices=DATASET_KINDS)
-    show.add_argument("--root", required=True, help="dataset folder (audio is looked up under it)")
-    show.add_argument("--manifest", help="manifest file or folder, when not in the default place")
+    show.add_argument("--root", required=True, type=nonempty("dataset folder"), help="dataset folder (audio is looked up under it)")
+    show.add_argument("--manifest", type=nonempty("manifest path"), help="manifest file or folder, when not in the default place")
     add_encoding(show, "manifest")
     show.add_argument("--problems", type=int_range(0, 1_000_000), default=5, help="how many skipped rows to show (default 5)")
     args = parse_args(parser, argv)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from wat.data.clikit.args import (MAX_CLASSES, add_device, add_features, add_out, add_workers, comma_list, float_range,
-                                  int_range, layer_list, layers_text, parse_args, seed_int)
+                                  int_range, layer_list, layers_text, nonempty, parse_args, seed_int)
 from wat.data.clikit.main import run_command
 
 
@@ -17,7 +17,7 @@ def probe_parser() -> argparse.ArgumentParser:
     add_features(p, "cache to probe; repeat to also probe the concatenation of several caches "
                     "(same clip ids in the same order)", repeat=True)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--eval-features", action="append", metavar="TEST_H5",
+    g.add_argument("--eval-features", action="append", metavar="TEST_H5", type=nonempty("cache path"),
                    help="train on --features, test on this cache (one per --features)")
     g.add_argument("--folds", type=int_range(2, 1000), default=None,
                    help="K-fold protocol: the cache's own folds when it has them (a K given must be their "
@@ -54,7 +54,7 @@ def probe_parser() -> argparse.ArgumentParser:
                    help="knn probe: softmax temperature on the cosine similarities (X-ARES: 0.07)")
     g = p.add_mutually_exclusive_group()
     add_workers(g, "--jobs", help="worker processes (default: the CPUs available)")
-    g.add_argument("--scheduler", metavar="ADDRESS", help="run the fits on this dask scheduler")
+    g.add_argument("--scheduler", metavar="ADDRESS", type=nonempty("scheduler address"), help="run the fits on this dask scheduler")
     p.add_argument("--C", type=float_range(0, 1e12, lo_open=True), default=1.0, help="inverse L2 regularisation strength")
     p.add_argument("--max-iter", type=int_range(1, 1_000_000), default=200)
     p.add_argument("--seed", type=seed_int, default=0)
@@ -125,15 +125,15 @@ def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wat-eval", description="Score a trained head on a feature cache; or, with "
                                 "--table, lay finished wat-train runs out as Whisper-AT's Table 1.")
     add_features(p, "cache to score the head on (required without --table)", metavar="TEST_H5", required=False)
-    p.add_argument("--head", metavar="HEAD_PT|whisper-at|whisper-at-low",
+    p.add_argument("--head", metavar="HEAD_PT|whisper-at|whisper-at-low", type=nonempty("head"),
                    help="wat head (RUN_DIR/wa.pt), an official Whisper-AT head file, or whisper-at / whisper-at-low: "
                         "the official head of the cache's Whisper model, downloaded once (required without --table)")
-    p.add_argument("--table", nargs="+", metavar="RUN_DIR",
+    p.add_argument("--table", nargs="+", metavar="RUN_DIR", type=nonempty("run folder"),
                    help="instead: wat-train output folders (--folds K or --eval-features runs) -> OUT/table.md and "
                         "table.csv, one row per encoder and head, a column per dataset (the paper's Table 1 layout)")
     p.add_argument("--top-k", type=int_range(1, MAX_CLASSES), default=5, help="top-k class indices saved per clip (and top-k accuracy)")
     p.add_argument("--threshold", type=float_range(0, 1), help="decision threshold for every class (multi-label)")
-    p.add_argument("--tune-thresholds-on", metavar="CACHE",
+    p.add_argument("--tune-thresholds-on", metavar="CACHE", type=nonempty("cache path"),
                    help="tune per-class max-F1 thresholds on this cache (never the eval set; e.g. a validation "
                         "cache) and save them with a copy of the head")
     p.add_argument("--tune-folds", type=_fold_list, metavar="F,..",

@@ -6,7 +6,7 @@ import argparse
 
 from wat.data.cache import POLICIES, STORAGES
 from wat.data.clikit.args import (ENCODER_HELP, MODEL_HELP, add_device, add_encoding, add_model, add_out,  # noqa: F401
-                                  add_workers, float_range, int_range, layer_range, parse_args)
+                                  add_workers, float_range, int_range, layer_range, nonempty, parse_args)
 from wat.data.clikit.main import run_command
 from wat.data.datasets import DATASET_KINDS
 
@@ -16,8 +16,8 @@ def parser() -> argparse.ArgumentParser:
         prog="wat-extract", description=__doc__,
         epilog="Rerunning the same command resumes: finished shards are kept, unfinished ones redone.")
     p.add_argument("--dataset", required=True, choices=DATASET_KINDS)
-    p.add_argument("--root", required=True, help="dataset folder")
-    p.add_argument("--manifest", help="CSV/JSON manifest (AudioSet segment CSV, AST JSON, path,labels CSV)")
+    p.add_argument("--root", required=True, type=nonempty("dataset folder"), help="dataset folder")
+    p.add_argument("--manifest", type=nonempty("manifest path"), help="CSV/JSON manifest (AudioSet segment CSV, AST JSON, path,labels CSV)")
     add_encoding(p, "manifest")
     add_model(p, ENCODER_HELP)
     add_out(p, "index file to write, e.g. feats.h5 (shards go to feats.shards/)")
@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
                    help="keep only encoder blocks START..STOP-1 (e.g. 8:32 of large's 32; default all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache made differently")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--scheduler", metavar="ADDRESS", help="run one task per shard on this dask scheduler (tcp://HOST:PORT)")
+    where.add_argument("--scheduler", metavar="ADDRESS", type=nonempty("scheduler address"), help="run one task per shard on this dask scheduler (tcp://HOST:PORT)")
     add_workers(where, "--local-workers", help="run on a local dask cluster of N worker processes")
     return p
 

@@ -7,7 +7,7 @@ import argparse
 import math
 
 from wat.data.clikit.args import (MODEL_HELP, add_device, add_encoding, add_model, add_out, add_workers, comma_list_of,
-                                  int_range, parse_args, positive_int, seed_int)
+                                  int_range, nonempty, parse_args, positive_int, seed_int)
 from wat.data.clikit.main import run_command
 
 DATASETS = ("esc50", "json", "folder", "csv")  # wat dataset kinds that can be single-label
@@ -20,11 +20,11 @@ def parser() -> argparse.ArgumentParser:
                "OUT/report.html (all on one page), wer.csv, wer_vs_snr.png, classwise.png, layers.png, summary.json, "
                "problems.tsv and "
                "one wat cache per model (OUT/MODEL/feats.h5, usable with wat-probe).")
-    p.add_argument("--speech", required=True,
+    p.add_argument("--speech", required=True, type=nonempty("speech folder or CSV"),
                    help="LibriSpeech-layout folder (SPEAKER/CHAPTER/*.flac + *.trans.txt) or a path,text CSV")
     p.add_argument("--noise-dataset", required=True, choices=DATASETS, help="kind of the noise dataset (single-label)")
-    p.add_argument("--noise-root", required=True, help="noise dataset folder (e.g. ESC-50)")
-    p.add_argument("--noise-manifest", help="manifest of the noise dataset, when not in its usual place")
+    p.add_argument("--noise-root", required=True, type=nonempty("dataset folder"), help="noise dataset folder (e.g. ESC-50)")
+    p.add_argument("--noise-manifest", type=nonempty("manifest path"), help="manifest of the noise dataset, when not in its usual place")
     add_encoding(p, "transcripts, speech CSV and noise manifest")
     add_model(p, MODEL_HELP + "; or a CTC fine-tuned (*ForCTC) Hugging Face wav2vec2 / HuBERT / WavLM / "
                  "data2vec-audio folder or id (facebook/wav2vec2-base-960h; greedy CTC with its own tokenizer); "

@@ -13,7 +13,8 @@ from pathlib import Path
 # torch, whisper and the tagger load in the functions that need them: `wat-tag --help` imports neither
 from wat.data.audio import AudioError
 from wat.data.datasets import AUDIO_EXTS
-from wat.data.clikit.args import MAX_CLASSES, MODEL_HELP, add_device, add_model, float_range, int_range, parse_args
+from wat.data.clikit.args import (MAX_CLASSES, MODEL_HELP, add_device, add_model, float_range, int_range, nonempty,
+                                  parse_args)
 from wat.data.clikit.main import run_command
 from wat.data.files import atomic_write, make_folder, one_line, remove_bare, write_tsv
 from wat.data.naming import output_stems
@@ -160,13 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Whisper transcript plus audio-event tags per time window, from the same encoder "
                     "passes (tags add only the head's cost). Options follow the whisper command; "
                     "undecodable files are reported and skipped.")
-    p.add_argument("audio", nargs="+",
+    p.add_argument("audio", nargs="+", type=nonempty("audio path"),
                    help="audio files (wav, flac, ogg, mp3, m4a, ...: libsndfile, else PyAV; no ffmpeg binary "
                         "needed) or folders (their audio files, sub-folders included); not - (stdin)")
     add_model(p, MODEL_HELP + f" (default {DEFAULT_MODEL}: whisper-at's default, and the whisper command's "
                  "before turbo, which has no official head); with --task tag also another encoder family "
                  "(a Hugging Face speech model, crepe-*) whose cache trained the --head", default=DEFAULT_MODEL)
-    p.add_argument("--head", metavar="HEAD|whisper-at|whisper-at-low",
+    p.add_argument("--head", metavar="HEAD|whisper-at|whisper-at-low", type=nonempty("head"),
                    help="head file (wat-train output or an official at_model.* file), or whisper-at / whisper-at-low: "
                         "the official Whisper-AT AudioSet head of --model, downloaded once into the user cache "
                         "(default: whisper-at)")
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="txt, vtt, srt, tsv (transcript, through whisper's writers), json (transcript + tags "
                           "+ scores) or all; with --output_dir every file also gets FILE.tags.tsv. Without "
                           "--output_dir and --output_format: one JSON object per file per line on stdout")
-    out.add_argument("--output_dir", "-o", "--output-dir", dest="output_dir", type=Path,
+    out.add_argument("--output_dir", "-o", "--output-dir", dest="output_dir", type=nonempty("folder"),
                      help="write FILE.{txt,vtt,srt,tsv,json} and FILE.tags.tsv there (default with "
                           "--output_format: the current folder; without either: stdout). FILE: the input's "
                           "path below the folder all inputs share, without its extension (kept where two "
@@ -271,7 +272,7 @@ def _main(argv) -> int:
         parser.error(str(e))
     made = []
     if args.output_dir is not None or fmt == "all":
-        args.output_dir = args.output_dir or Path(".")
+        args.output_dir = Path(args.output_dir or ".")
         made = _writable_dir(parser, args.output_dir)
     try:
         return _tag(args, fmt or "json", to_files=args.output_dir is not None)

@@ -169,6 +169,23 @@ def test_model_out_features_are_the_kits_definitions(prog):
         assert a.metavar and a.help and len(a.option_strings) == 1
 
 
+# options naming a file, folder or address besides --model/--out/--features: an empty value (an unset shell
+# variable) is refused at parse time by the kit's `nonempty`, naming the option, instead of a puzzling
+# "no such file" later or, for --scheduler and --output_dir, a silent fallback to local work or the current folder
+PATH_OPTIONS = {"wat-extract": ("--root", "--manifest", "--scheduler"),
+                "wat-train": ("--eval-features", "--unlabeled-features", "--init", "--tensorboard"),
+                "wat-probe": ("--eval-features", "--scheduler"), "wat-eval": ("--head", "--table", "--tune-thresholds-on"),
+                "wat-tag": ("audio", "--head", "--output_dir"), "wat-robust": ("--speech", "--noise-root", "--noise-manifest"),
+                "wat-xares": ("--task", "--env-root", "encoder_py", "tasks_py")}
+
+
+@pytest.mark.parametrize("prog", sorted(PATH_OPTIONS))
+def test_path_options_refuse_an_empty_value(prog):
+    found = {name: a for a in _actions(_kit_parsers()[prog]()) for name in (a.option_strings or [a.dest])}
+    for name in PATH_OPTIONS[prog]:
+        assert found[name].type.__qualname__ == "nonempty.<locals>.parse", (prog, name)
+
+
 @pytest.mark.parametrize("main, argv, line", [
     (train_main, ["--features", "", "--out", "o"], "argument --features: an empty cache path"),
     (train_main, ["--features", "f", "--out", " "], "argument --out: an empty path"),
@@ -176,8 +193,14 @@ def test_model_out_features_are_the_kits_definitions(prog):
     (tag_main, ["a.wav", "--model", ""], "argument --model: an empty model"),
     (probe_main, ["--features", "f", "--features", "", "--out", "o"], "argument --features: an empty cache path"),
     ("wat.data.cli:main", ["demo", "--out", ""], "argument --out: an empty path"),
+    ("wat.data.cli:main", ["list", "--dataset", "esc50", "--root", " "], "argument --root: an empty dataset folder"),
+    ("wat.data.cache_cli:main", ["info", ""], "argument file: an empty cache path"),
+    ("wat.extract.xares.cli:main", ["run", "enc.py", ""], "argument tasks_py: an empty task file"),
+    ("wat.eval.cli:eval_main", ["--table", "run", "", "--out", "o"], "argument --table: an empty run folder"),
+    ("wat.robust.cli:main", ["--speech", "s", "--noise-dataset", "esc50", "--noise-root", "", "--model", "m", "--out", "o"],
+     "argument --noise-root: an empty dataset folder"),
 ])
-def test_an_empty_model_out_or_features_is_one_error_line(main, argv, line, capsys):
+def test_an_empty_path_or_model_is_one_error_line(main, argv, line, capsys):
     if isinstance(main, str):
         import importlib
         module, func = main.split(":")

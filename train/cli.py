@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from wat.data.clikit.args import add_device, add_features, add_out, float_range, int_range, parse_args, seed_int
+from wat.data.clikit.args import (add_device, add_features, add_out, float_range, int_range, nonempty, parse_args,
+                                  seed_int)
 from wat.data.clikit.main import run_command
 from wat.data.heads import BUILTIN_KINDS, LAYER_ATTN_HEADS
 
@@ -57,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wat-train", description=__doc__)
     add_features(p, "training cache (feats.h5)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--eval-features", help="evaluation cache, scored every epoch (chooses best.pt)")
+    g.add_argument("--eval-features", type=nonempty("cache path"), help="evaluation cache, scored every epoch (chooses best.pt)")
     g.add_argument("--folds", type=_folds, default=0, help="cross-validate over the cache's K folds (ESC-50: 5)")
     p.add_argument("--head", choices=BUILTIN_KINDS,
                    help="head kind (default: tl-tr, or with --init the init head's kind and projection)")
@@ -77,13 +78,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--balanced", action="store_true", help="sample clips by inverse class frequency")
     p.add_argument("--cr-views", type=int_range(1, 64), default=1, help="K augmented views per clip for consistency regularisation")
     p.add_argument("--cr-weight", type=float_range(0, 1e6), default=1.0)
-    p.add_argument("--unlabeled-features", help="cache of unlabeled clips for semi-supervised CR")
+    p.add_argument("--unlabeled-features", type=nonempty("cache path"), help="cache of unlabeled clips for semi-supervised CR")
     p.add_argument("--cr-unlabeled-weight", type=float_range(0, 1e6), default=1.0)
     p.add_argument("--unlabeled-ratio", type=int_range(1, 1000), default=4, help="unlabeled clips per labeled clip per step")
     p.add_argument("--parent-labels", action="store_true", help="also train on ontology ancestors")
     p.add_argument("--weight-average", type=_range, metavar="START:END",
                    help="average these epochs' weights into wa.pt (default: the second half)")
-    p.add_argument("--init", metavar="HEAD|whisper-at|whisper-at-low",
+    p.add_argument("--init", metavar="HEAD|whisper-at|whisper-at-low", type=nonempty("head"),
                    help="start from a head: a head file (ours or an official at_model.* file), or whisper-at / "
                         "whisper-at-low, the official Whisper-AT head of the cache's Whisper model (downloaded "
                         "once). The body is kept; the output layer keeps the rows of the classes the init head "
@@ -100,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_int, default=0)
     add_out(p, "run folder: the heads (wa.pt, best.pt; with --folds one sub-folder per fold), last.pt for "
                "--resume, metrics.json, per_class.csv, curves.png, report.html", metavar="RUN_DIR")
-    p.add_argument("--tensorboard", metavar="DIR",
+    p.add_argument("--tensorboard", metavar="DIR", type=nonempty("folder"),
                    help="also log per-epoch loss, lr and held-out scores (per fold, and of the running weight "
                         "average) as TensorBoard events in DIR; watch with: tensorboard --logdir DIR")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt (same options; a fresh start if there is none)")

@@ -13,6 +13,7 @@ defaults, validates and documents them the same way.
     add_model(p, help, default=, repeat=)      --model MODEL (what a command loads)
     add_out(p, help, metavar=)                 --out PATH (where it writes; always required)
     add_features(p, help, metavar=, required=, repeat=)   --features FEATS_H5 (a cache it reads)
+    type=nonempty("dataset folder")     any other file, folder or address option: empty/blank refused
 """
 from __future__ import annotations
 

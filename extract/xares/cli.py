@@ -7,7 +7,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from wat.data.clikit.args import add_features, add_model, add_out, int_range, parse_args
+from wat.data.clikit.args import add_features, add_model, add_out, int_range, nonempty, parse_args
 from wat.data.clikit.main import run_command
 from wat.data.files import atomic_write
 
@@ -39,15 +39,15 @@ def parser() -> argparse.ArgumentParser:
     add_out(e, "the .py file to write (run X-ARES from its folder)", metavar="ENCODER_PY")
     r = sub.add_parser("run", help="python -m xares.run in this process (xares imported without torchaudio), "
                        "e.g. wat-xares run enc.py esc50_task.py --from-stage 2")
-    r.add_argument("encoder_py", help="encoder file (wat-xares encoder), relative to the current folder")
-    r.add_argument("tasks_py", nargs="+", help="X-ARES task files")
+    r.add_argument("encoder_py", type=nonempty("encoder file"), help="encoder file (wat-xares encoder), relative to the current folder")
+    r.add_argument("tasks_py", nargs="+", type=nonempty("task file"), help="X-ARES task files")
     r.add_argument("--from-stage", type=int_range(0, 2), default=0, help="0 download, 1 encode, 2 score")
     r.add_argument("--to-stage", type=int_range(0, 2), default=2)
     x = sub.add_parser("export", help="a wat cache as a task's X-ARES embeddings (no re-encoding)")
     add_features(x, "cache of the task's clips")
-    x.add_argument("--task", required=True, metavar="TASK_PY", help="X-ARES task file, e.g. src/tasks/esc50_task.py")
+    x.add_argument("--task", required=True, metavar="TASK_PY", type=nonempty("task file"), help="X-ARES task file, e.g. src/tasks/esc50_task.py")
     x.add_argument("--layer", type=_layer, default=-1, help="as for `encoder` (blocks as the cache names them)")
-    x.add_argument("--env-root", help="X-ARES's env folder (default: the task's, ./env)")
+    x.add_argument("--env-root", type=nonempty("folder"), help="X-ARES's env folder (default: the task's, ./env)")
     x.add_argument("--encoder-name", help="the encoder class name X-ARES will run with (default: what "
                    "`wat-xares encoder` names the same model, layer and policy)")
     x.add_argument("--skip-missing", action="store_true", help="leave out task clips the cache lacks")
