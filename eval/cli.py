@@ -9,6 +9,8 @@ from wat.data.clikit.args import (MAX_CLASSES, add_device, add_features, add_out
                                   int_range, layer_list, layers_text, nonempty, parse_args, seed_int)
 from wat.data.clikit.main import run_command
 
+from .logistic import DEFAULT_C, DEFAULT_MAX_ITER
+
 
 def probe_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wat-probe", description="Probes (linear; X-ARES's MLP and kNN) on every "
@@ -55,8 +57,8 @@ def probe_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     add_workers(g, "--jobs", help="worker processes (default: the CPUs available)")
     g.add_argument("--scheduler", metavar="ADDRESS", type=nonempty("scheduler address"), help="run the fits on this dask scheduler")
-    p.add_argument("--C", type=float_range(0, 1e12, lo_open=True), default=1.0, help="inverse L2 regularisation strength")
-    p.add_argument("--max-iter", type=int_range(1, 1_000_000), default=200)
+    p.add_argument("--C", type=float_range(0, 1e12, lo_open=True), default=DEFAULT_C, help="inverse L2 regularisation strength")
+    p.add_argument("--max-iter", type=int_range(1, 1_000_000), default=DEFAULT_MAX_ITER)
     p.add_argument("--seed", type=seed_int, default=0)
     add_device(p, "device of the multi-label linear, mlp and knn probes")
     add_out(p, "output folder: report.html, layers.csv, layers.png, summary.json, ...", metavar="PROBE_DIR")

@@ -33,7 +33,17 @@ the float32 rounding of the shared products (as a different BLAS thread count do
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # torch is imported where it is used: ProbeOptions reads the defaults below without it
+    import numpy as np
+    import torch
+
+# The linear probe's hyper-parameters (ProbeOptions' defaults; the probe start of wat-train uses
+# them as they are). TOL is sklearn's default stop, the one every probe figure so far was measured with.
+DEFAULT_C = 1.0                   # inverse L2 strength (sklearn convention)
+DEFAULT_MAX_ITER = 200            # lbfgs iterations at most
+DEFAULT_TOL = 1e-4                # a fit stops when every entry of its gradient is below this
 
 MEMORY = 10                       # L-BFGS correction pairs (scipy's default, used by sklearn)
 C1, C2 = 1e-3, 0.9                # strong Wolfe constants of scipy's line search (dcsrch)
@@ -58,6 +68,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float, tol: float = 1e-4, 
                  block_bytes: int = BLOCK_BYTES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [N, D] float, y [N, K] {0, 1} -> (w [K, D], b [K], iterations [K]) of K logistic regressions,
     fitted in blocks of `classes_per_block(N, block_bytes)` classes (the memory bound, see above)."""
+    import torch
     n, d = x.shape
     K = y.shape[1]
     dev = x.device
@@ -71,9 +82,55 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float, tol: float = 1e-4, 
     return w_out, b_out, it_out
 
 
+def fit_linear(x: "np.ndarray | torch.Tensor", y: "np.ndarray", multilabel: bool, *, C: float = DEFAULT_C,
+               max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL, device=None
+               ) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """THE linear probe's fit (wat-probe's `linear` kind and wat-train's probe start): L2 logistic
+    regression on x [N, D] (standardised by the caller) for labels y [N, K] {0, 1}; returns
+    (W [K, D], b [K]) float32, scores = x W^T + b (softmax or sigmoid of them are the probabilities).
+
+    - single-label (one 1 per row): sklearn's multinomial lbfgs fit on the CPU. A class absent from
+      the rows gets W = 0 and b = -inf (probability 0); two classes present: sklearn's one binary row
+      w as rows (0, w), whose softmax is sklearn's sigmoid; one class present: b = 0 for it.
+    - multi-label: K independent fits, sklearn's one-vs-rest path batched over classes
+      (`fit_logistic`, on `device`: None = x's)."""
+    import warnings
+
+    import numpy as np
+    import torch
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    xt = x.float() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    y = np.asarray(y)
+    if multilabel:
+        xt = xt.to(device or xt.device)
+        w, b, _ = fit_logistic(xt, torch.from_numpy(y).to(xt.device), C, tol, max_iter)
+        return w, b
+    k = y.shape[1]
+    t = y.argmax(1)
+    present = np.unique(t)
+    w = torch.zeros(k, xt.shape[1])
+    b = torch.full((k,), float("-inf"))
+    if len(present) == 1:      # nothing to separate: that class everywhere
+        b[present[0]] = 0.0
+        return w, b
+    clf = LogisticRegression(C=C, max_iter=max_iter, tol=tol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)   # a probe's stop, not a final model
+        clf.fit(xt.cpu().numpy(), t)
+    coef, icpt = clf.coef_, clf.intercept_
+    if len(present) == 2:      # sklearn's binary form: one row, for the second class
+        coef, icpt = np.stack([np.zeros_like(coef[0]), coef[0]]), np.array([0.0, icpt[0]])
+    w[present] = torch.from_numpy(np.asarray(coef, np.float32))
+    b[present] = torch.from_numpy(np.asarray(icpt, np.float32))
+    return w, b
+
+
 def _fit_block(x: torch.Tensor, y: torch.Tensor, C: float, tol: float, max_iter: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`fit_logistic` of the K classes of y [N, K] all at once (x float32)."""
+    import torch
     n, d = x.shape
     K = y.shape[1]
     dev, f32 = x.device, torch.float32
@@ -136,6 +193,7 @@ def _fit_block(x: torch.Tensor, y: torch.Tensor, C: float, tol: float, max_iter:
 
 def _grad(x, r, wb, lam) -> torch.Tensor:
     """[K, D+1] gradient of mean loss + penalty (the intercept is not penalised, as in sklearn)."""
+    import torch
     n, d = x.shape
     return torch.cat([r @ x / n + lam * wb[:, :d], r.mean(1, keepdim=True)], dim=1)
 
@@ -148,6 +206,7 @@ def _line_search(x, yt, a, wb, p, g, f0, lam, first: bool):
     then secant steps inside the bracket (safeguarded to its inner 80%), or extrapolation to at most
     4x without an upper end, as dcsrch does. Returns (t, residuals at t, data loss at t, failed).
     """
+    import torch
     d = x.shape[1]
     k = len(wb)
     q = p[:, :d] @ x.T + p[:, d:]                            # [K, N] margin change per unit step

@@ -19,7 +19,7 @@ from argparse import ArgumentTypeError
 from wat.data.cache import Cache, CacheError, CacheMeta, open_cache
 from wat.data.clikit.args import comma_list, layers_text
 
-from . import fusion as fusions, metrics, probe_kinds
+from . import fusion as fusions, logistic, metrics, probe_kinds
 from wat.data.errors import WatError
 
 FUSIONS = fusions.KINDS
@@ -37,9 +37,9 @@ class ProbeOptions:
     folds: int | None = None             # K-fold when the cache has no folds (None: 5); must match a cache's own
     jobs: int = 1                        # worker processes
     scheduler: str | None = None         # address of a running dask scheduler (overrides jobs)
-    C: float = 1.0                       # inverse L2 strength (sklearn convention), both probes
-    max_iter: int = 200
-    tol: float = 1e-4                    # multi-label probe: a class stops when every entry of its gradient is below (sklearn's tol)
+    C: float = logistic.DEFAULT_C        # linear probe: inverse L2 strength (sklearn convention)
+    max_iter: int = logistic.DEFAULT_MAX_ITER  # linear probe: lbfgs iterations at most
+    tol: float = logistic.DEFAULT_TOL    # linear probe: a fit stops when every entry of its gradient is below (sklearn's tol)
     seed: int = 0
     device: str | None = None            # device of the torch fits (multi-label linear, mlp, knn); None = cuda when present
     groups: int = fusions.F.GROUPS       # k of the `_g` fusions: time groups whose means are concatenated

@@ -4,8 +4,9 @@ Each kind is one `ProbeKind` subclass with a `name`; defining it registers it (`
 are its hyper-parameters, with the defaults of the benchmark whose protocol it follows:
 
 - `linear`: wat's (and the Whisper-AT paper's) layer probe: standardised features, L2 logistic
-  regression (sklearn multinomial on single-label caches; one-vs-rest, batched in torch, on
-  multi-label ones). Its C / max_iter / tol stay `ProbeOptions`' for compatibility.
+  regression (`wat.eval.logistic.fit_linear`, shared with wat-train's probe start: sklearn
+  multinomial on single-label caches; one-vs-rest, batched in torch, on multi-label ones). Its C /
+  max_iter / tol stay `ProbeOptions`' for compatibility.
 - `mlp`: X-ARES's "MLP" probe (xares 0.1.3, `xares.models.simple.Mlp` + `xares.trainer.Trainer`):
   LayerNorm + Linear on the mean-pooled frames, Adam at lr 1e-3 annealed by a cosine to lr/10 over 10
   epochs, batch 32, cross-entropy (single-label) or BCE-with-logits (multi-label). No standardisation
@@ -23,7 +24,6 @@ evaluation data (the cosine schedule ends at lr/10, where the last epoch changes
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -81,42 +81,20 @@ class LinearProbe(ProbeKind):
         return multilabel   # the single-label fit is sklearn's, on the CPU
 
     def fit_predict(self, xtr, ytr, xte, *, n_classes, multilabel, opts):
+        import torch
         from sklearn.preprocessing import StandardScaler
+
+        from wat.data.heads import probabilities
+
+        from .logistic import fit_linear
 
         scaler = StandardScaler().fit(xtr)
         xtr, xte = scaler.transform(xtr).astype(np.float32), scaler.transform(xte).astype(np.float32)
-        if multilabel:
-            return bce_probe(xtr, ytr, xte, opts)
-        return logistic(xtr, ytr, xte, n_classes, opts)
-
-
-def logistic(xtr, ytr, xte, n_classes, opts: "ProbeOptions") -> np.ndarray:
-    """sklearn's multinomial L2 logistic regression; classes absent from the training rows score 0."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    clf = LogisticRegression(C=opts.C, max_iter=opts.max_iter)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)   # a probe, not a final model
-        clf.fit(xtr, ytr)
-    out = np.zeros((len(xte), n_classes), np.float32)
-    out[:, clf.classes_] = clf.predict_proba(xte)
-    return out
-
-
-def bce_probe(xtr, ytr, xte, opts: "ProbeOptions") -> np.ndarray:
-    """Independent L2 logistic regressions per class: sklearn's one-vs-rest lbfgs fits with C, tol and
-    max_iter, batched over classes (`wat.eval.logistic`: same path, same stop, so the same mAP)."""
-    import torch
-
-    from .logistic import fit_logistic
-
-    device = _device(opts)
-    x = torch.from_numpy(np.ascontiguousarray(xtr, np.float32)).to(device)
-    w, b, _ = fit_logistic(x, torch.from_numpy(np.asarray(ytr)).to(device), opts.C, opts.tol, opts.max_iter)
-    del x
-    xte = torch.from_numpy(np.ascontiguousarray(xte, np.float32)).to(device)
-    return torch.sigmoid(xte @ w.T + b).cpu().numpy()
+        y = ytr if multilabel else np.eye(n_classes, dtype=bool)[ytr]
+        device = _device(opts) if multilabel else torch.device("cpu")
+        w, b = fit_linear(torch.from_numpy(xtr).to(device), y, multilabel, C=opts.C, max_iter=opts.max_iter,
+                          tol=opts.tol)
+        return probabilities(torch.from_numpy(xte).to(device) @ w.T + b, multilabel).cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -254,5 +232,4 @@ def resolve(kinds) -> tuple[ProbeKind, ...]:
     return tuple(out)
 
 
-__all__ = ["KINDS", "ProbeKind", "ProbeKindError", "LinearProbe", "MLPProbe", "KNNProbe", "resolve",
-           "logistic", "bce_probe"]
+__all__ = ["KINDS", "ProbeKind", "ProbeKindError", "LinearProbe", "MLPProbe", "KNNProbe", "resolve"]

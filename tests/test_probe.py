@@ -205,19 +205,30 @@ def test_demo_cache_best_layer_far_above_chance(demo_cache_trim, tmp_path):
     assert max(scores) - min(scores) >= 0.05 and min(scores) < 0.9, scores
 
 
-def test_bce_probe_matches_sklearn_logistic_regression():
-    """The multi-label probe is C independent L2 logistic regressions (sklearn's objective)."""
+def test_the_linear_fit_is_sklearns_logistic_regression():
+    """`fit_linear` (wat-probe's linear kind and wat-train's probe start): multi-label, C independent
+    L2 logistic regressions (sklearn's objective); single-label, sklearn's multinomial fit, also with
+    two classes present (sklearn's one binary row) and a class absent (probability 0)."""
+    import torch
     from sklearn.linear_model import LogisticRegression
 
-    from wat.eval.probe_kinds import bce_probe
+    from wat.eval.logistic import fit_linear
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 6)).astype(np.float32)
     y = (x @ rng.normal(size=(6, 3)) + rng.normal(size=(120, 3))) > 0.5
-    opts = P.ProbeOptions(C=0.5, max_iter=500, device="cpu")
-    got = bce_probe(x[:80], y[:80], x[80:], opts)
+    w, b = fit_linear(x[:80], y[:80], True, C=0.5, max_iter=500)
+    got = torch.sigmoid(torch.from_numpy(x[80:]) @ w.T + b).numpy()
     for c in range(3):
         ref = LogisticRegression(C=0.5, max_iter=1000, tol=1e-8).fit(x[:80], y[:80, c]).predict_proba(x[80:])[:, 1]
         np.testing.assert_allclose(got[:, c], ref, atol=2e-3)
+    t = y.argmax(1) * 2                                  # classes 0, 2, 4 of 5 (1 and 3 absent)
+    for present in ([0, 2, 4], [0, 4]):
+        rows = np.isin(t, present)
+        w, b = fit_linear(x[rows], np.eye(5, dtype=bool)[t[rows]], False, C=0.5)
+        p = torch.softmax(torch.from_numpy(x[:10]) @ w.T + b, 1).numpy()
+        ref = LogisticRegression(C=0.5).fit(x[rows], t[rows])
+        np.testing.assert_allclose(p[:, present], ref.predict_proba(x[:10]), atol=1e-5)
+        assert (p[:, [c for c in range(5) if c not in present]] == 0).all()
 
 
 @pytest.mark.parametrize("per_block", [None, 1, 4], ids=["one-block", "1-class-blocks", "4-class-blocks"])

@@ -16,7 +16,7 @@ from wat.data.labels import Vocabulary
 from wat.train import cli
 from wat.train.evaluation import predict
 from wat.train.loop import TrainError, TrainOptions, train
-from wat.train.warmstart import Start, fit_linear, groups_of, inner_split
+from wat.train.warmstart import Start, groups_of, inner_split, start_weights
 
 L, T, D, K, SIGNAL = 4, 6, 16, 4, 2   # layer SIGNAL alone carries the class
 
@@ -72,7 +72,7 @@ def test_probe_start_picks_the_informative_layer_and_scores_like_its_probe(layer
         m = torch.from_numpy(cache.read("mean", start.train_idx)[:, SIGNAL].astype(np.float64))
         z = F.layer_norm(m, (D,))
         mu, sd = z.mean(0), z.std(0, unbiased=False)
-        w, b = fit_linear((z - mu) / sd, y[start.train_idx], False)
+        w, b = start_weights((z - mu) / sd, y[start.train_idx], False)
         x = F.layer_norm(torch.from_numpy(cache.read("mean", te)[:, SIGNAL].astype(np.float64)), (D,))
         want = torch.softmax(((x - mu) / sd) @ w.T + b, 1).numpy()
         np.testing.assert_allclose(p, want, atol=2e-3)

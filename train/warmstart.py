@@ -11,7 +11,8 @@ PROBE_START_CLIPS training clips, `train.loop`) the run therefore:
    branches at zero (a block is then the identity), the layer weights (WA-MLP, WA-Tr) one-hot on
    the layer whose probe scores best in an inner cross-validation, TL-Tr's layer block routed to
    pass that layer on, the classifier's LayerNorm affine standardising what it sees and its Linear
-   = wat-probe's L2 logistic regression on it (`fit_linear`: sklearn with the probe's defaults);
+   = wat-probe's L2 logistic regression on it (`start_weights`: `wat.eval.logistic.fit_linear`, the
+   probe's own fit, with its defaults);
 3. trains as before on those clips;
 4. scores the weight-averaged head and the start on the held-back clips (`keep_start`): the start
    is kept only where it scores higher, refitted on all the training clips.
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from wat.eval import logistic
 
 from .evaluation import predict, score
 from .inputs import COMPUTE
@@ -76,59 +79,29 @@ def _standardised(z: torch.Tensor, by: torch.Tensor | None = None) -> torch.Tens
     return (z - ref.mean(0)) / ref.std(0, unbiased=False).clamp_min(1e-6)
 
 
-def fit_linear(z: torch.Tensor, y: np.ndarray, multilabel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W [C, D], b [C]) float64: wat-probe's linear probe on `z` (already standardised), sklearn's
-    L2 logistic regression with the probe's defaults (C, max_iter, tol): multinomial on single-label
-    clips, one binary fit per class on multi-label ones (the probe's one-vs-rest). A class absent
-    from the clips (or on every clip, multi-label) gets W = 0 and a bias of -10 (+10): e^-10 odds."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
+def start_weights(z: torch.Tensor, y: np.ndarray, multilabel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [C, D], b [C]) float64: wat-probe's linear probe on `z` (already standardised), the one fit
+    `wat.eval.logistic.fit_linear` with the probe's defaults, on the CPU. Its -inf bias of a class
+    absent from single-label clips becomes e^-10 odds below the least likely present class: a head
+    trains from these weights, and -inf would stay -inf (no gradient reaches an absent class)."""
     from threadpoolctl import threadpool_limits
 
-    from wat.eval import ProbeOptions
-    o = ProbeOptions()
-    x = z.float().numpy()
-    w, b = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float64), torch.zeros(y.shape[1], dtype=torch.float64)
-
-    def fit(t):
-        clf = LogisticRegression(C=o.C, max_iter=o.max_iter, tol=o.tol)
-        # small fits: one BLAS thread beats a pool's hand-offs (on a loaded CPU, by 2-3x measured)
-        with warnings.catch_warnings(), threadpool_limits(1):
-            warnings.simplefilter("ignore", ConvergenceWarning)   # the probe's stop, as in wat-probe
-            return clf.fit(x, t)
-
-    if multilabel:
-        for c in range(y.shape[1]):
-            if y[:, c].all() or not y[:, c].any():
-                b[c] = 10.0 if y[:, c].all() else -10.0
-                continue
-            clf = fit(y[:, c])
-            w[c], b[c] = torch.from_numpy(clf.coef_[0]), float(clf.intercept_[0])
-        return w, b
-    t = y.argmax(1)
-    present = np.unique(t)
-    b -= 10.0
-    if len(present) == 1:      # nothing to separate: that class everywhere
-        b[present[0]] = 0.0
-        return w, b
-    clf = fit(t)
-    coef, icpt = clf.coef_, clf.intercept_
-    if len(present) == 2:      # sklearn's binary form: one row, for the second class
-        coef, icpt = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-icpt[0] / 2, icpt[0] / 2])
-    b += float(icpt.min())
-    w[present] = torch.from_numpy(coef).double()
-    b[present] = torch.from_numpy(icpt).double()
+    # small fits: one BLAS thread beats a pool's hand-offs (on a loaded CPU, by 2-3x measured)
+    with threadpool_limits(1):
+        w, b = logistic.fit_linear(z.detach().cpu(), y, multilabel)
+    w, b = w.double(), b.double()
+    absent = torch.isinf(b)
+    if absent.any():
+        b[absent] = b[~absent].min() - 10.0
     return w, b
 
 
 def inner_score(z: torch.Tensor, y: np.ndarray, groups: np.ndarray, multilabel: bool) -> float:
-    """Mean held-out score (accuracy or mAP) of `fit_linear` over the groups of the clips."""
+    """Mean held-out score (accuracy or mAP) of `start_weights` over the groups of the clips."""
     got = []
     for g in np.unique(groups):
         tr, te = torch.from_numpy(groups != g), torch.from_numpy(groups == g)
-        w, b = fit_linear(_standardised(z[tr]), y[tr.numpy()], multilabel)
+        w, b = start_weights(_standardised(z[tr]), y[tr.numpy()], multilabel)
         a = _standardised(z[te], z[tr]) @ w.T + b
         p = (torch.sigmoid(a) if multilabel else torch.softmax(a, 1)).float().numpy()
         got.append(score(y[te.numpy()], p, multilabel)["score"])
@@ -230,7 +203,7 @@ def probe_start(head: nn.Module, store: "FeatureStore", indices: np.ndarray, y: 
     mu, sd = (t.to(ln.weight) for t in (_ln(z).mean(0), _ln(z).std(0, unbiased=False).clamp_min(1e-6)))
     ln.weight.copy_(1 / sd)
     ln.bias.copy_(-mu / sd)
-    w, b = fit_linear(_standardised(_ln(z)), y, multilabel)
+    w, b = start_weights(_standardised(_ln(z)), y, multilabel)
     linear.weight.copy_(w.to(linear.weight))
     linear.bias.copy_(b.to(linear.bias))
     return out
