@@ -9,8 +9,20 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from typing import Protocol
 
 import numpy as np
+
+
+class CopyEvent(Protocol):
+    """The end of an asynchronous copy that reads a pool buffer, as `HostPool.hold` waits for it:
+    `torch.cuda.Event` is one (recorded after the copy); tests pass their own."""
+
+    def query(self) -> bool:  # has the copy finished? (never waits)
+        ...
+
+    def synchronize(self) -> None:  # wait until it has
+        ...
 
 
 class HostPool:
@@ -24,6 +36,12 @@ class HostPool:
     refilled while anything can still see it, and a caller may keep what it was handed as long as
     it likes (the pool then makes new ones). The pool learns of the last reference going away from
     the buffer's lease (`_Lease.__del__`, CPython's deallocation: immediate, in whatever thread).
+    A reader calls `settle` when its epoch ends (or it is closed), so that the sources of its last
+    copies are let go then, not at the next `take`.
+
+    Threads: `take`, `hold`, `settle` and letting go may happen in any threads at once. No wait for
+    a copy happens under the pool's lock (a thread waiting for one never stalls another thread's
+    `take` of a free buffer, nor a lease coming back).
 
     keep: at most `keep` buffers are kept (free and handed out together, `capacity()` bytes);
     while that many are handed out, `take` returns new arrays that are freed as usual.
@@ -39,7 +57,7 @@ class HostPool:
         self.pinned = bool(pinned) and _cuda_available()
         self._free: deque[np.ndarray] = deque()  # kept buffers nothing refers to; leases append from any thread
         self._count = 0  # kept buffers: free + handed out
-        self._copies: deque = deque()  # (CUDA event, source tensor) of `to_device` copies, oldest first
+        self._copies: deque = deque()  # (CopyEvent, source) of running copies (`hold`), oldest first
         self._lock = threading.Lock()
 
     def capacity(self) -> int:
@@ -55,23 +73,44 @@ class HostPool:
 
     def take(self, rows: int | None = None) -> np.ndarray:
         """A buffer's first `rows` rows (all `shape[0]` by default), contents undefined: a free
-        kept buffer, else a new one (kept when fewer than `keep` are)."""
+        kept buffer, else a new one (kept when fewer than `keep` are). When every kept buffer is
+        out and copies from them still run, waits for the oldest (which frees its buffer unless the
+        caller kept it too): that beats pinning new memory."""
         rows = self.shape[0] if rows is None else int(rows)
         if not 0 <= rows <= self.shape[0]:
             raise ValueError(f"{rows} rows asked of a pool of {self.shape[0]}-row buffers")
-        with self._lock:
-            buf = self._free_buffer()
-            if buf is None and self._count < self.keep:
-                buf, self._count = self._new(), self._count + 1
-        if buf is None:  # `keep` handed out: an ordinary array, freed when its holders let go
-            return self._new()[:rows]
+        while True:
+            with self._lock:
+                self._drop_finished()
+                self._trim()
+                if self._free:  # the most recently used: likeliest still in the CPU cache
+                    return np.asarray(_Lease(self, self._free.pop()))[:rows]
+                keep = self._count < self.keep
+                if keep:
+                    self._count += 1  # the new buffer's place, taken before leaving the lock
+                if keep or not self._copies:
+                    break
+                event = self._copies[0][0]  # the oldest copy: its source is likeliest a kept buffer
+            # outside the lock (other threads take and let go meanwhile), then look again: the
+            # buffer may have gone to another thread, or the caller still holds it
+            event.synchronize()
+        # allocated outside the lock: pinning is a costly system call
+        try:
+            buf = self._new()
+        except BaseException:
+            if keep:
+                with self._lock:
+                    self._count -= 1
+            raise
+        if not keep:  # `keep` handed out: an ordinary array, freed when its holders let go
+            return buf[:rows]
         # a view of the lease, not of `buf`: every array and tensor made from it keeps the lease alive
         return np.asarray(_Lease(self, buf))[:rows]
 
     def to_device(self, x, device):
         """Tensor `x` (made from one of this pool's buffers) on `device`. From pinned memory to a
         CUDA device the copy is asynchronous and the pool keeps `x` until the device has read it
-        (the rule above); otherwise `x.to(device)` (`x` itself when it is there already)."""
+        (`hold`); otherwise `x.to(device)` (`x` itself when it is there already)."""
         import torch
 
         device = torch.device(device)
@@ -80,23 +119,33 @@ class HostPool:
         y = x.to(device, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(y.device))
-        with self._lock:
-            self._copies.append((event, x))
+        self.hold(x, event)
         return y
 
-    def _free_buffer(self) -> np.ndarray | None:
-        """A free kept buffer or None (under the lock). Sources of finished copies are let go first;
-        when every kept buffer is out and copies are still running, waiting for the oldest (which
-        frees its buffer unless the caller kept it too) beats pinning new memory."""
+    def hold(self, x, event: CopyEvent) -> None:
+        """Keep `x` (made from one of this pool's buffers) alive until `event` has finished: an
+        asynchronous copy reads it (the release rule). Let go of at a later `take` or `settle`."""
+        with self._lock:
+            self._copies.append((event, x))
+
+    def settle(self) -> None:
+        """Wait for the copies `hold` keeps sources for, and let go of those sources (their buffers
+        come back unless something else holds them). For the end of a reader's epoch: otherwise
+        the pool would hold its last batches' sources until its next `take`. The wait is for
+        copies already queued, outside the lock."""
         while True:
-            while self._copies and self._copies[0][0].query():
-                self._copies.popleft()  # may drop a lease: its buffer lands in _free
-            self._trim()
-            if self._free:
-                return self._free.pop()  # the most recently used: likeliest still in the CPU cache
-            if self._count < self.keep or not self._copies:
-                return None
-            self._copies[0][0].synchronize()
+            with self._lock:
+                self._drop_finished()
+                if not self._copies:
+                    return
+                event = self._copies[0][0]
+            event.synchronize()
+
+    def _drop_finished(self) -> None:
+        """Let go of the sources of finished copies, oldest first (under the lock; dropping one may
+        drop a lease: its buffer lands in _free). `query` does not wait."""
+        while self._copies and self._copies[0][0].query():
+            self._copies.popleft()
 
     def _trim(self) -> None:
         while self._count > self.keep and self._free:

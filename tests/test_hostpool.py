@@ -14,6 +14,24 @@ def _addr(a) -> int:
     return a.__array_interface__["data"][0]
 
 
+class FakeCopy:
+    """An asynchronous copy's end as `HostPool.hold` sees it (what a CUDA event is to `to_device`),
+    finished when the test says so (`done.set()`), or when first waited for (`on_wait=True`: a
+    device that is done by the time anyone looks). `waiting` is set once a thread waits for it."""
+
+    def __init__(self, on_wait: bool = False):
+        self.done, self.waiting, self.on_wait = threading.Event(), threading.Event(), on_wait
+
+    def query(self) -> bool:
+        return self.done.is_set()
+
+    def synchronize(self) -> None:
+        self.waiting.set()
+        if self.on_wait:
+            self.done.set()
+        self.done.wait()
+
+
 def test_a_buffer_is_reused_once_let_go():
     pool = HostPool((4, 3), np.float16, keep=2)
     a = pool.take()
@@ -58,6 +76,56 @@ def test_a_buffer_let_go_in_another_thread_comes_back():
     t.start()
     t.join()
     assert _addr(pool.take()) == where
+
+
+def test_a_copy_keeps_its_source_until_it_has_finished():
+    """`hold`: a buffer a copy still reads is not handed out, even once its holders let go; a take
+    with every kept buffer out waits for the oldest copy and gets its buffer; `settle` waits for the
+    rest and lets their sources go (the end of a reader's epoch)."""
+    pool = HostPool((4, 2), np.float32, keep=2)
+    a = pool.take()
+    where, first = _addr(a), FakeCopy()
+    pool.hold(torch.from_numpy(a)[1:], first)  # what to_device keeps: the tensor the copy reads
+    del a
+    b = pool.take()
+    where_b = _addr(b)
+    assert where_b != where and not first.waiting.is_set()  # a new kept buffer, no wait
+    second = FakeCopy(on_wait=True)
+    pool.hold(torch.from_numpy(b), second)
+    del b
+    first.done.set()
+    c = pool.take()  # the first copy has finished: its buffer, without waiting for the second
+    assert _addr(c) == where and not second.waiting.is_set() and len(pool._copies) == 1
+    d = pool.take()  # every kept buffer out: waits for the second copy, then gets its buffer
+    assert second.waiting.is_set() and _addr(d) == where_b
+    pool.hold(d, third := FakeCopy(on_wait=True))
+    del c, d
+    pool.settle()
+    assert third.waiting.is_set() and not pool._copies and len(pool._free) == pool._count == 2
+
+
+def test_waiting_for_a_copy_does_not_stall_other_threads():
+    """A take waiting for a copy waits outside the pool's lock: meanwhile another thread takes a
+    buffer let go of, and once the copy finishes the waiting take gets the copied buffer."""
+    pool = HostPool((3,), np.int16, keep=2)
+    a, b = pool.take(), pool.take()
+    where_a, where_b = _addr(a), _addr(b)
+    copy, got = FakeCopy(), []
+    pool.hold(a, copy)
+    del a
+    waiter = threading.Thread(target=lambda: got.append(_addr(pool.take())))
+    waiter.start()
+    try:
+        assert copy.waiting.wait(timeout=600)  # a hang guard, not a timing: set as soon as the take waits
+        assert pool._lock.acquire(blocking=False), "a take holds the pool's lock while it waits for a copy"
+        pool._lock.release()
+        del b
+        mine = pool.take()  # this thread's take of the free buffer goes ahead of the wait
+        assert _addr(mine) == where_b and waiter.is_alive()
+    finally:
+        copy.done.set()
+        waiter.join()
+    assert got == [where_a]
 
 
 def test_keep_bounds_what_is_kept():

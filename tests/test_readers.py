@@ -9,6 +9,7 @@ import torch
 from wat.data.cache import open_cache
 from wat.data.cache import dask_view
 from wat.data.cache.store import FeatureStore, available_memory
+from wat.data.hostpool import HostPool
 
 from test_cache import D, L, LAYOUTS, N, T, make_meta, write_cache
 
@@ -311,6 +312,41 @@ def test_streaming_mean_batches_reuse_kept_buffers_only_when_released(means, dty
     assert len({x.data_ptr() for _, x in kept}) == len(kept) > 3
     for i, x in kept:
         assert torch.equal(x, mem.get(i, dtype))
+
+
+@pytest.mark.parametrize("field", ["features", "mean"])
+def test_an_epochs_end_lets_go_of_the_sources_of_its_device_copies(means, field, monkeypatch):
+    """On a GPU store a batch goes to the device by an asynchronous copy, whose source the pool
+    holds until the copy has finished (`HostPool.hold`). When an epoch ends (or its iterator is
+    closed early) the reader waits for its last copies and lets go of their sources: with the
+    batches let go, every kept buffer is free, none held until the next epoch's first take.
+    Here the copy is a clone behind a fake event that finishes when waited for."""
+    from test_hostpool import FakeCopy
+
+    copies = []
+
+    def to_device(pool, x, device):
+        copies.append(FakeCopy(on_wait=True))
+        pool.hold(x, copies[-1])
+        return x.clone()
+
+    monkeypatch.setattr(HostPool, "to_device", to_device)
+    c, mem = means
+    store = _mean_stream(c, 0) if field == "mean" else FeatureStore(c, field, memory_budget=0)
+    req = np.arange(len(c))
+    for stop in (None, 5):  # the whole epoch; closed after 5 batches
+        it = store.iter_batches(req, 64, seed=1, dtype=None)
+        for k, (i, x) in enumerate(it):
+            if field == "mean":
+                assert torch.equal(x, mem.get(i, None))
+            if k == stop:
+                break
+        it.close()
+        del it, x
+        assert copies and all(copy.query() for copy in copies)
+        pools = list(store._pools.values())
+        assert pools and not any(p._copies for p in pools)
+        assert all(len(p._free) == p._count > 0 for p in pools)  # no kept buffer is out
 
 
 @pytest.mark.parametrize("budget, buffer_blocks, w", [(0, 8, 2), (8, 8, 3), (8, 2, 2)])

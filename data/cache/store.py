@@ -363,6 +363,7 @@ class FeatureStore:
             finally:
                 if nxt is not None:
                     nxt.cancel()
+                stored.settle()  # the epoch's last copies to the device: their sources go back now
 
     def _plan(self, idx: np.ndarray, shuffle: bool, rng, block_rows: int | None = None) -> list[tuple[int, np.ndarray]]:
         """(shard, sorted global indices) per block of `block_rows` (default `self.block_rows`)
@@ -515,6 +516,7 @@ class FeatureStore:
                 for f in pending:  # the consumer stopped early: drop what was not started
                     f.cancel()
                 advisor.join()
+                buffers.settle()  # the epoch's last copies to the device: their sources go back now
 
 
 def _preadv_all(fd: int, buffers: list, offset: int) -> None:
