@@ -72,23 +72,31 @@ def describe(kind: str, caches: tuple[int, ...], how: Fused, labels: list[str]) 
     return what if len(caches) == 1 and len(labels) == 1 else f"{what}, {who}"
 
 
-def plan(metas, layers: list[tuple[int, ...]], kinds, *, groups: int = F.GROUPS, reference: int = 0,
+def plan(metas, layers: list[tuple[int, ...]], kinds, *, groups: int | None = None, reference: int = 0,
          match_width: bool = False) -> tuple[list[tuple[str, tuple[int, ...], tuple, Fused]], list[str]]:
     """The fusions to probe: (kind, caches, layers per cache, Fused) and notes on those skipped.
-    `reference`: the cache whose frame count (and width, with `match_width`) the others follow."""
+    `groups`: k of the `_g` kinds; None: the seed's k (F.GROUPS), the `_g` kinds skipped with a note
+    where the reference cache has fewer frames; a k given is refused there (ValueError), since the
+    fusion asked for would silently be missing. `reference`: the cache whose frame count (and width,
+    with `match_width`) the others follow."""
     out, notes = [], []
     n = len(metas)
     if not 0 <= reference < n:
         raise ValueError(f"the reference cache must be 1..{n}, got {reference + 1}")
     ref = metas[reference]
+    k = F.GROUPS if groups is None else groups
+    if groups is not None and ref.n_frames < groups and any(kind.endswith("_g") for kind in kinds):
+        which = f"the --align-to cache ({reference + 1})" if n > 1 else "the cache"
+        raise ValueError(f"--groups {groups}: more time groups than the {ref.n_frames} frames per clip of {which}; "
+                         f"give --groups {ref.n_frames} or fewer")
     width = ref.dim if match_width and n > 1 else 0
     for kind in kinds:
-        how = Fused(groups=groups if kind.endswith("_g") else 0,
+        how = Fused(groups=k if kind.endswith("_g") else 0,
                     frames=ref.n_frames if kind.endswith("_g") else 0,
                     width=width if kind != "concat" else 0)
-        if how.groups and how.frames < groups:
-            notes.append(f"{kind} skipped: {groups} time groups need at least {groups} frames; the reference cache "
-                         f"has {how.frames} (--groups)")
+        if how.groups and how.frames < k:
+            notes.append(f"{kind} skipped: {k} time groups (the default --groups) need at least {k} frames; the "
+                         f"reference cache has {how.frames}")
             continue
         if kind not in CROSS_ONLY:   # each cache's own layers (one layer alone is that layer's probe)
             out += [(kind, (c,), (ls,), Fused(how.groups, metas[c].n_frames if how.groups else 0, 0))

@@ -42,7 +42,8 @@ class ProbeOptions:
     tol: float = logistic.DEFAULT_TOL    # linear probe: a fit stops when every entry of its gradient is below (sklearn's tol)
     seed: int = 0
     device: str | None = None            # device of the torch fits (multi-label linear, mlp, knn); None = cuda when present
-    groups: int = fusions.F.GROUPS       # k of the `_g` fusions: time groups whose means are concatenated
+    groups: int | None = None            # k of the `_g` fusions (time groups whose means are concatenated); None: the
+                                         # seed's 5, skipped with a note on fewer frames (a k given is refused there)
     align_to: int = 0                    # cross-cache fusions: the cache (position) whose frames others follow
     match_width: bool = False            # cross-cache fusions: interpolate widths to that cache's first
     probes: tuple = ("linear",)          # probe kinds (`probe_kinds`): names (their benchmark's defaults) or ProbeKind instances

@@ -162,10 +162,33 @@ def test_cli_cross_encoder_fusions_and_bad_options(two, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and err[-1].startswith("wat-probe: error: ") and match in err[-1], err
         assert "Traceback" not in "".join(err) and not (tmp_path / "q").exists()
-    # more groups than frames: skipped with a note, not an error
-    assert probe_main(["--features", str(a), "--features", str(b), "--fusion", "mean_g", "--groups", "30",
-                       "--jobs", "1", "--out", str(tmp_path / "s")]) == 0
-    assert "mean_g skipped: 30 time groups need at least 30 frames" in capsys.readouterr().out
+    # refused before any fit: more --groups than the reference cache's 25 frames (it used to exit 0 with a
+    # note and no fusion.csv), and options no fusion asked for would act on (they used to be ignored)
+    for feats, args, match in [
+            ((a, b), ["--fusion", "mean_g", "--groups", "30"], "--groups 30: more time groups than the 25 frames"),
+            ((a,), ["--match-width"], "--match-width interpolates the widths of several caches"),
+            ((a, b), ["--fusion", "concat", "--match-width"], "--fusion concat has no fusion of layer means"),
+            ((a, b), ["--fusion", "none", "--align-to", "2"], "--align-to 2: --fusion none aligns no caches"),
+            ((a,), ["--fusion", "mean_g", "--align-to", "1"], "give two --features or more"),
+            ((a, b), ["--groups", "3"], "--groups 3: only the _g fusions")]:
+        rc = probe_main([x for f in feats for x in ("--features", str(f))] + ["--jobs", "1", "--out",
+                        str(tmp_path / "s"), *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("wat-probe: error: ") and match in err[0], err
+        assert not (tmp_path / "s").exists()
+
+
+def test_default_groups_on_too_few_frames_is_a_note_and_groups_given_is_refused():
+    """The seed's k = 5 on a 3-frame cache: the `_g` fusion is skipped with a note (nobody asked for 5);
+    a k given is refused naming both numbers; the time-mean fusions are planned either way."""
+    from types import SimpleNamespace
+    metas = [SimpleNamespace(n_frames=3, dim=8, model="base", encoder="whisper")]
+    planned, notes = EF.plan(metas, [(0, 1)], ("mean", "mean_g"))
+    assert [p[0] for p in planned] == ["mean"] and notes == [
+        "mean_g skipped: 5 time groups (the default --groups) need at least 5 frames; the reference cache has 3"]
+    assert [p[0] for p in EF.plan(metas, [(0, 1)], ("mean", "mean_g"), groups=3)[0]] == ["mean", "mean_g"]
+    with pytest.raises(ValueError, match="--groups 4: more time groups than the 3 frames per clip of the cache"):
+        EF.plan(metas, [(0, 1)], ("mean_g",), groups=4)
 
 
 def test_interp_at_frame_times_is_numpys_interp():
