@@ -27,7 +27,7 @@ from wat.data.download import cache_root, sha256
 from wat.data.files import load_torch, load_torch_dict, one_line, save_torch
 
 from .ct2 import CT2Error, ct2_to_whisper
-from .encoders.base import EncoderError, encoder_device, weights_fingerprint
+from .encoders.base import EncoderError, UnknownModelError, encoder_device, weights_fingerprint
 from .hf import CONFIG, INDEXES, WEIGHTS, HFError, hf_to_whisper, is_hf_dir, weight_files
 from .offline import OFFLINE, package_dir
 
@@ -40,6 +40,15 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 class WhisperLoadError(EncoderError):
     """The model cannot be loaded; the message says why and what to do."""
+
+
+class UnknownWhisperModelError(WhisperLoadError, UnknownModelError):
+    """A name that is no Whisper model, file, folder or hub id."""
+
+
+# what load_whisper takes, in words (its error on an unknown name; WhisperEncoder.choices)
+WHISPER_CHOICES = (f"one of {', '.join(whisper._MODELS)}, a .pt checkpoint, a CTranslate2 or Hugging Face model "
+                   "folder, or a Hugging Face model id (owner/name)")
 
 
 class ChecksumError(WhisperLoadError):
@@ -289,10 +298,7 @@ def load_whisper(spec, device="cpu") -> Whisper:
         elif os.sep in spec_str or spec_str.endswith((".pt", ".bin")) or spec_str.startswith("."):
             raise WhisperLoadError(f"{spec_str}: no such file or directory")
         else:
-            raise WhisperLoadError(
-                f"unknown Whisper model {spec_str!r}: use one of {', '.join(whisper._MODELS)}, "
-                "a .pt checkpoint, a CTranslate2 or Hugging Face model folder, or a Hugging Face "
-                "model id (owner/name)")
+            raise UnknownWhisperModelError(f"unknown Whisper model {spec_str!r}: use {WHISPER_CHOICES}")
     model._wat_name = spec_str
     return model
 

@@ -7,8 +7,8 @@ import torch
 
 from wat.data.spec import FeatureSpec, Policy
 from wat.extract import encode_layers, fingerprint, model_name
-from wat.extract.encoders import (ENCODERS, Encoder, EncoderError, ShortClipError, as_clips, encoder_class,
-                                  equal_length_groups, families, load_encoder, register_encoder)
+from wat.extract.encoders import (ENCODERS, Encoder, EncoderError, ShortClipError, UnknownModelError, as_clips,
+                                  encoder_class, equal_length_groups, families, load_encoder, register_encoder)
 from wat.extract.encoders.whisper_encoder import WhisperEncoder
 from wat.extract.load import WhisperLoadError
 from wat.extract.pooling import pool_frames, time_parts
@@ -56,9 +56,14 @@ def test_load_encoder_dispatch_and_errors(tiny_model, toy_encoder):
     assert encoder_class("whisper") is WhisperEncoder
     with pytest.raises(EncoderError, match="unknown encoder family 'nope'"):
         encoder_class("nope")
-    with pytest.raises(WhisperLoadError, match="unknown Whisper model"):  # a WhisperLoadError is an EncoderError
-        load_encoder("not-a-model")
-    assert issubclass(WhisperLoadError, EncoderError)
+    # a name no family accepts reaches the catch-all (Whisper), but the error lists every family's forms: it may
+    # have been meant for another (crepe-huge); a Whisper-only caller (family= or load_whisper) keeps Whisper's list
+    with pytest.raises(UnknownModelError, match=r"unknown encoder 'crepe-huge': use toy models; .*facebook/hubert-large-ls960-ft.*"
+                       r"; CREPE: crepe-full or crepe-tiny; a Whisper model: one of tiny.en, .*large-v3"):
+        load_encoder("crepe-huge")
+    with pytest.raises(UnknownModelError, match="unknown Whisper model 'crepe-huge'"):
+        load_encoder("crepe-huge", family="whisper")
+    assert issubclass(WhisperLoadError, EncoderError) and issubclass(UnknownModelError, EncoderError)
 
 
 def test_register_encoder_refuses_half_defined_or_duplicate_families(toy_encoder):

@@ -8,10 +8,10 @@
 `load_encoder(spec, device)` picks the family that accepts `spec`; `@register_encoder` adds one.
 Pooling and layer choice shared by every family: `wat.extract.pooling`.
 """
-from .base import (BUILTIN, ENCODERS, Encoder, EncoderError, ShortClipError, as_clips, encoder_class,
-                   equal_length_groups, families, family_of, load_encoder, register_encoder)
+from .base import (BUILTIN, ENCODERS, Encoder, EncoderError, ShortClipError, UnknownModelError, as_clips,
+                   encoder_class, equal_length_groups, families, family_of, load_encoder, register_encoder)
 
-__all__ = ["Encoder", "EncoderError", "ShortClipError", "load_encoder", "register_encoder", "encoder_class",
+__all__ = ["Encoder", "EncoderError", "ShortClipError", "UnknownModelError", "load_encoder", "register_encoder", "encoder_class",
            "families", "family_of", "as_clips", "as_encoder", "equal_length_groups", "ENCODERS", "BUILTIN", "WhisperEncoder"]
 
 

@@ -37,6 +37,12 @@ class EncoderError(WatError):
     Each family's load errors derive from it (`wat.extract.load.WhisperLoadError`, ...)."""
 
 
+class UnknownModelError(EncoderError):
+    """A model name the family does not know (not a file, folder or hub id either). Raised by the
+    catch-all family, `load_encoder` says instead what every family takes (`Encoder.choices`): the name
+    may have been meant for another family (crepe-huge)."""
+
+
 class ShortClipError(ValueError):
     """A clip shorter than the encoder's `min_samples(policy)`: no frame of its audio can be computed."""
 
@@ -97,6 +103,12 @@ class Encoder(abc.ABC):
     def accepts(cls, spec: str) -> bool:
         """Could this family load `spec`? Cheap and without side effects where possible (a name
         pattern, a folder's config); never raises for a spec of another family."""
+
+    @classmethod
+    def choices(cls) -> str:
+        """What `load` takes, in words, for the error on a name no family knows ("CREPE: crepe-full,
+        crepe-tiny"); override with the family's names and forms."""
+        return f"{cls.family} models"
 
     @classmethod
     @abc.abstractmethod
@@ -271,5 +283,15 @@ def family_of(spec) -> str:
 def load_encoder(spec, device="cpu", *, family: str | None = None) -> Encoder:
     """The encoder `spec` names, loaded on `device`: CREPE names (crepe-full, crepe-tiny), Hugging
     Face speech folders or ids (wav2vec2, HuBERT, WavLM, data2vec-audio), else Whisper (every form
-    `wat.extract.load_whisper` takes). `family`: skip the guess (e.g. the family a cache recorded)."""
-    return encoder_class(family or family_of(spec)).load(str(spec), device)
+    `wat.extract.load_whisper` takes). `family`: skip the guess (e.g. the family a cache recorded).
+    A name no family knows: UnknownModelError listing what each family takes."""
+    cls = encoder_class(family or family_of(spec))
+    try:
+        return cls.load(str(spec), device)
+    except UnknownModelError:
+        if family is not None or not cls.fallback:
+            raise
+        # the catch-all only got the name because no family accepted it: its own list ("unknown Whisper
+        # model") hides the other families' (crepe-huge was meant for CREPE)
+        known = "; ".join(c.choices() for c in families().values())
+        raise UnknownModelError(f"unknown encoder {str(spec)!r}: use {known}") from None

@@ -102,6 +102,10 @@ class CrepeEncoder(Encoder):
         return str(spec) in NAMES
 
     @classmethod
+    def choices(cls) -> str:
+        return f"CREPE: {' or '.join(NAMES)}"
+
+    @classmethod
     def load(cls, spec: str, device="cpu") -> "CrepeEncoder":
         capacity = NAMES.get(str(spec))
         if capacity is None:

@@ -318,6 +318,11 @@ class HFSpeechEncoder(Encoder):
         return read_config(folder) is not None
 
     @classmethod
+    def choices(cls) -> str:
+        return (f"a Hugging Face speech model ({' / '.join(MODEL_TYPES)}): its folder or hub id, e.g. "
+                "facebook/hubert-large-ls960-ft")
+
+    @classmethod
     def load(cls, spec: str, device="cpu") -> "HFSpeechEncoder":
         dev = encoder_device(device, HFSpeechError)
         folder = _folder(str(spec))

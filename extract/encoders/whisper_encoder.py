@@ -8,7 +8,7 @@ import torch
 from whisper.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 
 from ..layers import MIN_SAMPLES, encode_layers, encoder_frames
-from ..load import fingerprint, load_whisper, model_name
+from ..load import WHISPER_CHOICES, fingerprint, load_whisper, model_name
 from .base import Encoder, equal_length_groups, register_encoder
 
 SAMPLES_PER_FRAME = 2 * HOP_LENGTH  # one encoder frame: conv2's stride 2 over 10 ms log-mel hops = 20 ms
@@ -95,6 +95,10 @@ class WhisperEncoder(Encoder):
     @classmethod
     def accepts(cls, spec: str) -> bool:
         return True  # the catch-all: load_whisper says why when it is not a Whisper model either
+
+    @classmethod
+    def choices(cls) -> str:
+        return f"a Whisper model: {WHISPER_CHOICES}"
 
     @classmethod
     def load(cls, spec: str, device="cpu") -> "WhisperEncoder":
