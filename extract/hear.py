@@ -56,8 +56,10 @@ class HEARModel(nn.Module):
     def frames(self, audio: torch.Tensor) -> torch.Tensor:
         """[n, samples] -> [n, T, size] float32: the T native frames covering each clip
         (`Encoder.all_frames`), the chosen layers averaged or concatenated. A clip shorter than the
-        encoder's `min_samples(policy)` raises `ShortClipError`."""
+        encoder's `min_samples(policy)` raises `ShortClipError`; no clips give [0, T, size]."""
         n = audio.shape[0]
+        if n == 0:
+            return _no_clips(self.frames, audio)
         tapped = sorted(set(self.layers))      # the encoder returns layers in ascending order
         pick = [tapped.index(l) for l in self.layers]
         x = torch.cat([self.wrapped.all_frames(audio[b:b + self.batch_size], policy=self.policy, layers=tapped)
@@ -105,9 +107,20 @@ def _audio(audio, model: HEARModel) -> torch.Tensor:
     return audio.float()
 
 
+def _no_clips(compute, audio: torch.Tensor):
+    """`compute(audio)` for a batch of no clips, [0, S]: the HEAR API's shapes with n = 0 ([0, T, D]
+    embeddings, [0, T] timestamps, [0, D] scene embeddings), T being what S samples give. It is the
+    result for one silent clip of S samples, cut to none: T comes from the encoder itself (Whisper's
+    30 s windows, a family's own frame count), at the cost of one encoder call."""
+    out = compute(audio.new_zeros(1, audio.shape[1]))
+    return tuple(x[:0] for x in out) if isinstance(out, tuple) else out[:0]
+
+
 def get_timestamp_embeddings(audio, model: HEARModel) -> tuple[torch.Tensor, torch.Tensor]:
-    """([n, T, timestamp_embedding_size] float32, centre of each frame in ms [n, T])."""
+    """([n, T, timestamp_embedding_size] float32, centre of each frame in ms [n, T]); n may be 0."""
     audio = _audio(audio, model)
+    if audio.shape[0] == 0:   # an ensemble's timestamps are the first member's of the first clip
+        return _no_clips(partial(get_timestamp_embeddings, model=model), audio)
     if hasattr(model, "timestamp_embeddings"):   # an ensemble (hear_ensemble.EnsembleHEAR)
         return model.timestamp_embeddings(audio)
     emb = model.frames(audio)
@@ -117,7 +130,10 @@ def get_timestamp_embeddings(audio, model: HEARModel) -> tuple[torch.Tensor, tor
 
 def get_scene_embeddings(audio, model: HEARModel) -> torch.Tensor:
     """[n, scene_embedding_size] float32: the time mean of the timestamp embeddings (ensembles: each
-    member's own time mean, fused; or the `_g` group means of the fused timestamp embeddings)."""
+    member's own time mean, fused; or the `_g` group means of the fused timestamp embeddings); n may be 0."""
+    audio = _audio(audio, model)
+    if audio.shape[0] == 0:
+        return _no_clips(partial(get_scene_embeddings, model=model), audio)
     if hasattr(model, "scene_embeddings"):
-        return model.scene_embeddings(_audio(audio, model))
-    return model.frames(_audio(audio, model)).mean(1)
+        return model.scene_embeddings(audio)
+    return model.frames(audio).mean(1)

@@ -47,6 +47,16 @@ def test_embeddings_are_encoder_layers(tiny_model):
     torch.testing.assert_close(emb[..., 384:], ref[:, 1], atol=1e-4, rtol=1e-4)
 
 
+def test_no_clips_give_the_hear_shapes_with_n_0(tiny_model):
+    """An empty batch: [0, T, D] embeddings and [0, T] timestamps (T what a clip of that length gives) and
+    [0, D] scene embeddings, as the HEAR API's shapes say for n = 0 (it crashed in HEARModel.frames)."""
+    m = hear.WhisperHEAR(tiny_model, layers=[0])
+    emb, ts = hear.get_timestamp_embeddings(np.zeros((0, 16000), np.float32), m)
+    assert emb.shape == (0, 50, 384) and ts.shape == (0, 50) and emb.dtype == ts.dtype == torch.float32
+    assert m.frames(torch.zeros(0, 8000)).shape == (0, 25, 384)
+    assert hear.get_scene_embeddings(torch.zeros(0, 16000), m).shape == (0, 384)
+
+
 def test_long_audio_in_30s_windows(tiny_model):
     # 31 s + 100 samples: the tail's last 100 samples reach no new encoder frame (50, not 51)
     audio = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (1, 16000 * 31 + 100)).astype(np.float32))

@@ -74,6 +74,11 @@ def test_cat_of_members_then_g_groups(tiny_model):
     avg = EnsembleHEAR([one, two], E, fusion="avg")
     torch.testing.assert_close(hear.get_scene_embeddings(audio, avg), ((a + b) / 2).mean(1))
 
+    for model in (m, g):   # no clips: the HEAR shapes with n = 0 (the first member's grid was read from clip 0)
+        emb, ts = hear.get_timestamp_embeddings(audio[:0], model)
+        assert emb.shape == (0, 50, 768) and ts.shape == (0, 50)
+        assert hear.get_scene_embeddings(audio[:0], model).shape == (0, model.scene_embedding_size)
+
 
 def test_members_on_other_grids_and_widths_are_interpolated(tiny_model):
     torch.manual_seed(1)
