@@ -358,9 +358,13 @@ def test_train_report_curves_and_tensorboard(tmp_path, capsys):
 
     # bad --tensorboard: one error line, exit 2, before any training
     (tmp_path / "file").write_text("x")
-    for bad in ("", str(tmp_path / "file"), str(tmp_path / "file" / "sub")):
-        assert main(["--features", str(feats), "--folds", "5", "--head", "wa-mlp", "--epochs", "1",
-                     "--out", str(tmp_path / "r2"), "--tensorboard", bad]) == 2
+    argv = ["--features", str(feats), "--folds", "5", "--head", "wa-mlp", "--epochs", "1", "--out", str(tmp_path / "r2")]
+    for bad in (str(tmp_path / "file"), str(tmp_path / "file" / "sub")):
+        assert main(argv + ["--tensorboard", bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("wat-train: error: --tensorboard")
+    with pytest.raises(SystemExit) as e:   # an empty one at parse time (usage, then the error line)
+        main(argv + ["--tensorboard", ""])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == \
+        "wat-train: error: argument --tensorboard: an empty folder"
     assert not (tmp_path / "r2").exists()
