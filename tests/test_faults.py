@@ -326,6 +326,9 @@ def _sweep():
         ("wat-extract", "wat.extract.cli:main", ["--dataset", "esc50", "--root", "{d}", "--model", "{j}/badhf",
                                                  "--out", "{j}/x.h5"], "config.json: not a JSON object"),
         ("wat-tag", "wat.tag.cli:main", ["{j}/text.h5", "--model", "{j}/badhf", "--head", "{h}"], "config.json"),
+        # a name no family knows: every family's names, not only Whisper's (the catch-all's)
+        ("wat-extract", "wat.extract.cli:main", ["--dataset", "esc50", "--root", "{d}", "--model", "crepe-huge",
+                                                 "--out", "{j}/x.h5"], "unknown encoder 'crepe-huge'"),
         # negative values reach their option's own check (they were "expected one argument")
         ("wat-extract", "wat.extract.cli:main", ["--dataset", "esc50", "--root", "{d}", "--model", "tiny.en",
                                                  "--out", "{j}/x.h5", "--layers", "-1:2"], "numbered from 0"),
