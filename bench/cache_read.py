@@ -254,23 +254,24 @@ def table(res, storages, temps, modes, row, caches, full, dim) -> None:
 
 
 def main() -> int:
+    from wat.data.clikit.args import int_range, positive_int  # bad values: one error line
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clips", type=int, default=4000)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--dim", type=int, default=1280)
-    ap.add_argument("--shard-clips", type=int, default=500)
+    ap.add_argument("--clips", type=positive_int, default=4000)
+    ap.add_argument("--layers", type=positive_int, default=32)
+    ap.add_argument("--dim", type=positive_int, default=1280)
+    ap.add_argument("--shard-clips", type=positive_int, default=500)
     ap.add_argument("--storage", default="fp16", help="comma-separated storages to compare: fp16,int8")
     ap.add_argument("--store", dest="storage", help=argparse.SUPPRESS)  # the old spelling (BENCHMARKS.md commands)
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "wat-bench-cache"),
                     help="where the caches are written (removed at the end unless --keep)")
-    ap.add_argument("--rounds", type=int, default=3, help="0: only the RSS runs")
-    ap.add_argument("--cold-clips", type=int, default=2000, help="clips read cold (page cache dropped)")
-    ap.add_argument("--warm-clips", type=int, default=1000,
+    ap.add_argument("--rounds", type=int_range(0), default=3, help="0: only the RSS runs")
+    ap.add_argument("--cold-clips", type=positive_int, default=2000, help="clips read cold (page cache dropped)")
+    ap.add_argument("--warm-clips", type=positive_int, default=1000,
                     help="clips read warm: must fit the page cache beside everything else running")
-    ap.add_argument("--batch", type=int, default=48)
-    ap.add_argument("--threads", type=int, default=2, help="FeatureStore reader threads")
+    ap.add_argument("--batch", type=positive_int, default=48)
+    ap.add_argument("--threads", type=positive_int, default=2, help="FeatureStore reader threads")
     ap.add_argument("--no-cold", action="store_true", help="warm reads only")
-    ap.add_argument("--rss-budget", type=int, metavar="MB", help="also measure streaming training RSS")
+    ap.add_argument("--rss-budget", type=positive_int, metavar="MB", help="also measure streaming training RSS")
     ap.add_argument("--keep", action="store_true", help="keep the caches")
     a = ap.parse_args()
     if min(a.clips, a.layers, a.dim, a.shard_clips, a.rounds + 1, a.batch, a.threads, a.cold_clips, a.warm_clips) < 1 or (a.rss_budget is not None and a.rss_budget < 1):

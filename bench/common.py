@@ -1,8 +1,12 @@
 """Helpers shared by the bench scripts (not part of the wat package): random-weight Whisper models
-of the real sizes, the demo cache, the GPU's dense matrix peak, and the JSON results the GPU check
-collects."""
+of the real sizes, the demo cache, the GPU's dense matrix peak, the JSON results the GPU check
+collects, and argparse types of their options (seeds, path_arg, head_kinds, train_overrides; the
+rest come from wat.data.clikit.args)."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -11,6 +15,65 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from synthetic_cache import synthetic_meta, write_subset, write_synthetic_cache  # noqa: E402  (re-exported)
 # and its official Whisper-AT head mirror (tests/official_mirror.py)
 from official_mirror import Server, init_vs_scratch, serve_standin  # noqa: E402  (re-exported)
+from wat.data.clikit.args import comma_list, comma_list_of, nonempty, seed_int  # noqa: E402
+
+# argparse types of the bench scripts' options, built on the commands' own (wat.data.clikit.args): a bad
+# value is one `SCRIPT: error: ...` line and exit 2 at once, not a traceback after minutes of work
+seeds = comma_list_of(seed_int, what="seed")   # --seeds 0,1,2
+
+
+def path_arg(what: str = "path"):
+    """argparse type: a path, empty refused (`nonempty`: `--out ''` was the current folder), as a Path."""
+    check = nonempty(what)
+
+    def parse(text: str) -> Path:
+        return Path(check(text))
+
+    parse.__name__ = what
+    return parse
+
+
+def _head_kind(text: str) -> str:
+    from wat.data.heads.names import BUILTIN_KINDS
+    if text not in BUILTIN_KINDS:
+        raise ValueError(text)
+    return text
+
+
+head_kinds = comma_list_of(_head_kind, what="head kind (last-mlp, wa-mlp, wa-tr, tl-tr)")   # --heads wa-tr,tl-tr
+
+
+def _override(item: str) -> tuple:
+    """One `name=value` of `train_overrides`: a TrainOptions field; an int, a finite float, none, true,
+    false, or the text (lr=auto)."""
+    from wat.train.options import TrainOptions
+    name, eq, text = item.partition("=")
+    fields = [f.name for f in dataclasses.fields(TrainOptions)]
+    if not eq or name.strip() not in fields:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of TrainOptions' fields ({', '.join(fields)})")
+    text = text.strip()
+    for cast in (int, float):
+        try:
+            value = cast(text)
+        except ValueError:
+            continue
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{name}: a finite number, or none/true/false/text")
+        return name.strip(), value
+    return name.strip(), {"none": None, "true": True, "false": False}.get(text.lower(), text)
+
+
+def train_overrides(text: str) -> dict:
+    """argparse type of --set `name=value,...` (TrainOptions overrides: batch_size=16,mixup=0,lr=auto) -> dict;
+    a name given twice is refused. The values reach TrainOptions unchecked beyond their form."""
+    if not text.strip():
+        return {}
+    pairs = comma_list(text, _override, what="TrainOptions override")
+    names = [k for k, _ in pairs]
+    twice = sorted({k for k in names if names.count(k) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} given twice")
+    return dict(pairs)
 
 # openai-whisper's ModelDimensions per size (encoder and decoder alike), for random-weight models when
 # the real weights cannot be had (a box without network): throughput depends on the shapes only.

@@ -394,6 +394,7 @@ def _rss_mb() -> float:
 
 
 def main(argv=None) -> int:
+    from wat.data.clikit.args import float_range, int_range, positive_int  # bad values: one error line
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="base")
     p.add_argument("--random-weights", choices=("never", "fallback", "always"), default="never",
@@ -402,24 +403,24 @@ def main(argv=None) -> int:
                    help=f"a random-weight Hugging Face speech encoder of this shape instead of --model ({', '.join(HF_SHAPES)})")
     p.add_argument("--policy", default="trim", choices=POLICIES)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-workers", type=int, default=None)
-    p.add_argument("--shard-size", type=int, default=256)
-    p.add_argument("--frames", type=int, default=25)
-    p.add_argument("--clips", type=int, default=96, help="clips for the pipeline and bare runs")
-    p.add_argument("--official-clips", type=int, default=None, help="clips for the per-clip loop (default: --clips)")
-    p.add_argument("--clip-seconds", type=float, default=5.0)
-    p.add_argument("--pool", type=int, default=220, help="distinct audio files generated")
-    p.add_argument("--repeat", type=int, default=2, help="rounds of (a), (b), (c); the best of each is reported")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--num-workers", type=int_range(0), default=None)
+    p.add_argument("--shard-size", type=positive_int, default=256)
+    p.add_argument("--frames", type=positive_int, default=25)
+    p.add_argument("--clips", type=positive_int, default=96, help="clips for the pipeline and bare runs")
+    p.add_argument("--official-clips", type=positive_int, default=None, help="clips for the per-clip loop (default: --clips)")
+    p.add_argument("--clip-seconds", type=float_range(0, 600, lo_open=True), default=5.0)
+    p.add_argument("--pool", type=positive_int, default=220, help="distinct audio files generated")
+    p.add_argument("--repeat", type=positive_int, default=2, help="rounds of (a), (b), (c); the best of each is reported")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON (bench/gpu_check.sh)")
-    p.add_argument("--rss", type=int, nargs="+", metavar="N", help="peak RSS of the pipeline for N clips, each run in a child")
-    p.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--rss", type=positive_int, nargs="+", metavar="N", help="peak RSS of the pipeline for N clips, each run in a child")
+    p.add_argument("--rss-child", type=positive_int, help=argparse.SUPPRESS)
     p.add_argument("--null-encoder", nargs="?", const="also", default="no", choices=("no", "also", "only"),
                    help="also (or only) (d) the pipeline with the encoder replaced by precomputed results and "
                         "(e) the disk's write rate for the same bytes: the host side's ceiling")
-    p.add_argument("--null-clips", type=int, default=None, help="clips for (d) (default: --clips)")
+    p.add_argument("--null-clips", type=positive_int, default=None, help="clips for (d) (default: --clips)")
     args = p.parse_args(argv)
     for name in ("batch_size", "shard_size", "frames", "clips", "pool", "repeat"):
         if getattr(args, name) < 1:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import demo_cache
+from common import demo_cache, head_kinds, path_arg, seeds, train_overrides
+from wat.data.clikit.args import comma_list_of, float_range, int_range
 from wat.eval.probe import ProbeOptions, probe
 from wat.train.loop import TrainOptions, train
 
@@ -39,13 +40,14 @@ def run(feats: Path, out: Path, **kw) -> tuple[int, float, float, float, list]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--root", type=Path, help="an ESC-50-layout demo folder (default: make one here)")
-    p.add_argument("--clips-per-class", type=int, default=8)
-    p.add_argument("--heads", default="last-mlp,wa-mlp,wa-tr,tl-tr")
-    p.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2")
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--set", default="", help="other TrainOptions, e.g. batch_size=16,mixup=0")
+    p.add_argument("--out", required=True, type=path_arg("folder"))
+    p.add_argument("--root", type=path_arg("folder"), help="an ESC-50-layout demo folder (default: make one here)")
+    p.add_argument("--clips-per-class", type=int_range(1, 10_000), default=8)
+    p.add_argument("--heads", type=head_kinds, default="last-mlp,wa-mlp,wa-tr,tl-tr")
+    p.add_argument("--lrs", type=comma_list_of(float_range(0, 10, lo_open=True), what="learning rate in (0, 10]"),
+                   default="1e-4,3e-4,1e-3,3e-3,1e-2")
+    p.add_argument("--seeds", type=seeds, default="0")
+    p.add_argument("--set", type=train_overrides, default="", help="other TrainOptions, e.g. batch_size=16,mixup=0")
     p.add_argument("--cr", action="store_true", help="each run twice: --cr-views 1 and 2 (consistency regularisation off and on)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -54,16 +56,14 @@ def main() -> None:
     best = max(rep.results, key=lambda r: r.score)
     print(f"cache {feats}: best single-layer linear probe {best.feature.name} accuracy {best.score:.4f} "
           f"(layers: {' '.join(f'{r.score:.3f}' for r in rep.results)})", flush=True)
-    seeds = [int(s) for s in a.seeds.split(",")]
-    extra = {k: float(v) if "." in v or "e" in v else int(v) for k, v in (kv.split("=") for kv in a.set.split(",") if kv)}
+    extra = a.set
     if extra:
         print(f"other options: {extra}")
-    lrs = [float(v) for v in a.lrs.split(",")]
     print(f"{'head':9} {'lr':>7} {'seed':>4} {'cr':>3} {'batch':>5} {'best':>7} {'wa':>7} {'wa-probe':>8} {'wa folds':>28} {'min':>5}")
-    for head in a.heads.split(","):
-        for lr in lrs:
+    for head in a.heads:
+        for lr in a.lrs:
             for cr in ((1, 2) if a.cr else (1,)):
-                for seed in seeds:
+                for seed in a.seeds:
                     bs, b, w, m, folds = run(feats, a.out, head=head, lr=lr, seed=seed, cr_views=cr, **extra)
                     print(f"{head:9} {lr:7.0e} {seed:4d} {cr:3d} {bs:5d} {b:7.4f} {w:7.4f} {w - best.score:+8.4f} "
                           f"{' '.join(f'{f:.2f}' for f in folds):>28} {m:5.1f}", flush=True)

@@ -211,39 +211,35 @@ def table(out: Path, names) -> None:
                       f"{r['load']:5.1f}")
 
 
-def value(text: str):
-    """A --set value: an int, a float, None ("none"), True/False ("true"/"false"), or the text (lr=auto)."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"none": None, "true": True, "false": False}.get(text.lower(), text)
+def _set_name(text: str) -> str:
+    """One --sets item: a name of SETS."""
+    if text not in SETS:
+        raise ValueError(text)
+    return text
 
 
 def main() -> None:
+    from common import head_kinds, path_arg, seeds, train_overrides
+    from wat.data.clikit.args import comma_list_of, int_range
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--sets", default=",".join(SETS))
-    p.add_argument("--heads", default="tl-tr,wa-tr,wa-mlp")
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--set", default="", help="TrainOptions overrides, e.g. lr=1e-3,proj_dim=64")
+    p.add_argument("--out", required=True, type=path_arg("folder"))
+    p.add_argument("--sets", type=comma_list_of(_set_name, what=f"set ({', '.join(SETS)})"), default=",".join(SETS))
+    p.add_argument("--heads", type=head_kinds, default="tl-tr,wa-tr,wa-mlp")
+    p.add_argument("--seeds", type=seeds, default="0")
+    p.add_argument("--set", type=train_overrides, default="", help="TrainOptions overrides, e.g. lr=1e-3,proj_dim=64")
     p.add_argument("--tag", default="default", help="the recipe's name in results.jsonl and the table")
-    p.add_argument("--holdout", type=int, help="train on the other folds and score this one (5x cheaper "
+    p.add_argument("--holdout", type=int_range(1, 5), help="train on the other folds and score this one (5x cheaper "
                    "than the 5-fold protocol; the probe likewise)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--threads", type=int_range(1, 256), default=1, help="torch threads (the machine is shared)")
     p.add_argument("--table", action="store_true", help="only print the table of stored results")
     a = p.parse_args()
-    names = [s for s in a.sets.split(",") if s]
-    unknown = [s for s in names if s not in SETS]
-    if unknown:
-        p.error(f"unknown set(s) {unknown}; choose from {', '.join(SETS)}")
+    names = a.sets
     if a.table:
         table(a.out, names)
         return
     import torch
     torch.set_num_threads(a.threads)
-    extra = {k: value(v) for k, v in (kv.split("=") for kv in a.set.split(",") if kv)}
+    extra = a.set
     protocol = "5-fold" if a.holdout is None else f"holdout{a.holdout}"
     done = {(r["set"], r.get("protocol", "5-fold"), r["head"], r["tag"], r["seed"]) for r in results(a.out)}
     a.out.mkdir(parents=True, exist_ok=True)
@@ -251,8 +247,8 @@ def main() -> None:
         feats = features(name, SETS[name], a.out)
         pr = probe_scores(name, feats, a.out, a.holdout)
         print(f"{name}: probe per layer {' '.join(f'{v:.3f}' for v in pr['layers'])}", flush=True)
-        for head in (h for h in a.heads.split(",") if h):
-            for seed in (int(s) for s in a.seeds.split(",")):
+        for head in a.heads:
+            for seed in a.seeds:
                 if (name, protocol, head, a.tag, seed) in done:
                     continue
                 r = run_head(name, feats, a.out, head, seed, a.tag, extra, a.holdout)

@@ -45,9 +45,10 @@ def child(clips: int, seconds: float, budget: int | None) -> None:
 
 
 def main(argv=None) -> int:
+    from wat.data.clikit.args import float_range, positive_int  # bad values: one error line
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clips", type=int, nargs="+", default=[4, 16])
-    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--clips", type=positive_int, nargs="+", default=[4, 16])
+    p.add_argument("--seconds", type=float_range(0, 86400, lo_open=True), default=30.0)
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:

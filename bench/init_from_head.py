@@ -27,7 +27,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import Server, demo_cache, init_vs_scratch, serve_standin, write_json, write_subset
+from common import Server, demo_cache, init_vs_scratch, path_arg, seeds, serve_standin, write_json, write_subset
 
 DESIGNS = {"1 clip/class": ((4,), (3, 5)), "2 clips/class": ((3,), (4, 5))}  # (fine-tune folds, scored folds)
 PRETRAIN = (1, 2)
@@ -39,11 +39,10 @@ def folds(f: tuple[int, ...]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--out", required=True, type=path_arg("folder"))
+    p.add_argument("--seeds", type=seeds, default="0,1,2")
+    p.add_argument("--json", type=path_arg("file"), help="also write the results here")
     a = p.parse_args()
-    seeds = [int(s) for s in a.seeds.split(",")]
     a.out.mkdir(parents=True, exist_ok=True)
     os.environ["XDG_CACHE_HOME"] = str(a.out / "xdg-cache")
     import numpy as np
@@ -68,7 +67,7 @@ def main() -> None:
     server, rows = Server(), []
     try:
         os.environ[official.URL_ENV] = server.url
-        for seed in seeds:
+        for seed in a.seeds:
             # a new stand-in per seed: the digest recorded for the last one would refuse it
             shutil.rmtree(official.folder(), ignore_errors=True)
             file = serve_standin(server, pretrain, work / f"pretrain-seed{seed}", seed=seed)
@@ -83,7 +82,7 @@ def main() -> None:
                 print(f"  {design}: scratch {runs['scratch']['wa']:.3f}, init {runs['init']['wa']:.3f}", flush=True)
     finally:
         server.close()
-    assert server.requests == [file] * len(seeds), server.requests  # each fetched once by the real download code
+    assert server.requests == [file] * len(a.seeds), server.requests  # each fetched once by the real download code
     print(f"\naccuracy on the scored clips, weight-averaged head (best epoch)\n"
           f"{'design':14} {'fine-tune':>9} {'scored':>6} {'seed':>4} {'scratch':>8} {'init':>8} {'best: scratch':>13} {'init':>6}")
     for design in DESIGNS:

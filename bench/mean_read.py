@@ -55,13 +55,14 @@ def cold(cache: C.Cache, what, fn) -> None:
 
 
 def main(argv=None) -> int:
+    from wat.data.clikit.args import int_range, positive_int  # bad values: one error line
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", required=True, help="folder on a disk for the cache (removed at the end unless --keep)")
-    p.add_argument("--clips", type=int, default=4000)
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--dim", type=int, default=1280)
-    p.add_argument("--shard-clips", type=int, default=1000)
-    p.add_argument("--layer", type=int, default=16, help="the layer read")
+    p.add_argument("--clips", type=positive_int, default=4000)
+    p.add_argument("--layers", type=positive_int, default=32)
+    p.add_argument("--dim", type=positive_int, default=1280)
+    p.add_argument("--shard-clips", type=positive_int, default=1000)
+    p.add_argument("--layer", type=int_range(0), default=16, help="the layer read")
     p.add_argument("--keep", action="store_true")
     a = p.parse_args(argv)
     if min(a.clips, a.layers, a.dim, a.shard_clips) < 1 or not 0 <= a.layer < a.layers:

@@ -120,18 +120,19 @@ def sklearn_fit(xtr, ytr, xte, max_iter: int, C: float, tol: float) -> tuple[np.
 
 
 def main(argv=None) -> int:
+    from wat.data.clikit.args import float_range, positive_int  # bad values: one error line
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clips", type=int, default=20000)
-    p.add_argument("--eval-fraction", type=float, default=0.2)
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--dim", type=int, default=1280)
+    p.add_argument("--clips", type=positive_int, default=20000)
+    p.add_argument("--eval-fraction", type=float_range(0, 1, lo_open=True, hi_open=True), default=0.2)
+    p.add_argument("--layers", type=positive_int, default=32)
+    p.add_argument("--dim", type=positive_int, default=1280)
     p.add_argument("--probe-layers", help="comma-separated layers to probe (default: all)")
     p.add_argument("--sklearn-layers", default="4,16,24", help="layers also fitted with sklearn ('' = none)")
-    p.add_argument("--sklearn-classes", type=int, default=16, help="classes sklearn fits per layer")
-    p.add_argument("--max-iter", type=int, default=100,
+    p.add_argument("--sklearn-classes", type=positive_int, default=16, help="classes sklearn fits per layer")
+    p.add_argument("--max-iter", type=positive_int, default=100,
                    help="LBFGS iterations, both methods (sklearn's default; wat-probe's is 200)")
-    p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength, both methods")
-    p.add_argument("--tol", type=float, default=1e-4, help="gradient tolerance per class, both methods (sklearn's default)")
+    p.add_argument("--C", type=float_range(0, 1e12, lo_open=True), default=1.0, help="inverse L2 strength, both methods")
+    p.add_argument("--tol", type=float_range(0, 1, lo_open=True), default=1e-4, help="gradient tolerance per class, both methods (sklearn's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", help="keep the caches here (reused when present)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")

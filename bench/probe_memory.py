@@ -33,10 +33,11 @@ print(status("VmHWM:") - base)
 
 
 def main(argv=None) -> int:
+    from wat.data.clikit.args import positive_int  # bad values: one error line
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clips", type=int, default=2_500_000)
-    p.add_argument("--dim", type=int, default=2, help="feature width (the bound does not depend on it)")
-    p.add_argument("--classes", type=int, default=8)
+    p.add_argument("--clips", type=positive_int, default=2_500_000)
+    p.add_argument("--dim", type=positive_int, default=2, help="feature width (the bound does not depend on it)")
+    p.add_argument("--classes", type=positive_int, default=8)
     p.add_argument("--block-classes", default="8,4", help="classes per block to measure, comma-separated")
     a = p.parse_args(argv)
     from wat.eval.logistic import BLOCK_BYTES, MEMORY, WORK_ARRAYS, classes_per_block

@@ -67,12 +67,13 @@ def _children_cpu() -> float:
 
 
 def main():
+    from wat.data.clikit.args import int_range, positive_int  # bad values: one error line
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--clips", type=int, default=2000)
-    ap.add_argument("--classes", type=int, default=50)
+    ap.add_argument("--jobs", type=positive_int, default=2)
+    ap.add_argument("--clips", type=positive_int, default=2000)
+    ap.add_argument("--classes", type=positive_int, default=50)
     ap.add_argument("--probe", default="linear,mlp,knn", help="kinds timed on the 2000-clip cache, one row each")
-    ap.add_argument("--audioset-layers", type=int, default=3, help="layers timed for knn at AudioSet shape (0: none)")
+    ap.add_argument("--audioset-layers", type=int_range(0), default=3, help="layers timed for knn at AudioSet shape (0: none)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     load = os.getloadavg()[0]

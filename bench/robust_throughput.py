@@ -157,6 +157,7 @@ class BlockCalls:
 
 
 def main(argv=None) -> int:
+    from wat.data.clikit.args import positive_int  # bad values: one error line
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny.en")
     p.add_argument("--random-weights", metavar="NAME", help="a random-weight model of these dims (large-v1): "
@@ -166,12 +167,12 @@ def main(argv=None) -> int:
                         "through load_encoder), a *ForCTC folder, or none (default wav2vec2-base: "
                         "facebook/wav2vec2-base-960h's shape)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--mixtures", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--sample-len", type=int, help="most tokens per utterance, both ways (default whisper's 224; with "
+    p.add_argument("--mixtures", type=positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--rounds", type=positive_int, default=3)
+    p.add_argument("--sample-len", type=positive_int, help="most tokens per utterance, both ways (default whisper's 224; with "
                    "--random-weights the longest reference's token count: a random decoder never stops by itself)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON (bench/gpu_check.sh)")
     a = p.parse_args(argv)
     for name in ("mixtures", "batch_size", "rounds"):

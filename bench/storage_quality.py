@@ -89,12 +89,13 @@ def stream_rate(path, dtype) -> float:
 
 
 def main() -> int:
+    from wat.data.clikit.args import positive_int  # bad values: one error line
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="base")
-    ap.add_argument("--demo-clips", type=int, default=10, help="clips per demo class")
-    ap.add_argument("--synth-clips", type=int, default=1000)
-    ap.add_argument("--epochs", type=int, default=15, help="TL-Tr epochs")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--demo-clips", type=positive_int, default=10, help="clips per demo class")
+    ap.add_argument("--synth-clips", type=positive_int, default=1000)
+    ap.add_argument("--epochs", type=positive_int, default=15, help="TL-Tr epochs")
+    ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--sets", default="demo,graded")
     a = ap.parse_args()
     if min(a.demo_clips, a.synth_clips, a.epochs, a.rounds) < 1:

@@ -48,22 +48,23 @@ def make_audio(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 def main(argv=None) -> int:
+    from wat.data.clikit.args import float_range, positive_int  # bad values: one error line
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="base")
     p.add_argument("--head", help="head checkpoint (default: an untrained TL-Tr of the model's size, 527 classes)")
-    p.add_argument("--proj-dim", "--dim", dest="proj_dim", type=int,
+    p.add_argument("--proj-dim", "--dim", dest="proj_dim", type=positive_int,
                    help="projection width of that untrained TL-Tr (default: the encoder width)")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--seconds", type=float, default=60.0)
-    p.add_argument("--time-res", type=float, default=10.0)
-    p.add_argument("--temperature", type=float, nargs="+",
+    p.add_argument("--runs", type=positive_int, default=5)
+    p.add_argument("--seconds", type=float_range(0, 86400, lo_open=True), default=60.0)
+    p.add_argument("--time-res", type=float_range(0, 86400, lo_open=True), default=10.0)
+    p.add_argument("--temperature", type=float_range(0, 1), nargs="+",
                    help="decoding temperature(s); default whisper's fall-back sequence 0.0 ... 1.0")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--random-weights", choices=("never", "fallback", "always"), default="never",
                    help="random weights with --model's dims ('fallback': when the weights cannot be loaded); "
                         "the decoder is then capped at --sample-len tokens per window")
-    p.add_argument("--sample-len", type=int, default=100,
+    p.add_argument("--sample-len", type=positive_int, default=100,
                    help="tokens per 30 s window with random weights (a random decoder never stops by itself; "
                         "~100 is dense English speech)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON (bench/gpu_check.sh)")

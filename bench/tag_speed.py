@@ -98,17 +98,18 @@ def max_dp(x, y) -> float:
 
 
 def main(argv=None) -> int:
+    from wat.data.clikit.args import float_range, positive_int  # bad values: one error line
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="base")
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=positive_int, default=3)
     p.add_argument("--only", nargs="+", default=["backend", "batch", "tags_only"])
-    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--seconds", type=float_range(0, 86400, lo_open=True), default=60.0)
     p.add_argument("--compute-types", nargs="+", default=["auto", "int8"])
-    p.add_argument("--files", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--beam-size", type=int, nargs="+", default=[5, 1])
-    p.add_argument("--sounds", type=int, default=64)
-    p.add_argument("--slow-sounds", type=int, default=4)
+    p.add_argument("--files", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--beam-size", type=positive_int, nargs="+", default=[5, 1])
+    p.add_argument("--sounds", type=positive_int, default=64)
+    p.add_argument("--slow-sounds", type=positive_int, default=4)
     args = p.parse_args(argv)
 
     torch.manual_seed(0)

@@ -86,16 +86,17 @@ class Mode:
 
 
 def main(argv=None) -> int:
+    from wat.data.clikit.args import positive_int  # bad values: one error line
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=SIZES, default="base")
     p.add_argument("--head", default="tl-tr")
-    p.add_argument("--proj-dim", "--dim", dest="proj_dim", type=int, help="TL-Tr/WA-Tr projection width")
-    p.add_argument("--clips", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=30, help="timed steps per mode")
-    p.add_argument("--per-round", type=int, default=3, help="steps per mode per interleaved round")
-    p.add_argument("--batch-size", type=int, default=48)
+    p.add_argument("--proj-dim", "--dim", dest="proj_dim", type=positive_int, help="TL-Tr/WA-Tr projection width")
+    p.add_argument("--clips", type=positive_int, default=1024)
+    p.add_argument("--steps", type=positive_int, default=30, help="timed steps per mode")
+    p.add_argument("--per-round", type=positive_int, default=3, help="steps per mode per interleaved round")
+    p.add_argument("--batch-size", type=positive_int, default=48)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--cache-dir", help="keep the synthetic cache here (reused when present)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON (bench/gpu_check.sh)")
     a = p.parse_args(argv)

@@ -78,9 +78,10 @@ def _timed(fn) -> float:
 
 
 def main():
+    from wat.data.clikit.args import positive_int  # bad values: one error line
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clips", type=int, default=2000)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--clips", type=positive_int, default=2000)
+    p.add_argument("--rounds", type=positive_int, default=3)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         index = synthetic_cache(Path(d), args.clips)

@@ -221,3 +221,22 @@ def test_kit_option_defaults_and_lists():
     assert not p._option_string_actions["--model"].required and p._option_string_actions["--out"].required
     with pytest.raises(ValueError, match="no default"):
         cliargs.add_model(argparse.ArgumentParser(), "m", default="base", repeat=True)
+
+
+@pytest.mark.parametrize("script, argv, line", [
+    ("init_from_head", ["--out", "o", "--seeds", "0,nan"], "argument --seeds: 'nan' is not a seed"),
+    ("head_recipe", ["--out", "o", "--set", "mixup=nan"], "argument --set: 'mixup=nan' is not a TrainOptions override"),
+    ("verify_speed", ["--clips", "-1"], "argument --clips: expected an integer >= 1, got -1"),
+])
+def test_bench_options_are_one_error_line(script, argv, line, monkeypatch, capsys):
+    """The bench scripts' options go through the kit's types (bench/common.py: seeds, head kinds, --set
+    overrides): a bad value is refused before any work (a traceback, or minutes of work, before)."""
+    import importlib
+    import sys
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith(f"{script}.py: error: {line}")
