@@ -1,0 +1,78 @@
+"""The probe start alone (train/warmstart.py), no training: per fold of a head_recipe.py set's cache
+(5-fold protocol: the head of fold f starts from the other folds' clips), the evaluation fold's score
+of the start as a run fits it (on the training clips less the held-back fifth), refitted on all
+training clips (what a kept start becomes), of each single layer's start refitted on all (the
+per-layer probe through the head's LayerNorm), and of layer weights softmax(inner score / tau) or
+uniform instead of one-hot on the inner cross-validation's layer (WA heads). One JSON line per fold.
+
+    python bench/head_starts.py scratch/sets/noisy660/feats.h5 --head wa-tr [--folds 1,2] [--taus 0.01,0.02]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from wat.data.cache import FeatureStore, open_cache
+from wat.data.heads import build_head, head_class
+from wat.train import warmstart as W
+from wat.train.evaluation import predict, score
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("features")
+    p.add_argument("--head", default="wa-tr", choices=("wa-tr", "wa-mlp"))
+    p.add_argument("--folds", default="1,2,3,4,5")
+    p.add_argument("--taus", default="0.01,0.02,0.05", help="softmax temperatures of the soft layer weights")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    cache = open_cache(a.features)
+    store = FeatureStore(cache, head_class(a.head).field)
+    y = cache.label_matrix().astype(bool)
+    ml = cache.meta.multilabel
+    L, D, K = cache.meta.n_layers, cache.meta.dim, y.shape[1]
+
+    def ev(head, te):
+        return round(float(score(y[te], predict(head, store, te, ml), ml)["score"]), 4)
+
+    def start_with(weights, tr):
+        """The start with these layer weights, its classifier fitted on the clips `tr` (as probe_start)."""
+        torch.manual_seed(0)
+        h = build_head(a.head, L, D, K)
+        W.zero_branches(h)
+        with torch.no_grad():
+            h.layer_weight.copy_(torch.as_tensor(weights, dtype=h.layer_weight.dtype))
+            ln, linear = h.mlp_layer
+            ln.weight.fill_(1.0)
+            ln.bias.zero_()
+            z = W.pooled(h, store, tr)
+            lz = torch.nn.functional.layer_norm(z, z.shape[-1:])
+            mu, sd = lz.mean(0), lz.std(0, unbiased=False).clamp_min(1e-6)
+            ln.weight.copy_((1 / sd).to(ln.weight))
+            ln.bias.copy_((-mu / sd).to(ln.bias))
+            w, b = W.start_weights((lz - mu) / sd, y[tr], ml)
+            linear.weight.copy_(w.to(linear.weight))
+            linear.bias.copy_(b.to(linear.bias))
+        return h
+
+    for f in (int(v) for v in a.folds.split(",")):
+        tr, te = np.flatnonzero(cache.folds != f), np.flatnonzero(cache.folds == f)
+        torch.manual_seed(0)
+        st = W.Start(build_head(a.head, L, D, K), store, tr, cache.folds, y, ml, seed=0)
+        refit = W.probe_start(st.initial, store, tr, y[tr], ml, W.groups_of(tr, cache.folds, y, 0))
+        inner = np.array(refit["inner_scores"])
+        rec = {"fold": f, "run_layer": st.info["layer"], "start_as_fitted": ev(st.start, te),
+               "refit_layer": refit["layer"], "inner_scores": [round(v, 4) for v in inner], "start_refit": ev(st.initial, te),
+               "per_layer_refit": [ev(start_with(np.eye(L)[k], tr), te) for k in range(L)]}
+        for tau in (float(v) for v in a.taus.split(",")):
+            wts = np.exp((inner - inner.max()) / tau)
+            rec[f"soft{tau:g}"] = ev(start_with(wts / wts.sum(), tr), te)
+        rec["uniform"] = ev(start_with(np.full(L, 1 / L), tr), te)
+        print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
