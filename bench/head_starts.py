@@ -39,23 +39,10 @@ def main() -> None:
         return round(float(score(y[te], predict(head, store, te, ml), ml)["score"]), 4)
 
     def start_with(weights, tr):
-        """The start with these layer weights, its classifier fitted on the clips `tr` (as probe_start)."""
+        """The start with these layer weights, its classifier fitted on the clips `tr`."""
         torch.manual_seed(0)
         h = build_head(a.head, L, D, K)
-        W.zero_branches(h)
-        with torch.no_grad():
-            h.layer_weight.copy_(torch.as_tensor(weights, dtype=h.layer_weight.dtype))
-            ln, linear = h.mlp_layer
-            ln.weight.fill_(1.0)
-            ln.bias.zero_()
-            z = W.pooled(h, store, tr)
-            lz = torch.nn.functional.layer_norm(z, z.shape[-1:])
-            mu, sd = lz.mean(0), lz.std(0, unbiased=False).clamp_min(1e-6)
-            ln.weight.copy_((1 / sd).to(ln.weight))
-            ln.bias.copy_((-mu / sd).to(ln.bias))
-            w, b = W.start_weights((lz - mu) / sd, y[tr], ml)
-            linear.weight.copy_(w.to(linear.weight))
-            linear.bias.copy_(b.to(linear.bias))
+        W.probe_start(h, store, tr, y[tr], ml, W.groups_of(tr, cache.folds, y, 0), layer_weights=weights)
         return h
 
     for f in (int(v) for v in a.folds.split(",")):

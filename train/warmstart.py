@@ -176,14 +176,18 @@ def route_layers(head: nn.Module, tokens: torch.Tensor, k: int) -> bool:
 
 @torch.no_grad()
 def probe_start(head: nn.Module, store: "FeatureStore", indices: np.ndarray, y: np.ndarray, multilabel: bool,
-                groups: np.ndarray) -> dict:
+                groups: np.ndarray, layer_weights=None) -> dict:
     """Set `head` (in place) to the linear probe of the layer that an inner cross-validation over
-    `groups` of the clips `indices` (labels `y`, their rows) chooses; returns what was chosen."""
+    `groups` of the clips `indices` (labels `y`, their rows) chooses; returns what was chosen.
+    `layer_weights` (heads with layer weights): these instead of that choice (bench/head_starts.py)."""
     zero_branches(head)
     idx = np.asarray(indices)
     out: dict = {}
     lw = getattr(head, "layer_weight", None)
-    if head.n_layers > 1 and lw is not None:
+    if head.n_layers > 1 and lw is not None and layer_weights is not None:
+        lw.copy_(torch.as_tensor(layer_weights).to(lw))
+        out.update(layer_weights=[float(v) for v in layer_weights])
+    elif head.n_layers > 1 and lw is not None:
         scores = []
         for k in range(head.n_layers):
             lw.copy_(F.one_hot(torch.tensor(k), head.n_layers).to(lw))
