@@ -34,7 +34,7 @@ from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_
 from wat.extract.decode import decode_features, encode_pad30
 from wat.extract.layers import mel_encoder_frames
 
-from .tagging import FrameTaps, Tagger, TagError
+from .tagging import FrameTaps, Tagger, TagError, _same_tensor
 
 MAX_SAMPLES = N_SAMPLES  # files up to this long are decoded in batches (one 30 s window each)
 
@@ -61,15 +61,26 @@ class _BatchDecode:
         self.model, self.mel, self.features = model, mel, features
         self.options: whisper.DecodingOptions | None = None
         self.results = None
+        self._later: tuple[torch.Tensor, torch.Tensor] | None = None  # (window, its features)
 
     def decode(self, i: int, segment: torch.Tensor, options: whisper.DecodingOptions):
         if segment.ndim != 2 or not torch.equal(segment.to(self.mel.device, self.mel.dtype), self.mel[i]):
-            return whisper.decode(self.model, segment, options)  # a later window of the file
+            return self._decode_later(segment, options)
         if self.options is None:  # the first request decodes every file of the batch at once
             self.options, self.results = options, decode_features(self.model, self.features, options)
         if options == self.options:
             return self.results[i]
         return whisper.decode(self.model, self.features[i], options)
+
+    def _decode_later(self, segment: torch.Tensor, options: whisper.DecodingOptions):
+        """A later window of a file, as whisper decodes it; its temperature fall-backs send the very
+        same tensor again and reuse its encoder output, as `SharedEncoder` does for a file alone."""
+        if segment.ndim != 2:
+            return whisper.decode(self.model, segment, options)
+        if self._later is None or not _same_tensor(segment, self._later[0]):
+            x = segment.half() if options.fp16 else segment  # what decode's encoder call would take
+            self._later = (segment, self.model.encoder(x.unsqueeze(0))[0])
+        return whisper.decode(self.model, self._later[1], options)
 
 
 def _languages(model, audios, fp16: bool) -> list[str]:

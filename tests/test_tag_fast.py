@@ -15,7 +15,7 @@ from whisper.tokenizer import get_tokenizer
 from wat.data.heads import HeadInfo, build_head, save_head
 from wat.data.labels import Vocabulary
 from wat.extract import EncoderPasses
-from wat.extract.decode import encode_pad30
+from wat.extract.decode import decode_features, encode_pad30
 from wat.extract.layers import pad30_input
 from wat.robust.wer import corpus
 from wat.tag.batch import _BatchDecode, _windows, tag_only, tag_only_encoder, transcribe_batch
@@ -89,6 +89,10 @@ def test_batch_decodes_a_later_window_alone(tiny_model, clips):
     with EncoderPasses(tiny_model) as passes:
         got = server.decode(1, later, options)
     assert passes.n == 1 and got.tokens == whisper.decode(tiny_model, later, options).tokens
+    fallback = whisper.DecodingOptions(temperature=0.0, beam_size=2, language="en", fp16=False)
+    with EncoderPasses(tiny_model) as passes:  # transcribe's fall-back re-sends the same window
+        got = server.decode(1, later, fallback)
+    assert passes.n == 0 and got.tokens == whisper.decode(tiny_model, later, fallback).tokens
     with EncoderPasses(tiny_model) as passes:
         first = server.decode(1, mel[1], options)
     assert passes.n == 0 and first.tokens == whisper.decode(tiny_model, mel[1], options).tokens
@@ -104,6 +108,23 @@ def test_batch_without_timestamps(tiny_model, clips):
     for got, clip in zip(batch, clips):
         alone = transcribe_and_tag(tiny_model, tagger, clip, **opts)
         assert got["text"] == alone["text"] and len(got["segments"]) == 1
+
+
+def test_beam_search_decodes_a_batch_in_one_task(tiny_model, clips, monkeypatch):
+    """Beam search over several audios in one DecodingTask (whisper alone cannot): each audio's
+    tokens, log-probability and no-speech probability are those of decoding it alone."""
+    _, features = encode_pad30(tiny_model, [torch.as_tensor(c) for c in clips[:3]])
+    options = whisper.DecodingOptions(temperature=0.0, beam_size=3, language="en", fp16=False)
+    alone = [whisper.decode(tiny_model, f, options) for f in features]
+    runs = []
+    run = whisper.decoding.DecodingTask.run
+    monkeypatch.setattr(whisper.decoding.DecodingTask, "run", lambda task, mel: runs.append(len(mel)) or run(task, mel))
+    got = decode_features(tiny_model, features, options)
+    assert runs == [3]
+    for a, b in zip(alone, got):
+        assert a.tokens == b.tokens and a.text == b.text
+        assert a.avg_logprob == pytest.approx(b.avg_logprob, abs=1e-4)
+        assert a.no_speech_prob == pytest.approx(b.no_speech_prob, abs=1e-4)
 
 
 def test_batch_with_beam_search_shares_the_encoder_pass(tiny_model, clips):
