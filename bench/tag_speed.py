@@ -12,7 +12,8 @@
    transcript + tags with the whisper command's defaults (one by one; only `--slow-sounds` of them
    are timed, the ratio is per clip), and tags only vs the bare batched encoder on the same windows.
 
-Each pair runs alternately after a warm-up (batch: on the first batch's files only); times are
+Each pair runs alternately after a warm-up (batch: on the first two files only; tags only: the
+ transcript side on two clips); times are
 medians of `--runs`. Prints one JSON record.
 
     python bench/tag_speed.py --model base --runs 3
@@ -98,7 +99,7 @@ def max_dp(x, y) -> float:
 
 
 def main(argv=None) -> int:
-    from wat.data.clikit.args import float_range, positive_int  # bad values: one error line
+    from wat.data.clikit.args import float_range, int_range, positive_int  # bad values: one error line
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="base")
     p.add_argument("--runs", type=positive_int, default=3)
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--beam-size", type=positive_int, nargs="+", default=[5, 1])
     p.add_argument("--sounds", type=positive_int, default=64)
-    p.add_argument("--slow-sounds", type=positive_int, default=4)
+    p.add_argument("--slow-sounds", type=int_range(0), default=0,
+                   help="transcribe only the first N sound clips (0: all; the ratio is per clip)")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
                 return [r for i in range(0, len(files), args.batch_size)
                         for r in transcribe_batch(model, tagger, files[i:i + args.batch_size], **opts)]
 
-            first = files[:args.batch_size]
+            first = files[:2]  # warm-up: both paths on two files (a whole first batch cost minutes per side)
             t_one, t_batch, one, bat = pair(args.runs, one_by_one, batched,
                                             warm=(lambda: one_by_one(first), lambda: batched(first)))
             rec["batch"][f"beam{beam}"] = {
@@ -170,25 +172,50 @@ def main(argv=None) -> int:
             print(json.dumps(rec), file=sys.stderr, flush=True)  # so far (a long run cut short keeps these)
 
     if "tags_only" in args.only:
-        sounds = [soxr.resample(demo.synth_clip(i % len(demo.CLASSES), 7, i), demo.RATE, SR).astype(np.float32)
-                  for i in range(args.sounds)]
-        slow = sounds[: args.slow_sounds]
-        t_full, t_only, full, only = pair(
-            args.runs, lambda: [transcribe_and_tag(model, tagger, s, fp16=False, **OPTS) for s in slow],
-            lambda: list(tag_only(model, tagger, sounds, batch_size=args.batch_size)))
+        kinds = [i % len(demo.CLASSES) for i in range(args.sounds)]
+        sounds = [soxr.resample(demo.synth_clip(k, 7, i), demo.RATE, SR).astype(np.float32)
+                  for i, k in enumerate(kinds)]
+        slow = sounds[: args.slow_sounds or None]
+        per_clip: list[float] = []
+
+        def full(clips=slow, times=per_clip):
+            times.clear()
+            out = []
+            for s in clips:
+                t, r = timed(lambda: transcribe_and_tag(model, tagger, s, fp16=False, **OPTS))
+                times.append(t)
+                out.append(r)
+            return out
+
+        def only():
+            return list(tag_only(model, tagger, sounds, batch_size=args.batch_size))
+
+        # warm-up on two clips: a second pass over every clip of the slow side would double the run
+        t_full, t_only, full_out, only_out = pair(args.runs, full, only,
+                                                  warm=(lambda: full(slow[:2], []), only))
+        names = [demo.CLASSES[k].__name__ for k in kinds]
+        by_kind = {}
+        for name, t in zip(names, per_clip):
+            by_kind.setdefault(name, []).append(t)
 
         def bare():
             with torch.inference_mode():
                 for i in range(0, len(sounds), args.batch_size):
                     encode_pad30(model, [torch.from_numpy(s) for s in sounds[i:i + args.batch_size]])
 
-        t_bare, t_only2, _, _ = pair(args.runs, bare, lambda: list(tag_only(model, tagger, sounds,
-                                                                            batch_size=args.batch_size)))
+        t_bare, t_only2, _, _ = pair(args.runs, bare, only)
+        # the case: a pure 5 s tone (440 Hz), transcript + tags with the same defaults
+        tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(int(demo.SECONDS * SR)) / SR)).astype(np.float32)
+        t_tone, r_tone = timed(lambda: transcribe_and_tag(model, tagger, tone, fp16=False, **OPTS))
+        rec["tone_440hz_5s"] = {"full_s": t_tone, "text": r_tone["text"],
+                                "temperatures": sorted({s["temperature"] for s in r_tone["segments"]})}
         rec["tags_only"] = {
-            "sounds": len(sounds), "timed_full": len(slow), "full_s_per_clip": t_full / len(slow),
-            "tags_only_s_per_clip": t_only / len(sounds),
+            "sounds": len(sounds), "seconds_each": demo.SECONDS, "timed_full": len(slow),
+            "full_s_per_clip": t_full / len(slow), "tags_only_s_per_clip": t_only / len(sounds),
             "speedup_vs_transcript": (t_full / len(slow)) / (t_only / len(sounds)),
-            "tags_max_abs_diff": max(max_dp(a, b) for a, b in zip(full, only)),
+            "full_s_per_clip_by_kind": {k: statistics.median(v) for k, v in by_kind.items()},
+            "full_s_slowest_clip": max(per_clip), "full_s_fastest_clip": min(per_clip),
+            "tags_max_abs_diff": max(max_dp(a, b) for a, b in zip(full_out, only_out)),
             "bare_encoder_s": t_bare, "tags_only_s": t_only2, "throughput_vs_bare": t_bare / t_only2}
     rec["load_after"] = os.getloadavg()[0]
     print(json.dumps(rec, indent=1))

@@ -34,7 +34,7 @@ from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_
 from wat.extract.decode import decode_features, encode_pad30
 from wat.extract.layers import mel_encoder_frames
 
-from .tagging import FrameTaps, Tagger, TagError, _same_tensor
+from .tagging import FrameTaps, Tagger, TagError, same_tensor
 
 MAX_SAMPLES = N_SAMPLES  # files up to this long are decoded in batches (one 30 s window each)
 
@@ -77,7 +77,7 @@ class _BatchDecode:
         same tensor again and reuse its encoder output, as `SharedEncoder` does for a file alone."""
         if segment.ndim != 2:
             return whisper.decode(self.model, segment, options)
-        if self._later is None or not _same_tensor(segment, self._later[0]):
+        if self._later is None or not same_tensor(segment, self._later[0]):
             x = segment.half() if options.fp16 else segment  # what decode's encoder call would take
             self._later = (segment, self.model.encoder(x.unsqueeze(0))[0])
         return whisper.decode(self.model, self._later[1], options)

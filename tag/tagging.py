@@ -131,7 +131,7 @@ def select_tags(probs: np.ndarray, names, *, top_k: int | None = 5, threshold: f
     return [(names[idx[i]], float(p[i])) for i in order]
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     # same memory, layout and in-place version: the caller re-sent the tensor it sent before
     return (a.data_ptr() == b.data_ptr() and a.device == b.device and a.dtype == b.dtype
             and a.shape == b.shape and a.stride() == b.stride() and a._version == b._version)
@@ -194,7 +194,7 @@ class SharedEncoder(nn.Module):
         self.taps.__exit__(*exc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._last is not None and _same_tensor(x, self._last[0]):
+        if self._last is not None and same_tensor(x, self._last[0]):
             return self._last[1]
         if x.dim() != 3 or x.shape[0] != 1:
             raise TagError(f"tagging follows one 30 s segment at a time; encoder got {tuple(x.shape)}")
