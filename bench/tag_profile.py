@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import torch
-import whisper
 import whisper.decoding
 
 import tag_speed as ts
@@ -54,20 +53,20 @@ def main(argv=None) -> int:
         stats["encoder_s"] += time.perf_counter() - started["t"]
 
     model.encoder.register_forward_hook(encoded)
-    decode = whisper.decoding.decode
+    run_task = whisper.decoding.DecodingTask.run  # every decode: whisper.decode's and wat's beam batch
 
-    def timed_decode(model_, mel, options=whisper.DecodingOptions(), **kw):
+    def timed_run(task, mel):
         enc, t = stats["encoder_s"], time.perf_counter()
-        out = decode(model_, mel, options, **kw)
+        out = run_task(task, mel)
         dt = time.perf_counter() - t - (stats["encoder_s"] - enc)
-        rows = 1 if mel.ndim == 2 else mel.shape[0]
-        kind = f"T{options.temperature}_{'features' if mel.shape[-1] == d.n_audio_state else 'mel'}_rows{rows}"
+        feats = mel.shape[-1] == d.n_audio_state
+        kind = f"T{task.options.temperature}_{'features' if feats else 'mel'}_rows{mel.shape[0]}"
         stats[f"decode_calls_{kind}"] += 1
         stats[f"decode_s_{kind}"] += dt
         stats["decode_s"] += dt
         return out
 
-    whisper.decode = whisper.model.Whisper.decode = timed_decode  # this process only
+    whisper.decoding.DecodingTask.run = timed_run  # this process only
     paths = {"one_by_one": lambda fs: [transcribe_and_tag(model, tagger, f, **opts) for f in fs],
              "batched": lambda fs: [r for i in range(0, len(fs), args.batch_size)
                                     for r in transcribe_batch(model, tagger, fs[i:i + args.batch_size], **opts)]}
