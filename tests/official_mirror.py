@@ -97,14 +97,15 @@ def standin_official_head(run_dir, vocab: Vocabulary) -> bytes:
     return buf.getvalue()
 
 
-def serve_standin(server: Server, pretrain, out, seed: int = 0) -> str:
-    """Train a head with the default recipe on the cache `pretrain` (into OUT) and serve it, as a
-    stand-in official head, under the official file name for the cache's model; returns that name."""
+def serve_standin(server: Server, pretrain, out, seed: int = 0, **recipe) -> str:
+    """Train a head with the default recipe (`recipe`: TrainOptions fields to change) on the cache
+    `pretrain` (into OUT) and serve it, as a stand-in official head, under the official file name for
+    the cache's model; returns that name."""
     from wat.data import open_cache
     from wat.data.heads import official
     from wat.train.loop import TrainOptions, train
     meta = open_cache(pretrain).meta
-    train(TrainOptions(features=str(pretrain), out=str(out), seed=seed, progress=False))
+    train(TrainOptions(features=str(pretrain), out=str(out), seed=seed, progress=False, **recipe))
     name = official.file_name("whisper-at", meta.model)
     server.files[name] = standin_official_head(out, meta.vocab)
     return name
