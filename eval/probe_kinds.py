@@ -138,6 +138,8 @@ class MLPProbe(ProbeKind):
         import torch
         from torch import nn
 
+        from wat.data.heads import probabilities
+
         device = _device(opts)
         torch.manual_seed(opts.seed)
         gen = torch.Generator().manual_seed(opts.seed)
@@ -161,8 +163,7 @@ class MLPProbe(ProbeKind):
         model.eval()
         with torch.inference_mode():
             logits = model(torch.from_numpy(np.ascontiguousarray(xte, np.float32)).to(device))
-            probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)
-        return probs.float().cpu().numpy()
+            return probabilities(logits, multilabel).cpu().numpy()
 
 
 @dataclass(frozen=True)
