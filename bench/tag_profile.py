@@ -18,6 +18,7 @@ import torch
 import whisper.decoding
 
 import tag_speed as ts
+from wat.data.clikit.args import positive_int  # bad values: one error line, as tag_speed
 from wat.data.heads import HeadInfo, build_head
 from wat.data.labels import audioset_vocabulary
 from wat.tag.batch import transcribe_batch
@@ -27,9 +28,9 @@ from wat.tag.tagging import Tagger, transcribe_and_tag
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="base")
-    p.add_argument("--files", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--beam-size", type=int, default=1)
+    p.add_argument("--files", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--beam-size", type=positive_int, default=1)
     args = p.parse_args(argv)
 
     model, _ = ts.whisper_model(args.model, "cpu")
