@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run offline: WAT_OFFLINE=1 makes `load_whisper` use the PyPI copies of
-tiny.en/base, and XDG_CACHE_HOME points at a stable folder under the pytest cache so the CTranslate2
-conversion is done once, not per run (subprocesses inherit both)."""
+tiny.en/base, and XDG_CACHE_HOME points at a stable folder under the pytest cache (one per
+pytest-xdist worker) so the CTranslate2 conversion is done once, not per run (subprocesses inherit
+both). Session fixtures are built once per worker process, under tmp_path_factory (per worker)."""
 import os
 import shutil
 import tempfile
@@ -19,8 +20,12 @@ def pytest_configure(config):
     # 2-core machine two competing torch threads ran several times slower than one.
     import torch
     torch.set_num_threads(1)
+    # One XDG cache per pytest-xdist worker (`make test` runs several): tests treat it as theirs alone
+    # (test_official's `server` empties the official heads folder in it, others expect a head not
+    # cached yet), which holds within one process, not across processes sharing the folder.
+    worker = getattr(config, "workerinput", {}).get("workerid")
     if getattr(config, "cache", None):
-        cache = config.cache.mkdir("xdg-cache")
+        cache = config.cache.mkdir("xdg-cache" + (f"-{worker}" if worker else ""))
     else:  # -p no:cacheprovider: a folder of this run only, removed at its end (it holds converted models)
         cache = tempfile.mkdtemp(prefix="wat-xdg-")
         config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
