@@ -67,8 +67,15 @@ browser:
 		echo "chromium could not be installed: the report rendering test will be skipped"; \
 	else echo "chromium missing and apt-get not usable here: the report rendering test will be skipped"; fi
 
+# The suite on TEST_JOBS pytest-xdist worker processes (it is CPU-bound, one torch thread per process).
+# A fixed 2, not `-n auto`: 2 is the CI machine's cores (the suite must end within ~15 min there), and
+# auto counts physical cores through psutil (1 on a 2-vCPU VM with hyper-threads; a container's host
+# cores, say 64, whatever its CPU limit), while every worker builds the session fixtures again (tiny.en
+# demo caches, a head) and holds its own models in memory. Bigger machine: make test TEST_JOBS=8 (or
+# auto); TEST_JOBS=0 runs the tests in this one process, as before xdist (--pdb, -s, profiling).
+TEST_JOBS ?= 2
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) tests
 
 # The whole product on the embedded synthetic dataset (11 sound classes, 5 folds), ~4 min on 2 CPU
 # cores: demo data -> Whisper features -> TL-Tr head (ESC-50 5-fold protocol) -> layer-wise probe ->
@@ -121,7 +128,7 @@ gpu-wheels: $(STAMP)
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d wheels $(GPU_WHEELS)
 	du -sh wheels
 
-# .pytest_cache holds the tests' XDG cache (tests/conftest.py): tiny.en and base converted from
-# their CTranslate2 copies once (~220 MB), kept between `make test` runs
+# .pytest_cache holds the tests' XDG caches (tests/conftest.py), one per xdist worker: tiny.en and
+# base converted from their CTranslate2 copies once (~220 MB each), kept between `make test` runs
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -8,7 +8,9 @@ lists the most expensive tests at the end:
 
     PYTHONPATH=bench .venv/bin/python -m pytest -q tests -p pytest_cputime --cputime=25
 
-Not part of `make test` (tests/conftest.py does not load it)."""
+in one process, without `-n` (under pytest-xdist each worker would keep its own tally and the
+controller, which prints the list, would have none). Not part of `make test` (tests/conftest.py does
+not load it)."""
 import os
 import resource
 
