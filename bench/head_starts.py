@@ -1,7 +1,7 @@
 """The probe start alone (train/warmstart.py), no training: per fold of a head_recipe.py set's cache
 (5-fold protocol: the head of fold f starts from the other folds' clips), the evaluation fold's score
-of the start as a run fits it (on the training clips less the held-back fifth), refitted on all
-training clips (what a kept start becomes), of each single layer's start refitted on all (the
+of the start as a run fits it (on all the training clips: what the run trains, or keeps), of its
+trial's start (on the training clips less the held-back fifth), of each single layer's start (the
 per-layer probe through the head's LayerNorm), and of layer weights softmax(inner score / tau) or
 uniform instead of one-hot on the inner cross-validation's layer (WA heads). One JSON line per fold.
 
@@ -49,11 +49,11 @@ def main() -> None:
         tr, te = np.flatnonzero(cache.folds != f), np.flatnonzero(cache.folds == f)
         torch.manual_seed(0)
         st = W.Start(build_head(a.head, L, D, K), store, tr, cache.folds, y, ml, seed=0)
-        refit = W.probe_start(st.initial, store, tr, y[tr], ml, W.groups_of(tr, cache.folds, y, 0))
-        inner = np.array(refit["inner_scores"])
-        rec = {"fold": f, "run_layer": st.info["layer"], "start_as_fitted": ev(st.start, te),
-               "refit_layer": refit["layer"], "inner_scores": [round(v, 4) for v in inner], "start_refit": ev(st.initial, te),
-               "per_layer_refit": [ev(start_with(np.eye(L)[k], tr), te) for k in range(L)]}
+        trial_head, trial_info = st.trial_start(store)
+        inner = np.array(st.info["inner_scores"])
+        rec = {"fold": f, "layer": st.info["layer"], "inner_scores": [round(v, 4) for v in inner],
+               "start": ev(st.start, te), "trial_layer": trial_info["layer"], "trial_start": ev(trial_head, te),
+               "per_layer": [ev(start_with(np.eye(L)[k], tr), te) for k in range(L)]}
         for tau in (float(v) for v in a.taus.split(",")):
             wts = np.exp((inner - inner.max()) / tau)
             rec[f"soft{tau:g}"] = ev(start_with(wts / wts.sum(), tr), te)

@@ -1,6 +1,6 @@
 """The probe start (train/warmstart.py): a head begins as the linear probe of the layer an inner
-cross-validation on its training clips picks, and the run keeps that start where it scores higher
-on held-back training clips."""
+cross-validation on its training clips picks, and the run keeps that start where a trial on the
+training clips (trained on four fifths, scored on the held-back fifth) says it scores higher."""
 import copy
 import json
 
@@ -69,29 +69,57 @@ def test_probe_start_picks_the_informative_layer_and_scores_like_its_probe(layer
     acc = (p.argmax(1) == y[te].argmax(1)).mean()
     assert acc >= 0.9, (kind, acc, start.info)
     if kind != "tl-tr":  # blocks are the identity: the head is that layer's probe, exactly
-        m = torch.from_numpy(cache.read("mean", start.train_idx)[:, SIGNAL].astype(np.float64))
+        m = torch.from_numpy(cache.read("mean", start.all_idx)[:, SIGNAL].astype(np.float64))
         z = F.layer_norm(m, (D,))
         mu, sd = z.mean(0), z.std(0, unbiased=False)
-        w, b = start_weights((z - mu) / sd, y[start.train_idx], False)
+        w, b = start_weights((z - mu) / sd, y[start.all_idx], False)
         x = F.layer_norm(torch.from_numpy(cache.read("mean", te)[:, SIGNAL].astype(np.float64)), (D,))
         want = torch.softmax(((x - mu) / sd) @ w.T + b, 1).numpy()
         np.testing.assert_allclose(p, want, atol=2e-3)
 
 
-def test_keep_start_only_where_it_scores_higher_then_refitted_on_all_clips(layer_cache):
+def test_the_trial_fits_its_start_on_four_fifths_and_the_run_starts_from_all_clips(layer_cache):
     cache, store, y = _setup(layer_cache, "mean")
     torch.manual_seed(0)
     head = build_head("wa-mlp", L, D, K)
     tr = np.flatnonzero(cache.folds != 1)
     start = Start(head, store, tr, cache.folds, y, multilabel=False, seed=0)
-    assert len(start.held_idx) == len(tr) // 4 and len(start.train_idx) == len(tr) - len(start.held_idx)
-    kept, rec = start.keep_start(copy.deepcopy(head), store)      # a tie: the trained head stays
-    assert rec["kept"] == "trained" and rec["held_back_scores"]["start"] == rec["held_back_scores"]["trained"]
-    worse = copy.deepcopy(head)
-    torch.nn.init.zeros_(worse.mlp_layer[1].weight)                # uniform: chance on the held-back clips
-    kept, rec = start.keep_start(worse, store)
-    assert rec["kept"] == "start" and rec["refit"]["layer"] == SIGNAL
-    assert kept is not worse and not torch.equal(kept.mlp_layer[1].weight, head.mlp_layer[1].weight)  # refitted
+    assert len(start.held_idx) == len(tr) // 4 and len(start.trial_idx) == len(tr) - len(start.held_idx)
+    assert torch.equal(head.mlp_layer[1].weight, start.start.mlp_layer[1].weight)   # the run's head: the start
+    trial_head, info = start.trial_start(store)
+    assert info["layer"] == SIGNAL == start.info["layer"]
+    assert not torch.equal(trial_head.mlp_layer[1].weight, head.mlp_layer[1].weight)   # fitted on fewer clips
+    again, _ = start.trial_start(store)
+    assert all(torch.equal(a, b) for a, b in zip(trial_head.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.mark.parametrize("lr, kept", [(1e-2, "trained"), (30.0, "start")])
+def test_the_trial_decides_what_wa_pt_holds_on_training_clips_only(layer_cache, tmp_path, monkeypatch, lr, kept):
+    """The trial trains on the training clips less the held-back fifth, never the evaluation fold;
+    the run's wa.pt is the trained head where the trained head ties or wins on the held-back clips
+    (a separable problem: both score 1.0), the start of all training clips where it loses (a
+    learning rate that wrecks the head)."""
+    from wat.train import warmstart
+    seen = []
+    real = warmstart.train_epoch
+    monkeypatch.setattr(warmstart, "train_epoch", lambda fit, *a: (seen.append(fit.train_idx), real(fit, *a))[1])
+    final = train(TrainOptions(features=str(layer_cache), out=str(tmp_path), head="wa-mlp", folds=5, epochs=2,
+                               lr=lr, progress=False))
+    cache, store, y = _setup(layer_cache, "mean")
+    assert len(seen) == 5 * 2
+    for f in range(1, 6):
+        rec = final["probe_start"][f"fold{f}"]
+        assert rec["kept"] == kept, rec
+        sc = rec["held_back_scores"]
+        assert (sc["start"] > sc["trained"]) == (kept == "start") and rec["trial_clips"] == 72 and rec["held_back"] == 24
+        idx = seen[(f - 1) * 2]
+        assert len(idx) == 72 and not (cache.folds[idx] == f).any()      # never the evaluation fold
+        wa = torch.load(tmp_path / f"fold{f}" / "wa.pt", weights_only=True)["state_dict"]
+        torch.manual_seed(0)
+        want = build_head("wa-mlp", L, D, K)
+        Start(want, store, np.flatnonzero(cache.folds != f), cache.folds, y, multilabel=False, seed=0)
+        same = all(torch.equal(wa[k], v) for k, v in want.state_dict().items())
+        assert same == (kept == "start"), f
 
 
 def test_train_records_the_choice_per_fold_and_off_keeps_the_old_recipe(layer_cache, tmp_path):

@@ -39,7 +39,7 @@ from .outputs import plot_curves, write_metrics, write_per_class, write_report
 from .resume import check_resume, resumed_lr
 from .state import Fit, data_differences, data_identity, load_checkpoint, option_differences, resume_key, rng_state, save_checkpoint, seed_all, set_rng_state
 from .step import StepConfig, amp, make_optimizer, train_step
-from .warmstart import Start
+from .warmstart import Start, trial
 
 __all__ = ["train", "prepare", "TrainOptions", "TrainError", "Interrupted", "milestones", "wa_range",
            "StepConfig", "train_step", "make_optimizer", "predict", "score", "balanced_weights"]
@@ -116,8 +116,8 @@ def _train(opts: TrainOptions, checked: Checked, init: Init | None, out: Path, w
     start = 0
 
     lr = _learning_rates(opts, s, init, weights, world, device, autocast, ck)
-    fits = [Fit(name, head, opts, starts[name].train_idx if name in starts else tr, te, device, lr=lr["per_head"][name])
-            for head, (name, tr, te) in zip(heads, s.splits)]
+    trials = _trials(opts, s, starts, lr, weights, world, device, autocast, ck)
+    fits = [Fit(name, head, opts, tr, te, device, lr=lr["per_head"][name]) for head, (name, tr, te) in zip(heads, s.splits)]
     if ck is not None:
         check_resume(last, ck, fits, opts, s.info.n_classes)
         try:  # what the checks above do not cover (RNG and scaler states) fails here, before any epoch
@@ -136,11 +136,12 @@ def _train(opts: TrainOptions, checked: Checked, init: Init | None, out: Path, w
         board = tb.Board(opts.tensorboard, [f.name for f in fits], start)
     try:
         best = _epochs(out, opts, s, fits, gen, aug, world, scaler, autocast, weights, history, best, start, board, lr,
-                       data)
+                       data, trials)
     finally:
         if board is not None:
             board.close()
-    final = _finish(out, opts, s, fits, history, best, autocast, lr, world.size, starts) if world.main else None
+    kept = {name: {**starts[name].info, **trials[name]} for name in trials}
+    final = _finish(out, opts, s, fits, history, best, autocast, lr, world.size, starts, kept) if world.main else None
     return from_main(final, world)
 
 
@@ -165,6 +166,26 @@ def _probe_starts(opts: TrainOptions, s: Setup, heads: list, init: Init | None, 
     return starts
 
 
+def _trials(opts: TrainOptions, s: Setup, starts: dict[str, Start], lr: dict, weights, world: World, device, autocast,
+            ck) -> dict[str, dict]:
+    """{fit name: the trial's record} for the heads with a probe start (`warmstart.trial`: is the
+    start kept instead of the trained head?); a resumed run takes them from last.pt."""
+    if not starts:
+        return {}
+    if ck is not None:
+        got = ck.get("trials")
+        if not isinstance(got, dict) or set(got) != set(starts) or \
+                any(not isinstance(r, dict) or r.get("kept") not in ("start", "trained") for r in got.values()):
+            raise TrainError(f"--resume: {Path(opts.out) / 'last.pt'} holds no start trial for this run's probe "
+                             "starts (written by an older wat-train); delete it to start afresh")
+        return got
+    out = {}
+    for name, st in starts.items():
+        out[name] = trial(st, name, s, opts, lr["per_head"][name], weights, world, device, autocast)
+        log.info("start trial %s: %s", name, out[name])
+    return out
+
+
 def _learning_rates(opts: TrainOptions, s: Setup, init: Init | None, weights, world: World, device, autocast, ck) -> dict:
     """{"source", "per_head": {fit name: lr}, "search"?}: --lr as given, the head kind's measured
     default, or (--lr auto, or a kind without a default) a search per head on its training clips.
@@ -183,7 +204,7 @@ def _learning_rates(opts: TrainOptions, s: Setup, init: Init | None, weights, wo
 
 
 def _epochs(out: Path, opts: TrainOptions, s: Setup, fits: list[Fit], gen, aug, world: World, scaler, autocast,
-            weights, history: list[dict], best: dict, start: int, board, lr: dict, data: dict) -> dict:
+            weights, history: list[dict], best: dict, start: int, board, lr: dict, data: dict, trials: dict) -> dict:
     """Epochs start+1..opts.epochs: train, score, choose, checkpoint; returns the chosen epoch.
     Every rank trains; rank 0 alone scores, chooses and writes. `data`: the caches' identities,
     kept in last.pt for --resume."""
@@ -227,7 +248,8 @@ def _epochs(out: Path, opts: TrainOptions, s: Setup, fits: list[Fit], gen, aug, 
         save_checkpoint(out / "last.pt", {"epoch": epoch + 1, "options": resume_key(opts), "data": data,
                                           "fits": [f.state() for f in fits],
                                "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(gen),
-                               "processes": world.size, "history": history, "best": best, "lr": json_safe(lr)})
+                               "processes": world.size, "history": history, "best": best, "lr": json_safe(lr),
+                               "trials": trials})
         write_metrics(out, opts, s.info, fits[0].head, history, best, None, lr, world.size)
         if board is not None:
             board.epoch(rec, metric)
@@ -241,13 +263,14 @@ def _fit_dir(out: Path, fit: Fit, fits: list) -> Path:
 
 
 def _finish(out, opts, s: Setup, fits, history, best, autocast, lr: dict, processes: int = 1,
-            starts: dict | None = None) -> dict:
+            starts: dict | None = None, kept: dict | None = None) -> dict:
+    """`kept`: {fit name: its probe start and trial's record}; where the trial kept the start, wa.pt is it."""
     vocab, info, multilabel = s.cache.meta.vocab, s.info, s.cfg.multilabel
-    wa_scores, kept = {}, {}
+    wa_scores, kept = {}, kept or {}
     for fit in fits:
         wa = fit.averaged_head()
-        if fit.name in (starts or {}):  # the probe start where it beats the trained head on held-back clips
-            wa, kept[fit.name] = starts[fit.name].keep_start(wa, s.data.store, autocast)
+        if kept.get(fit.name, {}).get("kept") == "start":
+            wa = starts[fit.name].start
         save_head(_fit_dir(out, fit, fits) / "wa.pt", wa, info)
         if fit.eval_idx is not None:
             p = predict(wa, s.ev.store, fit.eval_idx, multilabel, autocast=autocast)
