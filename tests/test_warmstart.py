@@ -1,7 +1,6 @@
 """The probe start (train/warmstart.py): a head begins as the linear probe of the layer an inner
 cross-validation on its training clips picks, and the run keeps that start where a trial on the
 training clips (trained on four fifths, scored on the held-back fifth) says it scores higher."""
-import copy
 import json
 
 import numpy as np
@@ -154,3 +153,27 @@ def test_a_checkpoint_from_before_the_probe_start_resumes_with_it_off():
     from wat.train.state import option_differences
     assert option_differences({"epochs": 30}, {"epochs": 30, "probe_start": False}) == []
     assert option_differences({"epochs": 30}, {"epochs": 30, "probe_start": None}) == ["--probe-start: False -> None"]
+
+
+def test_resume_takes_the_trials_choice_from_last_pt_and_ends_as_an_uninterrupted_run(layer_cache, tmp_path,
+                                                                                      monkeypatch):
+    from wat.train import loop
+    from wat.train.loop import Interrupted
+    from wat.train.state import load_checkpoint, save_checkpoint
+    kw = dict(features=str(layer_cache), head="wa-mlp", folds=5, epochs=2, progress=False)
+    whole = train(TrainOptions(out=str(tmp_path / "whole"), **kw))
+    with pytest.raises(Interrupted):
+        train(TrainOptions(out=str(tmp_path / "cut"), max_epochs_this_run=1, **kw))
+    ran = []
+    monkeypatch.setattr(loop, "trial", lambda *a, **k: ran.append(1))
+    again = train(TrainOptions(out=str(tmp_path / "cut"), resume=True, **kw))
+    assert not ran and again["probe_start"] == whole["probe_start"]
+    for f in range(1, 6):
+        a, b = (torch.load(tmp_path / d / f"fold{f}" / "wa.pt", weights_only=True)["state_dict"] for d in ("whole", "cut"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    ck = load_checkpoint(tmp_path / "cut" / "last.pt")   # a last.pt of the first recipe: no trials in it
+    del ck["trials"]
+    ck["epoch"], ck["history"] = 1, ck["history"][:1]
+    save_checkpoint(tmp_path / "cut" / "last.pt", ck)
+    with pytest.raises(TrainError, match="no start trial"):
+        train(TrainOptions(out=str(tmp_path / "cut"), resume=True, **kw))
