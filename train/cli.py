@@ -94,9 +94,10 @@ def parser() -> argparse.ArgumentParser:
                         "on a cache of this one; the fine-tuned head is a head of the cache's policy")
     p.add_argument("--probe-start", choices=("auto", "on", "off"), default="auto",
                    help="start each head as the linear probe of the layer an inner cross-validation on its "
-                        "training clips picks, train on 4/5 of them, and keep that start instead where it scores "
-                        f"higher on the other fifth (auto: on for wa-mlp and wa-tr, on sets of {PROBE_START_MIN} to "
-                        f"{PROBE_START_CLIPS} training clips, without --init)")
+                        "training clips picks, and keep that start untrained where a trial (the same start on 4/5 "
+                        "of the training clips, trained there) scores lower on the other fifth than it (auto: on "
+                        f"for wa-mlp and wa-tr, on sets of {PROBE_START_MIN} to {PROBE_START_CLIPS} training clips, "
+                        "without --init)")
     add_device(p)
     p.add_argument("--seed", type=seed_int, default=0)
     add_out(p, "run folder: the heads (wa.pt, best.pt; with --folds one sub-folder per fold), last.pt for "
@@ -156,7 +157,7 @@ def summary_text(final: dict, out) -> str:
         lines.append(f"  {name}: best {f(fold['best'])}, weight-averaged {f(fold['wa'])}")
     kept = [name for name, r in final.get("probe_start", {}).items() if r["kept"] == "start"]
     if kept:
-        lines.append(f"kept the probe start (it scored higher on held-back training clips) as wa.pt: {', '.join(kept)}")
+        lines.append(f"kept the probe start (it beat the trial's trained head on held-back clips) as wa.pt: {', '.join(kept)}")
     if final.get("mAUC") is not None:
         lines.append(f"mAUC {f(final['mAUC'])}, d' {f(final.get('d_prime'))}")
     folds = list(final.get("folds", {}))

@@ -39,8 +39,8 @@ class TrainOptions:
     weight_average: tuple[int, int] | None = None  # 1-based inclusive epochs; None = second half
     init: str | None = None             # start from a head file (ours or official) or "whisper-at"/"whisper-at-low"
     allow_policy_mismatch: bool = False  # --init from a head trained on features of another input policy
-    probe_start: bool | None = None     # start as the best layer's probe, kept where training does not beat it on
-                                        # held-back training clips (train/warmstart.py); None: on up to PROBE_START_CLIPS, no --init
+    probe_start: bool | None = None     # start as the best layer's probe, kept where a trial's training does not beat it
+                                        # on held-back training clips (train/warmstart.py); None: on up to PROBE_START_CLIPS, no --init
     device: str = "cpu"
     seed: int = 0
     resume: bool = False
