@@ -317,9 +317,9 @@ def demo_split_probe(demo_split) -> list[float]:
 
 
 # Kinds short of the bar on this split with default options (measured, BENCHMARKS.md "Default
-# training recipe": wa 0.477 / 0.500 / 0.523 against the bar 0.632; with the probe start, WA-MLP and
-# WA-Tr 0.568 / 0.568, "Heads against the probe on small sets": on 36 clips the inner cross-validation
-# picks layer 1, whose probe scores 0.591 here; the bar is layer 0's, chosen on the scored folds).
+# training recipe": wa 0.477 / 0.500 / 0.523 against the bar 0.632; with the probe start and its trial
+# (7972bd8), WA-MLP 0.591 and WA-Tr 0.568 on these 44 training clips, 4 per class; `pytest -s` prints
+# each start's record; "Heads against the probe on small sets" has the sets of 100 clips and more).
 # The shortfall is reported as an expected failure with its numbers (pytest -ra lists it); a fall
 # below GUARD (the best probe minus 25 points; chance is 9) still fails: the old defaults (lr 1e-4,
 # batch 48) stayed near chance. On the 5-fold protocol WA-Tr meets the bar (0.718 vs 0.696) and the
