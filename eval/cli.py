@@ -33,7 +33,7 @@ def probe_parser() -> argparse.ArgumentParser:
                         "concatenated = the HEAR seed's fusion_cat; concat: every layer; avg: layer means averaged "
                         "across caches, fusion_avg; _g: k time groups of frames, each group's mean concatenated)")
     # --groups, --align-to and --match-width default to None/False so that a value given where no fusion
-    # asked for uses it can be refused (`_unused_fusion_option`)
+    # asked for uses it can be refused (`wat.eval.probe.check_fusion_options`)
     p.add_argument("--groups", type=int_range(1, 1000), default=None, metavar="K",
                    help="time groups of the _g fusions (default 5, the HEAR seed's; a cache with fewer frames "
                         "skips them with a note, while a K given that exceeds them is refused)")
@@ -83,22 +83,18 @@ def _probe(argv) -> int:
     twice = next((f for f, r in zip(a.features, paths) if paths.count(r) > 1), None)
     if twice:   # it probed the cache concatenated with itself, as if it were a second encoder
         raise ProbeError(f"--features {twice}: the same cache given twice")
-    if (a.align_to or 1) > len(a.features):
-        raise ProbeError(f"--align-to {a.align_to}: only {len(a.features)} --features given")
     fusion = parse_fusion(a.fusion)
-    unused = _unused_fusion_option(a, fusion)
-    if unused:
-        raise ProbeError(unused)
-    a.align_to = a.align_to or 1
+    # --groups/--align-to/--match-width where no fusion uses them: refused by probe() (check_fusion_options)
     opts = ProbeOptions(layers=a.layers, fusion=fusion, folds=a.folds,
                         jobs=a.workers or default_jobs(), scheduler=a.scheduler, C=a.C, max_iter=a.max_iter,
-                        seed=a.seed, device=a.device, groups=a.groups, align_to=a.align_to - 1,
+                        seed=a.seed, device=a.device, groups=a.groups,
+                        align_to=None if a.align_to is None else a.align_to - 1,
                         match_width=a.match_width, probes=parse_probes(a.probe, {
                             "mlp": dict(lr=a.mlp_lr, epochs=a.mlp_epochs, batch_size=a.mlp_batch_size),
                             "knn": dict(k=a.knn_k, temperature=a.knn_temperature)}))
     rep = probe(a.features, a.eval_features, opts)
     # as typed (not as slices), with the defaults that applied
-    shown = {**vars(a), "layers": layers_text(a.layers), "groups": a.groups or GROUPS}
+    shown = {**vars(a), "layers": layers_text(a.layers), "groups": a.groups or GROUPS, "align_to": a.align_to or 1}
     summary = write_probe(rep, a.out, {f"--{k.replace('_', '-')}": v for k, v in shown.items()},
                           relative_depth=a.relative_depth)
     for kind in rep.probes:
@@ -108,28 +104,6 @@ def _probe(argv) -> int:
     print(f"outputs in {a.out}: {', '.join(summary['files'])}")
     print(f"report: {Path(a.out) / 'report.html'}")
     return 0
-
-
-def _unused_fusion_option(a, fusion: tuple[str, ...]) -> str | None:
-    """Why --groups, --align-to or --match-width has no fusion to act on, or None. Refused rather than
-    warned about: they used to be ignored silently (--match-width with one cache, --align-to with
-    --fusion none), so the run was not the one asked for while its report listed the option; no
-    documented command passes them where they do nothing."""
-    several = len(a.features) > 1
-    grouped = [k for k in fusion if k.endswith("_g")]
-    means = [k for k in fusion if k != "concat"]    # concat keeps every layer's own width
-    fusions = f"--fusion {a.fusion}" if fusion else "--fusion none"
-    if a.groups is not None and not grouped:
-        return f"--groups {a.groups}: only the _g fusions (mean_g, avg_g) cut frames into time groups; {fusions} has none"
-    if a.match_width and not (several and means):
-        return ("--match-width interpolates the widths of several caches: give two --features or more" if not several
-                else f"--match-width: {fusions} has no fusion of layer means whose widths it would match")
-    if a.align_to is not None and not (several and (grouped or (a.match_width and means))):
-        return (f"--align-to {a.align_to} picks the cache the others follow in fusions across caches: give two "
-                "--features or more" if not several else
-                f"--align-to {a.align_to}: {fusions} aligns no caches (the _g fusions align frames to it, "
-                "--match-width widths)")
-    return None
 
 
 def _print_probe(rep, summary: dict, kind: str) -> None:

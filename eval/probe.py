@@ -44,7 +44,8 @@ class ProbeOptions:
     device: str | None = None            # device of the torch fits (multi-label linear, mlp, knn); None = cuda when present
     groups: int | None = None            # k of the `_g` fusions (time groups whose means are concatenated); None: the
                                          # seed's 5, skipped with a note on fewer frames (a k given is refused there)
-    align_to: int = 0                    # cross-cache fusions: the cache (position) whose frames others follow
+    align_to: int | None = None          # cross-cache fusions: the cache (position) whose frames others follow; None:
+                                         # the first (None rather than 0 so that one given where no fusion uses it is refused)
     match_width: bool = False            # cross-cache fusions: interpolate widths to that cache's first
     probes: tuple = ("linear",)          # probe kinds (`probe_kinds`): names (their benchmark's defaults) or ProbeKind instances
 
@@ -186,12 +187,38 @@ def features_to_probe(layers: list[tuple[int, ...]], fusion, metas=None,
     opts = opts or ProbeOptions()
     out = [Feature("layer", (c,), ((l,),)) for c, ls in enumerate(layers) for l in ls]
     try:
-        planned, notes = fusions.plan(metas, layers, fusion, groups=opts.groups, reference=opts.align_to,
+        planned, notes = fusions.plan(metas, layers, fusion, groups=opts.groups, reference=opts.align_to or 0,
                                       match_width=opts.match_width)
     except ValueError as e:
         raise ProbeError(str(e)) from None
     out += [Feature(kind, caches, ls, how) for kind, caches, ls, how in planned]
     return out, notes
+
+
+def check_fusion_options(n_caches: int, opts: ProbeOptions) -> None:
+    """Refuse (ProbeError) `groups`, `align_to` or `match_width` given where no fusion of `opts.fusion` acts on
+    them, and an `align_to` that is not one of the `n_caches`. Refused rather than warned about: they used to be
+    ignored silently (match_width with one cache, align_to with no fusion), so the run was not the one asked
+    for while its report listed the option. wat-probe reports this very error (no second copy in the CLI)."""
+    several = n_caches > 1
+    grouped = [k for k in opts.fusion if k.endswith("_g")]
+    means = [k for k in opts.fusion if k != "concat"]    # concat keeps every layer's own width
+    named = f"--fusion {','.join(opts.fusion) or 'none'}"
+    if opts.align_to is not None and not 0 <= opts.align_to < n_caches:
+        raise ProbeError(f"--align-to {opts.align_to + 1}: " + (f"only {n_caches} --features given" if opts.align_to > 0
+                                                              else "the --features are counted from 1"))
+    if opts.groups is not None and not grouped:
+        raise ProbeError(f"--groups {opts.groups}: only the _g fusions (mean_g, avg_g) cut frames into time groups; "
+                         f"{named} has none")
+    if opts.match_width and not (several and means):
+        raise ProbeError("--match-width interpolates the widths of several caches: give two --features or more"
+                         if not several else f"--match-width: {named} has no fusion of layer means whose widths it "
+                         "would match")
+    if opts.align_to is not None and not (several and (grouped or (opts.match_width and means))):
+        shown = f"--align-to {opts.align_to + 1}"
+        raise ProbeError(f"{shown} picks the cache the others follow in fusions across caches: give two --features "
+                         "or more" if not several else f"{shown}: {named} aligns no caches (the _g fusions align "
+                         "frames to it, --match-width widths)")
 
 
 def targets(cache: Cache) -> np.ndarray:
@@ -358,9 +385,10 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
         kinds = probe_kinds.resolve(opts.probes)
     except probe_kinds.ProbeKindError as e:
         raise ProbeError(str(e)) from None
-    train = _open(features)
-    if not train:
+    if not features:
         raise ProbeError("no --features given")
+    check_fusion_options(len(features), opts)   # before any cache is opened
+    train = _open(features)
     check_aligned(train)
     test = _open(eval_features) if eval_features else None
     if test:
@@ -474,4 +502,4 @@ def default_jobs() -> int:
 
 
 __all__ = ["ProbeError", "ProbeOptions", "Feature", "FeatureResult", "ProbeReport", "probe", "load_matrix",
-           "check_aligned", "make_folds", "parse_fusion", "parse_probes", "CacheError"]
+           "check_aligned", "check_fusion_options", "make_folds", "parse_fusion", "parse_probes", "CacheError"]

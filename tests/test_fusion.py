@@ -178,6 +178,24 @@ def test_cli_cross_encoder_fusions_and_bad_options(two, tmp_path, capsys):
         assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("n, given, match", [
+    (1, dict(match_width=True), "--match-width interpolates the widths of several caches"),
+    (2, dict(fusion=("concat",), match_width=True), "--match-width: --fusion concat has no fusion of layer means"),
+    (2, dict(fusion=(), align_to=1), "--align-to 2: --fusion none aligns no caches"),
+    (1, dict(fusion=("mean_g",), align_to=0), "--align-to 1 picks the cache .* give two --features or more"),
+    (2, dict(fusion=("mean", "avg"), groups=3), "--groups 3: only the _g fusions"),
+    (2, dict(align_to=2), "--align-to 3: only 2 --features given"),
+    (2, dict(align_to=-1), "--align-to 0: the --features are counted from 1")])
+def test_library_refuses_fusion_options_no_fusion_uses_before_opening_a_cache(two, n, given, match, monkeypatch):
+    """probe() itself refuses what wat-probe refuses (the same check): match_width with one cache used to be
+    ignored silently by the library, groups without a _g fusion too; nothing is opened before the refusal."""
+    def no_open(path):
+        raise AssertionError(f"{path} opened before the options were checked")
+    monkeypatch.setattr(P, "open_cache", no_open)
+    with pytest.raises(P.ProbeError, match=match):
+        P.probe(list(two[:n]), None, P.ProbeOptions(jobs=1, **given))
+
+
 def test_default_groups_on_too_few_frames_is_a_note_and_groups_given_is_refused():
     """The seed's k = 5 on a 3-frame cache: the `_g` fusion is skipped with a note (nobody asked for 5);
     a k given is refused naming both numbers; the time-mean fusions are planned either way."""
