@@ -104,7 +104,14 @@ def _audio(audio, model: HEARModel) -> torch.Tensor:
     audio = torch.as_tensor(np.asarray(audio) if not torch.is_tensor(audio) else audio)
     if audio.ndim != 2 or audio.shape[1] == 0:
         raise ValueError(f"audio must be [n_sounds, n_samples] at {model.sample_rate} Hz, got {tuple(audio.shape)}")
-    return audio.float()
+    audio = audio.float()
+    # a NaN or inf sample makes its clip's embeddings NaN (the encoder spreads it over the frames), which
+    # the API handed back without a word; one elementwise pass over the batch, nothing beside the encoder
+    bad = (~torch.isfinite(audio).all(1)).nonzero().flatten().tolist()
+    if bad:
+        rows = ", ".join(map(str, bad[:10])) + (f", ... ({len(bad)} in all)" if len(bad) > 10 else "")
+        raise ValueError(f"audio rows [{rows}] of {audio.shape[0]} hold non-finite samples (NaN or inf)")
+    return audio
 
 
 def _no_clips(compute, audio: torch.Tensor):

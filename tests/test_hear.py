@@ -57,6 +57,21 @@ def test_no_clips_give_the_hear_shapes_with_n_0(tiny_model):
     assert hear.get_scene_embeddings(torch.zeros(0, 16000), m).shape == (0, 384)
 
 
+def test_non_finite_audio_is_refused_naming_its_rows(tiny_model):
+    """A NaN or inf sample used to give NaN embeddings without a word: both API calls refuse the batch,
+    naming the rows (the count past ten); an empty batch keeps its n = 0 shapes (test above)."""
+    m = hear.WhisperHEAR(tiny_model, layers=[0])
+    audio = torch.zeros(4, 4000)
+    audio[1, 7], audio[3, 0] = float("nan"), float("-inf")
+    for call in (hear.get_timestamp_embeddings, hear.get_scene_embeddings):
+        with pytest.raises(ValueError, match=r"audio rows \[1, 3\] of 4 hold non-finite samples"):
+            call(audio, m)
+        with pytest.raises(ValueError, match=r"rows \[0\] of 1 "):
+            call(np.full((1, 4000), np.inf, np.float32), m)
+    with pytest.raises(ValueError, match=r"rows \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \.\.\. \(12 in all\)\] of 12"):
+        hear.get_scene_embeddings(torch.full((12, 4000), float("nan")), m)
+
+
 def test_long_audio_in_30s_windows(tiny_model):
     # 31 s + 100 samples: the tail's last 100 samples reach no new encoder frame (50, not 51)
     audio = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (1, 16000 * 31 + 100)).astype(np.float32))
