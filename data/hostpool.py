@@ -7,11 +7,15 @@ fill them (BENCHMARKS.md), and page-locking (pinning) memory for a GPU is a cost
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
+from contextlib import contextmanager
 from typing import Protocol
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class CopyEvent(Protocol):
@@ -36,8 +40,8 @@ class HostPool:
     refilled while anything can still see it, and a caller may keep what it was handed as long as
     it likes (the pool then makes new ones). The pool learns of the last reference going away from
     the buffer's lease (`_Lease.__del__`, CPython's deallocation: immediate, in whatever thread).
-    A reader calls `settle` when its epoch ends (or it is closed), so that the sources of its last
-    copies are let go then, not at the next `take`.
+    A reader settles (`settling`) when its epoch ends (or it is closed, or fails), so that the
+    sources of its last copies are let go then, not at the next `take`.
 
     Threads: `take`, `hold`, `settle` and letting go may happen in any threads at once. No wait for
     a copy happens under the pool's lock (a thread waiting for one never stalls another thread's
@@ -140,6 +144,27 @@ class HostPool:
                     return
                 event = self._copies[0][0]
             event.synchronize()
+
+    @contextmanager
+    def settling(self):
+        """`settle` once the block ends, however it ends (a reader's epoch: finished, closed early or
+        failed). An error of `settle` surfaces, except while the block's own error propagates: then it
+        is logged and the block's error goes on. A CUDA error in the block leaves CUDA in an error state
+        in which waiting for a copy raises too, and that second error would replace the first one, the
+        one that says what went wrong. A generator closed early (GeneratorExit) is no error: a settle
+        error surfaces then, from its `close`."""
+        try:
+            yield
+        except GeneratorExit:
+            self.settle()
+            raise
+        except BaseException:
+            try:
+                self.settle()
+            except Exception:
+                log.warning("waiting for the device copies of a pool's buffers failed too", exc_info=True)
+            raise
+        self.settle()
 
     def _drop_finished(self) -> None:
         """Let go of the sources of finished copies, oldest first (under the lock; dropping one may

@@ -17,16 +17,19 @@ def _addr(a) -> int:
 class FakeCopy:
     """An asynchronous copy's end as `HostPool.hold` sees it (what a CUDA event is to `to_device`),
     finished when the test says so (`done.set()`), or when first waited for (`on_wait=True`: a
-    device that is done by the time anyone looks). `waiting` is set once a thread waits for it."""
+    device that is done by the time anyone looks). `waiting` is set once a thread waits for it.
+    `error` (set any time): the wait raises it, as a CUDA event's does once CUDA is in an error state."""
 
-    def __init__(self, on_wait: bool = False):
-        self.done, self.waiting, self.on_wait = threading.Event(), threading.Event(), on_wait
+    def __init__(self, on_wait: bool = False, error: Exception | None = None):
+        self.done, self.waiting, self.on_wait, self.error = threading.Event(), threading.Event(), on_wait, error
 
     def query(self) -> bool:
         return self.done.is_set()
 
     def synchronize(self) -> None:
         self.waiting.set()
+        if self.error is not None:
+            raise self.error
         if self.on_wait:
             self.done.set()
         self.done.wait()
@@ -102,6 +105,37 @@ def test_a_copy_keeps_its_source_until_it_has_finished():
     del c, d
     pool.settle()
     assert third.waiting.is_set() and not pool._copies and len(pool._free) == pool._count == 2
+
+
+def test_settling_never_replaces_the_error_in_flight_but_its_own_error_surfaces(caplog):
+    """`settling` settles however its block ends. A wait that raises (CUDA in an error state) while the
+    block's own error propagates is logged, and the block's error goes on (it used to replace it); with
+    no error in flight - the block done, or a generator in it closed early - the wait's error surfaces."""
+    pool = HostPool((2,), np.float32, keep=1)
+    broken = RuntimeError("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(KeyError, match="the first error"):
+        with pool.settling():
+            pool.hold(pool.take(), FakeCopy(error=broken))
+            raise KeyError("the first error")
+    assert "waiting for the device copies" in caplog.text and "illegal memory access" in caplog.text
+    pool._copies.clear()
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        with pool.settling():
+            pool.hold(pool.take(), FakeCopy(error=broken))
+    pool._copies.clear()
+
+    def reader():
+        with pool.settling():
+            while True:
+                x = pool.take()
+                pool.hold(x, FakeCopy(error=broken))
+                yield x
+
+    it = reader()
+    next(it)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        it.close()
 
 
 def test_waiting_for_a_copy_does_not_stall_other_threads():

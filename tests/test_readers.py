@@ -349,6 +349,43 @@ def test_an_epochs_end_lets_go_of_the_sources_of_its_device_copies(means, field,
         assert all(len(p._free) == p._count > 0 for p in pools)  # no kept buffer is out
 
 
+@pytest.mark.parametrize("field", ["features", "mean"])
+def test_a_failing_wait_for_the_last_copies_never_replaces_the_readers_own_error(means, field, monkeypatch):
+    """CUDA in an error state: a copy to the device fails, and the epoch's closing wait for the copies
+    still held (`HostPool.settling`) raises too. The reader's own error is the one that comes out (the
+    wait's used to replace it); with no error in flight, the wait's error still surfaces at the epoch's end."""
+    from test_hostpool import FakeCopy
+
+    broken = RuntimeError("CUDA error: an illegal memory access was encountered")
+    copies = []
+
+    def to_device(pool, x, device):
+        copies.append(FakeCopy(on_wait=True))
+        pool.hold(x, copies[-1])
+        if len(copies) == 3 and fail:   # the device breaks while this copy is launched
+            for copy in copies:
+                copy.error = broken
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return x.clone()
+
+    monkeypatch.setattr(HostPool, "to_device", to_device)
+    c, _ = means
+    def store():   # a new one each time: its pools still hold the copies a failed wait left
+        return _mean_stream(c, 0) if field == "mean" else FeatureStore(c, field, memory_budget=0)
+
+    fail = True
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        _epoch(store(), np.arange(len(c)), 64)
+    copies.clear()
+    fail, last = False, -(-len(c) // 64) - 1
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        for k, _ in enumerate(store().iter_batches(np.arange(len(c)), 64, seed=1, dtype=None)):
+            if k == last:   # every copy held: only the wait at the epoch's end can raise
+                for copy in copies:
+                    copy.error = broken
+    assert k == last
+
+
 @pytest.mark.parametrize("budget, buffer_blocks, w", [(0, 8, 2), (8, 8, 3), (8, 2, 2)])
 def test_streaming_mean_holds_at_most_the_budget(means, budget, buffer_blocks, w):
     """The cache data an epoch holds (two windows, the staging block) stays within the memory

@@ -334,7 +334,8 @@ class FeatureStore:
                 self._read_span(s, a, b, win[base:base + b - a], stage)
             return torch.from_numpy(win)
 
-        with ThreadPoolExecutor(1, thread_name_prefix="wat-window") as pool:
+        # settling: the epoch's last copies to the device waited for, their sources let go, however it ends
+        with ThreadPoolExecutor(1, thread_name_prefix="wat-window") as pool, stored.settling():
             nxt = pool.submit(load, 0) if windows else None
             try:
                 batch, rows, filled, done = None, None, 0, 0
@@ -363,7 +364,6 @@ class FeatureStore:
             finally:
                 if nxt is not None:
                     nxt.cancel()
-                stored.settle()  # the epoch's last copies to the device: their sources go back now
 
     def _plan(self, idx: np.ndarray, shuffle: bool, rng, block_rows: int | None = None) -> list[tuple[int, np.ndarray]]:
         """(shard, sorted global indices) per block of `block_rows` (default `self.block_rows`)
@@ -501,7 +501,8 @@ class FeatureStore:
         pending: deque = deque()
         advisor = threading.Thread(target=prefetch, daemon=True, name="wat-readahead")
         advisor.start()
-        with ThreadPoolExecutor(self.read_threads, thread_name_prefix="wat-reader") as pool:
+        # settling: the epoch's last copies to the device waited for, their sources let go, however it ends
+        with ThreadPoolExecutor(self.read_threads, thread_name_prefix="wat-reader") as pool, buffers.settling():
             try:
                 for k in range(n):
                     while len(pending) < depth and k + len(pending) < n:
@@ -516,7 +517,6 @@ class FeatureStore:
                 for f in pending:  # the consumer stopped early: drop what was not started
                     f.cancel()
                 advisor.join()
-                buffers.settle()  # the epoch's last copies to the device: their sources go back now
 
 
 def _preadv_all(fd: int, buffers: list, offset: int) -> None:
