@@ -34,7 +34,7 @@ from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_
 from wat.extract.decode import decode_features, encode_pad30
 from wat.extract.layers import mel_encoder_frames
 
-from .tagging import FrameTaps, Tagger, TagError, same_tensor
+from .tagging import FrameTaps, ResentInput, Tagger, TagError
 
 MAX_SAMPLES = N_SAMPLES  # files up to this long are decoded in batches (one 30 s window each)
 
@@ -61,7 +61,7 @@ class _BatchDecode:
         self.model, self.mel, self.features = model, mel, features
         self.options: whisper.DecodingOptions | None = None
         self.results = None
-        self._later: tuple[torch.Tensor, torch.Tensor] | None = None  # (window, its features)
+        self._later = ResentInput()  # a later window's features
 
     def decode(self, i: int, segment: torch.Tensor, options: whisper.DecodingOptions):
         if segment.ndim != 2 or not torch.equal(segment.to(self.mel.device, self.mel.dtype), self.mel[i]):
@@ -77,10 +77,11 @@ class _BatchDecode:
         same tensor again and reuse its encoder output, as `SharedEncoder` does for a file alone."""
         if segment.ndim != 2:
             return whisper.decode(self.model, segment, options)
-        if self._later is None or not same_tensor(segment, self._later[0]):
-            x = segment.half() if options.fp16 else segment  # what decode's encoder call would take
-            self._later = (segment, self.model.encoder(x.unsqueeze(0))[0])
-        return whisper.decode(self.model, self._later[1], options)
+
+        def encode(s: torch.Tensor) -> torch.Tensor:   # as decode's own encoder call would (fp16: half)
+            return self.model.encoder((s.half() if options.fp16 else s).unsqueeze(0))[0]
+
+        return whisper.decode(self.model, self._later(segment, encode), options)
 
 
 def _languages(model, audios, fp16: bool) -> list[str]:

@@ -137,6 +137,21 @@ def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.shape == b.shape and a.stride() == b.stride() and a._version == b._version)
 
 
+class ResentInput:
+    """A one-entry memo of an encoder pass: `memo(x, compute)` is `compute(x)`, or the result
+    computed for the input sent last when `x` is that very tensor again, unchanged (`same_tensor`):
+    whisper's temperature fall-backs (and word timestamps) re-send the segment they decoded, and
+    each re-send would cost a whole encoder pass. A `compute` that raises stores nothing."""
+
+    def __init__(self):
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its result)
+
+    def __call__(self, x: torch.Tensor, compute) -> torch.Tensor:
+        if self._last is None or not same_tensor(x, self._last[0]):
+            self._last = (x, compute(x))
+        return self._last[1]
+
+
 class FrameTaps:
     """Forward hooks on the encoder blocks a head reads (`layers`, None = all) that keep, for each
     item of the next encoder call, every tapped block's output over its first `n_valid[i]` frames
@@ -182,7 +197,7 @@ class SharedEncoder(nn.Module):
         self.audio, self._mel = audio, None
         self.content_frames = len(audio) // HOP_LENGTH
         self.last_seek = 0
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._resent = ResentInput()
 
     def __enter__(self) -> "SharedEncoder":
         # per-frame outputs, not LayerTaps' pooled ones: where successive calls overlap is only
@@ -194,14 +209,13 @@ class SharedEncoder(nn.Module):
         self.taps.__exit__(*exc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._last is not None and same_tensor(x, self._last[0]):
-            return self._last[1]
+        return self._resent(x, self._encode)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[0] != 1:
             raise TagError(f"tagging follows one 30 s segment at a time; encoder got {tuple(x.shape)}")
         seek, size = self.locate(x[0])
-        out = self.encode_at(x, seek, size)
-        self._last = (x, out)
-        return out
+        return self.encode_at(x, seek, size)
 
     def encode_at(self, x: torch.Tensor, seek: int, size: int) -> torch.Tensor:
         """The encoder's output for the [1, n_mels, 3000] input `x`, known to hold the file's mel
