@@ -9,10 +9,12 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy.stats import norm
-from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from wat.data.files import json_safe
+
+# scipy.stats and sklearn.metrics are imported inside the functions that use them: together ~1.3 s
+# of CPU per process (wat-train imports this module at start), which a run refused on its inputs,
+# or one that never scores, should not pay.
 
 
 @dataclass
@@ -76,6 +78,8 @@ def one_hot(labels, n_classes: int) -> np.ndarray:
 
 def d_prime(auc):
     """sqrt(2) * Phi^-1(AUC); +-inf at AUC 1 / 0."""
+    from scipy.stats import norm
+
     return float(np.sqrt(2.0) * norm.ppf(auc)) if np.ndim(auc) == 0 else np.sqrt(2.0) * norm.ppf(auc)
 
 
@@ -104,6 +108,8 @@ def per_class_ap(targets, scores) -> tuple[list[float | None], list[int]]:
 
 
 def per_class_auc(targets, scores) -> tuple[list[float | None], list[int]]:
+    from sklearn.metrics import roc_auc_score
+
     targets, scores = _check(targets, scores)
     auc, skipped = [], []
     for c in range(targets.shape[1]):
@@ -170,6 +176,8 @@ def confusion_matrix(y_true, y_pred, n_classes: int) -> np.ndarray:
 def multilabel_f1(targets, decisions) -> np.ndarray:
     """THE F1: per class of [N, C] yes/no decisions, 2TP / (positives + predicted) (sklearn's
     f1_score per column); NaN for classes without positives (undefined recall), which means skip."""
+    from sklearn.metrics import f1_score
+
     t, d = np.asarray(targets, bool), np.asarray(decisions, bool)
     if t.ndim != 2 or t.shape != d.shape:
         raise ValueError(f"targets {t.shape} and decisions {d.shape} must both be [N, C]")
@@ -180,6 +188,8 @@ def multilabel_f1(targets, decisions) -> np.ndarray:
 
 def decision_f1(targets, decisions) -> tuple[float | None, float | None]:
     """(macro-F1 over the classes with positives, micro-F1) of [N, C] decisions; None where undefined."""
+    from sklearn.metrics import f1_score
+
     t, d = np.asarray(targets, bool), np.asarray(decisions, bool)
     f1 = multilabel_f1(t, d)
     has = ~np.isnan(f1)

@@ -134,3 +134,17 @@ def test_multilabel_f1_and_decision_f1():
     macro, micro = metrics.decision_f1(t, d)
     assert macro == pytest.approx(0.65) and micro == pytest.approx(2 * 3 / (4 + 6))
     assert metrics.decision_f1(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == (None, None)
+
+
+def test_train_and_eval_start_without_sklearn_or_scipy(tmp_path):
+    """scipy.stats and sklearn.metrics (~1.3 s of CPU) come in on first use, not with wat-train's or
+    wat-eval's modules: a run refused on its inputs never pays for them."""
+    import subprocess
+    import sys
+    code = ("import sys, wat.eval.metrics, wat.train.loop, wat.eval.evaluate\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))\n"
+            "wat.eval.metrics.multilabel_scores([[1, 0], [0, 1]], [[0.9, 0.2], [0.1, 0.8]])\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy'}))")
+    proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["[]", "['scipy', 'sklearn']"]
