@@ -72,6 +72,21 @@ def test_torchrun_two_processes_match_one_and_resume(tmp_path):
     _same(tmp_path / "one", tmp_path / "cut")
 
 
+def test_torchrun_probe_start_and_its_trial_match_one_process(tmp_path):
+    """WA-Tr with the probe start: the start's fits and the trial run on every rank; two processes
+    keep what one keeps and end with its weights."""
+    tr, te = multilabel(tmp_path, "tr", 33, 1), multilabel(tmp_path, "te", 16, 2)
+    argv = _argv(tr, te, tmp_path / "two")
+    argv[argv.index("tl-tr")] = "wa-tr"
+    argv += ["--probe-start", "on"]
+    opts = {**OPTS, "head": "wa-tr", "probe_start": True}
+    one = train(TrainOptions(features=str(tr), eval_features=str(te), out=str(tmp_path / "one"), progress=False, **opts))
+    _torchrun(argv)
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["final"]
+    assert one["probe_start"]["main"]["held_back"] == 6 and two["probe_start"] == one["probe_start"]
+    _same(tmp_path / "one", tmp_path / "two")
+
+
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("n", [12, 7])
 def test_rank_shares_of_a_step_add_up_to_the_one_process_step(world, n):

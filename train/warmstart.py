@@ -39,6 +39,7 @@ from torch import nn
 from wat.data.files import json_safe
 from wat.eval import logistic
 
+from .distributed import from_main
 from .epoch import train_epoch
 from .evaluation import predict, score
 from .inputs import COMPUTE, Setup
@@ -277,4 +278,4 @@ def trial(start: Start, name: str, s: Setup, opts: TrainOptions, lr: float, weig
     kept = "start" if got["start"] > got["trained"] else "trained"
     rec = {"kept": kept, "trial_clips": len(start.trial_idx), "held_back": len(start.held_idx),
            "held_back_scores": got, "trial_start": info}
-    return json_safe(rec)   # plain numbers: last.pt is loaded with weights_only
+    return from_main(json_safe(rec), world)   # plain numbers (last.pt is loaded with weights_only); rank 0's
