@@ -260,8 +260,8 @@ def test_lr_auto_searches_on_training_clips_only(esc_like, tmp_path, monkeypatch
     from wat.data.cache import open_cache
     from wat.train import lrsearch
     touched = []
-    real_epoch, real_predict = lrsearch.train_epoch, lrsearch.predict
-    monkeypatch.setattr(lrsearch, "train_epoch", lambda fit, *a, **k: (touched.append(fit.train_idx), real_epoch(fit, *a, **k))[1])
+    real_run, real_predict = lrsearch.side_run, lrsearch.predict
+    monkeypatch.setattr(lrsearch, "side_run", lambda fit, *a, **k: (touched.append(fit.train_idx), real_run(fit, *a, **k))[1])
     monkeypatch.setattr(lrsearch, "predict", lambda h, st, idx, *a, **k: (touched.append(idx), real_predict(h, st, idx, *a, **k))[1])
     train(opts(esc_like, tmp_path / "auto", head="wa-mlp", folds=5, epochs=3, lr="auto"))
     m = json.loads((tmp_path / "auto" / "metrics.json").read_text())

@@ -100,18 +100,18 @@ def test_the_trial_decides_what_wa_pt_holds_on_training_clips_only(layer_cache, 
     learning rate that wrecks the head)."""
     from wat.train import warmstart
     seen = []
-    real = warmstart.train_epoch
-    monkeypatch.setattr(warmstart, "train_epoch", lambda fit, *a: (seen.append(fit.train_idx), real(fit, *a))[1])
+    real = warmstart.side_run
+    monkeypatch.setattr(warmstart, "side_run", lambda fit, *a: (seen.append(fit.train_idx), real(fit, *a))[1])
     final = train(TrainOptions(features=str(layer_cache), out=str(tmp_path), head="wa-mlp", folds=5, epochs=2,
                                lr=lr, progress=False))
     cache, store, y = _setup(layer_cache, "mean")
-    assert len(seen) == 5 * 2
+    assert len(seen) == 5
     for f in range(1, 6):
         rec = final["probe_start"][f"fold{f}"]
         assert rec["kept"] == kept, rec
         sc = rec["held_back_scores"]
         assert (sc["start"] > sc["trained"]) == (kept == "start") and rec["trial_clips"] == 72 and rec["held_back"] == 24
-        idx = seen[(f - 1) * 2]
+        idx = seen[f - 1]
         assert len(idx) == 72 and not (cache.folds[idx] == f).any()      # never the evaluation fold
         wa = torch.load(tmp_path / f"fold{f}" / "wa.pt", weights_only=True)["state_dict"]
         torch.manual_seed(0)

@@ -14,7 +14,21 @@ from .distributed import World, all_reduce_grads, local_share
 from .inputs import COMPUTE, Setup, batches, epoch_order, unlabeled_batches
 from .options import TrainOptions
 from .state import Fit
-from .step import Shares, train_step
+from .step import Shares, amp, train_step
+
+
+def side_run(fit: Fit, s: Setup, opts: TrainOptions, weights, world: World, device, autocast, seed: int, title: str,
+             after_epoch=None) -> None:
+    """`fit` trained for `opts.epochs` epochs beside the run (--lr auto's candidates, the probe
+    start's trial): with its own generator (seeded with `seed`, the same on every rank) and its own
+    GradScaler, so the run's draws and scaler state stay the run's, and the run that follows is the
+    run it would be without it. `after_epoch(e)` (e from 0) is called after each epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    scaler = amp(device)[1]
+    for e in range(opts.epochs):
+        train_epoch(fit, s, opts, weights, gen, gen, world, scaler, autocast, f"{title} {e + 1}/{opts.epochs}")
+        if after_epoch is not None:
+            after_epoch(e)
 
 
 def train_epoch(fit: Fit, s: Setup, opts: TrainOptions, weights, gen, aug, world: World, scaler, autocast,

@@ -14,15 +14,13 @@ import copy
 import dataclasses
 
 import numpy as np
-import torch
 
 from .distributed import World, from_main
-from .epoch import train_epoch
+from .epoch import side_run
 from .evaluation import predict
 from .inputs import Setup
 from .options import TrainError, TrainOptions
 from .state import Fit
-from .step import amp
 
 CANDIDATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # spans the per-kind defaults (BENCHMARKS.md)
 HELD_OUT_EVERY = 5                      # every 5th clip of a class is held out (20%)
@@ -68,15 +66,14 @@ def search_lr(name: str, train_idx: np.ndarray, s: Setup, opts: TrainOptions, bu
     for lr in CANDIDATES:
         o = dataclasses.replace(opts, lr=lr, epochs=n_ep, weight_average=None)
         f = Fit(f"{name} lr {lr:g}", copy.deepcopy(init), o, tr, ho, device)
-        gen = torch.Generator().manual_seed(opts.seed + 7919)  # not the run's generator: see module doc
-        aug = gen  # the same on every rank, as the run's (`distributed`)
-        scaler = amp(device)[1]  # a fresh one: the run's scaler state stays the run's
         late = []
-        for e in range(n_ep):
-            train_epoch(f, s, o, weights, gen, aug, world, scaler, autocast, f"lr search {name} {lr:g} {e + 1}/{n_ep}")
+
+        def held_out_loss(e: int, f: Fit = f, late: list = late) -> None:
             if e >= n_ep // 2:
                 p = predict(f.head, s.data.store, ho, s.cfg.multilabel, autocast=autocast)
                 late.append(log_loss(s.y[ho], p[:, :s.y.shape[1]], s.cfg.multilabel))
+        # not the run's generator (see module doc)
+        side_run(f, s, o, weights, world, device, autocast, opts.seed + 7919, f"lr search {name} {lr:g}", held_out_loss)
         scores[f"{lr:g}"] = float(np.mean(late))
     best = min(CANDIDATES, key=lambda lr: scores[f"{lr:g}"])
     return from_main({"chosen": best, "held_out_log_loss": scores, "epochs": n_ep, "clips": [len(tr), len(ho)]},

@@ -40,12 +40,11 @@ from wat.data.files import json_safe
 from wat.eval import logistic
 
 from .distributed import from_main
-from .epoch import train_epoch
+from .epoch import side_run
 from .evaluation import predict, score
 from .inputs import COMPUTE, Setup
 from .options import TrainOptions, wa_range
 from .state import Fit
-from .step import amp
 
 if TYPE_CHECKING:
     from wat.data.cache import FeatureStore
@@ -264,14 +263,9 @@ def trial(start: Start, name: str, s: Setup, opts: TrainOptions, lr: float, weig
     head, info = start.trial_start(store)
     begin = copy.deepcopy(head)
     fit = Fit(f"{name} trial", head, opts, start.trial_idx, None, device, lr=lr)
-    gen = torch.Generator().manual_seed(opts.seed + TRIAL_SEED)
-    scaler = amp(device)[1]   # its own: the run's scaler state stays the run's
     first, last = wa_range(opts)
-    for e in range(opts.epochs):
-        train_epoch(fit, s, opts, weights, gen, gen, world, scaler, autocast,
-                    f"start trial {name} epoch {e + 1}/{opts.epochs}")
-        if first <= e + 1 <= last:
-            fit.accumulate()
+    side_run(fit, s, opts, weights, world, device, autocast, opts.seed + TRIAL_SEED, f"start trial {name} epoch",
+             lambda e: fit.accumulate() if first <= e + 1 <= last else None)
     y = start.y[start.held_idx]
     got = {k: score(y, predict(h, store, start.held_idx, start.multilabel, autocast=autocast)[:, :y.shape[1]],
                     start.multilabel)["score"] for k, h in (("start", begin), ("trained", fit.averaged_head()))}
