@@ -36,7 +36,7 @@ from .inputs import Checked, Setup, balanced_weights, check_inputs, load_inputs,
 from .lrsearch import CANDIDATES, check_searchable, search_lr
 from .options import PROBE_START_CLIPS, PROBE_START_MIN, Interrupted, TrainError, TrainOptions, milestones, wa_range
 from .outputs import plot_curves, write_metrics, write_per_class, write_report
-from .resume import check_resume, resumed_lr
+from .resume import check_resume, resumed_lr, resumed_trials
 from .state import Fit, data_differences, data_identity, load_checkpoint, option_differences, resume_key, rng_state, save_checkpoint, seed_all, set_rng_state
 from .step import StepConfig, amp, make_optimizer, train_step
 from .warmstart import Start, trial
@@ -173,12 +173,7 @@ def _trials(opts: TrainOptions, s: Setup, starts: dict[str, Start], lr: dict, we
     if not starts:
         return {}
     if ck is not None:
-        got = ck.get("trials")
-        if not isinstance(got, dict) or set(got) != set(starts) or \
-                any(not isinstance(r, dict) or r.get("kept") not in ("start", "trained") for r in got.values()):
-            raise TrainError(f"--resume: {Path(opts.out) / 'last.pt'} holds no start trial for this run's probe "
-                             "starts (written by an older wat-train); delete it to start afresh")
-        return got
+        return resumed_trials(Path(opts.out) / "last.pt", ck.get("trials"), list(starts))
     out = {}
     for name, st in starts.items():
         out[name] = trial(st, name, s, opts, lr["per_head"][name], weights, world, device, autocast)

@@ -176,3 +176,13 @@ def resumed_lr(path: Path, lr, names: list[str]) -> dict:
         except _Bad as e:
             raise TrainError(f"--resume: {path} does not fit this run: {e}; delete it to start afresh") from None
     return lr
+
+
+def resumed_trials(path: Path, trials, names: list[str]) -> dict:
+    """The probe start trials' records a checkpoint kept (`{fit name: {"kept", ...}}`), checked: one
+    per head with a probe start, each keeping "start" or "trained"."""
+    if not isinstance(trials, dict) or set(trials) != set(names) or \
+            any(not isinstance(r, dict) or r.get("kept") not in ("start", "trained") for r in trials.values()):
+        raise TrainError(f"--resume: {path} holds no start trial for this run's probe starts (written by an older "
+                         "wat-train); delete it to start afresh")
+    return trials
