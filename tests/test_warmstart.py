@@ -88,7 +88,11 @@ def test_the_trial_fits_its_start_on_four_fifths_and_the_run_starts_from_all_cli
     trial_head, info = start.trial_start(store)
     assert info["layer"] == SIGNAL == start.info["layer"]
     assert not torch.equal(trial_head.mlp_layer[1].weight, head.mlp_layer[1].weight)   # fitted on fewer clips
-    again, _ = start.trial_start(store)
+    assert start.initial is None
+    with pytest.raises(RuntimeError, match="once"):   # handed over: the run keeps no spare copy of its head
+        start.trial_start(store)
+    torch.manual_seed(0)
+    again, _ = Start(build_head("wa-mlp", L, D, K), store, tr, cache.folds, y, multilabel=False, seed=0).trial_start(store)
     assert all(torch.equal(a, b) for a, b in zip(trial_head.state_dict().values(), again.state_dict().values()))
 
 

@@ -168,6 +168,8 @@ def _trials(opts: TrainOptions, s: Setup, starts: dict[str, Start], lr: dict, we
     if not starts:
         return {}
     if ck is not None:
+        for st in starts.values():
+            st.initial = None   # the trial ran before last.pt: its random weights are not needed
         return resumed_trials(Path(opts.out) / "last.pt", ck.get("trials"), list(starts))
     out = {}
     for name, st in starts.items():
