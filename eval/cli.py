@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from wat.data.clikit.args import (MAX_CLASSES, add_device, add_features, add_out, add_workers, comma_list, float_range,
@@ -76,15 +75,11 @@ def _probe(argv) -> int:
     a = parse_args(probe_parser(), argv)
     from wat.data.fusion import GROUPS
 
-    from .probe import ProbeError, ProbeOptions, default_jobs, parse_fusion, parse_probes, probe
+    from .probe import ProbeOptions, default_jobs, parse_fusion, parse_probes, probe
     from .report import write_probe
 
-    paths = [os.path.realpath(f) for f in a.features]
-    twice = next((f for f, r in zip(a.features, paths) if paths.count(r) > 1), None)
-    if twice:   # it probed the cache concatenated with itself, as if it were a second encoder
-        raise ProbeError(f"--features {twice}: the same cache given twice")
     fusion = parse_fusion(a.fusion)
-    # --groups/--align-to/--match-width where no fusion uses them: refused by probe() (check_fusion_options)
+    # --groups/--align-to/--match-width where no fusion uses them, a cache given twice: refused by probe()
     opts = ProbeOptions(layers=a.layers, fusion=fusion, folds=a.folds,
                         jobs=a.workers or default_jobs(), scheduler=a.scheduler, C=a.C, max_iter=a.max_iter,
                         seed=a.seed, device=a.device, groups=a.groups,

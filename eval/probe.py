@@ -125,6 +125,15 @@ def _open(paths) -> list[Cache]:
     return [p if isinstance(p, Cache) else open_cache(p) for p in paths]
 
 
+def check_distinct(features, what: str = "--features") -> None:
+    """Refuse a cache (path or Cache) given twice: it was probed concatenated with itself, as if it
+    were a second encoder. Before any cache is opened."""
+    paths = [os.path.realpath(f.path if isinstance(f, Cache) else f) for f in features]
+    twice = next((f for f, r in zip(features, paths) if paths.count(r) > 1), None)
+    if twice is not None:
+        raise ProbeError(f"{what} {twice.path if isinstance(twice, Cache) else twice}: the same cache given twice")
+
+
 def check_aligned(caches: list[Cache], what: str = "--features") -> None:
     """Several caches are fused clip by clip: same ids in the same order, same labels."""
     first = caches[0]
@@ -388,6 +397,9 @@ def probe(features, eval_features=None, opts: ProbeOptions | None = None) -> Pro
     if not features:
         raise ProbeError("no --features given")
     check_fusion_options(len(features), opts)   # before any cache is opened
+    check_distinct(features)
+    if eval_features:
+        check_distinct(eval_features, "--eval-features")
     train = _open(features)
     check_aligned(train)
     test = _open(eval_features) if eval_features else None
@@ -502,4 +514,4 @@ def default_jobs() -> int:
 
 
 __all__ = ["ProbeError", "ProbeOptions", "Feature", "FeatureResult", "ProbeReport", "probe", "load_matrix",
-           "check_aligned", "check_fusion_options", "make_folds", "parse_fusion", "parse_probes", "CacheError"]
+           "check_aligned", "check_distinct", "check_fusion_options", "make_folds", "parse_fusion", "parse_probes", "CacheError"]

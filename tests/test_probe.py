@@ -299,3 +299,8 @@ def test_the_same_cache_twice_is_one_error_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0] == "wat-probe: error: --features a.h5: the same cache given twice", err
     assert not (tmp_path / "o").exists()
+    # the library refuses it too (paths or open caches, --eval-features alike), before opening anything
+    for feats, ev, what in ((["a.h5", "./a.h5"], None, "--features a.h5"), (["a.h5", "b.h5"], ["c.h5", "c.h5"],
+                                                                        "--eval-features c.h5")):
+        with pytest.raises(P.ProbeError, match=f"^{what}: the same cache given twice$"):
+            P.probe(feats, ev)

@@ -18,7 +18,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from wat.data.report import figures
 from wat.data.cache import Cache
