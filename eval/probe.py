@@ -193,7 +193,8 @@ def features_to_probe(layers: list[tuple[int, ...]], fusion, metas=None,
     bad = set(fusion) - set(FUSIONS)
     if bad:
         raise ProbeError(f"unknown fusion {sorted(bad)}; choose from none, {', '.join(FUSIONS)}")
-    opts = opts or ProbeOptions()
+    opts = replace(opts or ProbeOptions(), fusion=tuple(fusion))
+    check_fusion_options(len(layers), opts)   # probe() ran it already; a direct caller has not
     out = [Feature("layer", (c,), ((l,),)) for c, ls in enumerate(layers) for l in ls]
     try:
         planned, notes = fusions.plan(metas, layers, fusion, groups=opts.groups, reference=opts.align_to or 0,

@@ -224,3 +224,15 @@ def test_interp_at_frame_times_is_numpys_interp():
     for bad_times in (times[:6], times[::-1], np.zeros(7)):
         with pytest.raises(ValueError, match="times"):
             DF.interp_at(x, bad_times, at)
+
+
+def test_features_to_probe_refuses_fusion_options_no_fusion_uses(two):
+    """The library's own entry refuses what wat-probe refuses (check_fusion_options), not only probe()."""
+    metas = [c.meta for c in P._open(list(two))]
+    layers = [m.layers for m in metas]
+    for fusion, opts, what in ((("mean",), P.ProbeOptions(groups=5), "--groups 5"),
+                               (("mean_g",), P.ProbeOptions(align_to=2), "--align-to 3"),
+                               (("concat",), P.ProbeOptions(match_width=True), "--match-width")):
+        with pytest.raises(P.ProbeError, match=f"^{what}"):
+            P.features_to_probe(layers, fusion, metas, opts)
+    assert P.features_to_probe(layers, ("mean_g",), metas, P.ProbeOptions(groups=5))[0]
