@@ -11,7 +11,7 @@ from wat.data.clikit.args import (add_device, add_features, add_out, float_range
 from wat.data.clikit.main import run_command
 from wat.data.heads import BUILTIN_KINDS, LAYER_ATTN_HEADS
 
-from .options import BATCH, INNER_K, MIN_STEPS, PROBE_START_CLIPS, PROBE_START_MIN, TrainOptions
+from .options import BATCH, MIN_STEPS, PROBE_START_CLIPS, PROBE_START_MIN, TrainOptions
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -96,8 +96,8 @@ def parser() -> argparse.ArgumentParser:
                    help="start each head as the linear probe of the layer an inner cross-validation on its "
                         "training clips picks, and keep that start untrained where a trial (the same start on 4/5 "
                         "of the training clips, trained there) scores lower on the other fifth than it (auto: on "
-                        f"on sets of {PROBE_START_MIN} to {PROBE_START_CLIPS} training clips without --init, for wa-mlp "
-                        f"and wa-tr, and for tl-tr where they hold {INNER_K} or more training clips per class on average)")
+                        f"for wa-mlp and wa-tr, on sets of {PROBE_START_MIN} to {PROBE_START_CLIPS} training clips, "
+                        "without --init)")
     add_device(p)
     p.add_argument("--seed", type=seed_int, default=0)
     add_out(p, "run folder: the heads (wa.pt, best.pt; with --folds one sub-folder per fold), last.pt for "

@@ -54,7 +54,6 @@ class TrainOptions:
 
 PROBE_START_CLIPS = 4000  # probe_start None: on for sets of up to this many training clips (its fits take seconds there)
 PROBE_START_MIN = 10      # and of at least this many (a fifth is held back: at least 2)
-INNER_K = 5               # the probe start: a fifth of the training clips held back; inner cross-validation over 5 groups
 BATCH = 48      # the paper's batch (AudioSet: 40,000 steps an epoch)
 MIN_STEPS = 8   # the default batch gives every epoch at least this many steps (small sets, see default_batch)
 

@@ -4,8 +4,7 @@ training clips decides whether the run's trained head or that start is kept (iss
 A head trained from a random start on a few hundred clips can end below a linear probe of one
 layer of the same features (BENCHMARKS.md, "Heads against the probe on small sets"). With the probe
 start (`TrainOptions.probe_start`; by default WA-MLP and WA-Tr on sets of PROBE_START_MIN to
-PROBE_START_CLIPS training clips, TL-Tr there too where they hold INNER_K clips per class:
-`default_probe_start`) each head:
+PROBE_START_CLIPS training clips, `train.loop`) each head:
 1. starts as a linear probe fitted on ALL its training clips (`probe_start`): every block's residual
    branches at zero (a block is then the identity), the layer weights (WA-MLP, WA-Tr) one-hot on
    the layer whose probe scores best in an inner cross-validation, TL-Tr's layer block routed to
@@ -44,7 +43,7 @@ from .distributed import from_main
 from .epoch import side_run
 from .evaluation import predict, score
 from .inputs import COMPUTE, Setup
-from .options import INNER_K, PROBE_START_CLIPS, PROBE_START_MIN, TrainOptions, wa_range
+from .options import TrainOptions, wa_range
 from .state import Fit
 
 if TYPE_CHECKING:
@@ -52,6 +51,7 @@ if TYPE_CHECKING:
 
     from .distributed import World
 
+INNER_K = 5       # a fifth of the training clips held back; inner cross-validation over 5 groups
 FOLDS_MIN = 4     # the clips' cache folds are the groups when they span this many (a fold: at most a quarter)
 ROUTE_MARGIN = 12.0  # TL-Tr routing: attention logits of the chosen layer above any other, every clip
 ROUTE_GAIN = 5.0     # TL-Tr routing: the chosen layer's spread over the clips, times the layer mean's
@@ -225,24 +225,6 @@ def probe_start(head: nn.Module, store: "FeatureStore", indices: np.ndarray, y: 
     linear.weight.copy_(w.to(linear.weight))
     linear.bias.copy_(b.to(linear.bias))
     return out
-
-
-def default_probe_start(head, n_layers: int, y: np.ndarray, train_sets: list) -> bool:
-    """Is the probe start on by default for `head` (no --init), trained on each of `train_sets`
-    (training clip indices) of clips labelled `y`? On sets of PROBE_START_MIN to PROBE_START_CLIPS
-    training clips of a cache of several layers: for heads with layer weights (WA-MLP, WA-Tr); for
-    TL-Tr where every split also has INNER_K training clips per class on average. TL-Tr's start
-    routes its layer block to the layer an inner cross-validation over INNER_K groups picks; with
-    fewer clips a class the groups miss classes and that pick is noise. Measured: on 44 clips of 11
-    classes (tests/test_train.py's demo split) 0.500 from the probe start against 0.750 from TL-Tr's
-    random start; on 88 of 11 (demo110, 5 folds) 0.809 against 0.718 (BENCHMARKS.md, "Heads against
-    the probe on small sets"). LastMLP is a probe of one layer already."""
-    n = [len(tr) for tr in train_sets]
-    if n_layers < 2 or not PROBE_START_MIN <= min(n) or max(n) > PROBE_START_CLIPS:
-        return False
-    if hasattr(head, "layer_weight"):
-        return True
-    return hasattr(head, "layer_tr") and all(len(tr) >= INNER_K * int(y[tr].any(0).sum()) for tr in train_sets)
 
 
 class Start:
