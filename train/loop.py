@@ -150,10 +150,11 @@ def _probe_starts(opts: TrainOptions, s: Setup, heads: list, init: Init | None, 
     for heads with layer weights (WA-MLP, WA-Tr); else {}. Moves the heads to `device`."""
     on = opts.probe_start
     if on is None:
-        # heads with layer weights (WA-MLP, WA-Tr) only. TL-Tr from its random start met the bar on few100
-        # (+1.0) and hard320 (-0.3) where its probe start did not (-2.0, -2.2), and on tests/test_train.py's
-        # 44-clip split (0.750 vs 0.500); it misses demo110 (-2.7; probe start +6.4): BENCHMARKS.md, "Heads
-        # against the probe on small sets". LastMLP is a probe of one layer already
+        # heads with layer weights (WA-MLP, WA-Tr) only. TL-Tr from its random start is within 2 points
+        # of the best probe on five of six small sets and beat its probe start on few100 (+1.0 vs -2.0),
+        # hard320 (-0.3 vs -2.2) and tests/test_train.py's 44-clip split (0.750 vs 0.500); it misses
+        # demo110 (-2.7; probe start +6.4): BENCHMARKS.md, "Heads against the probe on small sets".
+        # LastMLP is a probe of one layer already
         n = [len(tr) for _, tr, _ in s.splits]
         on = (init is None and PROBE_START_MIN <= min(n) and max(n) <= PROBE_START_CLIPS
               and s.cache.meta.n_layers > 1 and hasattr(heads[0], "layer_weight"))
