@@ -62,6 +62,9 @@ def main() -> None:
             rec["layer_probe"] = ev(start_with(np.eye(L)[st.info["layer"]], tr, "wa-tr"), te)
             run_gain = W.ROUTE_GAIN
             for g in (float(v) for v in a.gains.split(",")):
+                if g == run_gain:   # the run's own start, fitted above
+                    rec[f"gain{g:g}"] = rec["start"]
+                    continue
                 W.ROUTE_GAIN = g    # read by warmstart.route_layers when the start is fitted
                 torch.manual_seed(0)
                 rec[f"gain{g:g}"] = ev(W.Start(build_head(a.head, L, D, K), store, tr, cache.folds, y, ml, seed=0).start, te)
