@@ -320,7 +320,7 @@ def demo_split_probe(demo_split) -> list[float]:
 # training recipe": wa 0.477 / 0.500 / 0.523 against the bar 0.632; with the probe start and its trial
 # (7972bd8), WA-MLP 0.591 and WA-Tr 0.568 on these 44 training clips, 4 per class; `pytest -s` prints
 # each start's record; "Heads against the probe on small sets" has the sets of 100 clips and more).
-# TL-Tr (random start by default) meets it: 0.750 against the best probe 0.682 (from the probe start: 0.500).
+# TL-Tr (random start, and no trial at 4 a class) meets it: 0.750 against the best probe 0.682 (from the probe start: 0.500).
 # The shortfall is reported as an expected failure with its numbers (pytest -ra lists it); a fall
 # below GUARD (the best probe minus 25 points; chance is 9) still fails: the old defaults (lr 1e-4,
 # batch 48) stayed near chance. On the 5-fold protocol WA-Tr meets the bar (0.718 vs 0.696) and the

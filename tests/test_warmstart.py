@@ -1,6 +1,7 @@
 """The probe start (train/warmstart.py): a head begins as the linear probe of the layer an inner
 cross-validation on its training clips picks, and the run keeps that start where a trial on the
 training clips (trained on four fifths, scored on the held-back fifth) says it scores higher."""
+import copy
 import json
 
 import numpy as np
@@ -33,6 +34,22 @@ def layer_cache(tmp_path_factory):
     meta = synthetic_meta(vocab=Vocabulary.from_names([f"c{k}" for k in range(K)]), multilabel=False,
                           n_layers=L, n_frames=T, dim=D)
     path = tmp_path_factory.mktemp("layers") / "feats.h5"
+    write_synthetic_cache(path, meta, x.astype(np.float16), labels, folds=np.arange(n) % 5 + 1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def easy_cache(tmp_path_factory):
+    """As `layer_cache`, but every layer tells the K classes apart (a random-start TL-Tr learns it in
+    a few epochs, as the probe does)."""
+    n = 30 * K
+    rng = np.random.default_rng(1)
+    labels = [(i % K,) for i in range(n)]
+    means = rng.normal(size=(K, L, 1, D)) * 3.0
+    x = rng.normal(size=(n, L, T, D)) + means[[c for (c,) in labels]]
+    meta = synthetic_meta(vocab=Vocabulary.from_names([f"c{k}" for k in range(K)]), multilabel=False,
+                          n_layers=L, n_frames=T, dim=D)
+    path = tmp_path_factory.mktemp("easy") / "feats.h5"
     write_synthetic_cache(path, meta, x.astype(np.float16), labels, folds=np.arange(n) % 5 + 1)
     return path
 
@@ -137,9 +154,53 @@ def test_train_records_the_choice_per_fold_and_off_keeps_the_old_recipe(layer_ca
     assert "probe_start" not in off
     kw.update(head="last-mlp", epochs=1)   # a linear probe of the last layer already: no start by default
     assert "probe_start" not in train(TrainOptions(out=str(tmp_path / "last"), **kw))
-    kw.update(head="tl-tr", proj_dim=8)      # its random start measured better on more small sets: only with on
-    assert "probe_start" not in train(TrainOptions(out=str(tmp_path / "tl"), **kw))
-    assert train(TrainOptions(out=str(tmp_path / "tl-on"), probe_start=True, **kw))["probe_start"]["fold1"]["kept"]
+    kw.update(head="tl-tr", proj_dim=8)      # trains from its random start, the probe start its trial's rival
+    assert {r["trained_from"] for r in train(TrainOptions(out=str(tmp_path / "tl"), **kw))["probe_start"].values()} \
+        == {"random"}
+    on = train(TrainOptions(out=str(tmp_path / "tl-on"), probe_start=True, **kw))["probe_start"]
+    assert {r["trained_from"] for r in on.values()} == {"start"}
+    assert "probe_start" not in train(TrainOptions(out=str(tmp_path / "tl-off"), probe_start=False, **kw))
+
+
+def test_tl_tr_has_no_trial_by_default_below_inner_k_training_clips_a_class(layer_cache, tmp_path, monkeypatch):
+    """Where the held-back fifth cannot hold every class (96 training clips, 4 classes: under 30 a
+    class here), TL-Tr trains from its random start with no trial; --probe-start on still has one."""
+    from wat.train import loop
+    monkeypatch.setattr(loop, "INNER_K", 30)
+    kw = dict(features=str(layer_cache), head="tl-tr", proj_dim=8, folds=5, epochs=1, progress=False)
+    assert "probe_start" not in train(TrainOptions(out=str(tmp_path / "auto"), **kw))
+    assert train(TrainOptions(out=str(tmp_path / "on"), probe_start=True, **kw))["probe_start"]
+
+
+@pytest.mark.parametrize("lr, kept", [(1e-2, "trained"), (30.0, "start")])
+def test_tl_tr_trains_from_its_random_start_and_the_trial_weighs_that_against_the_probe_start(
+        easy_cache, tmp_path, monkeypatch, lr, kept):
+    """TL-Tr by default: the run is the run without a probe start (wa.pt bit for bit where the
+    trained head is kept); the trial trains a head from the same random weights on four fifths of
+    the training clips and keeps the start (fitted on all of them) only where the start scores
+    higher on the held-back fifth (a separable problem: both score 1.0; a learning rate that wrecks
+    the head: the start)."""
+    from wat.train import warmstart
+    from wat.train.state import seed_all
+    began = []
+    real = warmstart.side_run
+    monkeypatch.setattr(warmstart, "side_run",
+                        lambda fit, *a: (began.append(copy.deepcopy(fit.head.state_dict())), real(fit, *a))[1])
+    kw = dict(features=str(easy_cache), head="tl-tr", proj_dim=8, folds=5, epochs=6, lr=lr, progress=False)
+    final = train(TrainOptions(out=str(tmp_path / "auto"), **kw))
+    off = train(TrainOptions(out=str(tmp_path / "off"), probe_start=False, **kw))
+    seed_all(0)
+    initial = [build_head("tl-tr", L, D, K, 8).state_dict() for _ in range(5)]   # the run's random heads, in order
+    for f in range(1, 6):
+        rec = final["probe_start"][f"fold{f}"]
+        assert rec["trained_from"] == "random" and rec["kept"] == kept, rec
+        assert (rec["held_back_scores"]["start"] > rec["held_back_scores"]["trained"]) == (kept == "start")
+        assert all(torch.equal(initial[f - 1][k], v) for k, v in began[f - 1].items())   # the trial from random
+        wa, wa_off = (torch.load(tmp_path / r / f"fold{f}" / "wa.pt", weights_only=True)["state_dict"]
+                      for r in ("auto", "off"))
+        same = all(torch.equal(wa[k], v) for k, v in wa_off.items())
+        assert same == (kept == "trained"), f
+        assert final["folds"][f"fold{f}"]["best"] == off["folds"][f"fold{f}"]["best"]   # the same training
 
 
 def test_probe_start_refusals(layer_cache, tmp_path, capsys):

@@ -94,10 +94,11 @@ def parser() -> argparse.ArgumentParser:
                         "on a cache of this one; the fine-tuned head is a head of the cache's policy")
     p.add_argument("--probe-start", choices=("auto", "on", "off"), default="auto",
                    help="start each head as the linear probe of the layer an inner cross-validation on its "
-                        "training clips picks, and keep that start untrained where a trial (the same start on 4/5 "
-                        "of the training clips, trained there) scores lower on the other fifth than it (auto: on "
-                        f"for wa-mlp and wa-tr, on sets of {PROBE_START_MIN} to {PROBE_START_CLIPS} training clips, "
-                        "without --init)")
+                        "training clips picks, and keep that start untrained where a trial (a head trained on 4/5 "
+                        "of the training clips from that start) scores lower on the other fifth than it (auto: on "
+                        f"sets of {PROBE_START_MIN} to {PROBE_START_CLIPS} training clips, without --init; tl-tr "
+                        "trains from its random start instead, in the run and in the trial, and has the trial only "
+                        "where the training clips hold 5 a class)")
     add_device(p)
     p.add_argument("--seed", type=seed_int, default=0)
     add_out(p, "run folder: the heads (wa.pt, best.pt; with --folds one sub-folder per fold), last.pt for "

@@ -3,20 +3,23 @@ training clips decides whether the run's trained head or that start is kept (iss
 
 A head trained from a random start on a few hundred clips can end below a linear probe of one
 layer of the same features (BENCHMARKS.md, "Heads against the probe on small sets"). With the probe
-start (`TrainOptions.probe_start`; by default WA-MLP and WA-Tr on sets of PROBE_START_MIN to
-PROBE_START_CLIPS training clips, `train.loop`) each head:
+start (`TrainOptions.probe_start`; by default on sets of PROBE_START_MIN to PROBE_START_CLIPS
+training clips, `train.loop`) each head:
 1. starts as a linear probe fitted on ALL its training clips (`probe_start`): every block's residual
    branches at zero (a block is then the identity), the layer weights (WA-MLP, WA-Tr) one-hot on
    the layer whose probe scores best in an inner cross-validation, TL-Tr's layer block routed to
    pass that layer on, the classifier's LayerNorm affine standardising what it sees and its Linear
    = wat-probe's L2 logistic regression on it (`start_weights`: `wat.eval.logistic.fit_linear`, the
-   probe's own fit, with its defaults); the run trains it on all its training clips;
+   probe's own fit, with its defaults); the run trains it on all its training clips (WA-MLP, WA-Tr
+   and --probe-start on: `Start.train_from` "start"), or trains the head from its random start
+   while the probe start waits as its rival (TL-Tr by default: "random");
 2. before that, a trial (`trial`) decides what the run keeps: a fifth of the training clips is held
    back (`inner_split`: one of their cache folds when they span FOLDS_MIN or more, else seeded
    class-balanced groups; the evaluation clips are never seen), the same start is fitted on the
-   rest and trained there with the run's recipe, and the trained weight-averaged head and the start
-   are scored on the held-back clips; where the start scores higher, the run's head is the start of
-   step 1 (untrained) instead of the trained one.
+   rest, a head is trained there with the run's recipe from what the run trains from (that start or
+   the random weights), and the trained weight-averaged head and the start are scored on the
+   held-back clips; where the start scores higher, the run's head is the start of step 1
+   (untrained) instead of the trained one.
 Why a trial instead of training on four fifths and comparing at the end (this module's first
 recipe): on 320 clips of 16 classes, a head or probe fitted on four fifths of the training clips
 scored 6 points below the same fitted on all of them, so whichever the comparison kept lost those
@@ -230,20 +233,29 @@ def probe_start(head: nn.Module, store: "FeatureStore", indices: np.ndarray, y: 
     return out
 
 
+TRAIN_FROM = ("start", "random")  # what the run trains: the probe start, or its random weights (the start a rival)
+
+
 class Start:
-    """One head's probe start: `head` is set in place to the probe start on all of `train_idx` (a
-    copy kept as `start`); the clips its trial trains on and holds back, and the head's random
-    weights before the start (`initial`: the trial's start is fitted on those, once; None after)."""
+    """One head's probe start on all of `train_idx` (`start`); the clips its trial trains on and
+    holds back, and the head's random weights before the start (`initial`: the trial's start is
+    fitted on those, once; None after). `train_from` "start": `head` is set in place to the start
+    (the run trains it); "random": `head` keeps its random weights (the run is the run without a
+    probe start) and the start only competes with it in the trial."""
 
     def __init__(self, head: nn.Module, store: "FeatureStore", train_idx: np.ndarray, folds: np.ndarray,
-                 y: np.ndarray, multilabel: bool, seed: int):
+                 y: np.ndarray, multilabel: bool, seed: int, train_from: str = "start"):
+        if train_from not in TRAIN_FROM:
+            raise ValueError(f"train_from: one of {TRAIN_FROM}, not {train_from!r}")
         self.all_idx = np.asarray(train_idx)
         self.trial_idx, self.held_idx = inner_split(self.all_idx, folds, y, seed)
         self.y, self.folds, self.multilabel, self.seed = y, folds, multilabel, seed
+        self.train_from = train_from
         self.initial = copy.deepcopy(head)
-        self.info = probe_start(head, store, self.all_idx, y[self.all_idx], multilabel,
-                                groups_of(self.all_idx, folds, y, seed))
-        self.start = copy.deepcopy(head)
+        fitted = head if train_from == "start" else copy.deepcopy(head)
+        self.info = {**probe_start(fitted, store, self.all_idx, y[self.all_idx], multilabel,
+                                   groups_of(self.all_idx, folds, y, seed)), "trained_from": train_from}
+        self.start = copy.deepcopy(fitted) if train_from == "start" else fitted
 
     def trial_start(self, store: "FeatureStore") -> tuple[nn.Module, dict]:
         """(the start fitted on the trial's clips, what it chose): from the same random weights, handed
@@ -262,13 +274,15 @@ TRIAL_SEED = 104729  # the trial's generator: seed + this (not the run's, nor --
 def trial(start: Start, name: str, s: Setup, opts: TrainOptions, lr: float, weights, world: "World", device,
           autocast) -> dict:
     """What the run keeps for the head of `start` ("kept": "start" or "trained"), decided on its
-    training clips only: the start fitted on the trial's clips, trained there as the run trains
-    (its epochs, schedule, weight averaging), and both scored on the held-back clips; the start is
-    kept only where it scores higher. The same on every rank."""
+    training clips only: the start fitted on the trial's clips, and a head trained there as the run
+    trains (its epochs, schedule, weight averaging) from what the run trains from (that start, or
+    the random weights: `Start.train_from`), both scored on the held-back clips; the start is kept
+    only where it scores higher. The same on every rank."""
     store = s.data.store
+    rand = copy.deepcopy(start.initial) if start.train_from == "random" else None
     head, info = start.trial_start(store)
-    begin = copy.deepcopy(head)
-    fit = Fit(f"{name} trial", head, opts, start.trial_idx, None, device, lr=lr)
+    begin = copy.deepcopy(head) if rand is None else head
+    fit = Fit(f"{name} trial", head if rand is None else rand, opts, start.trial_idx, None, device, lr=lr)
     first, last = wa_range(opts)
     side_run(fit, s, opts, weights, world, device, autocast, opts.seed + TRIAL_SEED, f"start trial {name} epoch",
              lambda e: fit.accumulate() if first <= e + 1 <= last else None)
