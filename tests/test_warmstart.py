@@ -242,3 +242,21 @@ def test_resume_takes_the_trials_choice_from_last_pt_and_ends_as_an_uninterrupte
     save_checkpoint(tmp_path / "cut" / "last.pt", ck)
     with pytest.raises(TrainError, match="no start trial"):
         train(TrainOptions(out=str(tmp_path / "cut"), resume=True, **kw))
+
+
+def test_tl_tr_resumed_keeps_its_trials_choice_and_ends_as_an_uninterrupted_run(easy_cache, tmp_path, monkeypatch):
+    """TL-Tr's default (random start, the probe start its trial's rival) through --resume: the trial is
+    not run again, and every fold's wa.pt (the start or the trained head) is the uninterrupted run's."""
+    from wat.train import loop
+    from wat.train.loop import Interrupted
+    kw = dict(features=str(easy_cache), head="tl-tr", proj_dim=8, folds=5, epochs=2, progress=False)
+    whole = train(TrainOptions(out=str(tmp_path / "whole"), **kw))
+    with pytest.raises(Interrupted):
+        train(TrainOptions(out=str(tmp_path / "cut"), max_epochs_this_run=1, **kw))
+    monkeypatch.setattr(loop, "trial", lambda *a, **k: pytest.fail("the trial ran again"))
+    again = train(TrainOptions(out=str(tmp_path / "cut"), resume=True, **kw))
+    assert again["probe_start"] == whole["probe_start"]
+    assert {r["trained_from"] for r in again["probe_start"].values()} == {"random"}
+    for f in range(1, 6):
+        a, b = (torch.load(tmp_path / d / f"fold{f}" / "wa.pt", weights_only=True)["state_dict"] for d in ("whole", "cut"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
