@@ -165,11 +165,35 @@ def test_train_records_the_choice_per_fold_and_off_keeps_the_old_recipe(layer_ca
 def test_tl_tr_has_no_trial_by_default_below_inner_k_training_clips_a_class(layer_cache, tmp_path, monkeypatch):
     """Where the held-back fifth cannot hold every class (96 training clips, 4 classes: under 30 a
     class here), TL-Tr trains from its random start with no trial; --probe-start on still has one."""
-    from wat.train import loop
-    monkeypatch.setattr(loop, "INNER_K", 30)
+    from wat.train import warmstart
+    monkeypatch.setattr(warmstart, "INNER_K", 30)
     kw = dict(features=str(layer_cache), head="tl-tr", proj_dim=8, folds=5, epochs=1, progress=False)
     assert "probe_start" not in train(TrainOptions(out=str(tmp_path / "auto"), **kw))
     assert train(TrainOptions(out=str(tmp_path / "on"), probe_start=True, **kw))["probe_start"]
+
+
+def test_default_probe_start_per_head_kind_and_set():
+    """By default WA heads train from the probe start from PROBE_START_MIN training clips; TL-Tr
+    trains from its random start with the start its trial's rival where every split has INNER_K
+    training clips a class; none on one layer, over PROBE_START_CLIPS, with --init, or for LastMLP."""
+    from wat.train.options import PROBE_START_CLIPS, PROBE_START_MIN
+    from wat.train.warmstart import INNER_K, default_probe_start
+    n_cls = 11
+    tl, wa = build_head("tl-tr", L, D, n_cls, proj_dim=8), build_head("wa-tr", L, D, n_cls)
+    four, five = np.arange(4 * n_cls), np.arange(INNER_K * n_cls)
+    assert default_probe_start(wa, L, n_cls, [four], False) == "start"
+    assert default_probe_start(build_head("wa-mlp", L, D, n_cls), L, n_cls, [four], False) == "start"
+    assert default_probe_start(tl, L, n_cls, [four], False) is None
+    assert default_probe_start(tl, L, n_cls, [five, np.arange(88)], False) == "random"
+    assert default_probe_start(tl, L, n_cls, [five, five[1:]], False) is None            # every split counts
+    assert default_probe_start(tl, L, 4, [four], False) == "random"                       # 44 clips of 4 classes
+    for head in (tl, wa):
+        assert default_probe_start(head, 1, n_cls, [five], False) is None                 # one layer
+        assert default_probe_start(head, L, n_cls, [five], True) is None                  # --init
+        assert default_probe_start(head, L, n_cls, [np.arange(PROBE_START_CLIPS + 1)], False) is None
+    assert default_probe_start(wa, L, n_cls, [np.arange(PROBE_START_MIN - 1)], False) is None
+    assert default_probe_start(wa, L, n_cls, [np.arange(PROBE_START_MIN)], False) == "start"
+    assert default_probe_start(build_head("last-mlp", L, D, n_cls), L, n_cls, [five], False) is None
 
 
 @pytest.mark.parametrize("lr, kept", [(1e-2, "trained"), (30.0, "start")])

@@ -33,12 +33,12 @@ from .evaluation import predict, score
 from .init import Init
 from .inputs import Checked, Setup, balanced_weights, check_inputs, load_inputs, prepare
 from .lrsearch import CANDIDATES, check_searchable, search_lr
-from .options import PROBE_START_CLIPS, PROBE_START_MIN, Interrupted, TrainError, TrainOptions, milestones, wa_range
+from .options import Interrupted, TrainError, TrainOptions, milestones, wa_range
 from .outputs import plot_curves, write_metrics, write_per_class, write_report
 from .resume import check_resume, resumed_lr, resumed_trials
 from .state import Fit, data_differences, data_identity, load_checkpoint, option_differences, resume_key, rng_state, save_checkpoint, seed_all, set_rng_state
 from .step import StepConfig, amp, make_optimizer, train_step
-from .warmstart import INNER_K, Start, trial
+from .warmstart import Start, default_probe_start, trial
 
 __all__ = ["train", "prepare", "TrainOptions", "TrainError", "Interrupted", "milestones", "wa_range",
            "StepConfig", "train_step", "make_optimizer", "predict", "score", "balanced_weights"]
@@ -145,27 +145,14 @@ def _train(opts: TrainOptions, checked: Checked, init: Init | None, out: Path, w
 
 
 def _probe_starts(opts: TrainOptions, s: Setup, heads: list, init: Init | None, device) -> dict[str, Start]:
-    """{fit name: Start} for the heads with a probe start (`warmstart`), moved to `device`. --probe-start
-    on: every head trains from it. By default (sets of PROBE_START_MIN to PROBE_START_CLIPS training
-    clips, no --init, several layers): WA-MLP and WA-Tr train from it; TL-Tr trains from its random
-    start and the probe start is its trial's rival, where every split has INNER_K training clips a
-    class; else {}."""
-    on, train_from = opts.probe_start, "start"
-    if on is None:
-        n = [len(tr) for _, tr, _ in s.splits]
-        on = (init is None and PROBE_START_MIN <= min(n) and max(n) <= PROBE_START_CLIPS
-              and s.cache.meta.n_layers > 1 and (hasattr(heads[0], "layer_weight") or hasattr(heads[0], "layer_tr")))
-        if hasattr(heads[0], "layer_tr"):
-            # TL-Tr trained from the probe start lost to its random start on few100 (-2.0 vs +1.0) and
-            # hard320 (-2.2 vs -0.3), and won on demo110 (+6.4 vs -2.7): BENCHMARKS.md, "Heads against
-            # the probe on small sets". So the run trains from the random start, and the trial keeps the
-            # (untrained) probe start where it beats that training on the held-back fifth (so: within 2
-            # points on all six sets at seed 0; demo110 +1.8, multi440 +0.6, hard320 -0.3). With fewer
-            # than INNER_K clips a class the fifth cannot hold every class: no trial (tests/test_train.py's
-            # 44-clip split, 4 a class: the random start 0.750, the probe start 0.500)
-            on, train_from = on and min(n) >= INNER_K * len(s.cache.meta.vocab), "random"
-        # LastMLP is a probe of one layer already
-    if not on:
+    """{fit name: Start} for the heads with a probe start (`warmstart`), moved to `device`: with
+    --probe-start on every head trains from it; by default `warmstart.default_probe_start` says
+    whether and from what; else {}."""
+    train_from = "start" if opts.probe_start else None
+    if opts.probe_start is None:
+        train_from = default_probe_start(heads[0], s.cache.meta.n_layers, len(s.cache.meta.vocab),
+                                         [tr for _, tr, _ in s.splits], init is not None)
+    if train_from is None:
         return {}
     y = s.data.targets.cpu().numpy() > 0.5  # the head's outputs: the vocabulary (+ parent labels)
     starts = {}
